@@ -1,0 +1,47 @@
+"""The `meshnode` command. Subcommand groups load lazily, so `meshnode --help`
+never imports bcc or asyncio machinery."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from meshnode import __version__
+
+# name -> (module, attribute): each area exports one click command or group.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "lab": ("meshnode.cli.lab.commands", "lab"),
+    "agent": ("meshnode.cli.agent", "agent"),
+    "ztunnel": ("meshnode.cli.ztunnel", "ztunnel"),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(_COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _COMMANDS:
+            module, attr = _COMMANDS[cmd_name]
+            cmd: click.Command = getattr(importlib.import_module(module), attr)
+            return cmd
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"auto_envvar_prefix": "MESHNODE"})
+@click.version_option(__version__, prog_name="meshnode")
+def cli() -> None:
+    """meshnode: a node-level service mesh for VMs, hosts and containers."""
+
+
+def main() -> None:
+    try:
+        cli(prog_name="meshnode")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
