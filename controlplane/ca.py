@@ -1,0 +1,452 @@
+"""The mesh certificate authority: a root, one intermediate, and workload X.509-SVIDs.
+
+ECDSA P-256 throughout. The root signs only the intermediate (path length 0); the
+intermediate signs workload certificates. Nodes generate their keys locally and send
+a CSR (the key never leaves the node); the module-level helpers below are that node
+side. Time is a parameter (`now`) so tests and the future rotation logic can drive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import stat
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from meshnode.ztunnel.identity import IdentityError, SpiffeId, validate_trust_domain
+
+__all__ = [
+    "CAError",
+    "CertificateAuthority",
+    "certificate_expiry",
+    "generate_private_key",
+    "load_certificate_chain",
+    "make_csr",
+    "write_file_atomic",
+    "write_private_key",
+]
+
+ROOT_CERT_FILE = "root.pem"
+ROOT_KEY_FILE = "root-key.pem"
+INTERMEDIATE_CERT_FILE = "intermediate.pem"
+INTERMEDIATE_KEY_FILE = "intermediate-key.pem"
+
+DEFAULT_ROOT_TTL = timedelta(days=3650)
+DEFAULT_INTERMEDIATE_TTL = timedelta(days=365)
+DEFAULT_WORKLOAD_TTL = timedelta(hours=24)
+# Backdate notBefore so a peer whose clock is slightly behind still accepts a fresh cert.
+CLOCK_SKEW = timedelta(minutes=1)
+
+_CURVE = ec.SECP256R1
+_HASH = hashes.SHA256
+
+
+class CAError(Exception):
+    """The CA cannot do what was asked; the message says what and why."""
+
+
+# --- node-side helpers --------------------------------------------------------------
+
+
+def generate_private_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh ECDSA P-256 key."""
+    return ec.generate_private_key(_CURVE())
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId) -> bytes:
+    """A PEM CSR for `identity`, signed with `key` (proof of possession)."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_name(identity.trust_domain))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+            critical=False,
+        )
+        .sign(key, _HASH())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never a part.
+
+    The temporary file is created with O_EXCL and `mode` from the start, so a private
+    key is never readable by others, not even briefly; then it is renamed into place.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
+    try:
+        try:
+            os.fchmod(fd, mode)  # the umask may have narrowed it; be exact
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+
+
+def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    """Write `key` as unencrypted PKCS#8 PEM, mode 0600, atomically."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_file_atomic(path, pem, 0o600)
+
+
+def load_certificate_chain(pem: bytes) -> list[x509.Certificate]:
+    """All certificates in a PEM blob, in order (leaf first for a chain we issued)."""
+    try:
+        chain = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise CAError(f"cannot parse PEM certificate chain: {exc}") from None
+    if not chain:
+        raise CAError("PEM certificate chain is empty")
+    return chain
+
+
+def certificate_expiry(pem: bytes) -> datetime:
+    """When the chain in `pem` stops verifying: the earliest notAfter (UTC) in it."""
+    return min(cert.not_valid_after_utc for cert in load_certificate_chain(pem))
+
+
+# --- the CA -----------------------------------------------------------------------
+
+
+class CertificateAuthority:
+    """A root and an intermediate for one trust domain; issues workload SVIDs."""
+
+    def __init__(
+        self,
+        root_cert: x509.Certificate,
+        root_key: ec.EllipticCurvePrivateKey,
+        intermediate_cert: x509.Certificate,
+        intermediate_key: ec.EllipticCurvePrivateKey,
+    ) -> None:
+        """Assemble a CA from existing material; checks that the pieces belong together."""
+        self._trust_domain = _trust_domain_of(root_cert)
+        _check_key_pair(root_cert, root_key, "root")
+        _check_key_pair(intermediate_cert, intermediate_key, "intermediate")
+        try:
+            intermediate_cert.verify_directly_issued_by(root_cert)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise CAError(f"intermediate certificate was not issued by the root: {exc}") from None
+        if _trust_domain_of(intermediate_cert) != self._trust_domain:
+            raise CAError("root and intermediate certificates name different trust domains")
+        self._root_cert = root_cert
+        self._root_key = root_key
+        self._intermediate_cert = intermediate_cert
+        self._intermediate_key = intermediate_key
+
+    @classmethod
+    def create(
+        cls,
+        trust_domain: str,
+        *,
+        root_ttl: timedelta = DEFAULT_ROOT_TTL,
+        intermediate_ttl: timedelta = DEFAULT_INTERMEDIATE_TTL,
+        now: datetime | None = None,
+    ) -> CertificateAuthority:
+        """A new root and intermediate for `trust_domain`."""
+        try:
+            validate_trust_domain(trust_domain)
+        except IdentityError as exc:
+            raise CAError(str(exc)) from None
+        now = _utc(now)
+        root_key = generate_private_key()
+        root_name = _name(trust_domain, "meshnode root CA")
+        root_cert = (
+            _builder(root_name, root_name, root_key.public_key(), now, now + root_ttl)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False
+            )
+            .sign(root_key, _HASH())
+        )
+
+        intermediate_key = generate_private_key()
+        # An issued certificate must not outlive its issuer; verifiers reject that.
+        not_after = min(now + intermediate_ttl, root_cert.not_valid_after_utc)
+        intermediate_cert = (
+            _builder(
+                _name(trust_domain, "meshnode intermediate CA"),
+                root_name,
+                intermediate_key.public_key(),
+                now,
+                not_after,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_ca_key_usage(), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(intermediate_key.public_key()),
+                critical=False,
+            )
+            .add_extension(_authority_key_id(root_cert), critical=False)
+            .sign(root_key, _HASH())
+        )
+        return cls(root_cert, root_key, intermediate_cert, intermediate_key)
+
+    @classmethod
+    def load(cls, directory: Path) -> CertificateAuthority:
+        """Read a CA written by `save`. Refuses key files readable by group or others."""
+        directory = Path(directory)
+        root_cert = _read_certificate(directory / ROOT_CERT_FILE)
+        intermediate_cert = _read_certificate(directory / INTERMEDIATE_CERT_FILE)
+        root_key = _read_private_key(directory / ROOT_KEY_FILE)
+        intermediate_key = _read_private_key(directory / INTERMEDIATE_KEY_FILE)
+        return cls(root_cert, root_key, intermediate_cert, intermediate_key)
+
+    def save(self, directory: Path) -> None:
+        """Write the four PEM files to `directory` (created 0700); keys 0600, atomically."""
+        directory = Path(directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        pem = serialization.Encoding.PEM
+        # Keys first: a reader that sees new certificates also finds their keys.
+        write_private_key(directory / ROOT_KEY_FILE, self._root_key)
+        write_private_key(directory / INTERMEDIATE_KEY_FILE, self._intermediate_key)
+        write_file_atomic(directory / ROOT_CERT_FILE, self._root_cert.public_bytes(pem), 0o644)
+        write_file_atomic(
+            directory / INTERMEDIATE_CERT_FILE, self._intermediate_cert.public_bytes(pem), 0o644
+        )
+
+    @property
+    def trust_domain(self) -> str:
+        return self._trust_domain
+
+    @property
+    def root_certificate(self) -> x509.Certificate:
+        return self._root_cert
+
+    @property
+    def intermediate_certificate(self) -> x509.Certificate:
+        return self._intermediate_cert
+
+    def trust_bundle_pem(self) -> bytes:
+        """The roots a peer should trust (one today; two during a future root rotation)."""
+        return self._root_cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue_workload_certificate(
+        self,
+        csr_pem: bytes,
+        identity: SpiffeId,
+        ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+        *,
+        now: datetime | None = None,
+    ) -> bytes:
+        """Sign an X.509-SVID for `identity`; returns PEM of leaf + intermediate.
+
+        The identity comes from the caller (who authenticated the requester), never
+        from the CSR: whatever names the CSR asks for are ignored. The CSR only
+        contributes its public key, after its self-signature is checked.
+        """
+        if identity.trust_domain != self._trust_domain:
+            raise CAError(
+                f"refusing to issue for {identity.uri}: this CA serves trust domain "
+                f"{self._trust_domain!r}, not {identity.trust_domain!r}"
+            )
+        if ttl <= timedelta(0):
+            raise CAError(f"certificate TTL must be positive, got {ttl}")
+        public_key = _csr_public_key(csr_pem)
+        now = _utc(now)
+        issuer_expiry = self._intermediate_cert.not_valid_after_utc
+        if now >= issuer_expiry:
+            raise CAError(f"intermediate CA certificate expired at {issuer_expiry.isoformat()}")
+        leaf = (
+            _builder(
+                _name(self._trust_domain),
+                self._intermediate_cert.subject,
+                public_key,
+                now - CLOCK_SKEW,
+                min(now + ttl, issuer_expiry),
+            )
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_leaf_key_usage(), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
+                critical=False,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(_authority_key_id(self._intermediate_cert), critical=False)
+            .sign(self._intermediate_key, _HASH())
+        )
+        return _pem_chain([leaf, self._intermediate_cert])
+
+
+# --- internals ----------------------------------------------------------------------
+
+
+def _utc(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:
+        raise CAError("`now` must be timezone-aware")
+    return now.astimezone(UTC)
+
+
+def _name(trust_domain: str, common_name: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)]
+    if common_name is not None:
+        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
+
+
+def _builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    not_before: datetime,
+    not_after: datetime,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+
+
+def _ca_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _leaf_key_usage() -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _authority_key_id(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+
+
+def _pem_chain(chain: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in chain)
+
+
+def _csr_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The CSR's public key, once the CSR proves possession of it and it is P-256."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise CAError(f"cannot parse PEM certificate signing request: {exc}") from None
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise CAError(f"CSR key must be ECDSA P-256, got {type(public_key).__name__}")
+    if not isinstance(public_key.curve, _CURVE):
+        raise CAError(f"CSR key must be on curve P-256 (secp256r1), got {public_key.curve.name}")
+    if not csr.is_signature_valid:
+        raise CAError("CSR signature does not verify: the request was altered or is corrupt")
+    return public_key
+
+
+def _trust_domain_of(cert: x509.Certificate) -> str:
+    values = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if len(values) != 1 or not isinstance(values[0].value, str):
+        raise CAError(
+            f"CA certificate {cert.subject.rfc4514_string()!r} must name its trust domain "
+            "in exactly one O= attribute"
+        )
+    trust_domain = values[0].value
+    try:
+        validate_trust_domain(trust_domain)
+    except IdentityError as exc:
+        raise CAError(f"CA certificate names an invalid trust domain: {exc}") from None
+    return trust_domain
+
+
+def _check_key_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, what: str) -> None:
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, _CURVE):
+        raise CAError(f"{what} key must be ECDSA P-256")
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise CAError(f"{what} private key does not match the {what} certificate")
+
+
+def _read_certificate(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as exc:
+        raise CAError(f"cannot read CA certificate {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise CAError(f"{path} is not a PEM certificate: {exc}") from None
+
+
+def _read_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            data = f.read()
+    except OSError as exc:
+        raise CAError(f"cannot read CA key {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CAError(
+            f"CA key {path} is accessible by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"fix with: chmod 600 {path}"
+        )
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CAError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise CAError(f"CA key {path} must be ECDSA P-256, got {type(key).__name__}")
+    return key
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable; best effort (some filesystems refuse fsync on a dir)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)

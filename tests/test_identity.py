@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from meshnode.ztunnel.identity import (
+    IdentityError,
+    SpiffeId,
+    spiffe_id_from_certificate,
+    validate_trust_domain,
+)
+
+LABEL_63 = "a" * 63
+
+
+@pytest.mark.parametrize(
+    ("uri", "trust_domain", "namespace", "service_account"),
+    [
+        ("spiffe://cluster.local/ns/default/sa/web", "cluster.local", "default", "web"),
+        ("spiffe://example.org/ns/kube-system/sa/coredns", "example.org", "kube-system", "coredns"),
+        ("spiffe://td/ns/a/sa/b", "td", "a", "b"),
+        ("spiffe://mesh-1.example.com/ns/0ns/sa/sa-9", "mesh-1.example.com", "0ns", "sa-9"),
+        (f"spiffe://td/ns/{LABEL_63}/sa/{LABEL_63}", "td", LABEL_63, LABEL_63),
+    ],
+)
+def test_parse_and_format_round_trip(
+    uri: str, trust_domain: str, namespace: str, service_account: str
+) -> None:
+    spiffe_id = SpiffeId.parse(uri)
+    assert spiffe_id == SpiffeId(trust_domain, namespace, service_account)
+    assert spiffe_id.uri == uri
+    assert str(spiffe_id) == uri
+    assert SpiffeId.parse(str(spiffe_id)) == spiffe_id
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("", "does not start with"),
+        ("cluster.local/ns/default/sa/web", "does not start with"),
+        ("https://cluster.local/ns/default/sa/web", "does not start with"),
+        ("SPIFFE://cluster.local/ns/default/sa/web", "does not start with"),
+        ("spiffe:/cluster.local/ns/default/sa/web", "does not start with"),
+        ("spiffe://", "path /ns/"),
+        ("spiffe://cluster.local", "path /ns/"),
+        ("spiffe://cluster.local/", "path /ns/"),
+        ("spiffe://cluster.local/ns/default", "path /ns/"),
+        ("spiffe://cluster.local/ns/default/sa", "path /ns/"),
+        ("spiffe://cluster.local/ns/default/sa/web/extra", "path /ns/"),
+        ("spiffe://cluster.local/ns/default/sa/web/", "path /ns/"),
+        ("spiffe://cluster.local//ns/default/sa/web", "path /ns/"),
+        ("spiffe://cluster.local/sa/web/ns/default", "path /ns/"),
+        ("spiffe://cluster.local/node/worker-1", "path /ns/"),
+        ("spiffe://cluster.local/ns/default/sa/web?x=1", "query"),
+        ("spiffe://cluster.local/ns/default/sa/web#frag", "fragment"),
+        ("spiffe://cluster.local/ns/de%66ault/sa/web", "percent-encoding"),
+        ("spiffe://user@cluster.local/ns/default/sa/web", "user info or a port"),
+        ("spiffe://cluster.local:443/ns/default/sa/web", "user info or a port"),
+        ("spiffe:///ns/default/sa/web", "trust domain is empty"),
+        ("spiffe://Cluster.Local/ns/default/sa/web", "not a lowercase DNS name"),
+        ("spiffe://cluster..local/ns/default/sa/web", "not a lowercase DNS name"),
+        ("spiffe://cluster.local./ns/default/sa/web", "not a lowercase DNS name"),
+        ("spiffe://-cluster.local/ns/default/sa/web", "not a lowercase DNS name"),
+        ("spiffe://clu_ster.local/ns/default/sa/web", "not a lowercase DNS name"),
+        ("spiffe://cluster.local/ns/Default/sa/web", "namespace 'Default'"),
+        ("spiffe://cluster.local/ns/default/sa/Web", "service account 'Web'"),
+        ("spiffe://cluster.local/ns/de.fault/sa/web", "no dots"),
+        ("spiffe://cluster.local/ns/default/sa/w.eb", "no dots"),
+        ("spiffe://cluster.local/ns//sa/web", "namespace is empty"),
+        ("spiffe://cluster.local/ns/default/sa/", "service account is empty"),
+        ("spiffe://cluster.local/ns/-default/sa/web", "not a DNS label"),
+        ("spiffe://cluster.local/ns/default-/sa/web", "not a DNS label"),
+        ("spiffe://cluster.local/ns/de_fault/sa/web", "not a DNS label"),
+        ("spiffe://cluster.local/ns/dé/sa/web", "not a DNS label"),
+        ("spiffe://cluster.local/ns/default/sa/web app", "not a DNS label"),
+        (f"spiffe://cluster.local/ns/{'a' * 64}/sa/web", "longer than 63"),
+        (f"spiffe://cluster.local/ns/default/sa/{'a' * 64}", "longer than 63"),
+        (f"spiffe://{'a' * 64}.local/ns/default/sa/web", "not a lowercase DNS name"),
+        (f"spiffe://{'.'.join(['a' * 63] * 4)}/ns/default/sa/web", "longer than 253"),
+    ],
+)
+def test_parse_rejects(uri: str, message: str) -> None:
+    with pytest.raises(IdentityError, match=message):
+        SpiffeId.parse(uri)
+
+
+def test_parse_rejects_non_string() -> None:
+    with pytest.raises(IdentityError, match="must be a string"):
+        not_a_string: Any = b"spiffe://td/ns/a/sa/b"
+        SpiffeId.parse(not_a_string)
+
+
+def test_identity_error_is_a_value_error() -> None:
+    assert issubclass(IdentityError, ValueError)
+
+
+def test_constructor_validates() -> None:
+    with pytest.raises(IdentityError, match="namespace"):
+        SpiffeId("cluster.local", "a.b", "web")
+    with pytest.raises(IdentityError, match="trust domain"):
+        SpiffeId("Cluster.local", "default", "web")
+
+
+def test_is_frozen_hashable_and_slotted() -> None:
+    spiffe_id = SpiffeId("cluster.local", "default", "web")
+    field = "namespace"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(spiffe_id, field, "other")
+    assert not hasattr(spiffe_id, "__dict__")
+    assert {spiffe_id: 1}[SpiffeId.parse("spiffe://cluster.local/ns/default/sa/web")] == 1
+
+
+@pytest.mark.parametrize("trust_domain", ["cluster.local", "td", "a-b.c-d.e", "1.2.3"])
+def test_validate_trust_domain_accepts(trust_domain: str) -> None:
+    validate_trust_domain(trust_domain)
+
+
+# --- SNI -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spiffe_id", "sni"),
+    [
+        (SpiffeId("cluster.local", "default", "web"), "web.default.cluster.local"),
+        (SpiffeId("td", "kube-system", "coredns"), "coredns.kube-system.td"),
+        (SpiffeId("a.b.c", LABEL_63, "x"), f"x.{LABEL_63}.a.b.c"),
+    ],
+)
+def test_sni_round_trip(spiffe_id: SpiffeId, sni: str) -> None:
+    assert spiffe_id.sni == sni
+    assert SpiffeId.from_sni(sni, spiffe_id.trust_domain) == spiffe_id
+
+
+def test_from_sni_is_case_insensitive() -> None:
+    assert SpiffeId.from_sni("Web.Default.Cluster.Local", "cluster.local") == SpiffeId(
+        "cluster.local", "default", "web"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "trust_domain", "message"),
+    [
+        ("web.default.example.org", "cluster.local", "not in trust domain"),
+        ("web.default.xcluster.local", "cluster.local", "not in trust domain"),
+        ("cluster.local", "cluster.local", "not in trust domain"),
+        ("default.cluster.local", "cluster.local", "found 1 label"),
+        ("a.web.default.cluster.local", "cluster.local", "found 3 label"),
+        (".default.cluster.local", "cluster.local", "service account is empty"),
+        ("web..cluster.local", "cluster.local", "namespace is empty"),
+        ("we_b.default.cluster.local", "cluster.local", "not a DNS label"),
+        ("web.default.cluster.local", "Cluster.Local", "not a lowercase DNS name"),
+        ("", "cluster.local", "not in trust domain"),
+    ],
+)
+def test_from_sni_rejects(name: str, trust_domain: str, message: str) -> None:
+    with pytest.raises(IdentityError, match=message):
+        SpiffeId.from_sni(name, trust_domain)
+
+
+# --- certificates --------------------------------------------------------------------
+
+
+def _certificate(san: list[x509.GeneralName] | None) -> x509.Certificate:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "cluster.local")])
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(hours=1))
+    )
+    if san is not None:
+        builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+URI = x509.UniformResourceIdentifier
+
+
+def test_spiffe_id_from_certificate_object_and_der() -> None:
+    cert = _certificate([URI("spiffe://cluster.local/ns/default/sa/web"), x509.DNSName("web")])
+    expected = SpiffeId("cluster.local", "default", "web")
+    assert spiffe_id_from_certificate(cert) == expected
+    assert spiffe_id_from_certificate(cert.public_bytes(serialization.Encoding.DER)) == expected
+
+
+@pytest.mark.parametrize(
+    ("san", "message"),
+    [
+        (None, "no subjectAltName"),
+        ([x509.DNSName("web.default.cluster.local")], "exactly one URI SAN, found 0"),
+        (
+            [URI("spiffe://cluster.local/ns/a/sa/b"), URI("spiffe://cluster.local/ns/c/sa/d")],
+            "exactly one URI SAN, found 2",
+        ),
+        ([URI("https://cluster.local/ns/a/sa/b")], "does not start with"),
+        ([URI("spiffe://cluster.local/node/worker-1")], "path /ns/"),
+    ],
+)
+def test_spiffe_id_from_certificate_rejects(
+    san: list[x509.GeneralName] | None, message: str
+) -> None:
+    with pytest.raises(IdentityError, match=message):
+        spiffe_id_from_certificate(_certificate(san))
+
+
+def test_spiffe_id_from_certificate_rejects_garbage_der() -> None:
+    with pytest.raises(IdentityError, match="not a DER-encoded X.509 certificate"):
+        spiffe_id_from_certificate(b"\x30\x03\x02\x01\x00")

@@ -1,0 +1,165 @@
+"""Workload identities: SPIFFE IDs, their TLS SNI form, and reading them from certificates.
+
+Pure functions and values, no I/O. The only accepted SPIFFE ID shape is
+
+    spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>
+
+Namespace and service account must be DNS labels and the trust domain a DNS name,
+because the node proxy encodes an identity into TLS SNI as
+``<sa>.<ns>.<trust-domain>``: workloads on one node share the node's IP, so SNI is
+how the proxy knows which workload certificate to present.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cryptography import x509
+
+__all__ = [
+    "IdentityError",
+    "SpiffeId",
+    "spiffe_id_from_certificate",
+    "validate_trust_domain",
+]
+
+SCHEME_PREFIX = "spiffe://"
+
+# RFC 1123 label, lowercase only: starts and ends with a letter or digit.
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_MAX_DNS_NAME = 253
+
+
+class IdentityError(ValueError):
+    """An identity string, SNI name or certificate does not carry a valid SPIFFE ID."""
+
+
+def _check_label(value: str, what: str) -> None:
+    if not value:
+        raise IdentityError(f"{what} is empty")
+    if len(value) > 63:
+        raise IdentityError(f"{what} {value!r} is longer than 63 characters")
+    if not _LABEL.fullmatch(value):
+        raise IdentityError(
+            f"{what} {value!r} is not a DNS label: use lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit (no dots)"
+        )
+
+
+def validate_trust_domain(trust_domain: str) -> None:
+    """Raise IdentityError unless `trust_domain` is a lowercase DNS name."""
+    if not trust_domain:
+        raise IdentityError("trust domain is empty")
+    if len(trust_domain) > _MAX_DNS_NAME:
+        raise IdentityError(f"trust domain is longer than {_MAX_DNS_NAME} characters")
+    for label in trust_domain.split("."):
+        if not label or len(label) > 63 or not _LABEL.fullmatch(label):
+            raise IdentityError(
+                f"trust domain {trust_domain!r} is not a lowercase DNS name: each dot-separated "
+                "label must be 1..63 lowercase letters, digits or '-', starting and ending "
+                "with a letter or digit"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SpiffeId:
+    """A workload identity ``spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>``."""
+
+    trust_domain: str
+    namespace: str
+    service_account: str
+
+    def __post_init__(self) -> None:
+        validate_trust_domain(self.trust_domain)
+        _check_label(self.namespace, "namespace")
+        _check_label(self.service_account, "service account")
+
+    @classmethod
+    def parse(cls, uri: str) -> SpiffeId:
+        """Parse ``spiffe://<td>/ns/<ns>/sa/<sa>``; anything else raises IdentityError."""
+        if not isinstance(uri, str):
+            raise IdentityError(f"SPIFFE ID must be a string, not {type(uri).__name__}")
+        if not uri.startswith(SCHEME_PREFIX):
+            raise IdentityError(f"SPIFFE ID {uri!r} does not start with {SCHEME_PREFIX!r}")
+        for char, part in (("?", "a query"), ("#", "a fragment"), ("%", "percent-encoding")):
+            if char in uri:
+                raise IdentityError(f"SPIFFE ID {uri!r} must not contain {part}")
+        trust_domain, _, path = uri[len(SCHEME_PREFIX) :].partition("/")
+        if "@" in trust_domain or ":" in trust_domain:
+            raise IdentityError(
+                f"SPIFFE ID {uri!r}: trust domain must not contain user info or a port"
+            )
+        segments = path.split("/")
+        if len(segments) != 4 or segments[0] != "ns" or segments[2] != "sa":
+            raise IdentityError(
+                f"SPIFFE ID {uri!r} does not have the path /ns/<namespace>/sa/<service-account>"
+            )
+        try:
+            return cls(trust_domain, segments[1], segments[3])
+        except IdentityError as exc:
+            raise IdentityError(f"SPIFFE ID {uri!r}: {exc}") from None
+
+    @classmethod
+    def from_sni(cls, name: str, trust_domain: str) -> SpiffeId:
+        """Invert `sni`: ``<sa>.<ns>.<trust_domain>`` -> SpiffeId.
+
+        DNS names compare case-insensitively (RFC 4343), so `name` is lowercased first.
+        """
+        validate_trust_domain(trust_domain)
+        suffix = "." + trust_domain
+        lowered = name.lower()
+        if not lowered.endswith(suffix):
+            raise IdentityError(
+                f"SNI name {name!r} is not in trust domain {trust_domain!r} "
+                f"(expected <sa>.<ns>{suffix})"
+            )
+        labels = lowered[: -len(suffix)].split(".")
+        if len(labels) != 2:
+            raise IdentityError(
+                f"SNI name {name!r} must be exactly <sa>.<ns>{suffix}, "
+                f"found {len(labels)} label(s) before the trust domain"
+            )
+        service_account, namespace = labels
+        try:
+            return cls(trust_domain, namespace, service_account)
+        except IdentityError as exc:
+            raise IdentityError(f"SNI name {name!r}: {exc}") from None
+
+    @property
+    def uri(self) -> str:
+        return f"{SCHEME_PREFIX}{self.trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def sni(self) -> str:
+        return f"{self.service_account}.{self.namespace}.{self.trust_domain}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def spiffe_id_from_certificate(cert: x509.Certificate | bytes) -> SpiffeId:
+    """The SPIFFE ID of an X.509-SVID, given as a certificate object or DER bytes.
+
+    DER is what ``SSLSocket.getpeercert(binary_form=True)`` returns. The certificate
+    must carry exactly one URI SAN (X.509-SVID rule) and it must parse.
+    """
+    if isinstance(cert, bytes | bytearray | memoryview):
+        try:
+            cert = x509.load_der_x509_certificate(bytes(cert))
+        except ValueError as exc:
+            raise IdentityError(f"not a DER-encoded X.509 certificate: {exc}") from None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise IdentityError(
+            f"certificate {cert.subject.rfc4514_string()!r} has no subjectAltName extension"
+        ) from None
+    except (ValueError, x509.DuplicateExtension) as exc:
+        raise IdentityError(f"certificate has malformed extensions: {exc}") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise IdentityError(
+            f"certificate must carry exactly one URI SAN, found {len(uris)}: {uris!r}"
+        )
+    return SpiffeId.parse(uris[0])
