@@ -1,0 +1,66 @@
+"""ztunnel's configuration: defaults, then command-line flags / environment
+(MESHNODE_ZTUNNEL_*), then ``validate()``. Served back by the admin endpoint."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+OUTBOUND_PORT = 15001
+HBONE_PORT = 15008
+ADMIN_PORT = 15000
+METRICS_PORT = 15020
+READINESS_PORT = 15021
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class ZtunnelConfig:
+    snapshot: Path
+    outbound: tuple[str, int] = ("127.0.0.1", OUTBOUND_PORT)
+    inbound: tuple[str, int] = ("0.0.0.0", HBONE_PORT)
+    admin: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
+    readiness: tuple[str, int] = ("127.0.0.1", READINESS_PORT)
+    connect_timeout: float = 5.0  # TCP + TLS to the peer node, and to the workload
+    stream_timeout: float = 10.0  # CONNECT sent -> 200 received
+    drain_timeout: float = 10.0  # on SIGTERM: time given to open connections
+    idle_timeout: float = 300.0  # pooled HBONE connection with no streams
+    max_streams: int = 100  # streams per pooled HBONE connection
+
+    def validate(self) -> ZtunnelConfig:
+        for name in ("admin", "readiness"):
+            host, _ = getattr(self, name)
+            if not ipaddress.ip_address(host).is_loopback:
+                raise ConfigError(f"{name} endpoint must listen on loopback, not {host}")
+        for name in ("connect_timeout", "stream_timeout", "drain_timeout", "idle_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if not 1 <= self.max_streams <= 1000:
+            raise ConfigError("max_streams must be within 1..1000")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["snapshot"] = str(self.snapshot)
+        return out
+
+
+def parse_hostport(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``"127.0.0.1:15001"``, ``":15001"`` or ``"15001"``."""
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = default_host, value
+    host = host.strip("[]") or default_host
+    try:
+        ipaddress.ip_address(host)
+        p = int(port)
+    except ValueError:
+        raise ConfigError(f"{value!r} is not IP:PORT") from None
+    if not 0 <= p < 65536:
+        raise ConfigError(f"{value!r}: port out of range")
+    return host, p

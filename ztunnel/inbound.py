@@ -1,0 +1,132 @@
+"""Inbound HBONE (15008): terminate mutual TLS, check the peer's identity and
+the requested destination, connect to the local workload, relay."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from meshnode.ztunnel import hbone
+from meshnode.ztunnel.accesslog import log_connection
+from meshnode.ztunnel.session import HboneSession, PlainSide
+from meshnode.ztunnel.state import Workload
+from meshnode.ztunnel.tls import TlsError, peer_identity
+
+if TYPE_CHECKING:
+    from meshnode.ztunnel.proxy import ProxyInputs
+
+log = logging.getLogger("meshnode.ztunnel.inbound")
+
+
+def new_session(pi: ProxyInputs) -> HboneSession:
+    conn = hbone.HboneConnection(client_side=False, max_concurrent_streams=pi.config.max_streams)
+    return HboneSession(
+        conn,
+        on_made=lambda s: _verify_peer(pi, s),
+        on_request=lambda s, ev: _on_request(pi, s, ev),
+        on_lost=pi.inbound_sessions.discard,
+    )
+
+
+def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
+    assert session.transport is not None
+    ssl_object = session.transport.get_extra_info("ssl_object")
+    peername = session.transport.get_extra_info("peername")
+    try:
+        peer = peer_identity(ssl_object)
+    except TlsError as exc:
+        log.warning("inbound connection from %s refused: %s", peername, exc)
+        return False
+    if peer.trust_domain != pi.state.trust_domain:
+        log.warning("inbound connection from %s refused: identity %s is not of trust domain %s",
+                    peername, peer, pi.state.trust_domain)
+        return False
+    session.peer = peer
+    session.local_identity = pi.tls.served_identity(ssl_object)
+    pi.inbound_sessions.add(session)
+    return True
+
+
+def _on_request(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequested) -> None:
+    ip, port = hbone.split_authority(ev.authority)
+    workload = pi.state.find_local_by_addr(ip, port)
+    if workload is None:
+        _refuse(pi, session, ev, 404, f"no workload of node {pi.state.node.name} at {ev.authority}")
+        return
+    if workload.identity != session.local_identity:
+        _refuse(pi, session, ev, 403,
+                f"{ev.authority} is {workload.identity}, but this connection was opened for "
+                f"{session.local_identity}")
+        return
+    handler = InboundConnection(pi, session.peer, workload, ev.authority)
+    handler.bind(session, ev.stream_id)
+    asyncio.get_running_loop().create_task(handler.connect(session, ip, port))
+
+
+def _refuse(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequested, status: int,
+            reason: str) -> None:
+    log.warning("inbound tunnel from %s to %s refused (%d): %s", session.peer, ev.authority,
+                status, reason)
+    session.refuse(ev.stream_id, status, reason)
+    log_connection(direction="inbound", node=pi.state.node.name,
+                   src_identity=str(session.peer), dst_address=ev.authority,
+                   result="refused", status=status, reason=reason)
+
+
+class InboundConnection(PlainSide):
+    def __init__(self, pi: ProxyInputs, peer: object, workload: Workload, authority: str) -> None:
+        super().__init__()
+        self.pi = pi
+        self.peer = peer
+        self.workload = workload
+        self.authority = authority
+        self.upstream_local: tuple[str, int] | None = None
+        pi.active.add(self)
+
+    async def connect(self, session: HboneSession, ip: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: self, ip, port), self.pi.config.connect_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            reason = (f"workload {self.workload.name} at {self.authority} is not accepting "
+                      f"connections: {getattr(exc, 'strerror', None) or 'timed out'}")
+            self.error = reason
+            if not self.finished:
+                session.refuse(self.stream_id, 503, reason)
+                self._finish()
+            return
+        if self.finished or self.session is None:
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        session.accept(self.stream_id)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        local = transport.get_extra_info("sockname")
+        self.upstream_local = (local[0], local[1])
+        self.pi.peers[self.upstream_local] = str(self.peer)
+        super().connection_made(transport)
+
+    def on_finished(self) -> None:
+        self.pi.active.discard(self)
+        if self.upstream_local is not None:
+            self.pi.peers.pop(self.upstream_local, None)
+        if self.error:
+            log.warning("inbound %s -> %s failed: %s", self.peer, self.authority, self.error)
+        log_connection(
+            direction="inbound",
+            node=self.pi.state.node.name,
+            src_identity=str(self.peer),
+            dst_workload=self.workload.name,
+            dst_identity=self.workload.identity.uri,
+            dst_address=self.authority,
+            bytes_sent=self.bytes_out,
+            bytes_received=self.bytes_in,
+            duration_ms=round((time.monotonic() - self.started) * 1000, 2),
+            result="error" if self.error else "ok",
+            reason=self.error,
+        )

@@ -1,0 +1,228 @@
+"""The node proxy process: binds the listeners, holds the shared state
+(``ProxyInputs``), reloads it on SIGHUP, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from meshnode.ztunnel import inbound
+from meshnode.ztunnel.config import ZtunnelConfig
+from meshnode.ztunnel.outbound import OutboundConnection
+from meshnode.ztunnel.pool import HbonePool
+from meshnode.ztunnel.routing import Chooser, RoundRobin
+from meshnode.ztunnel.session import HboneSession, PlainSide
+from meshnode.ztunnel.state import ProxyState, StateError, load_snapshot_file
+from meshnode.ztunnel.tls import TlsContexts
+
+log = logging.getLogger("meshnode.ztunnel")
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalDst:
+    ip: str
+    port: int
+    workload_id: int
+
+
+class OrigDstSource:
+    """Reads the BPF programs' record of where a redirected connection was
+    going. Opened from the pinned map; reopened when the agent re-pins it."""
+
+    def __init__(self) -> None:
+        self._table: Any = None
+        self._pin_dir: str | None = None
+
+    def reopen(self, pin_dir: str | None) -> None:
+        from meshnode.bpf.pinned import OrigDstTable
+
+        if self._table is not None:
+            self._table.close()
+            self._table = None
+        self._pin_dir = pin_dir
+        if pin_dir is None:
+            log.warning("no BPF pin directory in the snapshot: outbound capture is off")
+            return
+        try:
+            self._table = OrigDstTable.open(Path(pin_dir))
+        except OSError as exc:
+            log.error("cannot open the BPF original-destination map in %s: %s; outbound "
+                      "connections will be refused until the agent pins it", pin_dir, exc)
+
+    def pop(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> OriginalDst | None:
+        if self._table is None and self._pin_dir is not None:
+            self.reopen(self._pin_dir)
+        if self._table is None:
+            return None
+        rec = self._table.pop(_v4(src_ip), src_port, _v4(dst_ip), dst_port)
+        if rec is None:
+            return None
+        return OriginalDst(rec.ip, rec.port, rec.workload_id)
+
+
+def _v4(ip: str) -> str:
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+@dataclass(slots=True)
+class ProxyInputs:
+    """Everything the listeners share."""
+
+    config: ZtunnelConfig
+    state: ProxyState
+    tls: TlsContexts
+    pool: HbonePool
+    orig_dst: OrigDstSource
+    chooser: Chooser = field(default_factory=RoundRobin)
+    active: set[PlainSide] = field(default_factory=set)
+    inbound_sessions: set[HboneSession] = field(default_factory=set)
+    # local address of our connection to a workload -> the verified peer identity,
+    # so a workload can ask "who is this connection from" on the admin port.
+    peers: dict[tuple[str, int], str] = field(default_factory=dict)
+
+    def original_destination(self, src_ip: str, src_port: int, dst_ip: str,
+                             dst_port: int) -> OriginalDst | None:
+        return self.orig_dst.pop(src_ip, src_port, dst_ip, dst_port)
+
+
+class Proxy:
+    def __init__(self, config: ZtunnelConfig) -> None:
+        self.config = config.validate()
+        state = load_snapshot_file(config.snapshot)
+        tls = TlsContexts()
+        tls.update(state)
+        orig = OrigDstSource()
+        orig.reopen(state.bpf_pin_dir)
+        pool = HbonePool(tls, connect_timeout=config.connect_timeout,
+                         idle_timeout=config.idle_timeout, max_streams=config.max_streams)
+        self.pi = ProxyInputs(config, state, tls, pool, orig)
+        self._servers: list[asyncio.AbstractServer] = []
+        self._stopping: asyncio.Event | None = None
+        self.ready = False
+
+    def reload(self) -> None:
+        try:
+            state = load_snapshot_file(self.config.snapshot)
+        except StateError as exc:
+            log.error("snapshot not reloaded, keeping version %d: %s", self.pi.state.version, exc)
+            return
+        self.pi.tls.update(state)
+        self.pi.state = state
+        # The agent may have re-created and re-pinned the map: always reopen.
+        self.pi.orig_dst.reopen(state.bpf_pin_dir)
+        log.info("state version %d loaded: %d local workloads, %d services", state.version,
+                 len(state.workloads_by_id), len(state.services_by_vip))
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        pi = self.pi
+        cfg = self.config
+        self._servers.append(await loop.create_server(
+            lambda: OutboundConnection(pi), cfg.outbound[0], cfg.outbound[1],
+            reuse_address=True, backlog=1024,
+        ))
+        self._servers.append(await loop.create_server(
+            lambda: inbound.new_session(pi), cfg.inbound[0], cfg.inbound[1],
+            ssl=pi.tls.listener_context(), ssl_handshake_timeout=cfg.connect_timeout,
+            reuse_address=True, backlog=1024,
+        ))
+        for addr in {cfg.admin, cfg.readiness}:
+            self._servers.append(await asyncio.start_server(self._admin, addr[0], addr[1],
+                                                            reuse_address=True))
+        self.ready = True
+        log.info("ztunnel ready on node %s: outbound %s:%d, inbound HBONE %s:%d, admin %s:%d",
+                 pi.state.node.name, *cfg.outbound, *cfg.inbound, *cfg.admin)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        await self.start()
+        sweeper = loop.create_task(self.pi.pool.run_sweeper())
+        await self._stopping.wait()
+        sweeper.cancel()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Stop accepting, give open connections drain_timeout to finish, then
+        close what is left (RST to the clients, GOAWAY to peers)."""
+        self.ready = False
+        for server in self._servers[:2]:
+            server.close()
+        n = len(self.pi.active)
+        if n:
+            log.info("draining %d open connections (up to %.0fs)", n, self.config.drain_timeout)
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
+        while self.pi.active and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        for conn in list(self.pi.active):
+            conn.on_reset("ztunnel shutting down")
+        self.pi.pool.close_all()
+        for session in list(self.pi.inbound_sessions):
+            session.close("shutting down")
+        for server in self._servers[2:]:
+            server.close()
+        log.info("ztunnel stopped")
+
+    # -- admin (localhost only) ---------------------------------------------------
+
+    async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            line = request.split(b"\r\n", 1)[0].decode("latin-1")
+            method, target, _ = (line.split(" ") + ["", ""])[:3]
+            status, body = self._admin_route(method, target)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                ConnectionError, UnicodeDecodeError):
+            writer.close()
+            return
+        payload = json.dumps(body, indent=2).encode() + b"\n"
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
+        )
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    def _admin_route(self, method: str, target: str) -> tuple[str, Any]:
+        url = urlsplit(target)
+        if method != "GET":
+            return "405 Method Not Allowed", {"error": "only GET"}
+        if url.path == "/healthz/ready":
+            return ("200 OK", {"ready": True}) if self.ready else (
+                "503 Service Unavailable", {"ready": False})
+        if url.path == "/config_dump":
+            return "200 OK", {
+                "config": self.config.dump(),
+                "state": self.pi.state.dump(),
+                "pool": {"connections": self.pi.pool.size(), "handshakes": self.pi.pool.handshakes},
+                "active_connections": len(self.pi.active),
+            }
+        if url.path == "/peer":
+            addr = parse_qs(url.query).get("addr", [""])[0]
+            host, _, port = addr.rpartition(":")
+            ident = self.pi.peers.get((host.strip("[]"), int(port))) if port.isdigit() else None
+            if ident is None:
+                return "404 Not Found", {"error": f"no meshed connection from {addr}"}
+            return "200 OK", {"addr": addr, "identity": ident}
+        return "404 Not Found", {"error": f"unknown path {url.path}",
+                                 "paths": ["/config_dump", "/peer?addr=IP:PORT", "/healthz/ready"]}
+
+
+def run_ztunnel(config: ZtunnelConfig) -> None:
+    import uvloop
+
+    pass
+    proxy = Proxy(config)
+    uvloop.run(proxy.run())
+

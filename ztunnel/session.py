@@ -1,0 +1,345 @@
+"""The asyncio shell around :mod:`meshnode.ztunnel.hbone`: one ``HboneSession``
+per TLS connection (either end), one ``PlainSide`` per tunnelled TCP connection.
+
+The shell only moves bytes and events:
+
+* TLS bytes in -> ``HboneConnection.receive_data`` -> events -> the stream's
+  ``PlainSide`` (write to the socket, half-close, abort).
+* Plain bytes in -> ``HboneConnection.send``. When the peer's window is closed,
+  or the TLS socket's buffer is full, the plain socket stops being read
+  (back-pressure) until ``SendWindowOpened`` / ``resume_writing``.
+* Received data is acknowledged to the peer only once the plain socket's
+  buffer has room, so a slow reader slows its sender and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from meshnode.ztunnel import hbone
+
+log = logging.getLogger("meshnode.ztunnel.session")
+
+# Stop reading a plain socket once this much is queued for its stream.
+PENDING_HIGH = 1 << 20
+
+
+class HboneSession(asyncio.Protocol):
+    """One HBONE connection over TLS. ``on_request`` (server side) is called for
+    each CONNECT; ``on_lost`` when the connection ends."""
+
+    def __init__(
+        self,
+        conn: hbone.HboneConnection,
+        *,
+        on_request: Callable[[HboneSession, hbone.TunnelRequested], None] | None = None,
+        on_made: Callable[[HboneSession], bool] | None = None,
+        on_lost: Callable[[HboneSession], None] | None = None,
+    ) -> None:
+        self.conn = conn
+        self.transport: asyncio.Transport | None = None
+        self.handlers: dict[int, PlainSide] = {}
+        self.write_paused = False
+        self.closed = False
+        self.last_active = time.monotonic()
+        self.peer: Any = None  # verified peer identity, set by the owner
+        self.local_identity: Any = None
+        self._on_request = on_request
+        self._on_made = on_made
+        self._on_lost = on_lost
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        if self._on_made is not None and not self._on_made(self):
+            self.closed = True
+            transport.abort()
+            return
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        for ev in self.conn.receive_data(data):
+            self._dispatch(ev)
+        self.flush()
+
+    def eof_received(self) -> bool:
+        return False  # a TLS peer that stops sending is done: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        reason = f"HBONE connection lost: {exc}" if exc else "HBONE connection closed"
+        handlers, self.handlers = self.handlers, {}
+        for handler in handlers.values():
+            handler.on_reset(reason)
+        if self._on_lost is not None:
+            self._on_lost(self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for handler in list(self.handlers.values()):
+            handler.on_writable()
+
+    # -- used by PlainSide and the proxy --------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return not self.closed and not self.conn.ended and self.transport is not None
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def open(self, authority: str, headers: list[tuple[str, str]], handler: PlainSide) -> int:
+        stream_id = self.conn.open_tunnel(authority, headers)
+        self.handlers[stream_id] = handler
+        self.last_active = time.monotonic()
+        self.flush()
+        return stream_id
+
+    def attach(self, stream_id: int, handler: PlainSide) -> None:
+        self.handlers[stream_id] = handler
+
+    def accept(self, stream_id: int) -> None:
+        self.conn.accept_tunnel(stream_id)
+        self.flush()
+
+    def refuse(self, stream_id: int, status: int, reason: str) -> None:
+        self.handlers.pop(stream_id, None)
+        self.conn.refuse_tunnel(stream_id, status, reason)
+        self.flush()
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        """Queue data; returns False when the caller should stop reading."""
+        self.conn.send(stream_id, data)
+        self.flush()
+        return not self.write_paused and self.conn.pending(stream_id) < PENDING_HIGH
+
+    def end(self, stream_id: int) -> None:
+        self.conn.end(stream_id)
+        self.flush()
+
+    def reset(self, stream_id: int, code: int = hbone.CANCEL) -> None:
+        self.handlers.pop(stream_id, None)
+        self.conn.reset(stream_id, code)
+        self.flush()
+
+    def ack(self, stream_id: int, flow_length: int) -> None:
+        self.conn.ack(stream_id, flow_length)
+        self.flush()
+
+    def forget(self, stream_id: int) -> None:
+        self.handlers.pop(stream_id, None)
+
+    def close(self, reason: str = "") -> None:
+        if self.closed:
+            return
+        self.conn.close(hbone.NO_ERROR, reason)
+        self.flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- events ----------------------------------------------------------------
+
+    def _dispatch(self, ev: hbone.Event) -> None:
+        if isinstance(ev, hbone.DataReceived):
+            handler = self.handlers.get(ev.stream_id)
+            if handler is not None:
+                handler.on_data(ev.data, ev.flow_length)
+            else:
+                self.conn.ack(ev.stream_id, ev.flow_length)
+        elif isinstance(ev, hbone.TunnelRequested):
+            if self._on_request is None:
+                self.conn.refuse_tunnel(ev.stream_id, 405, "this end accepts no tunnels")
+            else:
+                self._on_request(self, ev)
+        elif isinstance(ev, hbone.TunnelEstablished):
+            handler = self.handlers.get(ev.stream_id)
+            if handler is not None:
+                handler.on_established()
+        elif isinstance(ev, hbone.TunnelRefused):
+            handler = self.handlers.pop(ev.stream_id, None)
+            if handler is not None:
+                handler.on_reset(f"peer refused the tunnel: {ev.status} {ev.reason}".strip())
+        elif isinstance(ev, hbone.TunnelHalfClosed):
+            handler = self.handlers.get(ev.stream_id)
+            if handler is not None:
+                handler.on_half_closed()
+        elif isinstance(ev, hbone.TunnelReset):
+            handler = self.handlers.pop(ev.stream_id, None)
+            if handler is not None:
+                handler.on_reset(f"stream reset by peer ({hbone._error_name(ev.error_code)})")
+        elif isinstance(ev, hbone.SendWindowOpened):
+            handler = self.handlers.get(ev.stream_id)
+            if handler is not None:
+                handler.on_writable()
+        elif isinstance(ev, hbone.ConnectionEnded):
+            log.info("HBONE connection to %s ended: %s", self.peer, ev.reason)
+            if ev.error_code != hbone.NO_ERROR or not self.handlers:
+                self.closed = True
+                if self.transport is not None:
+                    self.flush()
+                    self.transport.close()
+
+
+class PlainSide(asyncio.Protocol):
+    """A plain TCP connection tied to one HBONE stream: the client's connection
+    on the outbound side, the connection to the workload on the inbound side.
+
+    Before the stream is bound (outbound: until the peer answers 200; inbound:
+    until the workload connection is up) nothing is read or written."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.session: HboneSession | None = None
+        self.stream_id = 0
+        self.reading_paused = False
+        self.write_paused = False
+        self.unacked = 0
+        self.local_eof = False  # the plain peer half-closed
+        self.remote_eof = False  # the tunnel peer half-closed
+        self.finished = False
+        self.bytes_in = 0  # read from the plain socket
+        self.bytes_out = 0  # written to the plain socket
+        self.started = time.monotonic()
+        self.error: str | None = None
+        self._early: list[tuple[bytes, int]] = []  # tunnel data before the socket is up
+        self._held: list[bytes] = []  # socket data before the tunnel is up
+        self.ready = True  # False while the plain side must wait for the tunnel
+
+    # -- binding ---------------------------------------------------------------
+
+    def bind(self, session: HboneSession, stream_id: int) -> None:
+        self.session = session
+        self.stream_id = stream_id
+        session.attach(stream_id, self)
+
+    # -- asyncio.Protocol (plain socket) ----------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        for data, flow in self._early:
+            self.on_data(data, flow)
+        self._early.clear()
+
+    def data_received(self, data: bytes) -> None:
+        if self.finished:
+            return
+        self.bytes_in += len(data)
+        session = self.session
+        if session is None or not self.ready:
+            # Not bound yet (the tunnel is being set up). Pausing in
+            # connection_made is not reliable across event loops, so hold what
+            # arrives and stop reading until the tunnel is ready.
+            self._held.append(data)
+            if self.transport is not None:
+                self.reading_paused = True
+                self.transport.pause_reading()
+            return
+        if not session.send(self.stream_id, data) and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self.local_eof = True
+        if self.session is not None and self.ready and not self.finished:
+            self.session.end(self.stream_id)
+        self._maybe_done()
+        return True  # keep our write side open: this is a half-close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.finished:
+            if not (self.local_eof and self.remote_eof):
+                if self.error is None:
+                    self.error = f"connection lost: {exc}" if exc else "closed before both sides ended"
+                if self.session is not None:
+                    self.session.reset(self.stream_id)
+            self._finish()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.unacked and self.session is not None:
+            self.session.ack(self.stream_id, self.unacked)
+            self.unacked = 0
+
+    # -- from the HBONE session -----------------------------------------------------
+
+    def on_established(self) -> None:
+        """Outbound: the peer accepted the tunnel."""
+
+    def release_held(self) -> None:
+        """The tunnel is ready: send what the socket delivered meanwhile and
+        read on."""
+        self.ready = True
+        held, self._held = self._held, []
+        if self.session is not None and not self.finished:
+            for data in held:
+                self.session.send(self.stream_id, data)
+            if self.local_eof:
+                self.session.end(self.stream_id)
+        self.on_writable()
+
+    def on_data(self, data: bytes, flow_length: int) -> None:
+        transport = self.transport
+        if transport is None:
+            self._early.append((data, flow_length))
+            return
+        self.bytes_out += len(data)
+        transport.write(data)
+        if self.write_paused:
+            self.unacked += flow_length
+        elif self.session is not None:
+            self.session.ack(self.stream_id, flow_length)
+
+    def on_half_closed(self) -> None:
+        self.remote_eof = True
+        if self.transport is not None and self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._maybe_done()
+
+    def on_writable(self) -> None:
+        if self.ready and self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    def on_reset(self, reason: str) -> None:
+        if self.finished:
+            return
+        self.error = reason
+        self.session = None  # the stream is gone: nothing to reset
+        if self.transport is not None:
+            self.transport.abort()  # RST to the plain peer: fail fast, don't hang
+        self._finish()
+
+    # -- end ------------------------------------------------------------------------
+
+    def _maybe_done(self) -> None:
+        if self.local_eof and self.remote_eof and not self.finished:
+            if self.session is not None:
+                self.session.forget(self.stream_id)
+            if self.transport is not None:
+                self.transport.close()
+            self._finish()
+
+    def _finish(self) -> None:
+        self.finished = True
+        self.on_finished()
+
+    def on_finished(self) -> None:
+        """Override: the connection is over (access log, metrics)."""

@@ -1,0 +1,156 @@
+"""TLS for HBONE: TLS 1.3 only, mutual authentication, ALPN h2, the mesh trust
+bundle as the only anchor.
+
+Workloads on one node may share the node's IP, so the inbound listener cannot
+pick the certificate to present by destination address, as Istio's ztunnel
+does with per-pod IPs. The client names the identity it expects in SNI
+(``<sa>.<ns>.<trust-domain>``) and the server switches to that workload's
+certificate; the client still verifies the URI SAN it receives, so SNI is only
+a hint and never trusted on its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+
+from meshnode.ztunnel.identity import IdentityError, SpiffeId, spiffe_id_from_certificate
+from meshnode.ztunnel.state import ProxyState
+
+log = logging.getLogger("meshnode.ztunnel.tls")
+
+ALPN = "h2"
+
+
+class TlsError(Exception):
+    """A TLS peer or a local certificate failed our checks."""
+
+
+def _base_context(purpose: ssl.Purpose, trust_bundle: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(
+        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False  # identities are SPIFFE URI SANs, checked by us
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=trust_bundle)
+    ctx.set_alpn_protocols([ALPN])
+    # HBONE connections are pooled and long-lived; resumption tickets would only
+    # cost a signature per handshake on the server side.
+    if purpose is ssl.Purpose.CLIENT_AUTH:
+        ctx.num_tickets = 0
+    return ctx
+
+
+@dataclass(slots=True)
+class _IdentityContexts:
+    fingerprint: tuple[float, float]
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+class TlsContexts:
+    """One client and one server context per local workload identity, and the
+    listener's context that dispatches on SNI. Rebuilt from each new state;
+    contexts whose certificate files did not change are kept."""
+
+    def __init__(self) -> None:
+        self._trust_domain = ""
+        self._bundle_fingerprint: tuple[str, float] | None = None
+        self._by_identity: dict[SpiffeId, _IdentityContexts] = {}
+        self._identity_by_server_ctx: dict[int, SpiffeId] = {}
+        self._listener: ssl.SSLContext | None = None
+
+    def update(self, state: ProxyState) -> None:
+        bundle_fp = (state.trust_bundle, _mtime(state.trust_bundle))
+        if bundle_fp != self._bundle_fingerprint or state.trust_domain != self._trust_domain:
+            # A new trust bundle invalidates every context built on the old one.
+            self._by_identity.clear()
+            self._bundle_fingerprint = bundle_fp
+            self._trust_domain = state.trust_domain
+            self._listener = None
+        fresh: dict[SpiffeId, _IdentityContexts] = {}
+        for identity, wl in state.local_identities().items():
+            assert wl.cert_path and wl.key_path
+            fp = (_mtime(wl.cert_path), _mtime(wl.key_path))
+            known = self._by_identity.get(identity)
+            if known is not None and known.fingerprint == fp:
+                fresh[identity] = known
+                continue
+            try:
+                server = _base_context(ssl.Purpose.CLIENT_AUTH, state.trust_bundle)
+                server.load_cert_chain(wl.cert_path, wl.key_path)
+                client = _base_context(ssl.Purpose.SERVER_AUTH, state.trust_bundle)
+                client.load_cert_chain(wl.cert_path, wl.key_path)
+            except (OSError, ssl.SSLError) as exc:
+                log.error(
+                    "cannot load the certificate of %s from %s: %s; its connections will "
+                    "fail until the node agent writes a valid one",
+                    identity, wl.cert_path, exc,
+                )
+                continue
+            fresh[identity] = _IdentityContexts(fp, server, client)
+        self._by_identity = fresh
+        self._identity_by_server_ctx = {id(c.server): i for i, c in fresh.items()}
+        if self._listener is None:
+            self._listener = _base_context(ssl.Purpose.CLIENT_AUTH, state.trust_bundle)
+            self._listener.sni_callback = self._on_sni
+
+    @property
+    def trust_domain(self) -> str:
+        return self._trust_domain
+
+    def listener_context(self) -> ssl.SSLContext:
+        if self._listener is None:
+            raise TlsError("no TLS state yet")
+        return self._listener
+
+    def client_context(self, identity: SpiffeId) -> ssl.SSLContext:
+        ctxs = self._by_identity.get(identity)
+        if ctxs is None:
+            raise TlsError(f"no certificate for local identity {identity}")
+        return ctxs.client
+
+    def served_identity(self, ssl_object: ssl.SSLObject | None) -> SpiffeId | None:
+        if ssl_object is None:
+            return None
+        return self._identity_by_server_ctx.get(id(ssl_object.context))
+
+    def _on_sni(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        if not server_name:
+            log.warning("inbound TLS handshake without SNI refused: cannot tell which workload")
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        try:
+            identity = SpiffeId.from_sni(server_name, self._trust_domain)
+        except IdentityError:
+            identity = None
+        ctxs = self._by_identity.get(identity) if identity else None
+        if ctxs is None:
+            log.warning("inbound TLS handshake for %r refused: no such workload on this node",
+                        server_name)
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sslobj.context = ctxs.server
+        return None
+
+
+def peer_identity(ssl_object: ssl.SSLObject | None) -> SpiffeId:
+    """The verified peer's SPIFFE ID (the chain was already verified by OpenSSL
+    against the trust bundle)."""
+    if ssl_object is None:
+        raise TlsError("not a TLS connection")
+    der = ssl_object.getpeercert(binary_form=True)
+    if not der:
+        raise TlsError("peer presented no certificate")
+    try:
+        return spiffe_id_from_certificate(der)
+    except IdentityError as exc:
+        raise TlsError(f"peer certificate carries no usable SPIFFE ID: {exc}") from None
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return -1.0
