@@ -1,0 +1,1 @@
+"""meshnode lab: network namespaces as nodes, one machine, real kernel."""

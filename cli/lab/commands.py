@@ -1,0 +1,145 @@
+"""`meshnode lab ...`: the lab's command line."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from meshnode.cli.common import fail
+
+
+def _lab():  # type: ignore[no-untyped-def]
+    from meshnode.cli.lab.lab import Lab
+
+    return Lab()
+
+
+def _errors():  # type: ignore[no-untyped-def]
+    from meshnode.bpf.errors import BpfError
+    from meshnode.cli.lab.host import HostError
+    from meshnode.cli.lab.lab import LabError
+
+    return (LabError, HostError, BpfError)
+
+
+@click.group()
+def lab() -> None:
+    """A mesh on this machine: network namespaces as nodes (needs root).
+
+    The lab is named by $MESHNODE_LAB (default: mnlab)."""
+
+
+@lab.command("up")
+@click.option("--nodes", default=2, show_default=True, help="How many nodes.")
+@click.option("--demo", is_flag=True, help="Also start a demo server and client and show "
+              "traffic flowing with the identities it carried.")
+def up(nodes: int, demo: bool) -> None:
+    """Create the nodes and start an agent (and its ztunnel) on each."""
+    lab_ = _lab()
+    try:
+        lab_.up(nodes, log=click.echo)
+        if demo:
+            from meshnode.cli.lab.demo import run_demo
+
+            run_demo(lab_, log=click.echo)
+    except _errors() as exc:
+        fail(f"{exc}\n(clean up with `meshnode lab down`)")
+    click.echo(f"lab {lab_.name} is up. Try `meshnode lab status`; remove it with "
+               "`meshnode lab down`.")
+
+
+@lab.command("down")
+def down() -> None:
+    """Remove every namespace, cgroup, BPF program, pinned map and process of the lab."""
+    try:
+        _lab().down(log=click.echo)
+    except _errors() as exc:
+        fail(str(exc))
+
+
+@lab.command("status")
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+def status(output: str) -> None:
+    """Nodes, workloads, services with their VIPs, and the BPF programs attached."""
+    try:
+        st = _lab().status()
+    except _errors() as exc:
+        fail(str(exc))
+    if output == "json":
+        click.echo(json.dumps(st, indent=2))
+        return
+    click.echo(f"lab {st['lab']} (config version {st['version']})")
+    click.echo("NODES")
+    for n in st["nodes"]:
+        state = "ready" if n["ready"] and n["agent_alive"] else "NOT READY"
+        click.echo(f"  {n['name']:<8} {n['ip']:<14} {n['zone']:<8} agent pid {n['agent_pid']} "
+                   f"{state}, config v{n['config_version']}")
+        for p in n["bpf_programs"]:
+            if "error" in p:
+                click.echo(f"           bpf: cannot list: {p['error']}")
+            else:
+                click.echo(f"           bpf: {p.get('attach_type', '?'):<22} {p.get('name', '?')}"
+                           f" (id {p.get('id', '?')})")
+    click.echo("SERVICES")
+    for s in st["services"]:
+        click.echo(f"  {s['name']}.{s['namespace']:<12} {s['vip']}:{s['port']:<6} -> "
+                   f"{', '.join(s['endpoints']) or '(no endpoints)'}")
+    click.echo("WORKLOADS")
+    for w in st["workloads"]:
+        alive = "running" if w["alive"] else "EXITED"
+        click.echo(f"  {w['name']:<12} {w['node']:<8} :{w['port']:<6} pid {w['pid']} {alive:<8} "
+                   f"{w['identity']}")
+
+
+@lab.group("workload")
+def workload() -> None:
+    """Mesh workloads of the lab."""
+
+
+@workload.command("add", context_settings={"ignore_unknown_options": True})
+@click.argument("node")
+@click.argument("name")
+@click.option("--service", required=True, help="The service this workload serves.")
+@click.option("--port", required=True, type=click.IntRange(1, 65535),
+              help="The port it listens on (also the service's port on its VIP).")
+@click.option("--namespace", default="default", show_default=True)
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
+def workload_add(node: str, name: str, service: str, port: int, namespace: str,
+                 cmd: tuple[str, ...]) -> None:
+    """Run CMD as a mesh workload on NODE: meshnode lab workload add NODE NAME --service S
+    --port P -- CMD..."""
+    lab_ = _lab()
+    try:
+        wl = lab_.add_workload(node, name, service, port, list(cmd), namespace=namespace)
+        st = lab_.load()
+    except _errors() as exc:
+        fail(str(exc))
+    svc = st.services[service]
+    click.echo(f"workload {wl.name} on {wl.node} (pid {wl.pid}) serves {service}.{namespace} "
+               f"at {svc.vip}:{svc.port} as spiffe://cluster.local/ns/{namespace}/sa/{service}")
+
+
+@workload.command("rm")
+@click.argument("name")
+def workload_rm(name: str) -> None:
+    """Stop a workload and remove it from the mesh."""
+    try:
+        _lab().remove_workload(name)
+    except _errors() as exc:
+        fail(str(exc))
+    click.echo(f"workload {name} removed")
+
+
+@lab.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("node")
+@click.option("--workload", "workload_name", default=None,
+              help="Run inside this workload's cgroup, so its connections are meshed.")
+@click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
+def exec_(node: str, workload_name: str | None, cmd: tuple[str, ...]) -> None:
+    """Run CMD on NODE (meshnode lab exec NODE [--workload W] -- CMD...)."""
+    try:
+        code = _lab().exec(node, list(cmd), workload=workload_name)
+    except _errors() as exc:
+        fail(str(exc))
+    raise SystemExit(code)

@@ -1,0 +1,93 @@
+"""Two node proxies in one process on loopback (127.0.0.2 and 127.0.0.3), with
+real TLS certificates from the mesh CA. Only the BPF original-destination
+lookup is replaced: tests hand the proxy the record the kernel would have."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshnode.controlplane.ca import (
+    CertificateAuthority,
+    generate_private_key,
+    make_csr,
+    write_file_atomic,
+    write_private_key,
+)
+from meshnode.ztunnel.config import ZtunnelConfig
+from meshnode.ztunnel.identity import SpiffeId
+from meshnode.ztunnel.proxy import OriginalDst, Proxy
+
+TD = "cluster.local"
+
+
+class FakeOrigDst:
+    """Stands in for the pinned BPF map: records keyed by the client's address."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, int], OriginalDst] = {}
+
+    def reopen(self, pin_dir: str | None) -> None:
+        pass
+
+    def pop(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> OriginalDst | None:
+        return self.records.pop((src_ip, src_port), None)
+
+
+@dataclass
+class Node:
+    name: str
+    ip: str
+    proxy: Proxy
+    orig: FakeOrigDst
+    snapshot: Path
+
+
+def issue(ca: CertificateAuthority, d: Path, sa: str) -> tuple[str, str]:
+    key = generate_private_key()
+    ident = SpiffeId(TD, "default", sa)
+    chain = ca.issue_workload_certificate(make_csr(key, ident), ident)
+    write_private_key(d / f"{sa}-key.pem", key)
+    write_file_atomic(d / f"{sa}.pem", chain, 0o644)
+    return str(d / f"{sa}.pem"), str(d / f"{sa}-key.pem")
+
+
+def build_mesh(tmp: Path, server_port: int, *, node_ips=("127.0.0.2", "127.0.0.3")) -> dict[str, Node]:
+    """node1 hosts workload `web` (id 1, client); node2 hosts `api` listening on
+    node2's IP at server_port, behind VIP 240.0.0.1:80."""
+    ca = CertificateAuthority.create(TD)
+    bundle = tmp / "bundle.pem"
+    bundle.write_bytes(ca.trust_bundle_pem())
+    n1, n2 = node_ips
+    web_cert, web_key = issue(ca, tmp, "web")
+    api_cert, api_key = issue(ca, tmp, "api")
+    services = [{
+        "name": "api", "namespace": "default", "vip": "240.0.0.1",
+        "ports": [{"port": 80, "target_port": server_port}],
+        "endpoints": [{"workload": "api", "namespace": "default", "service_account": "api",
+                       "node": "node2", "node_ip": n2, "address": n2, "port": server_port}],
+    }]
+    nodes = {}
+    for i, (name, ip, wl) in enumerate([
+        ("node1", n1, {"id": 1, "name": "web", "namespace": "default", "service_account": "web",
+                       "node": "node1", "address": n1, "port": 9000, "service": "web",
+                       "cert": web_cert, "key": web_key}),
+        ("node2", n2, {"id": 1, "name": "api", "namespace": "default", "service_account": "api",
+                       "node": "node2", "address": n2, "port": server_port, "service": "api",
+                       "cert": api_cert, "key": api_key}),
+    ]):
+        snap = tmp / f"{name}.json"
+        snap.write_text(json.dumps({
+            "schema": 1, "version": 1, "node": {"name": name, "ip": ip},
+            "trust_domain": TD, "trust_bundle": str(bundle), "bpf_pin_dir": None,
+            "workloads": [wl], "services": services,
+        }))
+        cfg = ZtunnelConfig(snapshot=snap, outbound=(ip, 15001), inbound=(ip, 15008),
+                            admin=("127.0.0.1", 15100 + i), readiness=("127.0.0.1", 15200 + i),
+                            drain_timeout=1.0)
+        proxy = Proxy(cfg)
+        orig = FakeOrigDst()
+        proxy.pi.orig_dst = orig  # type: ignore[assignment]
+        nodes[name] = Node(name, ip, proxy, orig, snap)
+    return nodes
