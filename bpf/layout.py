@@ -1,0 +1,132 @@
+"""ctypes mirrors of the structs in meshnode.h, and the pin names.
+
+meshnode.h is the definition; this module repeats it for Python and
+tests/test_bpf_layout.py checks, with gcc, that sizes, offsets and pin names agree.
+Field names are the C field names. Addresses and ports are stored in network
+order, as in the kernel; the constructors and accessors here take and return
+plain strings and host-order ints.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import socket
+import sys
+from typing import ClassVar
+
+# Pin names (meshnode.h: MN_PIN_*), files under the agent's pin directory.
+PIN_ORIG_DST = "mn_orig_dst"
+PIN_WORKLOADS = "mn_workloads"
+PIN_DESTINATIONS = "mn_dests"
+
+# Program names (the C entry functions); the kernel keeps the first 15 bytes.
+PROGRAM_NAME_PREFIX = "mn_"
+
+
+def ip4_to_be(ip: str) -> int:
+    """A dotted IPv4 address (or an IPv4-mapped IPv6 one) as the u32 the kernel
+    stores in network order, read in host order (what a ctypes c_uint32 holds)."""
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is None:
+            raise ValueError(f"not an IPv4 or IPv4-mapped IPv6 address: {ip}")
+        addr = addr.ipv4_mapped
+    return int.from_bytes(addr.packed, sys.byteorder)
+
+
+def ip4_from_be(value: int) -> str:
+    return socket.inet_ntoa(value.to_bytes(4, sys.byteorder))
+
+
+def port_to_be(port: int) -> int:
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port out of range: {port}")
+    return socket.htons(port)
+
+
+def port_from_be(value: int) -> int:
+    return socket.ntohs(value)
+
+
+class CStruct(ct.Structure):
+    """Base of the mirrors: C_NAME is the struct's tag in meshnode.h."""
+
+    C_NAME: ClassVar[str] = ""
+
+
+class DestKey(CStruct):
+    """struct mn_dest_key: key of the destinations map; port 0 = any port."""
+
+    C_NAME = "mn_dest_key"
+    _fields_ = [("ip4", ct.c_uint32), ("port", ct.c_uint16), ("pad", ct.c_uint16)]
+
+    @classmethod
+    def of(cls, ip: str, port: int) -> DestKey:
+        return cls(ip4=ip4_to_be(ip), port=port_to_be(port), pad=0)
+
+    def address(self) -> tuple[str, int]:
+        return ip4_from_be(self.ip4), port_from_be(self.port)
+
+
+class DestInfo(CStruct):
+    """struct mn_dest_info: value of the destinations map (reserved flags)."""
+
+    C_NAME = "mn_dest_info"
+    _fields_ = [("flags", ct.c_uint32)]
+
+
+class WorkloadInfo(CStruct):
+    """struct mn_workload: value of the membership map (key: u64 cgroup id)."""
+
+    C_NAME = "mn_workload"
+    _fields_ = [("workload_id", ct.c_uint32)]
+
+    @classmethod
+    def of(cls, workload_id: int) -> WorkloadInfo:
+        return cls(workload_id=workload_id)
+
+
+class OrigDstRecord(CStruct):
+    """struct mn_orig_dst: where a redirected connect() was going, and who made it."""
+
+    C_NAME = "mn_orig_dst"
+    _fields_ = [
+        ("ip4", ct.c_uint32),
+        ("port", ct.c_uint16),
+        ("pad", ct.c_uint16),
+        ("workload_id", ct.c_uint32),
+    ]
+
+    @classmethod
+    def of(cls, ip: str, port: int, workload_id: int) -> OrigDstRecord:
+        return cls(ip4=ip4_to_be(ip), port=port_to_be(port), pad=0, workload_id=workload_id)
+
+    def address(self) -> tuple[str, int]:
+        return ip4_from_be(self.ip4), port_from_be(self.port)
+
+
+class TupleKey(CStruct):
+    """struct mn_tuple_key: a redirected connection as the proxy sees it."""
+
+    C_NAME = "mn_tuple_key"
+    _fields_ = [
+        ("src_ip4", ct.c_uint32),
+        ("dst_ip4", ct.c_uint32),
+        ("src_port", ct.c_uint16),
+        ("dst_port", ct.c_uint16),
+    ]
+
+    @classmethod
+    def of(cls, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> TupleKey:
+        """Accepts IPv4 or IPv4-mapped IPv6 strings (a dual-stack listener's view)."""
+        return cls(
+            src_ip4=ip4_to_be(src_ip),
+            dst_ip4=ip4_to_be(dst_ip),
+            src_port=port_to_be(src_port),
+            dst_port=port_to_be(dst_port),
+        )
+
+
+# Every mirrored struct, for the layout test.
+STRUCTS: tuple[type[CStruct], ...] = (DestKey, DestInfo, WorkloadInfo, OrigDstRecord, TupleKey)

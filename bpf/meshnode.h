@@ -1,0 +1,103 @@
+/* meshnode eBPF: the shared structs, every map, and the pin names.
+ *
+ * This is the single C definition of everything userspace also sees; the Python
+ * mirror is bpf/layout.py and tests/test_bpf_layout.py compiles this header with
+ * gcc (-DMESHNODE_USERSPACE) to check that both agree byte for byte.
+ *
+ * Byte orders: every IPv4 address and port stored in a map is in NETWORK order,
+ * exactly as the kernel holds it in struct bpf_sock_addr (user_ip4, user_port).
+ * Only bpf_sock_ops needs converting; see mn_sockops_remote_port() in sockops.c.
+ */
+#ifndef MESHNODE_H
+#define MESHNODE_H
+
+#ifdef MESHNODE_USERSPACE
+#include <linux/types.h>
+#else
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/socket.h>
+#endif
+
+/* Pin names, files under the agent's pin directory in bpffs (layout.py: PIN_*). */
+#define MN_PIN_ORIG_DST     "mn_orig_dst"
+#define MN_PIN_WORKLOADS    "mn_workloads"
+#define MN_PIN_DESTINATIONS "mn_dests"
+
+/* Capacities. The per-connection maps are LRU: a record nobody consumes (the
+ * connect failed, the proxy died) is evicted instead of growing the map. */
+#define MN_MAX_CONNS        65536
+#define MN_MAX_WORKLOADS    4096
+#define MN_MAX_DESTINATIONS 16384
+
+/* Key of mn_dests: a mesh destination. port == 0 means any port of that address. */
+struct mn_dest_key {
+    __u32 ip4;   /* network order */
+    __u16 port;  /* network order; 0 = wildcard */
+    __u16 pad;   /* always 0 */
+};
+
+/* Value of mn_dests. */
+struct mn_dest_info {
+    __u32 flags; /* reserved, 0 */
+};
+
+/* Value of mn_workloads (key: __u64 cgroup v2 id = bpf_get_current_cgroup_id()). */
+struct mn_workload {
+    __u32 workload_id; /* assigned by the node agent */
+};
+
+/* What a connect() originally asked for; value of mn_cookie_dst and mn_orig_dst. */
+struct mn_orig_dst {
+    __u32 ip4;         /* network order */
+    __u16 port;        /* network order */
+    __u16 pad;         /* always 0 */
+    __u32 workload_id; /* of the connecting cgroup */
+};
+
+/* Key of mn_orig_dst: the connection as the proxy sees it after accept(). */
+struct mn_tuple_key {
+    __u32 src_ip4;  /* client's local address, network order */
+    __u32 dst_ip4;  /* proxy address, network order */
+    __u16 src_port; /* client's local port, network order */
+    __u16 dst_port; /* proxy port, network order */
+};
+
+#ifndef MESHNODE_USERSPACE
+
+/* Where redirected connections go, set by the loader with
+ * -DMN_PROXY_IP4=<host-order u32> -DMN_PROXY_PORT=<host-order port>. No default
+ * here: the Python side (MeshBpf) is the one place that chooses them. */
+#if !defined(MN_PROXY_IP4) || !defined(MN_PROXY_PORT)
+#error "compile with -DMN_PROXY_IP4=... -DMN_PROXY_PORT=... (meshnode.bpf.loader does)"
+#endif
+
+/* bcc 0.26 declares bpf_get_socket_cookie() as returning u32, which truncates the
+ * 64-bit cookie; call the helper through a correct prototype. */
+static __u64 (*mn_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+/* Membership: which cgroups are mesh workloads.
+ * Written by: the node agent (MeshBpf.sync_workloads).
+ * Read by: mn_connect4, mn_connect6. */
+BPF_TABLE("hash", __u64, struct mn_workload, mn_workloads, MN_MAX_WORKLOADS);
+
+/* Destinations that are in the mesh: (ip, port) or (ip, 0) for every port.
+ * Written by: the node agent (MeshBpf.sync_destinations).
+ * Read by: mn_connect4, mn_connect6. */
+BPF_TABLE("hash", struct mn_dest_key, struct mn_dest_info, mn_dests, MN_MAX_DESTINATIONS);
+
+/* Original destination of a redirected socket, by socket cookie; lives from
+ * connect() until the SYN is about to leave.
+ * Written by: mn_connect4, mn_connect6.
+ * Read and deleted by: mn_sockops (BPF_SOCK_OPS_TCP_CONNECT_CB). */
+BPF_TABLE("lru_hash", __u64, struct mn_orig_dst, mn_cookie_dst, MN_MAX_CONNS);
+
+/* Original destination of a redirected connection, by 4-tuple as accepted.
+ * Written by: mn_sockops.
+ * Read and deleted by: the proxy (meshnode.bpf.pinned.OrigDstTable.pop), through
+ * the pin MN_PIN_ORIG_DST. */
+BPF_TABLE("lru_hash", struct mn_tuple_key, struct mn_orig_dst, mn_orig_dst, MN_MAX_CONNS);
+
+#endif /* !MESHNODE_USERSPACE */
+
+#endif /* MESHNODE_H */

@@ -1,0 +1,157 @@
+"""detach_stale(): programs a dead agent left attached are found by name and
+detached; this run's programs and other software's programs stay. Needs root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from meshnode.bpf import syscall
+from meshnode.bpf.cgroups import cgroup2_mount
+from meshnode.bpf.errors import BpfError
+from meshnode.bpf.layout import PIN_ORIG_DST
+from meshnode.bpf.loader import MeshBpf
+
+pytestmark = pytest.mark.root
+
+
+def _why_not_runnable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (cgroups, eBPF)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not importable (install python3-bpfcc; run scripts/setup.sh)"
+    try:
+        cgroup2_mount()
+    except BpfError as exc:
+        return str(exc)
+    if not (Path("/lib/modules") / os.uname().release / "build" / "include").is_dir():
+        return "no kernel headers for bcc at /lib/modules/$(uname -r)/build (run scripts/setup.sh)"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _require_ebpf() -> None:
+    reason = _why_not_runnable()
+    if reason:
+        pytest.skip(reason)
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def cgroup() -> Iterator[Path]:
+    path = cgroup2_mount() / _unique("mn-test")
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        for _ in range(100):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+@pytest.fixture
+def pin_dir() -> Iterator[Path]:
+    path = Path("/sys/fs/bpf") / _unique("mn-test")
+    yield path
+    for pin in path.glob("*"):
+        pin.unlink()
+    if path.exists():
+        path.rmdir()
+
+
+def crashed_agent(cgroup: Path, pin_dir: Path) -> None:
+    """Loads and attaches in a child process that dies without detaching."""
+    code = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from meshnode.bpf.loader import MeshBpf
+        mesh = MeshBpf(Path({str(pin_dir)!r}))
+        mesh.load()
+        mesh.attach({str(cgroup)!r})
+        os._exit(0)
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def names(cgroup: Path) -> list[str]:
+    return sorted(p["name"] for p in MeshBpf.attached_programs(cgroup))
+
+
+def prog_gone(prog_id: int, wait: float = 3.0) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = syscall.prog_get_fd_by_id(prog_id)
+        except FileNotFoundError:
+            return True
+        os.close(fd)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: Path) -> None:
+    from bcc import BPF
+
+    # Somebody else's connect4 program at the same cgroup (systemd, a CNI, ...).
+    foreign = BPF(text=b"int other_connect4(struct bpf_sock_addr *ctx) { return 1; }")
+    fn = foreign.load_func(b"other_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=10)
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    syscall.prog_attach(cg_fd, fn.fd, syscall.BPF_CGROUP_INET4_CONNECT, syscall.BPF_F_ALLOW_MULTI)
+    try:
+        crashed_agent(cgroup, pin_dir)
+        # Attachments outlive the process that made them; so do its pins.
+        assert names(cgroup) == ["mn_connect4", "mn_connect6", "mn_sockops", "other_connect4"]
+        assert (pin_dir / PIN_ORIG_DST).exists()
+        stale_ids = {
+            p["id"] for p in MeshBpf.attached_programs(cgroup) if p["name"] != "other_connect4"
+        }
+
+        with MeshBpf(pin_dir) as mesh:
+            mesh.load()
+            mesh.attach(cgroup)  # replaces the stale pins
+            assert len(names(cgroup)) == 7
+            detached = mesh.detach_stale(cgroup)
+            assert {p["id"] for p in detached} == stale_ids
+            assert sorted((p["name"], p["attach_type"]) for p in detached) == [
+                ("mn_connect4", "connect4"),
+                ("mn_connect6", "connect6"),
+                ("mn_sockops", "sock_ops"),
+            ]
+            # Ours (this run) and the foreign program are still there.
+            assert names(cgroup) == ["mn_connect4", "mn_connect6", "mn_sockops", "other_connect4"]
+            assert mesh.detach_stale(cgroup) == []
+        assert all(prog_gone(i) for i in stale_ids)
+        assert names(cgroup) == ["other_connect4"]
+        assert not pin_dir.exists()
+
+        # Without load() (no bcc needed), at agent start-up before anything else.
+        crashed_agent(cgroup, pin_dir)
+        assert len(MeshBpf(pin_dir).detach_stale(cgroup)) == 3
+        assert names(cgroup) == ["other_connect4"]
+    finally:
+        for prog in MeshBpf.attached_programs(cgroup):  # whatever a failure left
+            if prog["name"].startswith("mn_"):
+                MeshBpf(pin_dir).detach_stale(cgroup)
+                break
+        syscall.prog_detach(cg_fd, fn.fd, syscall.BPF_CGROUP_INET4_CONNECT)
+        os.close(cg_fd)
+        foreign.cleanup()
+    assert MeshBpf.attached_programs(cgroup) == []

@@ -1,0 +1,92 @@
+"""The ctypes mirrors in meshnode.bpf.layout match meshnode.h, checked with gcc."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from meshnode.bpf import layout
+
+HEADER_DIR = Path(layout.__file__).resolve().parent
+PIN_MACROS = {
+    "MN_PIN_ORIG_DST": layout.PIN_ORIG_DST,
+    "MN_PIN_WORKLOADS": layout.PIN_WORKLOADS,
+    "MN_PIN_DESTINATIONS": layout.PIN_DESTINATIONS,
+}
+
+
+def _probe_source() -> str:
+    """A C program printing, from the header, what the ctypes side claims."""
+    lines = [
+        "#define MESHNODE_USERSPACE 1",
+        '#include "meshnode.h"',
+        "#include <stddef.h>",
+        "#include <stdio.h>",
+        "int main(void) {",
+    ]
+    for struct in layout.STRUCTS:
+        c = f"struct {struct.C_NAME}"
+        lines.append(f'printf("size {struct.C_NAME} %zu\\n", sizeof({c}));')
+        for name, *_ in struct._fields_:
+            lines.append(
+                f'printf("field {struct.C_NAME}.{name} %zu %zu\\n", '
+                f"offsetof({c}, {name}), sizeof((({c} *)0)->{name}));"
+            )
+    for macro in PIN_MACROS:
+        lines.append(f'printf("pin {macro} %s\\n", {macro});')
+    lines += ["return 0;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _python_view() -> list[str]:
+    out = []
+    for struct in layout.STRUCTS:
+        out.append(f"size {struct.C_NAME} {ct.sizeof(struct)}")
+        for name, *_ in struct._fields_:
+            field = getattr(struct, name)
+            out.append(f"field {struct.C_NAME}.{name} {field.offset} {field.size}")
+    for macro, value in PIN_MACROS.items():
+        out.append(f"pin {macro} {value}")
+    return out
+
+
+def test_ctypes_mirror_matches_header(tmp_path: Path) -> None:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        print("gcc not found on PATH: cannot compile meshnode.h to compare layouts")
+        pytest.skip("gcc not found on PATH: cannot compile meshnode.h to compare layouts")
+    src = tmp_path / "probe.c"
+    src.write_text(_probe_source())
+    exe = tmp_path / "probe"
+    build = subprocess.run(
+        [gcc, "-Wall", "-Werror", f"-I{HEADER_DIR}", "-o", str(exe), str(src)],
+        capture_output=True,
+        text=True,
+    )
+    assert build.returncode == 0, f"probe did not compile:\n{build.stderr}"
+    c_view = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    assert c_view.splitlines() == _python_view()
+
+
+def test_constructors_store_network_order() -> None:
+    key = layout.DestKey.of("240.0.0.1", 80)
+    assert bytes(key) == bytes([240, 0, 0, 1, 0, 80, 0, 0])
+    assert key.address() == ("240.0.0.1", 80)
+
+    rec = layout.OrigDstRecord.of("10.1.2.3", 443, 7)
+    assert bytes(rec) == bytes([10, 1, 2, 3, 1, 187, 0, 0, 7, 0, 0, 0])
+    assert rec.address() == ("10.1.2.3", 443)
+
+    tup = layout.TupleKey.of("::ffff:127.0.0.1", 40000, "127.0.0.1", 15001)
+    assert bytes(tup) == bytes([127, 0, 0, 1, 127, 0, 0, 1, 0x9C, 0x40, 0x3A, 0x99])
+    assert layout.WorkloadInfo.of(5).workload_id == 5
+
+
+def test_constructors_reject_bad_input() -> None:
+    with pytest.raises(ValueError):
+        layout.DestKey.of("2001:db8::1", 80)
+    with pytest.raises(ValueError):
+        layout.DestKey.of("10.0.0.1", 70000)

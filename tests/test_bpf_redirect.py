@@ -1,0 +1,429 @@
+"""End to end: the cgroup programs redirect a member's connect() to the proxy, and
+the proxy finds the original destination by 4-tuple. Needs root, cgroup v2 and
+eBPF; all traffic stays on loopback inside a network namespace made for the test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from meshnode.bpf import syscall
+from meshnode.bpf.cgroups import cgroup2_mount, cgroup_id
+from meshnode.bpf.errors import BpfError
+from meshnode.bpf.layout import PIN_DESTINATIONS, PIN_ORIG_DST, PIN_WORKLOADS, DestKey
+from meshnode.bpf.loader import MeshBpf
+from meshnode.bpf.pinned import OrigDst, OrigDstTable, open_pinned
+
+pytestmark = pytest.mark.root
+
+CLONE_NEWNET = 0x40000000
+PROXY_PORT = 15001  # the netns is fresh, so the default port is free
+TARGET_PORT = 8080
+MESH_DST = "240.0.0.10"  # reserved space, never routed; only ever a connect() argument
+WILDCARD_DST = "240.0.0.11"
+MEMBER_WORKLOAD_ID = 42
+
+
+def _why_not_runnable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, cgroups, eBPF)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not importable (install python3-bpfcc; run scripts/setup.sh)"
+    for tool in ("ip", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    try:
+        cgroup2_mount()
+    except BpfError as exc:
+        return str(exc)
+    if not (Path("/lib/modules") / os.uname().release / "build" / "include").is_dir():
+        return "no kernel headers for bcc at /lib/modules/$(uname -r)/build (run scripts/setup.sh)"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _require_ebpf() -> None:
+    reason = _why_not_runnable()
+    if reason:
+        pytest.skip(reason)
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _unique(prefix: str) -> str:
+    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@contextlib.contextmanager
+def in_netns(name: str) -> Iterator[None]:
+    """Runs the block in the namespace (this thread only); sockets made there stay."""
+    libc = ct.CDLL(None, use_errno=True)
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ct.get_errno(), "setns into test netns")
+        try:
+            yield
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:
+                raise OSError(ct.get_errno(), "setns back")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
+def listener(netns: str, port: int) -> socket.socket:
+    with in_netns(netns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+    return sock
+
+
+CLIENT = textwrap.dedent(
+    """
+    import json, socket, sys
+    family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+    for _ in range(int(sys.argv[3])):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.settimeout(3)
+        try:
+            s.connect((sys.argv[1], int(sys.argv[2])))
+        except OSError as exc:
+            print(json.dumps({"error": exc.strerror or str(exc)}))
+        else:
+            local, peer = s.getsockname()[:2], s.getpeername()[:2]
+            print(json.dumps({"local": list(local), "peer": list(peer)}))
+        s.close()
+    """
+)
+
+
+def run_clients(netns: str, cgroup: Path, host: str, port: int, count: int) -> list[dict[str, Any]]:
+    """count connect()s from a process inside netns and cgroup: each one's local and
+    peer address, or its error."""
+    procs = cgroup / "cgroup.procs"
+
+    def join_cgroup() -> None:
+        procs.write_text("0")
+
+    # nsenter, not `ip netns exec`: that remounts /sys and hides the cgroup fs.
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", CLIENT]
+        + [host, str(port), str(count)],
+        preexec_fn=join_cgroup,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+def run_client(netns: str, cgroup: Path, host: str, port: int) -> dict[str, Any]:
+    (result,) = run_clients(netns, cgroup, host, port, 1)
+    return result
+
+
+def accept_now(sock: socket.socket, timeout: float = 3.0) -> tuple[socket.socket, Any] | None:
+    sock.settimeout(timeout)
+    try:
+        return sock.accept()
+    except TimeoutError:
+        return None
+
+
+def pending(sock: socket.socket) -> bool:
+    """Whether a connection waits in sock's accept queue."""
+    sock.setblocking(False)
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        return False
+    conn.close()
+    return True
+
+
+def remove_cgroup(path: Path) -> None:
+    for _ in range(100):  # a just-exited task can keep the cgroup busy for a moment
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    path.rmdir()
+
+
+def bpftool_cgroup_names(path: Path) -> list[str]:
+    if shutil.which("bpftool") is None:
+        return []
+    out = subprocess.run(
+        ["bpftool", "-j", "cgroup", "show", str(path)], capture_output=True, text=True
+    )
+    if out.returncode != 0 or not out.stdout.strip():
+        return []
+    return [entry.get("name", "") for entry in json.loads(out.stdout)]
+
+
+def prog_gone(prog_id: int, wait: float = 3.0) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fd = syscall.prog_get_fd_by_id(prog_id)
+        except FileNotFoundError:
+            return True
+        os.close(fd)
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+# -- the environment ---------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    netns: str
+    parent: Path
+    member: Path
+    other: Path
+    pin_dir: Path
+    mesh: MeshBpf
+    proxy: socket.socket
+    target: socket.socket
+    table: OrigDstTable
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    netns = _unique("mn-test")
+    parent = cgroup2_mount() / _unique("mn-test")
+    pin_dir = Path("/sys/fs/bpf") / _unique("mn-test")
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    sockets: list[socket.socket] = []
+    mesh = MeshBpf(pin_dir, proxy_port=PROXY_PORT)
+    table: OrigDstTable | None = None
+    prog_ids: list[int] = []
+    try:
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        member, other = parent / "member", parent / "other"
+        for path in (parent, member, other):
+            path.mkdir()
+        sockets += [listener(netns, PROXY_PORT), listener(netns, TARGET_PORT)]
+        mesh.load()
+        mesh.attach(parent)
+        prog_ids = [p["id"] for p in MeshBpf.attached_programs(parent)]
+        mesh.sync_workloads({cgroup_id(member): MEMBER_WORKLOAD_ID})
+        mesh.sync_destinations({(MESH_DST, 80), (WILDCARD_DST, 0)})
+        table = OrigDstTable.open(pin_dir)
+        yield Env(netns, parent, member, other, pin_dir, mesh, sockets[0], sockets[1], table)
+    finally:
+        if table is not None:
+            table.close()
+        for sock in sockets:
+            sock.close()
+        mesh.close()
+        leftover = MeshBpf.attached_programs(parent) if parent.exists() else []
+        bpftool_left = bpftool_cgroup_names(parent) if parent.exists() else []
+        for path in (parent / "member", parent / "other", parent):
+            remove_cgroup(path)
+        subprocess.run(["ip", "netns", "del", netns], check=True)
+    # Nothing of ours may be left.
+    assert leftover == []
+    assert not any(name.startswith("mn_") for name in bpftool_left), bpftool_left
+    assert not pin_dir.exists()
+    assert not parent.exists()
+    assert not Path(f"/run/netns/{netns}").exists()
+    assert all(prog_gone(i) for i in prog_ids), "programs still loaded after close()"
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+def test_attach_pins_maps_and_lists_programs(env: Env) -> None:
+    for pin in (PIN_ORIG_DST, PIN_WORKLOADS, PIN_DESTINATIONS):
+        os.close(open_pinned(env.pin_dir / pin))
+    attached = MeshBpf.attached_programs(env.parent)
+    assert sorted((p["name"], p["attach_type"]) for p in attached) == [
+        ("mn_connect4", "connect4"),
+        ("mn_connect6", "connect6"),
+        ("mn_sockops", "sock_ops"),
+    ]
+    names = bpftool_cgroup_names(env.parent)
+    if names:  # bpftool installed: it agrees
+        assert sorted(names) == ["mn_connect4", "mn_connect6", "mn_sockops"]
+
+
+def test_member_connect4_lands_at_proxy_with_orig_dst(env: Env) -> None:
+    client = run_client(env.netns, env.member, MESH_DST, 80)
+    assert "error" not in client, client
+    assert client["peer"] == ["127.0.0.1", PROXY_PORT]  # the rewrite is visible to the app
+    accepted = accept_now(env.proxy)
+    assert accepted is not None, "redirected connection did not reach the proxy"
+    conn, (peer_ip, peer_port) = accepted
+    conn.close()
+    assert [peer_ip, peer_port] == client["local"]
+    local_ip, local_port = env.proxy.getsockname()
+    assert env.table.pop(peer_ip, peer_port, local_ip, local_port) == OrigDst(
+        MESH_DST, 80, MEMBER_WORKLOAD_ID
+    )
+    assert env.table.pop(peer_ip, peer_port, local_ip, local_port) is None
+
+
+def test_member_connect6_v4mapped_lands_at_proxy_with_orig_dst(env: Env) -> None:
+    client = run_client(env.netns, env.member, f"::ffff:{MESH_DST}", 80)
+    assert "error" not in client, client
+    assert client["peer"] == ["::ffff:127.0.0.1", PROXY_PORT]
+    accepted = accept_now(env.proxy)
+    assert accepted is not None, "redirected v6 connection did not reach the proxy"
+    conn, (peer_ip, peer_port) = accepted
+    conn.close()
+    assert client["local"] == [f"::ffff:{peer_ip}", peer_port]
+    # A dual-stack proxy would see ::ffff: strings; pop accepts them too.
+    orig = env.table.pop(f"::ffff:{peer_ip}", peer_port, "::ffff:127.0.0.1", PROXY_PORT)
+    assert orig == OrigDst(MESH_DST, 80, MEMBER_WORKLOAD_ID)
+    assert env.table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT) is None
+
+
+def test_many_connections_each_find_their_record(env: Env) -> None:
+    clients = run_clients(env.netns, env.member, MESH_DST, 80, 20)
+    assert all("error" not in c for c in clients), clients
+    for _ in clients:
+        accepted = accept_now(env.proxy)
+        assert accepted is not None
+        conn, (peer_ip, peer_port) = accepted
+        conn.close()
+        orig = env.table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT)
+        assert orig == OrigDst(MESH_DST, 80, MEMBER_WORKLOAD_ID)
+    assert not pending(env.proxy)
+
+
+def test_port_wildcard_destination(env: Env) -> None:
+    client = run_client(env.netns, env.member, WILDCARD_DST, 443)
+    assert "error" not in client, client
+    accepted = accept_now(env.proxy)
+    assert accepted is not None
+    conn, (peer_ip, peer_port) = accepted
+    conn.close()
+    assert env.table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT) == OrigDst(
+        WILDCARD_DST, 443, MEMBER_WORKLOAD_ID
+    )
+
+
+def test_non_member_is_not_redirected(env: Env) -> None:
+    assert not pending(env.proxy)
+    client = run_client(env.netns, env.other, MESH_DST, 80)
+    # Untouched, the connect goes to 240.0.0.10, which has no route in the netns.
+    assert "error" in client, client
+    assert not pending(env.proxy), "a non-member's connection reached the proxy"
+
+
+def test_member_connect_outside_mesh_goes_direct(env: Env) -> None:
+    client = run_client(env.netns, env.member, "127.0.0.1", TARGET_PORT)
+    assert client.get("peer") == ["127.0.0.1", TARGET_PORT], client
+    accepted = accept_now(env.target)
+    assert accepted is not None, "direct connection did not reach the target"
+    conn, (peer_ip, peer_port) = accepted
+    conn.close()
+    assert not pending(env.proxy)
+    assert env.table.pop(peer_ip, peer_port, "127.0.0.1", TARGET_PORT) is None
+
+
+def test_sync_replaces_map_contents(env: Env) -> None:
+    fd = open_pinned(env.pin_dir / PIN_DESTINATIONS)
+    try:
+        env.mesh.sync_destinations({("10.0.0.1", 8443)})
+        assert [k.address() for k in syscall.map_keys(fd, DestKey)] == [("10.0.0.1", 8443)]
+        # With the mesh destination gone, even a member goes direct (and fails here).
+        client = run_client(env.netns, env.member, MESH_DST, 80)
+        assert "error" in client, client
+        assert not pending(env.proxy)
+        env.mesh.sync_destinations({(MESH_DST, 80), (WILDCARD_DST, 0)})
+        keys = {k.address() for k in syscall.map_keys(fd, DestKey)}
+        assert keys == {(MESH_DST, 80), (WILDCARD_DST, 0)}
+    finally:
+        env.mesh.sync_destinations({(MESH_DST, 80), (WILDCARD_DST, 0)})
+        os.close(fd)
+
+    wl_fd = open_pinned(env.pin_dir / PIN_WORKLOADS)
+    try:
+        env.mesh.sync_workloads({cgroup_id(env.other): 9, cgroup_id(env.member): 43})
+        env.mesh.sync_workloads({cgroup_id(env.member): MEMBER_WORKLOAD_ID})
+        keys_wl = [k.value for k in syscall.map_keys(wl_fd, ct.c_uint64)]
+        assert keys_wl == [cgroup_id(env.member)]
+    finally:
+        os.close(wl_fd)
+
+
+def test_cgroup_id_is_what_bpf_sees(env: Env) -> None:
+    from bcc import BPF
+
+    probe = BPF(
+        text=b"""
+        BPF_ARRAY(seen, u64, 1);
+        int probe_cgid(struct bpf_sock_addr *ctx) {
+            int zero = 0;
+            u64 id = bpf_get_current_cgroup_id();
+            seen.update(&zero, &id);
+            return 1;
+        }
+        """
+    )
+    try:
+        fn = probe.load_func(b"probe_cgid", BPF.CGROUP_SOCK_ADDR, attach_type=10)
+        cg_fd = os.open(env.member, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            syscall.prog_attach(cg_fd, fn.fd, syscall.BPF_CGROUP_INET4_CONNECT, 2)
+            try:
+                client = run_client(env.netns, env.member, "127.0.0.1", TARGET_PORT)
+                assert "error" not in client, client
+                accepted = accept_now(env.target)
+                assert accepted is not None
+                accepted[0].close()
+            finally:
+                syscall.prog_detach(cg_fd, fn.fd, syscall.BPF_CGROUP_INET4_CONNECT)
+        finally:
+            os.close(cg_fd)
+        assert probe[b"seen"][ct.c_int(0)].value == cgroup_id(env.member)
+    finally:
+        probe.cleanup()
+
+
+def test_close_leaves_nothing_behind(tmp_path: Path) -> None:
+    parent = cgroup2_mount() / _unique("mn-test")
+    parent.mkdir()
+    pin_dir = Path("/sys/fs/bpf") / _unique("mn-test")
+    try:
+        with MeshBpf(pin_dir, proxy_port=PROXY_PORT) as mesh:
+            mesh.load()
+            mesh.attach(parent)
+            ids = [p["id"] for p in MeshBpf.attached_programs(parent)]
+            assert len(ids) == 3
+            assert (pin_dir / PIN_ORIG_DST).exists()
+        assert MeshBpf.attached_programs(parent) == []
+        assert not pin_dir.exists()
+        assert all(prog_gone(i) for i in ids)
+    finally:
+        remove_cgroup(parent)
