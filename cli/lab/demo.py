@@ -35,8 +35,9 @@ def serve(port: int, name: str) -> None:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            ident = peer_identity(*self.client_address[:2])
-            body = f"hello {ident}, this is {name}\n".encode()
+            ip, port = self.client_address[:2]
+            ident = peer_identity(ip, port)
+            body = f"hello {ident}, this is {name} (connection from {ip}:{port})\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
