@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import click
-
 from meshnode.cli.common import fail, setup_logging
 
 

@@ -11,7 +11,6 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
 from meshnode.controlplane.ca import (
     CertificateAuthority,
     generate_private_key,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshnode.nodeagent.config import NodeConfig
 from meshnode.nodeagent.certs import CertFiles
+from meshnode.nodeagent.config import NodeConfig
 from meshnode.ztunnel.state import SCHEMA
 
 

@@ -53,7 +53,9 @@ def issue(ca: CertificateAuthority, d: Path, sa: str) -> tuple[str, str]:
     return str(d / f"{sa}.pem"), str(d / f"{sa}-key.pem")
 
 
-def build_mesh(tmp: Path, server_port: int, *, node_ips=("127.0.0.2", "127.0.0.3")) -> dict[str, Node]:
+def build_mesh(
+    tmp: Path, server_port: int, *, node_ips: tuple[str, str] = ("127.0.0.2", "127.0.0.3")
+) -> dict[str, Node]:
     """node1 hosts workload `web` (id 1, client); node2 hosts `api` listening on
     node2's IP at server_port, behind VIP 240.0.0.1:80."""
     ca = CertificateAuthority.create(TD)

@@ -27,7 +27,9 @@ MARKER = b"MESHNODE-PLAINTEXT-MARKER-7f3a9c"
 TOOLS = Path(__file__).parent / "tools"
 
 
-def meshnode(*args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def meshnode(
+    *args: str, check: bool = True, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([PY, "-m", "meshnode.cli.main", *args], env=ENV, capture_output=True,
                           text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -110,7 +112,8 @@ def _capture(lab: dict, tmp_path: Path, action) -> bytes:  # type: ignore[no-unt
     # would only see frames addressed to the bridge.
     cap = subprocess.Popen(["nsenter", f"--net=/run/netns/{fabric}", "--", "tcpdump", "-i",
                             "veth-node1",
-                            "-Z", "root", "-U", "--immediate-mode", "-s", "0", "-w", str(pcap), "tcp"],
+                            "-Z", "root", "-U", "--immediate-mode", "-s", "0", "-w", str(pcap),
+                            "tcp"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10

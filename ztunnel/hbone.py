@@ -14,6 +14,7 @@ send is queued per stream while the peer's window is closed (``pending``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -229,10 +230,8 @@ class HboneConnection:
         headers = [(":status", str(status))]
         if reason:
             headers.append(("x-meshnode-reason", reason[:200]))
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._h2.send_headers(stream_id, headers, end_stream=True)
-        except h2.exceptions.StreamClosedError:
-            pass
         self._streams.pop(stream_id, None)
 
     def send(self, stream_id: int, data: bytes) -> None:
@@ -264,19 +263,15 @@ class HboneConnection:
         """Abort the stream (the tunnelled connection failed on our side)."""
         if self._streams.pop(stream_id, None) is None:
             return
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._h2.reset_stream(stream_id, error_code)
-        except h2.exceptions.StreamClosedError:
-            pass
 
     def ack(self, stream_id: int, flow_length: int) -> None:
         """Data of that length was written downstream: give the window back."""
         if flow_length <= 0 or self._ended:
             return
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._h2.acknowledge_received_data(flow_length, stream_id)
-        except h2.exceptions.StreamClosedError:
-            pass
 
     def close(self, error_code: int = NO_ERROR, reason: str = "") -> None:
         """Send GOAWAY. Open streams are the shell's to abort."""
@@ -307,10 +302,8 @@ class HboneConnection:
 
     def _protocol_error(self, reason: str) -> list[Event]:
         self._ended = True
-        try:
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             self._h2.close_connection(PROTOCOL_ERROR, additional_data=reason.encode()[:200])
-        except h2.exceptions.ProtocolError:
-            pass
         streams = list(self._streams)
         self._streams.clear()
         out: list[Event] = [TunnelReset(sid, PROTOCOL_ERROR, True) for sid in streams]
@@ -391,10 +384,8 @@ class HboneConnection:
             out.append(TunnelEstablished(ev.stream_id))
             return
         self._streams.pop(ev.stream_id, None)
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._h2.reset_stream(ev.stream_id, CANCEL)
-        except h2.exceptions.StreamClosedError:
-            pass
         out.append(TunnelRefused(ev.stream_id, status, fields.get("x-meshnode-reason", "")))
 
     def _on_window(self, stream_id: int, out: list[Event]) -> None:
@@ -434,10 +425,8 @@ class HboneConnection:
     def _end_now(self, stream_id: int, stream: _Stream) -> None:
         stream.local_ended = True
         stream.end_after_flush = False
-        try:
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
             self._h2.end_stream(stream_id)
-        except h2.exceptions.StreamClosedError:
-            pass
         self._maybe_forget(stream_id, stream)
 
     def _maybe_forget(self, stream_id: int, stream: _Stream) -> None:

@@ -94,7 +94,9 @@ class HbonePool:
                 f"HBONE connect to {host}:{port} timed out after {self.connect_timeout:.0f}s"
             ) from None
         except OSError as exc:
-            raise ConnectError(f"HBONE connect to {host}:{port} failed: {exc.strerror or exc}") from None
+            raise ConnectError(
+                f"HBONE connect to {host}:{port} failed: {exc.strerror or exc}"
+            ) from None
         except Exception as exc:  # ssl.SSLError and friends
             raise ConnectError(f"TLS handshake with {host}:{port} failed: {exc}") from None
         self.handshakes += 1

@@ -59,7 +59,7 @@ class HboneSession(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if self._on_made is not None and not self._on_made(self):
             self.closed = True
-            transport.abort()
+            self.transport.abort()
             return
         self.flush()
 
@@ -263,7 +263,9 @@ class PlainSide(asyncio.Protocol):
         if not self.finished:
             if not (self.local_eof and self.remote_eof):
                 if self.error is None:
-                    self.error = f"connection lost: {exc}" if exc else "closed before both sides ended"
+                    self.error = (
+                        f"connection lost: {exc}" if exc else "closed before both sides ended"
+                    )
                 if self.session is not None:
                     self.session.reset(self.stream_id)
             self._finish()

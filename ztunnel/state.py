@@ -190,7 +190,9 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
     """Validate a snapshot document and index it. Raises StateError naming the
     offending field; the caller keeps its previous state in that case."""
     if doc.get("schema") != SCHEMA:
-        raise StateError(f"snapshot schema {doc.get('schema')!r} is not {SCHEMA}; upgrade meshnode")
+        raise StateError(
+            f"snapshot schema {doc.get('schema')!r} is not {SCHEMA}; upgrade meshnode"
+        )
     node_doc = _req(doc, "node", dict, "snapshot")
     node = NodeInfo(
         name=_req(node_doc, "name", str, "node"),
@@ -208,8 +210,9 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
     for i, w in enumerate(_req(doc, "workloads", list, "snapshot")):
         where = f"workloads[{i}]"
         try:
-            ident = SpiffeId(td, _req(w, "namespace", str, where), _req(w, "service_account", str, where))
-            SpiffeId.parse(ident.uri)
+            ident = SpiffeId(
+                td, _req(w, "namespace", str, where), _req(w, "service_account", str, where)
+            )
         except ValueError as exc:
             raise StateError(f"{where}: {exc}") from None
         wl = Workload(
@@ -231,16 +234,19 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
     for i, s in enumerate(_req(doc, "services", list, "snapshot")):
         where = f"services[{i}]"
         ports = tuple(
-            ServicePort(_port(p.get("port"), f"{where}.ports[{j}].port"),
-                        _port(p.get("target_port", p.get("port")), f"{where}.ports[{j}].target_port"))
+            ServicePort(
+                _port(p.get("port"), f"{where}.ports[{j}].port"),
+                _port(p.get("target_port", p.get("port")), f"{where}.ports[{j}].target_port"),
+            )
             for j, p in enumerate(_req(s, "ports", list, where))
         )
         endpoints = []
         for j, e in enumerate(_req(s, "endpoints", list, where)):
             ew = f"{where}.endpoints[{j}]"
             try:
-                ident = SpiffeId(td, _req(e, "namespace", str, ew), _req(e, "service_account", str, ew))
-                SpiffeId.parse(ident.uri)
+                ident = SpiffeId(
+                    td, _req(e, "namespace", str, ew), _req(e, "service_account", str, ew)
+                )
             except ValueError as exc:
                 raise StateError(f"{ew}: {exc}") from None
             ep = Endpoint(

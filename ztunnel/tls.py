@@ -118,7 +118,9 @@ class TlsContexts:
             return None
         return self._identity_by_server_ctx.get(id(ssl_object.context))
 
-    def _on_sni(self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+    def _on_sni(
+        self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
+    ) -> int | None:
         if not server_name:
             log.warning("inbound TLS handshake without SNI refused: cannot tell which workload")
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME

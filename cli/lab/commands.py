@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
 
+if TYPE_CHECKING:
+    from meshnode.cli.lab.lab import Lab
 from meshnode.cli.common import fail
 
 
-def _lab():  # type: ignore[no-untyped-def]
+def _lab() -> Lab:
     from meshnode.cli.lab.lab import Lab
 
     return Lab()
 
 
-def _errors():  # type: ignore[no-untyped-def]
+def _errors() -> tuple[type[Exception], ...]:
+    """The expected failures: printed as one line, never as a traceback."""
     from meshnode.bpf.errors import BpfError
     from meshnode.cli.lab.host import HostError
     from meshnode.cli.lab.lab import LabError

@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 
 class HostError(Exception):
@@ -129,7 +130,7 @@ def spawn(
         with open(procs, "w") as f:
             f.write("0")
 
-    out: int | object = subprocess.DEVNULL
+    out: int | IO[bytes] = subprocess.DEVNULL
     logf = None
     if log_path is not None:
         logf = open(log_path, "ab")  # noqa: SIM115 (handed to the child)
@@ -139,7 +140,7 @@ def spawn(
             [*nsenter_prefix(netns), *cmd],
             preexec_fn=enter_cgroup,
             stdin=subprocess.DEVNULL if detach else None,
-            stdout=out if detach else None,  # type: ignore[arg-type]
+            stdout=out if detach else None,
             stderr=subprocess.STDOUT if detach else None,
             start_new_session=detach,
             env=env,

@@ -23,7 +23,9 @@ def main() -> None:
     try:
         with socket.create_connection((host, port), timeout=5) as raw, \
                 ctx.wrap_socket(raw, server_hostname=sni) as tls:
-            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            empty_settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+            tls.sendall(preface + empty_settings)
             data = tls.recv(9)
             if len(data) >= 4 and data[3] == 0x04:
                 print("ACCEPTED")
