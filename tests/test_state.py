@@ -69,7 +69,7 @@ def test_accepts_a_good_snapshot() -> None:
     assert state.find_local_workload(1) == web
     assert state.find_local_by_addr("198.18.0.11", 8080) == web
     assert state.find_local_workload(2) is not None
-    assert state.find_local_workload(2).cert_path is None  # type: ignore[union-attr]
+    assert state.find_local_workload(2).cert_path is None
     assert state.find_local_workload(3) is None
     assert state.local_identities() == {SpiffeId(td, "default", "web"): web}
 
@@ -219,7 +219,7 @@ def test_state_error_is_a_value_error() -> None:
 def test_duplicate_id_on_another_node_is_not_a_conflict() -> None:
     # workloads[2] (node2) reuses id 1 in the good snapshot: ids are per node.
     state = parse_snapshot(good_snapshot())
-    assert state.find_local_workload(1).name == "web"  # type: ignore[union-attr]
+    assert state.find_local_workload(1).name == "web"
 
 
 def test_parse_does_not_mutate_the_document() -> None:

@@ -15,8 +15,10 @@ send is queued per stream while the peer's window is closed (``pending``).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -39,6 +41,31 @@ INTERNAL_ERROR = h2.errors.ErrorCodes.INTERNAL_ERROR
 REFUSED_STREAM = h2.errors.ErrorCodes.REFUSED_STREAM
 CANCEL = h2.errors.ErrorCodes.CANCEL
 CONNECT_ERROR = h2.errors.ErrorCodes.CONNECT_ERROR
+
+
+class _GracefulH2(h2.connection.H2Connection):
+    """h2 treats any GOAWAY, sent or received, as the end of the connection. In
+    RFC 9113 a GOAWAY with NO_ERROR only stops *new* streams: the ones already
+    open may finish. Keep the connection open in that case; HboneConnection
+    tracks "no new streams" itself."""
+
+    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        if frame.error_code != NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        prior = self.state_machine.state
+        event = h2.events.ConnectionTerminated()
+        event.error_code = NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        self.state_machine.state = prior
+        return [], [event]
+
+    def close_connection(self, error_code: int = 0, additional_data: bytes | None = None,
+                         last_stream_id: int | None = None) -> None:
+        prior = self.state_machine.state
+        super().close_connection(error_code, additional_data, last_stream_id)
+        if error_code == NO_ERROR:
+            self.state_machine.state = prior
 
 
 class HboneError(Exception):
@@ -159,7 +186,7 @@ class HboneConnection:
             validate_outbound_headers=True,
         )
         self.client_side = client_side
-        self._h2 = h2.connection.H2Connection(config=config)
+        self._h2 = _GracefulH2(config=config)
         self._h2.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -173,7 +200,9 @@ class HboneConnection:
         # picks up *changed* settings on ACK, so tell its frame reader directly.
         self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
         self._streams: dict[int, _Stream] = {}
-        self._ended = False
+        self._ended = False  # unusable: an error, or everything finished after GOAWAY
+        self._draining = False  # a GOAWAY(NO_ERROR) went either way: no new streams
+        self._goaway_last: int | None = None  # the last peer stream we promised to serve
         self.max_concurrent_streams = max_concurrent_streams
         self._h2.initiate_connection()
         self._h2.increment_flow_control_window(CONNECTION_WINDOW - 65535)
@@ -185,12 +214,16 @@ class HboneConnection:
         return self._ended
 
     @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
     def open_streams(self) -> int:
         return len(self._streams)
 
     def has_capacity(self) -> bool:
         """Client side: may one more tunnel be opened on this connection?"""
-        if self._ended:
+        if self._ended or self._draining:
             return False
         limit = min(self.max_concurrent_streams, self._h2.remote_settings.max_concurrent_streams)
         return self._h2.open_outbound_streams < limit
@@ -274,11 +307,18 @@ class HboneConnection:
             self._h2.acknowledge_received_data(flow_length, stream_id)
 
     def close(self, error_code: int = NO_ERROR, reason: str = "") -> None:
-        """Send GOAWAY. Open streams are the shell's to abort."""
-        if self._ended:
+        """Send GOAWAY. With NO_ERROR the open streams may still finish (no new
+        ones are accepted); with an error code the connection is over and open
+        streams are the shell's to abort."""
+        if self._ended or (self._draining and error_code == NO_ERROR and self._goaway_last
+                           is not None):
             return
-        self._ended = True
+        self._goaway_last = self._h2.highest_inbound_stream_id
         self._h2.close_connection(error_code, additional_data=reason.encode()[:200] or None)
+        if error_code == NO_ERROR:
+            self._draining = True
+        else:
+            self._ended = True
 
     def ping(self, opaque: bytes = b"mnkeepal") -> None:
         self._h2.ping(opaque)
@@ -294,20 +334,23 @@ class HboneConnection:
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            return self._protocol_error(str(exc) or type(exc).__name__)
+            code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
+            return self._protocol_error(code, str(exc) or type(exc).__name__)
         out: list[Event] = []
         for ev in h2_events:
             self._translate(ev, out)
         return out
 
-    def _protocol_error(self, reason: str) -> list[Event]:
+    def _protocol_error(self, code: int, reason: str) -> list[Event]:
         self._ended = True
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self._h2.close_connection(PROTOCOL_ERROR, additional_data=reason.encode()[:200])
+        # h2 has usually answered with its own GOAWAY already; send one only if not.
+        if self._h2.state_machine.state != h2.connection.ConnectionState.CLOSED:
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.close_connection(code, additional_data=reason.encode()[:200])
         streams = list(self._streams)
         self._streams.clear()
-        out: list[Event] = [TunnelReset(sid, PROTOCOL_ERROR, True) for sid in streams]
-        out.append(ConnectionEnded(PROTOCOL_ERROR, f"protocol error from peer: {reason}", True))
+        out: list[Event] = [TunnelReset(sid, code, True) for sid in streams]
+        out.append(ConnectionEnded(code, f"protocol error from peer: {reason}", True))
         return out
 
     def _translate(self, ev: h2.events.Event, out: list[Event]) -> None:
@@ -343,13 +386,18 @@ class HboneConnection:
             if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
                 self._on_window(0, out)
         elif isinstance(ev, h2.events.ConnectionTerminated):
-            self._ended = True
             code = int(ev.error_code or 0)
+            if code == NO_ERROR:
+                self._draining = True
+            else:
+                self._ended = True
             last = ev.last_stream_id
             detail = (ev.additional_data or b"").decode("utf-8", "replace")
-            # Streams the peer never processed are gone; the others may finish.
+            # Streams we opened that the peer never processed are gone; the others
+            # may finish. (last_stream_id speaks only of streams *we* initiated.)
             if last is not None:
-                for sid in [s for s in self._streams if s > last]:
+                ours = [s for s in self._streams if (s % 2 == 1) == self.client_side]
+                for sid in [s for s in ours if s > last]:
                     del self._streams[sid]
                     out.append(TunnelReset(sid, REFUSED_STREAM, True))
             name = _error_name(code)
@@ -360,6 +408,10 @@ class HboneConnection:
 
     def _on_request(self, ev: h2.events.RequestReceived, out: list[Event]) -> None:
         assert ev.stream_id is not None
+        if self._goaway_last is not None and ev.stream_id > self._goaway_last:
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self._h2.reset_stream(ev.stream_id, REFUSED_STREAM)
+            return
         headers = tuple((str(k), str(v)) for k, v in ev.headers or ())
         fields = dict(headers)
         if fields.get(":method") != "CONNECT":
@@ -444,13 +496,19 @@ def _error_name(code: int) -> str:
 def _valid_authority(authority: str) -> bool:
     """``ip:port`` (IPv6 in brackets), the only form HBONE uses."""
     host, sep, port = authority.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         return False
-    if host.startswith("["):
-        return host.endswith("]")
-    return all(part.isdigit() and int(part) < 256 for part in host.split(".")) and (
-        host.count(".") == 3
-    )
+    if not 0 < int(port) < 65536:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return ipaddress.ip_address(host[1:-1]).version == 6
+        except ValueError:
+            return False
+    try:
+        return ipaddress.ip_address(host).version == 4
+    except ValueError:
+        return False
 
 
 def split_authority(authority: str) -> tuple[str, int]:

@@ -61,6 +61,7 @@ class Endpoint:
     address: str
     port: int
     zone: str = ""
+    version: str = ""  # subset label, for traffic splits (e.g. "v1", "v2")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,8 @@ class Service:
     vip: str
     ports: tuple[ServicePort, ...]
     endpoints: tuple[Endpoint, ...]
+    # Traffic split: (version, weight) pairs; empty = no split, all endpoints.
+    split: tuple[tuple[str, int], ...] = ()
 
     @property
     def hostname(self) -> str:
@@ -148,6 +151,7 @@ class ProxyState:
                     "namespace": s.namespace,
                     "vip": s.vip,
                     "ports": [{"port": p.port, "target_port": p.target_port} for p in s.ports],
+                    "split": dict(s.split),
                     "endpoints": [
                         {
                             "workload": e.workload,
@@ -155,6 +159,7 @@ class ProxyState:
                             "node": e.node,
                             "address": f"{e.address}:{e.port}",
                             "zone": e.zone,
+                            "version": e.version,
                         }
                         for e in s.endpoints
                     ],
@@ -162,6 +167,12 @@ class ProxyState:
                 for s in self.services_by_vip.values()
             ],
         }
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise StateError(f"{where}: expected an object, got {value!r}")
+    return value
 
 
 def _req(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
@@ -209,6 +220,7 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
     )
     for i, w in enumerate(_req(doc, "workloads", list, "snapshot")):
         where = f"workloads[{i}]"
+        w = _obj(w, where)
         try:
             ident = SpiffeId(
                 td, _req(w, "namespace", str, where), _req(w, "service_account", str, where)
@@ -233,16 +245,26 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
             state.local_by_addr[(wl.address, wl.port)] = wl
     for i, s in enumerate(_req(doc, "services", list, "snapshot")):
         where = f"services[{i}]"
-        ports = tuple(
-            ServicePort(
-                _port(p.get("port"), f"{where}.ports[{j}].port"),
-                _port(p.get("target_port", p.get("port")), f"{where}.ports[{j}].target_port"),
-            )
-            for j, p in enumerate(_req(s, "ports", list, where))
-        )
+        s = _obj(s, where)
+        ports = []
+        for j, p in enumerate(_req(s, "ports", list, where)):
+            pw = f"{where}.ports[{j}]"
+            p = _obj(p, pw)
+            ports.append(ServicePort(
+                _port(p.get("port"), f"{pw}.port"),
+                _port(p.get("target_port", p.get("port")), f"{pw}.target_port"),
+            ))
+        split = []
+        for version, weight in _obj(s.get("split", {}) or {}, f"{where}.split").items():
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise StateError(f"{where}.split.{version}: weight must be an integer >= 0")
+            split.append((str(version), weight))
+        if split and not sum(w for _, w in split):
+            raise StateError(f"{where}.split: the weights add up to 0")
         endpoints = []
         for j, e in enumerate(_req(s, "endpoints", list, where)):
             ew = f"{where}.endpoints[{j}]"
+            e = _obj(e, ew)
             try:
                 ident = SpiffeId(
                     td, _req(e, "namespace", str, ew), _req(e, "service_account", str, ew)
@@ -257,6 +279,7 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
                 address=_ip(_req(e, "address", str, ew), f"{ew}.address"),
                 port=_port(e.get("port"), f"{ew}.port"),
                 zone=e.get("zone", "") or "",
+                version=e.get("version", "") or "",
             )
             endpoints.append(ep)
             state.endpoints_by_addr[(ep.address, ep.port)] = ep
@@ -264,8 +287,9 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
             name=_req(s, "name", str, where),
             namespace=_req(s, "namespace", str, where),
             vip=_ip(_req(s, "vip", str, where), f"{where}.vip"),
-            ports=ports,
+            ports=tuple(ports),
             endpoints=tuple(endpoints),
+            split=tuple(split),
         )
         state.services_by_vip[svc.vip] = svc
         state.services_by_name[(svc.namespace, svc.name)] = svc
