@@ -114,9 +114,10 @@ def test_dump_is_json_serializable_and_complete() -> None:
     (svc,) = back["services"]
     assert svc["vip"] == "240.0.0.1"
     assert svc["ports"] == [{"port": 80, "target_port": 8080}, {"port": 8081, "target_port": 8081}]
+    assert svc["split"] == {}
     assert svc["endpoints"] == [
         {"workload": "api", "identity": "spiffe://cluster.local/ns/default/sa/api",
-         "node": "node2", "address": "198.18.0.12:8080", "zone": "z2"}
+         "node": "node2", "address": "198.18.0.12:8080", "zone": "z2", "version": ""}
     ]
 
 
