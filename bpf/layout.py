@@ -19,6 +19,11 @@ from typing import ClassVar
 PIN_ORIG_DST = "mn_orig_dst"
 PIN_WORKLOADS = "mn_workloads"
 PIN_DESTINATIONS = "mn_dests"
+PIN_STRICT = "mn_strict"
+
+# Where the node proxy delivers inbound connections from (meshnode.h:
+# MN_PROXY_INBOUND_SRC_IP4): the only source a STRICT port accepts.
+PROXY_INBOUND_SOURCE = "127.0.0.6"
 
 # Program names (the C entry functions); the kernel keeps the first 15 bytes.
 PROGRAM_NAME_PREFIX = "mn_"
@@ -87,6 +92,34 @@ class WorkloadInfo(CStruct):
         return cls(workload_id=workload_id)
 
 
+class StrictKey(CStruct):
+    """struct mn_strict_key: key of the STRICT map, a workload's (cgroup, port)."""
+
+    C_NAME = "mn_strict_key"
+    _fields_ = [
+        ("cgroup_id", ct.c_uint64),
+        ("port", ct.c_uint16),
+        ("pad", ct.c_uint16 * 3),
+    ]
+
+    @classmethod
+    def of(cls, cgroup_id: int, port: int) -> StrictKey:
+        if not 0 <= cgroup_id < 2**64:
+            raise ValueError(f"cgroup id out of range: {cgroup_id}")
+        return cls(cgroup_id=cgroup_id, port=port_to_be(port))  # pad: zeroed
+
+    def entry(self) -> tuple[int, int]:
+        """(cgroup id, host-order port)."""
+        return int(self.cgroup_id), port_from_be(self.port)
+
+
+class StrictInfo(CStruct):
+    """struct mn_strict_info: value of the STRICT map (reserved flags)."""
+
+    C_NAME = "mn_strict_info"
+    _fields_ = [("flags", ct.c_uint32)]
+
+
 class OrigDstRecord(CStruct):
     """struct mn_orig_dst: where a redirected connect() was going, and who made it."""
 
@@ -129,4 +162,12 @@ class TupleKey(CStruct):
 
 
 # Every mirrored struct, for the layout test.
-STRUCTS: tuple[type[CStruct], ...] = (DestKey, DestInfo, WorkloadInfo, OrigDstRecord, TupleKey)
+STRUCTS: tuple[type[CStruct], ...] = (
+    DestKey,
+    DestInfo,
+    WorkloadInfo,
+    StrictKey,
+    StrictInfo,
+    OrigDstRecord,
+    TupleKey,
+)

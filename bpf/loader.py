@@ -6,6 +6,7 @@
         mesh.attach(cgroup)             # also pins the maps the proxy reads
         mesh.sync_workloads({cgroup_id(member): 7})
         mesh.sync_destinations({("240.0.0.10", 80)})
+        mesh.sync_strict({(cgroup_id(member), 8080)})  # STRICT: only the proxy gets in
         ...
 
 bcc is imported only by load(), so importing this module needs no bcc, and
@@ -31,20 +32,24 @@ from .errors import BpfError
 from .layout import (
     PIN_DESTINATIONS,
     PIN_ORIG_DST,
+    PIN_STRICT,
     PIN_WORKLOADS,
     PROGRAM_NAME_PREFIX,
     DestInfo,
     DestKey,
+    StrictInfo,
+    StrictKey,
     WorkloadInfo,
 )
 
 __all__ = ["BpfError", "MeshBpf"]
 
 _BPF_DIR = Path(__file__).resolve().parent
-_SOURCES = ("connect.c", "sockops.c")  # one file per attach point
+_SOURCES = ("connect.c", "sockops.c", "ingress.c")  # one file per attach point
 _BPFFS_DEFAULT = Path("/sys/fs/bpf")
 
 # bpf_prog_type values
+_PROG_CGROUP_SKB = 8
 _PROG_CGROUP_SOCK_ADDR = 18
 _PROG_SOCK_OPS = 13
 
@@ -61,6 +66,7 @@ _PROGRAMS = (
     _Program("mn_connect4", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_INET4_CONNECT, "connect4"),
     _Program("mn_connect6", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_INET6_CONNECT, "connect6"),
     _Program("mn_sockops", _PROG_SOCK_OPS, syscall.BPF_CGROUP_SOCK_OPS, "sock_ops"),
+    _Program("mn_ingress", _PROG_CGROUP_SKB, syscall.BPF_CGROUP_INET_INGRESS, "ingress"),
 )
 _ATTACH_LABELS = {p.attach_type: p.label for p in _PROGRAMS}
 
@@ -69,6 +75,7 @@ _PINNED_MAPS = {
     PIN_ORIG_DST: "mn_orig_dst",
     PIN_WORKLOADS: "mn_workloads",
     PIN_DESTINATIONS: "mn_dests",
+    PIN_STRICT: "mn_strict",
 }
 
 
@@ -135,7 +142,7 @@ def _kernel_build_dir() -> Path:
 
 
 class MeshBpf:
-    """meshnode's cgroup programs (connect4, connect6, sockops) and their maps."""
+    """meshnode's cgroup programs (connect4, connect6, sockops, ingress) and their maps."""
 
     def __init__(self, pin_dir: Path, proxy_ip: str = "127.0.0.1", proxy_port: int = 15001) -> None:
         try:
@@ -213,7 +220,7 @@ class MeshBpf:
         self._bpf = bpf
 
     def attach(self, cgroup_path: str | os.PathLike[str]) -> None:
-        """Pins the maps under pin_dir, then attaches the three programs at the
+        """Pins the maps under pin_dir, then attaches the four programs at the
         cgroup with BPF_F_ALLOW_MULTI (so others' programs there keep running)."""
         if self._bpf is None:
             raise BpfError("attach() before load(): call load() first")
@@ -359,12 +366,39 @@ class MeshBpf:
         except OSError as exc:
             raise BpfError(f"cannot update the destinations map: {exc.strerror}") from exc
 
+    def sync_strict(self, entries: Iterable[tuple[int, int]]) -> None:
+        """Makes the STRICT map equal entries: (cgroup id, port) pairs whose TCP
+        listeners only the node proxy may reach (from 127.0.0.6 over loopback).
+        Every other pair is PERMISSIVE."""
+        fd = self._map_fd("mn_strict")
+        wanted: dict[tuple[int, int], StrictKey] = {}
+        for entry in entries:
+            try:
+                cgroup, port = entry
+                if not 0 <= cgroup < 2**64:
+                    raise ValueError(f"cgroup id out of range: {cgroup}")
+                if not 0 < port <= 0xFFFF:
+                    raise ValueError(f"port out of range: {port}")
+                key = StrictKey.of(cgroup, port)
+            except (TypeError, ValueError) as exc:
+                raise BpfError(f"bad STRICT entry {entry!r}: {exc}") from exc
+            wanted[(key.cgroup_id, key.port)] = key
+        try:
+            for old in syscall.map_keys(fd, StrictKey):
+                assert isinstance(old, StrictKey)
+                if (old.cgroup_id, old.port) not in wanted:
+                    syscall.map_delete(fd, old)
+            for new in wanted.values():
+                syscall.map_update(fd, new, StrictInfo(flags=0))
+        except OSError as exc:
+            raise BpfError(f"cannot update the STRICT map: {exc.strerror}") from exc
+
     # -- what is attached ------------------------------------------------------------
 
     @staticmethod
     def attached_programs(cgroup_path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-        """Programs attached directly at the cgroup for connect4, connect6 and sockops
-        (ours and others'): [{"name", "id", "attach_type"}]."""
+        """Programs attached directly at the cgroup for connect4, connect6, sockops and
+        ingress (ours and others'): [{"name", "id", "attach_type"}]."""
         cgroup_fd = _open_cgroup(cgroup_path)
         try:
             return [

@@ -1,5 +1,9 @@
 /* meshnode eBPF: the shared structs, every map, and the pin names.
  *
+ * Programs: mn_connect4/mn_connect6 (connect.c) and mn_sockops (sockops.c) send
+ * workloads' outbound connections to the node proxy; mn_ingress (ingress.c)
+ * enforces STRICT mode on their inbound ones.
+ *
  * This is the single C definition of everything userspace also sees; the Python
  * mirror is bpf/layout.py and tests/test_bpf_layout.py compiles this header with
  * gcc (-DMESHNODE_USERSPACE) to check that both agree byte for byte.
@@ -7,6 +11,7 @@
  * Byte orders: every IPv4 address and port stored in a map is in NETWORK order,
  * exactly as the kernel holds it in struct bpf_sock_addr (user_ip4, user_port).
  * Only bpf_sock_ops needs converting; see mn_sockops_remote_port() in sockops.c.
+ * Cgroup ids are the cgroup v2 ids (the directory's inode number), host order.
  */
 #ifndef MESHNODE_H
 #define MESHNODE_H
@@ -23,12 +28,19 @@
 #define MN_PIN_ORIG_DST     "mn_orig_dst"
 #define MN_PIN_WORKLOADS    "mn_workloads"
 #define MN_PIN_DESTINATIONS "mn_dests"
+#define MN_PIN_STRICT       "mn_strict"
+
+/* The source address the node proxy binds for the connections it delivers to
+ * workloads (as Istio's ztunnel does). In STRICT mode it is the only source that
+ * may reach a workload's mesh port. Host order, so userspace can check it too. */
+#define MN_PROXY_INBOUND_SRC_IP4 0x7f000006u /* 127.0.0.6 */
 
 /* Capacities. The per-connection maps are LRU: a record nobody consumes (the
  * connect failed, the proxy died) is evicted instead of growing the map. */
 #define MN_MAX_CONNS        65536
 #define MN_MAX_WORKLOADS    4096
 #define MN_MAX_DESTINATIONS 16384
+#define MN_MAX_STRICT       16384
 
 /* Key of mn_dests: a mesh destination. port == 0 means any port of that address. */
 struct mn_dest_key {
@@ -45,6 +57,18 @@ struct mn_dest_info {
 /* Value of mn_workloads (key: __u64 cgroup v2 id = bpf_get_current_cgroup_id()). */
 struct mn_workload {
     __u32 workload_id; /* assigned by the node agent */
+};
+
+/* Key of mn_strict: a port a workload (cgroup) listens on in STRICT mode. */
+struct mn_strict_key {
+    __u64 cgroup_id; /* cgroup v2 id of the listening socket's cgroup */
+    __u16 port;      /* the socket's local port, network order */
+    __u16 pad[3];    /* always 0 (hashed as part of the key) */
+};
+
+/* Value of mn_strict. */
+struct mn_strict_info {
+    __u32 flags; /* reserved, 0 */
 };
 
 /* What a connect() originally asked for; value of mn_cookie_dst and mn_orig_dst. */
@@ -77,12 +101,13 @@ struct mn_tuple_key {
 static __u64 (*mn_get_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
 /* Membership: which cgroups are mesh workloads.
- * Written by: the node agent (MeshBpf.sync_workloads).
+ * Written by: the node agent (MeshBpf.sync_workloads); pinned as MN_PIN_WORKLOADS.
  * Read by: mn_connect4, mn_connect6. */
 BPF_TABLE("hash", __u64, struct mn_workload, mn_workloads, MN_MAX_WORKLOADS);
 
 /* Destinations that are in the mesh: (ip, port) or (ip, 0) for every port.
- * Written by: the node agent (MeshBpf.sync_destinations).
+ * Written by: the node agent (MeshBpf.sync_destinations); pinned as
+ * MN_PIN_DESTINATIONS.
  * Read by: mn_connect4, mn_connect6. */
 BPF_TABLE("hash", struct mn_dest_key, struct mn_dest_info, mn_dests, MN_MAX_DESTINATIONS);
 
@@ -97,6 +122,12 @@ BPF_TABLE("lru_hash", __u64, struct mn_orig_dst, mn_cookie_dst, MN_MAX_CONNS);
  * Read and deleted by: the proxy (meshnode.bpf.pinned.OrigDstTable.pop), through
  * the pin MN_PIN_ORIG_DST. */
 BPF_TABLE("lru_hash", struct mn_tuple_key, struct mn_orig_dst, mn_orig_dst, MN_MAX_CONNS);
+
+/* STRICT mode: (cgroup, port) pairs that only the node proxy may reach, from
+ * MN_PROXY_INBOUND_SRC_IP4 over loopback. Absent = PERMISSIVE (no enforcement).
+ * Written by: the node agent (MeshBpf.sync_strict); pinned as MN_PIN_STRICT.
+ * Read by: mn_ingress. */
+BPF_TABLE("hash", struct mn_strict_key, struct mn_strict_info, mn_strict, MN_MAX_STRICT);
 
 #endif /* !MESHNODE_USERSPACE */
 

@@ -15,6 +15,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("meshnode.cli.lab.commands", "lab"),
     "agent": ("meshnode.cli.agent", "agent"),
     "ztunnel": ("meshnode.cli.ztunnel", "ztunnel"),
+    "bench": ("meshnode.bench.cli", "bench"),
+    "config": ("meshnode.cli.config", "config"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,12 +23,19 @@ def ztunnel() -> None:
 @click.option("--inbound", default="0.0.0.0:15008", show_default=True)
 @click.option("--admin", default="127.0.0.1:15000", show_default=True)
 @click.option("--readiness", default="127.0.0.1:15021", show_default=True)
+@click.option("--metrics", default="127.0.0.1:15020", show_default=True,
+              help="Prometheus metrics (/metrics); loopback only.")
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 64),
+              help="Worker processes sharing the listeners; 0 = one per core (up to 8).")
+@click.option("--admin-socket", default=None, hidden=True,
+              help="(internal) run as one worker of a supervisor, admin on this Unix socket.")
 @click.option("--connect-timeout", default=5.0, show_default=True, type=float)
 @click.option("--drain-timeout", default=10.0, show_default=True, type=float)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def run(snapshot: Path, outbound: str, inbound: str, admin: str, readiness: str,
-        connect_timeout: float, drain_timeout: float, log_level: str) -> None:
+def run(snapshot: Path, outbound: str, inbound: str, admin: str, readiness: str, metrics: str,
+        workers: int, admin_socket: str | None, connect_timeout: float, drain_timeout: float,
+        log_level: str) -> None:
     """Run the node proxy."""
     from meshnode.ztunnel.config import ConfigError, ZtunnelConfig, parse_hostport
     from meshnode.ztunnel.proxy import run_ztunnel
@@ -41,8 +49,11 @@ def run(snapshot: Path, outbound: str, inbound: str, admin: str, readiness: str,
             inbound=parse_hostport(inbound, "0.0.0.0"),
             admin=parse_hostport(admin),
             readiness=parse_hostport(readiness),
+            metrics=parse_hostport(metrics),
             connect_timeout=connect_timeout,
             drain_timeout=drain_timeout,
+            workers=workers or min(os.cpu_count() or 1, 8),
+            admin_socket=admin_socket,
         ).validate()
         run_ztunnel(config)
     except (ConfigError, StateError) as exc:

@@ -27,6 +27,8 @@ from meshnode.nodeagent.config import NodeConfig, NodeConfigError, load_node_con
 from meshnode.nodeagent.snapshot import (
     assign_workload_ids,
     capture_destinations,
+    node_resources,
+    strict_ports,
     ztunnel_snapshot,
 )
 
@@ -90,21 +92,27 @@ class Agent:
         snap = ztunnel_snapshot(cfg, self.ids, certs, str(bundle))
         write_file_atomic(self.snapshot_path, json.dumps(snap, indent=1).encode(), 0o644)
         members: dict[int, int] = {}
+        cgroup_ids: dict[str, int] = {}
         for w in cfg.workloads:
             try:
-                members[cgroup_id(Path(w.cgroup))] = self.ids[w.name]
+                cgroup_ids[w.name] = cgroup_id(Path(w.cgroup))
             except OSError as exc:
                 log.error("workload %s: cgroup %s is not usable (%s); its connections are not "
                           "meshed until it exists", w.name, w.cgroup, exc.strerror)
+                continue
+            members[cgroup_ids[w.name]] = self.ids[w.name]
+        strict = {(cgroup_ids[name], port) for name, port in strict_ports(cfg, node_resources(cfg))
+                  if name in cgroup_ids}
         # Order matters for live traffic: ztunnel must know a workload before the
         # kernel starts sending it that workload's connections.
         self._signal_ztunnel(cfg.version)
         self.bpf.sync_destinations(capture_destinations(cfg))
         self.bpf.sync_workloads(members)
+        self.bpf.sync_strict(strict)
         self.cfg = cfg
         log.info("config version %d applied: %d workloads, %d services, %d capture "
-                 "destinations", cfg.version, len(cfg.workloads), len(cfg.services),
-                 len(capture_destinations(cfg)))
+                 "destinations, %d STRICT ports", cfg.version, len(cfg.workloads),
+                 len(cfg.services), len(capture_destinations(cfg)), len(strict))
 
     def renew_certificates(self) -> None:
         renewed = [

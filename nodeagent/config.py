@@ -42,6 +42,7 @@ class NodeConfig:
     ca_dir: str | None  # lab only: the CA this agent asks for certificates
     workloads: list[LocalWorkload] = field(default_factory=list)
     services: list[dict[str, Any]] = field(default_factory=list)
+    resources: list[dict[str, Any]] = field(default_factory=list)  # policies (JSON form)
     ztunnel_args: list[str] = field(default_factory=list)
 
 
@@ -72,6 +73,7 @@ def load_node_config(path: Path) -> NodeConfig:
             ca_dir=doc.get("ca_dir"),
             workloads=workloads,
             services=list(doc.get("services", [])),
+            resources=list(doc.get("resources", [])),
             ztunnel_args=list(doc.get("ztunnel_args", [])),
         )
     except KeyError as exc:
@@ -83,4 +85,10 @@ def load_node_config(path: Path) -> NodeConfig:
             w.identity(cfg.trust_domain)
         except IdentityError as exc:
             raise NodeConfigError(f"node config {path}: workload {w.name}: {exc}") from None
+    from meshnode.controlplane.resources import ResourceError, resources_from_json
+
+    try:
+        resources_from_json(cfg.resources, source=str(path))
+    except ResourceError as exc:
+        raise NodeConfigError(f"node config {path}: resources: {exc}") from None
     return cfg

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshnode.controlplane.resources import (
+    AuthorizationPolicy,
+    MeshConfig,
+    PeerAuthentication,
+    Resource,
+    TrafficSplit,
+    resources_from_json,
+    resources_to_json,
+)
 from meshnode.nodeagent.certs import CertFiles
 from meshnode.nodeagent.config import NodeConfig
 from meshnode.ztunnel.state import SCHEMA
@@ -23,6 +32,41 @@ def assign_workload_ids(known: dict[str, int], names: list[str]) -> dict[str, in
     return ids
 
 
+def node_resources(cfg: NodeConfig) -> list[Resource]:
+    return resources_from_json(cfg.resources, source="node config")
+
+
+def services_with_splits(services: list[dict[str, Any]],
+                         resources: list[Resource]) -> list[dict[str, Any]]:
+    """Attach each TrafficSplit's weights to its service (same namespace)."""
+    splits = {(r.namespace, r.service): dict(r.weights) for r in resources
+              if isinstance(r, TrafficSplit)}
+    out = []
+    for svc in services:
+        weights = splits.get((svc.get("namespace", "default"), svc["name"]))
+        out.append({**svc, "split": weights} if weights else svc)
+    return out
+
+
+def strict_ports(cfg: NodeConfig, resources: list[Resource]) -> list[tuple[str, int]]:
+    """(workload name, port) of the local workloads in STRICT mode. A
+    PeerAuthentication selects workloads of its namespace (all, or by service);
+    a selector-less one is the namespace default and a selecting one wins over
+    it. No policy: PERMISSIVE, as in Istio."""
+    peer_auth = [r for r in resources if isinstance(r, PeerAuthentication)]
+    out = []
+    for w in cfg.workloads:
+        mode = "PERMISSIVE"
+        ns_default = [p for p in peer_auth if p.namespace == w.namespace and p.selector is None]
+        specific = [p for p in peer_auth if p.namespace == w.namespace and p.selector is not None
+                    and w.service in p.selector.services]
+        for p in (*ns_default, *specific):
+            mode = p.mode
+        if mode == "STRICT":
+            out.append((w.name, w.port))
+    return out
+
+
 def ztunnel_snapshot(
     cfg: NodeConfig,
     ids: dict[str, int],
@@ -39,6 +83,8 @@ def ztunnel_snapshot(
             "cert": str(files.cert) if files else None,
             "key": str(files.key) if files else None,
         })
+    resources = node_resources(cfg)
+    mesh = [r for r in resources if isinstance(r, MeshConfig)]
     return {
         "schema": SCHEMA,
         "version": cfg.version,
@@ -47,7 +93,9 @@ def ztunnel_snapshot(
         "trust_bundle": trust_bundle,
         "bpf_pin_dir": cfg.bpf_pin_dir,
         "workloads": workloads,
-        "services": cfg.services,
+        "services": services_with_splits(cfg.services, resources),
+        "policies": resources_to_json(r for r in resources if isinstance(r, AuthorizationPolicy)),
+        "authorization_default": mesh[0].default_action if mesh else "ALLOW",
     }
 
 

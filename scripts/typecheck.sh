@@ -8,7 +8,7 @@ shim=$(mktemp -d)
 trap 'rm -rf "$shim"' EXIT
 mkdir "$shim/meshnode"
 cp meshnode/__init__.py "$shim/meshnode/"
-for d in cli ztunnel nodeagent bpf controlplane; do
+for d in cli ztunnel nodeagent bpf controlplane bench; do
     ln -s "$(pwd)/$d" "$shim/meshnode/$d"
 done
 touch "$shim/meshnode/py.typed"

@@ -63,6 +63,8 @@ def test_meshbpf_needs_load_first(tmp_path: Path) -> None:
         mesh.sync_workloads({1: 2})
     with pytest.raises(BpfError, match="load"):
         mesh.sync_destinations({("10.0.0.1", 80)})
+    with pytest.raises(BpfError, match="load"):
+        mesh.sync_strict({(1, 80)})
     mesh.close()  # nothing to do, no error
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as ct
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,10 @@ PIN_MACROS = {
     "MN_PIN_ORIG_DST": layout.PIN_ORIG_DST,
     "MN_PIN_WORKLOADS": layout.PIN_WORKLOADS,
     "MN_PIN_DESTINATIONS": layout.PIN_DESTINATIONS,
+    "MN_PIN_STRICT": layout.PIN_STRICT,
 }
+# Host-order IPv4 macros and the dotted address layout.py has for each.
+IP4_MACROS = {"MN_PROXY_INBOUND_SRC_IP4": layout.PROXY_INBOUND_SOURCE}
 
 
 def _probe_source() -> str:
@@ -37,6 +41,11 @@ def _probe_source() -> str:
             )
     for macro in PIN_MACROS:
         lines.append(f'printf("pin {macro} %s\\n", {macro});')
+    for macro in IP4_MACROS:
+        lines.append(
+            f'printf("ip4 {macro} %u.%u.%u.%u\\n", ({macro} >> 24) & 255, '
+            f"({macro} >> 16) & 255, ({macro} >> 8) & 255, {macro} & 255);"
+        )
     lines += ["return 0;", "}"]
     return "\n".join(lines) + "\n"
 
@@ -50,6 +59,8 @@ def _python_view() -> list[str]:
             out.append(f"field {struct.C_NAME}.{name} {field.offset} {field.size}")
     for macro, value in PIN_MACROS.items():
         out.append(f"pin {macro} {value}")
+    for macro, value in IP4_MACROS.items():
+        out.append(f"ip4 {macro} {value}")
     return out
 
 
@@ -84,9 +95,19 @@ def test_constructors_store_network_order() -> None:
     assert bytes(tup) == bytes([127, 0, 0, 1, 127, 0, 0, 1, 0x9C, 0x40, 0x3A, 0x99])
     assert layout.WorkloadInfo.of(5).workload_id == 5
 
+    strict = layout.StrictKey.of(0x0102030405060708, 8080)
+    assert ct.sizeof(strict) == 16
+    assert bytes(strict)[8:] == bytes([0x1F, 0x90, 0, 0, 0, 0, 0, 0])  # port, then zero pad
+    assert int.from_bytes(bytes(strict)[:8], sys.byteorder) == 0x0102030405060708  # host order
+    assert strict.entry() == (0x0102030405060708, 8080)
+
 
 def test_constructors_reject_bad_input() -> None:
     with pytest.raises(ValueError):
         layout.DestKey.of("2001:db8::1", 80)
     with pytest.raises(ValueError):
         layout.DestKey.of("10.0.0.1", 70000)
+    with pytest.raises(ValueError):
+        layout.StrictKey.of(1, 70000)
+    with pytest.raises(ValueError):
+        layout.StrictKey.of(-1, 80)

@@ -25,7 +25,13 @@ import pytest
 from meshnode.bpf import syscall
 from meshnode.bpf.cgroups import cgroup2_mount, cgroup_id
 from meshnode.bpf.errors import BpfError
-from meshnode.bpf.layout import PIN_DESTINATIONS, PIN_ORIG_DST, PIN_WORKLOADS, DestKey
+from meshnode.bpf.layout import (
+    PIN_DESTINATIONS,
+    PIN_ORIG_DST,
+    PIN_STRICT,
+    PIN_WORKLOADS,
+    DestKey,
+)
 from meshnode.bpf.loader import MeshBpf
 from meshnode.bpf.pinned import OrigDst, OrigDstTable, open_pinned
 
@@ -263,17 +269,18 @@ def env() -> Iterator[Env]:
 
 
 def test_attach_pins_maps_and_lists_programs(env: Env) -> None:
-    for pin in (PIN_ORIG_DST, PIN_WORKLOADS, PIN_DESTINATIONS):
+    for pin in (PIN_ORIG_DST, PIN_WORKLOADS, PIN_DESTINATIONS, PIN_STRICT):
         os.close(open_pinned(env.pin_dir / pin))
     attached = MeshBpf.attached_programs(env.parent)
     assert sorted((p["name"], p["attach_type"]) for p in attached) == [
         ("mn_connect4", "connect4"),
         ("mn_connect6", "connect6"),
+        ("mn_ingress", "ingress"),
         ("mn_sockops", "sock_ops"),
     ]
     names = bpftool_cgroup_names(env.parent)
     if names:  # bpftool installed: it agrees
-        assert sorted(names) == ["mn_connect4", "mn_connect6", "mn_sockops"]
+        assert sorted(names) == ["mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
 
 
 def test_member_connect4_lands_at_proxy_with_orig_dst(env: Env) -> None:
@@ -420,7 +427,7 @@ def test_close_leaves_nothing_behind(tmp_path: Path) -> None:
             mesh.load()
             mesh.attach(parent)
             ids = [p["id"] for p in MeshBpf.attached_programs(parent)]
-            assert len(ids) == 3
+            assert len(ids) == 4
             assert (pin_dir / PIN_ORIG_DST).exists()
         assert MeshBpf.attached_programs(parent) == []
         assert not pin_dir.exists()

@@ -26,20 +26,32 @@ class ZtunnelConfig:
     inbound: tuple[str, int] = ("0.0.0.0", HBONE_PORT)
     admin: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
     readiness: tuple[str, int] = ("127.0.0.1", READINESS_PORT)
+    metrics: tuple[str, int] = ("127.0.0.1", METRICS_PORT)
+    # Source address of connections delivered to local workloads: STRICT mode
+    # lets only this address reach a workload's mesh ports (as Istio uses it).
+    inbound_source: str = "127.0.0.6"
     connect_timeout: float = 5.0  # TCP + TLS to the peer node, and to the workload
     stream_timeout: float = 10.0  # CONNECT sent -> 200 received
     drain_timeout: float = 10.0  # on SIGTERM: time given to open connections
     idle_timeout: float = 300.0  # pooled HBONE connection with no streams
     max_streams: int = 100  # streams per pooled HBONE connection
+    connect_attempts: int = 3  # endpoints tried per connection before giving up
+    workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
+    same_node_shortcut: bool = True  # same-node traffic skips TLS (policy, metrics kept)
+    admin_socket: str | None = None  # set in a worker: its admin on a Unix socket
 
     def validate(self) -> ZtunnelConfig:
-        for name in ("admin", "readiness"):
+        for name in ("admin", "readiness", "metrics"):
             host, _ = getattr(self, name)
             if not ipaddress.ip_address(host).is_loopback:
                 raise ConfigError(f"{name} endpoint must listen on loopback, not {host}")
         for name in ("connect_timeout", "stream_timeout", "drain_timeout", "idle_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if not 1 <= self.connect_attempts <= 10:
+            raise ConfigError("connect_attempts must be within 1..10")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError("workers must be within 1..64")
         if not 1 <= self.max_streams <= 1000:
             raise ConfigError("max_streams must be within 1..1000")
         return self
@@ -47,6 +59,7 @@ class ZtunnelConfig:
     def dump(self) -> dict[str, Any]:
         out = asdict(self)
         out["snapshot"] = str(self.snapshot)
+        out.pop("admin_socket", None)
         return out
 
 

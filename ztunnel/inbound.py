@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 from meshnode.ztunnel import hbone
 from meshnode.ztunnel.accesslog import log_connection
-from meshnode.ztunnel.session import HboneSession, PlainSide
+from meshnode.ztunnel.authz import AuthzRequest
+from meshnode.ztunnel.identity import SpiffeId
+from meshnode.ztunnel.session import Carrier, HboneSession, PlainSide
 from meshnode.ztunnel.state import Workload
 from meshnode.ztunnel.tls import TlsError, peer_identity
 
@@ -60,36 +62,69 @@ def _on_request(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequeste
                 f"{ev.authority} is {workload.identity}, but this connection was opened for "
                 f"{session.local_identity}")
         return
+    denied = authorize(pi, session.peer, workload, port)
+    if denied is not None:
+        policy, reason = denied
+        _refuse(pi, session, ev, 403, reason, policy=policy, src_workload=workload)
+        return
     handler = InboundConnection(pi, session.peer, workload, ev.authority)
     handler.bind(session, ev.stream_id)
     asyncio.get_running_loop().create_task(handler.connect(session, ip, port))
 
 
+def authorize(pi: ProxyInputs, peer: SpiffeId, workload: Workload,
+              port: int) -> tuple[str, str] | None:
+    """L4 authorization for a connection to a local workload: None if allowed,
+    else (deciding policy, reason). Counted in the metrics when denied."""
+    decision = pi.authorizer.check(AuthzRequest(
+        source=peer,
+        source_services=pi.services_of(peer),
+        dest_service=workload.service,
+        dest_namespace=workload.identity.namespace,
+        dest_port=port,
+    ))
+    if decision.allowed:
+        return None
+    policy = decision.policy or "default"
+    pi.metrics.denied.inc((policy, workload.service))
+    return policy, f"denied by policy {policy}: {decision.reason}"
+
+
 def _refuse(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequested, status: int,
-            reason: str) -> None:
+            reason: str, policy: str | None = None, src_workload: Workload | None = None) -> None:
     log.warning("inbound tunnel from %s to %s refused (%d): %s", session.peer, ev.authority,
                 status, reason)
     session.refuse(ev.stream_id, status, reason)
+    pi.metrics.failed.inc(("inbound", "denied" if policy else f"refused_{status}"))
     log_connection(direction="inbound", node=pi.state.node.name,
                    src_identity=str(session.peer), dst_address=ev.authority,
-                   result="refused", status=status, reason=reason)
+                   dst_workload=src_workload.name if src_workload else None,
+                   dst_identity=src_workload.identity.uri if src_workload else None,
+                   result="denied" if policy else "refused", status=status, policy=policy,
+                   reason=reason)
 
 
 class InboundConnection(PlainSide):
-    def __init__(self, pi: ProxyInputs, peer: object, workload: Workload, authority: str) -> None:
+    def __init__(self, pi: ProxyInputs, peer: SpiffeId, workload: Workload,
+                 authority: str) -> None:
         super().__init__()
         self.pi = pi
         self.peer = peer
         self.workload = workload
         self.authority = authority
         self.upstream_local: tuple[str, int] | None = None
+        self._labels: tuple[str, ...] | None = None
         pi.active.add(self)
 
-    async def connect(self, session: HboneSession, ip: str, port: int) -> None:
+    async def connect(self, session: Carrier, ip: str, port: int) -> None:
         loop = asyncio.get_running_loop()
+        # From the inbound source address (127.0.0.6): in STRICT mode the kernel
+        # lets nothing else reach the workload's mesh ports.
+        local = (self.pi.config.inbound_source, 0) if ":" not in ip else None
         try:
             await asyncio.wait_for(
-                loop.create_connection(lambda: self, ip, port), self.pi.config.connect_timeout
+                loop.create_connection(lambda: self, ip, port, local_addr=local),
+                self.pi.config.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
             reason = (f"workload {self.workload.name} at {self.authority} is not accepting "
@@ -104,6 +139,8 @@ class InboundConnection(PlainSide):
                 self.transport.abort()
             return
         session.accept(self.stream_id)
+        self._labels = self.pi.tcp_labels_inbound(self.peer, self.workload)
+        self.pi.metrics.opened.inc(self._labels)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         local = transport.get_extra_info("sockname")
@@ -113,9 +150,15 @@ class InboundConnection(PlainSide):
 
     def on_finished(self) -> None:
         self.pi.active.discard(self)
+        if self._labels is not None:
+            m = self.pi.metrics
+            m.closed.inc(self._labels)
+            m.sent.inc(self._labels, self.bytes_out)  # client -> workload
+            m.received.inc(self._labels, self.bytes_in)
         if self.upstream_local is not None:
             self.pi.peers.pop(self.upstream_local, None)
         if self.error:
+            self.pi.metrics.failed.inc(("inbound", "workload"))
             log.warning("inbound %s -> %s failed: %s", self.peer, self.authority, self.error)
         log_connection(
             direction="inbound",

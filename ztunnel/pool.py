@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from meshnode.ztunnel import hbone
 from meshnode.ztunnel.identity import SpiffeId
@@ -46,6 +47,7 @@ class HbonePool:
         self.idle_timeout = idle_timeout
         self.max_streams = max_streams
         self.handshakes = 0
+        self.metrics: Any = None  # ProxyMetrics, set by the proxy
 
     def size(self) -> int:
         return sum(len(v) for v in self._sessions.values())
@@ -100,6 +102,8 @@ class HbonePool:
         except Exception as exc:  # ssl.SSLError and friends
             raise ConnectError(f"TLS handshake with {host}:{port} failed: {exc}") from None
         self.handshakes += 1
+        if self.metrics is not None:
+            self.metrics.handshake.observe(time.monotonic() - started)
         try:
             actual = peer_identity(transport.get_extra_info("ssl_object"))
         except TlsError as exc:

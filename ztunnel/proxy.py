@@ -5,24 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import os
 import signal
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from meshnode.ztunnel import inbound
+from meshnode.ztunnel.admin import Response, http_handler, json_response
+from meshnode.ztunnel.authz import Authorizer
+from meshnode.ztunnel.balancer import EndpointPicker
 from meshnode.ztunnel.config import ZtunnelConfig
+from meshnode.ztunnel.identity import SpiffeId
+from meshnode.ztunnel.metrics import ProxyMetrics
 from meshnode.ztunnel.outbound import OutboundConnection
 from meshnode.ztunnel.pool import HbonePool
-from meshnode.ztunnel.routing import Chooser, RoundRobin
+from meshnode.ztunnel.routing import Route
 from meshnode.ztunnel.session import HboneSession, PlainSide
-from meshnode.ztunnel.state import ProxyState, StateError, load_snapshot_file
+from meshnode.ztunnel.state import ProxyState, StateError, Workload, load_snapshot_file
 from meshnode.ztunnel.tls import TlsContexts
 
 log = logging.getLogger("meshnode.ztunnel")
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,16 +88,80 @@ class ProxyInputs:
     tls: TlsContexts
     pool: HbonePool
     orig_dst: OrigDstSource
-    chooser: Chooser = field(default_factory=RoundRobin)
+    picker: EndpointPicker = field(default_factory=EndpointPicker)
+    metrics: ProxyMetrics = field(default_factory=ProxyMetrics)
+    authorizer: Authorizer = field(default_factory=lambda: Authorizer([]))
     active: set[PlainSide] = field(default_factory=set)
     inbound_sessions: set[HboneSession] = field(default_factory=set)
     # local address of our connection to a workload -> the verified peer identity,
     # so a workload can ask "who is this connection from" on the admin port.
     peers: dict[tuple[str, int], str] = field(default_factory=dict)
+    _services_by_identity: dict[SpiffeId, frozenset[str]] = field(default_factory=dict)
 
     def original_destination(self, src_ip: str, src_port: int, dst_ip: str,
                              dst_port: int) -> OriginalDst | None:
         return self.orig_dst.pop(src_ip, src_port, dst_ip, dst_port)
+
+    def tcp_labels_outbound(self, route: Route) -> tuple[str, ...]:
+        src, ep = route.source, route.endpoint
+        svc = route.service
+        return (
+            "source",
+            src.name, src.identity.namespace, src.identity.uri, src.service or src.name,
+            ep.workload, ep.identity.namespace, ep.identity.uri,
+            svc.hostname if svc else "unknown", svc.name if svc else "unknown",
+            svc.namespace if svc else "unknown", svc.name if svc else ep.workload,
+            "tcp", "-", "mutual_tls",
+        )
+
+    def tcp_labels_inbound(self, peer: SpiffeId, workload: Workload) -> tuple[str, ...]:
+        svc = self.state.services_by_name.get((workload.identity.namespace, workload.service))
+        return (
+            "destination",
+            "unknown", peer.namespace, peer.uri, peer.service_account,
+            workload.name, workload.identity.namespace, workload.identity.uri,
+            svc.hostname if svc else "unknown", workload.service or "unknown",
+            workload.identity.namespace, workload.service or workload.name,
+            "tcp", "-", "mutual_tls",
+        )
+
+    def services_of(self, identity: SpiffeId) -> frozenset[str]:
+        """The services whose endpoints run as this identity (the source
+        service of an inbound connection, as far as the mesh knows)."""
+        return self._services_by_identity.get(identity, frozenset())
+
+    def apply_state(self, state: ProxyState) -> None:
+        """Everything derived from the state, rebuilt on each new snapshot."""
+        self.state = state
+        self.authorizer = Authorizer(state.policies, state.authz_default)
+        by_identity: dict[SpiffeId, set[str]] = {}
+        for svc in state.services_by_vip.values():
+            for ep in svc.endpoints:
+                by_identity.setdefault(ep.identity, set()).add(svc.name)
+        self._services_by_identity = {k: frozenset(v) for k, v in by_identity.items()}
+        self.picker.forget_missing(state.services_by_vip.values())
+
+    def refresh_gauges(self, now: float) -> None:
+        m = self.metrics
+        m.pool_connections.set((), self.pool.size())
+        healthy: dict[tuple[str, ...], float] = {}
+        ewma: dict[tuple[str, ...], float] = {}
+        inflight: dict[tuple[str, ...], float] = {}
+        ejections: dict[tuple[str, ...], float] = {}
+        by_addr = {(e.address, e.port): s.hostname for s in self.state.services_by_vip.values()
+                   for e in s.endpoints}
+        for st in self.picker.endpoint_stats(now):
+            key: tuple[str, ...] = (by_addr.get((st["address"], st["port"]), "unknown"),
+                                    f"{st['address']}:{st['port']}")
+            healthy[key] = 1.0 if st["state"] == "healthy" else 0.0
+            ewma[key] = float(st["ewma_ms"]) / 1000
+            inflight[key] = float(st["inflight"])
+            # The picker keeps monotonic totals; the counter mirrors them.
+            ejections[(key[1],)] = float(st["total_ejections"])
+        m.ejections.values = ejections
+        m.endpoint_healthy.replace(healthy)
+        m.endpoint_ewma.replace(ewma)
+        m.endpoint_inflight.replace(inflight)
 
 
 class Proxy:
@@ -103,6 +175,8 @@ class Proxy:
         pool = HbonePool(tls, connect_timeout=config.connect_timeout,
                          idle_timeout=config.idle_timeout, max_streams=config.max_streams)
         self.pi = ProxyInputs(config, state, tls, pool, orig)
+        self.pi.apply_state(state)
+        pool.metrics = self.pi.metrics
         self._servers: list[asyncio.AbstractServer] = []
         self._stopping: asyncio.Event | None = None
         self.ready = False
@@ -114,7 +188,7 @@ class Proxy:
             log.error("snapshot not reloaded, keeping version %d: %s", self.pi.state.version, exc)
             return
         self.pi.tls.update(state)
-        self.pi.state = state
+        self.pi.apply_state(state)
         # The agent may have re-created and re-pinned the map: always reopen.
         self.pi.orig_dst.reopen(state.bpf_pin_dir)
         log.info("state version %d loaded: %d local workloads, %d services", state.version,
@@ -126,16 +200,24 @@ class Proxy:
         cfg = self.config
         self._servers.append(await loop.create_server(
             lambda: OutboundConnection(pi), cfg.outbound[0], cfg.outbound[1],
-            reuse_address=True, backlog=1024,
+            reuse_address=True, reuse_port=True, backlog=1024,
         ))
         self._servers.append(await loop.create_server(
             lambda: inbound.new_session(pi), cfg.inbound[0], cfg.inbound[1],
             ssl=pi.tls.listener_context(), ssl_handshake_timeout=cfg.connect_timeout,
-            reuse_address=True, backlog=1024,
+            reuse_address=True, reuse_port=True, backlog=1024,
         ))
-        for addr in {cfg.admin, cfg.readiness}:
-            self._servers.append(await asyncio.start_server(self._admin, addr[0], addr[1],
-                                                            reuse_address=True))
+        serve = http_handler(self._admin_route)
+        if cfg.admin_socket:
+            # A worker of several: the supervisor serves admin for all of them.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.admin_socket)
+            self._servers.append(await asyncio.start_unix_server(serve, cfg.admin_socket))
+            os.chmod(cfg.admin_socket, 0o600)
+        else:
+            for addr in {cfg.admin, cfg.readiness, cfg.metrics}:
+                self._servers.append(await asyncio.start_server(serve, addr[0], addr[1],
+                                                                reuse_address=True))
         self.ready = True
         log.info("ztunnel ready on node %s: outbound %s:%d, inbound HBONE %s:%d, admin %s:%d",
                  pi.state.node.name, *cfg.outbound, *cfg.inbound, *cfg.admin)
@@ -175,54 +257,48 @@ class Proxy:
 
     # -- admin (localhost only) ---------------------------------------------------
 
-    async def _admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            line = request.split(b"\r\n", 1)[0].decode("latin-1")
-            method, target, _ = (line.split(" ") + ["", ""])[:3]
-            status, body = self._admin_route(method, target)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError, UnicodeDecodeError):
-            writer.close()
-            return
-        payload = json.dumps(body, indent=2).encode() + b"\n"
-        writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
-        )
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
-
-    def _admin_route(self, method: str, target: str) -> tuple[str, Any]:
+    async def _admin_route(self, method: str, target: str) -> Response:
         url = urlsplit(target)
         if method != "GET":
-            return "405 Method Not Allowed", {"error": "only GET"}
+            return json_response("405 Method Not Allowed", {"error": "only GET"})
+        if url.path == "/metrics":
+            self.pi.refresh_gauges(time.monotonic())
+            return "200 OK", METRICS_CONTENT_TYPE, self.pi.metrics.render().encode()
         if url.path == "/healthz/ready":
-            return ("200 OK", {"ready": True}) if self.ready else (
-                "503 Service Unavailable", {"ready": False})
+            if self.ready:
+                return json_response("200 OK", {"ready": True})
+            return json_response("503 Service Unavailable", {"ready": False})
         if url.path == "/config_dump":
-            return "200 OK", {
+            return json_response("200 OK", {
                 "config": self.config.dump(),
                 "state": self.pi.state.dump(),
+                "endpoints": self.pi.picker.endpoint_stats(time.monotonic()),
                 "pool": {"connections": self.pi.pool.size(), "handshakes": self.pi.pool.handshakes},
                 "active_connections": len(self.pi.active),
-            }
+            })
         if url.path == "/peer":
             addr = parse_qs(url.query).get("addr", [""])[0]
             host, _, port = addr.rpartition(":")
             ident = self.pi.peers.get((host.strip("[]"), int(port))) if port.isdigit() else None
             if ident is None:
-                return "404 Not Found", {"error": f"no meshed connection from {addr}"}
-            return "200 OK", {"addr": addr, "identity": ident}
-        return "404 Not Found", {"error": f"unknown path {url.path}",
-                                 "paths": ["/config_dump", "/peer?addr=IP:PORT", "/healthz/ready"]}
+                return json_response("404 Not Found",
+                                     {"error": f"no meshed connection from {addr}"})
+            return json_response("200 OK", {"addr": addr, "identity": ident})
+        return json_response("404 Not Found", {
+            "error": f"unknown path {url.path}",
+            "paths": ["/config_dump", "/peer?addr=IP:PORT", "/healthz/ready", "/metrics"]})
 
 
 def run_ztunnel(config: ZtunnelConfig) -> None:
+    """One process, or a supervisor and `workers` processes sharing the
+    listeners through SO_REUSEPORT (the kernel spreads connections over them)."""
     import uvloop
 
-    pass
+    if config.workers > 1 and not config.admin_socket:
+        from meshnode.ztunnel.supervisor import Supervisor
+
+        uvloop.run(Supervisor(config).run())
+        return
     proxy = Proxy(config)
     uvloop.run(proxy.run())
 

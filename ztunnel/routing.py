@@ -54,7 +54,10 @@ def build_route(
         target_port = service.target_port(dst_port)
         if target_port is None:
             raise RouteError(f"service {service.hostname} ({dst_ip}) has no port {dst_port}")
-        candidates = [e for e in service.endpoints if e.port == target_port]
+        candidates = [
+            e for e in service.endpoints
+            if (e.service_port == dst_port if e.service_port else e.port == target_port)
+        ]
         if not candidates:
             raise RouteError(f"service {service.hostname} has no endpoints on port {target_port}")
         endpoint = choose(service, candidates)

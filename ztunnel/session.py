@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from meshnode.ztunnel import hbone
 
@@ -171,7 +171,7 @@ class HboneSession(asyncio.Protocol):
         elif isinstance(ev, hbone.TunnelRefused):
             handler = self.handlers.pop(ev.stream_id, None)
             if handler is not None:
-                handler.on_reset(f"peer refused the tunnel: {ev.status} {ev.reason}".strip())
+                handler.on_refused(ev.status, ev.reason)
         elif isinstance(ev, hbone.TunnelHalfClosed):
             handler = self.handlers.get(ev.stream_id)
             if handler is not None:
@@ -193,6 +193,19 @@ class HboneSession(asyncio.Protocol):
                     self.transport.close()
 
 
+class Carrier(Protocol):
+    """What carries a PlainSide's bytes: an HBONE stream or a LocalPipe."""
+
+    def attach(self, stream_id: int, handler: PlainSide) -> None: ...
+    def send(self, stream_id: int, data: bytes) -> bool: ...
+    def end(self, stream_id: int) -> None: ...
+    def reset(self, stream_id: int, code: int = ...) -> None: ...
+    def ack(self, stream_id: int, flow_length: int) -> None: ...
+    def forget(self, stream_id: int) -> None: ...
+    def accept(self, stream_id: int) -> None: ...
+    def refuse(self, stream_id: int, status: int, reason: str) -> None: ...
+
+
 class PlainSide(asyncio.Protocol):
     """A plain TCP connection tied to one HBONE stream: the client's connection
     on the outbound side, the connection to the workload on the inbound side.
@@ -202,7 +215,7 @@ class PlainSide(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.session: HboneSession | None = None
+        self.session: Carrier | None = None
         self.stream_id = 0
         self.reading_paused = False
         self.write_paused = False
@@ -220,7 +233,7 @@ class PlainSide(asyncio.Protocol):
 
     # -- binding ---------------------------------------------------------------
 
-    def bind(self, session: HboneSession, stream_id: int) -> None:
+    def bind(self, session: Carrier, stream_id: int) -> None:
         self.session = session
         self.stream_id = stream_id
         session.attach(stream_id, self)
@@ -285,6 +298,10 @@ class PlainSide(asyncio.Protocol):
     def on_established(self) -> None:
         """Outbound: the peer accepted the tunnel."""
 
+    def on_refused(self, status: int, reason: str) -> None:
+        """Outbound: the peer answered CONNECT with a non-2xx status."""
+        self.on_reset(f"peer refused the tunnel: {status} {reason}".strip())
+
     def release_held(self) -> None:
         """The tunnel is ready: send what the socket delivered meanwhile and
         read on."""
@@ -345,3 +362,62 @@ class PlainSide(asyncio.Protocol):
 
     def on_finished(self) -> None:
         """Override: the connection is over (access log, metrics)."""
+
+
+class LocalPipe:
+    """Joins two PlainSides directly, for same-node traffic: the client's
+    connection (side 1) and the connection to the local workload (side 2).
+    It offers the part of HboneSession's interface PlainSide uses, so the
+    relay logic (back-pressure, half-close, abort) is the same code; it only
+    skips HTTP/2 and TLS. Policy and metrics stay with the handlers."""
+
+    CLIENT, WORKLOAD = 1, 2
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, PlainSide] = {}
+        self.closed = False
+
+    def _other(self, stream_id: int) -> PlainSide | None:
+        return self.handlers.get(3 - stream_id)
+
+    def attach(self, stream_id: int, handler: PlainSide) -> None:
+        self.handlers[stream_id] = handler
+
+    def send(self, stream_id: int, data: bytes) -> bool:
+        other = self._other(stream_id)
+        if other is None:
+            return True
+        other.on_data(data, len(data))
+        return not other.write_paused
+
+    def ack(self, stream_id: int, flow_length: int) -> None:
+        # The side that wrote the data has room again: let its peer read on.
+        other = self._other(stream_id)
+        if other is not None:
+            other.on_writable()
+
+    def end(self, stream_id: int) -> None:
+        other = self._other(stream_id)
+        if other is not None:
+            other.on_half_closed()
+
+    def reset(self, stream_id: int, code: int = 0) -> None:
+        self.handlers.pop(stream_id, None)
+        other = self.handlers.pop(3 - stream_id, None)
+        if other is not None:
+            other.on_reset("the other side of a same-node connection failed")
+
+    def forget(self, stream_id: int) -> None:
+        self.handlers.pop(stream_id, None)
+
+    # The workload side answers like an HBONE peer would.
+    def accept(self, stream_id: int) -> None:
+        client = self.handlers.get(self.CLIENT)
+        if client is not None:
+            client.on_established()
+
+    def refuse(self, stream_id: int, status: int, reason: str) -> None:
+        self.handlers.pop(stream_id, None)
+        client = self.handlers.pop(self.CLIENT, None)
+        if client is not None:
+            client.on_refused(status, reason)

@@ -62,6 +62,9 @@ class Endpoint:
     port: int
     zone: str = ""
     version: str = ""  # subset label, for traffic splits (e.g. "v1", "v2")
+    # The service port this endpoint serves; 0 = the one whose target_port is `port`.
+    # Lets endpoints of one service listen on different ports (two on one VM).
+    service_port: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,8 @@ class ProxyState:
     trust_domain: str
     trust_bundle: str
     bpf_pin_dir: str | None
+    policies: tuple[Any, ...] = ()  # AuthorizationPolicy resources (controlplane.resources)
+    authz_default: str = "ALLOW"  # decision when no ALLOW policy applies
     workloads_by_id: dict[int, Workload] = field(default_factory=dict)
     local_by_addr: dict[tuple[str, int], Workload] = field(default_factory=dict)
     services_by_vip: dict[str, Service] = field(default_factory=dict)
@@ -134,6 +139,8 @@ class ProxyState:
             "version": self.version,
             "node": {"name": self.node.name, "ip": self.node.ip, "zone": self.node.zone},
             "trust_domain": self.trust_domain,
+            "authorization_default": self.authz_default,
+            "policies": [p.to_dict() for p in self.policies],
             "workloads": [
                 {
                     "id": w.id,
@@ -218,6 +225,7 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
         trust_bundle=_req(doc, "trust_bundle", str, "snapshot"),
         bpf_pin_dir=doc.get("bpf_pin_dir"),
     )
+    state.policies, state.authz_default = _policies(doc)
     for i, w in enumerate(_req(doc, "workloads", list, "snapshot")):
         where = f"workloads[{i}]"
         w = _obj(w, where)
@@ -280,6 +288,8 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
                 port=_port(e.get("port"), f"{ew}.port"),
                 zone=e.get("zone", "") or "",
                 version=e.get("version", "") or "",
+                service_port=_port(e["service_port"], f"{ew}.service_port")
+                if e.get("service_port") else 0,
             )
             endpoints.append(ep)
             state.endpoints_by_addr[(ep.address, ep.port)] = ep
@@ -294,6 +304,23 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
         state.services_by_vip[svc.vip] = svc
         state.services_by_name[(svc.namespace, svc.name)] = svc
     return state
+
+
+def _policies(doc: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+    from meshnode.controlplane.resources import (
+        AuthorizationPolicy,
+        ResourceError,
+        resources_from_json,
+    )
+
+    default = doc.get("authorization_default", "ALLOW")
+    if default not in ("ALLOW", "DENY"):
+        raise StateError(f"authorization_default: {default!r} is not ALLOW or DENY")
+    try:
+        resources = resources_from_json(doc.get("policies", []) or [])
+    except ResourceError as exc:
+        raise StateError(f"policies: {exc}") from None
+    return tuple(r for r in resources if isinstance(r, AuthorizationPolicy)), default
 
 
 def load_snapshot_file(path: Path) -> ProxyState:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
@@ -36,13 +36,15 @@ def lab() -> None:
 
 @lab.command("up")
 @click.option("--nodes", default=2, show_default=True, help="How many nodes.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="ztunnel worker processes per node.")
 @click.option("--demo", is_flag=True, help="Also start a demo server and client and show "
               "traffic flowing with the identities it carried.")
-def up(nodes: int, demo: bool) -> None:
+def up(nodes: int, workers: int, demo: bool) -> None:
     """Create the nodes and start an agent (and its ztunnel) on each."""
     lab_ = _lab()
     try:
-        lab_.up(nodes, log=click.echo)
+        lab_.up(nodes, log=click.echo, workers=workers)
         if demo:
             from meshnode.cli.lab.demo import run_demo
 
@@ -108,14 +110,18 @@ def workload() -> None:
 @click.option("--port", required=True, type=click.IntRange(1, 65535),
               help="The port it listens on (also the service's port on its VIP).")
 @click.option("--namespace", default="default", show_default=True)
+@click.option("--version", "version", default="", help="Subset label for traffic splits.")
+@click.option("--service-port", type=click.IntRange(1, 65535), default=None,
+              help="The port on the service VIP (default: the first workload's --port).")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
-def workload_add(node: str, name: str, service: str, port: int, namespace: str,
-                 cmd: tuple[str, ...]) -> None:
+def workload_add(node: str, name: str, service: str, port: int, namespace: str, version: str,
+                 service_port: int | None, cmd: tuple[str, ...]) -> None:
     """Run CMD as a mesh workload on NODE: meshnode lab workload add NODE NAME --service S
     --port P -- CMD..."""
     lab_ = _lab()
     try:
-        wl = lab_.add_workload(node, name, service, port, list(cmd), namespace=namespace)
+        wl = lab_.add_workload(node, name, service, port, list(cmd), namespace=namespace,
+                               version=version, service_port=service_port)
         st = lab_.load()
     except _errors() as exc:
         fail(str(exc))
@@ -133,6 +139,37 @@ def workload_rm(name: str) -> None:
     except _errors() as exc:
         fail(str(exc))
     click.echo(f"workload {name} removed")
+
+
+@lab.command("apply")
+@click.option("-f", "--filename", type=click.File("r"), required=True,
+              help="YAML resources (AuthorizationPolicy, PeerAuthentication, TrafficSplit, "
+                   "MeshConfig); - for stdin.")
+def apply(filename: TextIO) -> None:
+    """Apply policy resources to every node of the lab (all or nothing)."""
+    from meshnode.controlplane.resources import ResourceError
+
+    text = filename.read()
+    try:
+        for line in _lab().apply(text, filename.name):
+            click.echo(line)
+    except ResourceError as exc:
+        fail(f"nothing applied: {exc}")
+    except _errors() as exc:
+        fail(str(exc))
+
+
+@lab.command("delete")
+@click.argument("kind")
+@click.argument("name")
+@click.option("--namespace", default="default", show_default=True)
+def delete(kind: str, name: str, namespace: str) -> None:
+    """Delete a policy resource from the lab."""
+    try:
+        _lab().delete_resource(kind, name, namespace)
+    except _errors() as exc:
+        fail(str(exc))
+    click.echo(f"{kind}/{name} deleted")
 
 
 @lab.command("exec", context_settings={"ignore_unknown_options": True})

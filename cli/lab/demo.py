@@ -53,6 +53,34 @@ def serve(port: int, name: str) -> None:
     server.serve_forever()
 
 
+def slow_server(port: int, name: str, accept_delay: float, backlog: int) -> None:
+    """A server slow to accept: it takes a new connection only every
+    `accept_delay` seconds, with a tiny backlog, so under load clients wait
+    in the kernel's queues (or for SYN retries) before being served."""
+    import threading
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(backlog)
+
+    def handle(conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                body = f"hello, this is {name} (slow)\n".encode()
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: " + str(len(body)).encode()
+                             + b"\r\n\r\n" + body)
+            except OSError:
+                pass
+
+    while True:
+        time.sleep(accept_delay)
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
 def idle() -> None:
     while True:
         time.sleep(3600)
@@ -92,10 +120,17 @@ def main() -> None:
     srv = sub.add_parser("server")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--name", default="server")
+    slow = sub.add_parser("slow-server")
+    slow.add_argument("--port", type=int, default=8080)
+    slow.add_argument("--name", default="slow")
+    slow.add_argument("--accept-delay", type=float, default=0.2)
+    slow.add_argument("--backlog", type=int, default=1)
     sub.add_parser("idle")
     args = parser.parse_args()
     if args.what == "server":
         serve(args.port, args.name)
+    elif args.what == "slow-server":
+        slow_server(args.port, args.name, args.accept_delay, args.backlog)
     else:
         idle()
 

@@ -63,6 +63,7 @@ class WorkloadRec:
     cgroup: str
     cmd: list[str]
     pid: int | None = None
+    version: str = ""
 
 
 @dataclass
@@ -72,6 +73,8 @@ class LabState:
     nodes: dict[str, NodeRec] = field(default_factory=dict)
     services: dict[str, ServiceRec] = field(default_factory=dict)
     workloads: dict[str, WorkloadRec] = field(default_factory=dict)
+    resources: list[dict[str, Any]] = field(default_factory=list)  # policies, as applied
+    ztunnel_workers: int = 1
 
 
 def lab_name() -> str:
@@ -118,6 +121,8 @@ class Lab:
             nodes={k: NodeRec(**v) for k, v in doc["nodes"].items()},
             services={k: ServiceRec(**v) for k, v in doc["services"].items()},
             workloads={k: WorkloadRec(**v) for k, v in doc["workloads"].items()},
+            resources=doc.get("resources", []),
+            ztunnel_workers=doc.get("ztunnel_workers", 1),
         )
 
     def save(self, st: LabState) -> None:
@@ -127,7 +132,9 @@ class Lab:
 
     # -- up -----------------------------------------------------------------------------
 
-    def up(self, nodes: int, log: Any = print) -> LabState:
+    def up(self, nodes: int, log: Any = print, workers: int = 1) -> LabState:
+        """Start `nodes` nodes. `workers`: ztunnel worker processes per node (the
+        lab's nodes share this machine's cores, so one each by default)."""
         host.require_root()
         if not 1 <= nodes <= 50:
             raise LabError("--nodes must be between 1 and 50")
@@ -136,7 +143,7 @@ class Lab:
         from meshnode.controlplane.ca import CertificateAuthority
 
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = LabState(name=self.name, version=1)
+        st = LabState(name=self.name, version=1, ztunnel_workers=workers)
         self.save(st)  # from here on, `lab down` can clean up whatever follows
         ca = CertificateAuthority.create(TRUST_DOMAIN)
         ca.save(self.dir / "ca")
@@ -173,7 +180,11 @@ class Lab:
     # -- workloads ------------------------------------------------------------------------
 
     def add_workload(self, node: str, name: str, service: str, port: int, cmd: list[str],
-                     namespace: str = "default", wait_listening: float = 10.0) -> WorkloadRec:
+                     namespace: str = "default", wait_listening: float = 10.0,
+                     version: str = "", service_port: int | None = None) -> WorkloadRec:
+        """Run cmd as workload `name` of `service`, listening on `port`. The
+        service's VIP port is the first workload's port unless `service_port`
+        says otherwise; later workloads may listen on other ports."""
         st = self.load()
         if node not in st.nodes:
             raise LabError(f"no node {node!r}; nodes are: {', '.join(st.nodes)}")
@@ -191,14 +202,17 @@ class Lab:
             raise LabError(f"workload name {name!r}: use letters, digits and '-'")
         svc = st.services.get(service)
         if svc is None:
-            svc = ServiceRec(service, namespace, self._next_vip(st), port)
+            svc = ServiceRec(service, namespace, self._next_vip(st), service_port or port)
             st.services[service] = svc
-        elif svc.port != port:
-            raise LabError(f"service {service} listens on port {svc.port}, not {port}")
+        elif service_port and svc.port != service_port:
+            raise LabError(f"service {service} is on port {svc.port}, not {service_port}")
+        if any(w.node == node and w.port == port for w in st.workloads.values()):
+            raise LabError(f"port {port} on {node} is taken by another workload")
         rec_node = st.nodes[node]
         cgroup = Path(rec_node.cgroup) / f"wl-{name}"
         host.cgroup_make(cgroup)
-        wl = WorkloadRec(name, node, service, namespace, port, str(cgroup), list(cmd))
+        wl = WorkloadRec(name, node, service, namespace, port, str(cgroup), list(cmd),
+                         version=version)
         st.workloads[name] = wl
         st.version += 1
         self.save(st)
@@ -228,6 +242,40 @@ class Lab:
         host.cgroup_remove_tree(Path(wl.cgroup))
         if not any(w.service == wl.service for w in st.workloads.values()):
             st.services.pop(wl.service, None)
+        st.version += 1
+        self.save(st)
+        self._write_configs(st)
+        self._reload_agents(st)
+
+    def apply(self, text: str, source: str) -> list[str]:
+        """Apply policy resources (YAML): validated whole, then pushed to every
+        node. Returns what changed ("created"/"configured" per resource)."""
+        from meshnode.controlplane.resources import parse_documents, resources_to_json
+
+        resources = parse_documents(text, source)  # raises ResourceError, changes nothing
+        st = self.load()
+        current = {_res_key(r): r for r in st.resources}
+        out = []
+        for doc in resources_to_json(resources):
+            key = _res_key(doc)
+            verb = "configured" if key in current else "created"
+            if current.get(key) == doc:
+                verb = "unchanged"
+            current[key] = doc
+            out.append(f"{doc['kind']}/{key[2]} {verb}")
+        st.resources = list(current.values())
+        st.version += 1
+        self.save(st)
+        self._write_configs(st)
+        self._reload_agents(st)
+        return out
+
+    def delete_resource(self, kind: str, name: str, namespace: str = "default") -> None:
+        st = self.load()
+        keep = [r for r in st.resources if _res_key(r) != (kind, namespace, name)]
+        if len(keep) == len(st.resources):
+            raise LabError(f"no {kind} {namespace}/{name}")
+        st.resources = keep
         st.version += 1
         self.save(st)
         self._write_configs(st)
@@ -273,7 +321,7 @@ class Lab:
                 eps.append({"workload": w.name, "namespace": w.namespace,
                             "service_account": w.service, "node": node.name,
                             "node_ip": node.ip, "address": node.ip, "zone": node.zone,
-                            "port": w.port})
+                            "port": w.port, "service_port": svc.port, "version": w.version})
             out.append({"name": svc.name, "namespace": svc.namespace, "vip": svc.vip,
                         "ports": [{"port": svc.port, "target_port": svc.port}],
                         "endpoints": eps})
@@ -296,6 +344,8 @@ class Lab:
                     for w in st.workloads.values() if w.node == rec.name
                 ],
                 "services": services,
+                "resources": st.resources,
+                "ztunnel_args": ["--workers", str(st.ztunnel_workers)],
             }
             path = self.node_dir(rec.name) / "node.json"
             tmp = path.with_suffix(".tmp")
@@ -399,6 +449,11 @@ class Lab:
         shutil.rmtree(self.pin_root(), ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         log(f"lab {self.name} removed")
+
+
+def _res_key(doc: dict[str, Any]) -> tuple[str, str, str]:
+    meta = doc.get("metadata", {})
+    return (doc["kind"], meta.get("namespace", "default"), meta["name"])
 
 
 def _alive(pid: int) -> bool:

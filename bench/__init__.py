@@ -1,0 +1,1 @@
+"""meshnode's benchmark suite: `meshnode bench` (see docs/benchmarks.md)."""

@@ -1,0 +1,98 @@
+"""`meshnode bench`: meshnode against no mesh, sidecar pairs and a central load
+balancer, in a fresh 3-node lab (needs root). See docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from types import FrameType
+
+import click
+from meshnode.cli.common import fail
+
+
+def _parse_paths(value: str | None) -> list[str]:
+    from meshnode.bench.report import BASELINE, PATHS
+
+    if not value:
+        return list(PATHS)
+    wanted = [p.strip() for p in value.split(",") if p.strip()]
+    unknown = [p for p in wanted if p not in PATHS]
+    if unknown:
+        raise click.BadParameter(f"unknown path(s) {', '.join(unknown)}; "
+                                 f"choose from {', '.join(PATHS)}", param_hint="--paths")
+    if BASELINE not in wanted:
+        wanted.insert(0, BASELINE)  # every ratio and the added latency need it
+    return [p for p in PATHS if p in wanted]
+
+
+def _sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True,
+              help="Smoke run: 2 s per measurement, 1 repetition.")
+@click.option("--duration", type=click.FloatRange(1, 600), default=10.0, show_default=True,
+              help="Seconds per measurement.")
+@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Repetitions (the report shows medians).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bench-results"), show_default=True,
+              help="Where results.json and the PNGs go.")
+@click.option("--paths", "paths_opt", default=None,
+              help="Comma-separated subset of: direct, meshnode, haproxy-mtls, stunnel-mtls, "
+                   "central-lb, meshnode-same-node (direct is always added). "
+                   "Default: all, plus the memory sub-benchmark.")
+@click.option("--memory", is_flag=True,
+              help="Run the memory sub-benchmark (alone, or with the --paths given).")
+def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: str | None,
+          memory: bool) -> None:
+    """Benchmark meshnode against direct, HAProxy/stunnel mTLS pairs and a central LB.
+
+    Builds a fresh 3-node lab named `mnbench`, prints a table, writes results.json
+    and one PNG per metric to --out, and removes the lab even on failure or Ctrl-C.
+    """
+    from meshnode.bench import plots, report
+    from meshnode.bench.runner import Bench, BenchError, Options, missing_tools
+    from meshnode.bpf.errors import BpfError
+    from meshnode.cli.lab.host import HostError
+    from meshnode.cli.lab.lab import LabError
+
+    if os.geteuid() != 0:
+        fail("meshnode bench builds a lab of network namespaces and cgroups: run it as root")
+    if quick:
+        duration, repeat = 2.0, 1
+    if paths_opt is None and memory:
+        paths: list[str] = []
+    else:
+        paths = _parse_paths(paths_opt)
+    run_memory = memory or paths_opt is None
+    missing = missing_tools(paths, run_memory)
+    if missing:
+        fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them)")
+    opts = Options(paths=paths, duration=duration, repeat=repeat, memory=run_memory,
+                   churn_seconds=1.0 if quick else 3.0)
+    click.echo(f"meshnode bench: paths {', '.join(paths) or '(none)'}; {duration:.0f}s per "
+               f"measurement x {repeat}; memory sub-benchmark: {'yes' if run_memory else 'no'}")
+    old = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        doc = Bench(opts, log=click.echo).run()
+    except KeyboardInterrupt:
+        fail("interrupted; the lab was taken down", code=130)
+    except (BenchError, LabError, HostError, BpfError) as exc:
+        fail(f"bench failed: {exc}\n(the lab was taken down)")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
+    tgts = [report.Target(**t) for t in doc["targets"]]
+    subtitle = (f"median of {repeat} x {duration:.0f}s, one run on a shared "
+                f"{doc['meta']['cores']}-core machine")
+    pngs = plots.write_plots(doc["summary"], out_dir, doc["memory"], subtitle)
+    click.echo("")
+    click.echo(report.render_report(doc["summary"], tgts, doc["memory"]))
+    click.echo("")
+    click.echo(f"wrote {out_dir / 'results.json'} and {len(pngs)} PNGs in {out_dir}")

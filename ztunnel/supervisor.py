@@ -1,0 +1,230 @@
+"""ztunnel with several worker processes. Python runs one thread of bytecode at
+a time, so one process uses one core; a node proxy must use them all. Each
+worker binds the outbound and inbound listeners with SO_REUSEPORT and the
+kernel spreads new connections over them. The supervisor (this module) starts
+and restarts the workers, passes SIGHUP on, drains them on SIGTERM, and serves
+the admin, readiness and metrics endpoints for all of them, asking each worker
+over its private Unix socket and merging the answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from meshnode.ztunnel.admin import Response, get_unix, http_handler, json_response
+from meshnode.ztunnel.config import ZtunnelConfig
+from meshnode.ztunnel.metrics import parse_exposition
+
+log = logging.getLogger("meshnode.ztunnel.supervisor")
+
+
+def _hostport(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
+class Worker:
+    def __init__(self, index: int, config: ZtunnelConfig, socket_path: str) -> None:
+        self.index = index
+        self.config = config
+        self.socket = socket_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.next_start = 0.0
+
+    def command(self) -> list[str]:
+        c = self.config
+        return [
+            sys.executable, "-m", "meshnode.cli.main", "ztunnel", "run",
+            "--snapshot", str(c.snapshot),
+            "--outbound", _hostport(c.outbound), "--inbound", _hostport(c.inbound),
+            "--connect-timeout", str(c.connect_timeout),
+            "--drain-timeout", str(c.drain_timeout),
+            "--workers", "1", "--admin-socket", self.socket,
+        ]
+
+    def start(self) -> None:
+        # The worker logs to our stdout/stderr: one stream per node proxy. It
+        # must not outlive us (a SIGKILLed supervisor would leave it listening).
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                     preexec_fn=_die_with_parent)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class Supervisor:
+    def __init__(self, config: ZtunnelConfig) -> None:
+        self.config = config
+        run_dir = Path(config.snapshot).parent
+        self.workers = [
+            Worker(i, config, str(run_dir / f"ztunnel-worker-{i}.sock"))
+            for i in range(config.workers)
+        ]
+        self._stopping: asyncio.Event | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        for w in self.workers:
+            w.start()
+        cfg = self.config
+        serve = http_handler(self._route)
+        servers = [await asyncio.start_server(serve, a[0], a[1], reuse_address=True)
+                   for a in {cfg.admin, cfg.readiness, cfg.metrics}]
+        log.info("ztunnel supervisor: %d workers sharing %s and %s", len(self.workers),
+                 _hostport(cfg.outbound), _hostport(cfg.inbound))
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), 0.5)
+            self._supervise()
+        for s in servers:
+            s.close()
+        await self._stop_workers()
+
+    def _forward(self, sig: int) -> None:
+        for w in self.workers:
+            if w.alive():
+                assert w.proc is not None
+                w.proc.send_signal(sig)
+
+    def _supervise(self) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            if w.alive() or now < w.next_start:
+                continue
+            code = w.proc.returncode if w.proc else None
+            w.restarts += 1
+            delay = min(30.0, 0.5 * 2 ** min(w.restarts, 6))
+            w.next_start = now + delay
+            log.error("ztunnel worker %d exited (status %s); restarting it (restart %d)",
+                      w.index, code, w.restarts)
+            w.start()
+
+    async def _stop_workers(self) -> None:
+        self._forward(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.drain_timeout + 5
+        for w in self.workers:
+            while w.alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if w.alive():
+                assert w.proc is not None
+                log.error("ztunnel worker %d did not stop; killing it", w.index)
+                w.proc.kill()
+        log.info("ztunnel stopped")
+
+    # -- admin: ask every worker, merge ------------------------------------------------
+
+    async def _ask_all(self, target: str) -> list[tuple[int, bytes] | None]:
+        async def ask(w: Worker) -> tuple[int, bytes] | None:
+            try:
+                return await get_unix(w.socket, target, timeout=3)
+            except (OSError, TimeoutError):
+                return None
+
+        return list(await asyncio.gather(*(ask(w) for w in self.workers)))
+
+    async def _route(self, method: str, target: str) -> Response:
+        path = urlsplit(target).path
+        if method != "GET":
+            return json_response("405 Method Not Allowed", {"error": "only GET"})
+        answers = await self._ask_all(target)
+        if path == "/healthz/ready":
+            ready = all(a is not None and a[0] == 200 for a in answers)
+            return json_response("200 OK" if ready else "503 Service Unavailable",
+                                 {"ready": ready, "workers": [bool(a and a[0] == 200)
+                                                              for a in answers]})
+        if path == "/metrics":
+            texts = [a[1].decode() for a in answers if a is not None and a[0] == 200]
+            return "200 OK", "text/plain; version=0.0.4", merge_metrics(texts).encode()
+        if path == "/config_dump":
+            dumps = [json.loads(a[1]) for a in answers if a is not None and a[0] == 200]
+            if len(dumps) < len(self.workers):
+                return json_response("503 Service Unavailable",
+                                     {"error": "not every ztunnel worker answered"})
+            merged = dict(dumps[0])
+            # The version every worker has: what the agent waits for.
+            merged["state"] = dict(dumps[0]["state"])
+            merged["state"]["version"] = min(d["state"]["version"] for d in dumps)
+            # Each worker balances on its own view; show all, tagged.
+            merged["endpoints"] = [dict(e, worker=i) for i, d in enumerate(dumps)
+                                   for e in d.get("endpoints", [])]
+            merged["pool"] = {k: sum(d["pool"][k] for d in dumps) for k in dumps[0]["pool"]}
+            merged["active_connections"] = sum(d["active_connections"] for d in dumps)
+            merged["workers"] = len(dumps)
+            merged["config"] = dict(dumps[0]["config"], workers=self.config.workers)
+            return json_response("200 OK", merged)
+        for a in answers:  # /peer and the rest: the first worker that knows
+            if a is not None and a[0] == 200:
+                return "200 OK", "application/json", a[1]
+        first = next((a for a in answers if a is not None), None)
+        if first is None:
+            return json_response("503 Service Unavailable", {"error": "no worker answered"})
+        return f"{first[0]} Not Found", "application/json", first[1]
+
+
+def merge_metrics(texts: list[str]) -> str:
+    """Sum the same series across workers (counters, gauges and histogram
+    buckets all add up: each worker counts its own connections)."""
+    meta: OrderedDict[str, list[str]] = OrderedDict()
+    values: OrderedDict[tuple[str, tuple[tuple[str, str], ...]], float] = OrderedDict()
+    family_of: dict[str, str] = {}
+    for text in texts:
+        current = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP "):
+                current = line.split(" ", 3)[2]
+                meta.setdefault(current, [])
+                if len(meta[current]) < 2:
+                    meta[current].append(line)
+            elif line.startswith("# TYPE ") and len(meta.get(current, [])) < 2:
+                meta[current].append(line)
+        for sample in parse_exposition(text):
+            key = (sample.name, tuple(sample.labels.items()))
+            values[key] = values.get(key, 0.0) + sample.value
+            family_of.setdefault(sample.name, _family(sample.name, meta))
+    out: list[str] = []
+    for fam, lines in meta.items():
+        out.extend(lines)
+        for (name, labels), v in values.items():
+            if family_of.get(name) == fam:
+                body = ",".join(f'{k}="{_esc(val)}"' for k, val in labels)
+                out.append(f"{name}{{{body}}} {_num(v)}" if body else f"{name} {_num(v)}")
+    return "\n".join(out) + "\n"
+
+
+def _family(name: str, meta: dict[str, Any]) -> str:
+    if name in meta:
+        return name
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and name[: -len(suffix)] in meta:
+            return name[: -len(suffix)]
+    return name
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _num(v: float) -> str:
+    return str(int(v)) if v == int(v) and abs(v) < 1e15 else repr(v)
+
