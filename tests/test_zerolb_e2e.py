@@ -120,10 +120,11 @@ def test_endpoint_failure_costs_at_most_a_handful_then_readmits(lab: None) -> No
         failed = [c for c in conns if not c["ok"]]
         t_kill = 3.0
         late = [c for c in conns if c["t"] > t_kill + revived_after + 8]
+        late_shares = {n: sum(1 for c in late if c["server"] == n)
+                       for n in ("echo-a", "echo-b", "echo-c")}
         print(f"\nendpoint failure: {len(conns)} connections, {len(failed)} failed "
               f"(at t={[c['t'] for c in failed]}); killed at ~{t_kill}s, back after "
-              f"{revived_after:.1f}s; shares at the end: "
-              f"{ {n: sum(1 for c in late if c['server'] == n) for n in ('echo-a', 'echo-b', 'echo-c')} }")
+              f"{revived_after:.1f}s; shares at the end: {late_shares}")
         assert len(conns) > 300
         assert len(failed) <= 5, failed
         assert not [c for c in failed if c["t"] > t_kill + 2], "failures went on after the first"
