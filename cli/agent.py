@@ -14,19 +14,25 @@ def agent() -> None:
 
 
 @agent.command("run")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), required=True,
-              help="The node's description (node.json).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="A node description file (what `meshnode lab` writes).")
+@click.option("--enrolled", "config_dir", type=click.Path(path_type=Path), default=None,
+              help="An enrolled node's config directory (what `meshnode enroll` wrote).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
-def run(config_path: Path, log_level: str) -> None:
-    """Run the node agent in the foreground."""
+def run(config_path: Path | None, config_dir: Path | None, log_level: str) -> None:
+    """Run the node agent in the foreground (systemd runs it as meshnode-agent)."""
     from meshnode.bpf.errors import BpfError
     from meshnode.controlplane.ca import CAError
-    from meshnode.nodeagent.agent import Agent, AgentError
+    from meshnode.nodeagent.agent import Agent, AgentError, EnrolledSource, FileSource
     from meshnode.nodeagent.config import NodeConfigError
+    from meshnode.nodeagent.enrolled import EnrollmentError
 
+    if (config_path is None) == (config_dir is None):
+        fail("give exactly one of --config FILE (lab) or --enrolled DIR (an enrolled node)")
     setup_logging(log_level)
     try:
-        Agent(config_path).run()
-    except (AgentError, NodeConfigError, BpfError, CAError) as exc:
+        source = FileSource(config_path) if config_path else EnrolledSource(config_dir)  # type: ignore[arg-type]
+        Agent(source).run()
+    except (AgentError, NodeConfigError, BpfError, CAError, EnrollmentError) as exc:
         fail(f"node agent stopped: {exc}")

@@ -1,9 +1,17 @@
 """The node agent: loads the BPF programs and keeps their maps equal to the
 node's workloads and the mesh's services, keeps the workloads' certificates
-fresh, and runs ztunnel as a separate process, handing it snapshots.
+fresh, and hands ztunnel versioned snapshots over its control socket.
 
-Signals: SIGHUP re-reads the node config and applies it; SIGTERM stops
-ztunnel (which drains), detaches the BPF programs and exits."""
+Two ways to learn the node's config (a ``ConfigSource``):
+- a node description file (`meshnode lab` writes one per node); the agent
+  then also runs ztunnel as its child;
+- an enrolled node (`meshnode enroll`): the control plane's slice, watched,
+  kept on disk, plus the local workload registry; ztunnel is its own systemd
+  unit, so restarting the agent never touches a live connection.
+
+Signals: SIGHUP re-reads the config; SIGTERM stops (in lab mode: stops
+ztunnel and detaches the BPF programs; enrolled: leaves both running, so
+traffic keeps flowing while the agent restarts)."""
 
 from __future__ import annotations
 
@@ -15,11 +23,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 from meshnode.controlplane.ca import write_file_atomic
 from meshnode.nodeagent.certs import CaClient, CertFiles, CertManager, LocalCa
@@ -31,29 +37,166 @@ from meshnode.nodeagent.snapshot import (
     strict_ports,
     ztunnel_snapshot,
 )
+from meshnode.nodeagent.ztunnel_link import ZtunnelLink
+
+from meshnode import sdnotify
 
 log = logging.getLogger("meshnode.nodeagent")
 
-ADMIN_URL = "http://127.0.0.1:15000"
-RENEW_CHECK_EVERY = 60.0
+RENEW_CHECK_EVERY = 30.0
+BPF_PIN_DIR = "/sys/fs/bpf/meshnode"
 
 
 class AgentError(Exception):
     pass
 
 
+class ConfigSource(Protocol):
+    manages_ztunnel: bool
+    detach_on_exit: bool
+
+    def load(self) -> NodeConfig: ...
+    def ca(self, cfg: NodeConfig) -> CaClient: ...
+    def start(self, wake: threading.Event) -> None: ...
+    def stop(self) -> None: ...
+    def status(self) -> dict[str, Any]: ...
+
+
+class FileSource:
+    """A node description file (the lab)."""
+
+    manages_ztunnel = True
+    detach_on_exit = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> NodeConfig:
+        return load_node_config(self.path)
+
+    def ca(self, cfg: NodeConfig) -> CaClient:
+        if not cfg.ca_dir:
+            raise AgentError("node config names no CA (ca_dir); enroll the node first")
+        return LocalCa(Path(cfg.ca_dir))
+
+    def start(self, wake: threading.Event) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {"source": str(self.path)}
+
+
+class EnrolledSource:
+    """An enrolled node: the control plane's slice + the local workloads."""
+
+    manages_ztunnel = False
+    detach_on_exit = False
+
+    def __init__(self, config_dir: Path) -> None:
+        from meshnode.bpf.cgroups import cgroup2_mount
+        from meshnode.nodeagent.enrolled import CpClient, SliceStore, load_enrollment
+
+        self.e = load_enrollment(config_dir)
+        self.e.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.client = CpClient(self.e)
+        self.slice = SliceStore(self.e.state_dir / "cp-slice.json")
+        if self.slice.load():
+            log.info("last control-plane slice loaded: revision %d", self.slice.revision)
+        self.cgroup_root = cgroup2_mount()
+        self.version = self._load_version()
+        self.watcher: Any = None
+        self.problems: list[str] = []
+
+    def _load_version(self) -> int:
+        try:
+            return int(json.loads((self.e.state_dir / "agent-status.json").read_text())
+                       .get("version", 0))
+        except (OSError, ValueError):
+            return 0
+
+    def load(self) -> NodeConfig:
+        from meshnode.nodeagent.enrolled import load_workloads, node_config_from
+
+        workloads = load_workloads(self.e.workloads_file)
+        self._reconcile_registrations(workloads)
+        cfg, self.problems = node_config_from(self.e, self.slice.doc, workloads,
+                                              self.cgroup_root, BPF_PIN_DIR)
+        for p in self.problems:
+            log.warning("%s", p)
+        # ztunnel versions must grow with every change, local ones included.
+        self.version += 1
+        cfg.version = self.version
+        return cfg
+
+    def _reconcile_registrations(self, workloads: list[Any]) -> None:
+        """Local registry -> control plane: register what is missing or
+        different, remove what is gone. Best effort: the control plane may be
+        away; the next reload (or watch answer) tries again."""
+        from meshnode.nodeagent.enrolled import ControlPlaneError
+
+        if self.watcher is not None and self.watcher.reachable is False:
+            return
+        known = {w["name"]: w for w in self.slice.doc.get("workloads", [])}
+        try:
+            for w in workloads:
+                k = known.get(w.name)
+                want = {"name": w.name, "namespace": w.namespace, "service": w.service,
+                        "port": w.port, "version": w.version}
+                if k is None or any(k.get(f) != v for f, v in want.items()):
+                    self.client.register_workload(w)
+                    log.info("workload %s registered with the control plane", w.name)
+            local = {w.name for w in workloads}
+            for name in known:
+                if name not in local:
+                    self.client.delete_workload(name)
+                    log.info("workload %s removed from the control plane", name)
+        except ControlPlaneError as exc:
+            log.warning("cannot register workloads with the control plane yet: %s", exc)
+
+    def ca(self, cfg: NodeConfig) -> CaClient:
+        return self.client
+
+    def start(self, wake: threading.Event) -> None:
+        from meshnode.nodeagent.enrolled import CpWatcher
+
+        def changed() -> None:
+            self.reload_requested = True
+            wake.set()
+
+        self.reload_requested = False
+        self.watcher = CpWatcher(self.client, self.slice, changed)
+        self.watcher.start()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop.set()
+
+    def status(self) -> dict[str, Any]:
+        w = self.watcher
+        return {
+            "node": self.e.name,
+            "control_planes": list(self.e.control_planes),
+            "cp_reachable": None if w is None else w.reachable,
+            "cp_error": "" if w is None else w.last_error,
+            "cp_last_contact": 0 if w is None else w.last_contact,
+            "cp_revision": self.slice.revision,
+            "problems": self.problems,
+        }
+
+
 class Agent:
-    def __init__(self, config_path: Path, ca: CaClient | None = None) -> None:
-        self.config_path = config_path
-        self.cfg = load_node_config(config_path)
-        if ca is None:
-            if not self.cfg.ca_dir:
-                raise AgentError("node config names no CA (ca_dir); enroll the node first")
-            ca = LocalCa(Path(self.cfg.ca_dir))
-        self.certs = CertManager(self.cfg.state_dir / "certs", ca)
+    def __init__(self, source: ConfigSource) -> None:
+        self.source = source
+        self.cfg = source.load()
+        self.certs = CertManager(self.cfg.state_dir / "certs", source.ca(self.cfg))
         self.ids: dict[str, int] = self._load_ids()
         self.bpf: Any = None
         self.ztunnel: subprocess.Popen[bytes] | None = None
+        self.link = ZtunnelLink(str(self.cfg.state_dir / "ztunnel.sock"))
+        self.pushed_version = 0
         self._wake = threading.Event()
         self._reload = False
         self._stop = False
@@ -87,10 +230,15 @@ class Agent:
                           json.dumps(self.ids).encode(), 0o644)
         certs: dict[str, CertFiles] = {}
         for w in cfg.workloads:
-            certs[w.name] = self.certs.ensure(w.identity(cfg.trust_domain))
+            try:
+                certs[w.name] = self.certs.ensure(w.identity(cfg.trust_domain))
+            except Exception as exc:  # CA unreachable or refusing: keep the old cert
+                files = self.certs.files(w.identity(cfg.trust_domain))
+                if files.cert.exists():
+                    certs[w.name] = files
+                log.error("certificate for workload %s not renewed: %s", w.name, exc)
         bundle = self.certs.bundle_path()
         snap = ztunnel_snapshot(cfg, self.ids, certs, str(bundle))
-        write_file_atomic(self.snapshot_path, json.dumps(snap, indent=1).encode(), 0o644)
         members: dict[int, int] = {}
         cgroup_ids: dict[str, int] = {}
         for w in cfg.workloads:
@@ -105,7 +253,8 @@ class Agent:
                   if name in cgroup_ids}
         # Order matters for live traffic: ztunnel must know a workload before the
         # kernel starts sending it that workload's connections.
-        self._signal_ztunnel(cfg.version)
+        write_file_atomic(self.snapshot_path, json.dumps(snap, indent=1).encode(), 0o644)
+        self.push(snap)
         self.bpf.sync_destinations(capture_destinations(cfg))
         self.bpf.sync_workloads(members)
         self.bpf.sync_strict(strict)
@@ -114,16 +263,33 @@ class Agent:
                  "destinations, %d STRICT ports", cfg.version, len(cfg.workloads),
                  len(cfg.services), len(capture_destinations(cfg)), len(strict))
 
+    def push(self, snap: dict[str, Any]) -> bool:
+        ok, why = self.link.push_snapshot(snap)
+        if ok:
+            self.pushed_version = snap["version"]
+        else:
+            log.warning("config version %d not pushed to ztunnel: %s (it loads the snapshot "
+                        "file when it starts)", snap["version"], why)
+        return ok
+
     def renew_certificates(self) -> None:
-        renewed = [
+        due = [
             w for w in self.cfg.workloads
             if self.certs.needs_renewal(self.certs.files(w.identity(self.cfg.trust_domain)))
         ]
-        if renewed:
-            log.info("renewing certificates of %s", ", ".join(w.name for w in renewed))
+        if due:
+            log.info("renewing certificates of %s", ", ".join(w.name for w in due))
+            self.cfg.version = self._next_version()
             self.apply(self.cfg)
+            self.write_status()
 
-    # -- ztunnel -------------------------------------------------------------------
+    def _next_version(self) -> int:
+        if isinstance(self.source, EnrolledSource):
+            self.source.version += 1
+            return self.source.version
+        return self.cfg.version  # the lab owns versions: the same one again is fine
+
+    # -- ztunnel (lab mode: our child) -------------------------------------------------
 
     def _ztunnel_cmd(self) -> list[str]:
         return [sys.executable, "-m", "meshnode.cli.main", "ztunnel", "run",
@@ -136,33 +302,23 @@ class Agent:
         logf.close()
         log.info("ztunnel started, pid %d", self.ztunnel.pid)
 
-    def _signal_ztunnel(self, version: int) -> None:
-        if self.ztunnel is None or self.ztunnel.poll() is not None:
-            return
-        self.ztunnel.send_signal(signal.SIGHUP)
-        self.wait_ztunnel_version(version, timeout=10)
-
-    def ztunnel_version(self) -> int | None:
-        try:
-            with urllib.request.urlopen(f"{ADMIN_URL}/config_dump", timeout=2) as resp:
-                return int(json.load(resp)["state"]["version"])
-        except (OSError, ValueError, KeyError, urllib.error.URLError):
-            return None
-
-    def wait_ztunnel_version(self, version: int, timeout: float) -> bool:
+    def wait_ztunnel(self, timeout: float) -> bool:
+        """Until ztunnel acks the current snapshot (it loads the file at start;
+        the push confirms it is up and on this version)."""
         deadline = time.monotonic() + timeout
+        snap = json.loads(self.snapshot_path.read_text())
         while time.monotonic() < deadline:
             if self.ztunnel is not None and self.ztunnel.poll() is not None:
                 return False
-            current = self.ztunnel_version()
-            if current is not None and current >= version:
+            ok, _ = self.link.push_snapshot(snap, timeout=5)
+            if ok:
+                self.pushed_version = snap["version"]
                 return True
             time.sleep(0.05)
-        log.warning("ztunnel did not confirm config version %d within %.0fs", version, timeout)
         return False
 
     def supervise_ztunnel(self) -> None:
-        """Restart ztunnel if it died, with exponential back-off."""
+        """Restart our ztunnel child if it died, with exponential back-off."""
         if self.ztunnel is None or self.ztunnel.poll() is None:
             return
         now = time.monotonic()
@@ -175,7 +331,7 @@ class Agent:
                   self.cfg.state_dir / "ztunnel.log")
         self._next_ztunnel_start = now + delay
         self.start_ztunnel()
-        if self.wait_ztunnel_version(self.cfg.version, timeout=15):
+        if self.wait_ztunnel(timeout=15):
             self._ztunnel_failures = 0
 
     def stop_ztunnel(self, timeout: float = 15.0) -> None:
@@ -189,13 +345,19 @@ class Agent:
             self.ztunnel.kill()
             self.ztunnel.wait()
 
-    def write_status(self, ready: bool) -> None:
+    def write_status(self, ready: bool = True) -> None:
         status = {
             "ready": ready,
             "version": self.cfg.version,
+            "pushed_version": self.pushed_version,
             "pid": os.getpid(),
             "ztunnel_pid": self.ztunnel.pid if self.ztunnel else None,
             "workload_ids": self.ids,
+            "workloads": [w.name for w in self.cfg.workloads],
+            "cgroup_parent": self.cfg.cgroup_parent,
+            "bpf_pin_dir": self.cfg.bpf_pin_dir,
+            "updated": time.time(),
+            **self.source.status(),
         }
         write_file_atomic(self.status_path, json.dumps(status).encode(), 0o644)
 
@@ -217,39 +379,63 @@ class Agent:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.bpf = MeshBpf(Path(self.cfg.bpf_pin_dir))
         self.bpf.load()
-        self.bpf.detach_stale(Path(self.cfg.cgroup_parent))
+        # New programs first, then the ones a previous agent left: never a moment
+        # in which a workload's connect goes uncaptured.
         self.bpf.attach(Path(self.cfg.cgroup_parent))
-        log.info("BPF programs attached at %s", self.cfg.cgroup_parent)
+        stale = self.bpf.detach_stale(Path(self.cfg.cgroup_parent))
+        log.info("BPF programs attached at %s%s", self.cfg.cgroup_parent,
+                 f" (replaced {len(stale)} left by a previous agent)" if stale else "")
+        detach = True
         try:
             self.apply(self.cfg)
-            self.start_ztunnel()
-            if not self.wait_ztunnel_version(self.cfg.version, timeout=30):
-                raise AgentError(f"ztunnel did not become ready; see "
-                                 f"{self.cfg.state_dir / 'ztunnel.log'}")
-            self.write_status(ready=True)
+            if self.source.manages_ztunnel:
+                self.start_ztunnel()
+                if not self.wait_ztunnel(timeout=30):
+                    raise AgentError(f"ztunnel did not become ready; see "
+                                     f"{self.cfg.state_dir / 'ztunnel.log'}")
+            self.source.start(self._wake)
+            self.write_status()
+            sdnotify.notify("READY=1", f"STATUS=config version {self.cfg.version}")
             log.info("node %s ready (config version %d)", self.cfg.name, self.cfg.version)
-            last_renew_check = time.monotonic()
+            last_renew_check = last_status = time.monotonic()
             while not self._stop:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
+                if getattr(self.source, "reload_requested", False):
+                    self.source.reload_requested = False  # type: ignore[attr-defined]
+                    self._reload = True
                 if self._reload and not self._stop:
                     self._reload = False
                     self._reload_config()
                 self.supervise_ztunnel()
+                if not self.source.manages_ztunnel and self.pushed_version < self.cfg.version:
+                    # ztunnel (its own unit) was away; give it the current config.
+                    self.push(json.loads(self.snapshot_path.read_text()))
                 if time.monotonic() - last_renew_check > RENEW_CHECK_EVERY:
                     last_renew_check = time.monotonic()
                     self.renew_certificates()
+                if time.monotonic() - last_status > 5:
+                    last_status = time.monotonic()
+                    self.write_status()
+            detach = self.source.detach_on_exit
         finally:
+            sdnotify.notify("STOPPING=1")
+            self.source.stop()
             self.write_status(ready=False)
-            self.stop_ztunnel()
-            self.bpf.detach()
-            log.info("node agent stopped; BPF programs detached")
+            if self.source.manages_ztunnel:
+                self.stop_ztunnel()
+            if detach:
+                self.bpf.detach()
+                log.info("node agent stopped; BPF programs detached")
+            else:
+                log.info("node agent stopped; BPF programs and ztunnel left running, so "
+                         "traffic keeps flowing")
 
     def _reload_config(self) -> None:
         try:
-            cfg = load_node_config(self.config_path)
-        except NodeConfigError as exc:
+            cfg = self.source.load()
+        except (NodeConfigError, OSError, ValueError) as exc:
             log.error("config not reloaded, keeping version %d: %s", self.cfg.version, exc)
             return
         self.apply(cfg)
-        self.write_status(ready=True)
+        self.write_status()

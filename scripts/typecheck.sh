@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 shim=$(mktemp -d)
 trap 'rm -rf "$shim"' EXIT
 mkdir "$shim/meshnode"
-cp meshnode/__init__.py "$shim/meshnode/"
+cp meshnode/*.py "$shim/meshnode/"
 for d in cli ztunnel nodeagent bpf controlplane bench; do
     ln -s "$(pwd)/$d" "$shim/meshnode/$d"
 done

@@ -39,6 +39,7 @@ class ZtunnelConfig:
     workers: int = 1  # processes sharing the listeners (SO_REUSEPORT)
     same_node_shortcut: bool = True  # same-node traffic skips TLS (policy, metrics kept)
     admin_socket: str | None = None  # set in a worker: its admin on a Unix socket
+    control_socket: str | None = None  # the agent's channel; default: next to the snapshot
 
     def validate(self) -> ZtunnelConfig:
         for name in ("admin", "readiness", "metrics"):
@@ -55,6 +56,10 @@ class ZtunnelConfig:
         if not 1 <= self.max_streams <= 1000:
             raise ConfigError("max_streams must be within 1..1000")
         return self
+
+    @property
+    def control_path(self) -> str:
+        return self.control_socket or str(Path(self.snapshot).parent / "ztunnel.sock")
 
     def dump(self) -> dict[str, Any]:
         out = asdict(self)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ from meshnode.ztunnel.admin import Response, http_handler, json_response
 from meshnode.ztunnel.authz import Authorizer
 from meshnode.ztunnel.balancer import EndpointPicker
 from meshnode.ztunnel.config import ZtunnelConfig
+from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
 from meshnode.ztunnel.identity import SpiffeId
 from meshnode.ztunnel.metrics import ProxyMetrics
 from meshnode.ztunnel.outbound import OutboundConnection
@@ -27,6 +29,8 @@ from meshnode.ztunnel.routing import Route
 from meshnode.ztunnel.session import HboneSession, PlainSide
 from meshnode.ztunnel.state import ProxyState, StateError, Workload, load_snapshot_file
 from meshnode.ztunnel.tls import TlsContexts
+
+from meshnode import sdnotify
 
 log = logging.getLogger("meshnode.ztunnel")
 
@@ -69,7 +73,23 @@ class OrigDstSource:
             self.reopen(self._pin_dir)
         if self._table is None:
             return None
-        rec = self._table.pop(_v4(src_ip), src_port, _v4(dst_ip), dst_port)
+        key = (_v4(src_ip), src_port, _v4(dst_ip), dst_port)
+        rec = self._table.pop(*key)
+        if rec is None and self._pin_dir is not None:
+            # A restarted agent pins a new map; the kernel writes there before the
+            # agent's next snapshot makes us reopen. Look there too, and switch.
+            from meshnode.bpf.pinned import OrigDstTable
+
+            try:
+                fresh = OrigDstTable.open(Path(self._pin_dir))
+            except Exception:
+                return None
+            rec = fresh.pop(*key)
+            if rec is None:
+                fresh.close()
+                return None
+            self._table.close()
+            self._table = fresh
         if rec is None:
             return None
         return OriginalDst(rec.ip, rec.port, rec.workload_id)
@@ -229,10 +249,26 @@ class Proxy:
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
         await self.start()
+        control = None
+        if not self.config.admin_socket:  # a lone ztunnel: the agent talks to us directly
+            control = ControlServer(self.config.control_path,
+                                    ControlState(_read_doc(self.config.snapshot)),
+                                    self._apply_doc)
+            await control.start()
+            sdnotify.notify("READY=1", f"STATUS=serving config version {self.pi.state.version}")
         sweeper = loop.create_task(self.pi.pool.run_sweeper())
         await self._stopping.wait()
+        sdnotify.notify("STOPPING=1")
+        if control is not None:
+            control.close()
         sweeper.cancel()
         await self.drain()
+
+    async def _apply_doc(self, version: int, doc: dict[str, Any]) -> None:
+        write_snapshot(str(self.config.snapshot), doc)
+        self.reload()
+        if self.pi.state.version != version:
+            raise ControlError(f"version {version} was written but not loaded; see the log")
 
     async def drain(self) -> None:
         """Stop accepting, give open connections drain_timeout to finish, then
@@ -289,11 +325,42 @@ class Proxy:
             "paths": ["/config_dump", "/peer?addr=IP:PORT", "/healthz/ready", "/metrics"]})
 
 
+def _read_doc(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+async def wait_for_first_snapshot(config: ZtunnelConfig) -> None:
+    """Started before the agent ever wrote a snapshot (a fresh node, where
+    systemd starts both at once): listen on the control socket until the
+    agent sends one, then write it where the proxy loads it from."""
+    if Path(config.snapshot).exists() or config.admin_socket:
+        return
+    got = asyncio.Event()
+
+    async def apply(version: int, doc: dict[str, Any]) -> None:
+        write_snapshot(str(config.snapshot), doc)
+        got.set()
+
+    control = ControlServer(config.control_path, ControlState(), apply)
+    await control.start()
+    log.info("no snapshot at %s yet: waiting for the node agent on %s", config.snapshot,
+             config.control_path)
+    sdnotify.notify("STATUS=waiting for the node agent's first snapshot")
+    await got.wait()
+    await asyncio.sleep(0.05)  # let the ack go out before the socket is replaced
+    control.close()
+
+
 def run_ztunnel(config: ZtunnelConfig) -> None:
     """One process, or a supervisor and `workers` processes sharing the
     listeners through SO_REUSEPORT (the kernel spreads connections over them)."""
     import uvloop
 
+    uvloop.run(wait_for_first_snapshot(config))
     if config.workers > 1 and not config.admin_socket:
         from meshnode.ztunnel.supervisor import Supervisor
 

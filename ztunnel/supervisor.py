@@ -23,7 +23,10 @@ from urllib.parse import urlsplit
 
 from meshnode.ztunnel.admin import Response, get_unix, http_handler, json_response
 from meshnode.ztunnel.config import ZtunnelConfig
+from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
 from meshnode.ztunnel.metrics import parse_exposition
+
+from meshnode import sdnotify
 
 log = logging.getLogger("meshnode.ztunnel.supervisor")
 
@@ -69,6 +72,14 @@ class Worker:
         return self.proc is not None and self.proc.poll() is None
 
 
+def _read_doc(path: Path) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 class Supervisor:
     def __init__(self, config: ZtunnelConfig) -> None:
         self.config = config
@@ -91,15 +102,49 @@ class Supervisor:
         serve = http_handler(self._route)
         servers = [await asyncio.start_server(serve, a[0], a[1], reuse_address=True)
                    for a in {cfg.admin, cfg.readiness, cfg.metrics}]
+        control = ControlServer(cfg.control_path, ControlState(_read_doc(cfg.snapshot)),
+                                self._apply_doc)
+        await control.start()
         log.info("ztunnel supervisor: %d workers sharing %s and %s", len(self.workers),
                  _hostport(cfg.outbound), _hostport(cfg.inbound))
+        loop.create_task(self._notify_when_ready())
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 0.5)
             self._supervise()
+        sdnotify.notify("STOPPING=1")
+        control.close()
         for s in servers:
             s.close()
         await self._stop_workers()
+
+    async def _versions(self) -> list[int | None]:
+        out: list[int | None] = []
+        for a in await self._ask_all("/config_dump"):
+            try:
+                out.append(int(json.loads(a[1])["state"]["version"]) if a and a[0] == 200
+                           else None)
+            except (ValueError, KeyError):
+                out.append(None)
+        return out
+
+    async def _notify_when_ready(self) -> None:
+        while not self._stopping or not self._stopping.is_set():
+            if all(v is not None for v in await self._versions()):
+                sdnotify.notify("READY=1", f"STATUS={len(self.workers)} workers serving")
+                return
+            await asyncio.sleep(0.1)
+
+    async def _apply_doc(self, version: int, doc: dict[str, Any]) -> None:
+        write_snapshot(str(self.config.snapshot), doc)
+        self._forward(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            versions = await self._versions()
+            if all(v is not None and v >= version for v in versions):
+                return
+            await asyncio.sleep(0.05)
+        raise ControlError(f"not every worker loaded version {version} within 10s")
 
     def _forward(self, sig: int) -> None:
         for w in self.workers:

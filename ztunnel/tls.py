@@ -156,3 +156,19 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime
     except OSError:
         return -1.0
+
+
+def peer_uri(der: bytes | None) -> str:
+    """The single URI SAN of a DER certificate ("" if none), for identities
+    that are not workload SPIFFE IDs (the control plane, a node)."""
+    if not der:
+        return ""
+    from cryptography import x509
+
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return ""
+    uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 else ""

@@ -1,0 +1,402 @@
+"""An enrolled node: its enrollment files (written by `meshnode enroll`), its
+local workload registry (`meshnode workload add`), and the control-plane
+client that watches the node's slice of the mesh and signs its workloads'
+certificates. The last slice is kept on disk, so the node keeps working --
+and restarts -- while the control plane is away."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from meshnode.controlplane.ca import write_file_atomic
+from meshnode.nodeagent.config import LocalWorkload, NodeConfig
+from meshnode.ztunnel.identity import SpiffeId
+
+log = logging.getLogger("meshnode.nodeagent.cp")
+
+
+class EnrollmentError(Exception):
+    pass
+
+
+class ControlPlaneError(Exception):
+    """The control plane refused or could not be reached; the message says which."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    name: str
+    zone: str
+    ip: str
+    trust_domain: str
+    control_planes: tuple[str, ...]
+    cgroup_parent: str
+    state_dir: Path
+    config_dir: Path
+
+    @property
+    def key(self) -> Path:
+        return self.config_dir / "node-key.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.config_dir / "node.pem"
+
+    @property
+    def bundle(self) -> Path:
+        return self.config_dir / "bundle.pem"
+
+    @property
+    def workloads_file(self) -> Path:
+        return self.config_dir / "workloads.json"
+
+
+def load_enrollment(config_dir: Path) -> Enrollment:
+    path = config_dir / "node.json"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EnrollmentError(f"{path} does not exist: this node is not enrolled; run "
+                              "`meshnode enroll --cp URL --token TOKEN`") from None
+    except (OSError, ValueError) as exc:
+        raise EnrollmentError(f"cannot read {path}: {exc}") from None
+    try:
+        return Enrollment(
+            name=doc["name"], zone=doc.get("zone", ""), ip=doc.get("ip", ""),
+            trust_domain=doc["trust_domain"],
+            control_planes=tuple(doc["control_planes"]),
+            cgroup_parent=doc["cgroup_parent"],
+            state_dir=Path(doc.get("state_dir", "/var/lib/meshnode")),
+            config_dir=config_dir,
+        )
+    except (KeyError, TypeError) as exc:
+        raise EnrollmentError(
+            f"{path}: missing or bad field {exc}; re-enroll with --force") from None
+
+
+# -- local workloads -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    """One entry of workloads.json: what `meshnode workload add` recorded."""
+
+    name: str
+    service: str
+    port: int
+    namespace: str = "default"
+    version: str = ""
+    systemd_unit: str = ""
+    cgroup: str = ""
+    pid: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "service": self.service, "port": self.port,
+                             "namespace": self.namespace}
+        for k in ("version", "systemd_unit", "cgroup"):
+            if getattr(self, k):
+                d[k] = getattr(self, k)
+        if self.pid:
+            d["pid"] = self.pid
+        return d
+
+
+def load_workloads(path: Path) -> list[WorkloadSpec]:
+    try:
+        items = json.loads(path.read_text())
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise EnrollmentError(f"cannot read {path}: {exc}") from None
+    out = []
+    for i, w in enumerate(items):
+        try:
+            out.append(WorkloadSpec(
+                name=w["name"], service=w["service"], port=int(w["port"]),
+                namespace=w.get("namespace", "default"), version=w.get("version", ""),
+                systemd_unit=w.get("systemd_unit", ""), cgroup=w.get("cgroup", ""),
+                pid=int(w.get("pid", 0))))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EnrollmentError(f"{path}: workload {i}: bad field {exc}") from None
+    return out
+
+
+def save_workloads(path: Path, workloads: list[WorkloadSpec]) -> None:
+    write_file_atomic(path, json.dumps([w.to_dict() for w in workloads], indent=1).encode(),
+                      0o644)
+
+
+def resolve_cgroup(spec: WorkloadSpec, cgroup_root: Path) -> Path:
+    """The workload's cgroup v2 directory, from whichever way it was named."""
+    if spec.cgroup:
+        p = Path(spec.cgroup)
+        return p if p.is_absolute() else cgroup_root / p
+    if spec.systemd_unit:
+        try:
+            out = subprocess.run(["systemctl", "show", "-p", "ControlGroup", "--value",
+                                  spec.systemd_unit], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise EnrollmentError(f"cannot ask systemd about {spec.systemd_unit}: {exc}") from None
+        rel = out.stdout.strip()
+        if out.returncode != 0 or not rel:
+            raise EnrollmentError(f"systemd unit {spec.systemd_unit} has no cgroup (is it "
+                                  "running? `systemctl status " + spec.systemd_unit + "`)")
+        return cgroup_root / rel.lstrip("/")
+    if spec.pid:
+        try:
+            for line in Path(f"/proc/{spec.pid}/cgroup").read_text().splitlines():
+                if line.startswith("0::"):
+                    return cgroup_root / line[3:].lstrip("/")
+        except OSError:
+            raise EnrollmentError(f"process {spec.pid} does not exist") from None
+        raise EnrollmentError(f"process {spec.pid} has no cgroup v2 membership")
+    raise EnrollmentError(f"workload {spec.name}: give a systemd unit, a cgroup or a pid")
+
+
+# -- the control-plane client ------------------------------------------------------------
+
+
+class CpClient:
+    """HTTPS with the node's certificate; the server must chain to the mesh
+    trust bundle and carry the control plane's SPIFFE ID. Several control
+    planes (replicas) are tried in order; the last good one is tried first."""
+
+    def __init__(self, enrollment: Enrollment, timeout: float = 10.0) -> None:
+        self.e = enrollment
+        self.timeout = timeout
+        self._order = list(enrollment.control_planes)
+        self._ctx: ssl.SSLContext | None = None
+        self._ctx_mtime: tuple[float, float] = (0.0, 0.0)
+        self.last_bundle: bytes | None = None
+
+    def _context(self) -> ssl.SSLContext:
+        mt = (os.stat(self.e.cert).st_mtime, os.stat(self.e.bundle).st_mtime)
+        if self._ctx is None or mt != self._ctx_mtime:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+            ctx.check_hostname = False  # identity checked as a SPIFFE ID below
+            ctx.load_verify_locations(cafile=str(self.e.bundle))
+            ctx.load_cert_chain(str(self.e.cert), str(self.e.key))
+            self._ctx, self._ctx_mtime = ctx, mt
+        return self._ctx
+
+    def request(self, method: str, path: str, body: Any = None,
+                timeout: float | None = None) -> Any:
+        errors = []
+        for url in list(self._order):
+            try:
+                result = self._one(url, method, path, body, timeout or self.timeout)
+            except ControlPlaneError as exc:
+                if exc.status and exc.status < 500:
+                    raise  # the control plane answered: it means it
+                errors.append(f"{url}: {exc}")
+                continue
+            if self._order[0] != url:
+                self._order.remove(url)
+                self._order.insert(0, url)
+            return result
+        raise ControlPlaneError("no control plane reachable: " + "; ".join(errors))
+
+    def _one(self, url: str, method: str, path: str, body: Any, timeout: float) -> Any:
+        u = urlsplit(url)
+        conn = http.client.HTTPSConnection(u.hostname or "", u.port or 15012, timeout=timeout,
+                                           context=self._context())
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if payload else {}
+            conn.request(method, path, body=payload, headers=headers)
+            sock = conn.sock
+            resp = conn.getresponse()
+            data = resp.read()
+            if isinstance(sock, ssl.SSLSocket):
+                self._check_server(sock)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ControlPlaneError(str(exc) or type(exc).__name__) from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(data) if data else {}
+        except ValueError:
+            raise ControlPlaneError(f"answer is not JSON ({resp.status})", resp.status) from None
+        if resp.status >= 300:
+            raise ControlPlaneError(doc.get("error", f"HTTP {resp.status}"), resp.status)
+        return doc
+
+    def _check_server(self, sock: ssl.SSLSocket) -> None:
+        from meshnode.ztunnel.tls import peer_uri
+
+        uri = peer_uri(sock.getpeercert(binary_form=True))
+        want = f"spiffe://{self.e.trust_domain}/controlplane"
+        if uri != want:
+            raise ControlPlaneError(f"server identity is {uri}, not {want}: refusing it")
+
+    # -- the calls ------------------------------------------------------------------------
+
+    def config(self, since: int, wait: float) -> dict[str, Any]:
+        doc: dict[str, Any] = self.request(
+            "GET", f"/v1/node/config?since={since}&wait={int(wait)}", timeout=wait + 10)
+        return doc
+
+    def register_workload(self, w: WorkloadSpec) -> None:
+        self.request("POST", "/v1/node/workloads", {
+            "name": w.name, "namespace": w.namespace, "service": w.service,
+            "port": w.port, "version": w.version})
+
+    def delete_workload(self, name: str) -> None:
+        self.request("DELETE", f"/v1/node/workloads/{name}")
+
+    # CaClient
+    def sign(self, csr_pem: bytes, identity: SpiffeId) -> bytes:
+        doc = self.request("POST", "/v1/node/certificates", {
+            "csr": csr_pem.decode(), "namespace": identity.namespace,
+            "service_account": identity.service_account})
+        if doc.get("trust_bundle"):
+            self.last_bundle = doc["trust_bundle"].encode()
+        return str(doc["certificate"]).encode()
+
+    def trust_bundle(self) -> bytes:
+        if self.last_bundle is None:
+            self.last_bundle = self.e.bundle.read_bytes()
+        return self.last_bundle
+
+
+# -- the node's slice, watched -----------------------------------------------------------
+
+
+@dataclass
+class SliceStore:
+    """The last slice from the control plane, applied incrementally, on disk."""
+
+    path: Path
+    doc: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def revision(self) -> int:
+        return int(self.doc.get("revision", 0))
+
+    def load(self) -> bool:
+        try:
+            self.doc = json.loads(self.path.read_text())
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def save(self) -> None:
+        write_file_atomic(self.path, json.dumps(self.doc).encode(), 0o600)
+
+    def apply(self, answer: dict[str, Any]) -> bool:
+        """Fold a watch answer in; True if anything changed."""
+        if answer.get("unchanged"):
+            return False
+        if answer.get("full", True):
+            self.doc = {k: v for k, v in answer.items() if k != "full"}
+            return True
+        doc = dict(self.doc)
+        for ch in answer.get("changes", []):
+            kind, op, value, key = ch.get("kind"), ch.get("op"), ch.get("value"), ch.get("key")
+            coll = {"workload": "workloads", "service": "services",
+                    "resource": "resources"}.get(kind or "")
+            if coll is None:
+                raise ValueError(f"unknown change kind {kind!r}")
+            items = [x for x in doc.get(coll, []) if _key(kind or "", x) != key]
+            if op == "put":
+                items.append(value)
+            doc[coll] = items
+        doc["revision"] = answer["revision"]
+        self.doc = doc
+        return True
+
+
+def _key(kind: str, item: dict[str, Any]) -> str:
+    if kind == "workload":
+        return str(item.get("name"))
+    if kind == "service":
+        return f"{item.get('namespace', 'default')}/{item.get('name')}"
+    meta = item.get("metadata", {})
+    return f"{item.get('kind')}/{meta.get('namespace', 'default')}/{meta.get('name')}"
+
+
+class CpWatcher(threading.Thread):
+    """Long-polls the node's slice; calls on_change after each change is saved.
+    Backs off (1 s doubling to 30 s) while the control plane is away, and says
+    so once, not on every try."""
+
+    def __init__(self, client: CpClient, store: SliceStore, on_change: Callable[[], None]):
+        super().__init__(name="cp-watch", daemon=True)
+        self.client = client
+        self.store = store
+        self.on_change = on_change
+        self.stop = threading.Event()
+        self.reachable: bool | None = None
+        self.last_error = ""
+        self.last_contact = 0.0
+
+    def run(self) -> None:
+        backoff = 1.0
+        while not self.stop.is_set():
+            try:
+                answer = self.client.config(self.store.revision, wait=30)
+                changed = self.store.apply(answer)
+            except (ControlPlaneError, ValueError, KeyError) as exc:
+                if self.reachable is not False:
+                    log.warning("control plane unreachable (%s); serving config revision %d "
+                                "from the local snapshot, retrying with back-off", exc,
+                                self.store.revision)
+                self.reachable, self.last_error = False, str(exc)
+                if isinstance(exc, (ValueError, KeyError)):
+                    self.store.doc["revision"] = 0  # ask for a full slice next
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if self.reachable is not True:
+                log.info("control plane reachable; config revision %d", self.store.revision)
+            self.reachable, self.last_error, backoff = True, "", 1.0
+            self.last_contact = time.time()
+            if changed:
+                self.store.save()
+                self.on_change()
+
+
+def node_config_from(e: Enrollment, slice_doc: dict[str, Any], workloads: list[WorkloadSpec],
+                     cgroup_root: Path, bpf_pin_dir: str) -> tuple[NodeConfig, list[str]]:
+    """The agent's NodeConfig for an enrolled node; problems (a workload whose
+    cgroup cannot be found yet) come back as messages, not exceptions."""
+    problems = []
+    local = []
+    for w in workloads:
+        try:
+            cg = resolve_cgroup(w, cgroup_root)
+        except EnrollmentError as exc:
+            problems.append(str(exc))
+            continue
+        local.append(LocalWorkload(name=w.name, namespace=w.namespace, service_account=w.service,
+                                   service=w.service, port=w.port, cgroup=str(cg)))
+    cfg = NodeConfig(
+        version=int(slice_doc.get("revision", 0)),
+        name=e.name, ip=e.ip or slice_doc.get("node", {}).get("ip", ""), zone=e.zone,
+        trust_domain=e.trust_domain,
+        cgroup_parent=e.cgroup_parent,
+        state_dir=e.state_dir,
+        bpf_pin_dir=bpf_pin_dir,
+        ca_dir=None,
+        workloads=local,
+        services=list(slice_doc.get("services", [])),
+        resources=list(slice_doc.get("resources", [])),
+    )
+    return cfg, problems
