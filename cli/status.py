@@ -1,0 +1,124 @@
+"""`meshnode status`: this node at a glance -- enrollment, control-plane
+reachability, certificate expiry, BPF programs, workloads, services, and the
+config version in force."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from meshnode.cli.common import fail
+
+
+def _expiry(path: Path) -> str:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return "missing"
+    end = cert.not_valid_after_utc
+    left = (end - datetime.now(UTC)).total_seconds()
+    when = end.strftime("%Y-%m-%d %H:%M UTC")
+    if left <= 0:
+        return f"EXPIRED at {when}"
+    return f"expires {when} (in {left / 3600:.1f} h)"
+
+
+def _ready(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            doc = json.load(resp)
+            workers = doc.get("workers")
+            return "ready" + (f" ({len(workers)} workers)" if workers else "")
+    except Exception as exc:
+        return f"NOT READY ({getattr(exc, 'reason', exc)})"
+
+
+@click.command()
+@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("/etc/meshnode"),
+              show_default=True)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+def status(config_dir: Path, output: str) -> None:
+    """Show this node's state."""
+    from meshnode.bpf.loader import MeshBpf
+    from meshnode.nodeagent.enrolled import EnrollmentError, load_enrollment
+
+    try:
+        e = load_enrollment(config_dir)
+    except EnrollmentError as exc:
+        fail(str(exc))
+    try:
+        agent: dict[str, Any] = json.loads((e.state_dir / "agent-status.json").read_text())
+    except (OSError, ValueError):
+        agent = {}
+    try:
+        snap: dict[str, Any] = json.loads((e.state_dir / "ztunnel-snapshot.json").read_text())
+    except (OSError, ValueError):
+        snap = {}
+    try:
+        progs = MeshBpf.attached_programs(Path(e.cgroup_parent))
+    except Exception as exc:
+        progs = [{"error": str(exc)}]
+    mine = [p for p in progs if str(p.get("name", "")).startswith("mn_") or "error" in p]
+    alive = bool(agent.get("ready")) and time.time() - agent.get("updated", 0) < 30
+    certs = {w["name"]: _expiry(Path(w["cert"])) for w in snap.get("workloads", [])
+             if w.get("cert")}
+    doc = {
+        "node": {"name": e.name, "zone": e.zone, "ip": e.ip},
+        "control_planes": list(e.control_planes),
+        "control_plane_reachable": agent.get("cp_reachable"),
+        "control_plane_error": agent.get("cp_error", ""),
+        "control_plane_revision": agent.get("cp_revision"),
+        "node_certificate": _expiry(e.cert),
+        "agent": {"running": alive, "pid": agent.get("pid"),
+                  "config_version": agent.get("version")},
+        "ztunnel": _ready("http://127.0.0.1:15021/healthz/ready"),
+        "ztunnel_config_version": agent.get("pushed_version"),
+        "bpf_programs": mine,
+        "workloads": [{"name": w["name"], "service": w.get("service"), "port": w.get("port"),
+                       "identity": f"spiffe://{e.trust_domain}/ns/{w['namespace']}/sa/"
+                                   f"{w['service_account']}",
+                       "certificate": certs.get(w["name"], "missing")}
+                      for w in snap.get("workloads", [])],
+        "services": [{"name": s["name"], "namespace": s.get("namespace"), "vip": s["vip"],
+                      "endpoints": len(s.get("endpoints", []))}
+                     for s in snap.get("services", [])],
+        "problems": agent.get("problems", []),
+    }
+    if output == "json":
+        click.echo(json.dumps(doc, indent=2))
+        return
+    cp = doc["control_plane_reachable"]
+    cp_text = ("reachable" if cp else "UNREACHABLE" if cp is False else "unknown")
+    if cp is False:
+        cp_text += (f" ({doc['control_plane_error']}); serving revision "
+                    f"{doc['control_plane_revision']} from the local snapshot")
+    elif cp:
+        cp_text += f", revision {doc['control_plane_revision']}"
+    click.echo(f"node          {e.name} (zone {e.zone or '-'}, {e.ip or '-'})")
+    click.echo(f"enrolled with {', '.join(e.control_planes)}")
+    click.echo(f"control plane {cp_text}")
+    click.echo(f"node cert     {doc['node_certificate']}")
+    a = doc["agent"]
+    click.echo(f"agent         {'running' if a['running'] else 'NOT RUNNING'}"
+               f" (pid {a['pid']}), config version {a['config_version']}")
+    click.echo(f"ztunnel       {doc['ztunnel']}, config version {doc['ztunnel_config_version']}")
+    click.echo(f"bpf           at {e.cgroup_parent}: "
+               + (", ".join(f"{p.get('name')}#{p.get('id')}" if "error" not in p else
+                            f"cannot list ({p['error']})" for p in mine) or "NONE ATTACHED"))
+    click.echo("workloads")
+    for w in doc["workloads"]:
+        click.echo(f"  {w['name']:<16} :{w['port']:<6} {w['identity']}  cert {w['certificate']}")
+    if not doc["workloads"]:
+        click.echo("  (none; add one with `meshnode workload add`)")
+    click.echo("services")
+    for s in doc["services"]:
+        click.echo(f"  {s['name']}.{s['namespace']:<14} {s['vip']:<15} {s['endpoints']} endpoints")
+    for p in doc["problems"]:
+        click.echo(f"problem: {p}")
