@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import stat
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from pathlib import Path
 
 from cryptography import x509
@@ -26,6 +28,10 @@ from meshnode.ztunnel.identity import IdentityError, SpiffeId, validate_trust_do
 __all__ = [
     "CAError",
     "CertificateAuthority",
+    "RotatingCA",
+    "controlplane_uri",
+    "node_name_from_certificate",
+    "node_uri",
     "certificate_expiry",
     "generate_private_key",
     "load_certificate_chain",
@@ -263,9 +269,89 @@ class CertificateAuthority:
                 f"refusing to issue for {identity.uri}: this CA serves trust domain "
                 f"{self._trust_domain!r}, not {identity.trust_domain!r}"
             )
+        return self._issue_leaf(
+            _csr_public_key(csr_pem), [x509.UniformResourceIdentifier(identity.uri)], ttl, now
+        )
+
+    def issue_node_certificate(
+        self,
+        csr_pem: bytes,
+        node_name: str,
+        ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+        *,
+        now: datetime | None = None,
+    ) -> bytes:
+        """A node certificate: exactly one URI SAN ``spiffe://<td>/node/<name>``, client
+        and server auth; PEM of leaf + intermediate. As for workloads, only the CSR's
+        public key is used. This is never a workload identity: the ``/node/`` path does
+        not parse as ``/ns/<ns>/sa/<sa>``."""
+        _check_node_name(node_name)
+        return self._issue_leaf(
+            _csr_public_key(csr_pem),
+            [x509.UniformResourceIdentifier(node_uri(self._trust_domain, node_name))],
+            ttl,
+            now,
+        )
+
+    def issue_controlplane_certificate(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        dns_names: Sequence[str] = (),
+        ip_addresses: Sequence[str] = (),
+        ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+        *,
+        now: datetime | None = None,
+    ) -> bytes:
+        """The control plane's serving certificate for `key` (made by the control plane
+        itself): URI SAN ``spiffe://<td>/controlplane`` plus DNS and IP SANs."""
+        names: list[x509.GeneralName] = [
+            x509.UniformResourceIdentifier(controlplane_uri(self._trust_domain))
+        ]
+        names += [x509.DNSName(d) for d in dict.fromkeys(dns_names)]
+        for ip in dict.fromkeys(ip_addresses):
+            try:
+                addr: IPv4Address | IPv6Address = ip_address(ip)
+            except ValueError:
+                raise CAError(f"{ip!r} is not an IP address") from None
+            names.append(x509.IPAddress(addr))
+        return self._issue_leaf(key.public_key(), names, ttl, now)
+
+    def to_pem(self) -> dict[str, bytes]:
+        """The four PEM blobs (keys unencrypted: keep them where only the CP reads)."""
+        pem = serialization.Encoding.PEM
+        return {
+            "root_cert": self._root_cert.public_bytes(pem),
+            "root_key": _key_pem(self._root_key),
+            "intermediate_cert": self._intermediate_cert.public_bytes(pem),
+            "intermediate_key": _key_pem(self._intermediate_key),
+        }
+
+    @classmethod
+    def from_pem(
+        cls, root_cert: bytes, root_key: bytes, intermediate_cert: bytes, intermediate_key: bytes
+    ) -> CertificateAuthority:
+        try:
+            rc = x509.load_pem_x509_certificate(root_cert)
+            ic = x509.load_pem_x509_certificate(intermediate_cert)
+            rk = serialization.load_pem_private_key(root_key, password=None)
+            ik = serialization.load_pem_private_key(intermediate_key, password=None)
+        except (ValueError, TypeError) as exc:
+            raise CAError(f"stored CA material is not valid PEM: {exc}") from None
+        if not isinstance(rk, ec.EllipticCurvePrivateKey) or not isinstance(
+            ik, ec.EllipticCurvePrivateKey
+        ):
+            raise CAError("stored CA keys must be ECDSA P-256")
+        return cls(rc, rk, ic, ik)
+
+    def _issue_leaf(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        names: list[x509.GeneralName],
+        ttl: timedelta,
+        now: datetime | None,
+    ) -> bytes:
         if ttl <= timedelta(0):
             raise CAError(f"certificate TTL must be positive, got {ttl}")
-        public_key = _csr_public_key(csr_pem)
         now = _utc(now)
         issuer_expiry = self._intermediate_cert.not_valid_after_utc
         if now >= issuer_expiry:
@@ -286,10 +372,7 @@ class CertificateAuthority:
                 ),
                 critical=False,
             )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
-                critical=False,
-            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(_authority_key_id(self._intermediate_cert), critical=False)
             .sign(self._intermediate_key, _HASH())
@@ -297,7 +380,125 @@ class CertificateAuthority:
         return _pem_chain([leaf, self._intermediate_cert])
 
 
+# --- several roots: rotation with overlap -----------------------------------------
+
+
+class RotatingCA:
+    """The CAs of one trust domain, oldest first; the last one signs.
+
+    ``rotate(overlap)`` adds a new root + intermediate and gives every older one a
+    retirement time `overlap` from now. Until then the trust bundle carries the old
+    roots too, so certificates they signed keep verifying while nodes renew; after
+    it, only roots not retired.
+    """
+
+    def __init__(self, entries: Sequence[tuple[CertificateAuthority, datetime | None]]) -> None:
+        if not entries:
+            raise CAError("a CA set needs at least one root")
+        domains = {ca.trust_domain for ca, _ in entries}
+        if len(domains) != 1:
+            raise CAError(f"CA set mixes trust domains: {', '.join(sorted(domains))}")
+        if entries[-1][1] is not None:
+            raise CAError("the newest CA must not be retired")
+        self.entries: tuple[tuple[CertificateAuthority, datetime | None], ...] = tuple(entries)
+
+    @property
+    def active(self) -> CertificateAuthority:
+        return self.entries[-1][0]
+
+    @property
+    def trust_domain(self) -> str:
+        return self.active.trust_domain
+
+    def trusted(self, now: datetime | None = None) -> list[CertificateAuthority]:
+        """The CAs whose roots are in the bundle at `now` (newest last)."""
+        now = _utc(now)
+        return [ca for ca, retire in self.entries if retire is None or now < retire]
+
+    def trust_bundle_pem(self, now: datetime | None = None) -> bytes:
+        return _pem_chain([ca.root_certificate for ca in self.trusted(now)])
+
+    def serving(self, now: datetime | None = None) -> CertificateAuthority:
+        """The CA that signs the control plane's own serving certificate: the oldest
+        still trusted. Every node trusts it during an overlap (nodes learn the new
+        root from their next slice), so a rotation never cuts a node off."""
+        return self.trusted(now)[0]
+
+    def rotate(self, overlap: timedelta, *, now: datetime | None = None) -> RotatingCA:
+        """A new set whose new root signs from now on; older roots retire after `overlap`."""
+        if overlap < timedelta(0):
+            raise CAError(f"overlap must not be negative, got {overlap}")
+        now = _utc(now)
+        retire_at = now + overlap
+        kept = [
+            (ca, retire if retire is not None and retire < retire_at else retire_at)
+            for ca, retire in self.entries
+            if retire is None or retire > now
+        ]
+        return RotatingCA([*kept, (CertificateAuthority.create(self.trust_domain, now=now), None)])
+
+    def verify_leaf(self, leaf: x509.Certificate, now: datetime | None = None) -> bool:
+        """True when `leaf` was signed by the intermediate of a trusted CA and is in date."""
+        now = _utc(now)
+        if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+            return False
+        for ca in self.trusted(now):
+            inter = ca.intermediate_certificate
+            if not inter.not_valid_before_utc <= now < inter.not_valid_after_utc:
+                continue
+            try:
+                leaf.verify_directly_issued_by(inter)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return True
+        return False
+
+
+def node_uri(trust_domain: str, name: str) -> str:
+    return f"spiffe://{trust_domain}/node/{name}"
+
+
+def controlplane_uri(trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}/controlplane"
+
+
+def node_name_from_certificate(cert: x509.Certificate, trust_domain: str) -> str | None:
+    """The node name of a node certificate of `trust_domain` (exactly one URI SAN
+    ``spiffe://<td>/node/<name>``), or None for anything else."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        return None
+    prefix = f"spiffe://{trust_domain}/node/"
+    if not uris[0].startswith(prefix):
+        return None
+    name = uris[0][len(prefix) :]
+    try:
+        _check_node_name(name)
+    except CAError:
+        return None
+    return name
+
+
 # --- internals ----------------------------------------------------------------------
+
+
+def _check_node_name(name: str) -> None:
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", name or ""):
+        raise CAError(
+            f"node name {name!r} is not a DNS label (1-63 lowercase letters, digits or '-')"
+        )
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
 
 
 def _utc(now: datetime | None) -> datetime:

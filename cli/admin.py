@@ -1,0 +1,247 @@
+"""Admin commands against a running control plane: `meshnode token create`,
+`apply -f`, `get`, `delete` (kumactl/kubectl style).
+
+Trust: `--ca-file`, else `<data dir>/trust-bundle.pem` (written by the control plane
+on its host), else `--pin SHA256` (fetch the bundle, keep it only if a root matches).
+Admin token: `--admin-token-file`, else env MESHNODE_ADMIN_TOKEN, else
+`<data dir>/admin-token` if readable; none is needed from the control plane's host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote, urlencode
+
+import click
+import yaml
+from meshnode.cli.common import fail
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_CP = "https://127.0.0.1:15012"
+DEFAULT_DATA_DIR = Path("/var/lib/meshnode-cp")
+
+# What `get`/`delete` accept (any case, singular or plural) -> the API's name.
+_KIND_ALIASES = {
+    "node": "nodes", "nodes": "nodes", "no": "nodes",
+    "workload": "workloads", "workloads": "workloads", "wl": "workloads",
+    "service": "services", "services": "services", "svc": "services",
+    "authorizationpolicy": "AuthorizationPolicy", "authorizationpolicies": "AuthorizationPolicy",
+    "peerauthentication": "PeerAuthentication", "peerauthentications": "PeerAuthentication",
+    "trafficsplit": "TrafficSplit", "trafficsplits": "TrafficSplit",
+    "meshconfig": "MeshConfig", "meshconfigs": "MeshConfig",
+}  # fmt: skip
+
+
+def _connection_options(fn: F) -> F:
+    options = [
+        click.option("--cp", "cp_url", default=DEFAULT_CP, show_default=True,
+                     envvar="MESHNODE_CP", help="Control plane URL."),
+        click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="PEM trust bundle of the control plane."),
+        click.option("--pin", help="SHA-256 of the CP's root certificate (fetch and pin)."),
+        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=DEFAULT_DATA_DIR, show_default=True,
+                     help="The control plane's data dir (trust bundle, admin token) if local."),
+        click.option("--admin-token-file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="File with the admin token (or env MESHNODE_ADMIN_TOKEN)."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _client(cp_url: str, ca_file: Path | None, pin: str | None, data_dir: Path,
+            admin_token_file: Path | None) -> Any:  # fmt: skip
+    from meshnode.controlplane.client import ApiClient, ClientError, fetch_pinned_bundle
+
+    bundle_file = data_dir / "trust-bundle.pem"
+    try:
+        if ca_file is not None:
+            bundle = ca_file.read_bytes()
+        elif pin:
+            bundle = fetch_pinned_bundle(cp_url, pin)
+        elif bundle_file.is_file():
+            bundle = bundle_file.read_bytes()
+        else:
+            fail(f"no trust bundle for {cp_url}: pass --ca-file (copy {bundle_file} from the "
+                 "control plane host) or --pin <sha256 of its root>")
+    except OSError as exc:
+        fail(f"cannot read {ca_file}: {exc.strerror}")
+    except ClientError as exc:
+        fail(exc.message)
+    token = os.environ.get("MESHNODE_ADMIN_TOKEN", "").strip() or None
+    try:
+        if admin_token_file is not None:
+            token = admin_token_file.read_text().strip()
+        elif token is None and os.access(data_dir / "admin-token", os.R_OK):
+            token = (data_dir / "admin-token").read_text().strip()
+    except OSError as exc:
+        fail(f"cannot read the admin token {admin_token_file}: {exc.strerror}")
+    return ApiClient(cp_url, bundle, admin_token=token)
+
+
+def _call(client: Any, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+    from meshnode.controlplane.client import ClientError
+
+    try:
+        return client.call(method, path, body, **kw)
+    except ClientError as exc:
+        prefix = f"HTTP {exc.status}: " if exc.status else ""
+        fail(f"{prefix}{exc.message}")
+
+
+# --- token --------------------------------------------------------------------------
+
+
+@click.group()
+def token() -> None:
+    """Join tokens for enrolling nodes."""
+
+
+@token.command("create")
+@click.option("--node", required=True, help="The node name the token may enroll.")
+@click.option("--zone", default="", help="Pin the node to this zone.")
+@click.option("--ttl", default="1h", show_default=True, help="Validity (30m, 1h, 2d).")
+@_connection_options
+def token_create(node: str, zone: str, ttl: str, cp_url: str, ca_file: Path | None,
+                 pin: str | None, data_dir: Path, admin_token_file: Path | None) -> None:
+    """Create a single-use join token for NODE and print the enroll command."""
+    from meshnode.controlplane.server import parse_duration
+
+    try:
+        seconds = parse_duration(ttl)
+    except ValueError as exc:
+        fail(f"--ttl: {exc}")
+    client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
+    body: dict[str, Any] = {"node": node, "ttl_seconds": seconds}
+    if zone:
+        body["zone"] = zone
+    data = _call(client, "POST", "/v1/admin/tokens", body)
+    click.echo(data["token"])
+    click.echo(f"# single use, expires in {ttl}; on node {node} run:", err=True)
+    click.echo(f"meshnode enroll --cp {cp_url} --token {data['token']} --name {node}", err=True)
+
+
+# --- apply / get / delete -------------------------------------------------------------
+
+
+@click.command()
+@click.option("-f", "--filename", "path", required=True,
+              type=click.Path(dir_okay=False, allow_dash=True),
+              help="YAML file with one or more resources ('-' = stdin).")
+@_connection_options
+def apply(path: str, cp_url: str, ca_file: Path | None, pin: str | None, data_dir: Path,
+          admin_token_file: Path | None) -> None:
+    """Create or update resources from YAML: all documents or none."""
+    from meshnode.controlplane.resources import ResourceError, parse_documents
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror}")
+    source = "<stdin>" if path == "-" else path
+    try:
+        parse_documents(text, source=source)  # fail early, same messages as the server
+    except ResourceError as exc:
+        fail(str(exc))
+    client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
+    data = _call(client, "POST", "/v1/admin/resources?" + urlencode({"source": source}),
+                 text, content_type="application/yaml")  # fmt: skip
+    for line in data.get("results", []):
+        click.echo(line)
+
+
+def _kind(kind: str) -> str:
+    resolved = _KIND_ALIASES.get(kind.lower())
+    if resolved is None:
+        fail(f"unknown kind {kind!r}; use one of: nodes, workloads, services, "
+             "AuthorizationPolicy, PeerAuthentication, TrafficSplit, MeshConfig")
+    return resolved
+
+
+@click.command()
+@click.argument("kind")
+@click.argument("name", required=False)
+@click.option("-n", "--namespace", default=None, help="Only this namespace.")
+@click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table",
+              show_default=True)
+@_connection_options
+def get(kind: str, name: str | None, namespace: str | None, output: str, cp_url: str,
+        ca_file: Path | None, pin: str | None, data_dir: Path,
+        admin_token_file: Path | None) -> None:
+    """List nodes, workloads, services or resources of KIND (optionally one NAME)."""
+    api_kind = _kind(kind)
+    client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
+    if api_kind in ("nodes", "workloads", "services"):
+        items = _call(client, "GET", f"/v1/admin/{api_kind}")["items"]
+        items = [i for i in items if (name is None or i.get("name") == name)
+                 and (namespace is None or i.get("namespace", namespace) == namespace)]
+    else:
+        query = {"kind": api_kind}
+        if namespace:
+            query["namespace"] = namespace
+        if name:
+            query["name"] = name
+        items = _call(client, "GET", "/v1/admin/resources?" + urlencode(query))["items"]
+    if name is not None and not items:
+        fail(f"{kind} {name!r} not found")
+    if output == "json":
+        click.echo(json.dumps(items if name is None else items[0], indent=2))
+    elif output == "yaml":
+        click.echo(yaml.safe_dump_all(items, sort_keys=False, explicit_start=True), nl=False)
+    else:
+        click.echo(_table(api_kind, items))
+
+
+def _table(kind: str, items: list[dict[str, Any]]) -> str:
+    if kind == "nodes":
+        rows = [["NAME", "ZONE", "IP", "WORKLOADS"]] + [
+            [i["name"], i["zone"] or "-", i["ip"], str(i.get("workloads", 0))] for i in items]
+    elif kind == "workloads":
+        rows = [["NODE", "NAMESPACE", "NAME", "SERVICE", "PORT", "VERSION"]] + [
+            [i["node"], i["namespace"], i["name"], i["service"] or "-", str(i["port"]),
+             i["version"] or "-"] for i in items]
+    elif kind == "services":
+        rows = [["NAMESPACE", "NAME", "VIP", "PORT", "ENDPOINTS"]] + [
+            [i["namespace"], i["name"], i["vip"], str(i["ports"][0]["port"]),
+             str(len(i["endpoints"]))] for i in items]
+    else:
+        rows = [["KIND", "NAMESPACE", "NAME"]] + [
+            [i["kind"], i["metadata"].get("namespace", "-"), i["metadata"]["name"]]
+            for i in items]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)  # fmt: skip
+
+
+@click.command()
+@click.argument("kind")
+@click.argument("name")
+@click.option("-n", "--namespace", default="default", show_default=True)
+@click.option("--node", default=None, help="For workloads: the node it runs on.")
+@_connection_options
+def delete(kind: str, name: str, namespace: str, node: str | None, cp_url: str,
+           ca_file: Path | None, pin: str | None, data_dir: Path,
+           admin_token_file: Path | None) -> None:
+    """Delete a node (and its workloads), a workload, or a resource."""
+    api_kind = _kind(kind)
+    if api_kind == "services":
+        fail("services exist while workloads name them; delete those workloads instead")
+    client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
+    if api_kind == "nodes":
+        path = f"/v1/admin/nodes/{quote(name)}"
+    elif api_kind == "workloads":
+        if not node:
+            fail("deleting a workload needs --node NODE (see: meshnode get workloads)")
+        path = f"/v1/admin/workloads/{quote(node)}/{quote(name)}"
+    else:
+        ns = "default" if api_kind == "MeshConfig" else namespace
+        path = f"/v1/admin/resources/{api_kind}/{quote(ns)}/{quote(name)}"
+    data = _call(client, "DELETE", path)
+    click.echo(f"{kind} {data.get('deleted', name)} deleted")

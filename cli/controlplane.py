@@ -1,0 +1,73 @@
+"""`meshnode controlplane run`: the control-plane server (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+import click
+from meshnode.cli.common import fail, setup_logging
+
+DEFAULT_DATA_DIR = "/var/lib/meshnode-cp"
+
+
+@click.group()
+def controlplane() -> None:
+    """The mesh control plane: registry, CA, node and admin API."""
+
+
+@controlplane.command("run")
+@click.option("--listen", default="0.0.0.0:15012", show_default=True, help="HOST:PORT to serve.")
+@click.option("--db", default=None,
+              help="sqlite:///path/cp.db or postgresql://user:pw@host/db "
+                   "[default: sqlite in --data-dir]")
+@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True,
+              type=click.Path(file_okay=False, path_type=Path),
+              help="Admin token, trust bundle copy and (SQLite) the database.")
+@click.option("--trust-domain", default="cluster.local", show_default=True)
+@click.option("--cert-ttl", default="24h", show_default=True,
+              help="Lifetime of node and workload certificates (30s, 15m, 24h, 7d).")
+@click.option("--advertise", default="",
+              help="IP[,IP]: addresses nodes use to reach this control plane (server cert SANs).")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def run(listen: str, db: str | None, data_dir: Path, trust_domain: str, cert_ttl: str,
+        advertise: str, log_level: str) -> None:
+    """Serve the control-plane API over TLS 1.3 until SIGTERM."""
+    from meshnode.controlplane.ca import CAError
+    from meshnode.controlplane.server import (
+        ControlPlaneConfig,
+        default_db_url,
+        parse_duration,
+        split_listen,
+    )
+    from meshnode.controlplane.server import run as serve
+    from meshnode.controlplane.store import StoreError, open_store
+    from meshnode.ztunnel.identity import IdentityError, validate_trust_domain
+
+    setup_logging(log_level)
+    try:
+        ttl = parse_duration(cert_ttl)
+        split_listen(listen)
+        validate_trust_domain(trust_domain)
+    except (ValueError, IdentityError) as exc:
+        fail(str(exc))
+    ips = [a.strip() for a in advertise.split(",") if a.strip()]
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        store = open_store(db or default_db_url(data_dir))
+    except (StoreError, OSError) as exc:
+        fail(f"{exc}")
+    config = ControlPlaneConfig(trust_domain=trust_domain, cert_ttl=timedelta(seconds=ttl),
+                                advertise=ips, data_dir=data_dir)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(serve(store, config, listen))
+    except (StoreError, CAError, OSError) as exc:
+        fail(f"control plane stopped: {exc}")

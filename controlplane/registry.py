@@ -1,0 +1,372 @@
+"""What the control plane knows, as values, and the node slices cut from it.
+
+Pure: no I/O, no clocks. A :class:`Registry` holds nodes, workloads, services (with
+their VIPs) and policy resources. Mutations are functions ``Registry -> Registry``;
+:func:`diff` turns a before/after pair into change-log entries, so every way of
+changing the registry produces the same, correct log. :func:`node_slice` and
+:func:`changes_since` answer a node's ``GET /v1/node/config`` (docs/protocol.md).
+
+Keys in the change log (what a node receives in ``changes[].key``):
+
+- workload: ``<name>`` (workload names are unique per node; only the owning node
+  sees the change),
+- service: ``<namespace>/<name>``,
+- resource: ``<kind>/<namespace>/<name>``.
+
+Two internal kinds never reach a node as changes: ``node`` (this node's own record
+changed) and ``ca`` (the trust bundle changed); both make :func:`changes_since`
+answer "send a full slice" for the nodes concerned.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+__all__ = [
+    "VIP_NETWORK",
+    "Change",
+    "NodeRecord",
+    "Registry",
+    "RegistryError",
+    "ServiceRecord",
+    "WorkloadRecord",
+    "allocate_vip",
+    "apply_resources",
+    "changes_since",
+    "delete_node",
+    "delete_resource",
+    "delete_workload",
+    "diff",
+    "node_slice",
+    "put_node",
+    "put_workload",
+    "service_documents",
+]
+
+VIP_NETWORK = ipaddress.IPv4Network("240.0.0.0/4")
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_VERSION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+
+
+class RegistryError(ValueError):
+    """A request would make the registry invalid. `status` is the HTTP status."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    name: str
+    zone: str
+    ip: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "zone": self.zone, "ip": self.ip}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadRecord:
+    node: str
+    name: str
+    namespace: str
+    service: str  # "" = in no service
+    service_account: str
+    port: int
+    version: str = ""
+
+    def slice_dict(self) -> dict[str, Any]:
+        """The form in a node slice (protocol.md: `workloads`)."""
+        return {
+            "name": self.name,
+            "namespace": self.namespace,
+            "service": self.service,
+            "service_account": self.service_account,
+            "port": self.port,
+            "version": self.version,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, **self.slice_dict()}
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    namespace: str
+    name: str
+    vip: str
+    port: int  # the service port: the port of the workload that created the service
+
+
+@dataclass(frozen=True, slots=True)
+class Registry:
+    nodes: Mapping[str, NodeRecord] = field(default_factory=dict)
+    workloads: Mapping[tuple[str, str], WorkloadRecord] = field(default_factory=dict)
+    services: Mapping[tuple[str, str], ServiceRecord] = field(default_factory=dict)
+    # (kind, namespace, name) -> resource document (resources.py JSON form)
+    resources: Mapping[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One change-log entry. `nodes` None = every node's slice is affected."""
+
+    revision: int
+    op: str  # "put" | "delete"
+    kind: str  # "workload" | "service" | "resource" | "node" | "ca"
+    key: str
+    value: dict[str, Any] | None
+    nodes: tuple[str, ...] | None
+
+    def concerns(self, node: str) -> bool:
+        return self.nodes is None or node in self.nodes
+
+    def wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.op, "kind": self.kind, "key": self.key}
+        if self.op == "put":
+            out["value"] = self.value
+        return out
+
+
+# --- validation ---------------------------------------------------------------------
+
+
+def check_label(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _LABEL.fullmatch(value):
+        raise RegistryError(
+            f"{what}: {value!r} is not a DNS label (1-63 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit)"
+        )
+    return value
+
+
+def check_port(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise RegistryError(f"{what}: {value!r} is not a port (an integer 1-65535)")
+    return value
+
+
+def check_ip(value: object, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise RegistryError(f"{what}: {value!r} is not an IP address") from None
+
+
+def workload_from_request(node: str, body: Mapping[str, Any]) -> WorkloadRecord:
+    """Validate a ``POST /v1/node/workloads`` body; errors name the field."""
+    allowed = {"name", "namespace", "service", "service_account", "port", "version"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise RegistryError(
+            f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
+    name = check_label(body.get("name"), "name")
+    namespace = check_label(body.get("namespace", "default"), "namespace")
+    service = body.get("service", name)
+    if service != "":
+        check_label(service, "service")
+    account = check_label(body.get("service_account", service or name), "service_account")
+    port = check_port(body.get("port"), "port")
+    version = body.get("version", "") or ""
+    if version and (not isinstance(version, str) or not _VERSION.fullmatch(version)):
+        raise RegistryError(f"version: {version!r} is not a label like v1")
+    return WorkloadRecord(node, name, namespace, service, account, port, version)
+
+
+# --- VIPs ---------------------------------------------------------------------------
+
+
+def allocate_vip(used: Iterable[str]) -> str:
+    """The lowest free address of 240.0.0.0/4, skipping the network address."""
+    taken = {int(ipaddress.IPv4Address(v)) for v in used}
+    first = int(VIP_NETWORK.network_address) + 1
+    last = int(VIP_NETWORK.broadcast_address) - 1
+    candidate = first
+    for value in sorted(t for t in taken if t >= first):
+        if value > candidate:
+            break
+        if value == candidate:
+            candidate += 1
+    if candidate > last:
+        raise RegistryError("no free VIP left in 240.0.0.0/4", status=507)
+    return str(ipaddress.IPv4Address(candidate))
+
+
+# --- mutations ----------------------------------------------------------------------
+
+
+def put_node(reg: Registry, node: NodeRecord) -> Registry:
+    check_label(node.name, "node name")
+    if node.zone:
+        check_label(node.zone, "zone")
+    check_ip(node.ip, "ip")
+    return replace(reg, nodes={**reg.nodes, node.name: node})
+
+
+def delete_node(reg: Registry, name: str) -> Registry:
+    """Forget a node and its workloads (services left empty go with them)."""
+    if name not in reg.nodes:
+        raise RegistryError(f"node {name!r} is not registered", status=404)
+    nodes = {k: v for k, v in reg.nodes.items() if k != name}
+    workloads = {k: v for k, v in reg.workloads.items() if v.node != name}
+    return _prune_services(replace(reg, nodes=nodes, workloads=workloads))
+
+
+def put_workload(reg: Registry, wl: WorkloadRecord) -> Registry:
+    """Register or update a workload; a new (namespace, service) gets the lowest free VIP."""
+    if wl.node not in reg.nodes:
+        raise RegistryError(f"node {wl.node!r} is not registered", status=404)
+    workloads = {**reg.workloads, (wl.node, wl.name): wl}
+    services = dict(reg.services)
+    if wl.service and (wl.namespace, wl.service) not in services:
+        vip = allocate_vip(s.vip for s in services.values())
+        services[(wl.namespace, wl.service)] = ServiceRecord(wl.namespace, wl.service, vip, wl.port)
+    return _prune_services(replace(reg, workloads=workloads, services=services))
+
+
+def delete_workload(reg: Registry, node: str, name: str) -> Registry:
+    if (node, name) not in reg.workloads:
+        raise RegistryError(f"no workload {name!r} is registered on node {node!r}", status=404)
+    workloads = {k: v for k, v in reg.workloads.items() if k != (node, name)}
+    return _prune_services(replace(reg, workloads=workloads))
+
+
+def _prune_services(reg: Registry) -> Registry:
+    """A service exists while a workload names it; then its VIP is free again."""
+    wanted = {(w.namespace, w.service) for w in reg.workloads.values() if w.service}
+    return replace(reg, services={k: v for k, v in reg.services.items() if k in wanted})
+
+
+def apply_resources(
+    reg: Registry, docs: Sequence[dict[str, Any]]
+) -> tuple[Registry, list[str]]:
+    """Put validated resource documents; results like ``AuthorizationPolicy/x created``."""
+    resources = dict(reg.resources)
+    results = []
+    for doc in docs:
+        key = resource_key(doc)
+        old = resources.get(key)
+        verb = "created" if old is None else ("unchanged" if old == doc else "configured")
+        resources[key] = doc
+        results.append(f"{key[0]}/{key[2]} {verb}")
+    return replace(reg, resources=resources), results
+
+
+def delete_resource(reg: Registry, kind: str, namespace: str, name: str) -> Registry:
+    key = (kind, namespace, name)
+    if key not in reg.resources:
+        raise RegistryError(f"{kind} {namespace}/{name} not found", status=404)
+    return replace(reg, resources={k: v for k, v in reg.resources.items() if k != key})
+
+
+def resource_key(doc: Mapping[str, Any]) -> tuple[str, str, str]:
+    meta = doc.get("metadata", {})
+    return (str(doc["kind"]), str(meta.get("namespace", "default")), str(meta["name"]))
+
+
+# --- what nodes see -----------------------------------------------------------------
+
+
+def service_documents(reg: Registry) -> dict[tuple[str, str], dict[str, Any]]:
+    """Service documents in the ztunnel snapshot schema (ztunnel/state.py), by key."""
+    out = {}
+    for key, svc in sorted(reg.services.items()):
+        endpoints = []
+        for wl in sorted(reg.workloads.values(), key=lambda w: (w.node, w.name)):
+            if (wl.namespace, wl.service) != key:
+                continue
+            node = reg.nodes.get(wl.node)
+            if node is None:
+                continue
+            endpoints.append({
+                "workload": wl.name, "namespace": wl.namespace,
+                "service_account": wl.service_account, "node": node.name,
+                "node_ip": node.ip, "address": node.ip, "zone": node.zone,
+                "port": wl.port, "service_port": svc.port, "version": wl.version,
+            })  # fmt: skip
+        out[key] = {
+            "name": svc.name,
+            "namespace": svc.namespace,
+            "vip": svc.vip,
+            "ports": [{"port": svc.port, "target_port": svc.port}],
+            "endpoints": endpoints,
+        }
+    return out
+
+
+def node_slice(
+    reg: Registry, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
+) -> dict[str, Any]:
+    """The full slice of protocol.md for `node` (which must be registered)."""
+    rec = reg.nodes[node]
+    out: dict[str, Any] = {
+        "revision": revision,
+        "full": True,
+        "node": rec.to_dict(),
+        "trust_domain": trust_domain,
+        "workloads": [
+            w.slice_dict()
+            for (n, _), w in sorted(reg.workloads.items())
+            if n == node
+        ],
+        "services": list(service_documents(reg).values()),
+        "resources": [doc for _, doc in sorted(reg.resources.items())],
+    }
+    if trust_bundle is not None:
+        out["trust_bundle"] = trust_bundle
+    return out
+
+
+def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
+    """The change-log entries that take every node's slice from `before` to `after`."""
+    changes: list[Change] = []
+
+    def add(op: str, kind: str, key: str, value: dict[str, Any] | None,
+            nodes: tuple[str, ...] | None) -> None:
+        changes.append(Change(revision, op, kind, key, value, nodes))
+
+    for name in sorted(set(before.nodes) | set(after.nodes)):
+        old, new = before.nodes.get(name), after.nodes.get(name)
+        if old != new:
+            add("put" if new else "delete", "node", name, new.to_dict() if new else None, (name,))
+    for wkey in sorted(set(before.workloads) | set(after.workloads)):
+        wold, wnew = before.workloads.get(wkey), after.workloads.get(wkey)
+        if wold != wnew:
+            value = wnew.slice_dict() if wnew else None
+            add("put" if wnew else "delete", "workload", wkey[1], value, (wkey[0],))
+    sold, snew = service_documents(before), service_documents(after)
+    for skey in sorted(set(sold) | set(snew)):
+        if sold.get(skey) != snew.get(skey):
+            add("put" if skey in snew else "delete", "service", "/".join(skey),
+                snew.get(skey), None)
+    for rkey in sorted(set(before.resources) | set(after.resources)):
+        rold, rnew = before.resources.get(rkey), after.resources.get(rkey)
+        if rold != rnew:
+            add("put" if rnew else "delete", "resource", "/".join(rkey), rnew, None)
+    return changes
+
+
+def changes_since(
+    log: Sequence[Change], floor: int, since: int, node: str, revision: int
+) -> list[dict[str, Any]] | None:
+    """`node`'s slice changes after revision `since`, oldest first, one per key (the
+    last wins), or None when a full slice must be sent instead: `since` is older than
+    the log keeps (`floor` = the newest revision no longer in `log`), newer than the
+    current `revision`, or the node's own record or the trust bundle changed."""
+    if since < floor or since > revision:
+        return None
+    latest: dict[tuple[str, str], Change] = {}
+    for change in log:
+        if change.revision <= since or not change.concerns(node):
+            continue
+        if change.kind == "ca" or (change.kind == "node" and change.key == node):
+            return None
+        latest.pop((change.kind, change.key), None)
+        latest[(change.kind, change.key)] = change  # re-insert: order by last change
+    return [c.wire() for c in latest.values() if c.kind in ("workload", "service", "resource")]

@@ -1,0 +1,656 @@
+"""Durable control-plane state: one interface, SQLite (embedded) or PostgreSQL (HA).
+
+Every mutation is one transaction that locks the ``meta`` row (``SELECT ... FOR
+UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), loads the registry, applies a
+pure function from :mod:`registry`, writes the rows that differ, appends the
+:func:`registry.diff` to the ``changes`` table and bumps the global revision. So two
+control planes on one PostgreSQL serialize their writes, and a UNIQUE constraint on
+``services.vip`` backs up the VIP allocation.
+
+Other replicas learn about commits from ``NOTIFY meshnode_revision`` (sent inside
+the transaction, delivered on commit); :meth:`Store.wait_for_change` blocks on it
+with a timeout, and the caller re-reads the revision after every wake-up, so a lost
+notification costs at most one timeout. SQLite has an in-process condition instead
+(several processes on one SQLite file are not supported).
+
+The store is blocking (call it from a thread); one connection per store, guarded by
+a lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from meshnode.controlplane.ca import CertificateAuthority, RotatingCA
+from meshnode.controlplane.registry import (
+    Change,
+    NodeRecord,
+    Registry,
+    ServiceRecord,
+    WorkloadRecord,
+    diff,
+    put_node,
+)
+from meshnode.controlplane.tokens import ParsedToken, TokenRecord, root_pin, verify_token
+
+__all__ = [
+    "KEEP_REVISIONS",
+    "SCHEMA",
+    "CARow",
+    "StateRead",
+    "Store",
+    "StoreError",
+    "open_store",
+]
+
+T = TypeVar("T")
+KEEP_REVISIONS = 1000  # the change log keeps this many revisions; older nodes get a full slice
+NOTIFY_CHANNEL = "meshnode_revision"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    revision BIGINT NOT NULL,
+    log_floor BIGINT NOT NULL
+);
+INSERT INTO meta (id, revision, log_floor) VALUES (1, 0, 0) ON CONFLICT (id) DO NOTHING;
+CREATE TABLE IF NOT EXISTS ca (
+    pin TEXT PRIMARY KEY,
+    revision BIGINT NOT NULL,
+    root_cert TEXT NOT NULL,
+    root_key TEXT NOT NULL,
+    intermediate_cert TEXT NOT NULL,
+    intermediate_key TEXT NOT NULL,
+    retire_at DOUBLE PRECISION
+);
+CREATE TABLE IF NOT EXISTS admin_tokens (
+    sha256 TEXT PRIMARY KEY,
+    created_at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    secret_sha256 TEXT NOT NULL,
+    node TEXT NOT NULL,
+    zone TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL,
+    used_at DOUBLE PRECISION,
+    used_by TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    zone TEXT NOT NULL,
+    ip TEXT NOT NULL,
+    revision BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS workloads (
+    node TEXT NOT NULL,
+    name TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    service TEXT NOT NULL,
+    service_account TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    version TEXT NOT NULL,
+    revision BIGINT NOT NULL,
+    PRIMARY KEY (node, name)
+);
+CREATE TABLE IF NOT EXISTS services (
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    vip TEXT NOT NULL UNIQUE,
+    port INTEGER NOT NULL,
+    revision BIGINT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+CREATE TABLE IF NOT EXISTS resources (
+    kind TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    revision BIGINT NOT NULL,
+    PRIMARY KEY (kind, namespace, name)
+);
+CREATE TABLE IF NOT EXISTS changes (
+    revision BIGINT NOT NULL,
+    seq INTEGER NOT NULL,
+    op TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT,
+    nodes TEXT,
+    PRIMARY KEY (revision, seq)
+);
+"""
+
+
+class StoreError(Exception):
+    """The database cannot be used; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True, slots=True)
+class CARow:
+    pin: str
+    revision: int
+    root_cert: str
+    root_key: str
+    intermediate_cert: str
+    intermediate_key: str
+    retire_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class StateRead:
+    """One consistent read: the registry at `revision` and the log after `after`."""
+
+    revision: int
+    floor: int
+    registry: Registry
+    changes: list[Change]
+    ca: list[CARow]
+
+
+class _Tx(Protocol):
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+
+class _Backend(Protocol):
+    lock_suffix: str
+
+    def transaction(self, write: bool) -> contextlib.AbstractContextManager[_Tx]: ...
+    def notify(self, tx: _Tx, revision: int) -> None: ...
+    def committed(self, revision: int) -> None: ...
+    def wait_for_change(self, timeout: float) -> None: ...
+    def close(self) -> None: ...
+
+
+# --- backends -----------------------------------------------------------------------
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return list(self._conn.execute(sql, tuple(params)).fetchall())
+
+
+class _SqliteBackend:
+    lock_suffix = ""  # BEGIN IMMEDIATE already holds the write lock
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self._conn = sqlite3.connect(
+                str(path), isolation_level=None, check_same_thread=False, timeout=30
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open SQLite database {path}: {exc}") from None
+        with contextlib.suppress(OSError):
+            path.chmod(0o600)  # it holds the CA keys
+        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._seen = 0
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool) -> Iterator[_Tx]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield _SqliteTx(self._conn)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def notify(self, tx: _Tx, revision: int) -> None:
+        pass
+
+    def committed(self, revision: int) -> None:
+        with self._changed:
+            self._seen = max(self._seen, revision)
+            self._changed.notify_all()
+
+    def wait_for_change(self, timeout: float) -> None:
+        with self._changed:
+            seen = self._seen
+            self._changed.wait_for(lambda: self._seen != seen, timeout)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+        self.committed(self._seen + 1)
+
+
+class _PgTx:
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = self._conn.execute(sql.replace("?", "%s"), tuple(params))
+        return list(cur.fetchall()) if cur.description is not None else []
+
+
+class _PostgresBackend:
+    lock_suffix = " FOR UPDATE"
+
+    def __init__(self, dsn: str) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        self._dsn = dsn
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self._listener: Any = None
+        self._closed = False
+        with self._lock:
+            self._connect()  # fail at start-up with a clear message
+
+    def _connect(self) -> Any:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = self._psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
+            except self._psycopg.Error as exc:
+                raise StoreError(
+                    f"cannot connect to PostgreSQL ({_redact(self._dsn)}): {exc}".strip()
+                ) from None
+        return self._conn
+
+    @contextlib.contextmanager
+    def transaction(self, write: bool) -> Iterator[_Tx]:
+        with self._lock:
+            conn = self._connect()
+            try:
+                conn.execute(
+                    "BEGIN ISOLATION LEVEL READ COMMITTED"
+                    if write
+                    else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+                )
+                try:
+                    yield _PgTx(conn)
+                except BaseException:
+                    if not conn.closed:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except self._psycopg.OperationalError as exc:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise StoreError(f"PostgreSQL connection failed: {exc}") from None
+
+    def notify(self, tx: _Tx, revision: int) -> None:
+        tx.rows("SELECT pg_notify(?, ?)", (NOTIFY_CHANNEL, str(revision)))
+
+    def committed(self, revision: int) -> None:
+        pass  # NOTIFY reaches this process's listener too
+
+    def wait_for_change(self, timeout: float) -> None:
+        try:
+            if self._listener is None or self._listener.closed:
+                self._listener = self._psycopg.connect(
+                    self._dsn, autocommit=True, connect_timeout=10
+                )
+                self._listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
+            for _ in self._listener.notifies(timeout=timeout, stop_after=1):
+                pass
+        except self._psycopg.Error:
+            if self._listener is not None:
+                with contextlib.suppress(Exception):
+                    self._listener.close()
+            self._listener = None
+            if not self._closed:
+                time.sleep(timeout)  # the caller re-reads the revision anyway
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                self._listener.close()
+
+
+def _redact(dsn: str) -> str:
+    """The DSN without its password, for messages."""
+    if "://" in dsn and "@" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+    return dsn
+
+
+def open_store(url: str) -> Store:
+    """``sqlite:///abs/path.db``, ``sqlite:relative.db`` or ``postgresql://...``."""
+    if url.startswith(("postgresql://", "postgres://")):
+        backend: _Backend = _PostgresBackend(url)
+    elif url.startswith("sqlite:"):
+        path = url[len("sqlite:") :]
+        if path.startswith("//"):
+            path = path[2:]  # sqlite:///var/lib/x.db -> /var/lib/x.db
+        if not path:
+            raise StoreError(f"no file in database URL {url!r}: use sqlite:///path/to/cp.db")
+        backend = _SqliteBackend(Path(path))
+    else:
+        raise StoreError(
+            f"unsupported database URL {url!r}: use sqlite:///path/to/cp.db or "
+            "postgresql://user:password@host/dbname"
+        )
+    store = Store(backend)
+    store.initialize()
+    return store
+
+
+# --- the store ----------------------------------------------------------------------
+
+
+class Store:
+    def __init__(self, backend: _Backend) -> None:
+        self._b = backend
+        self.is_postgres = isinstance(backend, _PostgresBackend)
+
+    def initialize(self) -> None:
+        with self._b.transaction(write=True) as tx:
+            if self.is_postgres:  # two replicas starting at once must not race on DDL
+                tx.rows("SELECT pg_advisory_xact_lock(7426518)")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    tx.rows(statement)
+
+    def close(self) -> None:
+        self._b.close()
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until another commit may have happened, or `timeout` seconds."""
+        self._b.wait_for_change(timeout)
+
+    # -- reads ------------------------------------------------------------------------
+
+    def revision(self) -> int:
+        with self._b.transaction(write=False) as tx:
+            return int(tx.rows("SELECT revision FROM meta WHERE id = 1")[0][0])
+
+    def read_state(self, after: int | None = None) -> StateRead:
+        """Registry, CA rows and the changes with revision > `after` (None: all kept)."""
+        with self._b.transaction(write=False) as tx:
+            revision, floor = tx.rows("SELECT revision, log_floor FROM meta WHERE id = 1")[0]
+            start = floor if after is None else max(after, floor)
+            return StateRead(
+                int(revision),
+                int(floor),
+                _load_registry(tx),
+                _load_changes(tx, start),
+                _load_ca(tx),
+            )
+
+    def registry(self) -> Registry:
+        return self.read_state(after=2**62).registry
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        with self._b.transaction(write=False) as tx:
+            return _load_token(tx, token_id)
+
+    def admin_token_hashes(self) -> set[str]:
+        with self._b.transaction(write=False) as tx:
+            return {r[0] for r in tx.rows("SELECT sha256 FROM admin_tokens")}
+
+    def ca_rows(self) -> list[CARow]:
+        with self._b.transaction(write=False) as tx:
+            return _load_ca(tx)
+
+    # -- mutations --------------------------------------------------------------------
+
+    def mutate(
+        self,
+        fn: Callable[[_Tx, Registry, int], tuple[Registry, T]],
+        extra: Sequence[tuple[str, str, str]] = (),
+    ) -> tuple[int, T]:
+        """Run `fn(tx, registry, new_revision) -> (new registry, result)` in one write
+        transaction; persist the difference, log it plus `extra` (op, kind, key)
+        entries for every node, bump the revision. Exceptions roll everything back."""
+        with self._b.transaction(write=True) as tx:
+            row = tx.rows("SELECT revision, log_floor FROM meta WHERE id = 1" + self._b.lock_suffix)
+            revision, floor = int(row[0][0]), int(row[0][1])
+            new = revision + 1
+            before = _load_registry(tx)
+            after, result = fn(tx, before, new)
+            changes = diff(before, after, new)
+            changes += [Change(new, op, kind, key, None, None) for op, kind, key in extra]
+            _write_registry(tx, before, after, new)
+            for seq, c in enumerate(changes):
+                tx.rows(
+                    "INSERT INTO changes (revision, seq, op, kind, key, value, nodes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (new, seq, c.op, c.kind, c.key,
+                     None if c.value is None else json.dumps(c.value, sort_keys=True),
+                     None if c.nodes is None else json.dumps(list(c.nodes))),
+                )  # fmt: skip
+            new_floor = max(floor, new - KEEP_REVISIONS)
+            if new_floor > floor:
+                tx.rows("DELETE FROM changes WHERE revision <= ?", (new_floor,))
+            tx.rows("UPDATE meta SET revision = ?, log_floor = ? WHERE id = 1", (new, new_floor))
+            self._b.notify(tx, new)
+        self._b.committed(new)
+        return new, result
+
+    def create_token(self, record: TokenRecord) -> int:
+        def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, None]:
+            tx.rows(
+                "INSERT INTO tokens (id, secret_sha256, node, zone, created_at, expires_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, record.secret_sha256, record.node, record.zone,
+                 record.created_at, record.expires_at),
+            )  # fmt: skip
+            return reg, None
+
+        return self.mutate(fn)[0]
+
+    def enroll(
+        self, token: ParsedToken, name: str, zone: str, ip: str, now: float
+    ) -> tuple[int, NodeRecord]:
+        """Consume `token` and register node `name`, or raise TokenError changing nothing."""
+
+        def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, NodeRecord]:
+            lock = self._b.lock_suffix
+            record = _load_token(tx, token.id, lock)
+            node_zone = verify_token(record, token, name, zone, now)
+            tx.rows(
+                "UPDATE tokens SET used_at = ?, used_by = ? WHERE id = ?", (now, name, token.id)
+            )
+            node = NodeRecord(name, node_zone, ip)
+            return put_node(reg, node), node
+
+        return self.mutate(fn)
+
+    def add_admin_token_hash(self, sha256: str, now: float) -> None:
+        with self._b.transaction(write=True) as tx:
+            tx.rows(
+                "INSERT INTO admin_tokens (sha256, created_at) VALUES (?, ?) "
+                "ON CONFLICT (sha256) DO NOTHING",
+                (sha256, now),
+            )
+
+    def ensure_ca(self, create: Callable[[], CertificateAuthority]) -> RotatingCA:
+        """The stored CAs; on first start, `create()` one and store it (once, even
+        when two replicas start together)."""
+        rows = self.ca_rows()
+        if rows:
+            return rotating_ca(rows)
+
+        def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, RotatingCA]:
+            existing = _load_ca(tx)
+            if existing:
+                return reg, rotating_ca(existing)
+            ca = create()
+            _insert_ca(tx, ca, rev, None)
+            return reg, RotatingCA([(ca, None)])
+
+        return self.mutate(fn, extra=[("put", "ca", "bundle")])[1]
+
+    def rotate_ca(self, rotate: Callable[[RotatingCA], RotatingCA]) -> RotatingCA:
+        """Replace the CA set by `rotate(current)`: update retirement times, add new ones."""
+
+        def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, RotatingCA]:
+            current = rotating_ca(_load_ca(tx))
+            new = rotate(current)
+            pins = set()
+            for ca, retire in new.entries:
+                pin = root_pin(_der(ca))
+                pins.add(pin)
+                retire_ts = retire.timestamp() if retire is not None else None
+                if tx.rows("SELECT pin FROM ca WHERE pin = ?", (pin,)):
+                    tx.rows("UPDATE ca SET retire_at = ? WHERE pin = ?", (retire_ts, pin))
+                else:
+                    _insert_ca(tx, ca, rev, retire_ts)
+            for (pin,) in tx.rows("SELECT pin FROM ca"):
+                if pin not in pins:
+                    tx.rows("DELETE FROM ca WHERE pin = ?", (pin,))
+            return reg, new
+
+        return self.mutate(fn, extra=[("put", "ca", "bundle")])[1]
+
+
+def rotating_ca(rows: Sequence[CARow]) -> RotatingCA:
+    entries = []
+    for r in rows:
+        ca = CertificateAuthority.from_pem(
+            r.root_cert.encode(), r.root_key.encode(),
+            r.intermediate_cert.encode(), r.intermediate_key.encode(),
+        )  # fmt: skip
+        retire = datetime.fromtimestamp(r.retire_at, UTC) if r.retire_at is not None else None
+        entries.append((ca, retire))
+    return RotatingCA(entries)
+
+
+# --- rows <-> values ------------------------------------------------------------------
+
+
+def _der(ca: CertificateAuthority) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return ca.root_certificate.public_bytes(serialization.Encoding.DER)
+
+
+def _insert_ca(tx: _Tx, ca: CertificateAuthority, rev: int, retire_at: float | None) -> None:
+    pem = ca.to_pem()
+    tx.rows(
+        "INSERT INTO ca (pin, revision, root_cert, root_key, intermediate_cert, "
+        "intermediate_key, retire_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (root_pin(_der(ca)), rev, pem["root_cert"].decode(), pem["root_key"].decode(),
+         pem["intermediate_cert"].decode(), pem["intermediate_key"].decode(), retire_at),
+    )  # fmt: skip
+
+
+def _load_ca(tx: _Tx) -> list[CARow]:
+    rows = tx.rows(
+        "SELECT pin, revision, root_cert, root_key, intermediate_cert, intermediate_key, "
+        "retire_at FROM ca ORDER BY revision, pin"
+    )
+    return [CARow(r[0], int(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+
+def _load_token(tx: _Tx, token_id: str, lock: str = "") -> TokenRecord | None:
+    rows = tx.rows(
+        "SELECT id, secret_sha256, node, zone, created_at, expires_at, used_at, used_by "
+        "FROM tokens WHERE id = ?" + lock,
+        (token_id,),
+    )
+    if not rows:
+        return None
+    r = rows[0]
+    return TokenRecord(r[0], r[1], r[2], r[3], float(r[4]), float(r[5]),
+                       None if r[6] is None else float(r[6]), r[7])  # fmt: skip
+
+
+def _load_registry(tx: _Tx) -> Registry:
+    nodes = {
+        r[0]: NodeRecord(r[0], r[1], r[2]) for r in tx.rows("SELECT name, zone, ip FROM nodes")
+    }
+    workloads = {
+        (r[0], r[1]): WorkloadRecord(r[0], r[1], r[2], r[3], r[4], int(r[5]), r[6])
+        for r in tx.rows(
+            "SELECT node, name, namespace, service, service_account, port, version FROM workloads"
+        )
+    }
+    services = {
+        (r[0], r[1]): ServiceRecord(r[0], r[1], r[2], int(r[3]))
+        for r in tx.rows("SELECT namespace, name, vip, port FROM services")
+    }
+    resources = {
+        (r[0], r[1], r[2]): json.loads(r[3])
+        for r in tx.rows("SELECT kind, namespace, name, body FROM resources")
+    }
+    return Registry(nodes, workloads, services, resources)
+
+
+def _load_changes(tx: _Tx, after: int) -> list[Change]:
+    rows = tx.rows(
+        "SELECT revision, op, kind, key, value, nodes FROM changes WHERE revision > ? "
+        "ORDER BY revision, seq",
+        (after,),
+    )
+    return [
+        Change(int(r[0]), r[1], r[2], r[3],
+               None if r[4] is None else json.loads(r[4]),
+               None if r[5] is None else tuple(json.loads(r[5])))
+        for r in rows
+    ]  # fmt: skip
+
+
+def _write_registry(tx: _Tx, before: Registry, after: Registry, rev: int) -> None:
+    # Deletes first, so a VIP freed here may be taken again in the same transaction.
+    for key in before.services.keys() - after.services.keys():
+        tx.rows("DELETE FROM services WHERE namespace = ? AND name = ?", key)
+    for wkey in before.workloads.keys() - after.workloads.keys():
+        tx.rows("DELETE FROM workloads WHERE node = ? AND name = ?", wkey)
+    for name in before.nodes.keys() - after.nodes.keys():
+        tx.rows("DELETE FROM nodes WHERE name = ?", (name,))
+    for rkey in before.resources.keys() - after.resources.keys():
+        tx.rows("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?", rkey)
+
+    for name, n in after.nodes.items():
+        if before.nodes.get(name) != n:
+            tx.rows(
+                "INSERT INTO nodes (name, zone, ip, revision) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, ip = excluded.ip, "
+                "revision = excluded.revision",
+                (n.name, n.zone, n.ip, rev),
+            )
+    for skey, s in after.services.items():
+        if before.services.get(skey) != s:
+            tx.rows(
+                "INSERT INTO services (namespace, name, vip, port, revision) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (namespace, name) DO UPDATE SET vip = excluded.vip, "
+                "port = excluded.port, revision = excluded.revision",
+                (s.namespace, s.name, s.vip, s.port, rev),
+            )
+    for wkey, w in after.workloads.items():
+        if before.workloads.get(wkey) != w:
+            tx.rows(
+                "INSERT INTO workloads (node, name, namespace, service, service_account, port, "
+                "version, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (node, name) DO UPDATE SET namespace = excluded.namespace, "
+                "service = excluded.service, service_account = excluded.service_account, "
+                "port = excluded.port, version = excluded.version, revision = excluded.revision",
+                (w.node, w.name, w.namespace, w.service, w.service_account, w.port, w.version,
+                 rev),
+            )  # fmt: skip
+    for rkey, doc in after.resources.items():
+        if before.resources.get(rkey) != doc:
+            tx.rows(
+                "INSERT INTO resources (kind, namespace, name, body, revision) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, namespace, name) DO UPDATE SET "
+                "body = excluded.body, revision = excluded.revision",
+                (*rkey, json.dumps(doc), rev),
+            )

@@ -1,0 +1,405 @@
+"""Pure control-plane logic: tokens, VIPs, node slices, change log, CA additions."""
+
+from __future__ import annotations
+
+import ssl
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from meshnode.controlplane import registry as R
+from meshnode.controlplane.ca import (
+    CAError,
+    CertificateAuthority,
+    RotatingCA,
+    generate_private_key,
+    make_csr,
+    node_name_from_certificate,
+)
+from meshnode.controlplane.tokens import (
+    TokenError,
+    make_token,
+    parse_token,
+    root_pin,
+    verify_token,
+)
+from meshnode.ztunnel.identity import IdentityError, SpiffeId, spiffe_id_from_certificate
+
+PIN = "ab" * 32
+NOW = 1_700_000_000.0
+
+# --- tokens --------------------------------------------------------------------------
+
+
+def _token(node: str = "node1", zone: str = "", ttl: float = 3600) -> tuple[str, object]:
+    return make_token(node, zone, ttl, PIN, NOW)
+
+
+def test_token_format_and_stored_hash() -> None:
+    text, rec = _token()
+    prefix, tid, secret, pin = text.split(".")
+    assert prefix == "mn1" and len(tid) == 8 and len(secret) == 32 and pin == PIN
+    assert rec.id == tid  # type: ignore[attr-defined]
+    assert secret not in repr(rec)  # only its hash is kept
+    assert parse_token(text).secret == secret
+
+
+def test_token_accepted_once_for_its_node() -> None:
+    text, rec = make_token("node1", "zone-a", 3600, PIN, NOW)
+    assert verify_token(rec, parse_token(text), "node1", "", NOW + 10) == "zone-a"
+    used = rec.consumed(NOW + 10, "node1")
+    with pytest.raises(TokenError) as exc:
+        verify_token(used, parse_token(text), "node1", "", NOW + 20)
+    assert exc.value.status == 401 and "already used" in exc.value.message
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "words"),
+    [
+        ("expired", 401, "expired"),
+        ("wrong-node", 403, "is for node"),
+        ("wrong-zone", 403, "zone"),
+        ("tampered-secret", 401, "unknown token"),
+        ("unknown", 401, "unknown token"),
+    ],
+)
+def test_token_refusals(case: str, status: int, words: str) -> None:
+    text, rec = make_token("node1", "zone-a", 60, PIN, NOW)
+    parsed = parse_token(text)
+    name, zone, now, record = "node1", "", NOW + 1, rec
+    if case == "expired":
+        now = NOW + 61
+    elif case == "wrong-node":
+        name = "node2"
+    elif case == "wrong-zone":
+        zone = "zone-b"
+    elif case == "tampered-secret":
+        flipped = ("0" if parsed.secret[0] != "0" else "1") + parsed.secret[1:]
+        parsed = parse_token(f"mn1.{parsed.id}.{flipped}.{parsed.pin}")
+    elif case == "unknown":
+        record = None
+    with pytest.raises(TokenError) as exc:
+        verify_token(record, parsed, name, zone, now)
+    assert exc.value.status == status
+    assert words in exc.value.message
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "mn2.01234567.0123456789abcdef0123456789abcdef." + PIN,
+        "mn1.0123456.0123456789abcdef0123456789abcdef." + PIN,  # short id
+        "mn1.01234567.0123456789abcdef0123456789abcde." + PIN,  # short secret
+        "mn1.01234567.0123456789abcdef0123456789abcdef." + PIN[:-1],  # short pin
+        "mn1.01234567.0123456789abcdef0123456789abcdef." + PIN.upper(),  # not lowercase hex
+        "mn1.01234567.0123456789abcdef0123456789abcdef." + "g" * 64,
+        "mn1.01234567.0123456789abcdef0123456789abcdef",
+    ],
+)
+def test_token_bad_format(bad: str) -> None:
+    with pytest.raises(TokenError) as exc:
+        parse_token(bad)
+    assert exc.value.status == 400
+
+
+def test_token_ttl_must_be_positive() -> None:
+    with pytest.raises(TokenError):
+        make_token("node1", "", 0, PIN, NOW)
+
+
+# --- VIPs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("used", "expected"),
+    [
+        ([], "240.0.0.1"),
+        (["240.0.0.1"], "240.0.0.2"),
+        (["240.0.0.1", "240.0.0.3"], "240.0.0.2"),
+        (["240.0.0.2"], "240.0.0.1"),
+        ([f"240.0.{i // 256}.{i % 256}" for i in range(1, 300)], "240.0.1.44"),
+    ],
+)
+def test_allocate_vip_lowest_free(used: list[str], expected: str) -> None:
+    assert R.allocate_vip(used) == expected
+
+
+def _reg() -> R.Registry:
+    reg = R.Registry()
+    reg = R.put_node(reg, R.NodeRecord("node1", "z1", "198.18.0.11"))
+    return R.put_node(reg, R.NodeRecord("node2", "z2", "198.18.0.12"))
+
+
+def _wl(
+    node: str, name: str, service: str, port: int = 8080, version: str = ""
+) -> R.WorkloadRecord:
+    return R.WorkloadRecord(node, name, "default", service, service, port, version)
+
+
+def test_vip_stable_per_service_and_not_reused_while_it_exists() -> None:
+    reg = R.put_workload(_reg(), _wl("node1", "web", "web"))
+    reg = R.put_workload(reg, _wl("node2", "api", "api"))
+    reg = R.put_workload(reg, _wl("node2", "api-2", "api", version="v2"))
+    vips = {k: s.vip for k, s in reg.services.items()}
+    assert vips == {("default", "web"): "240.0.0.1", ("default", "api"): "240.0.0.2"}
+    # Removing one of two endpoints keeps the service and its VIP.
+    reg = R.delete_workload(reg, "node2", "api")
+    assert reg.services[("default", "api")].vip == "240.0.0.2"
+    reg = R.put_workload(reg, _wl("node1", "db", "db"))
+    assert reg.services[("default", "db")].vip == "240.0.0.3"
+    # The last endpoint gone: the service and its VIP go; the VIP is free again.
+    reg = R.delete_workload(reg, "node1", "web")
+    assert ("default", "web") not in reg.services
+    reg = R.put_workload(reg, _wl("node1", "cache", "cache"))
+    assert reg.services[("default", "cache")].vip == "240.0.0.1"
+
+
+def test_workload_on_unknown_node_refused() -> None:
+    with pytest.raises(R.RegistryError) as exc:
+        R.put_workload(R.Registry(), _wl("ghost", "web", "web"))
+    assert exc.value.status == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"namespace": "default", "port": 80}, "name"),
+        ({"name": "Web", "port": 80}, "name"),
+        ({"name": "web", "port": 0}, "port"),
+        ({"name": "web", "port": "80"}, "port"),
+        ({"name": "web", "port": 80, "colour": "red"}, "colour"),
+        ({"name": "web", "port": 80, "namespace": "a_b"}, "namespace"),
+    ],
+)
+def test_workload_request_validation_names_the_field(body: dict, field: str) -> None:
+    with pytest.raises(R.RegistryError) as exc:
+        R.workload_from_request("node1", body)
+    assert field in str(exc.value)
+
+
+# --- slices and changes ----------------------------------------------------------------
+
+POLICY = {"kind": "AuthorizationPolicy", "metadata": {"name": "deny", "namespace": "default"},
+          "spec": {"action": "DENY", "rules": []}}  # fmt: skip
+
+
+def test_node_slice_shape_matches_the_ztunnel_schema() -> None:
+    reg = R.put_workload(_reg(), _wl("node1", "web", "web"))
+    reg = R.put_workload(reg, _wl("node2", "api", "api", port=9090, version="v1"))
+    reg, results = R.apply_resources(reg, [POLICY])
+    assert results == ["AuthorizationPolicy/deny created"]
+    s = R.node_slice(reg, "node1", 7, "cluster.local")
+    assert s["revision"] == 7 and s["full"] is True
+    assert s["node"] == {"name": "node1", "zone": "z1", "ip": "198.18.0.11"}
+    assert [w["name"] for w in s["workloads"]] == ["web"]  # only this node's
+    api = next(x for x in s["services"] if x["name"] == "api")
+    assert api == {
+        "name": "api", "namespace": "default", "vip": "240.0.0.2",
+        "ports": [{"port": 9090, "target_port": 9090}],
+        "endpoints": [{"workload": "api", "namespace": "default", "service_account": "api",
+                       "node": "node2", "node_ip": "198.18.0.12", "address": "198.18.0.12",
+                       "zone": "z2", "port": 9090, "service_port": 9090, "version": "v1"}],
+    }  # fmt: skip
+    assert s["resources"] == [POLICY]
+    # The services parse with the data plane's own parser.
+    from meshnode.ztunnel.state import parse_snapshot
+
+    state = parse_snapshot({"schema": 1, "version": 7, "node": s["node"],
+                            "trust_domain": "cluster.local", "trust_bundle": "/x",
+                            "workloads": [], "services": s["services"]})  # fmt: skip
+    assert state.find_service_by_vip("240.0.0.2") is not None
+
+
+def test_changes_since_only_the_nodes_slice() -> None:
+    log: list[R.Change] = []
+    reg = _reg()
+    log += R.diff(R.Registry(), reg, 1)
+    steps = [
+        lambda r: R.put_workload(r, _wl("node1", "web", "web")),  # rev 2
+        lambda r: R.put_workload(r, _wl("node2", "api", "api")),  # rev 3
+        lambda r: R.apply_resources(r, [POLICY])[0],  # rev 4
+    ]
+    for rev, step in enumerate(steps, 2):
+        new = step(reg)
+        log += R.diff(reg, new, rev)
+        reg = new
+    # node1 since 1: its own workload, both services, the policy; not node2's workload.
+    ch = R.changes_since(log, 0, 1, "node1", 4)
+    assert ch is not None
+    assert [(c["kind"], c["key"]) for c in ch] == [
+        ("workload", "web"), ("service", "default/web"), ("service", "default/api"),
+        ("resource", "AuthorizationPolicy/default/deny"),
+    ]  # fmt: skip
+    ch2 = R.changes_since(log, 0, 2, "node2", 4)
+    assert ch2 is not None
+    assert ("workload", "web") not in [(c["kind"], c["key"]) for c in ch2]
+    assert ("workload", "api") in [(c["kind"], c["key"]) for c in ch2]
+    assert R.changes_since(log, 0, 4, "node1", 4) == []
+    # Applied to node1's slice at rev 1, the changes give its slice at rev 4.
+    assert _apply(R.node_slice(_reg(), "node1", 1, "td"), ch) == _strip(
+        R.node_slice(reg, "node1", 4, "td"))
+
+
+def test_changes_since_collapses_keys_and_handles_deletes() -> None:
+    reg = R.put_workload(_reg(), _wl("node1", "web", "web"))
+    log = R.diff(_reg(), reg, 2)
+    log += R.diff(reg, R.delete_workload(reg, "node1", "web"), 3)
+    ch = R.changes_since(log, 0, 1, "node1", 3)
+    assert ch == [{"op": "delete", "kind": "workload", "key": "web"},
+                  {"op": "delete", "kind": "service", "key": "default/web"}]  # fmt: skip
+
+
+def test_changes_since_asks_for_full_when_log_is_too_short_or_node_changed() -> None:
+    reg = _reg()
+    moved = R.put_node(reg, R.NodeRecord("node1", "z1", "198.18.0.99"))
+    log = R.diff(reg, moved, 5)
+    assert R.changes_since(log, 4, 3, "node1", 5) is None  # older than the log keeps
+    assert R.changes_since(log, 4, 4, "node1", 5) is None  # node1's own record changed
+    assert R.changes_since(log, 4, 4, "node2", 5) == []
+    assert R.changes_since(log, 4, 9, "node2", 5) is None  # from the future: full
+    ca = [R.Change(6, "put", "ca", "bundle", None, None)]
+    assert R.changes_since(ca, 4, 5, "node2", 6) is None
+
+
+def _strip(s: dict) -> dict:
+    return {k: s[k] for k in ("workloads", "services", "resources")}
+
+
+def _apply(slice_: dict, changes: list[dict]) -> dict:
+    """What a node does with changes (by kind and key), as a test oracle."""
+    out = _strip(slice_)
+    keyfn = {
+        "workloads": lambda v: v["name"],
+        "services": lambda v: f"{v['namespace']}/{v['name']}",
+        "resources": lambda v: "/".join(
+            [v["kind"], v["metadata"].get("namespace", "default"), v["metadata"]["name"]]),
+    }
+    for c in changes:
+        field = c["kind"] + "s"
+        items = {keyfn[field](v): v for v in out[field]}
+        if c["op"] == "delete":
+            items.pop(c["key"], None)
+        else:
+            items[c["key"]] = c["value"]
+        out[field] = [items[k] for k in sorted(items)]
+    return {k: sorted(v, key=keyfn[k]) for k, v in out.items()}
+
+
+# --- CA: node and control-plane certificates, rotation ---------------------------------
+
+
+def _csr() -> bytes:
+    return make_csr(generate_private_key(), SpiffeId("cluster.local", "x", "y"))
+
+
+def _chain_verifies(chain_pem: bytes, bundle_pem: bytes, now: datetime) -> bool:
+    """Verify a leaf+intermediate chain against a bundle of roots at `now`."""
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    certs = x509.load_pem_x509_certificates(chain_pem)
+    roots = x509.load_pem_x509_certificates(bundle_pem)
+    verifier = PolicyBuilder().store(Store(roots)).time(now).build_client_verifier()
+    try:
+        verifier.verify(certs[0], certs[1:])
+    except VerificationError:
+        return False
+    return True
+
+
+def test_node_certificate_has_exactly_one_node_uri() -> None:
+    ca = CertificateAuthority.create("cluster.local")
+    pem = ca.issue_node_certificate(_csr(), "node1")
+    leaf = x509.load_pem_x509_certificates(pem)[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://cluster.local/node/node1"]
+    eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in eku
+    assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in eku
+    assert node_name_from_certificate(leaf, "cluster.local") == "node1"
+    assert node_name_from_certificate(leaf, "other.domain") is None
+    with pytest.raises(IdentityError):  # never a workload identity
+        spiffe_id_from_certificate(leaf)
+    with pytest.raises(CAError):
+        ca.issue_node_certificate(_csr(), "Node_1")
+
+
+def test_workload_certificate_is_not_a_node_certificate() -> None:
+    ca = CertificateAuthority.create("cluster.local")
+    pem = ca.issue_workload_certificate(_csr(), SpiffeId("cluster.local", "default", "web"))
+    assert node_name_from_certificate(x509.load_pem_x509_certificates(pem)[0],
+                                      "cluster.local") is None  # fmt: skip
+
+
+def test_controlplane_certificate_sans_and_ttl() -> None:
+    ca = CertificateAuthority.create("cluster.local")
+    key = generate_private_key()
+    now = datetime.now(UTC)
+    pem = ca.issue_controlplane_certificate(key, ["cp.example"], ["127.0.0.1", "10.0.0.5"],
+                                            timedelta(seconds=30), now=now)  # fmt: skip
+    leaf = x509.load_pem_x509_certificates(pem)[0]
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://cluster.local/controlplane"]
+    assert san.get_values_for_type(x509.DNSName) == ["cp.example"]
+    assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.0.0.5"]
+    assert leaf.not_valid_after_utc - now <= timedelta(seconds=31)
+    # It serves TLS: an ssl context accepts it with its key.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile() as c, tempfile.NamedTemporaryFile() as k:
+        c.write(pem)
+        c.flush()
+        k.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))  # fmt: skip
+        k.flush()
+        ctx.load_cert_chain(c.name, k.name)
+
+
+def test_workload_ttl_is_configurable_in_seconds() -> None:
+    ca = CertificateAuthority.create("cluster.local")
+    now = datetime.now(UTC)
+    pem = ca.issue_workload_certificate(_csr(), SpiffeId("cluster.local", "a", "b"),
+                                        timedelta(seconds=5), now=now)  # fmt: skip
+    assert x509.load_pem_x509_certificates(pem)[0].not_valid_after_utc == (
+        now + timedelta(seconds=5)).replace(microsecond=0)
+
+
+def test_rotation_overlap() -> None:
+    t0 = datetime.now(UTC)
+    cas = RotatingCA([(CertificateAuthority.create("cluster.local", now=t0), None)])
+    old_leaf = cas.active.issue_node_certificate(_csr(), "node1", now=t0)
+    old_root = cas.active.root_certificate
+
+    t1 = t0 + timedelta(minutes=5)
+    rotated = cas.rotate(timedelta(hours=1), now=t1)
+    assert rotated.active.root_certificate != old_root
+    new_leaf = rotated.active.issue_node_certificate(_csr(), "node1", now=t1)
+    # New certificates come from the new intermediate.
+    assert x509.load_pem_x509_certificates(new_leaf)[1] == rotated.active.intermediate_certificate
+
+    during = t1 + timedelta(minutes=30)
+    bundle = rotated.trust_bundle_pem(during)
+    roots = x509.load_pem_x509_certificates(bundle)
+    assert old_root in roots and rotated.active.root_certificate in roots and len(roots) == 2
+    assert _chain_verifies(old_leaf, bundle, during)
+    assert _chain_verifies(new_leaf, bundle, during)
+    assert rotated.verify_leaf(x509.load_pem_x509_certificates(old_leaf)[0], during)
+
+    after = t1 + timedelta(hours=1, seconds=1)
+    bundle_after = rotated.trust_bundle_pem(after)
+    assert x509.load_pem_x509_certificates(bundle_after) == [rotated.active.root_certificate]
+    assert not _chain_verifies(old_leaf, bundle_after, after)
+    assert not rotated.verify_leaf(x509.load_pem_x509_certificates(old_leaf)[0], after)
+    assert _chain_verifies(new_leaf, bundle_after, after)
+
+
+def test_root_pin_is_sha256_of_der() -> None:
+    import hashlib
+
+    ca = CertificateAuthority.create("cluster.local")
+    der = ca.root_certificate.public_bytes(serialization.Encoding.DER)
+    assert root_pin(der) == hashlib.sha256(der).hexdigest()
