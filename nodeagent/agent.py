@@ -121,6 +121,7 @@ class EnrolledSource:
         from meshnode.nodeagent.enrolled import load_workloads, node_config_from
 
         workloads = load_workloads(self.e.workloads_file)
+        self._update_trust_bundle()
         self._reconcile_registrations(workloads)
         cfg, self.problems = node_config_from(self.e, self.slice.doc, workloads,
                                               self.cgroup_root, BPF_PIN_DIR)
@@ -130,6 +131,23 @@ class EnrolledSource:
         self.version += 1
         cfg.version = self.version
         return cfg
+
+    def _update_trust_bundle(self) -> None:
+        """The control plane's slice carries the trust bundle: during a root
+        rotation it holds both roots, then only the new one."""
+        bundle = self.slice.doc.get("trust_bundle")
+        if not isinstance(bundle, str) or not bundle.strip():
+            return
+        data = bundle.encode()
+        try:
+            current = self.e.bundle.read_bytes()
+        except OSError:
+            current = b""
+        if data != current:
+            write_file_atomic(self.e.bundle, data, 0o644)
+            log.info("trust bundle updated from the control plane (%d roots)",
+                     bundle.count("BEGIN CERTIFICATE"))
+        self.client.last_bundle = data
 
     def _reconcile_registrations(self, workloads: list[Any]) -> None:
         """Local registry -> control plane: register what is missing or
