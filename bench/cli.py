@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from pathlib import Path
-from types import FrameType
 
 import click
 from meshnode.cli.common import fail
@@ -26,10 +24,6 @@ def _parse_paths(value: str | None) -> list[str]:
     if BASELINE not in wanted:
         wanted.insert(0, BASELINE)  # every ratio and the added latency need it
     return [p for p in PATHS if p in wanted]
-
-
-def _sigterm(_signum: int, _frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
 
 
 @click.command("bench")
@@ -77,15 +71,12 @@ def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: s
                    churn_seconds=1.0 if quick else 3.0)
     click.echo(f"meshnode bench: paths {', '.join(paths) or '(none)'}; {duration:.0f}s per "
                f"measurement x {repeat}; memory sub-benchmark: {'yes' if run_memory else 'no'}")
-    old = signal.signal(signal.SIGTERM, _sigterm)
     try:
-        doc = Bench(opts, log=click.echo).run()
+        doc = Bench(opts, log=click.echo).run()  # Ctrl-C / SIGTERM: KeyboardInterrupt
     except KeyboardInterrupt:
         fail("interrupted; the lab was taken down", code=130)
     except (BenchError, LabError, HostError, BpfError) as exc:
         fail(f"bench failed: {exc}\n(the lab was taken down)")
-    finally:
-        signal.signal(signal.SIGTERM, old)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
     tgts = [report.Target(**t) for t in doc["targets"]]

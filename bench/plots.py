@@ -28,7 +28,7 @@ def write_plots(summary: Mapping[str, Mapping[str, float | None]], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     paths = [p for p in report.PATHS if p in summary]
     written: list[Path] = []
-    for m in report.METRICS:
+    for m in report.METRICS if paths else ():
         values = [summary[p].get(m.key) for p in paths]
         fig, ax = plt.subplots(figsize=(8, 4))
         heights = [v if v is not None else 0.0 for v in values]

@@ -422,9 +422,11 @@ def render_memory(memory: Mapping[str, Any]) -> str:
 
 def render_report(summary: Mapping[str, Mapping[str, float | None]],
                   tgts: Sequence[Target], memory: Mapping[str, Any] | None) -> str:
-    parts = ["Medians (absolute):", render_table(summary), "",
-             "Ratios (this path's value / the other path's value):",
-             render_ratio_table(summary), ""]
+    parts: list[str] = []
+    if summary:
+        parts += ["Medians (absolute):", render_table(summary), "",
+                  "Ratios (this path's value / the other path's value):",
+                  render_ratio_table(summary), ""]
     if memory:
         parts += ["Memory (ztunnel on one node):", render_memory(memory), ""]
     parts += ["Targets:", render_targets(tgts)]

@@ -14,16 +14,19 @@ Topology (node IPs 198.18.0.11-13, the lab's private subnet):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from meshnode.bench import configs, procs, report
@@ -94,6 +97,8 @@ class Bench:
     workdir: Path = WORKDIR
     background: list[subprocess.Popen[bytes]] = field(default_factory=list)
     pairs: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
     _out_seq: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +114,7 @@ class Bench:
         started = datetime.now(UTC).isoformat(timespec="seconds")
         load_before = os.getloadavg()
         ok = False
+        old = self._trap_signals()
         try:
             self.setup()
             specs = self.path_specs()
@@ -118,7 +124,12 @@ class Bench:
             memory = self.memory() if self.opts.memory else None
             ok = True
         finally:
-            self.teardown(keep_logs=not ok)
+            # A second Ctrl-C must not cut the clean-up short.
+            self._ignore_signals()
+            try:
+                self.teardown(keep_logs=not ok)
+            finally:
+                self._restore_signals(old)
         summary = report.summarize(samples) if samples else {}
         tgts = report.targets(summary, memory, zt_peak)
         return {
@@ -133,7 +144,31 @@ class Bench:
             "ztunnel_peak_rss_mb": zt_peak,
             "memory": memory,
             "targets": [t.as_dict() for t in tgts],
+            "failures": self.failures,
         }
+
+    # Ctrl-C and SIGTERM end the run (the lab still comes down). Lab.exec turns a
+    # KeyboardInterrupt into SIGINT for its child and returns, so remember it.
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def _trap_signals(self) -> dict[int, Any]:
+        old: dict[int, Any] = {}
+        with contextlib.suppress(ValueError):  # not the main thread: leave them be
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                old[sig] = signal.signal(sig, self._on_signal)
+        return old
+
+    def _ignore_signals(self) -> None:
+        with contextlib.suppress(ValueError):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
+
+    @staticmethod
+    def _restore_signals(old: dict[int, Any]) -> None:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
     def meta(self, started: str, load_before: tuple[float, float, float]) -> dict[str, Any]:
         def version(cmd: list[str]) -> str:
@@ -394,6 +429,8 @@ class Bench:
         script = (f"exec timeout -k 5 {limit:.0f} {shlex.join(argv)} "
                   f"> {shlex.quote(str(out))} 2>&1")
         rc = self.lab.exec(node, ["sh", "-c", script], workload=workload)
+        if self.interrupted:
+            raise KeyboardInterrupt
         try:
             text = out.read_text(errors="replace")
         except OSError:
@@ -427,20 +464,28 @@ class Bench:
                      f"({' '.join(argv[1:])})")
         return res
 
-    def iperf(self, spec: PathSpec) -> report.IperfResult:
+    def iperf(self, spec: PathSpec) -> report.IperfResult | None:
+        """The iperf3 result, or None after three failed attempts (then the
+        path's iperf3 sample is missing and the failures are in results.json)."""
         d = max(1, round(self.opts.duration))
         argv = ["iperf3", "-c", spec.iperf_host, "-p", str(spec.iperf_port), "-t", str(d), "-J",
                 "--connect-timeout", "5000"]
         last = ""
-        for _ in range(2):  # iperf3's server takes one test at a time; a retry covers a
-            # server still finishing the previous test
+        for attempt in range(3):
+            # A retry covers an iperf3 server still finishing the previous test (it
+            # takes one at a time) and a test cut short by the path; each failure
+            # is recorded in results.json.
             rc, text = self.client(spec.node, spec.workload, argv, d + 30)
             try:
                 return report.parse_iperf3(text)
             except report.ParseError as exc:
                 last = f"(exit {rc}): {exc}"
+                self.failures.append({"path": spec.name, "attempt": attempt + 1,
+                                      "command": " ".join(argv), "error": last})
+                self.log(f"  {spec.name}: iperf3 attempt {attempt + 1} failed {last}")
                 time.sleep(1)
-        raise BenchError(f"path {spec.name}: {' '.join(argv)} {last}")
+        self.log(f"  warning: {spec.name}: no iperf3 result this repetition")
+        return None
 
     # -- measuring -------------------------------------------------------------------------------
 
@@ -453,8 +498,10 @@ class Bench:
                 row = self.measure_path(s)
                 for k, v in row.items():
                     samples[s.name][k].append(v)
+                gbps = row["iperf3_gbps"]
                 self.log(f"  [{rep + 1}/{self.opts.repeat}] {s.name:<19} "
-                         f"iperf3 {row['iperf3_gbps']:.2f} Gbit/s, ka {row['ka_rps']:.0f}/s, "
+                         f"iperf3 {'-' if gbps is None else f'{gbps:.2f}'} Gbit/s, "
+                         f"ka {row['ka_rps']:.0f}/s, "
                          f"close {row['close_rps']:.0f}/s, p50 {row['lat_p50_us']:.0f} us, "
                          f"p99 {row['lat_p99_us']:.0f} us, cpu {row['proxy_cpu_s']:.1f}s "
                          f"({time.monotonic() - t0:.0f}s)")
@@ -477,7 +524,7 @@ class Bench:
         lat = timed("lat", lambda: self.wrk(s, 1, 1, close=False))
         rss = [procs.status_mb(p, "VmHWM") for p in procs.with_children(s.proxies())]
         return {
-            "iperf3_gbps": ip.gbps,
+            "iperf3_gbps": ip.gbps if ip is not None else None,
             "ka_rps": ka.rps,
             "close_rps": cl.rps,
             "lat_p50_us": lat.p50_us,

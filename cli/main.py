@@ -17,6 +17,14 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "ztunnel": ("meshnode.cli.ztunnel", "ztunnel"),
     "bench": ("meshnode.bench.cli", "bench"),
     "config": ("meshnode.cli.config", "config"),
+    "workload": ("meshnode.cli.workload", "workload"),
+    "status": ("meshnode.cli.status", "status"),
+    "enroll": ("meshnode.cli.enroll", "enroll"),
+    "controlplane": ("meshnode.cli.controlplane", "controlplane"),
+    "token": ("meshnode.cli.admin", "token"),
+    "apply": ("meshnode.cli.admin", "apply"),
+    "get": ("meshnode.cli.admin", "get"),
+    "delete": ("meshnode.cli.admin", "delete"),
 }
 
 

@@ -313,6 +313,13 @@ def test_tables_render_every_path_and_ratio() -> None:
     assert "0.101 MB" in text
 
 
+def test_report_with_memory_only() -> None:
+    text = report.render_report({}, report.targets({}), {
+        "points": [{"workloads": 1, "rss_mb": 40.0, "hwm_mb": 45.0}],
+        "slope_mb_per_workload": None})
+    assert "Medians" not in text and "Memory" in text and "NOT MEASURED" in text
+
+
 def test_fmt_value() -> None:
     assert report.fmt_value("ka_rps", 35123.0) == "35.1k"
     assert report.fmt_value("close_rps", 1480.4) == "1480"

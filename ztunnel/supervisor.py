@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -65,7 +66,9 @@ class Worker:
     def start(self) -> None:
         # The worker logs to our stdout/stderr: one stream per node proxy. It
         # must not outlive us (a SIGKILLed supervisor would leave it listening).
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+        # Only the supervisor talks to systemd (NotifyAccess=main).
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=env,
                                      preexec_fn=_die_with_parent)
 
     def alive(self) -> bool:

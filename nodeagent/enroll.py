@@ -1,0 +1,666 @@
+"""Enrolling a node with the control plane (docs/protocol.md, "Enrollment").
+
+    token = parse_token("mn1.<id>.<secret>.<pin>")
+    result = enroll(ControlPlaneUrl.parse(url), token, name, zone, ip)
+    write_enrollment(NodeLayout(config_dir, state_dir), result, ...)
+
+No trust on first use: before the node sends anything that matters, it finds the
+root certificate whose SHA-256 (of the DER) is the token's pin, among the roots the
+control plane offers -- `GET /v1/trust-bundle` and the certificates in its TLS chain,
+both fetched over a connection that verifies nothing. Everything after that (the
+token, the CSR) goes over a second connection that verifies the server against that
+root alone, checks its name (the URL's host) and its SPIFFE ID
+(`spiffe://<td>/controlplane`). The node's private key is made here and never sent.
+
+The pure parts -- token and URL parsing, the pin check, response checks, the file
+layout and the "already enrolled" decision -- take no network and are tested alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import http.client
+import ipaddress
+import json
+import os
+import re
+import socket
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from meshnode.controlplane.ca import generate_private_key, write_file_atomic, write_private_key
+
+__all__ = [
+    "DEFAULT_CP_PORT",
+    "ControlPlaneUrl",
+    "EnrollError",
+    "Enrolled",
+    "EnrollmentResult",
+    "JoinToken",
+    "NodeLayout",
+    "PinMismatch",
+    "enroll",
+    "existing_enrollment",
+    "find_pinned_root",
+    "node_document",
+    "parse_token",
+    "root_pin",
+    "write_enrollment",
+]
+
+DEFAULT_CP_PORT = 15012
+TOKEN_PREFIX = "mn1"
+TRUST_BUNDLE_PATH = "/v1/trust-bundle"
+ENROLL_PATH = "/v1/enroll"
+DEFAULT_TIMEOUT = 10.0
+
+_ID = re.compile(r"[0-9a-f]{8}")
+_SECRET = re.compile(r"[0-9a-f]{32}")
+_PIN = re.compile(r"[0-9a-f]{64}")
+_NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+
+
+class EnrollError(Exception):
+    """Enrollment cannot go on; the message says what failed and what to do."""
+
+
+class PinMismatch(EnrollError):
+    """The control plane does not hold the root the token pins."""
+
+
+# --- tokens and addresses (pure) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class JoinToken:
+    id: str
+    secret: str
+    pin: str
+
+    def __str__(self) -> str:
+        return f"{TOKEN_PREFIX}.{self.id}.{self.secret}.{self.pin}"
+
+    def __repr__(self) -> str:  # never print the secret by accident
+        return f"JoinToken(id={self.id!r}, pin={self.pin!r})"
+
+
+def parse_token(text: str) -> JoinToken:
+    """`mn1.<id 8 hex>.<secret 32 hex>.<pin 64 hex>` -> JoinToken; EnrollError says
+    which part is wrong (without echoing the secret)."""
+    parts = text.strip().split(".")
+    if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
+        raise EnrollError(
+            f"malformed join token: expected {TOKEN_PREFIX}.<id>.<secret>.<pin> "
+            f"(4 dot-separated parts, got {len(parts)}"
+            + ("" if not parts or parts[0] == TOKEN_PREFIX else f", starting {parts[0][:8]!r}")
+            + "); copy the whole token the control plane printed"
+        )
+    _, tid, secret, pin = parts
+    for value, pattern, what in (
+        (tid, _ID, "id (8 lowercase hex characters)"),
+        (secret, _SECRET, "secret (32 lowercase hex characters)"),
+        (pin, _PIN, "pin (64 lowercase hex characters: SHA-256 of the root certificate)"),
+    ):
+        if not pattern.fullmatch(value):
+            raise EnrollError(
+                f"malformed join token: bad {what}, got {len(value)} characters"
+                "; copy the whole token the control plane printed"
+            )
+    return JoinToken(tid, secret, pin)
+
+
+def check_node_name(name: str) -> str:
+    if not _NODE_NAME.fullmatch(name):
+        raise EnrollError(
+            f"node name {name!r} is not usable: use 1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit (pass --name)"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class ControlPlaneUrl:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ControlPlaneUrl:
+        """`https://host[:port]`, or just `host[:port]`; port 15012 by default."""
+        raw = text.strip()
+        if "://" not in raw:
+            raw = "https://" + raw
+        try:
+            parts = urlsplit(raw)
+            port = parts.port
+        except ValueError as exc:
+            raise EnrollError(f"control plane URL {text!r} is not valid: {exc}") from None
+        if parts.scheme != "https":
+            raise EnrollError(
+                f"control plane URL {text!r}: only https:// is supported (the API is TLS only)"
+            )
+        if not parts.hostname:
+            raise EnrollError(f"control plane URL {text!r} has no host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise EnrollError(
+                f"control plane URL {text!r}: give only https://host[:port], no path"
+            )
+        return cls(parts.hostname, port or DEFAULT_CP_PORT)
+
+    def __str__(self) -> str:
+        host = self.host
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        return f"https://{host}:{self.port}"
+
+
+# --- the pin (pure) -----------------------------------------------------------------
+
+
+def root_pin(cert: x509.Certificate) -> str:
+    """The pin of a root certificate: hex SHA-256 of its DER."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _is_self_signed_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    if not bc.ca or cert.issuer != cert.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def find_pinned_root(
+    certs: Sequence[x509.Certificate], pin: str, url: str
+) -> x509.Certificate:
+    """The certificate in `certs` (a TLS chain, a trust bundle, both) whose pin is
+    `pin`; it must be a self-signed CA certificate. PinMismatch otherwise, naming the
+    roots that were offered."""
+    pin = pin.lower()
+    for cert in certs:
+        if root_pin(cert) == pin:
+            if not _is_self_signed_ca(cert):
+                raise PinMismatch(
+                    f"the certificate pinned by the token ({cert.subject.rfc4514_string()}) "
+                    f"is not a self-signed CA certificate; refusing the control plane at {url}"
+                )
+            return cert
+    offered = sorted({root_pin(c) for c in certs if _is_self_signed_ca(c)})
+    if offered:
+        got = ", ".join(offered)
+    elif certs:
+        got = (
+            "no root certificate at all (the chain ends at "
+            f"{certs[-1].issuer.rfc4514_string()!r}, which it does not include)"
+        )
+    else:
+        got = "no certificates"
+    raise PinMismatch(
+        f"the control plane at {url} is not the one this token was made for: "
+        f"expected pin {pin}, got {got}"
+    )
+
+
+def trust_domain_of_root(root: x509.Certificate) -> str | None:
+    """The trust domain a meshnode root names in its O= attribute, if it names one."""
+    values = root.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    if len(values) == 1 and isinstance(values[0].value, str):
+        return values[0].value
+    return None
+
+
+def node_spiffe_uri(trust_domain: str, name: str) -> str:
+    return f"spiffe://{trust_domain}/node/{name}"
+
+
+def controlplane_spiffe_uri(trust_domain: str) -> str:
+    return f"spiffe://{trust_domain}/controlplane"
+
+
+def make_node_csr(key: ec.EllipticCurvePrivateKey, trust_domain: str | None, name: str) -> bytes:
+    """A PEM CSR for the node key. The CA sets the SAN itself; asking for the expected
+    one makes the request self-describing."""
+    attrs = []
+    if trust_domain:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain))
+    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attrs))
+    if trust_domain:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(node_spiffe_uri(trust_domain, name))]
+            ),
+            critical=False,
+        )
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+# --- what the control plane answers (pure checks) -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentResult:
+    name: str
+    zone: str
+    ip: str
+    trust_domain: str
+    certificate_pem: bytes  # node certificate + intermediate(s)
+    trust_bundle_pem: bytes  # roots
+    key: ec.EllipticCurvePrivateKey
+    control_plane: str
+
+
+def _load_pems(pem: str | bytes, what: str) -> list[x509.Certificate]:
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise EnrollError(f"the control plane sent a bad {what}: {exc}") from None
+    if not certs:
+        raise EnrollError(f"the control plane sent an empty {what}")
+    return certs
+
+
+def check_enroll_response(
+    doc: Any,
+    key: ec.EllipticCurvePrivateKey,
+    pinned_root: x509.Certificate,
+    name: str,
+    url: str,
+    now: datetime | None = None,
+) -> EnrollmentResult:
+    """Validate `200 /v1/enroll`: the certificate is for our key and name, chains to a
+    root of the returned bundle, and the bundle is the pinned root's trust domain."""
+    if not isinstance(doc, dict):
+        raise EnrollError(f"the control plane at {url} answered /v1/enroll with non-object JSON")
+    try:
+        cert_pem, bundle_pem = doc["certificate"], doc["trust_bundle"]
+        trust_domain = doc["trust_domain"]
+        node = doc.get("node") or {}
+    except KeyError as exc:
+        raise EnrollError(f"the control plane's enrollment answer lacks {exc}") from None
+    if not isinstance(cert_pem, str) or not isinstance(bundle_pem, str):
+        raise EnrollError("the control plane's enrollment answer has non-string PEM fields")
+    chain = _load_pems(cert_pem, "node certificate chain")
+    roots = _load_pems(bundle_pem, "trust bundle")
+    leaf = chain[0]
+
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise EnrollError("the control plane issued a certificate for a different key")
+    expected_td = trust_domain_of_root(pinned_root)
+    if expected_td is not None and trust_domain != expected_td:
+        raise EnrollError(
+            f"the control plane says trust domain {trust_domain!r}, but the pinned root "
+            f"is for {expected_td!r}"
+        )
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    want = node_spiffe_uri(trust_domain, name)
+    if uris != [want]:
+        raise EnrollError(f"the node certificate names {uris or 'nothing'}, expected [{want!r}]")
+    # The bundle came over the channel the pinned root authenticated, so it is trusted
+    # as a whole (during a root rotation it carries the old and the new root).
+    _verify_chain(chain, roots, now)
+    return EnrollmentResult(
+        name=str(node.get("name") or name),
+        zone=str(node.get("zone") or ""),
+        ip=str(node.get("ip") or ""),
+        trust_domain=trust_domain,
+        certificate_pem=cert_pem.encode(),
+        trust_bundle_pem=bundle_pem.encode(),
+        key=key,
+        control_plane=url,
+    )
+
+
+def _verify_chain(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], now: datetime | None
+) -> None:
+    now = now or datetime.now(UTC)
+    for cert in chain:
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise EnrollError(
+                f"certificate {cert.subject.rfc4514_string()!r} from the control plane is not "
+                f"valid now ({cert.not_valid_before_utc:%Y-%m-%d %H:%M} .. "
+                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC); is this node's clock right?"
+            )
+    for child, parent in zip(chain, chain[1:], strict=False):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise EnrollError(f"the node certificate chain is broken: {exc}") from None
+    last = chain[-1]
+    for root in roots:
+        try:
+            last.verify_directly_issued_by(root)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    raise EnrollError("the node certificate does not chain to any root of the trust bundle")
+
+
+# --- files on the node (pure apart from the writes) ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NodeLayout:
+    config_dir: Path
+    state_dir: Path
+
+    @property
+    def node_json(self) -> Path:
+        return self.config_dir / "node.json"
+
+    @property
+    def key(self) -> Path:
+        return self.config_dir / "node-key.pem"
+
+    @property
+    def cert(self) -> Path:
+        return self.config_dir / "node.pem"
+
+    @property
+    def bundle(self) -> Path:
+        return self.config_dir / "bundle.pem"
+
+    @property
+    def workloads(self) -> Path:
+        return self.config_dir / "workloads.json"
+
+    @property
+    def ztunnel_snapshot(self) -> Path:
+        return self.state_dir / "ztunnel-snapshot.json"
+
+
+def node_document(
+    result: EnrollmentResult,
+    layout: NodeLayout,
+    cgroup_parent: str,
+    requested_zone: str = "",
+    requested_ip: str = "",
+) -> dict[str, Any]:
+    """node.json. What the control plane recorded wins over what was asked for."""
+    return {
+        "name": result.name,
+        "zone": result.zone or requested_zone,
+        "ip": result.ip or requested_ip,
+        "trust_domain": result.trust_domain,
+        "control_planes": [result.control_plane],
+        "cgroup_parent": cgroup_parent,
+        "state_dir": str(layout.state_dir),
+        "config_dir": str(layout.config_dir),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Enrolled:
+    name: str
+    control_planes: list[str]
+    config_dir: Path
+
+    def message(self) -> str:
+        return (
+            f"already enrolled as {self.name} with CP {', '.join(self.control_planes)} "
+            f"(config in {self.config_dir}); nothing changed. Use --force to enroll again."
+        )
+
+
+def existing_enrollment(layout: NodeLayout) -> Enrolled | None:
+    """The enrollment found in the config dir, or None if there is none. A node.json
+    without the key or certificate (or unreadable) is an error that --force fixes."""
+    path = layout.node_json
+    if not path.exists():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        name = doc["name"]
+        cps = doc["control_planes"]
+        if not isinstance(name, str) or not isinstance(cps, list):
+            raise TypeError("bad types")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EnrollError(
+            f"{path} exists but is not a readable enrollment ({exc}); "
+            "use --force to enroll again"
+        ) from None
+    missing = [p.name for p in (layout.key, layout.cert, layout.bundle) if not p.exists()]
+    if missing:
+        raise EnrollError(
+            f"{layout.config_dir} holds a partial enrollment of {name} ({', '.join(missing)} "
+            "missing); use --force to enroll again"
+        )
+    return Enrolled(name, [str(c) for c in cps], layout.config_dir)
+
+
+def write_enrollment(
+    layout: NodeLayout,
+    result: EnrollmentResult,
+    cgroup_parent: str,
+    requested_zone: str = "",
+    requested_ip: str = "",
+) -> dict[str, Any]:
+    """Write key, certificate, bundle, workloads.json (if absent) and node.json, the
+    last one last: a node.json means the rest is in place. Returns node.json's content."""
+    layout.config_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    os.chmod(layout.config_dir, 0o755)
+    layout.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(layout.state_dir, 0o700)
+    write_private_key(layout.key, result.key)
+    write_file_atomic(layout.cert, result.certificate_pem, 0o644)
+    write_file_atomic(layout.bundle, result.trust_bundle_pem, 0o644)
+    if not layout.workloads.exists():
+        write_file_atomic(layout.workloads, b"[]\n", 0o644)
+    doc = node_document(result, layout, cgroup_parent, requested_zone, requested_ip)
+    write_file_atomic(layout.node_json, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
+    return doc
+
+
+# --- talking to the control plane ---------------------------------------------------
+
+
+def _tls_context(root: x509.Certificate | None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if root is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.load_verify_locations(cadata=root.public_bytes(serialization.Encoding.PEM).decode())
+        ctx.check_hostname = True
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _network_error(url: ControlPlaneUrl, exc: BaseException) -> EnrollError:
+    if isinstance(exc, socket.gaierror):
+        return EnrollError(f"cannot resolve the control plane host {url.host!r}: {exc.strerror}")
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return EnrollError(
+            f"the control plane at {url} did not answer within {DEFAULT_TIMEOUT:.0f}s; "
+            "check the address and that nothing drops traffic to that port"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return EnrollError(
+            f"TLS 1.3 handshake with {url} failed ({exc.reason or exc}); is it a meshnode "
+            "control plane (which speaks TLS 1.3)?"
+        )
+    if isinstance(exc, ConnectionRefusedError):
+        return EnrollError(
+            f"cannot reach the control plane at {url}: connection refused (is "
+            "`meshnode controlplane run` listening there?)"
+        )
+    if isinstance(exc, OSError):
+        reason = exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else str(exc))
+        return EnrollError(f"cannot reach the control plane at {url}: {reason}")
+    if isinstance(exc, http.client.HTTPException):
+        return EnrollError(f"the control plane at {url} broke off the HTTP exchange: {exc!r}")
+    return EnrollError(f"talking to the control plane at {url} failed: {exc}")
+
+
+def _connection(
+    url: ControlPlaneUrl, ctx: ssl.SSLContext, timeout: float
+) -> http.client.HTTPSConnection:
+    return http.client.HTTPSConnection(url.host, url.port, timeout=timeout, context=ctx)
+
+
+def _tls_chain(conn: http.client.HTTPSConnection) -> list[x509.Certificate]:
+    """The certificates the server sent in its handshake, unverified. Python 3.13 has
+    SSLSocket.get_unverified_chain(); 3.10-3.12 have it on the private _sslobj."""
+    sock = conn.sock
+    getter = getattr(sock, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(sock, "_sslobj", None), "get_unverified_chain", None)
+    if getter is None:
+        return []
+    certs = []
+    try:
+        import _ssl
+
+        for item in getter() or []:
+            der = item if isinstance(item, bytes) else item.public_bytes(_ssl.ENCODING_DER)
+            certs.append(x509.load_der_x509_certificate(der))
+    except Exception:  # a private API: when it changes, the trust bundle still counts
+        return certs
+    return certs
+
+
+def _read_json(resp: http.client.HTTPResponse, url: ControlPlaneUrl, path: str) -> Any:
+    body = resp.read()
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        raise EnrollError(
+            f"the control plane at {url} answered {path} with {resp.status} and non-JSON "
+            f"({body[:80]!r})"
+        ) from None
+
+
+def discover_root(
+    url: ControlPlaneUrl, pin: str, timeout: float = DEFAULT_TIMEOUT
+) -> x509.Certificate:
+    """Fetch the roots the server offers without trusting it, and return the one the
+    token pins. Only the unauthenticated `GET /v1/trust-bundle` goes over this
+    connection: no token, no CSR."""
+    conn = _connection(url, _tls_context(None), timeout)
+    candidates: list[x509.Certificate] = []
+    try:
+        conn.connect()
+        candidates += _tls_chain(conn)
+        conn.request("GET", TRUST_BUNDLE_PATH, headers={"Accept": "application/json"})
+        resp = conn.getresponse()
+        doc = _read_json(resp, url, TRUST_BUNDLE_PATH)
+        if resp.status == 200 and isinstance(doc, dict) and isinstance(
+            doc.get("trust_bundle"), str
+        ):
+            # unparsable: then only the TLS chain counts; the pin check says what was seen
+            with contextlib.suppress(ValueError):
+                candidates += x509.load_pem_x509_certificates(doc["trust_bundle"].encode())
+    except EnrollError:
+        raise
+    except (OSError, http.client.HTTPException) as exc:
+        raise _network_error(url, exc) from None
+    finally:
+        conn.close()
+    return find_pinned_root(candidates, pin, str(url))
+
+
+def _peer_uris(peer: dict[str, Any]) -> list[str]:
+    return [v for k, v in peer.get("subjectAltName", ()) if k == "URI"]
+
+
+def post_enroll(
+    url: ControlPlaneUrl,
+    root: x509.Certificate,
+    body: dict[str, Any],
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Any:
+    """POST /v1/enroll over TLS that verifies the server against `root` alone, for the
+    URL's host name and the control plane's SPIFFE ID."""
+    conn = _connection(url, _tls_context(root), timeout)
+    try:
+        try:
+            conn.connect()
+        except ssl.SSLCertVerificationError as exc:
+            raise EnrollError(
+                f"the control plane at {url} holds the pinned root but its certificate "
+                f"does not verify for {url.host!r}: {exc.verify_message}; use the address "
+                "named in the control plane's certificate (its DNS/IP SANs)"
+            ) from None
+        td = trust_domain_of_root(root)
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        peer = conn.sock.getpeercert() or {}
+        if td is not None and controlplane_spiffe_uri(td) not in _peer_uris(peer):
+            raise EnrollError(
+                f"the server at {url} has a certificate from the mesh CA, but not the "
+                f"control plane's ({controlplane_spiffe_uri(td)}; it has "
+                f"{_peer_uris(peer) or 'no URI SAN'}); refusing to send the token"
+            )
+        conn.request(
+            "POST", ENROLL_PATH, body=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
+        resp = conn.getresponse()
+        doc = _read_json(resp, url, ENROLL_PATH)
+    except EnrollError:
+        raise
+    except (OSError, http.client.HTTPException) as exc:
+        raise _network_error(url, exc) from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        msg = doc.get("error") if isinstance(doc, dict) else None
+        raise EnrollError(
+            f"the control plane at {url} refused the enrollment ({resp.status} {resp.reason}): "
+            f"{msg or 'no reason given'}"
+        )
+    return doc
+
+
+def enroll(
+    url: ControlPlaneUrl,
+    token: JoinToken,
+    name: str,
+    zone: str = "",
+    ip: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+) -> EnrollmentResult:
+    """The whole exchange; writes nothing. The key is made here and stays here."""
+    check_node_name(name)
+    if ip:
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            raise EnrollError(f"--ip {ip!r} is not an IP address") from None
+    root = discover_root(url, token.pin, timeout)
+    key = generate_private_key()
+    body: dict[str, Any] = {
+        "token": str(token),
+        "name": name,
+        "csr": make_node_csr(key, trust_domain_of_root(root), name).decode(),
+    }
+    if zone:
+        body["zone"] = zone
+    if ip:
+        body["ip"] = ip
+    doc = post_enroll(url, root, body, timeout)
+    return check_enroll_response(doc, key, root, name, str(url))

@@ -1,0 +1,244 @@
+"""The systemd units `meshnode enroll` installs, as text (so the installed package
+carries them), rendered with this node's paths.
+
+Hardening leaves each service only what it needs:
+- ztunnel: listens (15001, 15008, admin on loopback), reads the BPF map the agent
+  pins under /sys/fs/bpf (CAP_BPF, CAP_SYS_ADMIN), writes its snapshot in the state
+  directory. Everything else read-only; no kernel tunables, modules or logs.
+- agent: compiles BPF with bcc at start (reads /lib/modules and /usr/src, writes
+  /tmp: a private one), loads and attaches programs at the cgroup parent and pins
+  maps (CAP_BPF, CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_PERFMON), writes the config and
+  state directories, the bpffs and the cgroup tree. So no ProtectControlGroups, no
+  ProtectKernelModules (it hides /lib/modules from bcc) and no ProtectKernelTunables
+  (it leaves /sys/fs/bpf read-only whatever ReadWritePaths= says).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshnode.controlplane.ca import write_file_atomic
+
+__all__ = [
+    "AGENT_UNIT",
+    "BPFFS_UNIT",
+    "UNIT_NAMES",
+    "UnitError",
+    "ZTUNNEL_UNIT",
+    "UnitPaths",
+    "meshnode_executable",
+    "install_units",
+    "render_units",
+    "start_units",
+    "systemd_missing",
+]
+
+ZTUNNEL_UNIT = "meshnode-ztunnel.service"
+AGENT_UNIT = "meshnode-agent.service"
+BPFFS_UNIT = "meshnode-bpffs.service"
+UNIT_NAMES = (ZTUNNEL_UNIT, AGENT_UNIT)  # the services enable/start
+
+
+# bpffs at /sys/fs/bpf in the node's own mount namespace, by a oneshot unit both
+# services require. A Debian VM's systemd mounts it at boot (then this does nothing); a
+# container's does not. Left to the agent, the mount would land in the agent's private
+# namespace (ProtectSystem=) and ztunnel would never see the pinned maps. Neither
+# ExecStartPre=+ (it runs in the unit's namespace too) nor a sys-fs-bpf.mount unit
+# (systemd refuses mount units for API file systems) can do it.
+_BPFFS_TEMPLATE = """\
+# Installed by `meshnode enroll`; enrolling again (--force) rewrites it.
+[Unit]
+Description=meshnode: bpffs at /sys/fs/bpf (where systemd did not mount it)
+DefaultDependencies=no
+After=local-fs.target
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=700 bpf /sys/fs/bpf'
+"""
+
+_ZTUNNEL_TEMPLATE = """\
+# Installed by `meshnode enroll`; enrolling again (--force) rewrites it.
+[Unit]
+Description=meshnode node proxy (ztunnel)
+After=network-online.target meshnode-bpffs.service
+Wants=network-online.target
+Requires=meshnode-bpffs.service
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={meshnode} ztunnel run --snapshot {snapshot} --workers 0
+Restart=on-failure
+RestartSec=1
+LimitNOFILE=1048576
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={state_dir} -/sys/fs/bpf
+ProtectHome={protect_home}
+PrivateTmp=yes
+# Leaves /sys/fs/bpf read-only despite ReadWritePaths= (systemd 252); ztunnel only
+# opens the agent's pins (BPF_OBJ_GET) and works on the maps through fds: enough.
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN CAP_BPF CAP_SYS_ADMIN
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+_AGENT_TEMPLATE = """\
+# Installed by `meshnode enroll`; enrolling again (--force) rewrites it.
+[Unit]
+Description=meshnode node agent
+# Not After= ztunnel: on a fresh node ztunnel reports READY only once the agent has
+# sent it a first snapshot, so ordering the agent after it would stall both until
+# ztunnel's start timeout. They start together; the agent (re)connects to its socket.
+Wants=network-online.target meshnode-ztunnel.service
+After=network-online.target meshnode-bpffs.service
+Requires=meshnode-bpffs.service
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={meshnode} agent run --enrolled {config_dir}
+Restart=on-failure
+RestartSec=2
+# bcc compiles the programs at start: give it time on a slow node.
+TimeoutStartSec=180
+LimitNOFILE=65536
+LimitMEMLOCK=infinity
+NoNewPrivileges=yes
+ProtectSystem=strict
+ReadWritePaths={state_dir} {config_dir} -/sys/fs/bpf -/sys/fs/cgroup
+ProtectHome={protect_home}
+PrivateTmp=yes
+# No ProtectKernelTunables=: it makes /sys/fs/bpf read-only and ReadWritePaths= cannot
+# undo that (systemd 252), so the agent could not pin its maps.
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+CapabilityBoundingSet=CAP_BPF CAP_SYS_ADMIN CAP_NET_ADMIN CAP_PERFMON
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# ProtectHome=yes would hide an executable installed under these.
+_HOME_TREES = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+@dataclass(frozen=True, slots=True)
+class UnitPaths:
+    meshnode: Path  # the `meshnode` executable
+    config_dir: Path
+    state_dir: Path
+
+
+def meshnode_executable() -> Path:
+    """The `meshnode` script of the environment running now: <venv>/bin/meshnode next
+    to sys.executable (not resolved: the venv's python links to /usr/bin/python3)."""
+    candidates = [Path(sys.prefix) / "bin" / "meshnode", Path(sys.executable).parent / "meshnode"]
+    for path in candidates:
+        if os.access(path, os.X_OK):
+            return path.absolute()
+    found = shutil.which("meshnode")
+    if found:
+        return Path(found).absolute()
+    return candidates[0].absolute()
+
+
+def _protect_home(paths: UnitPaths) -> str:
+    for path in (paths.meshnode, paths.config_dir, paths.state_dir):
+        p = path.absolute()
+        if any(p == tree or tree in p.parents for tree in _HOME_TREES):
+            return "read-only"
+    return "yes"
+
+
+def _check_path(path: Path) -> str:
+    text = str(path.absolute())
+    if any(c.isspace() for c in text) or any(c in text for c in "\"'\\$%;"):
+        raise ValueError(
+            f"path {text!r} contains spaces or characters systemd would interpret; "
+            "use a plain path"
+        )
+    return text
+
+
+def render_units(paths: UnitPaths) -> dict[str, str]:
+    """unit file name -> content."""
+    values = {
+        "meshnode": _check_path(paths.meshnode),
+        "config_dir": _check_path(paths.config_dir),
+        "state_dir": _check_path(paths.state_dir),
+        "snapshot": _check_path(paths.state_dir / "ztunnel-snapshot.json"),
+        "protect_home": _protect_home(paths),
+    }
+    return {
+        ZTUNNEL_UNIT: _ZTUNNEL_TEMPLATE.format(**values),
+        AGENT_UNIT: _AGENT_TEMPLATE.format(**values),
+        BPFFS_UNIT: _BPFFS_TEMPLATE,
+    }
+
+
+# --- installing and starting ----------------------------------------------------------
+
+
+class UnitError(Exception):
+    """systemctl failed; the message carries its output."""
+
+
+def systemd_missing() -> str | None:
+    """Why units cannot be started here, or None when systemd runs this machine."""
+    if shutil.which("systemctl") is None:
+        return "systemctl is not installed"
+    if not Path("/run/systemd/system").is_dir():
+        return "systemd is not the init system (no /run/systemd/system)"
+    return None
+
+
+def install_units(unit_dir: Path, units: dict[str, str]) -> list[Path]:
+    """Write the unit files (0644, atomically). Returns their paths."""
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in units.items():
+        path = unit_dir / name
+        write_file_atomic(path, text.encode(), 0o644)
+        written.append(path)
+    return written
+
+
+def _systemctl(*args: str) -> None:
+    proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        out = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}")
+        raise UnitError(f"`systemctl {' '.join(args)}` failed: {out}")
+
+
+def start_units(restart: bool = False) -> None:
+    """daemon-reload, then enable and start both services; `restart` also restarts them
+    when they were running already (a re-enrollment must load the new files)."""
+    _systemctl("daemon-reload")
+    if restart:
+        _systemctl("enable", *UNIT_NAMES)
+        _systemctl("restart", *UNIT_NAMES)  # starts them too when they were stopped
+    else:
+        _systemctl("enable", "--now", *UNIT_NAMES)
