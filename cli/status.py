@@ -27,7 +27,8 @@ def _expiry(path: Path) -> str:
     when = end.strftime("%Y-%m-%d %H:%M UTC")
     if left <= 0:
         return f"EXPIRED at {when}"
-    return f"expires {when} (in {left / 3600:.1f} h)"
+    span = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
+    return f"expires {when} (in {span})"
 
 
 def _ready(url: str) -> str:

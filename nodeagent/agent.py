@@ -43,7 +43,7 @@ from meshnode import sdnotify
 
 log = logging.getLogger("meshnode.nodeagent")
 
-RENEW_CHECK_EVERY = 30.0
+RENEW_CHECK_EVERY = 30.0  # at the latest; earlier when a certificate's half-life comes
 BPF_PIN_DIR = "/sys/fs/bpf/meshnode"
 
 
@@ -177,6 +177,29 @@ class EnrolledSource:
     def ca(self, cfg: NodeConfig) -> CaClient:
         return self.client
 
+    def renewal_due(self) -> float:
+        return CertManager.renewal_due(CertFiles(self.e.cert, self.e.key))
+
+    def renew_node_certificate(self) -> None:
+        """The node's own certificate, at half-life: a new key made here, a
+        CSR, the control plane signs (authenticated by the current cert)."""
+        from meshnode.controlplane.ca import generate_private_key, write_private_key
+        from meshnode.nodeagent.enroll import make_node_csr
+        from meshnode.nodeagent.enrolled import ControlPlaneError
+
+        if time.time() < self.renewal_due():
+            return
+        key = generate_private_key()
+        try:
+            doc = self.client.request("POST", "/v1/node/renew", {
+                "csr": make_node_csr(key, self.e.trust_domain, self.e.name).decode()})
+        except ControlPlaneError as exc:
+            log.warning("node certificate not renewed yet: %s", exc)
+            return
+        write_private_key(self.e.key, key)
+        write_file_atomic(self.e.cert, str(doc["certificate"]).encode(), 0o644)
+        log.info("node certificate renewed")
+
     def start(self, wake: threading.Event) -> None:
         from meshnode.nodeagent.enrolled import CpWatcher
 
@@ -290,7 +313,17 @@ class Agent:
                         "file when it starts)", snap["version"], why)
         return ok
 
+    def next_renewal(self) -> float:
+        """Epoch seconds of the next half-life among this node's certificates."""
+        times = [self.certs.renewal_due(self.certs.files(w.identity(self.cfg.trust_domain)))
+                 for w in self.cfg.workloads]
+        if isinstance(self.source, EnrolledSource):
+            times.append(self.source.renewal_due())
+        return min(times, default=time.time() + RENEW_CHECK_EVERY)
+
     def renew_certificates(self) -> None:
+        if isinstance(self.source, EnrolledSource):
+            self.source.renew_node_certificate()
         due = [
             w for w in self.cfg.workloads
             if self.certs.needs_renewal(self.certs.files(w.identity(self.cfg.trust_domain)))
@@ -415,7 +448,8 @@ class Agent:
             self.write_status()
             sdnotify.notify("READY=1", f"STATUS=config version {self.cfg.version}")
             log.info("node %s ready (config version %d)", self.cfg.name, self.cfg.version)
-            last_renew_check = last_status = time.monotonic()
+            last_status = time.monotonic()
+            renew_at = min(self.next_renewal(), time.time() + RENEW_CHECK_EVERY)
             while not self._stop:
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
@@ -429,9 +463,12 @@ class Agent:
                 if not self.source.manages_ztunnel and self.pushed_version < self.cfg.version:
                     # ztunnel (its own unit) was away; give it the current config.
                     self.push(json.loads(self.snapshot_path.read_text()))
-                if time.monotonic() - last_renew_check > RENEW_CHECK_EVERY:
-                    last_renew_check = time.monotonic()
+                if time.time() >= renew_at:
                     self.renew_certificates()
+                    # Not before a second from now: a CA that keeps refusing
+                    # must not turn this loop into a busy one.
+                    renew_at = max(min(self.next_renewal(), time.time() + RENEW_CHECK_EVERY),
+                                   time.time() + 1.0)
                 if time.monotonic() - last_status > 5:
                     last_status = time.monotonic()
                     self.write_status()

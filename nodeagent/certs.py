@@ -87,6 +87,17 @@ class CertManager:
         return files
 
     @staticmethod
+    def renewal_due(files: CertFiles) -> float:
+        """When (epoch seconds) the certificate reaches half of its life; 0 if
+        it is missing or unreadable (due now)."""
+        try:
+            cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        except (OSError, ValueError):
+            return 0.0
+        start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+        return (start + (end - start) / 2).timestamp()
+
+    @staticmethod
     def needs_renewal(files: CertFiles, now: datetime | None = None) -> bool:
         now = now or datetime.now(UTC)
         try:

@@ -81,6 +81,27 @@ def slow_server(port: int, name: str, accept_delay: float, backlog: int) -> None
         threading.Thread(target=handle, args=(conn,), daemon=True).start()
 
 
+def echo_server(port: int, name: str) -> None:
+    """Line echo, for long-lived connections: each line comes back prefixed
+    with the server's name."""
+    import threading
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("0.0.0.0", port))
+    srv.listen(128)
+
+    def handle(conn: socket.socket) -> None:
+        with conn, conn.makefile("rwb") as f:
+            for line in f:
+                f.write(name.encode() + b": " + line)
+                f.flush()
+
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+
 def idle() -> None:
     while True:
         time.sleep(3600)
@@ -125,10 +146,15 @@ def main() -> None:
     slow.add_argument("--name", default="slow")
     slow.add_argument("--accept-delay", type=float, default=0.2)
     slow.add_argument("--backlog", type=int, default=1)
+    echo = sub.add_parser("echo-server")
+    echo.add_argument("--port", type=int, default=7000)
+    echo.add_argument("--name", default="echo")
     sub.add_parser("idle")
     args = parser.parse_args()
     if args.what == "server":
         serve(args.port, args.name)
+    elif args.what == "echo-server":
+        echo_server(args.port, args.name)
     elif args.what == "slow-server":
         slow_server(args.port, args.name, args.accept_delay, args.backlog)
     else:
