@@ -97,7 +97,8 @@ def enroll(cp_url: str, token: str, name: str | None, zone: str, ip: str, config
         return
     try:
         rendered = units.render_units(
-            units.UnitPaths(units.meshnode_executable(), config_dir, state_dir))
+            units.UnitPaths(units.meshnode_executable(), config_dir, state_dir,
+                            units.package_source()))
         paths = units.install_units(unit_dir, rendered)
     except (ValueError, OSError) as exc:
         fail(f"enrolled (config in {config_dir}), but installing the units failed: {exc}")

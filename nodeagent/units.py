@@ -82,7 +82,7 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ReadWritePaths={state_dir} -/sys/fs/bpf
 ProtectHome={protect_home}
-PrivateTmp=yes
+PrivateTmp={private_tmp}
 # Leaves /sys/fs/bpf read-only despite ReadWritePaths= (systemd 252); ztunnel only
 # opens the agent's pins (BPF_OBJ_GET) and works on the maps through fds: enough.
 ProtectKernelTunables=yes
@@ -125,7 +125,7 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ReadWritePaths={state_dir} {config_dir} -/sys/fs/bpf -/sys/fs/cgroup
 ProtectHome={protect_home}
-PrivateTmp=yes
+PrivateTmp={private_tmp}
 # No ProtectKernelTunables=: it makes /sys/fs/bpf read-only and ReadWritePaths= cannot
 # undo that (systemd 252), so the agent could not pin its maps.
 ProtectKernelLogs=yes
@@ -150,6 +150,14 @@ class UnitPaths:
     meshnode: Path  # the `meshnode` executable
     config_dir: Path
     state_dir: Path
+    source: Path | None = None  # where the package's code lives, if not next to `meshnode`
+
+
+def package_source() -> Path:
+    """Where this meshnode's code is (an editable install runs from its checkout)."""
+    import meshnode
+
+    return Path(meshnode.__file__).resolve().parent.parent
 
 
 def meshnode_executable() -> Path:
@@ -165,8 +173,27 @@ def meshnode_executable() -> Path:
     return candidates[0].absolute()
 
 
+def _code_paths(paths: UnitPaths) -> tuple[Path, ...]:
+    """What the services must be able to see: the executable, the package's
+    code, config and state."""
+    extra = (paths.source,) if paths.source is not None else ()
+    return (paths.meshnode, *extra, paths.config_dir, paths.state_dir)
+
+
+# PrivateTmp=yes would hide an installation under these.
+_TMP_TREES = (Path("/tmp"), Path("/var/tmp"))
+
+
+def _private_tmp(paths: UnitPaths) -> str:
+    for path in _code_paths(paths):
+        p = path.absolute()
+        if any(p == tree or tree in p.parents for tree in _TMP_TREES):
+            return "no"
+    return "yes"
+
+
 def _protect_home(paths: UnitPaths) -> str:
-    for path in (paths.meshnode, paths.config_dir, paths.state_dir):
+    for path in _code_paths(paths):
         p = path.absolute()
         if any(p == tree or tree in p.parents for tree in _HOME_TREES):
             return "read-only"
@@ -191,6 +218,7 @@ def render_units(paths: UnitPaths) -> dict[str, str]:
         "state_dir": _check_path(paths.state_dir),
         "snapshot": _check_path(paths.state_dir / "ztunnel-snapshot.json"),
         "protect_home": _protect_home(paths),
+        "private_tmp": _private_tmp(paths),
     }
     return {
         ZTUNNEL_UNIT: _ZTUNNEL_TEMPLATE.format(**values),

@@ -379,3 +379,12 @@ def test_enroll_refusals(control_plane: tuple[str, Path], tmp_path: Path) -> Non
     port = _free_port()
     proc = _meshnode("enroll", "--cp", f"https://127.0.0.1:{port}", "--token", token, *dirs)
     assert proc.returncode == 1 and "connection refused" in proc.stderr
+
+
+def test_units_for_an_installation_under_tmp_keep_tmp_visible() -> None:
+    rendered = units.render_units(units.UnitPaths(
+        Path("/opt/mn/.venv/bin/meshnode"), Path("/etc/meshnode"), Path("/var/lib/meshnode"),
+        source=Path("/tmp/checkout")))
+    assert "\nPrivateTmp=no\n" in rendered[units.AGENT_UNIT]
+    assert "\nPrivateTmp=no\n" in rendered[units.ZTUNNEL_UNIT]
+    assert "\nProtectHome=yes\n" in rendered[units.AGENT_UNIT]

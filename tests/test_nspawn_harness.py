@@ -202,11 +202,12 @@ def test_agent_unit_hardening_allows_bpf(n2: Node) -> None:
         BPFFS_UNIT,
         ZTUNNEL_UNIT,
         UnitPaths,
+        package_source,
         render_units,
     )
 
     units = render_units(UnitPaths(Path(PY).parent / "meshnode", Path("/etc/meshnode"),
-                                   Path("/var/lib/meshnode")))
+                                   Path("/var/lib/meshnode"), package_source()))
     unit = units[AGENT_UNIT]
     _install_unit(n2, BPFFS_UNIT, units[BPFFS_UNIT])
     assert n2.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode != 0  # nothing yet
