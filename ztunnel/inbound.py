@@ -12,7 +12,7 @@ from meshnode.ztunnel import hbone
 from meshnode.ztunnel.accesslog import log_connection
 from meshnode.ztunnel.authz import AuthzRequest
 from meshnode.ztunnel.identity import SpiffeId
-from meshnode.ztunnel.session import Carrier, HboneSession, PlainSide
+from meshnode.ztunnel.session import Carrier, HboneSession, PlainSide, reset_connection
 from meshnode.ztunnel.state import Workload
 from meshnode.ztunnel.tls import TlsError, peer_identity
 
@@ -136,7 +136,7 @@ class InboundConnection(PlainSide):
             return
         if self.finished or self.session is None:
             if self.transport is not None:
-                self.transport.abort()
+                reset_connection(self.transport)
             return
         session.accept(self.stream_id)
         self._labels = self.pi.tcp_labels_inbound(self.peer, self.workload)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from meshnode.ztunnel.accesslog import log_connection
 from meshnode.ztunnel.pool import ConnectError, PoolKey
 from meshnode.ztunnel.routing import Chooser, Route, RouteError, build_route
-from meshnode.ztunnel.session import HboneSession, LocalPipe, PlainSide
+from meshnode.ztunnel.session import HboneSession, LocalPipe, PlainSide, reset_connection
 from meshnode.ztunnel.state import Endpoint, Service
 
 if TYPE_CHECKING:
@@ -231,7 +231,7 @@ class OutboundConnection(PlainSide):
         self.error = reason
         self.pi.metrics.failed.inc(("outbound", kind))
         if self.transport is not None:
-            self.transport.abort()  # RST: the client learns at once, nothing hangs
+            reset_connection(self.transport)  # RST: the client learns at once, nothing hangs
         self._finish()
 
     def on_finished(self) -> None:

@@ -15,7 +15,10 @@ The shell only moves bytes and events:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
@@ -26,6 +29,20 @@ log = logging.getLogger("meshnode.ztunnel.session")
 
 # Stop reading a plain socket once this much is queued for its stream.
 PENDING_HIGH = 1 << 20
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_connection(transport: asyncio.Transport) -> None:
+    """Close with a TCP RST, so the peer knows the connection failed rather
+    than ended. (uvloop's abort() alone sends a FIN: a client would take a
+    failed upstream for a complete answer.)"""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 class HboneSession(asyncio.Protocol):
@@ -51,6 +68,8 @@ class HboneSession(asyncio.Protocol):
         self._on_request = on_request
         self._on_made = on_made
         self._on_lost = on_lost
+        self._flush_scheduled = False
+        self._loop = asyncio.get_event_loop()
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -96,6 +115,15 @@ class HboneSession(asyncio.Protocol):
         return not self.closed and not self.conn.ended and self.transport is not None
 
     def flush(self) -> None:
+        """Write what HTTP/2 has queued -- once per event-loop iteration: many
+        streams sending, or a read producing data plus acks, then cost one TLS
+        write (one encryption call, one syscall), not one each."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush_scheduled = False
         data = self.conn.data_to_send()
         if data and self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
@@ -145,7 +173,7 @@ class HboneSession(asyncio.Protocol):
         if self.closed:
             return
         self.conn.close(hbone.NO_ERROR, reason)
-        self.flush()
+        self._flush_now()  # the GOAWAY goes out before the transport closes
         self.closed = True
         if self.transport is not None:
             self.transport.close()
@@ -189,7 +217,7 @@ class HboneSession(asyncio.Protocol):
             if ev.error_code != hbone.NO_ERROR or not self.handlers:
                 self.closed = True
                 if self.transport is not None:
-                    self.flush()
+                    self._flush_now()
                     self.transport.close()
 
 
@@ -343,7 +371,7 @@ class PlainSide(asyncio.Protocol):
         self.error = reason
         self.session = None  # the stream is gone: nothing to reset
         if self.transport is not None:
-            self.transport.abort()  # RST to the plain peer: fail fast, don't hang
+            reset_connection(self.transport)  # RST to the plain peer: fail fast, don't hang
         self._finish()
 
     # -- end ------------------------------------------------------------------------
