@@ -749,3 +749,30 @@ def test_non_2xx_response_from_raw_headers_is_refused() -> None:
 )
 def test_split_authority(authority: str, expected: tuple[str, int]) -> None:
     assert hbone.split_authority(authority) == expected
+
+
+def test_reset_arriving_with_a_window_update_affects_only_that_stream() -> None:
+    """A connection-level WINDOW_UPDATE followed by a RST_STREAM for a stream
+    that still has data queued, in one read: that stream is reported reset;
+    the connection and its other streams go on. (This once raised out of
+    receive_data and took the whole pooled connection down.)"""
+    client, server = connected_pair()
+    a = open_established(client, server, "10.0.0.1:80")
+    b = open_established(client, server, "10.0.0.2:80")
+    client.send(a, b"x" * (hbone.STREAM_WINDOW + 100_000))  # more than one window
+    assert client.pending(a) > 0
+    _, server_events = pump(client, server)
+    total = sum(e.flow_length for e in server_events if isinstance(e, DataReceived))
+    assert total == hbone.STREAM_WINDOW
+    server.ack(a, total)  # WINDOW_UPDATE first (the window opens for a) ...
+    server.reset(a)  # ... then RST_STREAM, both in the same read by the client
+    events = client.receive_data(server.data_to_send())
+    assert [e for e in events if isinstance(e, TunnelReset)] == [
+        TunnelReset(a, e.error_code, True) for e in events if isinstance(e, TunnelReset)]
+    assert any(isinstance(e, TunnelReset) and e.stream_id == a for e in events)
+    assert not client.ended and not any(isinstance(e, ConnectionEnded) for e in events)
+    assert client.pending(a) == 0
+    client.send(b, b"still here")
+    _, server_events = pump(client, server)
+    got = [e for e in server_events if isinstance(e, DataReceived) and e.stream_id == b]
+    assert b"".join(e.data for e in got) == b"still here"

@@ -486,10 +486,16 @@ class HboneConnection:
             try:
                 sent = self._send_window(stream_id, memoryview(stream.send_buffer))
             except h2.exceptions.StreamClosedError:
+                closed = True
+            else:
+                closed = False
+            if closed:
                 # The peer reset the stream in the same read as a window update
                 # that came first: h2 has closed it, the queued data has nowhere
                 # to go. Only this stream is affected, never the connection.
-                stream.send_buffer.clear()
+                # (Replace the buffer, don't resize it: views of it may still be
+                # alive in the exception's frames.)
+                stream.send_buffer = bytearray()
                 stream.end_after_flush = False
                 self._streams.pop(stream_id, None)
                 return False
