@@ -42,8 +42,11 @@ def _parse_paths(value: str | None) -> list[str]:
                    "Default: all, plus the memory sub-benchmark.")
 @click.option("--memory", is_flag=True,
               help="Run the memory sub-benchmark (alone, or with the --paths given).")
+@click.option("--ztunnel-workers", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="ztunnel worker processes per lab node. The lab's nodes (and the clients "
+                   "and servers) all share this machine's cores.")
 def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: str | None,
-          memory: bool) -> None:
+          memory: bool, ztunnel_workers: int) -> None:
     """Benchmark meshnode against direct, HAProxy/stunnel mTLS pairs and a central LB.
 
     Builds a fresh 3-node lab named `mnbench`, prints a table, writes results.json
@@ -68,7 +71,7 @@ def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: s
     if missing:
         fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them)")
     opts = Options(paths=paths, duration=duration, repeat=repeat, memory=run_memory,
-                   churn_seconds=1.0 if quick else 3.0)
+                   churn_seconds=1.0 if quick else 3.0, ztunnel_workers=ztunnel_workers)
     click.echo(f"meshnode bench: paths {', '.join(paths) or '(none)'}; {duration:.0f}s per "
                f"measurement x {repeat}; memory sub-benchmark: {'yes' if run_memory else 'no'}")
     try:

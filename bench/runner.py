@@ -87,6 +87,7 @@ class Options:
     repeat: int = 3
     memory: bool = True
     churn_seconds: float = 3.0
+    ztunnel_workers: int = 1  # per node; all nodes share this machine's cores
 
 
 @dataclass
@@ -225,8 +226,9 @@ class Bench:
         os.chmod(www / FILE_NAME, 0o644)
 
         t0 = time.monotonic()
-        self.log(f"lab {self.lab_name}: 3 nodes")
-        self.lab.up(3, log=self.log)
+        self.log(f"lab {self.lab_name}: 3 nodes, {self.opts.ztunnel_workers} ztunnel "
+                 "worker(s) each")
+        self.lab.up(3, log=self.log, workers=self.opts.ztunnel_workers)
         for node in ("node1", "node2", "node3"):
             ns = self.lab.load().nodes[node].netns
             # Connection-per-request runs open ~100k connections: let the client

@@ -204,10 +204,15 @@ spec:
     assert delta == 1
     from meshnode.cli.lab.lab import Lab
 
-    log = (Lab(LAB).node_dir("node2") / "state" / "ztunnel.log").read_text().splitlines()
-    records = [json.loads(x) for x in log if x.startswith("{")]
-    deny = [r for r in records if r.get("result") == "denied"
-            and r.get("src_identity", "").endswith("/sa/intruder")]
+    def denials() -> list[dict]:  # type: ignore[type-arg]
+        log = (Lab(LAB).node_dir("node2") / "state" / "ztunnel.log").read_text().splitlines()
+        records = [json.loads(x) for x in log if x.startswith("{")]
+        return [r for r in records if r.get("result") == "denied"
+                and r.get("src_identity", "").endswith("/sa/intruder")]
+
+    deadline = time.monotonic() + 3  # the access log is written in batches
+    while not (deny := denials()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert deny and "vault-clients-only" in deny[-1]["reason"], deny
     print(f"access log: {deny[-1]['reason']}")
 

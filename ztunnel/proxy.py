@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from meshnode.ztunnel import inbound
+from meshnode.ztunnel.accesslog import FLUSH_EVERY, access_log
 from meshnode.ztunnel.admin import Response, http_handler, json_response
 from meshnode.ztunnel.authz import Authorizer
 from meshnode.ztunnel.balancer import EndpointPicker
@@ -257,7 +258,9 @@ class Proxy:
             await control.start()
             sdnotify.notify("READY=1", f"STATUS=serving config version {self.pi.state.version}")
         sweeper = loop.create_task(self.pi.pool.run_sweeper())
+        flusher = loop.create_task(_flush_access_log())
         await self._stopping.wait()
+        flusher.cancel()
         sdnotify.notify("STOPPING=1")
         if control is not None:
             control.close()
@@ -289,6 +292,7 @@ class Proxy:
             session.close("shutting down")
         for server in self._servers[2:]:
             server.close()
+        access_log.flush()
         log.info("ztunnel stopped")
 
     # -- admin (localhost only) ---------------------------------------------------
@@ -323,6 +327,12 @@ class Proxy:
         return json_response("404 Not Found", {
             "error": f"unknown path {url.path}",
             "paths": ["/config_dump", "/peer?addr=IP:PORT", "/healthz/ready", "/metrics"]})
+
+
+async def _flush_access_log() -> None:
+    while True:
+        await asyncio.sleep(FLUSH_EVERY)
+        access_log.flush()
 
 
 def _read_doc(path: Path) -> dict[str, Any] | None:

@@ -118,9 +118,14 @@ class HboneSession(asyncio.Protocol):
         """Write what HTTP/2 has queued -- once per event-loop iteration: many
         streams sending, or a read producing data plus acks, then cost one TLS
         write (one encryption call, one syscall), not one each."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush_now)
+        if self._flush_scheduled:
+            return
+        if len(self.handlers) <= 1:
+            # One stream: nothing to coalesce with; don't add a loop turn of latency.
+            self._flush_now()
+            return
+        self._flush_scheduled = True
+        self._loop.call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush_scheduled = False

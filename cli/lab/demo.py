@@ -123,6 +123,7 @@ def run_demo(lab: Any, log: Any = print) -> None:
                         workload="web")
         if code != 0:
             log(f"demo: curl failed with exit code {code}; see the logs in {lab.dir}")
+    time.sleep(0.5)  # ztunnel writes its access log in batches, every 200 ms
     log("\naccess log (one JSON line per connection, from each node's ztunnel):")
     for node in (nodes[0], server_node):
         logf = Path(lab.node_dir(node)) / "state" / "ztunnel.log"
