@@ -76,7 +76,7 @@ def status(config_dir: Path, output: str) -> None:
         "control_plane_reachable": agent.get("cp_reachable"),
         "control_plane_error": agent.get("cp_error", ""),
         "control_plane_revision": agent.get("cp_revision"),
-        "node_certificate": _expiry(e.cert),
+        "node_certificate": _expiry(e.files.cert),
         "agent": {"running": alive, "pid": agent.get("pid"),
                   "config_version": agent.get("version")},
         "ztunnel": _ready("http://127.0.0.1:15021/healthz/ready"),

@@ -105,10 +105,10 @@ def add(name: str, service: str, port: int, namespace: str, version: str, system
     except EnrollmentError as exc:
         note = f" ({exc}; meshed once it runs)"
     try:
-        workloads = [w for w in load_workloads(e.workloads_file) if w.name != name]
+        workloads = [w for w in load_workloads(e.files.workloads) if w.name != name]
         if any(w.port == port for w in workloads):
             fail(f"port {port} is already used by another workload of this node")
-        save_workloads(e.workloads_file, [*workloads, spec])
+        save_workloads(e.files.workloads, [*workloads, spec])
     except EnrollmentError as exc:
         fail(str(exc))
     result = _poke_agent(e.state_dir, name)
@@ -125,10 +125,10 @@ def rm(name: str, config_dir: Path) -> None:
 
     e = _enrollment(config_dir)
     try:
-        workloads = load_workloads(e.workloads_file)
+        workloads = load_workloads(e.files.workloads)
         if not any(w.name == name for w in workloads):
             fail(f"no workload {name} on this node (`meshnode workload ls`)")
-        save_workloads(e.workloads_file, [w for w in workloads if w.name != name])
+        save_workloads(e.files.workloads, [w for w in workloads if w.name != name])
     except EnrollmentError as exc:
         fail(str(exc))
     click.echo(f"workload {name} removed: {_poke_agent(e.state_dir, name, gone=True)}")
@@ -144,7 +144,7 @@ def ls(config_dir: Path, output: str) -> None:
 
     e = _enrollment(config_dir)
     try:
-        workloads = load_workloads(e.workloads_file)
+        workloads = load_workloads(e.files.workloads)
     except EnrollmentError as exc:
         fail(str(exc))
     applied = set(_agent_status(e.state_dir).get("workloads", []))

@@ -120,7 +120,7 @@ class EnrolledSource:
     def load(self) -> NodeConfig:
         from meshnode.nodeagent.enrolled import load_workloads, node_config_from
 
-        workloads = load_workloads(self.e.workloads_file)
+        workloads = load_workloads(self.e.files.workloads)
         self._update_trust_bundle()
         self._reconcile_registrations(workloads)
         cfg, self.problems = node_config_from(self.e, self.slice.doc, workloads,
@@ -140,11 +140,11 @@ class EnrolledSource:
             return
         data = bundle.encode()
         try:
-            current = self.e.bundle.read_bytes()
+            current = self.e.files.bundle.read_bytes()
         except OSError:
             current = b""
         if data != current:
-            write_file_atomic(self.e.bundle, data, 0o644)
+            write_file_atomic(self.e.files.bundle, data, 0o644)
             log.info("trust bundle updated from the control plane (%d roots)",
                      bundle.count("BEGIN CERTIFICATE"))
         self.client.last_bundle = data
@@ -178,7 +178,7 @@ class EnrolledSource:
         return self.client
 
     def renewal_due(self) -> float:
-        return CertManager.renewal_due(CertFiles(self.e.cert, self.e.key))
+        return CertManager.renewal_due(CertFiles(self.e.files.cert, self.e.files.key))
 
     def renew_node_certificate(self) -> None:
         """The node's own certificate, at half-life: a new key made here, a
@@ -196,8 +196,8 @@ class EnrolledSource:
         except ControlPlaneError as exc:
             log.warning("node certificate not renewed yet: %s", exc)
             return
-        write_private_key(self.e.key, key)
-        write_file_atomic(self.e.cert, str(doc["certificate"]).encode(), 0o644)
+        write_private_key(self.e.files.key, key)
+        write_file_atomic(self.e.files.cert, str(doc["certificate"]).encode(), 0o644)
         log.info("node certificate renewed")
 
     def start(self, wake: threading.Event) -> None:

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from meshnode.controlplane.ca import write_file_atomic
 from meshnode.nodeagent.config import LocalWorkload, NodeConfig
+from meshnode.nodeagent.enroll import NodeLayout
 from meshnode.ztunnel.identity import SpiffeId
 
 log = logging.getLogger("meshnode.nodeagent.cp")
@@ -51,20 +52,10 @@ class Enrollment:
     config_dir: Path
 
     @property
-    def key(self) -> Path:
-        return self.config_dir / "node-key.pem"
-
-    @property
-    def cert(self) -> Path:
-        return self.config_dir / "node.pem"
-
-    @property
-    def bundle(self) -> Path:
-        return self.config_dir / "bundle.pem"
-
-    @property
-    def workloads_file(self) -> Path:
-        return self.config_dir / "workloads.json"
+    def files(self) -> NodeLayout:
+        """Where the node's key, certificate, bundle and registry live (the
+        layout `meshnode enroll` wrote)."""
+        return NodeLayout(self.config_dir, self.state_dir)
 
 
 def load_enrollment(config_dir: Path) -> Enrollment:
@@ -186,13 +177,13 @@ class CpClient:
         self.last_bundle: bytes | None = None
 
     def _context(self) -> ssl.SSLContext:
-        mt = (os.stat(self.e.cert).st_mtime, os.stat(self.e.bundle).st_mtime)
+        mt = (os.stat(self.e.files.cert).st_mtime, os.stat(self.e.files.bundle).st_mtime)
         if self._ctx is None or mt != self._ctx_mtime:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_3
             ctx.check_hostname = False  # identity checked as a SPIFFE ID below
-            ctx.load_verify_locations(cafile=str(self.e.bundle))
-            ctx.load_cert_chain(str(self.e.cert), str(self.e.key))
+            ctx.load_verify_locations(cafile=str(self.e.files.bundle))
+            ctx.load_cert_chain(str(self.e.files.cert), str(self.e.files.key))
             self._ctx, self._ctx_mtime = ctx, mt
         return self._ctx
 
@@ -272,7 +263,7 @@ class CpClient:
 
     def trust_bundle(self) -> bytes:
         if self.last_bundle is None:
-            self.last_bundle = self.e.bundle.read_bytes()
+            self.last_bundle = self.e.files.bundle.read_bytes()
         return self.last_bundle
 
 
