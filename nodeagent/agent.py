@@ -238,6 +238,7 @@ class Agent:
         self.ztunnel: subprocess.Popen[bytes] | None = None
         self.link = ZtunnelLink(str(self.cfg.state_dir / "ztunnel.sock"))
         self.pushed_version = 0
+        self._kernel: tuple[dict[int, int], set[tuple[int, int]]] = ({}, set())
         self._wake = threading.Event()
         self._reload = False
         self._stop = False
@@ -264,7 +265,6 @@ class Agent:
     # -- applying config ---------------------------------------------------------
 
     def apply(self, cfg: NodeConfig) -> None:
-        from meshnode.bpf.cgroups import cgroup_id
 
         self.ids = assign_workload_ids(self.ids, [w.name for w in cfg.workloads])
         write_file_atomic(cfg.state_dir / "workload-ids.json",
@@ -280,18 +280,7 @@ class Agent:
                 log.error("certificate for workload %s not renewed: %s", w.name, exc)
         bundle = self.certs.bundle_path()
         snap = ztunnel_snapshot(cfg, self.ids, certs, str(bundle))
-        members: dict[int, int] = {}
-        cgroup_ids: dict[str, int] = {}
-        for w in cfg.workloads:
-            try:
-                cgroup_ids[w.name] = cgroup_id(Path(w.cgroup))
-            except OSError as exc:
-                log.error("workload %s: cgroup %s is not usable (%s); its connections are not "
-                          "meshed until it exists", w.name, w.cgroup, exc.strerror)
-                continue
-            members[cgroup_ids[w.name]] = self.ids[w.name]
-        strict = {(cgroup_ids[name], port) for name, port in strict_ports(cfg, node_resources(cfg))
-                  if name in cgroup_ids}
+        members, strict = self._kernel_view(cfg, log_missing=True)
         # Order matters for live traffic: ztunnel must know a workload before the
         # kernel starts sending it that workload's connections.
         write_file_atomic(self.snapshot_path, json.dumps(snap, indent=1).encode(), 0o644)
@@ -299,10 +288,43 @@ class Agent:
         self.bpf.sync_destinations(capture_destinations(cfg))
         self.bpf.sync_workloads(members)
         self.bpf.sync_strict(strict)
+        self._kernel = (members, strict)
         self.cfg = cfg
         log.info("config version %d applied: %d workloads, %d services, %d capture "
                  "destinations, %d STRICT ports", cfg.version, len(cfg.workloads),
                  len(cfg.services), len(capture_destinations(cfg)), len(strict))
+
+    def _kernel_view(self, cfg: NodeConfig, log_missing: bool = False
+                     ) -> tuple[dict[int, int], set[tuple[int, int]]]:
+        """Membership (cgroup id -> workload id) and STRICT (cgroup id, port)
+        as the kernel should see them now. Cgroup ids change whenever a cgroup
+        is re-created -- a systemd unit restarting -- so this is re-read often."""
+        from meshnode.bpf.cgroups import cgroup_id
+
+        members: dict[int, int] = {}
+        cgroup_ids: dict[str, int] = {}
+        for w in cfg.workloads:
+            try:
+                cgroup_ids[w.name] = cgroup_id(Path(w.cgroup))
+            except OSError as exc:
+                if log_missing:
+                    log.error("workload %s: cgroup %s is not usable (%s); its connections are "
+                              "not meshed until it exists", w.name, w.cgroup, exc.strerror)
+                continue
+            members[cgroup_ids[w.name]] = self.ids[w.name]
+        strict = {(cgroup_ids[name], port) for name, port in strict_ports(cfg, node_resources(cfg))
+                  if name in cgroup_ids}
+        return members, strict
+
+    def follow_cgroups(self) -> None:
+        """A workload's cgroup re-created (unit restarted) or appearing late
+        (unit started after us): update the kernel's maps at once."""
+        members, strict = self._kernel_view(self.cfg)
+        if (members, strict) != self._kernel:
+            self.bpf.sync_workloads(members)
+            self.bpf.sync_strict(strict)
+            self._kernel = (members, strict)
+            log.info("workload cgroups changed; BPF maps updated (%d meshed)", len(members))
 
     def push(self, snap: dict[str, Any]) -> bool:
         ok, why = self.link.push_snapshot(snap)
@@ -448,7 +470,7 @@ class Agent:
             self.write_status()
             sdnotify.notify("READY=1", f"STATUS=config version {self.cfg.version}")
             log.info("node %s ready (config version %d)", self.cfg.name, self.cfg.version)
-            last_status = time.monotonic()
+            last_status = last_cgroups = last_problems = time.monotonic()
             renew_at = min(self.next_renewal(), time.time() + RENEW_CHECK_EVERY)
             while not self._stop:
                 self._wake.wait(timeout=1.0)
@@ -460,6 +482,15 @@ class Agent:
                     self._reload = False
                     self._reload_config()
                 self.supervise_ztunnel()
+                now = time.monotonic()
+                if now - last_cgroups >= 2:
+                    last_cgroups = now
+                    self.follow_cgroups()
+                if getattr(self.source, "problems", None) and now - last_problems >= 5:
+                    # e.g. a systemd unit that was not running yet: resolve again.
+                    last_problems = now
+                    self._reload = True
+                    self._wake.set()
                 if not self.source.manages_ztunnel and self.pushed_version < self.cfg.version:
                     # ztunnel (its own unit) was away; give it the current config.
                     self.push(json.loads(self.snapshot_path.read_text()))

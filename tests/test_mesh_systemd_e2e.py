@@ -257,6 +257,21 @@ def test_certificates_rotate_under_live_traffic(mesh: Mesh) -> None:
     assert "this is api" in curl_api(mesh).stdout  # new connections, new certificates
 
 
+def test_restarted_workload_unit_stays_meshed(mesh: Mesh) -> None:
+    """A unit restart re-creates its cgroup under a new id: the agent must
+    follow it, or the workload silently stops being meshed."""
+    def cgroup_ino() -> str:
+        return mesh.n1.run(["stat", "-c", "%i", "/sys/fs/cgroup/system.slice/demo-web.service"],
+                           check=True).stdout.strip()
+
+    before = cgroup_ino()
+    mesh.n1.run(["systemctl", "restart", "demo-web.service"], check=True)
+    assert cgroup_ino() != before  # a new cgroup: what the BPF map had is stale
+    out = wait_for("web to be meshed again", lambda: "this is api" in (r := curl_api(mesh)).stdout
+                   and r.stdout, 20)
+    assert "hello spiffe://cluster.local/ns/default/sa/web" in out
+
+
 def test_second_enroll_changes_nothing(mesh: Mesh) -> None:
     before = mesh.n1.run(["sha256sum", "/etc/meshnode/node.json"], check=True).stdout
     out = mesh.n1.run([MESHNODE, "enroll", "--cp", mesh.url, "--token",
