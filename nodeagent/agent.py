@@ -285,14 +285,15 @@ class Agent:
         # kernel starts sending it that workload's connections.
         write_file_atomic(self.snapshot_path, json.dumps(snap, indent=1).encode(), 0o644)
         self.push(snap)
-        self.bpf.sync_destinations(capture_destinations(cfg))
+        dests = capture_destinations(cfg)
+        self.bpf.sync_destinations(dests)
         self.bpf.sync_workloads(members)
         self.bpf.sync_strict(strict)
         self._kernel = (members, strict)
         self.cfg = cfg
         log.info("config version %d applied: %d workloads, %d services, %d capture "
                  "destinations, %d STRICT ports", cfg.version, len(cfg.workloads),
-                 len(cfg.services), len(capture_destinations(cfg)), len(strict))
+                 len(cfg.services), len(dests), len(strict))
 
     def _kernel_view(self, cfg: NodeConfig, log_missing: bool = False
                      ) -> tuple[dict[int, int], set[tuple[int, int]]]:

@@ -8,50 +8,29 @@ import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from bpfsupport import ebpf_missing, prog_gone, unique
 from meshnode.bpf import syscall
 from meshnode.bpf.cgroups import cgroup2_mount
-from meshnode.bpf.errors import BpfError
 from meshnode.bpf.layout import PIN_ORIG_DST, PIN_STRICT
 from meshnode.bpf.loader import MeshBpf
 
 pytestmark = pytest.mark.root
 
 
-def _why_not_runnable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (cgroups, eBPF)"
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return "bcc is not importable (install python3-bpfcc; run scripts/setup.sh)"
-    try:
-        cgroup2_mount()
-    except BpfError as exc:
-        return str(exc)
-    if not (Path("/lib/modules") / os.uname().release / "build" / "include").is_dir():
-        return "no kernel headers for bcc at /lib/modules/$(uname -r)/build (run scripts/setup.sh)"
-    return None
-
-
 @pytest.fixture(autouse=True)
 def _require_ebpf() -> None:
-    reason = _why_not_runnable()
+    reason = ebpf_missing(tools=())
     if reason:
         pytest.skip(reason)
 
 
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
 @pytest.fixture
 def cgroup() -> Iterator[Path]:
-    path = cgroup2_mount() / _unique("mn-test")
+    path = cgroup2_mount() / unique("mn-test")
     path.mkdir()
     try:
         yield path
@@ -66,7 +45,7 @@ def cgroup() -> Iterator[Path]:
 
 @pytest.fixture
 def pin_dir() -> Iterator[Path]:
-    path = Path("/sys/fs/bpf") / _unique("mn-test")
+    path = Path("/sys/fs/bpf") / unique("mn-test")
     yield path
     for pin in path.glob("*"):
         pin.unlink()
@@ -92,19 +71,6 @@ def crashed_agent(cgroup: Path, pin_dir: Path) -> None:
 
 def names(cgroup: Path) -> list[str]:
     return sorted(p["name"] for p in MeshBpf.attached_programs(cgroup))
-
-
-def prog_gone(prog_id: int, wait: float = 3.0) -> bool:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fd = syscall.prog_get_fd_by_id(prog_id)
-        except FileNotFoundError:
-            return True
-        os.close(fd)
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
 
 
 def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: Path) -> None:

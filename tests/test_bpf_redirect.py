@@ -5,26 +5,29 @@ eBPF; all traffic stays on loopback inside a network namespace made for the test
 
 from __future__ import annotations
 
-import contextlib
 import ctypes as ct
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
 import textwrap
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from bpfsupport import (
+    bpftool_cgroup_names,
+    ebpf_missing,
+    in_netns,
+    prog_gone,
+    remove_cgroup,
+    unique,
+)
 from meshnode.bpf import syscall
 from meshnode.bpf.cgroups import cgroup2_mount, cgroup_id
-from meshnode.bpf.errors import BpfError
 from meshnode.bpf.layout import (
     PIN_DESTINATIONS,
     PIN_ORIG_DST,
@@ -37,7 +40,6 @@ from meshnode.bpf.pinned import OrigDst, OrigDstTable, open_pinned
 
 pytestmark = pytest.mark.root
 
-CLONE_NEWNET = 0x40000000
 PROXY_PORT = 15001  # the netns is fresh, so the default port is free
 TARGET_PORT = 8080
 MESH_DST = "240.0.0.10"  # reserved space, never routed; only ever a connect() argument
@@ -45,56 +47,14 @@ WILDCARD_DST = "240.0.0.11"
 MEMBER_WORKLOAD_ID = 42
 
 
-def _why_not_runnable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, cgroups, eBPF)"
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return "bcc is not importable (install python3-bpfcc; run scripts/setup.sh)"
-    for tool in ("ip", "nsenter"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    try:
-        cgroup2_mount()
-    except BpfError as exc:
-        return str(exc)
-    if not (Path("/lib/modules") / os.uname().release / "build" / "include").is_dir():
-        return "no kernel headers for bcc at /lib/modules/$(uname -r)/build (run scripts/setup.sh)"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _require_ebpf() -> None:
-    reason = _why_not_runnable()
+    reason = ebpf_missing()
     if reason:
         pytest.skip(reason)
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Runs the block in the namespace (this thread only); sockets made there stay."""
-    libc = ct.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ct.get_errno(), "setns into test netns")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ct.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 def listener(netns: str, port: int) -> socket.socket:
@@ -170,42 +130,6 @@ def pending(sock: socket.socket) -> bool:
     return True
 
 
-def remove_cgroup(path: Path) -> None:
-    for _ in range(100):  # a just-exited task can keep the cgroup busy for a moment
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    path.rmdir()
-
-
-def bpftool_cgroup_names(path: Path) -> list[str]:
-    if shutil.which("bpftool") is None:
-        return []
-    out = subprocess.run(
-        ["bpftool", "-j", "cgroup", "show", str(path)], capture_output=True, text=True
-    )
-    if out.returncode != 0 or not out.stdout.strip():
-        return []
-    return [entry.get("name", "") for entry in json.loads(out.stdout)]
-
-
-def prog_gone(prog_id: int, wait: float = 3.0) -> bool:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fd = syscall.prog_get_fd_by_id(prog_id)
-        except FileNotFoundError:
-            return True
-        os.close(fd)
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-
-
 # -- the environment ---------------------------------------------------------------
 
 
@@ -224,9 +148,9 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    netns = _unique("mn-test")
-    parent = cgroup2_mount() / _unique("mn-test")
-    pin_dir = Path("/sys/fs/bpf") / _unique("mn-test")
+    netns = unique("mn-test")
+    parent = cgroup2_mount() / unique("mn-test")
+    pin_dir = Path("/sys/fs/bpf") / unique("mn-test")
     subprocess.run(["ip", "netns", "add", netns], check=True)
     sockets: list[socket.socket] = []
     mesh = MeshBpf(pin_dir, proxy_port=PROXY_PORT)
@@ -419,9 +343,9 @@ def test_cgroup_id_is_what_bpf_sees(env: Env) -> None:
 
 
 def test_close_leaves_nothing_behind(tmp_path: Path) -> None:
-    parent = cgroup2_mount() / _unique("mn-test")
+    parent = cgroup2_mount() / unique("mn-test")
     parent.mkdir()
-    pin_dir = Path("/sys/fs/bpf") / _unique("mn-test")
+    pin_dir = Path("/sys/fs/bpf") / unique("mn-test")
     try:
         with MeshBpf(pin_dir, proxy_port=PROXY_PORT) as mesh:
             mesh.load()

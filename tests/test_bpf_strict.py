@@ -12,23 +12,27 @@ of cgroup <parent>/other on the same STRICT_PORT. The programs are attached at
 from __future__ import annotations
 
 import contextlib
-import ctypes as ct
-import json
 import os
 import select
-import shutil
 import socket
 import struct
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from bpfsupport import (
+    bpftool_cgroup_names,
+    ebpf_missing,
+    in_netns,
+    prog_gone,
+    remove_cgroup,
+    unique,
+)
 from meshnode.bpf import syscall
 from meshnode.bpf.cgroups import cgroup2_mount, cgroup_id
 from meshnode.bpf.errors import BpfError
@@ -38,7 +42,6 @@ from meshnode.bpf.pinned import open_pinned
 
 pytestmark = pytest.mark.root
 
-CLONE_NEWNET = 0x40000000
 PROXY_PORT = 15001
 STRICT_PORT = 8080
 OPEN_PORT = 8081  # the same workload's port that is never STRICT
@@ -48,59 +51,15 @@ VETH_A, VETH_B = "198.51.100.1", "198.51.100.2"  # the "wire" between A and B
 REFUSED_WAIT = 1.0  # how long a dropped connect is given (the SYN retry is at 1 s)
 
 
-def _why_not_runnable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (network namespaces, cgroups, eBPF)"
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
-        return "bcc is not importable (install python3-bpfcc; run scripts/setup.sh)"
-    for tool in ("ip", "nsenter"):
-        if shutil.which(tool) is None:
-            return f"{tool} is not installed"
-    try:
-        cgroup2_mount()
-    except BpfError as exc:
-        return str(exc)
-    if not (Path("/lib/modules") / os.uname().release / "build" / "include").is_dir():
-        return "no kernel headers for bcc at /lib/modules/$(uname -r)/build (run scripts/setup.sh)"
-    if not Path("/proc/sys/net/ipv6").is_dir():
-        return "IPv6 is disabled in this kernel (the dual-stack checks need ::1)"
-    return None
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _require_ebpf() -> None:
-    reason = _why_not_runnable()
+    reason = ebpf_missing(ipv6=True)
     if reason:
         print(f"skipping STRICT-mode tests: {reason}")
         pytest.skip(reason)
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def _unique(prefix: str) -> str:
-    return f"{prefix}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-
-
-@contextlib.contextmanager
-def in_netns(name: str) -> Iterator[None]:
-    """Runs the block in the namespace (this thread only); sockets made there stay."""
-    libc = ct.CDLL(None, use_errno=True)
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
-    try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
-            raise OSError(ct.get_errno(), "setns into test netns")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                raise OSError(ct.get_errno(), "setns back")
-    finally:
-        os.close(own)
-        os.close(target)
 
 
 def ip(netns: str, *args: str) -> None:
@@ -196,42 +155,6 @@ def talk(netns: str, dst: str, port: int, src: str | None = None) -> str | None:
         sock.close()
 
 
-def remove_cgroup(path: Path) -> None:
-    for _ in range(100):  # a just-exited task can keep the cgroup busy for a moment
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.05)
-    path.rmdir()
-
-
-def prog_gone(prog_id: int, wait: float = 3.0) -> bool:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            fd = syscall.prog_get_fd_by_id(prog_id)
-        except FileNotFoundError:
-            return True
-        os.close(fd)
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-
-
-def bpftool_cgroup_names(path: Path) -> list[str]:
-    if shutil.which("bpftool") is None:
-        return []
-    out = subprocess.run(
-        ["bpftool", "-j", "cgroup", "show", str(path)], capture_output=True, text=True
-    )
-    if out.returncode != 0 or not out.stdout.strip():
-        return []
-    return [entry.get("name", "") for entry in json.loads(out.stdout)]
-
-
 # -- the environment ---------------------------------------------------------------
 
 
@@ -252,9 +175,9 @@ class Env:
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
-    ns_a, ns_b = _unique("mn-test-a"), _unique("mn-test-b")
-    parent = cgroup2_mount() / _unique("mn-test")
-    pin_dir = Path("/sys/fs/bpf") / _unique("mn-test")
+    ns_a, ns_b = unique("mn-test-a"), unique("mn-test-b")
+    parent = cgroup2_mount() / unique("mn-test")
+    pin_dir = Path("/sys/fs/bpf") / unique("mn-test")
     workload, other = parent / "workload", parent / "other"
     servers: list[subprocess.Popen[str]] = []
     mesh = MeshBpf(pin_dir, proxy_port=PROXY_PORT)
