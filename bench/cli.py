@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import click
+
 from meshnode.cli.common import fail
 
 

@@ -20,7 +20,10 @@ COLORS = {
 
 def write_plots(summary: Mapping[str, Mapping[str, float | None]], out: Path,
                 memory: Mapping[str, Any] | None = None, subtitle: str = "") -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        return []  # plots need the bench extra (pip install 'meshnode[bench]'); the table stands
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from meshnode.core.errors import MeshnodeError
+
 # -- what is measured ------------------------------------------------------------------
 
 PATHS: tuple[str, ...] = (
@@ -62,7 +64,7 @@ def metric(key: str) -> Metric:
     raise KeyError(key)
 
 
-class ParseError(ValueError):
+class ParseError(MeshnodeError, ValueError):
     """A tool's output is not what the parser expects; the message shows why."""
 
 

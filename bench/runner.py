@@ -30,6 +30,7 @@ from types import FrameType
 from typing import Any
 
 from meshnode.bench import configs, procs, report
+from meshnode.core.errors import MeshnodeError
 
 LAB_NAME = "mnbench"
 WORKDIR = Path("/dev/shm/meshnode-bench")  # tmpfs: nginx serves from memory
@@ -56,7 +57,7 @@ REQUIRED_TOOLS = {
 }
 
 
-class BenchError(Exception):
+class BenchError(MeshnodeError):
     pass
 
 
@@ -299,14 +300,10 @@ class Bench:
 
     def mint_certs(self) -> None:
         """Two identities from a fresh CA (ECDSA P-256), for the sidecar pairs."""
-        from meshnode.controlplane.ca import (
-            CertificateAuthority,
-            generate_private_key,
-            make_csr,
-            write_file_atomic,
-            write_private_key,
-        )
-        from meshnode.ztunnel.identity import SpiffeId
+        from meshnode.controlplane.ca import CertificateAuthority
+        from meshnode.core.fsutil import write_file_atomic
+        from meshnode.core.identity import SpiffeId
+        from meshnode.core.pki import generate_private_key, make_csr, write_private_key
 
         d = self.workdir / "pki"
         d.mkdir(mode=0o700, exist_ok=True)

@@ -1,5 +1,7 @@
 """The one exception of meshnode.bpf."""
 
+from meshnode.core.errors import MeshnodeError
 
-class BpfError(Exception):
+
+class BpfError(MeshnodeError):
     """An eBPF operation failed; the message says what, why, and what to do."""

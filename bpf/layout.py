@@ -15,6 +15,8 @@ import socket
 import sys
 from typing import ClassVar
 
+from meshnode.core.constants import DELIVERY_ADDRESS
+
 # Pin names (meshnode.h: MN_PIN_*), files under the agent's pin directory.
 PIN_ORIG_DST = "mn_orig_dst"
 PIN_WORKLOADS = "mn_workloads"
@@ -23,7 +25,7 @@ PIN_STRICT = "mn_strict"
 
 # Where the node proxy delivers inbound connections from (meshnode.h:
 # MN_PROXY_INBOUND_SRC_IP4): the only source a STRICT port accepts.
-PROXY_INBOUND_SOURCE = "127.0.0.6"
+PROXY_INBOUND_SOURCE = DELIVERY_ADDRESS
 
 # Program names (the C entry functions); the kernel keeps the first 15 bytes.
 PROGRAM_NAME_PREFIX = "mn_"

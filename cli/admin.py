@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode
 
 import click
 import yaml
+
 from meshnode.cli.common import fail
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -139,7 +140,7 @@ def token_create(node: str, zone: str, ttl: str, cp_url: str, ca_file: Path | No
 def apply(path: str, cp_url: str, ca_file: Path | None, pin: str | None, data_dir: Path,
           admin_token_file: Path | None) -> None:
     """Create or update resources from YAML: all documents or none."""
-    from meshnode.controlplane.resources import ResourceError, parse_documents
+    from meshnode.core.resources import ResourceError, parse_documents
 
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text()

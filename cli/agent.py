@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from meshnode.cli.common import fail, setup_logging
 
 

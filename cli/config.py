@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import click
+
 from meshnode.cli.common import fail
 
 

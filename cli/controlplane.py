@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import click
+
 from meshnode.cli.common import fail, setup_logging
 
 DEFAULT_DATA_DIR = "/var/lib/meshnode-cp"
@@ -44,7 +45,7 @@ def run(listen: str, db: str | None, data_dir: Path, trust_domain: str, cert_ttl
     )
     from meshnode.controlplane.server import run as serve
     from meshnode.controlplane.store import StoreError, open_store
-    from meshnode.ztunnel.identity import IdentityError, validate_trust_domain
+    from meshnode.core.identity import IdentityError, validate_trust_domain
 
     setup_logging(log_level)
     try:

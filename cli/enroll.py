@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import click
+
 from meshnode.cli.common import fail
 
 
@@ -36,14 +37,17 @@ def enroll(cp_url: str, token: str, name: str | None, zone: str, ip: str, config
     """Enroll this node with the control plane at --cp using a join token."""
     from meshnode.bpf.cgroups import cgroup2_mount
     from meshnode.bpf.errors import BpfError
+    from meshnode.core.errors import MeshnodeError
+    from meshnode.core.identity import check_node_name
+    from meshnode.core.token import parse_token
     from meshnode.nodeagent import enroll as en
     from meshnode.nodeagent import units
 
     try:
-        join = en.parse_token(token)
+        join = parse_token(token)
         url = en.ControlPlaneUrl.parse(cp_url)
-        node_name = en.check_node_name(name or socket.gethostname().split(".")[0].lower())
-    except en.EnrollError as exc:
+        node_name = check_node_name(name or socket.gethostname().split(".")[0].lower())
+    except MeshnodeError as exc:
         fail(str(exc))
     config_dir, state_dir = config_dir.absolute(), state_dir.absolute()
     layout = en.NodeLayout(config_dir, state_dir)
@@ -73,7 +77,7 @@ def enroll(cp_url: str, token: str, name: str | None, zone: str, ip: str, config
 
     try:
         result = en.enroll(url, join, node_name, zone, ip, timeout=timeout)
-    except en.EnrollError as exc:
+    except MeshnodeError as exc:
         fail(str(exc))
     except Exception as exc:  # a bug: still one line, and nothing was written
         fail(f"enrollment failed unexpectedly ({type(exc).__name__}: {exc}); nothing was "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+
 from meshnode.cli.common import fail
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def add(name: str, service: str, port: int, namespace: str, version: str, system
         cgroup: str, pid: int, config_dir: Path) -> None:
     """Mesh a workload of this node."""
     from meshnode.bpf.cgroups import cgroup2_mount
+    from meshnode.core.identity import IdentityError, SpiffeId
     from meshnode.nodeagent.enrolled import (
         EnrollmentError,
         WorkloadSpec,
@@ -86,7 +88,6 @@ def add(name: str, service: str, port: int, namespace: str, version: str, system
         resolve_cgroup,
         save_workloads,
     )
-    from meshnode.ztunnel.identity import IdentityError, SpiffeId
 
     if sum(bool(x) for x in (systemd_unit, cgroup, pid)) != 1:
         fail("say what the workload is: exactly one of --systemd-unit, --cgroup or --pid")

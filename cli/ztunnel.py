@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from meshnode.cli.common import fail, setup_logging
 
 

@@ -8,10 +8,7 @@ side. Time is a parameter (`now`) so tests and the future rotation logic can dri
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import secrets
 import stat
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -20,24 +17,33 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from meshnode.ztunnel.identity import IdentityError, SpiffeId, validate_trust_domain
+
+from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.identity import (
+    IdentityError,
+    SpiffeId,
+    check_node_name,
+    controlplane_uri,
+    node_uri,
+    validate_trust_domain,
+)
+from meshnode.core.pki import (
+    CURVE,
+    HASH,
+    PkiError,
+    generate_private_key,
+    private_key_pem,
+    subject_name,
+    write_private_key,
+)
 
 __all__ = [
     "CAError",
     "CertificateAuthority",
     "RotatingCA",
-    "controlplane_uri",
-    "node_name_from_certificate",
-    "node_uri",
-    "certificate_expiry",
-    "generate_private_key",
-    "load_certificate_chain",
-    "make_csr",
-    "write_file_atomic",
-    "write_private_key",
 ]
 
 ROOT_CERT_FILE = "root.pem"
@@ -51,86 +57,12 @@ DEFAULT_WORKLOAD_TTL = timedelta(hours=24)
 # Backdate notBefore so a peer whose clock is slightly behind still accepts a fresh cert.
 CLOCK_SKEW = timedelta(minutes=1)
 
-_CURVE = ec.SECP256R1
-_HASH = hashes.SHA256
+_CURVE = CURVE
+_HASH = HASH
 
 
-class CAError(Exception):
+class CAError(PkiError):
     """The CA cannot do what was asked; the message says what and why."""
-
-
-# --- node-side helpers --------------------------------------------------------------
-
-
-def generate_private_key() -> ec.EllipticCurvePrivateKey:
-    """A fresh ECDSA P-256 key."""
-    return ec.generate_private_key(_CURVE())
-
-
-def make_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId) -> bytes:
-    """A PEM CSR for `identity`, signed with `key` (proof of possession)."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(_name(identity.trust_domain))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
-            critical=False,
-        )
-        .sign(key, _HASH())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
-
-
-def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a part.
-
-    The temporary file is created with O_EXCL and `mode` from the start, so a private
-    key is never readable by others, not even briefly; then it is renamed into place.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed it; be exact
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_directory(path.parent)
-
-
-def write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    """Write `key` as unencrypted PKCS#8 PEM, mode 0600, atomically."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_file_atomic(path, pem, 0o600)
-
-
-def load_certificate_chain(pem: bytes) -> list[x509.Certificate]:
-    """All certificates in a PEM blob, in order (leaf first for a chain we issued)."""
-    try:
-        chain = x509.load_pem_x509_certificates(pem)
-    except ValueError as exc:
-        raise CAError(f"cannot parse PEM certificate chain: {exc}") from None
-    if not chain:
-        raise CAError("PEM certificate chain is empty")
-    return chain
-
-
-def certificate_expiry(pem: bytes) -> datetime:
-    """When the chain in `pem` stops verifying: the earliest notAfter (UTC) in it."""
-    return min(cert.not_valid_after_utc for cert in load_certificate_chain(pem))
 
 
 # --- the CA -----------------------------------------------------------------------
@@ -177,7 +109,7 @@ class CertificateAuthority:
             raise CAError(str(exc)) from None
         now = _utc(now)
         root_key = generate_private_key()
-        root_name = _name(trust_domain, "meshnode root CA")
+        root_name = subject_name(trust_domain, "meshnode root CA")
         root_cert = (
             _builder(root_name, root_name, root_key.public_key(), now, now + root_ttl)
             .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
@@ -193,7 +125,7 @@ class CertificateAuthority:
         not_after = min(now + intermediate_ttl, root_cert.not_valid_after_utc)
         intermediate_cert = (
             _builder(
-                _name(trust_domain, "meshnode intermediate CA"),
+                subject_name(trust_domain, "meshnode intermediate CA"),
                 root_name,
                 intermediate_key.public_key(),
                 now,
@@ -321,9 +253,9 @@ class CertificateAuthority:
         pem = serialization.Encoding.PEM
         return {
             "root_cert": self._root_cert.public_bytes(pem),
-            "root_key": _key_pem(self._root_key),
+            "root_key": private_key_pem(self._root_key),
             "intermediate_cert": self._intermediate_cert.public_bytes(pem),
-            "intermediate_key": _key_pem(self._intermediate_key),
+            "intermediate_key": private_key_pem(self._intermediate_key),
         }
 
     @classmethod
@@ -358,7 +290,7 @@ class CertificateAuthority:
             raise CAError(f"intermediate CA certificate expired at {issuer_expiry.isoformat()}")
         leaf = (
             _builder(
-                _name(self._trust_domain),
+                subject_name(self._trust_domain),
                 self._intermediate_cert.subject,
                 public_key,
                 now - CLOCK_SKEW,
@@ -454,51 +386,14 @@ class RotatingCA:
         return False
 
 
-def node_uri(trust_domain: str, name: str) -> str:
-    return f"spiffe://{trust_domain}/node/{name}"
-
-
-def controlplane_uri(trust_domain: str) -> str:
-    return f"spiffe://{trust_domain}/controlplane"
-
-
-def node_name_from_certificate(cert: x509.Certificate, trust_domain: str) -> str | None:
-    """The node name of a node certificate of `trust_domain` (exactly one URI SAN
-    ``spiffe://<td>/node/<name>``), or None for anything else."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return None
-    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
-    if len(uris) != 1:
-        return None
-    prefix = f"spiffe://{trust_domain}/node/"
-    if not uris[0].startswith(prefix):
-        return None
-    name = uris[0][len(prefix) :]
-    try:
-        _check_node_name(name)
-    except CAError:
-        return None
-    return name
-
-
 # --- internals ----------------------------------------------------------------------
 
 
 def _check_node_name(name: str) -> None:
-    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", name or ""):
-        raise CAError(
-            f"node name {name!r} is not a DNS label (1-63 lowercase letters, digits or '-')"
-        )
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    try:
+        check_node_name(name)
+    except IdentityError as exc:
+        raise CAError(str(exc)) from None
 
 
 def _utc(now: datetime | None) -> datetime:
@@ -507,13 +402,6 @@ def _utc(now: datetime | None) -> datetime:
     if now.tzinfo is None:
         raise CAError("`now` must be timezone-aware")
     return now.astimezone(UTC)
-
-
-def _name(trust_domain: str, common_name: str | None = None) -> x509.Name:
-    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)]
-    if common_name is not None:
-        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
-    return x509.Name(attributes)
 
 
 def _builder(
@@ -638,16 +526,3 @@ def _read_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CAError(f"CA key {path} must be ECDSA P-256, got {type(key).__name__}")
     return key
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable; best effort (some filesystems refuse fsync on a dir)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)

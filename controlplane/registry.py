@@ -26,6 +26,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from meshnode.core import constants
+from meshnode.core.errors import MeshnodeError
+
 __all__ = [
     "VIP_NETWORK",
     "Change",
@@ -47,12 +50,12 @@ __all__ = [
     "service_documents",
 ]
 
-VIP_NETWORK = ipaddress.IPv4Network("240.0.0.0/4")
+VIP_NETWORK = ipaddress.IPv4Network(constants.VIP_NETWORK)
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _VERSION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 
 
-class RegistryError(ValueError):
+class RegistryError(MeshnodeError, ValueError):
     """A request would make the registry invalid. `status` is the HTTP status."""
 
     def __init__(self, message: str, status: int = 400) -> None:

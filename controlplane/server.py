@@ -37,31 +37,22 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from meshnode.controlplane import registry as reg
-from meshnode.controlplane.ca import (
-    CAError,
-    CertificateAuthority,
-    RotatingCA,
-    generate_private_key,
-    node_name_from_certificate,
-    write_file_atomic,
-)
+from meshnode.controlplane.ca import CAError, CertificateAuthority, RotatingCA
 from meshnode.controlplane.registry import Change, Registry, RegistryError
-from meshnode.controlplane.resources import (
+from meshnode.controlplane.store import KEEP_REVISIONS, CARow, Store, StoreError, rotating_ca
+from meshnode.controlplane.tokens import DEFAULT_TOKEN_TTL, make_token
+from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.identity import IdentityError, SpiffeId, node_name_from_certificate
+from meshnode.core.pki import generate_private_key, root_pin
+from meshnode.core.resources import (
     KINDS,
     ResourceError,
     parse_documents,
     resources_to_json,
 )
-from meshnode.controlplane.store import KEEP_REVISIONS, CARow, Store, StoreError, rotating_ca
-from meshnode.controlplane.tokens import (
-    DEFAULT_TOKEN_TTL,
-    TokenError,
-    make_token,
-    parse_token,
-    root_pin,
-)
-from meshnode.ztunnel.identity import IdentityError, SpiffeId
+from meshnode.core.token import TokenError, parse_token
 
 __all__ = [
     "ADMIN_TOKEN_FILE",

@@ -40,7 +40,10 @@ from meshnode.controlplane.registry import (
     diff,
     put_node,
 )
-from meshnode.controlplane.tokens import ParsedToken, TokenRecord, root_pin, verify_token
+from meshnode.controlplane.tokens import TokenRecord, verify_token
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.pki import root_pin
+from meshnode.core.token import JoinToken
 
 __all__ = [
     "KEEP_REVISIONS",
@@ -132,7 +135,7 @@ CREATE TABLE IF NOT EXISTS changes (
 """
 
 
-class StoreError(Exception):
+class StoreError(MeshnodeError):
     """The database cannot be used; the message says which and how to fix it."""
 
 
@@ -245,7 +248,13 @@ class _PostgresBackend:
     lock_suffix = " FOR UPDATE"
 
     def __init__(self, dsn: str) -> None:
-        import psycopg
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError(
+                "PostgreSQL storage needs psycopg, which is not installed: install "
+                "meshnode's controlplane extra (pip install 'meshnode[controlplane]')"
+            ) from None
 
         self._psycopg = psycopg
         self._dsn = dsn
@@ -456,7 +465,7 @@ class Store:
         return self.mutate(fn)[0]
 
     def enroll(
-        self, token: ParsedToken, name: str, zone: str, ip: str, now: float
+        self, token: JoinToken, name: str, zone: str, ip: str, now: float
     ) -> tuple[int, NodeRecord]:
         """Consume `token` and register node `name`, or raise TokenError changing nothing."""
 

@@ -1,56 +1,31 @@
 """Join tokens: ``mn1.<id>.<secret>.<pin>`` (docs/protocol.md, "Enrollment").
 
-Pure: no I/O, time is a parameter. The control plane stores a :class:`TokenRecord`
-(only the SHA-256 of the secret); :func:`verify_token` decides whether an enrollment
-may consume it. The pin is for the node (it checks the server's root before sending
-anything); the control plane only checks its shape.
+The token's text form is defined once, in ``core/token.py``. Pure: no I/O, time
+is a parameter. The control plane stores a :class:`TokenRecord` (only the SHA-256
+of the secret); :func:`verify_token` decides whether an enrollment may consume it.
+The pin is for the node (it checks the server's root before sending anything);
+the control plane only checks its shape.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from meshnode.core.token import PIN_RE, JoinToken, TokenError
+
 __all__ = [
     "DEFAULT_TOKEN_TTL",
-    "ParsedToken",
-    "TokenError",
     "TokenRecord",
     "make_token",
-    "parse_token",
-    "root_pin",
+    "secret_hash",
     "verify_token",
 ]
 
-PREFIX = "mn1"
 DEFAULT_TOKEN_TTL = 3600.0
-_ID = re.compile(r"[0-9a-f]{8}")
-_SECRET = re.compile(r"[0-9a-f]{32}")
-_PIN = re.compile(r"[0-9a-f]{64}")
-
-
-class TokenError(Exception):
-    """An enrollment token is refused. `status` is the HTTP status to answer with:
-    400 malformed, 401 unknown/used/expired/wrong secret, 403 for another node or zone."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedToken:
-    id: str
-    secret: str
-    pin: str
-
-    def __str__(self) -> str:
-        return f"{PREFIX}.{self.id}.{self.secret}.{self.pin}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,35 +45,8 @@ class TokenRecord:
         return replace(self, used_at=now, used_by=by)
 
 
-def root_pin(root_der: bytes) -> str:
-    """The pin of a root certificate: hex SHA-256 of its DER."""
-    return hashlib.sha256(root_der).hexdigest()
-
-
 def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
-
-
-def parse_token(text: str) -> ParsedToken:
-    """Split and check the shape of a token; TokenError(400) says which part is wrong."""
-    if not isinstance(text, str):
-        raise TokenError(400, "token must be a string like mn1.<id>.<secret>.<pin>")
-    parts = text.strip().split(".")
-    if len(parts) != 4 or parts[0] != PREFIX:
-        raise TokenError(
-            400,
-            f"malformed token: expected {PREFIX}.<id>.<secret>.<pin> (4 dot-separated parts); "
-            "copy the whole line printed by `meshnode token create`",
-        )
-    _, tid, secret, pin = parts
-    for value, pattern, what in (
-        (tid, _ID, "id (8 hex characters)"),
-        (secret, _SECRET, "secret (32 hex characters)"),
-        (pin, _PIN, "pin (64 hex characters, SHA-256 of the root certificate)"),
-    ):
-        if not pattern.fullmatch(value):
-            raise TokenError(400, f"malformed token: bad {what}")
-    return ParsedToken(tid, secret, pin)
 
 
 def make_token(
@@ -112,7 +60,7 @@ def make_token(
     """A new token for `node` (and `zone`, "" = any): (the token text, what to store)."""
     if ttl_seconds <= 0:
         raise TokenError(400, f"token TTL must be positive, got {ttl_seconds}s")
-    if not _PIN.fullmatch(pin):
+    if not PIN_RE.fullmatch(pin):
         raise TokenError(400, "pin must be 64 lowercase hex characters")
     tid, secret = randhex(4), randhex(16)
     record = TokenRecord(
@@ -123,11 +71,11 @@ def make_token(
         created_at=now,
         expires_at=now + ttl_seconds,
     )
-    return str(ParsedToken(tid, secret, pin)), record
+    return str(JoinToken(tid, secret, pin)), record
 
 
 def verify_token(
-    record: TokenRecord | None, token: ParsedToken, name: str, zone: str, now: float
+    record: TokenRecord | None, token: JoinToken, name: str, zone: str, now: float
 ) -> str:
     """Raise TokenError unless `token` (matching `record`) lets node `name` enroll now.
     Returns the zone the node gets (the token's, or the requested one when the token

@@ -27,7 +27,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Protocol
 
-from meshnode.controlplane.ca import write_file_atomic
+from meshnode.core import sdnotify
+from meshnode.core.constants import BPF_PIN_DIR
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.fsutil import write_file_atomic
 from meshnode.nodeagent.certs import CaClient, CertFiles, CertManager, LocalCa
 from meshnode.nodeagent.config import NodeConfig, NodeConfigError, load_node_config
 from meshnode.nodeagent.snapshot import (
@@ -39,15 +42,12 @@ from meshnode.nodeagent.snapshot import (
 )
 from meshnode.nodeagent.ztunnel_link import ZtunnelLink
 
-from meshnode import sdnotify
-
 log = logging.getLogger("meshnode.nodeagent")
 
 RENEW_CHECK_EVERY = 30.0  # at the latest; earlier when a certificate's half-life comes
-BPF_PIN_DIR = "/sys/fs/bpf/meshnode"
 
 
-class AgentError(Exception):
+class AgentError(MeshnodeError):
     pass
 
 
@@ -183,7 +183,7 @@ class EnrolledSource:
     def renew_node_certificate(self) -> None:
         """The node's own certificate, at half-life: a new key made here, a
         CSR, the control plane signs (authenticated by the current cert)."""
-        from meshnode.controlplane.ca import generate_private_key, write_private_key
+        from meshnode.core.pki import generate_private_key, write_private_key
         from meshnode.nodeagent.enroll import make_node_csr
         from meshnode.nodeagent.enrolled import ControlPlaneError
 

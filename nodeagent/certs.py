@@ -11,14 +11,11 @@ from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from meshnode.controlplane.ca import (
-    CertificateAuthority,
-    generate_private_key,
-    make_csr,
-    write_file_atomic,
-    write_private_key,
-)
-from meshnode.ztunnel.identity import SpiffeId
+
+from meshnode.controlplane.ca import CertificateAuthority
+from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.identity import SpiffeId
+from meshnode.core.pki import generate_private_key, make_csr, write_private_key
 
 log = logging.getLogger("meshnode.nodeagent.certs")
 

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshnode.ztunnel.identity import IdentityError, SpiffeId
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.identity import IdentityError, SpiffeId
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(MeshnodeError, ValueError):
     pass
 
 
@@ -85,7 +86,7 @@ def load_node_config(path: Path) -> NodeConfig:
             w.identity(cfg.trust_domain)
         except IdentityError as exc:
             raise NodeConfigError(f"node config {path}: workload {w.name}: {exc}") from None
-    from meshnode.controlplane.resources import ResourceError, resources_from_json
+    from meshnode.core.resources import ResourceError, resources_from_json
 
     try:
         resources_from_json(cfg.resources, source=str(path))

@@ -1,6 +1,6 @@
 """Enrolling a node with the control plane (docs/protocol.md, "Enrollment").
 
-    token = parse_token("mn1.<id>.<secret>.<pin>")
+    token = parse_token("mn1.<id>.<secret>.<pin>")        # meshnode.core.token
     result = enroll(ControlPlaneUrl.parse(url), token, name, zone, ip)
     write_enrollment(NodeLayout(config_dir, state_dir), result, ...)
 
@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import http.client
 import ipaddress
 import json
 import os
-import re
 import socket
 import ssl
 from collections.abc import Sequence
@@ -37,10 +35,21 @@ from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from meshnode.controlplane.ca import generate_private_key, write_file_atomic, write_private_key
+
+from meshnode.core.constants import CONTROLPLANE_PORT
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.identity import check_node_name, controlplane_uri, node_uri
+from meshnode.core.pki import (
+    find_pinned_root,
+    generate_private_key,
+    make_node_csr,
+    trust_domain_of_root,
+    write_private_key,
+)
+from meshnode.core.token import JoinToken
 
 __all__ = [
     "DEFAULT_CP_PORT",
@@ -48,86 +57,23 @@ __all__ = [
     "EnrollError",
     "Enrolled",
     "EnrollmentResult",
-    "JoinToken",
     "NodeLayout",
-    "PinMismatch",
     "enroll",
     "existing_enrollment",
-    "find_pinned_root",
     "node_document",
-    "parse_token",
-    "root_pin",
     "write_enrollment",
 ]
 
-DEFAULT_CP_PORT = 15012
-TOKEN_PREFIX = "mn1"
+DEFAULT_CP_PORT = CONTROLPLANE_PORT
 TRUST_BUNDLE_PATH = "/v1/trust-bundle"
 ENROLL_PATH = "/v1/enroll"
 DEFAULT_TIMEOUT = 10.0
 
-_ID = re.compile(r"[0-9a-f]{8}")
-_SECRET = re.compile(r"[0-9a-f]{32}")
-_PIN = re.compile(r"[0-9a-f]{64}")
-_NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-
-
-class EnrollError(Exception):
+class EnrollError(MeshnodeError):
     """Enrollment cannot go on; the message says what failed and what to do."""
 
 
-class PinMismatch(EnrollError):
-    """The control plane does not hold the root the token pins."""
-
-
-# --- tokens and addresses (pure) ----------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class JoinToken:
-    id: str
-    secret: str
-    pin: str
-
-    def __str__(self) -> str:
-        return f"{TOKEN_PREFIX}.{self.id}.{self.secret}.{self.pin}"
-
-    def __repr__(self) -> str:  # never print the secret by accident
-        return f"JoinToken(id={self.id!r}, pin={self.pin!r})"
-
-
-def parse_token(text: str) -> JoinToken:
-    """`mn1.<id 8 hex>.<secret 32 hex>.<pin 64 hex>` -> JoinToken; EnrollError says
-    which part is wrong (without echoing the secret)."""
-    parts = text.strip().split(".")
-    if len(parts) != 4 or parts[0] != TOKEN_PREFIX:
-        raise EnrollError(
-            f"malformed join token: expected {TOKEN_PREFIX}.<id>.<secret>.<pin> "
-            f"(4 dot-separated parts, got {len(parts)}"
-            + ("" if not parts or parts[0] == TOKEN_PREFIX else f", starting {parts[0][:8]!r}")
-            + "); copy the whole token the control plane printed"
-        )
-    _, tid, secret, pin = parts
-    for value, pattern, what in (
-        (tid, _ID, "id (8 lowercase hex characters)"),
-        (secret, _SECRET, "secret (32 lowercase hex characters)"),
-        (pin, _PIN, "pin (64 lowercase hex characters: SHA-256 of the root certificate)"),
-    ):
-        if not pattern.fullmatch(value):
-            raise EnrollError(
-                f"malformed join token: bad {what}, got {len(value)} characters"
-                "; copy the whole token the control plane printed"
-            )
-    return JoinToken(tid, secret, pin)
-
-
-def check_node_name(name: str) -> str:
-    if not _NODE_NAME.fullmatch(name):
-        raise EnrollError(
-            f"node name {name!r} is not usable: use 1-63 lowercase letters, digits and '-', "
-            "starting and ending with a letter or digit (pass --name)"
-        )
-    return name
+# --- addresses (pure) ----------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,93 +109,6 @@ class ControlPlaneUrl:
         if ":" in host:  # IPv6 literal
             host = f"[{host}]"
         return f"https://{host}:{self.port}"
-
-
-# --- the pin (pure) -----------------------------------------------------------------
-
-
-def root_pin(cert: x509.Certificate) -> str:
-    """The pin of a root certificate: hex SHA-256 of its DER."""
-    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
-
-
-def _is_self_signed_ca(cert: x509.Certificate) -> bool:
-    try:
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-    except x509.ExtensionNotFound:
-        return False
-    if not bc.ca or cert.issuer != cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def find_pinned_root(
-    certs: Sequence[x509.Certificate], pin: str, url: str
-) -> x509.Certificate:
-    """The certificate in `certs` (a TLS chain, a trust bundle, both) whose pin is
-    `pin`; it must be a self-signed CA certificate. PinMismatch otherwise, naming the
-    roots that were offered."""
-    pin = pin.lower()
-    for cert in certs:
-        if root_pin(cert) == pin:
-            if not _is_self_signed_ca(cert):
-                raise PinMismatch(
-                    f"the certificate pinned by the token ({cert.subject.rfc4514_string()}) "
-                    f"is not a self-signed CA certificate; refusing the control plane at {url}"
-                )
-            return cert
-    offered = sorted({root_pin(c) for c in certs if _is_self_signed_ca(c)})
-    if offered:
-        got = ", ".join(offered)
-    elif certs:
-        got = (
-            "no root certificate at all (the chain ends at "
-            f"{certs[-1].issuer.rfc4514_string()!r}, which it does not include)"
-        )
-    else:
-        got = "no certificates"
-    raise PinMismatch(
-        f"the control plane at {url} is not the one this token was made for: "
-        f"expected pin {pin}, got {got}"
-    )
-
-
-def trust_domain_of_root(root: x509.Certificate) -> str | None:
-    """The trust domain a meshnode root names in its O= attribute, if it names one."""
-    values = root.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    if len(values) == 1 and isinstance(values[0].value, str):
-        return values[0].value
-    return None
-
-
-def node_spiffe_uri(trust_domain: str, name: str) -> str:
-    return f"spiffe://{trust_domain}/node/{name}"
-
-
-def controlplane_spiffe_uri(trust_domain: str) -> str:
-    return f"spiffe://{trust_domain}/controlplane"
-
-
-def make_node_csr(key: ec.EllipticCurvePrivateKey, trust_domain: str | None, name: str) -> bytes:
-    """A PEM CSR for the node key. The CA sets the SAN itself; asking for the expected
-    one makes the request self-describing."""
-    attrs = []
-    if trust_domain:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain))
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
-    builder = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(attrs))
-    if trust_domain:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.UniformResourceIdentifier(node_spiffe_uri(trust_domain, name))]
-            ),
-            critical=False,
-        )
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 # --- what the control plane answers (pure checks) -----------------------------------
@@ -316,7 +175,7 @@ def check_enroll_response(
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
-    want = node_spiffe_uri(trust_domain, name)
+    want = node_uri(trust_domain, name)
     if uris != [want]:
         raise EnrollError(f"the node certificate names {uris or 'nothing'}, expected [{want!r}]")
     # The bundle came over the channel the pinned root authenticated, so it is trusted
@@ -609,10 +468,10 @@ def post_enroll(
         td = trust_domain_of_root(root)
         assert isinstance(conn.sock, ssl.SSLSocket)
         peer = conn.sock.getpeercert() or {}
-        if td is not None and controlplane_spiffe_uri(td) not in _peer_uris(peer):
+        if td is not None and controlplane_uri(td) not in _peer_uris(peer):
             raise EnrollError(
                 f"the server at {url} has a certificate from the mesh CA, but not the "
-                f"control plane's ({controlplane_spiffe_uri(td)}; it has "
+                f"control plane's ({controlplane_uri(td)}; it has "
                 f"{_peer_uris(peer) or 'no URI SAN'}); refusing to send the token"
             )
         conn.request(

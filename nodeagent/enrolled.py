@@ -20,19 +20,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from meshnode.controlplane.ca import write_file_atomic
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.identity import SpiffeId, controlplane_uri, single_uri_san
 from meshnode.nodeagent.config import LocalWorkload, NodeConfig
 from meshnode.nodeagent.enroll import NodeLayout
-from meshnode.ztunnel.identity import SpiffeId
 
 log = logging.getLogger("meshnode.nodeagent.cp")
 
 
-class EnrollmentError(Exception):
+class EnrollmentError(MeshnodeError):
     pass
 
 
-class ControlPlaneError(Exception):
+class ControlPlaneError(MeshnodeError):
     """The control plane refused or could not be reached; the message says which."""
 
     def __init__(self, message: str, status: int = 0) -> None:
@@ -230,10 +231,8 @@ class CpClient:
         return doc
 
     def _check_server(self, sock: ssl.SSLSocket) -> None:
-        from meshnode.ztunnel.tls import peer_uri
-
-        uri = peer_uri(sock.getpeercert(binary_form=True))
-        want = f"spiffe://{self.e.trust_domain}/controlplane"
+        uri = single_uri_san(sock.getpeercert(binary_form=True))
+        want = controlplane_uri(self.e.trust_domain)
         if uri != want:
             raise ControlPlaneError(f"server identity is {uri}, not {want}: refusing it")
 

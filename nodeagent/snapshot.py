@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from meshnode.controlplane.resources import (
+from meshnode.core.contracts import SNAPSHOT_SCHEMA as SCHEMA
+from meshnode.core.resources import (
     AuthorizationPolicy,
     MeshConfig,
     PeerAuthentication,
@@ -16,7 +17,6 @@ from meshnode.controlplane.resources import (
 )
 from meshnode.nodeagent.certs import CertFiles
 from meshnode.nodeagent.config import NodeConfig
-from meshnode.ztunnel.state import SCHEMA
 
 
 def assign_workload_ids(known: dict[str, int], names: list[str]) -> dict[str, int]:

@@ -22,7 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshnode.controlplane.ca import write_file_atomic
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.fsutil import write_file_atomic
 
 __all__ = [
     "AGENT_UNIT",
@@ -230,7 +231,7 @@ def render_units(paths: UnitPaths) -> dict[str, str]:
 # --- installing and starting ----------------------------------------------------------
 
 
-class UnitError(Exception):
+class UnitError(MeshnodeError):
     """systemctl failed; the message carries its output."""
 
 

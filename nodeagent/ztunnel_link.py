@@ -8,9 +8,10 @@ import logging
 import socket
 from typing import Any
 
+from meshnode.core.contracts import CONTROL_PROTOCOL_VERSION as PROTOCOL_VERSION
+
 log = logging.getLogger("meshnode.nodeagent.ztunnel")
 
-PROTOCOL_VERSION = 1
 
 
 class ZtunnelLink:

@@ -1,16 +1,8 @@
 #!/usr/bin/env bash
-# mypy cannot follow setuptools' editable-install import hook, so it would see
-# every `meshnode.*` import as Any. Give it a real package tree instead: a
-# temporary `meshnode/` whose subpackages are links to the top-level folders.
+# mypy over the installed package (the editable install is a real tree of links,
+# see scripts/setup.sh), run outside the checkout so that the bare meshnode/
+# folder does not shadow it.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-shim=$(mktemp -d)
-trap 'rm -rf "$shim"' EXIT
-mkdir "$shim/meshnode"
-cp meshnode/*.py "$shim/meshnode/"
-for d in cli ztunnel nodeagent bpf controlplane bench; do
-    ln -s "$(pwd)/$d" "$shim/meshnode/$d"
-done
-touch "$shim/meshnode/py.typed"
-cd "$shim"
-"$OLDPWD/.venv/bin/mypy" --config-file "$OLDPWD/pyproject.toml" -p meshnode "$@"
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd /
+exec "$root/.venv/bin/mypy" --config-file "$root/pyproject.toml" -p meshnode "$@"

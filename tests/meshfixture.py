@@ -8,15 +8,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshnode.controlplane.ca import (
-    CertificateAuthority,
-    generate_private_key,
-    make_csr,
-    write_file_atomic,
-    write_private_key,
-)
+from meshnode.controlplane.ca import CertificateAuthority
+from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.identity import SpiffeId
+from meshnode.core.pki import generate_private_key, make_csr, write_private_key
 from meshnode.ztunnel.config import ZtunnelConfig
-from meshnode.ztunnel.identity import SpiffeId
 from meshnode.ztunnel.proxy import OriginalDst, Proxy
 
 TD = "cluster.local"

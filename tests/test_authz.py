@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from meshnode.controlplane.resources import (
+
+from meshnode.core.identity import SpiffeId
+from meshnode.core.resources import (
     AuthorizationPolicy,
     Destination,
     Rule,
@@ -10,7 +12,6 @@ from meshnode.controlplane.resources import (
     parse_documents,
 )
 from meshnode.ztunnel.authz import Authorizer, AuthzDecision, AuthzRequest
-from meshnode.ztunnel.identity import SpiffeId
 
 TD = "cluster.local"
 

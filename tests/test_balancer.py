@@ -11,8 +11,9 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+
+from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel.balancer import EJECTED, HEALTHY, EndpointPicker
-from meshnode.ztunnel.identity import SpiffeId
 from meshnode.ztunnel.routing import RouteError
 from meshnode.ztunnel.state import Endpoint, Service, ServicePort
 

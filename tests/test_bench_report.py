@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from meshnode.bench import configs, report
 
 # wrk -t1 -c2 -d1s --latency (captured on loopback)

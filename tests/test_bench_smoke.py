@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import lab_missing
+
 from meshnode.bench.report import METRIC_KEYS, PATHS
 
 pytestmark = pytest.mark.root

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from meshnode.bpf import BpfError
 from meshnode.bpf.cgroups import cgroup2_mount, cgroup_id
 from meshnode.bpf.loader import MeshBpf

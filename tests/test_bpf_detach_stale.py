@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from bpfsupport import ebpf_missing, prog_gone, unique
+
 from meshnode.bpf import syscall
 from meshnode.bpf.cgroups import cgroup2_mount
 from meshnode.bpf.layout import PIN_ORIG_DST, PIN_STRICT

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from meshnode.bpf import layout
 
 HEADER_DIR = Path(layout.__file__).resolve().parent

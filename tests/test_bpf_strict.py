@@ -33,6 +33,7 @@ from bpfsupport import (
     remove_cgroup,
     unique,
 )
+
 from meshnode.bpf import syscall
 from meshnode.bpf.cgroups import cgroup2_mount, cgroup_id
 from meshnode.bpf.errors import BpfError

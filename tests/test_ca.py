@@ -18,17 +18,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
-from meshnode.controlplane.ca import (
-    CAError,
-    CertificateAuthority,
+
+from meshnode.controlplane.ca import CAError, CertificateAuthority
+from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.identity import SpiffeId, spiffe_id_from_certificate
+from meshnode.core.pki import (
+    PkiError,
     certificate_expiry,
     generate_private_key,
     load_certificate_chain,
     make_csr,
-    write_file_atomic,
     write_private_key,
 )
-from meshnode.ztunnel.identity import SpiffeId, spiffe_id_from_certificate
 
 TD = "cluster.local"
 WEB = SpiffeId(TD, "default", "web")
@@ -207,9 +208,9 @@ def _ext_csr(csr: x509.CertificateSigningRequest) -> x509.SubjectAlternativeName
 
 
 def test_load_certificate_chain_and_expiry_errors() -> None:
-    with pytest.raises(CAError, match="cannot parse|empty"):
+    with pytest.raises(PkiError, match="cannot parse|empty"):
         load_certificate_chain(b"")
-    with pytest.raises(CAError):
+    with pytest.raises(PkiError):
         certificate_expiry(b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from test_cp_support import ThreadedControlPlane, enroll
+
 from meshnode.cli.main import cli
 from meshnode.controlplane.store import open_store
-from test_cp_support import ThreadedControlPlane, enroll
 
 POLICY = """\
 kind: AuthorizationPolicy

@@ -8,23 +8,18 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
 from meshnode.controlplane import registry as R
-from meshnode.controlplane.ca import (
-    CAError,
-    CertificateAuthority,
-    RotatingCA,
-    generate_private_key,
-    make_csr,
+from meshnode.controlplane.ca import CAError, CertificateAuthority, RotatingCA
+from meshnode.controlplane.tokens import make_token, verify_token
+from meshnode.core.identity import (
+    IdentityError,
+    SpiffeId,
     node_name_from_certificate,
+    spiffe_id_from_certificate,
 )
-from meshnode.controlplane.tokens import (
-    TokenError,
-    make_token,
-    parse_token,
-    root_pin,
-    verify_token,
-)
-from meshnode.ztunnel.identity import IdentityError, SpiffeId, spiffe_id_from_certificate
+from meshnode.core.pki import generate_private_key, make_csr, root_pin
+from meshnode.core.token import TokenError, parse_token
 
 PIN = "ab" * 32
 NOW = 1_700_000_000.0

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshnode.controlplane.client import ApiClient, ClientError
 from test_cp_support import PostgresServer, enroll, free_port, postgres, wait_until  # noqa: F401
+
+from meshnode.controlplane.client import ApiClient, ClientError
 
 POLICY = """\
 kind: AuthorizationPolicy

@@ -13,12 +13,13 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
-from meshnode.controlplane.ca import generate_private_key, make_csr
+from test_cp_support import EnrolledNode, ThreadedControlPlane, enroll
+
 from meshnode.controlplane.client import ApiClient, ClientError
 from meshnode.controlplane.server import admin_allowed, is_loopback
 from meshnode.controlplane.store import open_store
-from meshnode.ztunnel.identity import SpiffeId, spiffe_id_from_certificate
-from test_cp_support import EnrolledNode, ThreadedControlPlane, enroll
+from meshnode.core.identity import SpiffeId, spiffe_id_from_certificate
+from meshnode.core.pki import generate_private_key, make_csr
 
 DER = Encoding.DER
 POLICY = """\

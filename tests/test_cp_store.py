@@ -8,11 +8,13 @@ import time
 from datetime import timedelta
 
 import pytest
+from test_cp_support import postgres, store, store_url  # noqa: F401  (fixtures)
+
 from meshnode.controlplane import registry as R
 from meshnode.controlplane.ca import CertificateAuthority
 from meshnode.controlplane.store import KEEP_REVISIONS, Store, open_store
-from meshnode.controlplane.tokens import TokenError, make_token, parse_token
-from test_cp_support import postgres, store, store_url  # noqa: F401  (fixtures)
+from meshnode.controlplane.tokens import make_token
+from meshnode.core.token import TokenError, parse_token
 
 PIN = "cd" * 32
 

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshnode.controlplane.ca import generate_private_key, make_csr, write_private_key
+
 from meshnode.controlplane.client import ApiClient
 from meshnode.controlplane.server import ControlPlane, ControlPlaneConfig, is_loopback
 from meshnode.controlplane.store import Store, open_store
-from meshnode.ztunnel.identity import SpiffeId
+from meshnode.core.identity import SpiffeId
+from meshnode.core.pki import generate_private_key, make_csr, write_private_key
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 

@@ -18,7 +18,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from meshnode.controlplane.ca import CertificateAuthority, generate_private_key
+
+from meshnode.controlplane.ca import CertificateAuthority
+from meshnode.core import pki
+from meshnode.core.identity import IdentityError, check_node_name
+from meshnode.core.pki import generate_private_key
+from meshnode.core.token import TokenError, parse_token
 from meshnode.nodeagent import enroll as en
 from meshnode.nodeagent import units
 
@@ -30,7 +35,7 @@ TOKEN = f"mn1.0123abcd.{'5' * 32}.{PIN_A}"
 
 
 def test_parse_token() -> None:
-    t = en.parse_token(f"  {TOKEN}\n")
+    t = parse_token(f"  {TOKEN}\n")
     assert (t.id, t.secret, t.pin) == ("0123abcd", "5" * 32, PIN_A)
     assert str(t) == TOKEN
     assert "5555" not in repr(t)  # the secret never shows in logs
@@ -46,8 +51,8 @@ def test_parse_token() -> None:
     ("mn1.0123abcd." + "x" * 32 + "." + PIN_A, "bad secret"),
 ])
 def test_parse_token_refuses(bad: str, says: str) -> None:
-    with pytest.raises(en.EnrollError, match=says) as err:
-        en.parse_token(bad)
+    with pytest.raises(TokenError, match=says) as err:
+        parse_token(bad)
     assert "x" * 32 not in str(err.value)
 
 
@@ -61,10 +66,10 @@ def test_control_plane_url() -> None:
 
 
 def test_node_name() -> None:
-    assert en.check_node_name("node-1") == "node-1"
+    assert check_node_name("node-1") == "node-1"
     for bad in ("Node1", "-x", "a.b", "", "x" * 64):
-        with pytest.raises(en.EnrollError, match="--name"):
-            en.check_node_name(bad)
+        with pytest.raises(IdentityError, match="not usable"):
+            check_node_name(bad)
 
 
 # --- the pin ------------------------------------------------------------------------
@@ -81,8 +86,8 @@ def _pem(cert: x509.Certificate) -> bytes:
 
 def _server_chain(ca: CertificateAuthority) -> list[x509.Certificate]:
     """What a control plane's TLS chain looks like: leaf + intermediate, no root."""
-    from meshnode.controlplane.ca import make_csr
-    from meshnode.ztunnel.identity import SpiffeId
+    from meshnode.core.identity import SpiffeId
+    from meshnode.core.pki import make_csr
 
     key = generate_private_key()
     pem = ca.issue_workload_certificate(make_csr(key, SpiffeId("cluster.local", "x", "y")),
@@ -92,33 +97,33 @@ def _server_chain(ca: CertificateAuthority) -> list[x509.Certificate]:
 
 def test_pin_found_in_bundle_or_chain(ca: CertificateAuthority) -> None:
     root = ca.root_certificate
-    pin = en.root_pin(root)
+    pin = pki.root_pin(root)
     chain = _server_chain(ca)
-    assert en.find_pinned_root([*chain, root], pin, "https://cp:15012") == root
-    assert en.find_pinned_root([root], pin.upper(), "https://cp:15012") == root
+    assert pki.find_pinned_root([*chain, root], pin, "https://cp:15012") == root
+    assert pki.find_pinned_root([root], pin.upper(), "https://cp:15012") == root
 
 
 def test_pin_mismatch_names_both(ca: CertificateAuthority) -> None:
     root = ca.root_certificate
-    with pytest.raises(en.PinMismatch) as err:
-        en.find_pinned_root([*_server_chain(ca), root], PIN_A, "https://cp:15012")
+    with pytest.raises(pki.PinMismatch) as err:
+        pki.find_pinned_root([*_server_chain(ca), root], PIN_A, "https://cp:15012")
     msg = str(err.value)
     assert msg == ("the control plane at https://cp:15012 is not the one this token was made "
-                   f"for: expected pin {PIN_A}, got {en.root_pin(root)}")
+                   f"for: expected pin {PIN_A}, got {pki.root_pin(root)}")
 
 
 def test_pin_without_any_root(ca: CertificateAuthority) -> None:
     chain = _server_chain(ca)
-    with pytest.raises(en.PinMismatch, match="no root certificate at all"):
-        en.find_pinned_root(chain, en.root_pin(ca.root_certificate), "https://cp:15012")
-    with pytest.raises(en.PinMismatch, match="got no certificates"):
-        en.find_pinned_root([], PIN_A, "https://cp:15012")
+    with pytest.raises(pki.PinMismatch, match="no root certificate at all"):
+        pki.find_pinned_root(chain, pki.root_pin(ca.root_certificate), "https://cp:15012")
+    with pytest.raises(pki.PinMismatch, match="got no certificates"):
+        pki.find_pinned_root([], PIN_A, "https://cp:15012")
 
 
 def test_pin_of_a_non_root_is_refused(ca: CertificateAuthority) -> None:
     inter = ca.intermediate_certificate
-    with pytest.raises(en.PinMismatch, match="not a self-signed CA"):
-        en.find_pinned_root([inter], en.root_pin(inter), "https://cp:15012")
+    with pytest.raises(pki.PinMismatch, match="not a self-signed CA"):
+        pki.find_pinned_root([inter], pki.root_pin(inter), "https://cp:15012")
 
 
 # --- the answer -----------------------------------------------------------------------

@@ -19,6 +19,7 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
+
 from meshnode.ztunnel import hbone
 from meshnode.ztunnel.hbone import (
     ConnectionEnded,

@@ -9,7 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from meshnode.ztunnel.identity import (
+
+from meshnode.core.identity import (
     IdentityError,
     SpiffeId,
     spiffe_id_from_certificate,

@@ -216,14 +216,10 @@ def test_destination_outside_the_mesh_is_not_redirected(lab: dict) -> None:
 
 @pytest.mark.parametrize("case", ["other-ca", "no-cert", "good"])
 def test_hbone_listener_checks_client_certificates(lab: dict, tmp_path: Path, case: str) -> None:
-    from meshnode.controlplane.ca import (
-        CertificateAuthority,
-        generate_private_key,
-        make_csr,
-        write_file_atomic,
-        write_private_key,
-    )
-    from meshnode.ztunnel.identity import SpiffeId
+    from meshnode.controlplane.ca import CertificateAuthority
+    from meshnode.core.fsutil import write_file_atomic
+    from meshnode.core.identity import SpiffeId
+    from meshnode.core.pki import generate_private_key, make_csr, write_private_key
 
     lab_obj = lab["lab"]
     ident = SpiffeId("cluster.local", "default", "client")

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from meshnode.core.identity import SpiffeId
 from meshnode.nodeagent.certs import CertFiles
 from meshnode.nodeagent.config import LocalWorkload, NodeConfig
 from meshnode.nodeagent.snapshot import (
@@ -15,7 +17,6 @@ from meshnode.nodeagent.snapshot import (
     capture_destinations,
     ztunnel_snapshot,
 )
-from meshnode.ztunnel.identity import SpiffeId
 from meshnode.ztunnel.state import SCHEMA, parse_snapshot
 
 SERVICES: list[dict[str, Any]] = [

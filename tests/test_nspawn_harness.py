@@ -136,7 +136,7 @@ def _install_unit(node: Node, name: str, text: str) -> None:
 
 HELLO = textwrap.dedent("""
     import time
-    from meshnode.sdnotify import notify
+    from meshnode.core.sdnotify import notify
     time.sleep(0.5)
     assert notify("READY=1", "STATUS=hello from meshnode"), "no NOTIFY_SOCKET"
     time.sleep(3600)
@@ -166,7 +166,7 @@ HOLD_PROBE = textwrap.dedent("""
     from pathlib import Path
     from meshnode.bpf.cgroups import cgroup2_mount
     from meshnode.bpf.loader import MeshBpf
-    from meshnode.sdnotify import notify
+    from meshnode.core.sdnotify import notify
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # detach on stop
     root = cgroup2_mount()
     with MeshBpf(Path("/sys/fs/bpf/meshnode")) as mesh:

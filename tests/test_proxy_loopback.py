@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import uvloop
 from meshfixture import build_mesh
+
 from meshnode.ztunnel.proxy import OriginalDst
 
 N1, N2 = "127.0.0.2", "127.0.0.3"

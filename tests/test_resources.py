@@ -4,7 +4,8 @@ import json
 import textwrap
 
 import pytest
-from meshnode.controlplane.resources import (
+
+from meshnode.core.resources import (
     AuthorizationPolicy,
     Destination,
     MeshConfig,

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from meshnode.ztunnel.identity import SpiffeId
+
+from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel.routing import (
     Chooser,
     RoundRobin,

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from meshnode.ztunnel.identity import SpiffeId
+
+from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel.state import (
     SCHEMA,
     Endpoint,

@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from meshnode.controlplane.resources import (
+from meshnode.core.identity import SpiffeId
+from meshnode.core.resources import (
     ACTIONS,
     ALLOW,
     DENY,
@@ -30,7 +31,6 @@ from meshnode.controlplane.resources import (
     Resource,
     Rule,
 )
-from meshnode.ztunnel.identity import SpiffeId
 
 __all__ = ["AuthzDecision", "AuthzRequest", "Authorizer"]
 

@@ -8,14 +8,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-OUTBOUND_PORT = 15001
-HBONE_PORT = 15008
-ADMIN_PORT = 15000
-METRICS_PORT = 15020
-READINESS_PORT = 15021
+from meshnode.core.constants import (
+    ADMIN_PORT,
+    DELIVERY_ADDRESS,
+    HBONE_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+)
+from meshnode.core.constants import READY_PORT as READINESS_PORT
+from meshnode.core.errors import MeshnodeError
+
+__all__ = ["ADMIN_PORT", "HBONE_PORT", "METRICS_PORT", "OUTBOUND_PORT", "READINESS_PORT"]
 
 
-class ConfigError(ValueError):
+class ConfigError(MeshnodeError, ValueError):
     pass
 
 
@@ -29,7 +35,7 @@ class ZtunnelConfig:
     metrics: tuple[str, int] = ("127.0.0.1", METRICS_PORT)
     # Source address of connections delivered to local workloads: STRICT mode
     # lets only this address reach a workload's mesh ports (as Istio uses it).
-    inbound_source: str = "127.0.0.6"
+    inbound_source: str = DELIVERY_ADDRESS
     connect_timeout: float = 5.0  # TCP + TLS to the peer node, and to the workload
     stream_timeout: float = 10.0  # CONNECT sent -> 200 received
     drain_timeout: float = 10.0  # on SIGTERM: time given to open connections

@@ -18,15 +18,16 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from meshnode.core.contracts import CONTROL_PROTOCOL_VERSION as PROTOCOL_VERSION
+from meshnode.core.errors import MeshnodeError
 from meshnode.ztunnel.state import StateError, parse_snapshot
 
 log = logging.getLogger("meshnode.ztunnel.control")
 
-PROTOCOL_VERSION = 1
 MAX_LINE = 16 << 20  # a snapshot of a large mesh is a few MB at most
 
 
-class ControlError(ValueError):
+class ControlError(MeshnodeError, ValueError):
     pass
 
 

@@ -8,10 +8,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel import hbone
 from meshnode.ztunnel.accesslog import log_connection
 from meshnode.ztunnel.authz import AuthzRequest
-from meshnode.ztunnel.identity import SpiffeId
 from meshnode.ztunnel.session import Carrier, HboneSession, PlainSide, reset_connection
 from meshnode.ztunnel.state import Workload
 from meshnode.ztunnel.tls import TlsError, peer_identity

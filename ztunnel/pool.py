@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel import hbone
-from meshnode.ztunnel.identity import SpiffeId
 from meshnode.ztunnel.session import HboneSession
 from meshnode.ztunnel.tls import TlsContexts, TlsError, peer_identity
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from meshnode.core import sdnotify
+from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel import inbound
 from meshnode.ztunnel.accesslog import FLUSH_EVERY, access_log
 from meshnode.ztunnel.admin import Response, http_handler, json_response
@@ -22,7 +24,6 @@ from meshnode.ztunnel.authz import Authorizer
 from meshnode.ztunnel.balancer import EndpointPicker
 from meshnode.ztunnel.config import ZtunnelConfig
 from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
-from meshnode.ztunnel.identity import SpiffeId
 from meshnode.ztunnel.metrics import ProxyMetrics
 from meshnode.ztunnel.outbound import OutboundConnection
 from meshnode.ztunnel.pool import HbonePool
@@ -30,8 +31,6 @@ from meshnode.ztunnel.routing import Route
 from meshnode.ztunnel.session import HboneSession, PlainSide
 from meshnode.ztunnel.state import ProxyState, StateError, Workload, load_snapshot_file
 from meshnode.ztunnel.tls import TlsContexts
-
-from meshnode import sdnotify
 
 log = logging.getLogger("meshnode.ztunnel")
 

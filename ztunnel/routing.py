@@ -9,11 +9,12 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from meshnode.ztunnel.identity import SpiffeId
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel.state import HBONE_PORT, Endpoint, ProxyState, Service, Workload
 
 
-class RouteError(Exception):
+class RouteError(MeshnodeError):
     """No route for this connection; the message says why (logged, client closed)."""
 
 

@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshnode.ztunnel.identity import SpiffeId
+from meshnode.core.constants import HBONE_PORT
+from meshnode.core.contracts import SNAPSHOT_SCHEMA as SCHEMA
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.identity import SpiffeId
 
-SCHEMA = 1
-HBONE_PORT = 15008
+__all__ = ["HBONE_PORT", "SCHEMA"]
 
 
-class StateError(ValueError):
+class StateError(MeshnodeError, ValueError):
     """The snapshot is malformed; the message names the field."""
 
 
@@ -307,7 +309,7 @@ def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
 
 
 def _policies(doc: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
-    from meshnode.controlplane.resources import (
+    from meshnode.core.resources import (
         AuthorizationPolicy,
         ResourceError,
         resources_from_json,

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from meshnode.core import sdnotify
 from meshnode.ztunnel.admin import Response, get_unix, http_handler, json_response
 from meshnode.ztunnel.config import ZtunnelConfig
 from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
 from meshnode.ztunnel.metrics import parse_exposition
-
-from meshnode import sdnotify
 
 log = logging.getLogger("meshnode.ztunnel.supervisor")
 

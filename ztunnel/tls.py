@@ -16,7 +16,8 @@ import os
 import ssl
 from dataclasses import dataclass
 
-from meshnode.ztunnel.identity import IdentityError, SpiffeId, spiffe_id_from_certificate
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.identity import IdentityError, SpiffeId, spiffe_id_from_certificate
 from meshnode.ztunnel.state import ProxyState
 
 log = logging.getLogger("meshnode.ztunnel.tls")
@@ -24,7 +25,7 @@ log = logging.getLogger("meshnode.ztunnel.tls")
 ALPN = "h2"
 
 
-class TlsError(Exception):
+class TlsError(MeshnodeError):
     """A TLS peer or a local certificate failed our checks."""
 
 
@@ -156,19 +157,3 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime
     except OSError:
         return -1.0
-
-
-def peer_uri(der: bytes | None) -> str:
-    """The single URI SAN of a DER certificate ("" if none), for identities
-    that are not workload SPIFFE IDs (the control plane, a node)."""
-    if not der:
-        return ""
-    from cryptography import x509
-
-    cert = x509.load_der_x509_certificate(der)
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-    except x509.ExtensionNotFound:
-        return ""
-    uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
-    return uris[0] if len(uris) == 1 else ""

@@ -147,7 +147,7 @@ def workload_rm(name: str) -> None:
                    "MeshConfig); - for stdin.")
 def apply(filename: TextIO) -> None:
     """Apply policy resources to every node of the lab (all or nothing)."""
-    from meshnode.controlplane.resources import ResourceError
+    from meshnode.core.resources import ResourceError
 
     text = filename.read()
     try:

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from meshnode.core.errors import MeshnodeError
 
-class HostError(Exception):
+
+class HostError(MeshnodeError):
     pass
 
 

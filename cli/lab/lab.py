@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode.cli.lab import host
+from meshnode.core.errors import MeshnodeError
 
 SUBNET = ipaddress.ip_network("198.18.0.0/24")  # RFC 2544 benchmarking range, lab-only
 VIP_RANGE = ipaddress.ip_network("240.0.0.0/4")
@@ -31,7 +32,7 @@ TRUST_DOMAIN = "cluster.local"
 BPFFS = Path("/sys/fs/bpf")
 
 
-class LabError(Exception):
+class LabError(MeshnodeError):
     pass
 
 
@@ -192,7 +193,7 @@ class Lab:
             raise LabError(f"workload {name!r} exists already (on {st.workloads[name].node})")
         if not cmd:
             raise LabError("give the workload's command after `--`")
-        from meshnode.ztunnel.identity import IdentityError, SpiffeId
+        from meshnode.core.identity import IdentityError, SpiffeId
 
         try:
             SpiffeId(TRUST_DOMAIN, namespace, service)
@@ -250,7 +251,7 @@ class Lab:
     def apply(self, text: str, source: str) -> list[str]:
         """Apply policy resources (YAML): validated whole, then pushed to every
         node. Returns what changed ("created"/"configured" per resource)."""
-        from meshnode.controlplane.resources import parse_documents, resources_to_json
+        from meshnode.core.resources import parse_documents, resources_to_json
 
         resources = parse_documents(text, source)  # raises ResourceError, changes nothing
         st = self.load()

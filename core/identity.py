@@ -4,6 +4,9 @@ Pure functions and values, no I/O. The only accepted SPIFFE ID shape is
 
     spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>
 
+Nodes and the control plane have SPIFFE IDs of their own, which never parse as
+a workload's: ``spiffe://<td>/node/<name>`` and ``spiffe://<td>/controlplane``.
+
 Namespace and service account must be DNS labels and the trust domain a DNS name,
 because the node proxy encodes an identity into TLS SNI as
 ``<sa>.<ns>.<trust-domain>``: workloads on one node share the node's IP, so SNI is
@@ -17,9 +20,16 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from meshnode.core.errors import MeshnodeError
+
 __all__ = [
     "IdentityError",
     "SpiffeId",
+    "check_node_name",
+    "controlplane_uri",
+    "node_name_from_certificate",
+    "node_uri",
+    "single_uri_san",
     "spiffe_id_from_certificate",
     "validate_trust_domain",
 ]
@@ -31,7 +41,7 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _MAX_DNS_NAME = 253
 
 
-class IdentityError(ValueError):
+class IdentityError(MeshnodeError, ValueError):
     """An identity string, SNI name or certificate does not carry a valid SPIFFE ID."""
 
 
@@ -163,3 +173,56 @@ def spiffe_id_from_certificate(cert: x509.Certificate | bytes) -> SpiffeId:
             f"certificate must carry exactly one URI SAN, found {len(uris)}: {uris!r}"
         )
     return SpiffeId.parse(uris[0])
+
+
+# --- nodes and the control plane ----------------------------------------------------
+
+
+def check_node_name(name: str) -> str:
+    """`name` if it is usable as a node name (a DNS label), else IdentityError."""
+    if not isinstance(name, str) or not _LABEL.fullmatch(name):
+        raise IdentityError(
+            f"node name {name!r} is not usable: use 1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def node_uri(trust_domain: str, name: str) -> str:
+    """The SPIFFE ID of a node's own certificate."""
+    return f"{SCHEME_PREFIX}{trust_domain}/node/{name}"
+
+
+def controlplane_uri(trust_domain: str) -> str:
+    """The SPIFFE ID of the control plane's serving certificate."""
+    return f"{SCHEME_PREFIX}{trust_domain}/controlplane"
+
+
+def node_name_from_certificate(cert: x509.Certificate, trust_domain: str) -> str | None:
+    """The node name of a node certificate of `trust_domain` (exactly one URI SAN
+    ``spiffe://<td>/node/<name>``), or None for anything else."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension):
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    prefix = node_uri(trust_domain, "")
+    if len(uris) != 1 or not uris[0].startswith(prefix):
+        return None
+    name = uris[0][len(prefix) :]
+    return name if _LABEL.fullmatch(name) else None
+
+
+def single_uri_san(der: bytes | None) -> str:
+    """The single URI SAN of a DER certificate ("" if none, several, or not a
+    certificate), for identities that are not workload SPIFFE IDs (the control
+    plane, a node)."""
+    if not der:
+        return ""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except (ValueError, x509.ExtensionNotFound, x509.DuplicateExtension):
+        return ""
+    uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 else ""

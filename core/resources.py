@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
 import yaml
-from meshnode.ztunnel.identity import IdentityError, SpiffeId
+
+from meshnode.core.errors import MeshnodeError
+from meshnode.core.identity import IdentityError, SpiffeId
 
 __all__ = [
     "ACTIONS",
@@ -83,7 +85,7 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _SPIFFE_SHAPE = "spiffe://<trust-domain>/ns/<ns>/sa/<sa>"
 
 
-class ResourceError(ValueError):
+class ResourceError(MeshnodeError, ValueError):
     """A resource document is invalid.
 
     ``where`` locates the document (``policy.yaml: document 2 (AuthorizationPolicy

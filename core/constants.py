@@ -1,0 +1,24 @@
+"""Well-known ports and addresses, defined once (docs/protocol.md)."""
+
+from __future__ import annotations
+
+# ztunnel, on every node
+OUTBOUND_PORT = 15001  # captured outbound connections (127.0.0.1)
+HBONE_PORT = 15008  # HBONE: HTTP/2 CONNECT over mutual TLS, from other nodes
+ADMIN_PORT = 15000  # config dump, /peer (127.0.0.1)
+METRICS_PORT = 15020  # Prometheus (127.0.0.1)
+READY_PORT = 15021  # readiness (127.0.0.1)
+
+# ztunnel delivers plaintext to local workloads from this address (Istio's choice);
+# STRICT lets only it through.
+DELIVERY_ADDRESS = "127.0.0.6"
+OUTBOUND_ADDRESS = "127.0.0.1"
+
+# the control plane
+CONTROLPLANE_PORT = 15012
+
+# service VIPs come from this range, as Kuma's do
+VIP_NETWORK = "240.0.0.0/4"
+
+# where the agent pins its BPF maps for ztunnel (bpffs)
+BPF_PIN_DIR = "/sys/fs/bpf/meshnode"
