@@ -227,14 +227,25 @@ def _is_spiffe_prefix(prefix: str) -> bool:
 
 
 def _check_principal(value: object, path: str) -> None:
-    """A SPIFFE ID, or a prefix of one followed by a single trailing ``*``."""
+    """A SPIFFE ID, or a prefix of one that ends at a segment boundary followed by
+    ``*`` (``spiffe://td/ns/prod/*``): a wildcard stands for whole path segments, so
+    ``ns/prod/*`` can never also match ``ns/prod-evil``."""
     if not isinstance(value, str):
         raise ResourceError(f"expected a string (a SPIFFE ID), found {_describe(value)}", path)
-    if value.endswith("*"):
-        if not _is_spiffe_prefix(value[:-1]) or "*" in value[:-1]:
+    if "*" in value:
+        prefix = value[:-1]
+        if not value.endswith("*") or "*" in prefix or not _is_spiffe_prefix(prefix):
             raise ResourceError(
                 f"{_show(value)} is not a SPIFFE ID prefix followed by one trailing '*' "
                 "(e.g. spiffe://<trust-domain>/ns/<ns>/sa/*)",
+                path,
+            )
+        if not prefix.endswith("/"):
+            cut = prefix.rsplit("/", 1)[0] + "/"
+            raise ResourceError(
+                f"{_show(value)}: a wildcard must stand for whole path segments, so it must "
+                f"follow a '/' (write {_show(cut + '*')} or list the exact IDs); otherwise "
+                f"{_show(prefix)} would also match every ID that merely starts with it",
                 path,
             )
         return
@@ -244,6 +255,27 @@ def _check_principal(value: object, path: str) -> None:
         raise ResourceError(
             f"{_show(value)} is not a SPIFFE ID (expected {_SPIFFE_SHAPE})", path
         ) from None
+
+
+def _check_service_ref(value: object, path: str) -> None:
+    """``<service>`` (in the policy's own namespace) or ``<namespace>/<service>``."""
+    if not isinstance(value, str):
+        raise ResourceError(f"expected a service name, found {_describe(value)}", path)
+    parts = value.split("/")
+    if len(parts) > 2:
+        raise ResourceError(
+            f"{_show(value)} is not a service: use <service> (same namespace as the policy) "
+            "or <namespace>/<service>",
+            path,
+        )
+    for part in parts:
+        _check_label(part, path)
+
+
+def qualify_service(ref: str, namespace: str) -> str:
+    """A service reference as ``<namespace>/<service>``: a bare name is taken to be
+    in `namespace` (the policy's)."""
+    return ref if "/" in ref else f"{namespace}/{ref}"
 
 
 def _check_metadata(name: object, namespace: object) -> None:
@@ -325,7 +357,13 @@ class Source:
 
     def __post_init__(self) -> None:
         for name in self.FIELDS:
-            check = _check_principal if name.endswith("principals") else _check_label
+            check = (
+                _check_principal
+                if name.endswith("principals")
+                else _check_service_ref
+                if name.endswith("services")
+                else _check_label
+            )
             for i, value in enumerate(getattr(self, name)):
                 check(value, f"{name}[{i}]")
 

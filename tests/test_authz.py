@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from meshnode.core.identity import SpiffeId
@@ -34,7 +36,9 @@ def req(
     dst_ns, dst_svc = dest.split("/")
     return AuthzRequest(
         source=SpiffeId(TD, src_ns, src_sa),
-        source_services=frozenset({src_sa}) if services is None else services,
+        source_services=frozenset(
+            f"{src_ns}/{s}" for s in ({src_sa} if services is None else services)
+        ),
         dest_service=dst_svc,
         dest_namespace=dst_ns,
         dest_port=port,
@@ -285,7 +289,9 @@ RULE_CASES = [
     # principals: trailing wildcard
     ("{from: {principals: ['spiffe://cluster.local/ns/default/sa/*']}}", req(), True),
     ("{from: {principals: ['spiffe://cluster.local/ns/default/sa/*']}}", req("prod/x"), False),
-    ("{from: {principals: ['spiffe://cluster.local/ns/default/sa/cl*']}}", req(), True),
+    ("{from: {principals: ['spiffe://cluster.local/ns/default/sa/*']}}", req(), True),
+    ("{from: {principals: ['spiffe://cluster.local/ns/default/*']}}", req("default-x/client"),
+     False),
     ("{from: {principals: ['spiffe://cluster.local/*']}}", req("prod/x"), True),
     ("{from: {principals: ['spiffe://*']}}", req(), True),
     # OR within a list
@@ -419,3 +425,42 @@ def test_decisions_are_frozen_values() -> None:
     decision = Authorizer([]).check(req())
     with pytest.raises(AttributeError):
         decision.allowed = False  # type: ignore[misc]
+
+
+# --- the examples of docs/policies.md, "Matching, exactly": each row is a test -------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "policies.md"
+
+
+def _doc_rows() -> list[tuple[str, str, str, str, str]]:
+    text = DOC.read_text()
+    section = text.split("## Matching, exactly", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0] in ("principals", "namespaces", "services"):
+            rows.append((cells[0], cells[1], cells[2], cells[3], cells[4]))
+    return rows
+
+
+def test_the_doc_has_examples() -> None:
+    assert len(_doc_rows()) >= 8
+
+
+@pytest.mark.parametrize("field, pattern, source, backs, verdict", _doc_rows())
+def test_doc_example(field: str, pattern: str, source: str, backs: str, verdict: str) -> None:
+    """A policy in namespace `shop` allowing only `from: {FIELD: [PATTERN]}`."""
+    text = (
+        "kind: AuthorizationPolicy\nmetadata: {name: p, namespace: shop}\n"
+        f"spec: {{action: ALLOW, rules: [{{from: {{{field}: ['{pattern}']}}}}]}}\n"
+    )
+    identity = SpiffeId.parse(source)
+    request = AuthzRequest(
+        source=identity,
+        source_services=frozenset(b for b in backs.split(",") if b and b != "-"),
+        dest_service="web",
+        dest_namespace="shop",
+        dest_port=8080,
+    )
+    assert verdict in ("yes", "no")
+    assert decide(text, request).allowed == (verdict == "yes"), (field, pattern, source)

@@ -172,9 +172,31 @@ def test_wildcard_principals_accepted() -> None:
         "spiffe://cluster.local/ns/*",
         "spiffe://cluster.local/ns/shop/*",
         "spiffe://cluster.local/ns/shop/sa/*",
-        "spiffe://cluster.local/ns/shop/sa/web-*",
     ]:
         assert Source(principals=(principal,)).principals == (principal,)
+
+
+@pytest.mark.parametrize("principal, fix", [
+    ("spiffe://cluster.local/ns/shop/sa/web-*", "spiffe://cluster.local/ns/shop/sa/*"),
+    ("spiffe://cluster.local/ns/prod*", "spiffe://cluster.local/ns/*"),
+    ("spiffe://cluster.local/ns/prod/s*", "spiffe://cluster.local/ns/prod/*"),
+    ("spiffe://cluster*", "spiffe://*"),
+])
+def test_wildcards_must_cover_whole_segments(principal: str, fix: str) -> None:
+    with pytest.raises(ResourceError, match="whole path segments") as err:
+        Source(principals=(principal,))
+    assert f'write "{fix}"' in str(err.value)
+
+
+@pytest.mark.parametrize("service", ["web", "shop/web"])
+def test_source_services_may_name_a_namespace(service: str) -> None:
+    assert Source(services=(service,)).services == (service,)
+
+
+@pytest.mark.parametrize("service", ["a/b/c", "Shop/web", "shop/", "/web"])
+def test_source_services_refuse_other_shapes(service: str) -> None:
+    with pytest.raises(ResourceError):
+        Source(services=(service,))
 
 
 def _doc(spec: str, kind: str = "AuthorizationPolicy", name: str = "p") -> str:

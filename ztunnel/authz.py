@@ -30,6 +30,7 @@ from meshnode.core.resources import (
     MeshConfig,
     Resource,
     Rule,
+    qualify_service,
 )
 
 __all__ = ["AuthzDecision", "AuthzRequest", "Authorizer"]
@@ -38,7 +39,10 @@ __all__ = ["AuthzDecision", "AuthzRequest", "Authorizer"]
 @dataclass(frozen=True, slots=True)
 class AuthzRequest:
     source: SpiffeId  # the peer's proven identity
-    source_services: frozenset[str]  # services the source workload backs
+    # the services the source's proven identity backs, as "<namespace>/<service>":
+    # derived from the identity (services whose endpoints run as it), never from
+    # anything the source declares about itself
+    source_services: frozenset[str]
     dest_service: str
     dest_namespace: str
     dest_port: int
@@ -52,7 +56,8 @@ class AuthzDecision:
 
 
 class _Principals:
-    """Principal patterns: exact SPIFFE IDs and ``prefix*`` wildcards."""
+    """Principal patterns: exact SPIFFE IDs and ``prefix/*`` wildcards (validated
+    to end at a path-segment boundary, see core/resources.py)."""
 
     __slots__ = ("_exact", "_prefixes")
 
@@ -69,20 +74,24 @@ def _set(values: tuple[str, ...]) -> frozenset[str] | None:
     return frozenset(values) if values else None  # None: field absent, matches any
 
 
+def _services(values: tuple[str, ...], namespace: str) -> frozenset[str] | None:
+    return frozenset(qualify_service(v, namespace) for v in values) if values else None
+
+
 class _CompiledRule:
     __slots__ = (
         "principals", "not_principals", "namespaces", "not_namespaces",
         "services", "not_services", "ports", "not_ports",
     )  # fmt: skip
 
-    def __init__(self, rule: Rule) -> None:
+    def __init__(self, rule: Rule, namespace: str) -> None:
         src, dst = rule.from_, rule.to
         self.principals = _Principals(src.principals) if src.principals else None
         self.not_principals = _Principals(src.not_principals) if src.not_principals else None
         self.namespaces = _set(src.namespaces)
         self.not_namespaces = _set(src.not_namespaces)
-        self.services = _set(src.services)
-        self.not_services = _set(src.not_services)
+        self.services = _services(src.services, namespace)
+        self.not_services = _services(src.not_services, namespace)
         self.ports = frozenset(dst.ports) if dst.ports else None
         self.not_ports = frozenset(dst.not_ports) if dst.not_ports else None
 
@@ -109,7 +118,7 @@ class _CompiledPolicy:
     def __init__(self, policy: AuthorizationPolicy) -> None:
         self.ref = f"{policy.namespace}/{policy.name}"
         self.action = policy.action
-        self.rules = tuple(_CompiledRule(rule) for rule in policy.rules)
+        self.rules = tuple(_CompiledRule(rule, policy.namespace) for rule in policy.rules)
 
     def first_match(self, req: AuthzRequest, uri: str) -> int | None:
         for index, rule in enumerate(self.rules):

@@ -146,8 +146,9 @@ class ProxyInputs:
         )
 
     def services_of(self, identity: SpiffeId) -> frozenset[str]:
-        """The services whose endpoints run as this identity (the source
-        service of an inbound connection, as far as the mesh knows)."""
+        """The services, as "<namespace>/<service>", whose endpoints run as this
+        identity in its own namespace: the source services of an inbound
+        connection, derived from the proven identity alone."""
         return self._services_by_identity.get(identity, frozenset())
 
     def apply_state(self, state: ProxyState) -> None:
@@ -157,7 +158,8 @@ class ProxyInputs:
         by_identity: dict[SpiffeId, set[str]] = {}
         for svc in state.services_by_vip.values():
             for ep in svc.endpoints:
-                by_identity.setdefault(ep.identity, set()).add(svc.name)
+                if svc.namespace == ep.identity.namespace:
+                    by_identity.setdefault(ep.identity, set()).add(f"{svc.namespace}/{svc.name}")
         self._services_by_identity = {k: frozenset(v) for k, v in by_identity.items()}
         self.picker.forget_missing(state.services_by_vip.values())
 
