@@ -10,16 +10,35 @@
  */
 #include "meshnode.h"
 
-/* The workload id of the calling task's cgroup, or -ENOENT if not a member. */
+/* The workload id of the calling task's cgroup, or of its nearest ancestor that is
+ * a member (a workload's sub-cgroups are the workload too: a unit with
+ * Delegate=yes, a container inside a unit, a process moved into a child group);
+ * -ENOENT if neither it nor any ancestor is a member. The exact cgroup is looked
+ * up first, so the common case costs one lookup. */
 static __always_inline int mn_lookup_workload(__u32 *workload_id)
 {
     __u64 cgroup_id = bpf_get_current_cgroup_id();
     struct mn_workload *wl = mn_workloads.lookup(&cgroup_id);
+    int found = -ENOENT;
 
-    if (!wl)
-        return -ENOENT;
-    *workload_id = wl->workload_id;
-    return 0;
+    if (wl) {
+        *workload_id = wl->workload_id;
+        return 0;
+    }
+    /* Level 0 is the root; deeper levels overwrite, so the nearest member wins. */
+#pragma unroll
+    for (int level = 1; level < MN_MAX_CGROUP_DEPTH; level++) {
+        __u64 id = bpf_get_current_ancestor_cgroup_id(level);
+
+        if (id == 0 || id == cgroup_id)
+            break; /* past our own depth */
+        wl = mn_workloads.lookup(&id);
+        if (wl) {
+            *workload_id = wl->workload_id;
+            found = 0;
+        }
+    }
+    return found;
 }
 
 /* 0 if ip4:port (network order) is a mesh destination, exactly or by wildcard. */

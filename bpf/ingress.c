@@ -7,7 +7,8 @@
  * cgroup subtree (sk_filter(): for TCP in tcp_v4_rcv()/tcp_v6_rcv(), so after IP
  * reassembly), in softirq context. Whose packet it is comes from the receiving
  * socket, which the kernel puts in skb->sk for the program's duration:
- *   - the cgroup: bpf_skb_cgroup_id(skb) = the cgroup of skb->sk. NOT
+ *   - the cgroup: bpf_skb_cgroup_id(skb) = the cgroup of skb->sk, or one of its
+ *     ancestors (bpf_skb_ancestor_cgroup_id) for a workload's sub-cgroups. NOT
  *     bpf_get_current_cgroup_id(): "current" is whatever task the softirq
  *     interrupted, usually the sender (tests/test_bpf_strict.py measures both).
  *     A SYN and the handshake's last ACK are filtered by the listener; an
@@ -46,9 +47,21 @@ static __always_inline int mn_strict_socket(struct __sk_buff *skb)
         return -ENOENT;
     key.cgroup_id = bpf_skb_cgroup_id(skb);
     key.port = bpf_htons((__u16)sk->src_port); /* src_port: local port, host order */
-    if (!mn_strict.lookup(&key))
-        return -ENOENT;
-    return 0;
+    if (mn_strict.lookup(&key))
+        return 0;
+    /* A socket in a sub-cgroup of a STRICT workload is that workload's too. */
+    __u64 self = key.cgroup_id;
+#pragma unroll
+    for (int level = 1; level < MN_MAX_CGROUP_DEPTH; level++) {
+        __u64 id = bpf_skb_ancestor_cgroup_id(skb, level);
+
+        if (id == 0 || id == self)
+            break;
+        key.cgroup_id = id;
+        if (mn_strict.lookup(&key))
+            return 0;
+    }
+    return -ENOENT;
 }
 
 /* 0 if the packet is the node proxy's: IPv4 from MN_PROXY_INBOUND_SRC_IP4 that

@@ -54,7 +54,12 @@ struct mn_dest_info {
     __u32 flags; /* reserved, 0 */
 };
 
-/* Value of mn_workloads (key: __u64 cgroup v2 id = bpf_get_current_cgroup_id()). */
+/* How deep below the cgroup v2 root the programs look for a member ancestor of a
+ * socket's cgroup (systemd: system.slice/x.service/child is level 3). */
+#define MN_MAX_CGROUP_DEPTH 16
+
+/* Value of mn_workloads (key: __u64 cgroup v2 id of the workload's cgroup; a
+ * socket's own cgroup or its nearest ancestor in the map decides). */
 struct mn_workload {
     __u32 workload_id; /* assigned by the node agent */
 };

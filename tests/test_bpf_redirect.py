@@ -264,6 +264,33 @@ def test_port_wildcard_destination(env: Env) -> None:
     )
 
 
+def test_member_sub_cgroup_is_captured_too(env: Env) -> None:
+    """A process in a sub-cgroup of a workload (Delegate=yes, a container inside a
+    unit) is that workload: redirected with its id, never sent out in plaintext. A
+    sub-cgroup of a non-member stays untouched (the control case)."""
+    deeper = env.member / "sub" / "deeper"
+    stranger = env.other / "sub"
+    deeper.mkdir(parents=True)
+    stranger.mkdir()
+    try:
+        client = run_client(env.netns, deeper, MESH_DST, 80)
+        assert client.get("peer") == ["127.0.0.1", PROXY_PORT], client
+        accepted = accept_now(env.proxy)
+        assert accepted is not None, "a workload's sub-cgroup was not redirected"
+        conn, (peer_ip, peer_port) = accepted
+        conn.close()
+        local_ip, local_port = env.proxy.getsockname()
+        assert env.table.pop(peer_ip, peer_port, local_ip, local_port) == OrigDst(
+            MESH_DST, 80, MEMBER_WORKLOAD_ID
+        )
+        outsider = run_client(env.netns, stranger, MESH_DST, 80)
+        assert "error" in outsider, outsider
+        assert not pending(env.proxy), "a non-member's sub-cgroup reached the proxy"
+    finally:
+        for path in (deeper, deeper.parent, stranger):
+            remove_cgroup(path)
+
+
 def test_non_member_is_not_redirected(env: Env) -> None:
     assert not pending(env.proxy)
     client = run_client(env.netns, env.other, MESH_DST, 80)

@@ -46,6 +46,7 @@ pytestmark = pytest.mark.root
 PROXY_PORT = 15001
 STRICT_PORT = 8080
 OPEN_PORT = 8081  # the same workload's port that is never STRICT
+SUB_PORT = 8083  # a server in a sub-cgroup of the workload
 DUAL_PORT = 8082  # an AF_INET6 dual-stack listener: v4 peers arrive as ::ffff:a.b.c.d
 NODE_IP = "192.0.2.1"  # the node's own address (a second address of A's veth end)
 VETH_A, VETH_B = "198.51.100.1", "198.51.100.2"  # the "wire" between A and B
@@ -338,6 +339,29 @@ def test_strict_admits_only_the_proxy_source(env: Env) -> None:
 
 
 @pytest.mark.usefixtures("permissive_after")
+@pytest.mark.usefixtures("permissive_after")
+def test_strict_covers_a_workloads_sub_cgroups(env: Env) -> None:
+    """A server in a sub-cgroup of a STRICT workload is refused plaintext too, and
+    still admits the proxy's source (the control case)."""
+    sub = env.workload / "sub"
+    sub.mkdir()
+    proc = start_server(env.ns_a, sub, "sub", f"0.0.0.0:{SUB_PORT}")
+    try:
+        assert answered(talk(env.ns_a, NODE_IP, SUB_PORT, src=NODE_IP), "sub", SUB_PORT, NODE_IP)
+        env.mesh.sync_strict({(env.wl_id, SUB_PORT)})
+        assert talk(env.ns_a, NODE_IP, SUB_PORT, src=NODE_IP) is None
+        assert talk(env.ns_b, VETH_A, SUB_PORT) is None
+        assert answered(
+            talk(env.ns_a, "127.0.0.1", SUB_PORT, src=PROXY_INBOUND_SOURCE),
+            "sub",
+            SUB_PORT,
+            PROXY_INBOUND_SOURCE,
+        )
+    finally:
+        stop_server(proc)
+        remove_cgroup(sub)
+
+
 def test_strict_entries_are_per_cgroup(env: Env) -> None:
     # STRICT for the *other* cgroup's port 8080: only its listener is guarded.
     env.mesh.sync_strict([(cgroup_id(env.other), STRICT_PORT)])
@@ -354,8 +378,11 @@ def test_strict_entries_are_per_cgroup(env: Env) -> None:
     assert strict_entries(env) == {(env.wl_id, STRICT_PORT)}
     assert answered(talk(env.ns_b, "127.0.0.1", STRICT_PORT), "other", STRICT_PORT, "127.0.0.1")
     assert talk(env.ns_a, "127.0.0.1", STRICT_PORT) is None
-    # The parent's id is not the workload's: the key is the socket's own cgroup.
+    # An entry covers the cgroup's descendants: the parent's covers both children.
     env.mesh.sync_strict([(cgroup_id(env.parent), STRICT_PORT)])
+    assert talk(env.ns_a, "127.0.0.1", STRICT_PORT) is None
+    assert talk(env.ns_b, "127.0.0.1", STRICT_PORT) is None
+    env.mesh.sync_strict(set())
     assert answered(talk(env.ns_a, "127.0.0.1", STRICT_PORT), "workload", STRICT_PORT, "127.0.0.1")
 
 
