@@ -72,6 +72,7 @@ static __always_inline int mn_record_orig_dst(void *ctx, __u32 ip4, __u16 port)
         return err;
     rec.ip4 = ip4;
     rec.port = port;
+    rec.created_ns = bpf_ktime_get_ns();
     cookie = mn_get_socket_cookie(ctx);
     err = mn_cookie_dst.update(&cookie, &rec);
     return err < 0 ? err : 0;

@@ -131,11 +131,20 @@ class OrigDstRecord(CStruct):
         ("port", ct.c_uint16),
         ("pad", ct.c_uint16),
         ("workload_id", ct.c_uint32),
+        ("pad2", ct.c_uint32),
+        ("created_ns", ct.c_uint64),
     ]
 
     @classmethod
-    def of(cls, ip: str, port: int, workload_id: int) -> OrigDstRecord:
-        return cls(ip4=ip4_to_be(ip), port=port_to_be(port), pad=0, workload_id=workload_id)
+    def of(cls, ip: str, port: int, workload_id: int, created_ns: int = 0) -> OrigDstRecord:
+        return cls(
+            ip4=ip4_to_be(ip),
+            port=port_to_be(port),
+            pad=0,
+            workload_id=workload_id,
+            pad2=0,
+            created_ns=created_ns,
+        )
 
     def address(self) -> tuple[str, int]:
         return ip4_from_be(self.ip4), port_from_be(self.port)
@@ -173,3 +182,17 @@ STRUCTS: tuple[type[CStruct], ...] = (
     OrigDstRecord,
     TupleKey,
 )
+
+
+class ProxyInfo(CStruct):
+    """struct mn_proxy_info: value of mn_proxy_cgroups."""
+
+    C_NAME = "mn_proxy_info"
+    _fields_ = [("flags", ct.c_uint32)]
+
+
+class Settings(CStruct):
+    """struct mn_settings: mn_settings[0], the switches."""
+
+    C_NAME = "mn_settings"
+    _fields_ = [("guard_bind", ct.c_uint32), ("pad", ct.c_uint32)]

@@ -7,6 +7,7 @@
         mesh.sync_workloads({cgroup_id(member): 7})
         mesh.sync_destinations({("240.0.0.10", 80)})
         mesh.sync_strict({(cgroup_id(member), 8080)})  # STRICT: only the proxy gets in
+        mesh.guard_proxy({cgroup_id(proxy)}, {15001, 15008})  # only it binds 127.0.0.6
         ...
 
 bcc is imported only by load(), so importing this module needs no bcc, and
@@ -20,6 +21,7 @@ import ctypes as ct
 import errno
 import ipaddress
 import os
+import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,8 @@ from .layout import (
     PROGRAM_NAME_PREFIX,
     DestInfo,
     DestKey,
+    ProxyInfo,
+    Settings,
     StrictInfo,
     StrictKey,
     WorkloadInfo,
@@ -45,7 +49,7 @@ from .layout import (
 __all__ = ["BpfError", "MeshBpf"]
 
 _BPF_DIR = Path(__file__).resolve().parent
-_SOURCES = ("connect.c", "sockops.c", "ingress.c")  # one file per attach point
+_SOURCES = ("connect.c", "sockops.c", "ingress.c", "bind.c")  # one file per attach point
 _BPFFS_DEFAULT = Path("/sys/fs/bpf")
 
 # bpf_prog_type values
@@ -67,7 +71,11 @@ _PROGRAMS = (
     _Program("mn_connect6", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_INET6_CONNECT, "connect6"),
     _Program("mn_sockops", _PROG_SOCK_OPS, syscall.BPF_CGROUP_SOCK_OPS, "sock_ops"),
     _Program("mn_ingress", _PROG_CGROUP_SKB, syscall.BPF_CGROUP_INET_INGRESS, "ingress"),
+    _Program("mn_bind4", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_INET4_BIND, "bind4"),
+    _Program("mn_bind6", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_INET6_BIND, "bind6"),
 )
+# Maps only the agent writes (not pinned): map name in meshnode.h.
+_PRIVATE_MAPS = ("mn_proxy_cgroups", "mn_guarded_ports", "mn_settings")
 _ATTACH_LABELS = {p.attach_type: p.label for p in _PROGRAMS}
 
 # Maps pinned by attach(): pin name -> map name in meshnode.h.
@@ -142,7 +150,8 @@ def _kernel_build_dir() -> Path:
 
 
 class MeshBpf:
-    """meshnode's cgroup programs (connect4, connect6, sockops, ingress) and their maps."""
+    """meshnode's cgroup programs (connect4, connect6, sockops, ingress, bind4,
+    bind6) and their maps."""
 
     def __init__(self, pin_dir: Path, proxy_ip: str = "127.0.0.1", proxy_port: int = 15001) -> None:
         try:
@@ -210,7 +219,7 @@ class MeshBpf:
                         "rejected it). Loading needs root (CAP_BPF and CAP_NET_ADMIN)"
                     ) from exc
                 self._prog_fds[prog.name] = fn.fd
-            for name in _PINNED_MAPS.values():
+            for name in (*_PINNED_MAPS.values(), *_PRIVATE_MAPS):
                 self._map_fds[name] = bpf.get_table(name.encode()).map_fd
         except BaseException:
             bpf.cleanup()
@@ -220,7 +229,7 @@ class MeshBpf:
         self._bpf = bpf
 
     def attach(self, cgroup_path: str | os.PathLike[str]) -> None:
-        """Pins the maps under pin_dir, then attaches the four programs at the
+        """Pins the maps under pin_dir, then attaches the programs at the
         cgroup with BPF_F_ALLOW_MULTI (so others' programs there keep running)."""
         if self._bpf is None:
             raise BpfError("attach() before load(): call load() first")
@@ -392,6 +401,51 @@ class MeshBpf:
                 syscall.map_update(fd, new, StrictInfo(flags=0))
         except OSError as exc:
             raise BpfError(f"cannot update the STRICT map: {exc.strerror}") from exc
+
+    def guard_proxy(self, proxy_cgroups: Iterable[int], ports: Iterable[int]) -> None:
+        """From now on only processes in `proxy_cgroups` (cgroup ids; their
+        sub-cgroups too) may bind the delivery address 127.0.0.6 or any of
+        `ports` (the proxy's listeners), on any address. Everyone else's bind()
+        fails with EPERM. Call again to change the sets; the guard stays on."""
+        cgroups = set(proxy_cgroups)
+        wanted_ports = set(ports)
+        for cgroup in cgroups:
+            if not 0 < cgroup < 2**64:
+                raise BpfError(f"bad proxy cgroup id {cgroup}: out of range")
+        for port in wanted_ports:
+            if not 0 < port <= 0xFFFF:
+                raise BpfError(f"bad guarded port {port}: out of range 1-65535")
+        if not cgroups:
+            raise BpfError("guard_proxy() needs the proxy's cgroup: with none, nothing could "
+                           "bind the proxy's address and ports")
+        cg_fd = self._map_fd("mn_proxy_cgroups")
+        port_fd = self._map_fd("mn_guarded_ports")
+        try:
+            for key in syscall.map_keys(cg_fd, ct.c_uint64):
+                if key.value not in cgroups:
+                    syscall.map_delete(cg_fd, key)
+            for cgroup in cgroups:
+                syscall.map_update(cg_fd, ct.c_uint64(cgroup), ProxyInfo(flags=0))
+            wanted_be = {socket.htons(p) for p in wanted_ports}
+            for key in syscall.map_keys(port_fd, ct.c_uint16):
+                if key.value not in wanted_be:
+                    syscall.map_delete(port_fd, key)
+            for port_be in wanted_be:
+                syscall.map_update(port_fd, ct.c_uint16(port_be), ct.c_uint32(1))
+            syscall.map_update(
+                self._map_fd("mn_settings"), ct.c_uint32(0), Settings(guard_bind=1, pad=0)
+            )
+        except OSError as exc:
+            raise BpfError(f"cannot update the proxy guard maps: {exc.strerror}") from exc
+
+    def unguard(self) -> None:
+        """Switches the bind guard off again (tests; a lab being torn down)."""
+        try:
+            syscall.map_update(
+                self._map_fd("mn_settings"), ct.c_uint32(0), Settings(guard_bind=0, pad=0)
+            )
+        except OSError as exc:
+            raise BpfError(f"cannot update the settings map: {exc.strerror}") from exc
 
     # -- what is attached ------------------------------------------------------------
 

@@ -2,7 +2,9 @@
  *
  * Programs: mn_connect4/mn_connect6 (connect.c) and mn_sockops (sockops.c) send
  * workloads' outbound connections to the node proxy; mn_ingress (ingress.c)
- * enforces STRICT mode on their inbound ones.
+ * enforces STRICT mode on their inbound ones; mn_bind4/mn_bind6 (bind.c) keep
+ * every process but the node proxy off the delivery address and the proxy's
+ * ports, so nothing local can pose as the proxy.
  *
  * This is the single C definition of everything userspace also sees; the Python
  * mirror is bpf/layout.py and tests/test_bpf_layout.py compiles this header with
@@ -41,6 +43,8 @@
 #define MN_MAX_WORKLOADS    4096
 #define MN_MAX_DESTINATIONS 16384
 #define MN_MAX_STRICT       16384
+#define MN_MAX_PROXY_CGROUPS 16
+#define MN_MAX_GUARDED_PORTS 64
 
 /* Key of mn_dests: a mesh destination. port == 0 means any port of that address. */
 struct mn_dest_key {
@@ -82,6 +86,23 @@ struct mn_orig_dst {
     __u16 port;        /* network order */
     __u16 pad;         /* always 0 */
     __u32 workload_id; /* of the connecting cgroup */
+    __u32 pad2;        /* always 0 */
+    __u64 created_ns;  /* bpf_ktime_get_ns() at connect(): CLOCK_MONOTONIC; the
+                        * proxy refuses records older than its limit */
+};
+
+/* Value of mn_proxy_cgroups (key: __u64 cgroup v2 id of the node proxy's cgroup;
+ * the calling task's cgroup or an ancestor of it must be in the map). */
+struct mn_proxy_info {
+    __u32 flags; /* reserved, 0 */
+};
+
+/* Value of mn_settings[0]. */
+struct mn_settings {
+    __u32 guard_bind; /* 1: only mn_proxy_cgroups may bind the delivery address or
+                       * a port in mn_guarded_ports (set once the agent knows the
+                       * proxy's cgroup) */
+    __u32 pad;
 };
 
 /* Key of mn_orig_dst: the connection as the proxy sees it after accept(). */
@@ -133,6 +154,19 @@ BPF_TABLE("lru_hash", struct mn_tuple_key, struct mn_orig_dst, mn_orig_dst, MN_M
  * Written by: the node agent (MeshBpf.sync_strict); pinned as MN_PIN_STRICT.
  * Read by: mn_ingress. */
 BPF_TABLE("hash", struct mn_strict_key, struct mn_strict_info, mn_strict, MN_MAX_STRICT);
+
+/* The node proxy's cgroups: only they may bind the delivery address and the
+ * guarded ports.
+ * Written by: the node agent (MeshBpf.guard_proxy).
+ * Read by: mn_bind4, mn_bind6. */
+BPF_TABLE("hash", __u64, struct mn_proxy_info, mn_proxy_cgroups, MN_MAX_PROXY_CGROUPS);
+
+/* Ports only the node proxy may bind, on any address (network order).
+ * Written by: the node agent (MeshBpf.guard_proxy). Read by: mn_bind4, mn_bind6. */
+BPF_TABLE("hash", __u16, __u32, mn_guarded_ports, MN_MAX_GUARDED_PORTS);
+
+/* Switches. Written by: the node agent. Read by: mn_bind4, mn_bind6. */
+BPF_TABLE("array", __u32, struct mn_settings, mn_settings, 1);
 
 #endif /* !MESHNODE_USERSPACE */
 

@@ -9,6 +9,7 @@ After accept(), the proxy asks where the connection was going::
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,20 +44,30 @@ class OrigDst:
     workload_id: int
 
 
+# A redirected connection is accepted right after its connect(); a record older than
+# this belongs to a socket that lingered or is gone, and is refused (docs/security.md).
+DEFAULT_MAX_AGE = 10.0
+
+
 class OrigDstTable:
     """The 4-tuple -> original destination map, as the proxy uses it."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, max_age: float = DEFAULT_MAX_AGE) -> None:
         self._fd = fd
+        self.max_age_ns = int(max_age * 1e9)
+        self.stale = 0  # records refused for their age
 
     @classmethod
-    def open(cls, pin_dir: str | os.PathLike[str]) -> OrigDstTable:
-        return cls(open_pinned(Path(pin_dir) / PIN_ORIG_DST))
+    def open(
+        cls, pin_dir: str | os.PathLike[str], max_age: float = DEFAULT_MAX_AGE
+    ) -> OrigDstTable:
+        return cls(open_pinned(Path(pin_dir) / PIN_ORIG_DST), max_age)
 
     def pop(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> OrigDst | None:
         """Takes the record of an accepted connection: src = the peer (client), dst =
         the local (proxy) address. IPv4-mapped IPv6 strings are accepted. None if the
-        connection was not redirected (or its record is already taken)."""
+        connection was not redirected, its record is already taken, or it is older
+        than max_age (then it is deleted and counted in `stale`)."""
         if self._fd < 0:
             raise BpfError("OrigDstTable is closed")
         key = TupleKey.of(src_ip, src_port, dst_ip, dst_port)
@@ -68,6 +79,9 @@ class OrigDstTable:
                 f"lookup in the original-destination map failed: {exc.strerror}"
             ) from exc
         if not found:
+            return None
+        if time.monotonic_ns() - rec.created_ns > self.max_age_ns:
+            self.stale += 1
             return None
         ip, port = rec.address()
         return OrigDst(ip=ip, port=port, workload_id=rec.workload_id)

@@ -9,11 +9,15 @@
  * SYN-ACK, before the final ACK, so it would be in time too, but only by way of
  * the handshake's ordering; the earlier hook needs no such argument.
  *
- * Records that are never consumed stay until the LRU maps evict them: in
- * mn_cookie_dst when connect() fails between connect4 and tcp_connect() (no
- * route, no free local port), in mn_orig_dst when the proxy never accepts (it is
- * not listening, the client gave up). A second connect() on a connecting socket
- * does not re-run connect4 (the kernel runs the hook only while SS_UNCONNECTED).
+ * A record the proxy never consumes (it was not listening, it restarted, the
+ * backlog overflowed) must never be picked up by a later socket that happens to
+ * get the same 4-tuple: that socket would borrow the first one's workload
+ * identity. So when any socket that was NOT redirected connects to the proxy's
+ * own address and port (someone dialling 127.0.0.1:15001 directly), a record
+ * left under its 4-tuple is deleted before its SYN leaves; a redirected socket
+ * overwrites it with its own. The proxy also refuses records older than a few
+ * seconds (created_ns). A connect that fails before the SYN leaves its record in
+ * mn_cookie_dst, keyed by a cookie that is never reused, until LRU eviction.
  */
 #include "meshnode.h"
 
@@ -50,6 +54,19 @@ static __always_inline int mn_tuple_of(struct bpf_sock_ops *skops, struct mn_tup
     return 0;
 }
 
+/* A socket we did not redirect is connecting: if it dials the proxy itself, no
+ * record may be waiting under its 4-tuple (see the top of this file). */
+static __always_inline int mn_purge_direct(struct bpf_sock_ops *skops)
+{
+    struct mn_tuple_key key = {};
+
+    if (mn_tuple_of(skops, &key))
+        return -ENOENT;
+    if (key.dst_ip4 == bpf_htonl(MN_PROXY_IP4) && key.dst_port == bpf_htons(MN_PROXY_PORT))
+        mn_orig_dst.delete(&key);
+    return -ENOENT;
+}
+
 static __always_inline int mn_move_orig_dst(struct bpf_sock_ops *skops)
 {
     struct mn_tuple_key key = {};
@@ -63,7 +80,7 @@ static __always_inline int mn_move_orig_dst(struct bpf_sock_ops *skops)
     cookie = mn_get_socket_cookie(skops);
     found = mn_cookie_dst.lookup(&cookie);
     if (!found)
-        return -ENOENT; /* not a socket we redirected */
+        return mn_purge_direct(skops); /* not a socket we redirected */
     rec = *found; /* copy: the element may be reused once deleted */
     mn_cookie_dst.delete(&cookie);
     err = mn_tuple_of(skops, &key);

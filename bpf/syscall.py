@@ -34,6 +34,8 @@ BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 # enum bpf_attach_type (the ones meshnode uses)
 BPF_CGROUP_INET_INGRESS = 0
 BPF_CGROUP_SOCK_OPS = 3
+BPF_CGROUP_INET4_BIND = 8
+BPF_CGROUP_INET6_BIND = 9
 BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 
@@ -43,7 +45,7 @@ BPF_ANY = 0
 _ENOTSUPP = 524  # the kernel-internal "not supported", leaks to userspace from bpf(2)
 
 # What a map key or value may be: a ctypes struct or scalar.
-CValue = ct.Structure | ct.c_uint64 | ct.c_uint32
+CValue = ct.Structure | ct.c_uint64 | ct.c_uint32 | ct.c_uint16
 
 _libc = ct.CDLL(None, use_errno=True)
 _libc.syscall.restype = ct.c_long

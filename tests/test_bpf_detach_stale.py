@@ -86,6 +86,8 @@ def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: P
         crashed_agent(cgroup, pin_dir)
         # Attachments outlive the process that made them; so do its pins.
         assert names(cgroup) == [
+            "mn_bind4",
+            "mn_bind6",
             "mn_connect4",
             "mn_connect6",
             "mn_ingress",
@@ -101,10 +103,12 @@ def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: P
         with MeshBpf(pin_dir) as mesh:
             mesh.load()
             mesh.attach(cgroup)  # replaces the stale pins
-            assert len(names(cgroup)) == 9
+            assert len(names(cgroup)) == 13
             detached = mesh.detach_stale(cgroup)
             assert {p["id"] for p in detached} == stale_ids
             assert sorted((p["name"], p["attach_type"]) for p in detached) == [
+                ("mn_bind4", "bind4"),
+                ("mn_bind6", "bind6"),
                 ("mn_connect4", "connect4"),
                 ("mn_connect6", "connect6"),
                 ("mn_ingress", "ingress"),
@@ -112,6 +116,8 @@ def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: P
             ]
             # Ours (this run) and the foreign program are still there.
             assert names(cgroup) == [
+                "mn_bind4",
+                "mn_bind6",
                 "mn_connect4",
                 "mn_connect6",
                 "mn_ingress",
@@ -125,7 +131,7 @@ def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: P
 
         # Without load() (no bcc needed), at agent start-up before anything else.
         crashed_agent(cgroup, pin_dir)
-        assert len(MeshBpf(pin_dir).detach_stale(cgroup)) == 4
+        assert len(MeshBpf(pin_dir).detach_stale(cgroup)) == 6
         assert names(cgroup) == ["other_connect4"]
     finally:
         for prog in MeshBpf.attached_programs(cgroup):  # whatever a failure left

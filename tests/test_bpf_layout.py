@@ -88,8 +88,10 @@ def test_constructors_store_network_order() -> None:
     assert bytes(key) == bytes([240, 0, 0, 1, 0, 80, 0, 0])
     assert key.address() == ("240.0.0.1", 80)
 
-    rec = layout.OrigDstRecord.of("10.1.2.3", 443, 7)
-    assert bytes(rec) == bytes([10, 1, 2, 3, 1, 187, 0, 0, 7, 0, 0, 0])
+    rec = layout.OrigDstRecord.of("10.1.2.3", 443, 7, created_ns=0x0102030405060708)
+    assert bytes(rec) == bytes(
+        [10, 1, 2, 3, 1, 187, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1]
+    )
     assert rec.address() == ("10.1.2.3", 443)
 
     tup = layout.TupleKey.of("::ffff:127.0.0.1", 40000, "127.0.0.1", 15001)

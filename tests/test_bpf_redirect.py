@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,8 @@ def test_attach_pins_maps_and_lists_programs(env: Env) -> None:
         os.close(open_pinned(env.pin_dir / pin))
     attached = MeshBpf.attached_programs(env.parent)
     assert sorted((p["name"], p["attach_type"]) for p in attached) == [
+        ("mn_bind4", "bind4"),
+        ("mn_bind6", "bind6"),
         ("mn_connect4", "connect4"),
         ("mn_connect6", "connect6"),
         ("mn_ingress", "ingress"),
@@ -205,7 +208,9 @@ def test_attach_pins_maps_and_lists_programs(env: Env) -> None:
     ]
     names = bpftool_cgroup_names(env.parent)
     if names:  # bpftool installed: it agrees
-        assert sorted(names) == ["mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
+        assert sorted(names) == [
+            "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"
+        ]
 
 
 def test_member_connect4_lands_at_proxy_with_orig_dst(env: Env) -> None:
@@ -215,12 +220,12 @@ def test_member_connect4_lands_at_proxy_with_orig_dst(env: Env) -> None:
     accepted = accept_now(env.proxy)
     assert accepted is not None, "redirected connection did not reach the proxy"
     conn, (peer_ip, peer_port) = accepted
-    conn.close()
     assert [peer_ip, peer_port] == client["local"]
     local_ip, local_port = env.proxy.getsockname()
     assert env.table.pop(peer_ip, peer_port, local_ip, local_port) == OrigDst(
         MESH_DST, 80, MEMBER_WORKLOAD_ID
     )
+    conn.close()  # after the pop: the proxy takes the record at accept()
     assert env.table.pop(peer_ip, peer_port, local_ip, local_port) is None
 
 
@@ -231,10 +236,10 @@ def test_member_connect6_v4mapped_lands_at_proxy_with_orig_dst(env: Env) -> None
     accepted = accept_now(env.proxy)
     assert accepted is not None, "redirected v6 connection did not reach the proxy"
     conn, (peer_ip, peer_port) = accepted
-    conn.close()
     assert client["local"] == [f"::ffff:{peer_ip}", peer_port]
     # A dual-stack proxy would see ::ffff: strings; pop accepts them too.
     orig = env.table.pop(f"::ffff:{peer_ip}", peer_port, "::ffff:127.0.0.1", PROXY_PORT)
+    conn.close()  # after the pop: the proxy takes the record at accept()
     assert orig == OrigDst(MESH_DST, 80, MEMBER_WORKLOAD_ID)
     assert env.table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT) is None
 
@@ -246,8 +251,8 @@ def test_many_connections_each_find_their_record(env: Env) -> None:
         accepted = accept_now(env.proxy)
         assert accepted is not None
         conn, (peer_ip, peer_port) = accepted
-        conn.close()
         orig = env.table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT)
+        conn.close()  # after the pop: the proxy takes the record at accept()
         assert orig == OrigDst(MESH_DST, 80, MEMBER_WORKLOAD_ID)
     assert not pending(env.proxy)
 
@@ -258,10 +263,10 @@ def test_port_wildcard_destination(env: Env) -> None:
     accepted = accept_now(env.proxy)
     assert accepted is not None
     conn, (peer_ip, peer_port) = accepted
-    conn.close()
     assert env.table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT) == OrigDst(
         WILDCARD_DST, 443, MEMBER_WORKLOAD_ID
     )
+    conn.close()  # after the pop: the proxy takes the record at accept()
 
 
 def test_member_sub_cgroup_is_captured_too(env: Env) -> None:
@@ -278,17 +283,154 @@ def test_member_sub_cgroup_is_captured_too(env: Env) -> None:
         accepted = accept_now(env.proxy)
         assert accepted is not None, "a workload's sub-cgroup was not redirected"
         conn, (peer_ip, peer_port) = accepted
-        conn.close()
         local_ip, local_port = env.proxy.getsockname()
         assert env.table.pop(peer_ip, peer_port, local_ip, local_port) == OrigDst(
             MESH_DST, 80, MEMBER_WORKLOAD_ID
         )
+        conn.close()  # after the pop: the proxy takes the record at accept()
         outsider = run_client(env.netns, stranger, MESH_DST, 80)
         assert "error" in outsider, outsider
         assert not pending(env.proxy), "a non-member's sub-cgroup reached the proxy"
     finally:
         for path in (deeper, deeper.parent, stranger):
             remove_cgroup(path)
+
+
+def _raw_connect(netns: str, cgroup: Path, src_port: int, dst_port: int) -> str:
+    """From a process in netns and cgroup: bind 127.0.0.1:src_port, connect to
+    127.0.0.1:dst_port; "ok" or the error. The socket is left to close normally."""
+    code = (
+        "import socket, sys\n"
+        "s = socket.socket()\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+        "s.settimeout(3)\n"
+        "try:\n"
+        f"    s.bind(('127.0.0.1', {src_port}))\n"
+        f"    s.connect(('127.0.0.1', {dst_port}))\n"
+        "    print('ok')\n"
+        "except OSError as exc:\n"
+        "    print(exc.strerror or exc)\n"
+    )
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", code],
+        preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"),
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def _aborted_redirect(env: Env) -> int:
+    """A workload's redirected connect() that the proxy never accepts, aborted with
+    a reset (as a proxy restart or a full backlog leaves it): its record stays
+    behind and its local port is free at once. Returns that port."""
+    code = (
+        "import socket, struct\n"
+        "s = socket.socket()\n"
+        "s.settimeout(3)\n"
+        f"s.connect(('{MESH_DST}', 80))\n"
+        "print(s.getsockname()[1])\n"
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))\n"
+        "s.close()\n"
+    )
+    out = subprocess.run(
+        ["nsenter", f"--net=/run/netns/{env.netns}", sys.executable, "-c", code],
+        preexec_fn=lambda: (env.member / "cgroup.procs").write_text("0"),
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
+def _drain(sock: socket.socket) -> None:
+    while (accepted := accept_now(sock)) is not None:
+        accepted[0].close()
+
+
+def test_a_left_behind_record_is_not_borrowed(env: Env) -> None:
+    """Attack: a redirected connection's record is left behind; a local process that
+    is not a workload dials the proxy directly from the same source port, hoping to
+    be tunnelled as the workload. Its own connect() deletes the record before its
+    SYN leaves, so the proxy finds none. Control: without the attacker the record
+    is still there (so the test can fail)."""
+    port = _aborted_redirect(env)
+    assert env.table.pop("127.0.0.1", port, "127.0.0.1", PROXY_PORT) == OrigDst(
+        MESH_DST, 80, MEMBER_WORKLOAD_ID
+    )
+    _drain(env.proxy)
+
+    port = _aborted_redirect(env)
+    assert _raw_connect(env.netns, env.other, port, PROXY_PORT) == "ok"
+    assert env.table.pop("127.0.0.1", port, "127.0.0.1", PROXY_PORT) is None
+    _drain(env.proxy)
+
+
+def test_a_stale_record_is_refused(env: Env) -> None:
+    """A record older than the table's limit is refused (and removed)."""
+    table = OrigDstTable.open(env.pin_dir, max_age=0.2)
+    try:
+        client = run_client(env.netns, env.member, MESH_DST, 80)
+        assert "error" not in client, client
+        accepted = accept_now(env.proxy)
+        assert accepted is not None
+        conn, (peer_ip, peer_port) = accepted
+        time.sleep(0.5)
+        assert table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT) is None
+        assert table.stale == 1
+        assert table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT) is None  # removed
+        conn.close()
+        # Control: a fresh one is taken.
+        run_client(env.netns, env.member, MESH_DST, 80)
+        accepted = accept_now(env.proxy)
+        assert accepted is not None
+        conn, (peer_ip, peer_port) = accepted
+        assert table.pop(peer_ip, peer_port, "127.0.0.1", PROXY_PORT) is not None
+        conn.close()
+    finally:
+        table.close()
+
+
+def test_only_the_proxy_binds_its_address_and_ports(env: Env) -> None:
+    """Attack: a local process binds the proxy's delivery address (to pass STRICT)
+    or a proxy port. With the guard on, only the proxy's cgroup may."""
+    proxy_cg = env.parent / "proxy"
+    proxy_cg.mkdir()
+    code = (
+        "import socket, sys\n"
+        "for spec in sys.argv[1:]:\n"
+        "    ip, port = spec.rsplit(':', 1)\n"
+        "    fam = socket.AF_INET6 if ':' in ip else socket.AF_INET\n"
+        "    s = socket.socket(fam)\n"
+        "    try:\n"
+        "        s.bind((ip.strip('[]'), int(port)))\n"
+        "        print('ok')\n"
+        "    except OSError as exc:\n"
+        "        print(exc.strerror)\n"
+        "    s.close()\n"
+    )
+    specs = ["127.0.0.6:0", "127.0.0.1:15008", "[::ffff:127.0.0.6]:0", "[::]:15008",
+             "127.0.0.1:0", "127.0.0.7:0"]  # fmt: skip
+
+    def bind_from(cgroup: Path) -> list[str]:
+        out = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{env.netns}", sys.executable, "-c", code, *specs],
+            preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"),
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        return out.stdout.split()
+
+    try:
+        # Guard off (the agent has not set it): anyone may.
+        assert bind_from(env.other) == ["ok"] * 6
+        env.mesh.guard_proxy({cgroup_id(proxy_cg)}, {15008})
+        denied = ["Operation", "not", "permitted"]
+        got = bind_from(env.other)
+        assert got[:4 * len(denied)] == denied * 4, got
+        assert got[4 * len(denied):] == ["ok", "ok"], got
+        assert bind_from(env.member)[:len(denied)] == denied  # a workload is no proxy
+        assert bind_from(proxy_cg) == ["ok"] * 6
+    finally:
+        env.mesh.unguard()
+        remove_cgroup(proxy_cg)
 
 
 def test_non_member_is_not_redirected(env: Env) -> None:
@@ -305,9 +447,9 @@ def test_member_connect_outside_mesh_goes_direct(env: Env) -> None:
     accepted = accept_now(env.target)
     assert accepted is not None, "direct connection did not reach the target"
     conn, (peer_ip, peer_port) = accepted
-    conn.close()
     assert not pending(env.proxy)
     assert env.table.pop(peer_ip, peer_port, "127.0.0.1", TARGET_PORT) is None
+    conn.close()  # after the pop: the proxy takes the record at accept()
 
 
 def test_sync_replaces_map_contents(env: Env) -> None:
@@ -379,7 +521,7 @@ def test_close_leaves_nothing_behind(tmp_path: Path) -> None:
             mesh.load()
             mesh.attach(parent)
             ids = [p["id"] for p in MeshBpf.attached_programs(parent)]
-            assert len(ids) == 4
+            assert len(ids) == 6
             assert (pin_dir / PIN_ORIG_DST).exists()
         assert MeshBpf.attached_programs(parent) == []
         assert not pin_dir.exists()

@@ -260,6 +260,8 @@ def answered(answer: str | None, server: str, port: int, peer: str) -> bool:
 def test_ingress_is_attached_and_strict_map_pinned(env: Env) -> None:
     attached = sorted((p["name"], p["attach_type"]) for p in MeshBpf.attached_programs(env.parent))
     assert attached == [
+        ("mn_bind4", "bind4"),
+        ("mn_bind6", "bind6"),
         ("mn_connect4", "connect4"),
         ("mn_connect6", "connect6"),
         ("mn_ingress", "ingress"),
@@ -267,7 +269,9 @@ def test_ingress_is_attached_and_strict_map_pinned(env: Env) -> None:
     ]
     names = bpftool_cgroup_names(env.parent)
     if names:  # bpftool installed: it agrees
-        assert sorted(names) == ["mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
+        assert sorted(names) == [
+            "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"
+        ]
     assert strict_entries(env) == set()
 
 

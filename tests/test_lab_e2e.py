@@ -78,7 +78,9 @@ def test_status_shows_nodes_services_and_bpf_programs(lab: dict) -> None:
     for node in st["nodes"]:
         assert node["ready"] and node["agent_alive"]
         names = sorted(p["name"] for p in node["bpf_programs"])
-        assert names == ["mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
+        assert names == [
+            "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"
+        ]
     for s in st["services"]:
         assert s["vip"].startswith("240.")
     assert {w["name"] for w in st["workloads"]} == {"api", "files", "client"}

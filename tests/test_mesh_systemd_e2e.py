@@ -183,7 +183,7 @@ def test_status_shows_the_node(mesh: Mesh) -> None:
     assert st["control_plane_reachable"] is True
     assert st["agent"]["running"] and st["ztunnel"].startswith("ready")
     assert sorted(p["name"] for p in st["bpf_programs"]) == [
-        "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
+        "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
     assert [w["name"] for w in st["workloads"]] == ["web"]
     assert st["workloads"][0]["certificate"].startswith("expires")
     assert {s["name"] for s in st["services"]} >= {"api", "echo", "web"}
