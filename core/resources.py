@@ -49,6 +49,7 @@ __all__ = [
     "ACTIONS",
     "ALLOW",
     "DEFAULT_NAMESPACE",
+    "IdentityGrant",
     "DENY",
     "KINDS",
     "MODES",
@@ -65,6 +66,7 @@ __all__ = [
     "Source",
     "TrafficSplit",
     "dump_documents",
+    "qualify_service",
     "parse_documents",
     "resource_from_dict",
     "resources_from_json",
@@ -635,11 +637,101 @@ class MeshConfig:
         return cls(name=name, namespace=namespace, default_action=default_action)
 
 
-Resource: TypeAlias = AuthorizationPolicy | PeerAuthentication | TrafficSplit | MeshConfig
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdentityGrant:
+    """Which nodes may host which workload identities (mesh-wide, no namespace).
+
+    The control plane signs a workload certificate, and lists a workload as an
+    endpoint, only when a grant names the calling node (by name or zone) and the
+    identity (``<namespace>/<service-account>``, or ``<namespace>/*`` for every
+    service account of a namespace). A node never grants itself anything."""
+
+    kind: ClassVar[str] = "IdentityGrant"
+
+    name: str
+    namespace: str = DEFAULT_NAMESPACE
+    nodes: tuple[str, ...] = ()
+    zones: tuple[str, ...] = ()
+    identities: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        _check_label(self.name, "metadata.name")
+        if self.namespace != DEFAULT_NAMESPACE:
+            raise ResourceError(
+                "IdentityGrant is mesh-wide: omit metadata.namespace, found "
+                f"{_show(self.namespace)}",
+                "metadata.namespace",
+            )
+        if not self.nodes and not self.zones:
+            raise ResourceError("name at least one node or zone the grant is for", "spec")
+        for i, node in enumerate(self.nodes):
+            _check_label(node, f"spec.nodes[{i}]")
+        for i, zone in enumerate(self.zones):
+            _check_label(zone, f"spec.zones[{i}]")
+        if not self.identities:
+            raise ResourceError(
+                "must name at least one identity, as <namespace>/<service-account>",
+                "spec.identities",
+            )
+        for i, ident in enumerate(self.identities):
+            _check_identity_ref(ident, f"spec.identities[{i}]")
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+    def covers_node(self, node: str, zone: str) -> bool:
+        return node in self.nodes or (bool(zone) and zone in self.zones)
+
+    def covers_identity(self, namespace: str, service_account: str) -> bool:
+        return any(
+            ident in (f"{namespace}/{service_account}", f"{namespace}/*")
+            for ident in self.identities
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {}
+        if self.nodes:
+            spec["nodes"] = list(self.nodes)
+        if self.zones:
+            spec["zones"] = list(self.zones)
+        spec["identities"] = list(self.identities)
+        return _document(self.kind, self.name, None, spec)
+
+    @classmethod
+    def from_dict(cls, data: object) -> IdentityGrant:
+        name, namespace, raw = _document_parts(cls.kind, data)
+        values: dict[str, tuple[str, ...]] = {}
+        with _at("spec"):
+            spec = _fields(raw, ("nodes", "zones", "identities"), ("identities",))
+            for field_name in ("nodes", "zones", "identities"):
+                if field_name in spec:
+                    with _at(field_name):
+                        values[field_name] = _list(spec[field_name])
+        return cls(name=name, namespace=namespace, **values)
+
+
+def _check_identity_ref(value: object, path: str) -> None:
+    """``<namespace>/<service-account>`` or ``<namespace>/*``."""
+    if not isinstance(value, str) or value.count("/") != 1:
+        raise ResourceError(
+            f"{_show(value)} is not an identity: use <namespace>/<service-account> "
+            "(or <namespace>/* for all of a namespace)",
+            path,
+        )
+    namespace, service_account = value.split("/")
+    _check_label(namespace, path)
+    if service_account != "*":
+        _check_label(service_account, path)
+
+
+Resource: TypeAlias = (
+    AuthorizationPolicy | PeerAuthentication | TrafficSplit | MeshConfig | IdentityGrant
+)
 
 KINDS: dict[str, Callable[[object], Resource]] = {
     cls.kind: cls.from_dict
-    for cls in (AuthorizationPolicy, PeerAuthentication, TrafficSplit, MeshConfig)
+    for cls in (AuthorizationPolicy, PeerAuthentication, TrafficSplit, MeshConfig, IdentityGrant)
 }
 
 
