@@ -34,7 +34,7 @@ def _lint(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProc
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    return subprocess.run([str(LINT), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+    return subprocess.run([str(LINT), str(ROOT / "pyproject.toml"), "--no-cache"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
