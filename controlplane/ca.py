@@ -44,6 +44,7 @@ __all__ = [
     "CAError",
     "CertificateAuthority",
     "RotatingCA",
+    "minimum_rotation_overlap",
 ]
 
 ROOT_CERT_FILE = "root.pem"
@@ -356,10 +357,26 @@ class RotatingCA:
         root from their next slice), so a rotation never cuts a node off."""
         return self.trusted(now)[0]
 
-    def rotate(self, overlap: timedelta, *, now: datetime | None = None) -> RotatingCA:
-        """A new set whose new root signs from now on; older roots retire after `overlap`."""
+    def rotate(
+        self,
+        overlap: timedelta,
+        *,
+        minimum: timedelta = timedelta(0),
+        now: datetime | None = None,
+    ) -> RotatingCA:
+        """A new set whose new root signs from now on; older roots retire after
+        `overlap`, which must be at least `minimum` (see `minimum_rotation_overlap`)."""
         if overlap < timedelta(0):
             raise CAError(f"overlap must not be negative, got {overlap}")
+        if overlap < minimum:
+            raise CAError(
+                f"an overlap of {_seconds(overlap)} would lock nodes out: until every node "
+                "has renewed its certificates under the new root and learnt the new trust "
+                "bundle, it still presents certificates only the old root can verify. "
+                f"The overlap must be at least one certificate lifetime plus the watch "
+                f"interval: {_seconds(minimum)} here (pass --overlap {int(minimum.total_seconds())}"
+                " or more)"
+            )
         now = _utc(now)
         retire_at = now + overlap
         kept = [
@@ -384,6 +401,18 @@ class RotatingCA:
                 continue
             return True
         return False
+
+
+def minimum_rotation_overlap(cert_ttl: timedelta, watch_interval: timedelta) -> timedelta:
+    """The shortest safe overlap for a root rotation: a node holding a certificate
+    issued just before the rotation keeps presenting it for up to its whole
+    lifetime (it renews at half-life, but may be offline meanwhile), and learns the
+    new bundle within one watch interval; allow clock skew on top."""
+    return cert_ttl + watch_interval + CLOCK_SKEW
+
+
+def _seconds(delta: timedelta) -> str:
+    return f"{int(delta.total_seconds())} s"
 
 
 # --- internals ----------------------------------------------------------------------

@@ -398,3 +398,22 @@ def test_root_pin_is_sha256_of_der() -> None:
     ca = CertificateAuthority.create("cluster.local")
     der = ca.root_certificate.public_bytes(serialization.Encoding.DER)
     assert root_pin(der) == hashlib.sha256(der).hexdigest()
+
+
+# --- rotation overlap (docs/security.md: a rotation must not lock the fleet out) -------
+
+
+def test_rotation_refuses_an_overlap_shorter_than_a_certificate_lifetime() -> None:
+    from datetime import timedelta
+
+    from meshnode.controlplane.ca import minimum_rotation_overlap
+
+    ca = RotatingCA([(CertificateAuthority.create("cluster.local"), None)])
+    minimum = minimum_rotation_overlap(timedelta(hours=24), timedelta(seconds=60))
+    assert minimum > timedelta(hours=24, seconds=60)
+    with pytest.raises(CAError, match=r"lock nodes out.*at least one certificate lifetime"):
+        ca.rotate(timedelta(0), minimum=minimum)
+    with pytest.raises(CAError, match=f"--overlap {int(minimum.total_seconds())}"):
+        ca.rotate(minimum - timedelta(seconds=1), minimum=minimum)
+    rotated = ca.rotate(minimum, minimum=minimum)
+    assert len(rotated.trusted()) == 2  # old and new root, both in the bundle
