@@ -102,7 +102,7 @@ def test_enroll_force_starts_units(setup: tuple[Cluster, Node, list[str]]) -> No
 
     attached = MeshBpf.attached_programs(node.root_cgroup)  # the node's root, seen from the host
     assert sorted(p["attach_type"] for p in attached) == [
-        "connect4", "connect6", "ingress", "sock_ops"], journal
+        "bind4", "bind6", "connect4", "connect6", "ingress", "sock_ops"], journal
 
 
 def test_cleanup(setup: tuple[Cluster, Node, list[str]]) -> None:
