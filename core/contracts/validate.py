@@ -115,12 +115,20 @@ class Fields:
     def integer(self, key: str, default: Any = MISSING) -> Any:
         return self.typed(key, int, default)
 
+    # label and port check the common, valid case before building the field's
+    # path: a snapshot of a large mesh has tens of thousands of them.
+
     def label(self, key: str, default: Any = MISSING) -> str:
         value = self.raw(key, default)
-        return value if value == default == "" else check_label(value, self.at(key))
+        if value.__class__ is str and (_LABEL.fullmatch(value) or value == default == ""):
+            return str(value)
+        return check_label(value, self.at(key))
 
     def port(self, key: str, default: Any = MISSING) -> int:
-        return check_port(self.raw(key, default), self.at(key))
+        value = self.raw(key, default)
+        if value.__class__ is int and 0 < value < 65536:
+            return int(value)
+        return check_port(value, self.at(key))
 
     def ip(self, key: str) -> str:
         return check_ip(self.raw(key), self.at(key))
