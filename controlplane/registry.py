@@ -21,13 +21,15 @@ answer "send a full slice" for the nodes concerned.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshnode.core import constants
+from meshnode.core import contracts as wire
+from meshnode.core.contracts import ContractError, NodeDoc, NodeSlice, ServiceDoc, WorkloadDoc
 from meshnode.core.errors import MeshnodeError
+from meshnode.core.resources import resource_from_dict
 
 __all__ = [
     "VIP_NETWORK",
@@ -47,12 +49,12 @@ __all__ = [
     "node_slice",
     "put_node",
     "put_workload",
+    "service_docs",
     "service_documents",
+    "slice_for",
 ]
 
 VIP_NETWORK = ipaddress.IPv4Network(constants.VIP_NETWORK)
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
-_VERSION = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
 
 
 class RegistryError(MeshnodeError, ValueError):
@@ -69,8 +71,11 @@ class NodeRecord:
     zone: str
     ip: str
 
+    def doc(self) -> NodeDoc:
+        return NodeDoc(name=self.name, ip=self.ip, zone=self.zone)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "zone": self.zone, "ip": self.ip}
+        return self.doc().to_json()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,16 +88,14 @@ class WorkloadRecord:
     port: int
     version: str = ""
 
+    def doc(self) -> WorkloadDoc:
+        """The form in a node slice (meshnode.core.contracts)."""
+        return WorkloadDoc(name=self.name, namespace=self.namespace, service=self.service,
+                           service_account=self.service_account, port=self.port,
+                           version=self.version)  # fmt: skip
+
     def slice_dict(self) -> dict[str, Any]:
-        """The form in a node slice (protocol.md: `workloads`)."""
-        return {
-            "name": self.name,
-            "namespace": self.namespace,
-            "service": self.service,
-            "service_account": self.service_account,
-            "port": self.port,
-            "version": self.version,
-        }
+        return self.doc().to_json()
 
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, **self.slice_dict()}
@@ -130,6 +133,8 @@ class Change:
         return self.nodes is None or node in self.nodes
 
     def wire(self) -> dict[str, Any]:
+        """The entry in a node's ``changes`` (meshnode.core.contracts.SliceChange);
+        `value` was made by that contract's ``to_json`` (see :func:`diff`)."""
         out: dict[str, Any] = {"op": self.op, "kind": self.kind, "key": self.key}
         if self.op == "put":
             out["value"] = self.value
@@ -139,26 +144,24 @@ class Change:
 # --- validation ---------------------------------------------------------------------
 
 
+def _checked(check: Any, value: object, what: str) -> Any:
+    """A validator of meshnode.core.contracts, with RegistryError (status 400)."""
+    try:
+        return check(value, what)
+    except ContractError as exc:
+        raise RegistryError(str(exc)) from None
+
+
 def check_label(value: object, what: str) -> str:
-    if not isinstance(value, str) or not _LABEL.fullmatch(value):
-        raise RegistryError(
-            f"{what}: {value!r} is not a DNS label (1-63 lowercase letters, digits or '-', "
-            "starting and ending with a letter or digit)"
-        )
-    return value
+    return str(_checked(wire.check_label, value, what))
 
 
 def check_port(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise RegistryError(f"{what}: {value!r} is not a port (an integer 1-65535)")
-    return value
+    return int(_checked(wire.check_port, value, what))
 
 
 def check_ip(value: object, what: str) -> str:
-    try:
-        return str(ipaddress.ip_address(str(value)))
-    except ValueError:
-        raise RegistryError(f"{what}: {value!r} is not an IP address") from None
+    return str(_checked(wire.check_ip, value, what))
 
 
 def workload_from_request(node: str, body: Mapping[str, Any]) -> WorkloadRecord:
@@ -176,9 +179,7 @@ def workload_from_request(node: str, body: Mapping[str, Any]) -> WorkloadRecord:
         check_label(service, "service")
     account = check_label(body.get("service_account", service or name), "service_account")
     port = check_port(body.get("port"), "port")
-    version = body.get("version", "") or ""
-    if version and (not isinstance(version, str) or not _VERSION.fullmatch(version)):
-        raise RegistryError(f"version: {version!r} is not a label like v1")
+    version = _checked(wire.check_version_label, body.get("version", "") or "", "version")
     return WorkloadRecord(node, name, namespace, service, account, port, version)
 
 
@@ -276,8 +277,8 @@ def resource_key(doc: Mapping[str, Any]) -> tuple[str, str, str]:
 # --- what nodes see -----------------------------------------------------------------
 
 
-def service_documents(reg: Registry) -> dict[tuple[str, str], dict[str, Any]]:
-    """Service documents in the ztunnel snapshot schema (ztunnel/state.py), by key."""
+def service_docs(reg: Registry) -> dict[tuple[str, str], ServiceDoc]:
+    """The service documents nodes receive (meshnode.core.contracts), by key."""
     out = {}
     for key, svc in sorted(reg.services.items()):
         endpoints = []
@@ -287,43 +288,43 @@ def service_documents(reg: Registry) -> dict[tuple[str, str], dict[str, Any]]:
             node = reg.nodes.get(wl.node)
             if node is None:
                 continue
-            endpoints.append({
-                "workload": wl.name, "namespace": wl.namespace,
-                "service_account": wl.service_account, "node": node.name,
-                "node_ip": node.ip, "address": node.ip, "zone": node.zone,
-                "port": wl.port, "service_port": svc.port, "version": wl.version,
-            })  # fmt: skip
-        out[key] = {
-            "name": svc.name,
-            "namespace": svc.namespace,
-            "vip": svc.vip,
-            "ports": [{"port": svc.port, "target_port": svc.port}],
-            "endpoints": endpoints,
-        }
+            endpoints.append(wire.EndpointDoc(
+                workload=wl.name, namespace=wl.namespace, service_account=wl.service_account,
+                node=node.name, node_ip=node.ip, address=node.ip, zone=node.zone,
+                port=wl.port, service_port=svc.port, version=wl.version,
+            ))  # fmt: skip
+        out[key] = ServiceDoc(
+            name=svc.name, namespace=svc.namespace, vip=svc.vip,
+            ports=(wire.ServicePort(svc.port, svc.port),), endpoints=tuple(endpoints),
+        )  # fmt: skip
     return out
+
+
+def service_documents(reg: Registry) -> dict[tuple[str, str], dict[str, Any]]:
+    """:func:`service_docs` in their JSON form (the admin API lists them)."""
+    return {key: doc.to_json() for key, doc in service_docs(reg).items()}
+
+
+def slice_for(
+    reg: Registry, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
+) -> NodeSlice:
+    """The full slice for `node` (which must be registered)."""
+    return NodeSlice(
+        revision=revision,
+        node=reg.nodes[node].doc(),
+        trust_domain=trust_domain,
+        workloads=tuple(w.doc() for (n, _), w in sorted(reg.workloads.items()) if n == node),
+        services=tuple(service_docs(reg).values()),
+        resources=tuple(resource_from_dict(doc) for _, doc in sorted(reg.resources.items())),
+        trust_bundle=trust_bundle,
+    )
 
 
 def node_slice(
     reg: Registry, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
 ) -> dict[str, Any]:
-    """The full slice of protocol.md for `node` (which must be registered)."""
-    rec = reg.nodes[node]
-    out: dict[str, Any] = {
-        "revision": revision,
-        "full": True,
-        "node": rec.to_dict(),
-        "trust_domain": trust_domain,
-        "workloads": [
-            w.slice_dict()
-            for (n, _), w in sorted(reg.workloads.items())
-            if n == node
-        ],
-        "services": list(service_documents(reg).values()),
-        "resources": [doc for _, doc in sorted(reg.resources.items())],
-    }
-    if trust_bundle is not None:
-        out["trust_bundle"] = trust_bundle
-    return out
+    """:func:`slice_for` as the JSON answer of ``GET /v1/node/config``."""
+    return slice_for(reg, node, revision, trust_domain, trust_bundle).to_json()
 
 
 def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
@@ -343,11 +344,12 @@ def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
         if wold != wnew:
             value = wnew.slice_dict() if wnew else None
             add("put" if wnew else "delete", "workload", wkey[1], value, (wkey[0],))
-    sold, snew = service_documents(before), service_documents(after)
+    sold, snew = service_docs(before), service_docs(after)
     for skey in sorted(set(sold) | set(snew)):
-        if sold.get(skey) != snew.get(skey):
-            add("put" if skey in snew else "delete", "service", "/".join(skey),
-                snew.get(skey), None)
+        sdoc = snew.get(skey)
+        if sold.get(skey) != sdoc:
+            add("put" if sdoc else "delete", "service", "/".join(skey),
+                sdoc.to_json() if sdoc else None, None)
     for rkey in sorted(set(before.resources) | set(after.resources)):
         rold, rnew = before.resources.get(rkey), after.resources.get(rkey)
         if rold != rnew:

@@ -15,11 +15,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from meshnode.core.contracts import ContractError, NodeSlice, SliceUnchanged, parse_slice_answer
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.fsutil import write_file_atomic
 from meshnode.core.identity import SpiffeId, controlplane_uri, single_uri_san
@@ -271,55 +272,57 @@ class CpClient:
 
 @dataclass
 class SliceStore:
-    """The last slice from the control plane, applied incrementally, on disk."""
+    """The last slice from the control plane (a NodeSlice of
+    meshnode.core.contracts), with the incremental answers folded in; on disk."""
 
     path: Path
-    doc: dict[str, Any] = field(default_factory=dict)
+    slice: NodeSlice | None = None
+    full_wanted: bool = False  # ask the control plane for a full slice next
 
     @property
     def revision(self) -> int:
-        return int(self.doc.get("revision", 0))
+        """The revision to watch from: 0 (= send a full slice) when there is none."""
+        return 0 if self.slice is None or self.full_wanted else self.slice.revision
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The slice in its JSON form; {} before the first one."""
+        return self.slice.to_json() if self.slice is not None else {}
 
     def load(self) -> bool:
         try:
-            self.doc = json.loads(self.path.read_text())
-            return True
-        except (OSError, ValueError):
+            text = self.path.read_text()
+        except OSError:
             return False
+        try:
+            self.slice = NodeSlice.from_json(json.loads(text), str(self.path))
+        except ValueError as exc:  # not JSON, or not a slice of this version
+            log.warning("ignoring the saved control-plane slice (%s); waiting for a full one",
+                        exc)
+            return False
+        return True
 
     def save(self) -> None:
         write_file_atomic(self.path, json.dumps(self.doc).encode(), 0o600)
 
-    def apply(self, answer: dict[str, Any]) -> bool:
-        """Fold a watch answer in; True if anything changed."""
-        if answer.get("unchanged"):
+    def ask_full(self) -> None:
+        """The next watch asks for a full slice (the last answer made no sense)."""
+        self.full_wanted = True
+
+    def apply(self, answer: object) -> bool:
+        """Fold a watch answer in; True if anything changed. Raises ContractError
+        (a ValueError) when the answer does not follow the slice contract."""
+        parsed = parse_slice_answer(answer)
+        if isinstance(parsed, SliceUnchanged):
             return False
-        if answer.get("full", True):
-            self.doc = {k: v for k, v in answer.items() if k != "full"}
+        if isinstance(parsed, NodeSlice):
+            self.slice, self.full_wanted = parsed, False
             return True
-        doc = dict(self.doc)
-        for ch in answer.get("changes", []):
-            kind, op, value, key = ch.get("kind"), ch.get("op"), ch.get("value"), ch.get("key")
-            coll = {"workload": "workloads", "service": "services",
-                    "resource": "resources"}.get(kind or "")
-            if coll is None:
-                raise ValueError(f"unknown change kind {kind!r}")
-            items = [x for x in doc.get(coll, []) if _key(kind or "", x) != key]
-            if op == "put":
-                items.append(value)
-            doc[coll] = items
-        doc["revision"] = answer["revision"]
-        self.doc = doc
+        if self.slice is None:
+            raise ContractError("the control plane sent changes, but there is no slice to "
+                                "apply them to; asking for a full slice")
+        self.slice = self.slice.apply(parsed)
         return True
-
-
-def _key(kind: str, item: dict[str, Any]) -> str:
-    if kind == "workload":
-        return str(item.get("name"))
-    if kind == "service":
-        return f"{item.get('namespace', 'default')}/{item.get('name')}"
-    meta = item.get("metadata", {})
-    return f"{item.get('kind')}/{meta.get('namespace', 'default')}/{meta.get('name')}"
 
 
 class CpWatcher(threading.Thread):
@@ -350,7 +353,7 @@ class CpWatcher(threading.Thread):
                                 self.store.revision)
                 self.reachable, self.last_error = False, str(exc)
                 if isinstance(exc, (ValueError, KeyError)):
-                    self.store.doc["revision"] = 0  # ask for a full slice next
+                    self.store.ask_full()
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
@@ -363,10 +366,14 @@ class CpWatcher(threading.Thread):
                 self.on_change()
 
 
-def node_config_from(e: Enrollment, slice_doc: dict[str, Any], workloads: list[WorkloadSpec],
-                     cgroup_root: Path, bpf_pin_dir: str) -> tuple[NodeConfig, list[str]]:
-    """The agent's NodeConfig for an enrolled node; problems (a workload whose
-    cgroup cannot be found yet) come back as messages, not exceptions."""
+def node_config_from(e: Enrollment, slice_doc: NodeSlice | dict[str, Any],
+                     workloads: list[WorkloadSpec], cgroup_root: Path,
+                     bpf_pin_dir: str) -> tuple[NodeConfig, list[str]]:
+    """The agent's NodeConfig for an enrolled node (`slice_doc`: the slice, typed
+    or as JSON; {} = none yet); problems (a workload whose cgroup cannot be found
+    yet) come back as messages, not exceptions."""
+    current = (slice_doc if isinstance(slice_doc, NodeSlice)
+               else NodeSlice.from_json(slice_doc) if slice_doc else None)
     problems = []
     local = []
     for w in workloads:
@@ -378,15 +385,15 @@ def node_config_from(e: Enrollment, slice_doc: dict[str, Any], workloads: list[W
         local.append(LocalWorkload(name=w.name, namespace=w.namespace, service_account=w.service,
                                    service=w.service, port=w.port, cgroup=str(cg)))
     cfg = NodeConfig(
-        version=int(slice_doc.get("revision", 0)),
-        name=e.name, ip=e.ip or slice_doc.get("node", {}).get("ip", ""), zone=e.zone,
+        version=current.revision if current else 0,
+        name=e.name, ip=e.ip or (current.node.ip if current else ""), zone=e.zone,
         trust_domain=e.trust_domain,
         cgroup_parent=e.cgroup_parent,
         state_dir=e.state_dir,
         bpf_pin_dir=bpf_pin_dir,
         ca_dir=None,
         workloads=local,
-        services=list(slice_doc.get("services", [])),
-        resources=list(slice_doc.get("resources", [])),
+        services=[svc.to_json() for svc in current.services] if current else [],
+        resources=[r.to_dict() for r in current.resources] if current else [],
     )
     return cfg, problems

@@ -3,9 +3,10 @@ Pure functions: no files, no syscalls."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from meshnode.core.contracts import SNAPSHOT_SCHEMA as SCHEMA
+from meshnode.core.contracts import NodeDoc, ServiceDoc, Snapshot, SnapshotWorkload
 from meshnode.core.resources import (
     AuthorizationPolicy,
     MeshConfig,
@@ -13,7 +14,6 @@ from meshnode.core.resources import (
     Resource,
     TrafficSplit,
     resources_from_json,
-    resources_to_json,
 )
 from meshnode.nodeagent.certs import CertFiles
 from meshnode.nodeagent.config import NodeConfig
@@ -36,15 +36,15 @@ def node_resources(cfg: NodeConfig) -> list[Resource]:
     return resources_from_json(cfg.resources, source="node config")
 
 
-def services_with_splits(services: list[dict[str, Any]],
-                         resources: list[Resource]) -> list[dict[str, Any]]:
+def services_with_splits(services: list[ServiceDoc],
+                         resources: list[Resource]) -> list[ServiceDoc]:
     """Attach each TrafficSplit's weights to its service (same namespace)."""
-    splits = {(r.namespace, r.service): dict(r.weights) for r in resources
+    splits = {(r.namespace, r.service): tuple(r.weights) for r in resources
               if isinstance(r, TrafficSplit)}
     out = []
     for svc in services:
-        weights = splits.get((svc.get("namespace", "default"), svc["name"]))
-        out.append({**svc, "split": weights} if weights else svc)
+        weights = splits.get((svc.namespace, svc.name))
+        out.append(replace(svc, split=weights) if weights else svc)
     return out
 
 
@@ -67,36 +67,49 @@ def strict_ports(cfg: NodeConfig, resources: list[Resource]) -> list[tuple[str, 
     return out
 
 
+def build_snapshot(
+    cfg: NodeConfig,
+    ids: dict[str, int],
+    certs: dict[str, CertFiles],
+    trust_bundle: str,
+) -> Snapshot:
+    """ztunnel's snapshot for `cfg`: every local workload needs an id in `ids`
+    (KeyError otherwise); `certs` holds the ones whose certificate is ready.
+    Raises ContractError when cfg's services do not follow the service contract."""
+    workloads = []
+    for w in cfg.workloads:
+        files = certs.get(w.name)
+        workloads.append(SnapshotWorkload(
+            id=ids[w.name], name=w.name, namespace=w.namespace,
+            service_account=w.service_account, node=cfg.name, address=cfg.ip, port=w.port,
+            service=w.service, cert=str(files.cert) if files else None,
+            key=str(files.key) if files else None,
+        ))  # fmt: skip
+    resources = node_resources(cfg)
+    mesh = [r for r in resources if isinstance(r, MeshConfig)]
+    services = [ServiceDoc.from_json(s, f"node config services[{i}]")
+                for i, s in enumerate(cfg.services)]
+    return Snapshot(
+        version=cfg.version,
+        node=NodeDoc(name=cfg.name, ip=cfg.ip, zone=cfg.zone),
+        trust_domain=cfg.trust_domain,
+        trust_bundle=trust_bundle,
+        bpf_pin_dir=cfg.bpf_pin_dir,
+        workloads=tuple(workloads),
+        services=tuple(services_with_splits(services, resources)),
+        policies=tuple(r for r in resources if isinstance(r, AuthorizationPolicy)),
+        authorization_default="DENY" if mesh and mesh[0].default_action == "DENY" else "ALLOW",
+    )
+
+
 def ztunnel_snapshot(
     cfg: NodeConfig,
     ids: dict[str, int],
     certs: dict[str, CertFiles],
     trust_bundle: str,
 ) -> dict[str, Any]:
-    workloads = []
-    for w in cfg.workloads:
-        files = certs.get(w.name)
-        workloads.append({
-            "id": ids[w.name], "name": w.name, "namespace": w.namespace,
-            "service_account": w.service_account, "node": cfg.name, "address": cfg.ip,
-            "port": w.port, "service": w.service,
-            "cert": str(files.cert) if files else None,
-            "key": str(files.key) if files else None,
-        })
-    resources = node_resources(cfg)
-    mesh = [r for r in resources if isinstance(r, MeshConfig)]
-    return {
-        "schema": SCHEMA,
-        "version": cfg.version,
-        "node": {"name": cfg.name, "ip": cfg.ip, "zone": cfg.zone},
-        "trust_domain": cfg.trust_domain,
-        "trust_bundle": trust_bundle,
-        "bpf_pin_dir": cfg.bpf_pin_dir,
-        "workloads": workloads,
-        "services": services_with_splits(cfg.services, resources),
-        "policies": resources_to_json(r for r in resources if isinstance(r, AuthorizationPolicy)),
-        "authorization_default": mesh[0].default_action if mesh else "ALLOW",
-    }
+    """:func:`build_snapshot` as the JSON document the agent writes and sends."""
+    return build_snapshot(cfg, ids, certs, trust_bundle).to_json()
 
 
 def capture_destinations(cfg: NodeConfig) -> set[tuple[str, int]]:

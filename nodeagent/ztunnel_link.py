@@ -1,5 +1,5 @@
 """The agent's end of the control channel to ztunnel (docs/protocol.md):
-one JSON line out, one JSON line back."""
+one JSON line out, one JSON line back, both typed by meshnode.core.contracts."""
 
 from __future__ import annotations
 
@@ -8,23 +8,29 @@ import logging
 import socket
 from typing import Any
 
-from meshnode.core.contracts import CONTROL_PROTOCOL_VERSION as PROTOCOL_VERSION
+from meshnode.core.contracts import (
+    Ack,
+    ContractError,
+    ControlMessage,
+    Snapshot,
+    SnapshotMessage,
+    parse_control_reply,
+)
 
 log = logging.getLogger("meshnode.nodeagent.ztunnel")
-
 
 
 class ZtunnelLink:
     def __init__(self, path: str) -> None:
         self.path = path
 
-    def send(self, msg: dict[str, Any], timeout: float = 10.0) -> tuple[bool, str]:
+    def send(self, message: ControlMessage, timeout: float = 10.0) -> tuple[bool, str]:
         """(True, "") on ack; (False, why) on nack or when ztunnel is unreachable."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                 s.settimeout(timeout)
                 s.connect(self.path)
-                s.sendall(json.dumps({"v": PROTOCOL_VERSION, **msg}).encode() + b"\n")
+                s.sendall(json.dumps(message.to_json()).encode() + b"\n")
                 reply = b""
                 while not reply.endswith(b"\n"):
                     chunk = s.recv(65536)
@@ -34,12 +40,22 @@ class ZtunnelLink:
         except OSError as exc:
             return False, f"ztunnel not reachable on {self.path}: {exc.strerror or exc}"
         try:
-            answer = json.loads(reply)
-        except ValueError:
-            return False, f"ztunnel answered something that is not JSON: {reply[:100]!r}"
-        if answer.get("type") == "ack":
+            answer = parse_control_reply(json.loads(reply))
+        except ValueError as exc:  # not JSON, or not a reply (ContractError)
+            return False, f"ztunnel answered something unexpected ({exc}): {reply[:100]!r}"
+        if isinstance(answer, Ack):
+            if answer.version != message.version:
+                return False, (f"ztunnel acknowledged version {answer.version}, not "
+                               f"{message.version}")
             return True, ""
-        return False, f"ztunnel refused the change: {answer.get('error', answer)}"
+        return False, f"ztunnel refused the change: {answer.error}"
 
-    def push_snapshot(self, doc: dict[str, Any], timeout: float = 10.0) -> tuple[bool, str]:
-        return self.send({"type": "snapshot", "version": doc["version"], "state": doc}, timeout)
+    def push_snapshot(self, snap: Snapshot | dict[str, Any],
+                      timeout: float = 10.0) -> tuple[bool, str]:
+        """Send a whole snapshot (a typed one, or its JSON as written to disk)."""
+        if not isinstance(snap, Snapshot):
+            try:
+                snap = Snapshot.from_json(snap)
+            except ContractError as exc:
+                return False, f"the snapshot is not valid, not sent: {exc}"
+        return self.send(SnapshotMessage(snap.version, snap), timeout)

@@ -177,7 +177,14 @@ def test_snapshot_document() -> None:
          "node": "node1", "address": "198.18.0.11", "port": 7000, "service": "",
          "cert": None, "key": None},
     ]
-    assert doc["services"] == SERVICES
+    # The services go out in their full form: defaults written (the contract's to_json).
+    assert doc["services"] == [
+        {**svc,
+         "ports": [{"port": p["port"], "target_port": p.get("target_port", p["port"])}
+                   for p in svc["ports"]],
+         "endpoints": [{**e, "service_port": 0, "version": ""} for e in svc["endpoints"]]}
+        for svc in SERVICES
+    ]  # fmt: skip
     json.dumps(doc)  # written as JSON by the agent
 
 

@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import json
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
-from meshnode.core.contracts import CONTROL_PROTOCOL_VERSION as PROTOCOL_VERSION
+from meshnode.core.contracts import (
+    Ack,
+    AddMessage,
+    ContractError,
+    DeleteMessage,
+    Nack,
+    Snapshot,
+    SnapshotWorkload,
+    parse_control_message,
+)
 from meshnode.core.errors import MeshnodeError
-from meshnode.ztunnel.state import StateError, parse_snapshot
+from meshnode.ztunnel.state import StateError, index_snapshot
 
 log = logging.getLogger("meshnode.ztunnel.control")
 
@@ -39,57 +48,43 @@ class ControlState:
 
     def next_doc(self, msg: Any) -> tuple[int, dict[str, Any]]:
         """The document after `msg`, validated; raises ControlError."""
-        if not isinstance(msg, dict):
-            raise ControlError("a message must be a JSON object")
-        if msg.get("v") != PROTOCOL_VERSION:
-            raise ControlError(f"protocol version {msg.get('v')!r} is not {PROTOCOL_VERSION}")
-        version = msg.get("version")
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ControlError("version must be an integer")
-        kind = msg.get("type")
-        if kind == "snapshot":
-            doc = msg.get("state")
-            if not isinstance(doc, dict):
-                raise ControlError("snapshot without a state object")
-            doc = dict(doc, version=version)
-        elif kind in ("add", "delete"):
-            if self.doc is None:
-                raise ControlError(f"{kind} before any snapshot")
-            doc = copy.deepcopy(self.doc)
-            doc["version"] = version
-            _patch(doc, kind, msg)
-        else:
-            raise ControlError(f"unknown message type {kind!r}")
         try:
-            parse_snapshot(doc)
-        except StateError as exc:
+            message = parse_control_message(msg)
+            if isinstance(message, AddMessage | DeleteMessage):
+                if self.doc is None:
+                    raise ControlError(f"{message.to_json()['type']} before any snapshot")
+                snap = _patch(Snapshot.from_json(self.doc), message)
+            else:
+                snap = message.state
+            index_snapshot(snap)  # what the proxy will do with it: must not fail
+        except (ContractError, StateError) as exc:
             raise ControlError(str(exc)) from None
-        return version, doc
+        return message.version, snap.to_json()
 
 
-def _patch(doc: dict[str, Any], op: str, msg: dict[str, Any]) -> None:
-    what = msg.get("kind")
-    if what == "workload":
-        items, key_of = doc.setdefault("workloads", []), (lambda w: w.get("name"))
-    elif what == "service":
-        items = doc.setdefault("services", [])
+def _patch(snap: Snapshot, msg: AddMessage | DeleteMessage) -> Snapshot:
+    """`snap` with one workload (key: name) or service (key: namespace/name)
+    added, replaced or deleted, at the message's version."""
+    kind = msg.kind
+    if kind == "workload":
+        workloads = [w for w in snap.workloads if w.name != _key(msg)]
+        if isinstance(msg, DeleteMessage) and len(workloads) == len(snap.workloads):
+            raise ControlError(f"delete: no workload {msg.key!r}")
+        if isinstance(msg, AddMessage) and isinstance(msg.value, SnapshotWorkload):
+            workloads.append(msg.value)
+        return replace(snap, version=msg.version, workloads=tuple(workloads))
+    services = [s for s in snap.services if s.key != _key(msg)]
+    if isinstance(msg, DeleteMessage) and len(services) == len(snap.services):
+        raise ControlError(f"delete: no service {msg.key!r}")
+    if isinstance(msg, AddMessage) and not isinstance(msg.value, SnapshotWorkload):
+        services.append(msg.value)
+    return replace(snap, version=msg.version, services=tuple(services))
 
-        def key_of(s: dict[str, Any]) -> str:
-            return f"{s.get('namespace', 'default')}/{s.get('name')}"
-    else:
-        raise ControlError(f"unknown kind {what!r} (workload or service)")
-    if op == "add":
-        value = msg.get("value")
-        if not isinstance(value, dict):
-            raise ControlError("add without a value object")
-        key = key_of(value)
-        items[:] = [x for x in items if key_of(x) != key] + [value]
-    else:
-        key = msg.get("key")
-        before = len(items)
-        items[:] = [x for x in items if key_of(x) != key]
-        if len(items) == before:
-            raise ControlError(f"delete: no {what} {key!r}")
+
+def _key(msg: AddMessage | DeleteMessage) -> str:
+    if isinstance(msg, DeleteMessage):
+        return msg.key
+    return msg.value.name if isinstance(msg.value, SnapshotWorkload) else msg.value.key
 
 
 class ControlServer:
@@ -132,19 +127,18 @@ class ControlServer:
         try:
             msg = json.loads(line)
         except ValueError:
-            return {"v": PROTOCOL_VERSION, "type": "nack", "version": None,
-                    "error": "not a JSON line"}
+            return Nack(None, "not a JSON line").to_json()
         async with self._lock:  # one change at a time, in order
             try:
                 version, doc = self.state.next_doc(msg)
                 await self._apply(version, doc)
             except ControlError as exc:
                 log.error("control message refused, state unchanged: %s", exc)
-                return {"v": PROTOCOL_VERSION, "type": "nack",
-                        "version": msg.get("version") if isinstance(msg, dict) else None,
-                        "error": str(exc)}
+                sent = msg.get("version") if isinstance(msg, dict) else None
+                ok = isinstance(sent, int) and not isinstance(sent, bool)
+                return Nack(sent if ok else None, str(exc)).to_json()
             self.state.doc = doc
-            return {"v": PROTOCOL_VERSION, "type": "ack", "version": version}
+            return Ack(version).to_json()
 
 
 def write_snapshot(path: str, doc: dict[str, Any]) -> None:

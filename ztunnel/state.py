@@ -1,29 +1,11 @@
 """What the node proxy knows: workloads, services and their endpoints, indexed
 for the lookups on the data path. Built from the snapshot the node agent hands
-over; no I/O here but :func:`load_snapshot_file`.
-
-Snapshot schema (version 1), JSON::
-
-    {"schema": 1, "version": <int, grows with every change>,
-     "node": {"name": "node1", "ip": "198.18.0.11", "zone": "z1"},
-     "trust_domain": "cluster.local",
-     "trust_bundle": "<path to PEM>",
-     "bpf_pin_dir": "<bpffs dir with the original-destination map>" | null,
-     "workloads": [{"id": 1, "name": "web", "namespace": "default",
-                    "service_account": "web", "node": "node1",
-                    "address": "198.18.0.11", "port": 8080, "service": "web",
-                    "cert": "<path>", "key": "<path>"}],      # cert/key: local ones only
-     "services": [{"name": "api", "namespace": "default", "vip": "240.0.0.1",
-                   "ports": [{"port": 8080, "target_port": 8080}],
-                   "endpoints": [{"workload": "api", "namespace": "default",
-                                  "service_account": "api", "node": "node2",
-                                  "node_ip": "198.18.0.12", "address": "198.18.0.12",
-                                  "zone": "z2", "port": 8080}]}]}
+over (its contract, :class:`meshnode.core.contracts.Snapshot`, validates it);
+no I/O here but :func:`load_snapshot_file`.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +13,16 @@ from typing import Any
 
 from meshnode.core.constants import HBONE_PORT
 from meshnode.core.contracts import SNAPSHOT_SCHEMA as SCHEMA
-from meshnode.core.errors import MeshnodeError
+from meshnode.core.contracts import ContractError, ServicePort, Snapshot
+from meshnode.core.contracts import NodeDoc as NodeInfo
 from meshnode.core.identity import SpiffeId
+from meshnode.core.resources import AuthorizationPolicy
 
-__all__ = ["HBONE_PORT", "SCHEMA"]
+__all__ = ["HBONE_PORT", "SCHEMA", "NodeInfo", "ServicePort", "StateError", "index_snapshot",
+           "parse_snapshot"]
 
 
-class StateError(MeshnodeError, ValueError):
+class StateError(ContractError):
     """The snapshot is malformed; the message names the field."""
 
 
@@ -70,12 +55,6 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
-class ServicePort:
-    port: int
-    target_port: int
-
-
-@dataclass(frozen=True, slots=True)
 class Service:
     name: str
     namespace: str
@@ -96,13 +75,6 @@ class Service:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    name: str
-    ip: str
-    zone: str = ""
-
-
 @dataclass(slots=True)
 class ProxyState:
     """Indexed stores; rebuilt whole from each snapshot (cheap at node scale)."""
@@ -112,7 +84,7 @@ class ProxyState:
     trust_domain: str
     trust_bundle: str
     bpf_pin_dir: str | None
-    policies: tuple[Any, ...] = ()  # AuthorizationPolicy resources (controlplane.resources)
+    policies: tuple[AuthorizationPolicy, ...] = ()
     authz_default: str = "ALLOW"  # decision when no ALLOW policy applies
     workloads_by_id: dict[int, Workload] = field(default_factory=dict)
     local_by_addr: dict[tuple[str, int], Workload] = field(default_factory=dict)
@@ -178,151 +150,52 @@ class ProxyState:
         }
 
 
-def _obj(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise StateError(f"{where}: expected an object, got {value!r}")
-    return value
-
-
-def _req(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    if key not in obj:
-        raise StateError(f"{where}: missing field {key!r}")
-    value = obj[key]
-    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
-        raise StateError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def _ip(value: str, where: str) -> str:
-    try:
-        return str(ipaddress.ip_address(value))
-    except ValueError:
-        raise StateError(f"{where}: {value!r} is not an IP address") from None
-
-
-def _port(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise StateError(f"{where}: {value!r} is not a port (1-65535)")
-    return value
-
-
-def parse_snapshot(doc: dict[str, Any]) -> ProxyState:
+def parse_snapshot(doc: object) -> ProxyState:
     """Validate a snapshot document and index it. Raises StateError naming the
     offending field; the caller keeps its previous state in that case."""
-    if doc.get("schema") != SCHEMA:
-        raise StateError(
-            f"snapshot schema {doc.get('schema')!r} is not {SCHEMA}; upgrade meshnode"
-        )
-    node_doc = _req(doc, "node", dict, "snapshot")
-    node = NodeInfo(
-        name=_req(node_doc, "name", str, "node"),
-        ip=_ip(_req(node_doc, "ip", str, "node"), "node.ip"),
-        zone=node_doc.get("zone", "") or "",
-    )
-    td = _req(doc, "trust_domain", str, "snapshot")
+    try:
+        snapshot = Snapshot.from_json(doc)
+    except ContractError as exc:
+        raise StateError(str(exc)) from None
+    return index_snapshot(snapshot)
+
+
+def index_snapshot(snap: Snapshot) -> ProxyState:
+    """The indexed stores of a (validated) snapshot; only this node's workloads
+    are local. Raises StateError on a duplicate local workload id."""
+    td = snap.trust_domain
     state = ProxyState(
-        version=_req(doc, "version", int, "snapshot"),
-        node=node,
+        version=snap.version,
+        node=snap.node,
         trust_domain=td,
-        trust_bundle=_req(doc, "trust_bundle", str, "snapshot"),
-        bpf_pin_dir=doc.get("bpf_pin_dir"),
+        trust_bundle=snap.trust_bundle,
+        bpf_pin_dir=snap.bpf_pin_dir,
+        policies=snap.policies,
+        authz_default=snap.authorization_default,
     )
-    state.policies, state.authz_default = _policies(doc)
-    for i, w in enumerate(_req(doc, "workloads", list, "snapshot")):
-        where = f"workloads[{i}]"
-        w = _obj(w, where)
-        try:
-            ident = SpiffeId(
-                td, _req(w, "namespace", str, where), _req(w, "service_account", str, where)
-            )
-        except ValueError as exc:
-            raise StateError(f"{where}: {exc}") from None
-        wl = Workload(
-            id=_req(w, "id", int, where),
-            name=_req(w, "name", str, where),
-            identity=ident,
-            node=_req(w, "node", str, where),
-            address=_ip(_req(w, "address", str, where), f"{where}.address"),
-            port=_port(w.get("port"), f"{where}.port"),
-            service=w.get("service", "") or "",
-            cert_path=w.get("cert"),
-            key_path=w.get("key"),
-        )
-        if wl.node == node.name:
-            if wl.id in state.workloads_by_id:
-                raise StateError(f"{where}.id: duplicate workload id {wl.id}")
-            state.workloads_by_id[wl.id] = wl
-            state.local_by_addr[(wl.address, wl.port)] = wl
-    for i, s in enumerate(_req(doc, "services", list, "snapshot")):
-        where = f"services[{i}]"
-        s = _obj(s, where)
-        ports = []
-        for j, p in enumerate(_req(s, "ports", list, where)):
-            pw = f"{where}.ports[{j}]"
-            p = _obj(p, pw)
-            ports.append(ServicePort(
-                _port(p.get("port"), f"{pw}.port"),
-                _port(p.get("target_port", p.get("port")), f"{pw}.target_port"),
-            ))
-        split = []
-        for version, weight in _obj(s.get("split", {}) or {}, f"{where}.split").items():
-            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-                raise StateError(f"{where}.split.{version}: weight must be an integer >= 0")
-            split.append((str(version), weight))
-        if split and not sum(w for _, w in split):
-            raise StateError(f"{where}.split: the weights add up to 0")
+    for i, w in enumerate(snap.workloads):
+        if w.node != snap.node.name:
+            continue
+        if w.id in state.workloads_by_id:
+            raise StateError(f"snapshot.workloads[{i}].id: duplicate workload id {w.id}")
+        wl = Workload(id=w.id, name=w.name, identity=w.identity(td), node=w.node,
+                      address=w.address, port=w.port, service=w.service,
+                      cert_path=w.cert, key_path=w.key)  # fmt: skip
+        state.workloads_by_id[wl.id] = wl
+        state.local_by_addr[(wl.address, wl.port)] = wl
+    for s in snap.services:
         endpoints = []
-        for j, e in enumerate(_req(s, "endpoints", list, where)):
-            ew = f"{where}.endpoints[{j}]"
-            e = _obj(e, ew)
-            try:
-                ident = SpiffeId(
-                    td, _req(e, "namespace", str, ew), _req(e, "service_account", str, ew)
-                )
-            except ValueError as exc:
-                raise StateError(f"{ew}: {exc}") from None
-            ep = Endpoint(
-                workload=_req(e, "workload", str, ew),
-                identity=ident,
-                node=_req(e, "node", str, ew),
-                node_ip=_ip(_req(e, "node_ip", str, ew), f"{ew}.node_ip"),
-                address=_ip(_req(e, "address", str, ew), f"{ew}.address"),
-                port=_port(e.get("port"), f"{ew}.port"),
-                zone=e.get("zone", "") or "",
-                version=e.get("version", "") or "",
-                service_port=_port(e["service_port"], f"{ew}.service_port")
-                if e.get("service_port") else 0,
-            )
+        for e in s.endpoints:
+            ep = Endpoint(workload=e.workload, identity=e.identity(td), node=e.node,
+                          node_ip=e.node_ip, address=e.address, port=e.port, zone=e.zone,
+                          version=e.version, service_port=e.service_port)  # fmt: skip
             endpoints.append(ep)
             state.endpoints_by_addr[(ep.address, ep.port)] = ep
-        svc = Service(
-            name=_req(s, "name", str, where),
-            namespace=_req(s, "namespace", str, where),
-            vip=_ip(_req(s, "vip", str, where), f"{where}.vip"),
-            ports=tuple(ports),
-            endpoints=tuple(endpoints),
-            split=tuple(split),
-        )
+        svc = Service(name=s.name, namespace=s.namespace, vip=s.vip, ports=s.ports,
+                      endpoints=tuple(endpoints), split=s.split)  # fmt: skip
         state.services_by_vip[svc.vip] = svc
         state.services_by_name[(svc.namespace, svc.name)] = svc
     return state
-
-
-def _policies(doc: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
-    from meshnode.core.resources import (
-        AuthorizationPolicy,
-        ResourceError,
-        resources_from_json,
-    )
-
-    default = doc.get("authorization_default", "ALLOW")
-    if default not in ("ALLOW", "DENY"):
-        raise StateError(f"authorization_default: {default!r} is not ALLOW or DENY")
-    try:
-        resources = resources_from_json(doc.get("policies", []) or [])
-    except ResourceError as exc:
-        raise StateError(f"policies: {exc}") from None
-    return tuple(r for r in resources if isinstance(r, AuthorizationPolicy)), default
 
 
 def load_snapshot_file(path: Path) -> ProxyState:

@@ -1,0 +1,168 @@
+"""The parts the slice and the snapshot share: a node, a workload of the
+slice, and the service document (ports, endpoints, traffic split)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from meshnode.core.contracts.validate import (
+    ContractError,
+    Fields,
+    check_port,
+    check_version_label,
+)
+from meshnode.core.identity import SpiffeId
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDoc:
+    """A node as the slice and the snapshot name it."""
+
+    name: str
+    ip: str
+    zone: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "zone": self.zone, "ip": self.ip}
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "node") -> NodeDoc:
+        f = Fields(obj, path, ("name", "zone", "ip"))
+        return cls(name=f.label("name"), ip=f.ip("ip"), zone=f.label("zone", ""))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadDoc:
+    """A workload of the node, as the control plane's slice lists it."""
+
+    name: str
+    namespace: str
+    service: str  # "" = in no service
+    service_account: str
+    port: int
+    version: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "namespace": self.namespace, "service": self.service,
+                "service_account": self.service_account, "port": self.port,
+                "version": self.version}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "workload") -> WorkloadDoc:
+        f = Fields(obj, path, ("name", "namespace", "service", "service_account", "port",
+                                "version"))  # fmt: skip
+        return cls(
+            name=f.label("name"), namespace=f.label("namespace"), service=f.label("service", ""),
+            service_account=f.label("service_account"), port=f.port("port"),
+            version=check_version_label(f.raw("version", ""), f.at("version")),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    port: int
+    target_port: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"port": self.port, "target_port": self.target_port}
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "port") -> ServicePort:
+        f = Fields(obj, path, ("port", "target_port"))
+        port = f.port("port")
+        return cls(port, f.port("target_port", port))  # absent: the same port
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointDoc:
+    """One workload behind a service, wherever it runs."""
+
+    workload: str
+    namespace: str
+    service_account: str
+    node: str
+    node_ip: str
+    address: str
+    port: int
+    zone: str = ""
+    # The service port this endpoint serves; 0 = the one whose target_port is `port`.
+    service_port: int = 0
+    version: str = ""  # subset label, for traffic splits
+
+    def identity(self, trust_domain: str) -> SpiffeId:
+        return SpiffeId(trust_domain, self.namespace, self.service_account)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"workload": self.workload, "namespace": self.namespace,
+                "service_account": self.service_account, "node": self.node,
+                "node_ip": self.node_ip, "address": self.address, "zone": self.zone,
+                "port": self.port, "service_port": self.service_port,
+                "version": self.version}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "endpoint") -> EndpointDoc:
+        f = Fields(obj, path, ("workload", "namespace", "service_account", "node", "node_ip",
+                                "address", "zone", "port", "service_port", "version"))  # fmt: skip
+        service_port = f.raw("service_port", 0)
+        return cls(
+            workload=f.label("workload"), namespace=f.label("namespace"),
+            service_account=f.label("service_account"), node=f.label("node"),
+            node_ip=f.ip("node_ip"), address=f.ip("address"), port=f.port("port"),
+            zone=f.label("zone", ""),
+            service_port=0 if service_port == 0 else check_port(service_port,
+                                                                f.at("service_port")),
+            version=check_version_label(f.raw("version", ""), f.at("version")),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceDoc:
+    """A service: its VIP, ports and endpoints (and a traffic split, in snapshots)."""
+
+    name: str
+    namespace: str
+    vip: str
+    ports: tuple[ServicePort, ...]
+    endpoints: tuple[EndpointDoc, ...]
+    # Traffic split: (version, weight) pairs; empty = no split, all endpoints.
+    split: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name, "namespace": self.namespace, "vip": self.vip,
+            "ports": [p.to_json() for p in self.ports],
+            "endpoints": [e.to_json() for e in self.endpoints],
+        }  # fmt: skip
+        if self.split:
+            out["split"] = dict(self.split)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "service") -> ServiceDoc:
+        f = Fields(obj, path, ("name", "namespace", "vip", "ports", "endpoints", "split"))
+        split_doc = f.typed("split", dict, {})
+        split = []
+        for version, weight in split_doc.items():
+            check_version_label(version, f"{f.at('split')}.{version}")
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise ContractError(f"{f.at('split')}.{version}: weight must be an integer >= 0")
+            split.append((version, weight))
+        if split and not sum(w for _, w in split):
+            raise ContractError(f"{f.at('split')}: the weights add up to 0")
+        return cls(
+            name=f.label("name"), namespace=f.label("namespace"), vip=f.ip("vip"),
+            ports=tuple(ServicePort.from_json(p, pp) for p, pp in f.items("ports")),
+            endpoints=tuple(EndpointDoc.from_json(e, ep) for e, ep in f.items("endpoints")),
+            split=tuple(split),
+        )  # fmt: skip
+
+

@@ -1,0 +1,192 @@
+"""The node slice (control plane -> agent): full, incremental, unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal, TypeAlias
+
+from meshnode.core.contracts.documents import NodeDoc, ServiceDoc, WorkloadDoc
+from meshnode.core.contracts.validate import (
+    ContractError,
+    Fields,
+    check_trust_domain,
+    parse_resource,
+    resource_key,
+)
+from meshnode.core.resources import Resource
+
+ChangeKind: TypeAlias = Literal["workload", "service", "resource"]
+
+
+def _value_key(value: WorkloadDoc | ServiceDoc | Resource) -> str:
+    if isinstance(value, WorkloadDoc | ServiceDoc):
+        return value.key
+    return resource_key(value)
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSlice:
+    """A node's full slice of the mesh: its own workloads, every service, the
+    policy resources. ``trust_bundle`` (PEM) is sent by the control plane."""
+
+    revision: int
+    node: NodeDoc
+    trust_domain: str
+    workloads: tuple[WorkloadDoc, ...] = ()
+    services: tuple[ServiceDoc, ...] = ()
+    resources: tuple[Resource, ...] = ()
+    trust_bundle: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "revision": self.revision, "full": True, "node": self.node.to_json(),
+            "trust_domain": self.trust_domain,
+            "workloads": [w.to_json() for w in self.workloads],
+            "services": [s.to_json() for s in self.services],
+            "resources": [r.to_dict() for r in self.resources],
+        }  # fmt: skip
+        if self.trust_bundle is not None:
+            out["trust_bundle"] = self.trust_bundle
+        return out
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "slice") -> NodeSlice:
+        f = Fields(obj, path, ("revision", "full", "node", "trust_domain", "workloads",
+                                "services", "resources", "trust_bundle"))  # fmt: skip
+        if f.raw("full", True) is not True:
+            raise ContractError(f"{f.at('full')}: a full slice has full: true")
+        return cls(
+            revision=_revision(f),
+            node=NodeDoc.from_json(f.raw("node"), f.at("node")),
+            trust_domain=check_trust_domain(f.raw("trust_domain"), f.at("trust_domain")),
+            workloads=tuple(WorkloadDoc.from_json(w, p) for w, p in f.items("workloads", [])),
+            services=tuple(ServiceDoc.from_json(s, p) for s, p in f.items("services", [])),
+            resources=tuple(parse_resource(r, p) for r, p in f.items("resources", [])),
+            trust_bundle=f.string("trust_bundle", None),
+        )  # fmt: skip
+
+    def apply(self, delta: SliceDelta) -> NodeSlice:
+        """This slice with `delta`'s changes folded in (a put replaces the item
+        with the same key, or adds it; a delete of an absent key is a no-op)."""
+        items: dict[str, dict[str, Any]] = {
+            "workload": {w.key: w for w in self.workloads},
+            "service": {s.key: s for s in self.services},
+            "resource": {resource_key(r): r for r in self.resources},
+        }
+        for change in delta.changes:
+            coll = items[change.kind]
+            coll.pop(change.key, None)
+            if change.value is not None:
+                coll[change.key] = change.value
+        return replace(
+            self, revision=delta.revision,
+            workloads=tuple(items["workload"].values()),
+            services=tuple(items["service"].values()),
+            resources=tuple(items["resource"].values()),
+        )  # fmt: skip
+
+
+def _revision(f: Fields) -> int:
+    revision: int = f.integer("revision")
+    if revision < 0:
+        raise ContractError(f"{f.at('revision')}: {revision} is negative")
+    return revision
+
+
+@dataclass(frozen=True, slots=True)
+class SliceChange:
+    """One entry of an incremental slice: ``value`` is set for a put, None for a delete."""
+
+    op: Literal["put", "delete"]
+    kind: ChangeKind
+    key: str
+    value: WorkloadDoc | ServiceDoc | Resource | None = None
+
+    def __post_init__(self) -> None:
+        if (self.op == "put") != (self.value is not None):
+            raise ContractError(f"a {self.op} change of {self.kind} {self.key!r} "
+                                f"{'needs' if self.op == 'put' else 'has no'} a value")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"op": self.op, "kind": self.kind, "key": self.key}
+        if self.value is not None:
+            value = self.value
+            out["value"] = (value.to_json() if isinstance(value, WorkloadDoc | ServiceDoc)
+                            else value.to_dict())
+        return out
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "change") -> SliceChange:
+        f = Fields(obj, path, ("op", "kind", "key", "value"))
+        op, kind, key = f.string("op"), f.string("kind"), f.string("key")
+        if op not in ("put", "delete"):
+            raise ContractError(f"{f.at('op')}: {op!r} is not put or delete")
+        if kind not in ("workload", "service", "resource"):
+            raise ContractError(f"{f.at('kind')}: {kind!r} is not workload, service or resource")
+        if op == "delete":
+            if "value" in f.obj:
+                raise ContractError(f"{f.at('value')}: a delete carries no value")
+            return cls(op, kind, key)
+        raw, vpath = f.raw("value"), f.at("value")
+        value: WorkloadDoc | ServiceDoc | Resource
+        if kind == "workload":
+            value = WorkloadDoc.from_json(raw, vpath)
+        elif kind == "service":
+            value = ServiceDoc.from_json(raw, vpath)
+        else:
+            value = parse_resource(raw, vpath)
+        if _value_key(value) != key:
+            raise ContractError(f"{f.at('key')}: {key!r} is not the key of the value "
+                                f"({_value_key(value)!r})")
+        return cls(op, kind, key, value)
+
+
+@dataclass(frozen=True, slots=True)
+class SliceDelta:
+    """The changes to a node's slice since the revision it asked from."""
+
+    revision: int
+    changes: tuple[SliceChange, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"revision": self.revision, "full": False,
+                "changes": [c.to_json() for c in self.changes]}
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "slice") -> SliceDelta:
+        f = Fields(obj, path, ("revision", "full", "changes"))
+        if f.raw("full") is not False:
+            raise ContractError(f"{f.at('full')}: a delta has full: false")
+        return cls(_revision(f),
+                   tuple(SliceChange.from_json(c, p) for c, p in f.items("changes")))
+
+
+@dataclass(frozen=True, slots=True)
+class SliceUnchanged:
+    """The long poll ended without a change."""
+
+    revision: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"revision": self.revision, "unchanged": True}
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "slice") -> SliceUnchanged:
+        f = Fields(obj, path, ("revision", "unchanged"))
+        if f.raw("unchanged") is not True:
+            raise ContractError(f"{f.at('unchanged')}: expected true")
+        return cls(_revision(f))
+
+
+SliceAnswer: TypeAlias = NodeSlice | SliceDelta | SliceUnchanged
+
+
+def parse_slice_answer(obj: object, path: str = "slice") -> SliceAnswer:
+    """An answer of ``GET /v1/node/config``: which of the three it is, validated."""
+    if isinstance(obj, dict) and "unchanged" in obj:
+        return SliceUnchanged.from_json(obj, path)
+    if isinstance(obj, dict) and obj.get("full") is False:
+        return SliceDelta.from_json(obj, path)
+    return NodeSlice.from_json(obj, path)
+
+
