@@ -113,7 +113,7 @@ def token() -> None:
 def token_create(node: str, zone: str, ttl: str, cp_url: str, ca_file: Path | None,
                  pin: str | None, data_dir: Path, admin_token_file: Path | None) -> None:
     """Create a single-use join token for NODE and print the enroll command."""
-    from meshnode.controlplane.server import parse_duration
+    from meshnode.controlplane.api import parse_duration
 
     try:
         seconds = parse_duration(ttl)
