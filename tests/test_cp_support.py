@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from meshnode.controlplane.api import ControlPlane, ControlPlaneConfig, is_loopback
-from meshnode.controlplane.client import ApiClient
 from meshnode.controlplane.store import Store, open_store
+from meshnode.core.cpclient import ApiClient
 from meshnode.core.identity import SpiffeId
 from meshnode.core.pki import generate_private_key, make_csr, write_private_key
 
