@@ -134,6 +134,11 @@ def _describe(url: str, exc: BaseException) -> str:
                 f"not trust ({reason})")  # fmt: skip
     if isinstance(exc, aiohttp.ClientSSLError):
         return f"TLS 1.3 handshake with {url} failed ({exc}); is it a meshnode control plane?"
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+        exc.os_error, ConnectionRefusedError
+    ):
+        return (f"cannot reach the control plane at {url}: connection refused (is "
+                "`meshnode controlplane run` listening there?)")  # fmt: skip
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot reach the control plane at {url}: {exc.os_error.strerror or exc}"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
