@@ -64,6 +64,23 @@ MAX_HEADERS = 64
 Endpoint = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class _OneLine(logging.Filter):
+    """aiohttp logs a malformed request (an expected failure) with its traceback;
+    keep the message, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]}".replace("\n", " ")
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+http_log = logging.getLogger("meshnode.controlplane.http")
+http_log.addFilter(_OneLine())
+
+
 def parse_duration(text: str) -> float:
     """``90``, ``30s``, ``15m``, ``24h``, ``7d`` -> seconds."""
     text = text.strip()
@@ -222,7 +239,7 @@ class ControlPlane(Watch):
         self._ssl = self._make_ssl()
         self._ssl.sni_callback = self._pick_context
         runner = web.AppRunner(
-            self.application(), access_log=None, keepalive_timeout=IDLE_TIMEOUT,
+            self.application(), access_log=None, logger=http_log, keepalive_timeout=IDLE_TIMEOUT,
             max_line_size=MAX_LINE, max_field_size=MAX_LINE, max_headers=MAX_HEADERS,
             shutdown_timeout=cfg.shutdown_grace,
         )  # fmt: skip
