@@ -97,11 +97,11 @@ def tls_context(
     if cert_file:
         ctx.load_cert_chain(cert_file, key_file)
     if server_uri is not None:
-        ctx.sslobject_class = _checking_sslobject(server_uri)
+        ctx.sslobject_class = _checked_handshake(server_uri)
     return ctx
 
 
-def _checking_sslobject(want: str) -> type[ssl.SSLObject]:
+def _checked_handshake(want: str) -> type[ssl.SSLObject]:
     class CheckedSSLObject(ssl.SSLObject):
         def do_handshake(self) -> None:
             super().do_handshake()
