@@ -15,12 +15,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import click
 import yaml
 
 from meshnode.cli.common import fail
+from meshnode.core import api
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,7 +60,7 @@ def _connection_options(fn: F) -> F:
 
 def _client(cp_url: str, ca_file: Path | None, pin: str | None, data_dir: Path,
             admin_token_file: Path | None) -> Any:  # fmt: skip
-    from meshnode.controlplane.client import ApiClient, ClientError, fetch_pinned_bundle
+    from meshnode.core.cpclient import ApiClient, ClientError, fetch_pinned_bundle
 
     bundle_file = data_dir / "trust-bundle.pem"
     try:
@@ -88,7 +89,7 @@ def _client(cp_url: str, ca_file: Path | None, pin: str | None, data_dir: Path,
 
 
 def _call(client: Any, method: str, path: str, body: Any = None, **kw: Any) -> Any:
-    from meshnode.controlplane.client import ClientError
+    from meshnode.core.cpclient import ClientError
 
     try:
         return client.call(method, path, body, **kw)
@@ -113,7 +114,7 @@ def token() -> None:
 def token_create(node: str, zone: str, ttl: str, cp_url: str, ca_file: Path | None,
                  pin: str | None, data_dir: Path, admin_token_file: Path | None) -> None:
     """Create a single-use join token for NODE and print the enroll command."""
-    from meshnode.controlplane.server import parse_duration
+    from meshnode.controlplane.api import parse_duration
 
     try:
         seconds = parse_duration(ttl)
@@ -123,7 +124,7 @@ def token_create(node: str, zone: str, ttl: str, cp_url: str, ca_file: Path | No
     body: dict[str, Any] = {"node": node, "ttl_seconds": seconds}
     if zone:
         body["zone"] = zone
-    data = _call(client, "POST", "/v1/admin/tokens", body)
+    data = _call(client, "POST", api.ADMIN_TOKENS, body)
     click.echo(data["token"])
     click.echo(f"# single use, expires in {ttl}; on node {node} run:", err=True)
     click.echo(f"meshnode enroll --cp {cp_url} --token {data['token']} --name {node}", err=True)
@@ -152,7 +153,7 @@ def apply(path: str, cp_url: str, ca_file: Path | None, pin: str | None, data_di
     except ResourceError as exc:
         fail(str(exc))
     client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
-    data = _call(client, "POST", "/v1/admin/resources?" + urlencode({"source": source}),
+    data = _call(client, "POST", api.ADMIN_RESOURCES + "?" + urlencode({"source": source}),
                  text, content_type="application/yaml")  # fmt: skip
     for line in data.get("results", []):
         click.echo(line)
@@ -180,7 +181,8 @@ def get(kind: str, name: str | None, namespace: str | None, output: str, cp_url:
     api_kind = _kind(kind)
     client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
     if api_kind in ("nodes", "workloads", "services"):
-        items = _call(client, "GET", f"/v1/admin/{api_kind}")["items"]
+        items = _call(client, "GET", {"nodes": api.ADMIN_NODES, "workloads": api.ADMIN_WORKLOADS,
+                                       "services": api.ADMIN_SERVICES}[api_kind])["items"]
         items = [i for i in items if (name is None or i.get("name") == name)
                  and (namespace is None or i.get("namespace", namespace) == namespace)]
     else:
@@ -189,7 +191,7 @@ def get(kind: str, name: str | None, namespace: str | None, output: str, cp_url:
             query["namespace"] = namespace
         if name:
             query["name"] = name
-        items = _call(client, "GET", "/v1/admin/resources?" + urlencode(query))["items"]
+        items = _call(client, "GET", api.ADMIN_RESOURCES + "?" + urlencode(query))["items"]
     if name is not None and not items:
         fail(f"{kind} {name!r} not found")
     if output == "json":
@@ -236,13 +238,13 @@ def delete(kind: str, name: str, namespace: str, node: str | None, cp_url: str,
         fail("services exist while workloads name them; delete those workloads instead")
     client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
     if api_kind == "nodes":
-        path = f"/v1/admin/nodes/{quote(name)}"
+        path = api.path(api.ADMIN_NODE, name=name)
     elif api_kind == "workloads":
         if not node:
             fail("deleting a workload needs --node NODE (see: meshnode get workloads)")
-        path = f"/v1/admin/workloads/{quote(node)}/{quote(name)}"
+        path = api.path(api.ADMIN_WORKLOAD, node=node, name=name)
     else:
         ns = "default" if api_kind == "MeshConfig" else namespace
-        path = f"/v1/admin/resources/{api_kind}/{quote(ns)}/{quote(name)}"
+        path = api.path(api.ADMIN_RESOURCE, kind=api_kind, namespace=ns, name=name)
     data = _call(client, "DELETE", path)
     click.echo(f"{kind} {data.get('deleted', name)} deleted")

@@ -36,14 +36,14 @@ def controlplane() -> None:
 def run(listen: str, db: str | None, data_dir: Path, trust_domain: str, cert_ttl: str,
         advertise: str, log_level: str) -> None:
     """Serve the control-plane API over TLS 1.3 until SIGTERM."""
-    from meshnode.controlplane.ca import CAError
-    from meshnode.controlplane.server import (
+    from meshnode.controlplane.api import (
         ControlPlaneConfig,
         default_db_url,
         parse_duration,
         split_listen,
     )
-    from meshnode.controlplane.server import run as serve
+    from meshnode.controlplane.api import run as serve
+    from meshnode.controlplane.ca import CAError
     from meshnode.controlplane.store import StoreError, open_store
     from meshnode.core.identity import IdentityError, validate_trust_domain
 

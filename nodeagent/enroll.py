@@ -18,14 +18,9 @@ layout and the "already enrolled" decision -- take no network and are tested alo
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import http.client
 import ipaddress
 import json
 import os
-import socket
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,12 +33,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshnode.core import api, cpclient
 from meshnode.core.constants import CONTROLPLANE_PORT
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.fsutil import write_file_atomic
 from meshnode.core.identity import check_node_name, controlplane_uri, node_uri
 from meshnode.core.pki import (
-    find_pinned_root,
     generate_private_key,
     make_node_csr,
     trust_domain_of_root,
@@ -65,8 +60,6 @@ __all__ = [
 ]
 
 DEFAULT_CP_PORT = CONTROLPLANE_PORT
-TRUST_BUNDLE_PATH = "/v1/trust-bundle"
-ENROLL_PATH = "/v1/enroll"
 DEFAULT_TIMEOUT = 10.0
 
 class EnrollError(MeshnodeError):
@@ -334,117 +327,19 @@ def write_enrollment(
     return doc
 
 
-# --- talking to the control plane ---------------------------------------------------
-
-
-def _tls_context(root: x509.Certificate | None) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    if root is None:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    else:
-        ctx.load_verify_locations(cadata=root.public_bytes(serialization.Encoding.PEM).decode())
-        ctx.check_hostname = True
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
-
-
-def _network_error(url: ControlPlaneUrl, exc: BaseException) -> EnrollError:
-    if isinstance(exc, socket.gaierror):
-        return EnrollError(f"cannot resolve the control plane host {url.host!r}: {exc.strerror}")
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return EnrollError(
-            f"the control plane at {url} did not answer within {DEFAULT_TIMEOUT:.0f}s; "
-            "check the address and that nothing drops traffic to that port"
-        )
-    if isinstance(exc, ssl.SSLError):
-        return EnrollError(
-            f"TLS 1.3 handshake with {url} failed ({exc.reason or exc}); is it a meshnode "
-            "control plane (which speaks TLS 1.3)?"
-        )
-    if isinstance(exc, ConnectionRefusedError):
-        return EnrollError(
-            f"cannot reach the control plane at {url}: connection refused (is "
-            "`meshnode controlplane run` listening there?)"
-        )
-    if isinstance(exc, OSError):
-        reason = exc.strerror or (errno.errorcode.get(exc.errno or 0) if exc.errno else str(exc))
-        return EnrollError(f"cannot reach the control plane at {url}: {reason}")
-    if isinstance(exc, http.client.HTTPException):
-        return EnrollError(f"the control plane at {url} broke off the HTTP exchange: {exc!r}")
-    return EnrollError(f"talking to the control plane at {url} failed: {exc}")
-
-
-def _connection(
-    url: ControlPlaneUrl, ctx: ssl.SSLContext, timeout: float
-) -> http.client.HTTPSConnection:
-    return http.client.HTTPSConnection(url.host, url.port, timeout=timeout, context=ctx)
-
-
-def _tls_chain(conn: http.client.HTTPSConnection) -> list[x509.Certificate]:
-    """The certificates the server sent in its handshake, unverified. Python 3.13 has
-    SSLSocket.get_unverified_chain(); 3.10-3.12 have it on the private _sslobj."""
-    sock = conn.sock
-    getter = getattr(sock, "get_unverified_chain", None)
-    if getter is None:
-        getter = getattr(getattr(sock, "_sslobj", None), "get_unverified_chain", None)
-    if getter is None:
-        return []
-    certs = []
-    try:
-        import _ssl
-
-        for item in getter() or []:
-            der = item if isinstance(item, bytes) else item.public_bytes(_ssl.ENCODING_DER)
-            certs.append(x509.load_der_x509_certificate(der))
-    except Exception:  # a private API: when it changes, the trust bundle still counts
-        return certs
-    return certs
-
-
-def _read_json(resp: http.client.HTTPResponse, url: ControlPlaneUrl, path: str) -> Any:
-    body = resp.read()
-    try:
-        return json.loads(body) if body else None
-    except ValueError:
-        raise EnrollError(
-            f"the control plane at {url} answered {path} with {resp.status} and non-JSON "
-            f"({body[:80]!r})"
-        ) from None
+# --- talking to the control plane (core/cpclient.py) ---------------------------------
 
 
 def discover_root(
     url: ControlPlaneUrl, pin: str, timeout: float = DEFAULT_TIMEOUT
 ) -> x509.Certificate:
     """Fetch the roots the server offers without trusting it, and return the one the
-    token pins. Only the unauthenticated `GET /v1/trust-bundle` goes over this
-    connection: no token, no CSR."""
-    conn = _connection(url, _tls_context(None), timeout)
-    candidates: list[x509.Certificate] = []
+    token pins (PinMismatch otherwise). Only the unauthenticated
+    `GET /v1/trust-bundle` goes over this connection: no token, no CSR."""
     try:
-        conn.connect()
-        candidates += _tls_chain(conn)
-        conn.request("GET", TRUST_BUNDLE_PATH, headers={"Accept": "application/json"})
-        resp = conn.getresponse()
-        doc = _read_json(resp, url, TRUST_BUNDLE_PATH)
-        if resp.status == 200 and isinstance(doc, dict) and isinstance(
-            doc.get("trust_bundle"), str
-        ):
-            # unparsable: then only the TLS chain counts; the pin check says what was seen
-            with contextlib.suppress(ValueError):
-                candidates += x509.load_pem_x509_certificates(doc["trust_bundle"].encode())
-    except EnrollError:
-        raise
-    except (OSError, http.client.HTTPException) as exc:
-        raise _network_error(url, exc) from None
-    finally:
-        conn.close()
-    return find_pinned_root(candidates, pin, str(url))
-
-
-def _peer_uris(peer: dict[str, Any]) -> list[str]:
-    return [v for k, v in peer.get("subjectAltName", ()) if k == "URI"]
+        return cpclient.discover_root(str(url), pin, timeout)
+    except cpclient.ClientError as exc:
+        raise EnrollError(exc.message) from None
 
 
 def post_enroll(
@@ -454,45 +349,23 @@ def post_enroll(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Any:
     """POST /v1/enroll over TLS that verifies the server against `root` alone, for the
-    URL's host name and the control plane's SPIFFE ID."""
-    conn = _connection(url, _tls_context(root), timeout)
+    URL's host name and the control plane's SPIFFE ID -- both checked in the TLS
+    handshake, so a server that fails them never receives the token."""
+    td = trust_domain_of_root(root)
+    ctx = cpclient.tls_context(
+        root.public_bytes(serialization.Encoding.PEM),
+        server_uri=controlplane_uri(td) if td is not None else None,
+    )
     try:
-        try:
-            conn.connect()
-        except ssl.SSLCertVerificationError as exc:
-            raise EnrollError(
-                f"the control plane at {url} holds the pinned root but its certificate "
-                f"does not verify for {url.host!r}: {exc.verify_message}; use the address "
-                "named in the control plane's certificate (its DNS/IP SANs)"
-            ) from None
-        td = trust_domain_of_root(root)
-        assert isinstance(conn.sock, ssl.SSLSocket)
-        peer = conn.sock.getpeercert() or {}
-        if td is not None and controlplane_uri(td) not in _peer_uris(peer):
-            raise EnrollError(
-                f"the server at {url} has a certificate from the mesh CA, but not the "
-                f"control plane's ({controlplane_uri(td)}; it has "
-                f"{_peer_uris(peer) or 'no URI SAN'}); refusing to send the token"
-            )
-        conn.request(
-            "POST", ENROLL_PATH, body=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", "Accept": "application/json"},
-        )
-        resp = conn.getresponse()
-        doc = _read_json(resp, url, ENROLL_PATH)
-    except EnrollError:
-        raise
-    except (OSError, http.client.HTTPException) as exc:
-        raise _network_error(url, exc) from None
-    finally:
-        conn.close()
-    if resp.status != 200:
-        msg = doc.get("error") if isinstance(doc, dict) else None
+        answer = cpclient.request(str(url), "POST", api.ENROLL, ctx, body=body, timeout=timeout)
+    except cpclient.ClientError as exc:
+        raise EnrollError(f"{exc.message}; the token was not sent") from None
+    if answer.status != 200:
         raise EnrollError(
-            f"the control plane at {url} refused the enrollment ({resp.status} {resp.reason}): "
-            f"{msg or 'no reason given'}"
+            f"the control plane at {url} refused the enrollment ({answer.status}): "
+            f"{answer.error}"
         )
-    return doc
+    return answer.data
 
 
 def enroll(

@@ -6,11 +6,8 @@ and restarts -- while the control plane is away."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
-import os
-import ssl
 import subprocess
 import threading
 import time
@@ -18,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+from meshnode.core import api
 from meshnode.core.contracts import ContractError, NodeSlice, SliceUnchanged, parse_slice_answer
+from meshnode.core.cpclient import ClientError, NodeClient
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.fsutil import write_file_atomic
-from meshnode.core.identity import SpiffeId, controlplane_uri, single_uri_san
+from meshnode.core.identity import SpiffeId, controlplane_uri
 from meshnode.nodeagent.config import LocalWorkload, NodeConfig
 from meshnode.nodeagent.enroll import NodeLayout
 
@@ -173,88 +171,39 @@ class CpClient:
     def __init__(self, enrollment: Enrollment, timeout: float = 10.0) -> None:
         self.e = enrollment
         self.timeout = timeout
-        self._order = list(enrollment.control_planes)
-        self._ctx: ssl.SSLContext | None = None
-        self._ctx_mtime: tuple[float, float] = (0.0, 0.0)
+        self._client = NodeClient(
+            enrollment.control_planes, enrollment.files.bundle, enrollment.files.cert,
+            enrollment.files.key, controlplane_uri(enrollment.trust_domain), timeout,
+        )  # fmt: skip
         self.last_bundle: bytes | None = None
-
-    def _context(self) -> ssl.SSLContext:
-        mt = (os.stat(self.e.files.cert).st_mtime, os.stat(self.e.files.bundle).st_mtime)
-        if self._ctx is None or mt != self._ctx_mtime:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-            ctx.check_hostname = False  # identity checked as a SPIFFE ID below
-            ctx.load_verify_locations(cafile=str(self.e.files.bundle))
-            ctx.load_cert_chain(str(self.e.files.cert), str(self.e.files.key))
-            self._ctx, self._ctx_mtime = ctx, mt
-        return self._ctx
 
     def request(self, method: str, path: str, body: Any = None,
                 timeout: float | None = None) -> Any:
-        errors = []
-        for url in list(self._order):
-            try:
-                result = self._one(url, method, path, body, timeout or self.timeout)
-            except ControlPlaneError as exc:
-                if exc.status and exc.status < 500:
-                    raise  # the control plane answered: it means it
-                errors.append(f"{url}: {exc}")
-                continue
-            if self._order[0] != url:
-                self._order.remove(url)
-                self._order.insert(0, url)
-            return result
-        raise ControlPlaneError("no control plane reachable: " + "; ".join(errors))
-
-    def _one(self, url: str, method: str, path: str, body: Any, timeout: float) -> Any:
-        u = urlsplit(url)
-        conn = http.client.HTTPSConnection(u.hostname or "", u.port or 15012, timeout=timeout,
-                                           context=self._context())
         try:
-            payload = json.dumps(body).encode() if body is not None else None
-            headers = {"Content-Type": "application/json"} if payload else {}
-            conn.request(method, path, body=payload, headers=headers)
-            sock = conn.sock
-            resp = conn.getresponse()
-            data = resp.read()
-            if isinstance(sock, ssl.SSLSocket):
-                self._check_server(sock)
-        except (OSError, http.client.HTTPException) as exc:
-            raise ControlPlaneError(str(exc) or type(exc).__name__) from None
-        finally:
-            conn.close()
-        try:
-            doc = json.loads(data) if data else {}
-        except ValueError:
-            raise ControlPlaneError(f"answer is not JSON ({resp.status})", resp.status) from None
-        if resp.status >= 300:
-            raise ControlPlaneError(doc.get("error", f"HTTP {resp.status}"), resp.status)
-        return doc
-
-    def _check_server(self, sock: ssl.SSLSocket) -> None:
-        uri = single_uri_san(sock.getpeercert(binary_form=True))
-        want = controlplane_uri(self.e.trust_domain)
-        if uri != want:
-            raise ControlPlaneError(f"server identity is {uri}, not {want}: refusing it")
+            return self._client.request(method, path, body, timeout or self.timeout)
+        except ClientError as exc:
+            raise ControlPlaneError(exc.message, exc.status) from None
+        except OSError as exc:  # the certificate or bundle file
+            raise ControlPlaneError(f"cannot read the node's TLS files: {exc}") from None
 
     # -- the calls ------------------------------------------------------------------------
 
     def config(self, since: int, wait: float) -> dict[str, Any]:
         doc: dict[str, Any] = self.request(
-            "GET", f"/v1/node/config?since={since}&wait={int(wait)}", timeout=wait + 10)
+            "GET", f"{api.NODE_CONFIG}?since={since}&wait={int(wait)}", timeout=wait + 10)
         return doc
 
     def register_workload(self, w: WorkloadSpec) -> None:
-        self.request("POST", "/v1/node/workloads", {
+        self.request("POST", api.NODE_WORKLOADS, {
             "name": w.name, "namespace": w.namespace, "service": w.service,
             "port": w.port, "version": w.version})
 
     def delete_workload(self, name: str) -> None:
-        self.request("DELETE", f"/v1/node/workloads/{name}")
+        self.request("DELETE", api.path(api.NODE_WORKLOAD, name=name))
 
     # CaClient
     def sign(self, csr_pem: bytes, identity: SpiffeId) -> bytes:
-        doc = self.request("POST", "/v1/node/certificates", {
+        doc = self.request("POST", api.NODE_CERTIFICATES, {
             "csr": csr_pem.decode(), "namespace": identity.namespace,
             "service_account": identity.service_account})
         if doc.get("trust_bundle"):

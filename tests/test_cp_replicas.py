@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from test_cp_support import PostgresServer, enroll, free_port, postgres, wait_until  # noqa: F401
 
-from meshnode.controlplane.client import ApiClient, ClientError
+from meshnode.core.cpclient import ApiClient, ClientError
 
 POLICY = """\
 kind: AuthorizationPolicy

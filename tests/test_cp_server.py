@@ -15,9 +15,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from test_cp_support import EnrolledNode, ThreadedControlPlane, enroll
 
-from meshnode.controlplane.client import ApiClient, ClientError
-from meshnode.controlplane.server import admin_allowed, is_loopback
+from meshnode.controlplane.api import admin_allowed, is_loopback
 from meshnode.controlplane.store import open_store
+from meshnode.core.cpclient import ApiClient, ClientError
 from meshnode.core.identity import SpiffeId, spiffe_id_from_certificate
 from meshnode.core.pki import generate_private_key, make_csr
 

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from meshnode.controlplane.client import ApiClient
-from meshnode.controlplane.server import ControlPlane, ControlPlaneConfig, is_loopback
+from meshnode.controlplane.api import ControlPlane, ControlPlaneConfig, is_loopback
 from meshnode.controlplane.store import Store, open_store
+from meshnode.core.cpclient import ApiClient
 from meshnode.core.identity import SpiffeId
 from meshnode.core.pki import generate_private_key, make_csr, write_private_key
 
@@ -140,7 +140,7 @@ class ThreadedControlPlane:
         return self
 
     def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.cp.stop(grace=1), self.loop).result(30)
+        asyncio.run_coroutine_threadsafe(self.cp.stop(), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
 

@@ -1,7 +1,7 @@
 """`meshnode enroll`, the pure parts: token parsing, the pin check against a real
 chain from the CA, the answer checks, unit rendering, node.json and the "already
 enrolled" decision. Plus the whole command against a real control plane on
-loopback when controlplane/server.py is there (--no-start, temporary dirs)."""
+loopback when the control-plane server is there (--no-start, temporary dirs)."""
 
 from __future__ import annotations
 

@@ -1,54 +1,79 @@
-"""A very small HTTP/1.1 server and client for the admin endpoints (GET only,
-one request per connection). Not on the data path."""
+"""The admin endpoints' HTTP server and client, on aiohttp (not on the data path).
+
+A route is ``async (method, target) -> (status, content type, body)``; the proxy
+and the supervisor each provide one. The server listens on loopback TCP addresses
+(a lone ztunnel, the supervisor) or on a Unix socket (a worker, asked by its
+supervisor with :func:`get_unix`).
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-Response = tuple[str, str, bytes]  # status line text, content type, body
+import aiohttp
+from aiohttp import web
+
+__all__ = ["AdminServer", "Handler", "Response", "get_unix", "json_response"]
+
+Response = tuple[int, str, bytes]  # status, content type, body
 Handler = Callable[[str, str], Awaitable[Response]]
 
+KEEPALIVE_TIMEOUT = 5.0
+MAX_LINE = 8190
 
-def json_response(status: str, body: Any) -> Response:
+
+def json_response(status: int, body: Any) -> Response:
     return status, "application/json", json.dumps(body, indent=2).encode() + b"\n"
 
 
-def http_handler(route: Handler) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                             Awaitable[None]]:
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            line = request.split(b"\r\n", 1)[0].decode("latin-1")
-            method, target, _ = (line.split(" ") + ["", ""])[:3]
-            status, ctype, payload = await route(method, target)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError, UnicodeDecodeError):
-            writer.close()
-            return
-        writer.write(
-            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload
-        )
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-        writer.close()
+class AdminServer:
+    """Serves `route` on TCP addresses and/or a Unix socket until :meth:`close`."""
 
-    return serve
+    def __init__(self, route: Handler) -> None:
+        self._route = route
+        self._runner: web.ServerRunner | None = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        status, ctype, body = await self._route(request.method, request.path_qs)
+        return web.Response(status=status, body=body, headers={"Content-Type": ctype})
+
+    async def _setup(self) -> web.ServerRunner:
+        if self._runner is None:
+            self._runner = web.ServerRunner(
+                web.Server(self._handle, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT,
+                           max_line_size=MAX_LINE, max_field_size=MAX_LINE),
+                shutdown_timeout=1.0,
+            )  # fmt: skip
+            await self._runner.setup()
+        return self._runner
+
+    async def listen_tcp(self, addresses: Iterable[tuple[str, int]]) -> None:
+        runner = await self._setup()
+        for host, port in addresses:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+
+    async def listen_unix(self, path: str) -> None:
+        await web.UnixSite(await self._setup(), path).start()
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
 
 async def get_unix(path: str, target: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """GET target from an admin server on a Unix socket: (status, body)."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), timeout)
+    """GET target from an admin server on a Unix socket: (status, body).
+    OSError when the server cannot be reached or breaks off."""
     try:
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: ztunnel\r\n\r\n".encode())
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/") else 0
-    return status, body
+        async with (
+            aiohttp.ClientSession(
+                connector=aiohttp.UnixConnector(path=path),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as session,
+            session.get("http://ztunnel" + target) as resp,
+        ):
+            return resp.status, await resp.read()
+    except aiohttp.ClientError as exc:
+        raise OSError(f"admin socket {path}: {exc}") from None

@@ -19,7 +19,7 @@ from meshnode.core import sdnotify
 from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel import inbound
 from meshnode.ztunnel.accesslog import FLUSH_EVERY, access_log
-from meshnode.ztunnel.admin import Response, http_handler, json_response
+from meshnode.ztunnel.admin import AdminServer, Response, json_response
 from meshnode.ztunnel.authz import Authorizer
 from meshnode.ztunnel.balancer import EndpointPicker
 from meshnode.ztunnel.config import ZtunnelConfig
@@ -200,6 +200,7 @@ class Proxy:
         self.pi.apply_state(state)
         pool.metrics = self.pi.metrics
         self._servers: list[asyncio.AbstractServer] = []
+        self._admin: AdminServer | None = None
         self._stopping: asyncio.Event | None = None
         self.ready = False
 
@@ -229,17 +230,15 @@ class Proxy:
             ssl=pi.tls.listener_context(), ssl_handshake_timeout=cfg.connect_timeout,
             reuse_address=True, reuse_port=True, backlog=1024,
         ))
-        serve = http_handler(self._admin_route)
+        self._admin = AdminServer(self._admin_route)
         if cfg.admin_socket:
             # A worker of several: the supervisor serves admin for all of them.
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cfg.admin_socket)
-            self._servers.append(await asyncio.start_unix_server(serve, cfg.admin_socket))
+            await self._admin.listen_unix(cfg.admin_socket)
             os.chmod(cfg.admin_socket, 0o600)
         else:
-            for addr in {cfg.admin, cfg.readiness, cfg.metrics}:
-                self._servers.append(await asyncio.start_server(serve, addr[0], addr[1],
-                                                                reuse_address=True))
+            await self._admin.listen_tcp({cfg.admin, cfg.readiness, cfg.metrics})
         self.ready = True
         log.info("ztunnel ready on node %s: outbound %s:%d, inbound HBONE %s:%d, admin %s:%d",
                  pi.state.node.name, *cfg.outbound, *cfg.inbound, *cfg.admin)
@@ -293,6 +292,8 @@ class Proxy:
             session.close("shutting down")
         for server in self._servers[2:]:
             server.close()
+        if self._admin is not None:
+            await self._admin.close()
         access_log.flush()
         log.info("ztunnel stopped")
 
@@ -301,16 +302,16 @@ class Proxy:
     async def _admin_route(self, method: str, target: str) -> Response:
         url = urlsplit(target)
         if method != "GET":
-            return json_response("405 Method Not Allowed", {"error": "only GET"})
+            return json_response(405, {"error": "only GET"})
         if url.path == "/metrics":
             self.pi.refresh_gauges(time.monotonic())
-            return "200 OK", METRICS_CONTENT_TYPE, self.pi.metrics.render().encode()
+            return 200, METRICS_CONTENT_TYPE, self.pi.metrics.render().encode()
         if url.path == "/healthz/ready":
             if self.ready:
-                return json_response("200 OK", {"ready": True})
-            return json_response("503 Service Unavailable", {"ready": False})
+                return json_response(200, {"ready": True})
+            return json_response(503, {"ready": False})
         if url.path == "/config_dump":
-            return json_response("200 OK", {
+            return json_response(200, {
                 "config": self.config.dump(),
                 "state": self.pi.state.dump(),
                 "endpoints": self.pi.picker.endpoint_stats(time.monotonic()),
@@ -322,10 +323,10 @@ class Proxy:
             host, _, port = addr.rpartition(":")
             ident = self.pi.peers.get((host.strip("[]"), int(port))) if port.isdigit() else None
             if ident is None:
-                return json_response("404 Not Found",
+                return json_response(404,
                                      {"error": f"no meshed connection from {addr}"})
-            return json_response("200 OK", {"addr": addr, "identity": ident})
-        return json_response("404 Not Found", {
+            return json_response(200, {"addr": addr, "identity": ident})
+        return json_response(404, {
             "error": f"unknown path {url.path}",
             "paths": ["/config_dump", "/peer?addr=IP:PORT", "/healthz/ready", "/metrics"]})
 

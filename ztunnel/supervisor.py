@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from meshnode.core import sdnotify
-from meshnode.ztunnel.admin import Response, get_unix, http_handler, json_response
+from meshnode.ztunnel.admin import AdminServer, Response, get_unix, json_response
 from meshnode.ztunnel.config import ZtunnelConfig
 from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
 from meshnode.ztunnel.metrics import parse_exposition
@@ -101,9 +101,8 @@ class Supervisor:
         for w in self.workers:
             w.start()
         cfg = self.config
-        serve = http_handler(self._route)
-        servers = [await asyncio.start_server(serve, a[0], a[1], reuse_address=True)
-                   for a in {cfg.admin, cfg.readiness, cfg.metrics}]
+        admin = AdminServer(self._route)
+        await admin.listen_tcp({cfg.admin, cfg.readiness, cfg.metrics})
         control = ControlServer(cfg.control_path, ControlState(_read_doc(cfg.snapshot)),
                                 self._apply_doc)
         await control.start()
@@ -116,8 +115,7 @@ class Supervisor:
             self._supervise()
         sdnotify.notify("STOPPING=1")
         control.close()
-        for s in servers:
-            s.close()
+        await admin.close()
         await self._stop_workers()
 
     async def _versions(self) -> list[int | None]:
@@ -193,20 +191,20 @@ class Supervisor:
     async def _route(self, method: str, target: str) -> Response:
         path = urlsplit(target).path
         if method != "GET":
-            return json_response("405 Method Not Allowed", {"error": "only GET"})
+            return json_response(405, {"error": "only GET"})
         answers = await self._ask_all(target)
         if path == "/healthz/ready":
             ready = all(a is not None and a[0] == 200 for a in answers)
-            return json_response("200 OK" if ready else "503 Service Unavailable",
+            return json_response(200 if ready else 503,
                                  {"ready": ready, "workers": [bool(a and a[0] == 200)
                                                               for a in answers]})
         if path == "/metrics":
             texts = [a[1].decode() for a in answers if a is not None and a[0] == 200]
-            return "200 OK", "text/plain; version=0.0.4", merge_metrics(texts).encode()
+            return 200, "text/plain; version=0.0.4", merge_metrics(texts).encode()
         if path == "/config_dump":
             dumps = [json.loads(a[1]) for a in answers if a is not None and a[0] == 200]
             if len(dumps) < len(self.workers):
-                return json_response("503 Service Unavailable",
+                return json_response(503,
                                      {"error": "not every ztunnel worker answered"})
             merged = dict(dumps[0])
             # The version every worker has: what the agent waits for.
@@ -219,14 +217,14 @@ class Supervisor:
             merged["active_connections"] = sum(d["active_connections"] for d in dumps)
             merged["workers"] = len(dumps)
             merged["config"] = dict(dumps[0]["config"], workers=self.config.workers)
-            return json_response("200 OK", merged)
+            return json_response(200, merged)
         for a in answers:  # /peer and the rest: the first worker that knows
             if a is not None and a[0] == 200:
-                return "200 OK", "application/json", a[1]
+                return 200, "application/json", a[1]
         first = next((a for a in answers if a is not None), None)
         if first is None:
-            return json_response("503 Service Unavailable", {"error": "no worker answered"})
-        return f"{first[0]} Not Found", "application/json", first[1]
+            return json_response(503, {"error": "no worker answered"})
+        return first[0], "application/json", first[1]
 
 
 def merge_metrics(texts: list[str]) -> str:

@@ -1,0 +1,393 @@
+"""The control-plane HTTPS server on aiohttp: TLS, the route table, start and stop.
+
+Client certificates are optional at the TLS level; each route declares its auth
+(routes.py), checked here before the handler runs and before the body is read.
+The body is then read up to the route's cap (413 beyond it). aiohttp parses HTTP
+(chunked bodies, repeated headers, header size limits, keep-alive).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import signal
+import socket
+import ssl
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshnode.controlplane.ca import CertificateAuthority, RotatingCA
+from meshnode.controlplane.registry import RegistryError
+from meshnode.controlplane.store import Store, StoreError
+from meshnode.core.errors import ApiError
+from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.pki import generate_private_key, root_pin
+from meshnode.core.token import TokenError
+
+from .auth import Auth, admin_allowed, bearer_of, node_of_certificate
+from .messages import ControlPlaneConfig, Request, Response, json_response
+from .routes import MAX_BODY, ROUTES, Route
+from .state import StateCache
+from .watch import Watch
+
+__all__ = [
+    "ADMIN_TOKEN_FILE",
+    "TRUST_BUNDLE_FILE",
+    "ControlPlane",
+    "default_db_url",
+    "parse_duration",
+    "run",
+    "split_listen",
+]
+
+log = logging.getLogger("meshnode.controlplane")
+
+ADMIN_TOKEN_FILE = "admin-token"
+TRUST_BUNDLE_FILE = "trust-bundle.pem"
+SERVER_CERT_TTL = timedelta(days=7)
+IDLE_TIMEOUT = 75.0  # keep-alive
+MAX_LINE = 8190  # request line and each header line
+MAX_HEADERS = 64
+
+Endpoint = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class _OneLine(logging.Filter):
+    """aiohttp logs a malformed request (an expected failure) with its traceback;
+    keep the message, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {record.exc_info[1]}".replace("\n", " ")
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+http_log = logging.getLogger("meshnode.controlplane.http")
+http_log.addFilter(_OneLine())
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``30s``, ``15m``, ``24h``, ``7d`` -> seconds."""
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        scale = units.get(text[-1:], 0)
+        value = float(text[:-1]) * scale if scale else float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (like 30s, 15m, 24h, 7d)") from None
+    if value <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return value
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The request body, at most `limit` bytes (Content-Length or chunked)."""
+    if limit <= 0:
+        return b""  # the route takes no body; aiohttp discards what was sent
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"body of {request.content_length} bytes; this route takes "
+                            f"at most {limit}")  # fmt: skip
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body larger than {limit} bytes, this route's limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _to_web(response: Response) -> web.Response:
+    return web.Response(status=response.status, body=response.body,
+                        content_type=response.content_type)  # fmt: skip
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Endpoint) -> web.StreamResponse:
+    """The router's own 404/405 answered as ``{"error": ...}`` like every other error."""
+    try:
+        return await handler(request)
+    except web.HTTPMethodNotAllowed:
+        return _to_web(json_response(405, {"error": f"{request.method} is not allowed on "
+                                                    f"{request.path}"}))  # fmt: skip
+    except web.HTTPNotFound:
+        hint = "" if request.path.startswith("/v1/") else " (the API lives under /v1)"
+        return _to_web(json_response(404, {"error": f"no such endpoint {request.path}{hint}"}))
+
+
+class ControlPlane(Watch):
+    def __init__(self, store: Store, config: ControlPlaneConfig) -> None:
+        self.store = store
+        self.config = config
+        self.cache = StateCache(store)
+        self.cache.on_ca_change = self._ca_changed
+        self._runner: web.AppRunner | None = None
+        self._ssl: ssl.SSLContext | None = None
+        self._current_ssl: ssl.SSLContext | None = None
+        self._server_key = generate_private_key()
+        self._server_cert_expiry = 0.0
+        self._served_pins: list[str] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self.admin_token: str = ""
+        self.port = 0
+
+    # -- the application -------------------------------------------------------------
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
+        for route in ROUTES:
+            app.router.add_route(route.method, route.path, self._endpoint(route))
+        return app
+
+    def _endpoint(self, route: Route) -> Endpoint:
+        handler = getattr(self, route.handler)
+
+        async def endpoint(request: web.Request) -> web.Response:
+            started = time.monotonic()
+            req = Request(request.method, request.path,
+                          {k: request.query.getall(k) for k in request.query},
+                          b"", request.remote or "?", _peer_certificate(request))  # fmt: skip
+            req.identity = req.peer_ip
+            try:
+                args = await self._authenticate(route.auth, req, request)
+                req.body = await read_body(request, route.max_body)
+                response = await handler(req, *args, **request.match_info)
+            except ApiError as exc:
+                response = json_response(exc.status, {"error": exc.message})
+            except (RegistryError, TokenError) as exc:
+                response = json_response(exc.status, {"error": str(exc)})
+            except StoreError as exc:
+                log.warning("database error: %s", exc)
+                response = json_response(
+                    503, {"error": f"database unavailable: {exc}; retry shortly"}
+                )
+            except Exception:
+                log.exception("internal error on %s %s", req.method, req.path)
+                response = json_response(
+                    500, {"error": "internal error; see the control plane log"}
+                )
+            log.info("%s %s peer=%s status=%d %.1fms", req.method, req.path, req.identity,
+                     response.status, (time.monotonic() - started) * 1000)  # fmt: skip
+            return _to_web(response)
+
+        return endpoint
+
+    async def _authenticate(
+        self, auth: Auth, req: Request, request: web.Request
+    ) -> tuple[str, ...]:
+        """Check the route's declared auth; the node's name for node routes."""
+        if auth is Auth.NODE:
+            ca = self._ca()
+            if req.peer_cert is not None:
+                await self.cache.refresh()
+            name = node_of_certificate(
+                req.peer_cert, self.config.trust_domain, ca, self.cache.registry.nodes
+            )
+            req.identity = f"node/{name}"
+            return (name,)
+        if auth is Auth.ADMIN:
+            authorization = bearer_of(request.headers.getall("Authorization", []))
+            hashes: set[str] = set()
+            if authorization and not self.config.trusted_peer(req.peer_ip):
+                hashes = await asyncio.to_thread(self.store.admin_token_hashes)
+            if not admin_allowed(req.peer_ip, authorization, hashes, self.config.trusted_peer):
+                raise ApiError(
+                    401,
+                    "the admin API is open to localhost only, or with 'Authorization: Bearer "
+                    f"<admin token>' (the token is in {self.config.data_dir / ADMIN_TOKEN_FILE} "
+                    "on the control plane host)",
+                )
+            req.identity = f"admin@{req.peer_ip}"
+        # PUBLIC needs nothing; TOKEN is the join token in the body, which the
+        # store checks and consumes atomically with the enrollment.
+        return ()
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self, host: str, port: int) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ca = await asyncio.to_thread(
+            self.store.ensure_ca, lambda: CertificateAuthority.create(cfg.trust_domain)
+        )
+        if ca.trust_domain != cfg.trust_domain:
+            raise StoreError(
+                f"the database holds a CA for trust domain {ca.trust_domain!r}, not "
+                f"{cfg.trust_domain!r}; start with --trust-domain {ca.trust_domain}"
+            )
+        self.admin_token = await asyncio.to_thread(self._ensure_admin_token)
+        await self.cache.refresh()
+        self._current_ssl = self._make_ssl()
+        # The listening context only hands each handshake to the current one, so a
+        # CA rotation (new server certificate, new bundle) needs no restart.
+        self._ssl = self._make_ssl()
+        self._ssl.sni_callback = self._pick_context
+        runner = web.AppRunner(
+            self.application(), access_log=None, logger=http_log, keepalive_timeout=IDLE_TIMEOUT,
+            max_line_size=MAX_LINE, max_field_size=MAX_LINE, max_headers=MAX_HEADERS,
+            shutdown_timeout=cfg.shutdown_grace,
+        )  # fmt: skip
+        await runner.setup()
+        self._runner = runner
+        site = web.TCPSite(runner, host or None, port, ssl_context=self._ssl,
+                           reuse_address=True)  # fmt: skip
+        await site.start()
+        self.port = runner.addresses[0][1]
+        self._spawn(self._watch_loop())
+        log.info("control plane serving on %s:%d (trust domain %s, revision %d)",
+                 host, self.port, cfg.trust_domain, self.cache.revision)  # fmt: skip
+
+    async def stop(self) -> None:
+        """Stop accepting, answer waiting long polls, give requests in flight
+        ``config.shutdown_grace`` seconds, then close every connection."""
+        self._stopping = True
+        async with self.cache.changed:
+            self.cache.changed.notify_all()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_loop(self) -> None:
+        """Refresh the cache on every commit signal, and at least every second."""
+        while not self._stopping:
+            try:
+                await asyncio.to_thread(self.store.wait_for_change, 1.0)
+                await self.cache.refresh()
+                # Half-life renewal, and a root retiring at the end of an overlap.
+                ca = self.cache.ca
+                if time.time() > self._server_cert_expiry or (
+                    ca is not None and self._trusted_pins(ca) != self._served_pins
+                ):
+                    self._current_ssl = self._make_ssl()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the database may be away for a while
+                log.warning("cannot refresh state from the database: %s", exc)
+                await asyncio.sleep(1.0)
+
+    def _ensure_admin_token(self) -> str:
+        path = self.config.data_dir / ADMIN_TOKEN_FILE
+        try:
+            token = path.read_text().strip()
+        except FileNotFoundError:
+            token = ""
+        if not token:
+            token = secrets.token_hex(32)
+            write_file_atomic(path, token.encode() + b"\n", 0o600)
+            print(
+                f"admin token written to {path} (mode 0600). Remote admin use:\n"
+                f"  export MESHNODE_ADMIN_TOKEN=$(cat {path})   # or --admin-token-file {path}",
+                flush=True,
+            )
+        self.store.add_admin_token_hash(hashlib.sha256(token.encode()).hexdigest(), time.time())
+        return token
+
+    # -- TLS ----------------------------------------------------------------------------
+
+    def _make_ssl(self) -> ssl.SSLContext:
+        ca = self._ca()
+        names = ["localhost", socket.gethostname()]
+        ips = ["127.0.0.1", "::1", *self.config.advertise]
+        self._served_pins = self._trusted_pins(ca)
+        chain = ca.serving().issue_controlplane_certificate(
+            self._server_key, names, ips, SERVER_CERT_TTL
+        )
+        self._server_cert_expiry = time.time() + SERVER_CERT_TTL.total_seconds() / 2
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cadata=ca.trust_bundle_pem().decode())
+        key_pem = self._server_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        # load_cert_chain reads files only; a private temp dir, removed at once.
+        with tempfile.TemporaryDirectory() as tmp:
+            cert_path, key_path = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+            write_file_atomic(cert_path, chain, 0o600)
+            write_file_atomic(key_path, key_pem, 0o600)
+            ctx.load_cert_chain(cert_path, key_path)
+        with contextlib.suppress(OSError):
+            write_file_atomic(
+                self.config.data_dir / TRUST_BUNDLE_FILE, ca.trust_bundle_pem(), 0o644
+            )
+        return ctx
+
+    @staticmethod
+    def _trusted_pins(ca: RotatingCA) -> list[str]:
+        return [root_pin(c.root_certificate.public_bytes(serialization.Encoding.DER))
+                for c in ca.trusted()]  # fmt: skip
+
+    def _pick_context(
+        self, sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext
+    ) -> None:
+        if self._current_ssl is not None:
+            sock.context = self._current_ssl
+
+    def _ca_changed(self) -> None:
+        if self._ssl is not None:
+            self._current_ssl = self._make_ssl()
+
+
+def _peer_certificate(request: web.BaseRequest) -> x509.Certificate | None:
+    """The client certificate the TLS layer verified against the bundle, if any."""
+    transport = request.transport
+    sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
+    der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+# --- entry point --------------------------------------------------------------------
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen {listen!r}: expected HOST:PORT, e.g. 0.0.0.0:15012")
+    return host.strip("[]"), int(port)
+
+
+async def run(store: Store, config: ControlPlaneConfig, listen: str,
+              ready: Callable[[ControlPlane], None] | None = None) -> None:  # fmt: skip
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    host, port = split_listen(listen)
+    cp = ControlPlane(store, config)
+    await cp.start(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(cp)
+    await stop.wait()
+    log.info("shutting down")
+    await cp.stop()
+    await asyncio.to_thread(store.close)
+
+
+def default_db_url(data_dir: Path) -> str:
+    return f"sqlite://{os.path.abspath(data_dir / 'cp.db')}"

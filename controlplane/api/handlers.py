@@ -1,0 +1,253 @@
+"""The control-plane API's handlers (docs/protocol.md, "Control plane API").
+
+Each runs after its route's declared auth passed (routes.py) and gets the node
+name for node routes; expected failures raise ApiError with their status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+
+from cryptography.hazmat.primitives import serialization
+
+from meshnode.controlplane import registry as reg
+from meshnode.controlplane.ca import CAError, RotatingCA
+from meshnode.controlplane.registry import RegistryError
+from meshnode.controlplane.store import Store
+from meshnode.controlplane.tokens import DEFAULT_TOKEN_TTL, make_token
+from meshnode.core.errors import ApiError
+from meshnode.core.identity import IdentityError, SpiffeId
+from meshnode.core.pki import root_pin
+from meshnode.core.resources import KINDS, ResourceError, parse_documents, resources_to_json
+from meshnode.core.token import parse_token
+
+from .messages import ControlPlaneConfig, Request, Response, json_response
+from .state import StateCache
+
+__all__ = ["Handlers"]
+
+
+class Handlers:
+    """The handlers, mixed into :class:`~.app.ControlPlane`."""
+
+    store: Store
+    config: ControlPlaneConfig
+    cache: StateCache
+
+    def _ca(self) -> RotatingCA:
+        if self.cache.ca is None:
+            raise ApiError(503, "the CA is not loaded yet; retry in a second")
+        return self.cache.ca
+
+    # -- public ---------------------------------------------------------------------------
+
+    async def get_trust_bundle(self, req: Request) -> Response:
+        ca = self._ca()
+        return json_response(200, {"trust_domain": ca.trust_domain,
+                                   "trust_bundle": ca.trust_bundle_pem().decode()})  # fmt: skip
+
+    async def post_enroll(self, req: Request) -> Response:
+        body = req.json()
+        ca = self._ca()
+        token = parse_token(body.get("token", ""))
+        try:
+            name = reg.check_label(body.get("name"), "name")
+            zone = body.get("zone", "") or ""
+            if zone:
+                reg.check_label(zone, "zone")
+            ip = reg.check_ip(body.get("ip") or req.peer_ip, "ip")
+        except RegistryError as exc:
+            raise ApiError(400, str(exc)) from None
+        csr = body.get("csr")
+        if not isinstance(csr, str):
+            raise ApiError(400, "csr: missing; send a PEM P-256 CSR made on the node")
+        try:  # sign first: a bad CSR must not consume the token
+            chain = ca.active.issue_node_certificate(csr.encode(), name, self.config.cert_ttl)
+        except CAError as exc:
+            raise ApiError(400, f"csr: {exc}") from None
+        revision, node = await asyncio.to_thread(
+            self.store.enroll, token, name, zone, ip, time.time()
+        )
+        await self.cache.refresh()
+        req.identity = f"enroll/{name}"
+        return json_response(200, {
+            "certificate": chain.decode(),
+            "trust_bundle": ca.trust_bundle_pem().decode(),
+            "trust_domain": ca.trust_domain,
+            "node": node.to_dict(),
+            "revision": revision,
+        })  # fmt: skip
+
+    # -- node API -------------------------------------------------------------------------
+
+    async def post_node_workload(self, req: Request, node: str) -> Response:
+        body = req.json()
+        try:
+            wl = reg.workload_from_request(node, body)
+        except RegistryError as exc:
+            raise ApiError(400, f"workload: {exc}") from None
+        revision, _ = await asyncio.to_thread(
+            self.store.mutate, lambda tx, r, rev: (reg.put_workload(r, wl), None)
+        )
+        await self.cache.refresh()
+        return json_response(200, {"revision": revision, "workload": wl.slice_dict()})
+
+    async def delete_node_workload(self, req: Request, node: str, name: str) -> Response:
+        revision, _ = await asyncio.to_thread(
+            self.store.mutate, lambda tx, r, rev: (reg.delete_workload(r, node, name), None)
+        )
+        await self.cache.refresh()
+        return json_response(200, {"revision": revision, "deleted": name})
+
+    async def post_node_certificate(self, req: Request, node: str) -> Response:
+        body = req.json()
+        ns, sa, csr = body.get("namespace"), body.get("service_account"), body.get("csr")
+        if not isinstance(csr, str):
+            raise ApiError(400, "csr: missing; send a PEM P-256 CSR")
+        try:
+            identity = SpiffeId(self.config.trust_domain, str(ns), str(sa))
+        except IdentityError as exc:
+            raise ApiError(400, f"namespace/service_account: {exc}") from None
+        hosted = any(
+            w.node == node and w.namespace == ns and w.service_account == sa
+            for w in self.cache.registry.workloads.values()
+        )
+        if not hosted:
+            raise ApiError(
+                403,
+                f"node {node} hosts no workload with identity {identity.uri}; register the "
+                "workload on this node (POST /v1/node/workloads) before asking for its "
+                "certificate",
+            )
+        ca = self._ca()
+        try:
+            chain = ca.active.issue_workload_certificate(
+                csr.encode(), identity, self.config.cert_ttl
+            )
+        except CAError as exc:
+            raise ApiError(400, f"csr: {exc}") from None
+        return json_response(200, {"certificate": chain.decode(),
+                                   "trust_bundle": ca.trust_bundle_pem().decode()})  # fmt: skip
+
+    async def post_node_renew(self, req: Request, node: str) -> Response:
+        csr = req.json().get("csr")
+        if not isinstance(csr, str):
+            raise ApiError(400, "csr: missing; send a PEM P-256 CSR")
+        ca = self._ca()
+        try:
+            chain = ca.active.issue_node_certificate(csr.encode(), node, self.config.cert_ttl)
+        except CAError as exc:
+            raise ApiError(400, f"csr: {exc}") from None
+        return json_response(200, {"certificate": chain.decode(),
+                                   "trust_bundle": ca.trust_bundle_pem().decode()})  # fmt: skip
+
+    # -- admin API ------------------------------------------------------------------------
+
+    async def post_admin_token(self, req: Request) -> Response:
+        body = req.json()
+        try:
+            node = reg.check_label(body.get("node"), "node")
+            zone = body.get("zone", "") or ""
+            if zone:
+                reg.check_label(zone, "zone")
+        except RegistryError as exc:
+            raise ApiError(400, str(exc)) from None
+        ttl = body.get("ttl_seconds", DEFAULT_TOKEN_TTL)
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
+            raise ApiError(400, f"ttl_seconds: {ttl!r} must be a positive number")
+        # The pin names the root the server's chain ends in (see RotatingCA.serving).
+        pin = root_pin(
+            self._ca().serving().root_certificate.public_bytes(serialization.Encoding.DER)
+        )
+        token, record = make_token(node, zone, float(ttl), pin, time.time())
+        await asyncio.to_thread(self.store.create_token, record)
+        return json_response(200, {"token": token, "expires_at": record.expires_at,
+                                   "node": node, "zone": zone})  # fmt: skip
+
+    async def post_admin_resources(self, req: Request) -> Response:
+        try:
+            text = req.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, "the resources must be UTF-8 YAML") from None
+        source = req.arg("source") or "request"
+        try:
+            docs = resources_to_json(parse_documents(text, source=source))
+        except ResourceError as exc:
+            raise ApiError(400, str(exc)) from None
+        if not docs:
+            raise ApiError(400, f"{source}: no resources in the input")
+        revision, results = await asyncio.to_thread(
+            self.store.mutate, lambda tx, r, rev: reg.apply_resources(r, docs)
+        )
+        await self.cache.refresh()
+        return json_response(200, {"revision": revision, "results": results})
+
+    async def get_admin_resources(self, req: Request) -> Response:
+        await self.cache.refresh()
+        kind, ns, name = req.arg("kind"), req.arg("namespace"), req.arg("name")
+        if kind is not None and kind not in KINDS:
+            raise ApiError(400, f"unknown kind {kind!r} (known: {', '.join(sorted(KINDS))})")
+        items = [
+            doc for (k, n, nm), doc in sorted(self.cache.registry.resources.items())
+            if (kind is None or k == kind) and (ns is None or n == ns)
+            and (name is None or nm == name)
+        ]  # fmt: skip
+        return json_response(200, {"revision": self.cache.revision, "items": items})
+
+    async def delete_admin_resource(
+        self, req: Request, kind: str, namespace: str, name: str
+    ) -> Response:
+        revision, _ = await asyncio.to_thread(
+            self.store.mutate,
+            lambda tx, r, rev: (reg.delete_resource(r, kind, namespace, name), None),
+        )
+        await self.cache.refresh()
+        return json_response(200, {"revision": revision, "deleted": f"{kind}/{namespace}/{name}"})
+
+    async def get_admin_nodes(self, req: Request) -> Response:
+        await self.cache.refresh()
+        r = self.cache.registry
+        items = [
+            {**n.to_dict(), "workloads": sum(1 for w in r.workloads.values() if w.node == n.name)}
+            for _, n in sorted(r.nodes.items())
+        ]
+        return json_response(200, {"revision": self.cache.revision, "items": items})
+
+    async def delete_admin_node(self, req: Request, name: str) -> Response:
+        revision, _ = await asyncio.to_thread(
+            self.store.mutate, lambda tx, r, rev: (reg.delete_node(r, name), None)
+        )
+        await self.cache.refresh()
+        return json_response(200, {"revision": revision, "deleted": name})
+
+    async def get_admin_services(self, req: Request) -> Response:
+        await self.cache.refresh()
+        items = list(reg.service_documents(self.cache.registry).values())
+        return json_response(200, {"revision": self.cache.revision, "items": items})
+
+    async def get_admin_workloads(self, req: Request) -> Response:
+        await self.cache.refresh()
+        items = [w.to_dict() for _, w in sorted(self.cache.registry.workloads.items())]
+        return json_response(200, {"revision": self.cache.revision, "items": items})
+
+    async def delete_admin_workload(self, req: Request, node: str, name: str) -> Response:
+        revision, _ = await asyncio.to_thread(
+            self.store.mutate, lambda tx, r, rev: (reg.delete_workload(r, node, name), None)
+        )
+        await self.cache.refresh()
+        return json_response(200, {"revision": revision, "deleted": f"{node}/{name}"})
+
+    async def post_admin_rotate(self, req: Request) -> Response:
+        overlap = req.json().get("overlap_seconds", 86400)
+        if isinstance(overlap, bool) or not isinstance(overlap, int | float) or overlap < 0:
+            raise ApiError(400, f"overlap_seconds: {overlap!r} must be a number >= 0")
+        new = await asyncio.to_thread(
+            self.store.rotate_ca, lambda ca: ca.rotate(timedelta(seconds=overlap))
+        )
+        await self.cache.refresh()
+        pins = [root_pin(c.root_certificate.public_bytes(serialization.Encoding.DER))
+                for c in new.trusted()]  # fmt: skip
+        return json_response(200, {"revision": self.cache.revision, "roots": pins,
+                                   "active": pins[-1]})  # fmt: skip

@@ -1,0 +1,70 @@
+"""The control plane's view of one request and its answer, and its configuration.
+
+Handlers see a :class:`Request` built after routing and authentication (the body
+is read only then), and return a :class:`Response`; neither knows about aiohttp.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from meshnode.core.errors import ApiError
+
+from .auth import is_loopback
+
+__all__ = ["ControlPlaneConfig", "Request", "Response", "json_response"]
+
+
+@dataclass
+class ControlPlaneConfig:
+    trust_domain: str = "cluster.local"
+    cert_ttl: timedelta = timedelta(hours=24)
+    advertise: list[str] = field(default_factory=list)
+    data_dir: Path = Path("/var/lib/meshnode-cp")
+    # Which peers may use /v1/admin without a token; tests replace it to exercise
+    # the Bearer path (every address a test can bind is loopback).
+    trusted_peer: Callable[[str], bool] = is_loopback
+    # Seconds that requests in flight get to finish on shutdown.
+    shutdown_grace: float = 5.0
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: bytes
+    peer_ip: str
+    peer_cert: x509.Certificate | None
+    identity: str = "-"  # for the request log
+
+    def json(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.body or b"{}")
+        except ValueError as exc:
+            raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return data
+
+    def arg(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+
+def json_response(status: int, body: Any) -> Response:
+    return Response(status, json.dumps(body, indent=1).encode() + b"\n")

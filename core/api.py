@@ -1,0 +1,54 @@
+"""The control-plane API's paths: one definition for the server's route table and
+the clients (docs/protocol.md, "Control plane API").
+
+Paths with ``{placeholders}`` are aiohttp route templates on the server; clients
+fill them with :func:`path`, which quotes each value as one path segment.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+__all__ = [
+    "ADMIN_CA_ROTATE",
+    "ADMIN_NODE",
+    "ADMIN_NODES",
+    "ADMIN_RESOURCE",
+    "ADMIN_RESOURCES",
+    "ADMIN_SERVICES",
+    "ADMIN_TOKENS",
+    "ADMIN_WORKLOAD",
+    "ADMIN_WORKLOADS",
+    "ENROLL",
+    "NODE_CERTIFICATES",
+    "NODE_CONFIG",
+    "NODE_RENEW",
+    "NODE_WORKLOAD",
+    "NODE_WORKLOADS",
+    "TRUST_BUNDLE",
+    "path",
+]
+
+TRUST_BUNDLE = "/v1/trust-bundle"
+ENROLL = "/v1/enroll"
+
+NODE_CONFIG = "/v1/node/config"
+NODE_WORKLOADS = "/v1/node/workloads"
+NODE_WORKLOAD = "/v1/node/workloads/{name}"
+NODE_CERTIFICATES = "/v1/node/certificates"
+NODE_RENEW = "/v1/node/renew"
+
+ADMIN_TOKENS = "/v1/admin/tokens"
+ADMIN_RESOURCES = "/v1/admin/resources"
+ADMIN_RESOURCE = "/v1/admin/resources/{kind}/{namespace}/{name}"
+ADMIN_NODES = "/v1/admin/nodes"
+ADMIN_NODE = "/v1/admin/nodes/{name}"
+ADMIN_SERVICES = "/v1/admin/services"
+ADMIN_WORKLOADS = "/v1/admin/workloads"
+ADMIN_WORKLOAD = "/v1/admin/workloads/{node}/{name}"
+ADMIN_CA_ROTATE = "/v1/admin/ca/rotate"
+
+
+def path(template: str, **values: str) -> str:
+    """``path(ADMIN_NODE, name="n1")`` -> ``/v1/admin/nodes/n1`` (values quoted)."""
+    return template.format(**{k: quote(v, safe="") for k, v in values.items()})

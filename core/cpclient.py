@@ -1,0 +1,346 @@
+"""The one control-plane HTTPS client (docs/protocol.md, "Control plane API").
+
+Built on aiohttp's client; a small blocking facade (one ``asyncio.run`` per call)
+serves the CLI and the agent's threads. Three kinds of use:
+
+* admin calls (:class:`ApiClient` with ``admin_token``): verified against a PEM
+  trust bundle, ``Authorization: Bearer <token>``;
+* node calls (:class:`NodeClient`): the node's certificate, the server verified
+  against the mesh bundle AND required to carry the control plane's SPIFFE ID,
+  control-plane replicas tried in order (last good first; an answered 4xx stops);
+* discovery (:func:`discover_root`, :func:`fetch_pinned_bundle`): no trust on first
+  use -- the roots offered over an unverified connection (``GET /v1/trust-bundle``
+  and the server's leaf) are searched for the token's pinned root, and only a
+  connection verified against that root alone, with the control plane's SPIFFE ID,
+  carries anything that matters.
+
+The SPIFFE ID is checked inside the TLS handshake (``SSLContext.sslobject_class``),
+so a server without it fails the handshake and never sees the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import ssl
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshnode.core import api
+from meshnode.core.constants import CONTROLPLANE_PORT
+from meshnode.core.errors import ApiError
+from meshnode.core.identity import controlplane_uri, single_uri_san
+from meshnode.core.pki import PkiError, find_pinned_root, trust_domain_of_root
+
+__all__ = [
+    "Answer",
+    "ApiClient",
+    "ClientError",
+    "NodeClient",
+    "discover_root",
+    "fetch_pinned_bundle",
+    "read_bundle",
+    "request",
+    "tls_context",
+]
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class ClientError(ApiError):
+    """A control-plane call failed: ``status`` is the HTTP status (0 = no answer)."""
+
+
+class ServerIdentityError(ssl.SSLCertVerificationError):
+    """The server's certificate verified, but it is not the control plane's."""
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    data: Any  # decoded JSON ({"error": text} when the body was not JSON)
+    peer_certificates: list[x509.Certificate] = field(default_factory=list)
+
+    @property
+    def error(self) -> str:
+        msg = self.data.get("error") if isinstance(self.data, dict) else None
+        return str(msg or f"HTTP {self.status}")
+
+
+def tls_context(
+    bundle_pem: bytes | None,
+    *,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    check_hostname: bool = True,
+    server_uri: str | None = None,
+) -> ssl.SSLContext:
+    """A TLS 1.3 client context. `bundle_pem` None verifies nothing (discovery only).
+    With `server_uri` the handshake fails unless the server's leaf carries exactly
+    that URI SAN -- checked before any request byte is sent."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if bundle_pem is None:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx.load_verify_locations(cadata=bundle_pem.decode())
+        ctx.check_hostname = check_hostname
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file)
+    if server_uri is not None:
+        ctx.sslobject_class = _checked_handshake(server_uri)
+    return ctx
+
+
+def _checked_handshake(want: str) -> type[ssl.SSLObject]:
+    class CheckedSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            der = self.getpeercert(binary_form=True)
+            uri = single_uri_san(der) if der else None
+            if uri != want:
+                raise ServerIdentityError(
+                    f"server identity is {uri or 'no URI SAN'}, not {want}: refusing it"
+                )
+
+    return CheckedSSLObject
+
+
+def _base(url: str) -> str:
+    parts = urlsplit(url if "://" in url else "https://" + url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ClientError(0, f"control plane URL {url!r} must look like https://HOST[:PORT]")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"https://{host}:{parts.port or CONTROLPLANE_PORT}"
+
+
+def _describe(url: str, exc: BaseException) -> str:
+    """What went wrong reaching `url`, for a person."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert_error = exc.certificate_error
+        if isinstance(cert_error, ServerIdentityError):
+            return f"the server at {url}: {cert_error}"
+        reason = getattr(cert_error, "verify_message", "") or str(cert_error)
+        return (f"the control plane at {url} presented a certificate this client does "
+                f"not trust ({reason})")  # fmt: skip
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return f"TLS 1.3 handshake with {url} failed ({exc}); is it a meshnode control plane?"
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+        exc.os_error, ConnectionRefusedError
+    ):
+        return (f"cannot reach the control plane at {url}: connection refused (is "
+                "`meshnode controlplane run` listening there?)")  # fmt: skip
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"cannot reach the control plane at {url}: {exc.os_error.strerror or exc}"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return f"the control plane at {url} did not answer in time"
+    return f"cannot talk to the control plane at {url}: {exc or type(exc).__name__}"
+
+
+async def request_async(
+    url: str,
+    method: str,
+    path: str,
+    ctx: ssl.SSLContext,
+    *,
+    body: Any = None,
+    content_type: str = "application/json",
+    headers: dict[str, str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    want_peer: bool = False,
+) -> Answer:
+    """One request on a fresh connection; ClientError(0, ...) when there is no answer."""
+    base = _base(url)
+    if isinstance(body, bytes | str):
+        payload: bytes | None = body.encode() if isinstance(body, str) else body
+    else:
+        payload = json.dumps(body).encode() if body is not None else None
+    hdrs = {"Accept": "application/json", **(headers or {})}
+    if payload is not None:
+        hdrs["Content-Type"] = content_type
+    connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+    peer: list[x509.Certificate] = []
+    try:
+        async with (
+            aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as session,
+            session.request(method, base + path, data=payload, headers=hdrs) as resp,
+        ):
+            if want_peer and resp.connection is not None and resp.connection.transport:
+                peer = _peer_certificates(resp.connection.transport.get_extra_info("ssl_object"))
+            raw = await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise ClientError(0, _describe(base, exc)) from None
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        data = {"error": raw[:200].decode(errors="replace")}
+    return Answer(status, data, peer)
+
+
+def _peer_certificates(sslobj: ssl.SSLObject | None) -> list[x509.Certificate]:
+    """The certificates the server sent, unverified: its whole chain where Python
+    has the public ``get_unverified_chain`` (3.13+), else its leaf."""
+    if sslobj is None:
+        return []
+    getter: Callable[[], Sequence[Any]] | None = getattr(sslobj, "get_unverified_chain", None)
+    certs = []
+    if getter is not None:
+        for item in getter() or []:
+            with contextlib.suppress(ValueError):
+                if isinstance(item, bytes):
+                    certs.append(x509.load_der_x509_certificate(item))
+                else:  # ssl.Certificate; public_bytes() is PEM by default
+                    certs.append(x509.load_pem_x509_certificate(str(item.public_bytes()).encode()))
+        return certs
+    leaf = sslobj.getpeercert(binary_form=True)
+    if leaf:
+        with contextlib.suppress(ValueError):
+            certs.append(x509.load_der_x509_certificate(leaf))
+    return certs
+
+
+def request(url: str, method: str, path: str, ctx: ssl.SSLContext, **kw: Any) -> Answer:
+    """The blocking form of :func:`request_async` (not from inside an event loop)."""
+    return asyncio.run(request_async(url, method, path, ctx, **kw))
+
+
+# --- admin calls --------------------------------------------------------------------
+
+
+@dataclass
+class ApiClient:
+    """Calls verified against `bundle_pem`, with an admin token or a node certificate."""
+
+    url: str
+    bundle_pem: bytes
+    admin_token: str | None = None
+    cert_file: str | None = None  # node certificate (chain) for /v1/node/*
+    key_file: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+    def request(self, method: str, path: str, body: Any = None, *,
+                content_type: str = "application/json",
+                timeout: float | None = None) -> tuple[int, Any]:  # fmt: skip
+        """(status, decoded JSON body); raises ClientError when there is no answer."""
+        headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
+        ctx = tls_context(self.bundle_pem, cert_file=self.cert_file, key_file=self.key_file)
+        answer = request(self.url, method, path, ctx, body=body, content_type=content_type,
+                         headers=headers, timeout=timeout or self.timeout)  # fmt: skip
+        return answer.status, answer.data
+
+    def call(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        """Like request, but a non-2xx answer raises ClientError with its message."""
+        status, data = self.request(method, path, body, **kw)
+        if not 200 <= status < 300:
+            message = data.get("error") if isinstance(data, dict) else None
+            raise ClientError(status, message or f"HTTP {status}")
+        return data
+
+
+# --- discovery ----------------------------------------------------------------------
+
+
+def discover_root(url: str, pin: str, timeout: float = 10.0) -> x509.Certificate:
+    """The root whose SHA-256 is `pin`, among those the server offers over a connection
+    that verifies nothing: GET /v1/trust-bundle and the certificates of its TLS
+    handshake. Only that unauthenticated GET goes over it: no token, no CSR."""
+    answer = request(url, "GET", api.TRUST_BUNDLE, tls_context(None), timeout=timeout,
+                     want_peer=True)  # fmt: skip
+    candidates = list(answer.peer_certificates)
+    bundle = answer.data.get("trust_bundle") if isinstance(answer.data, dict) else None
+    if answer.status == 200 and isinstance(bundle, str):
+        # unparsable: then only the TLS chain counts; the pin check says what was seen
+        with contextlib.suppress(ValueError):
+            candidates += x509.load_pem_x509_certificates(bundle.encode())
+    return find_pinned_root(candidates, pin, _base(url))
+
+
+def fetch_pinned_bundle(url: str, pin: str, timeout: float = 10.0) -> bytes:
+    """The CP's trust bundle, accepted only if one of its roots hashes to `pin` and
+    the server's certificate chains to that root (a second, verified request)."""
+    try:
+        root = discover_root(url, pin, timeout)
+    except PkiError as exc:
+        raise ClientError(0, str(exc)) from None
+    root_pem = root.public_bytes(serialization.Encoding.PEM)
+    td = trust_domain_of_root(root)
+    ctx = tls_context(root_pem, server_uri=controlplane_uri(td) if td else None)
+    answer = request(url, "GET", api.TRUST_BUNDLE, ctx, timeout=timeout)
+    bundle = answer.data.get("trust_bundle") if isinstance(answer.data, dict) else None
+    if answer.status != 200 or not isinstance(bundle, str):
+        raise ClientError(answer.status, f"{_base(url)} gave no trust bundle: {answer.error}")
+    return bundle.encode()
+
+
+def read_bundle(path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ClientError(0, f"cannot read the trust bundle {path}: {exc.strerror}") from None
+
+
+# --- node calls ---------------------------------------------------------------------
+
+
+class NodeClient:
+    """Node calls with the node's certificate to one of several control planes.
+
+    The server must chain to the bundle in `bundle_file` and carry `server_uri`
+    (``controlplane_uri(td)``). Replicas are tried in order, the last good one
+    first; an answered 4xx is final (the control plane means it)."""
+
+    def __init__(self, urls: Sequence[str], bundle_file: Path, cert_file: Path,
+                 key_file: Path, server_uri: str, timeout: float = 10.0) -> None:  # fmt: skip
+        self.order = list(urls)
+        self.bundle_file, self.cert_file, self.key_file = bundle_file, cert_file, key_file
+        self.server_uri = server_uri
+        self.timeout = timeout
+        self._ctx: ssl.SSLContext | None = None
+        self._ctx_key: tuple[float, float] = (0.0, 0.0)
+
+    def _context(self) -> ssl.SSLContext:
+        """Rebuilt when the certificate or the bundle changes on disk (renewal)."""
+        key = (self.cert_file.stat().st_mtime, self.bundle_file.stat().st_mtime)
+        if self._ctx is None or key != self._ctx_key:
+            self._ctx = tls_context(
+                self.bundle_file.read_bytes(), cert_file=str(self.cert_file),
+                key_file=str(self.key_file), check_hostname=False,  # the SPIFFE ID instead
+                server_uri=self.server_uri,
+            )  # fmt: skip
+            self._ctx_key = key
+        return self._ctx
+
+    def request(self, method: str, path: str, body: Any = None,
+                timeout: float | None = None) -> Any:  # fmt: skip
+        """The decoded JSON of a 2xx answer; ClientError otherwise."""
+        errors = []
+        ctx = self._context()
+        for url in list(self.order):
+            try:
+                answer = request(url, method, path, ctx, body=body,
+                                 timeout=timeout or self.timeout)  # fmt: skip
+            except ClientError as exc:
+                errors.append(str(exc))
+                continue
+            if answer.status >= 500:
+                errors.append(f"{url}: {answer.status} {answer.error}")
+                continue
+            if self.order[0] != url:
+                self.order.remove(url)
+                self.order.insert(0, url)
+            if answer.status >= 300:
+                raise ClientError(answer.status, answer.error)
+            return answer.data
+        raise ClientError(0, "no control plane reachable: " + "; ".join(errors))
