@@ -461,3 +461,19 @@ def test_raw_rst_frame_for_unknown_stream_is_ignored() -> None:
     assert not of_type(events, TunnelReset)
 
 
+
+
+def test_calls_after_the_peer_ended_the_connection_report_nothing() -> None:
+    """Found by fuzz/fuzz_hbone_client.py: after a GOAWAY with an error the
+    shell still sends on a stream it has not aborted yet; that must neither
+    raise nor report a stream failure of ours."""
+    client, server = connected_pair()
+    a = open_established(client, server)
+    client.receive_data(GoAwayFrame(0, last_stream_id=a,
+                                    error_code=hbone.INTERNAL_ERROR).serialize())
+    assert client.ended
+    client.send(a, b"late")
+    client.end(a)
+    client.ack(a, 1)
+    client.reset(a)
+    assert client.take_events() == []

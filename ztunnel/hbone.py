@@ -361,6 +361,8 @@ class HboneConnection:
             raise LocalProtocolError(f"stream {stream_id} was never opened")
         if stream.local_ended or stream.end_after_flush:
             raise LocalProtocolError(f"stream {stream_id} is not open for sending")
+        if self._ended:
+            return  # the connection is over: the shell aborts its streams
         if stream.send_buffer or self._output_paused:
             stream.send_buffer += data
             self._queued += len(data)
@@ -380,7 +382,7 @@ class HboneConnection:
     def end(self, stream_id: int) -> None:
         """Half-close our side of the stream once queued data has gone out."""
         stream = self._streams.get(stream_id)
-        if stream is None or stream.local_ended:
+        if stream is None or stream.local_ended or self._ended:
             return
         if stream.send_buffer:
             stream.end_after_flush = True
