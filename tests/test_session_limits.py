@@ -172,6 +172,49 @@ def test_our_data_stops_at_the_high_water_mark_so_two_ends_never_deadlock() -> N
     asyncio.run(body())
 
 
+class Counting(Sink):
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken = 0
+
+    def on_writable(self) -> None:
+        self.woken += 1
+
+
+def test_streams_stopped_by_the_connection_queue_cap_are_woken_when_it_drains(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stream B sent everything it had, but was told to stop because stream
+    A's queue filled the connection's: B must be woken when that drains, not
+    only A (which gets SendWindowOpened)."""
+    monkeypatch.setattr(session, "CONNECTION_PENDING_HIGH", 1 << 20)
+
+    def body() -> None:
+        s, t, raw = served_session()
+        raw.increment_flow_control_window(hbone.CONNECTION_WINDOW - 65535)
+        s.data_received(raw.data_to_send())
+        for sid in (1, 3):
+            raw.send_headers(sid, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        s.data_received(raw.data_to_send())
+        a, b = Counting(), Counting()
+        a.bind(s, 1)
+        b.bind(s, 3)
+        s.accept(1)
+        s.accept(3)
+        assert not s.send(1, b"a" * (2 << 20))  # 64 KiB out, the rest queued
+        assert not s.send(3, b"b")  # went out, but the connection queue is full
+        assert s.conn.pending(3) == 0
+        t.drain()
+        woken_before = b.woken
+        raw.receive_data(s.conn.data_to_send())
+        raw.increment_flow_control_window(4 << 20, stream_id=1)
+        s.data_received(raw.data_to_send())
+        assert s.conn.queued_bytes == 0
+        assert b.woken > woken_before
+
+    run(body)
+
+
 def test_failed_h2_call_resets_the_stream_through_the_shell() -> None:
     """accept() on a stream h2 closed meanwhile: the handler is told, nothing raises."""
 

@@ -119,6 +119,8 @@ class HboneSession(asyncio.Protocol):
         for ev in self.conn.receive_data(data, now):
             self._dispatch(ev)
         self._flush_now()
+        if self._queue_full:
+            self._wake_if_drained()
         transport = self.transport
         if (self.write_paused and not self._reading_paused and transport is not None
                 and transport.get_write_buffer_size() > self._read_pause_at):
@@ -214,7 +216,13 @@ class HboneSession(asyncio.Protocol):
         if self.conn.has_events:
             for ev in self.conn.take_events():
                 self._dispatch(ev)
-        if self._queue_full and self.conn.queued_bytes < CONNECTION_PENDING_HIGH // 2:
+        if self._queue_full:
+            self._wake_if_drained()
+
+    def _wake_if_drained(self) -> None:
+        """Streams told to stop because the whole connection's queue was full
+        may have nothing queued themselves: wake them all once it drained."""
+        if self.conn.queued_bytes < CONNECTION_PENDING_HIGH // 2:
             self._queue_full = False
             for handler in list(self.handlers.values()):
                 handler.on_writable()
