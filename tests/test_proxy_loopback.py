@@ -209,3 +209,43 @@ def test_aborted_slow_downloads_do_not_stall_the_pooled_connection(tmp_path: Pat
         await _stop(server, nodes)
 
     run(main, tmp_path)
+
+
+def test_ping_flood_over_real_tls_from_a_peer_that_does_not_read(tmp_path: Path) -> None:
+    """An authenticated peer sends PINGs and never reads the ACKs: the inbound
+    proxy stops reading its TLS socket once READ_PAUSE_AT of answers wait, so
+    what it holds stays bounded however much the peer offers (before: every
+    byte of PINGs became a byte of queued ACKs)."""
+    import ssl
+
+    from hyperframe.frame import PingFrame, SettingsFrame
+    from meshnode.ztunnel import session as session_mod
+
+    async def main(tmp: Path) -> None:
+        server, nodes = await _mesh(tmp, lambda r, w: None, 18206)  # type: ignore[arg-type,return-value]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_cert_chain(tmp / "web.pem", tmp / "web-key.pem")
+        ctx.load_verify_locations(tmp / "bundle.pem")
+        ctx.check_hostname = False  # SPIFFE IDs are URI SANs
+        reader, writer = await asyncio.open_connection(
+            N2, 15008, ssl=ctx, server_hostname="api.default.cluster.local")
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+        pings = b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize()
+                         for i in range(4096))
+        offered = 0
+        try:
+            while offered < (32 << 20):
+                writer.write(pings)
+                await asyncio.wait_for(writer.drain(), 2)
+                offered += len(pings)
+        except TimeoutError:
+            pass  # the proxy stopped reading: our writes back up
+        (sess,) = nodes["node2"].proxy.pi.inbound_sessions
+        assert sess.transport is not None
+        held = sess.transport.get_write_buffer_size()
+        assert offered < 32 << 20, f"the proxy read all {offered} bytes, holds {held} of ACKs"
+        assert held <= session_mod.READ_PAUSE_AT + (1 << 20), (held, offered)
+        writer.transport.abort()
+        await _stop(server, nodes)
+
+    run(main, tmp_path)
