@@ -235,6 +235,40 @@ def test_failed_h2_call_resets_the_stream_through_the_shell() -> None:
     run(body)
 
 
+def test_rapid_reset_flood_closes_the_connection_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """CONNECT + RST_STREAM as fast as the peer can: GOAWAY ENHANCE_YOUR_CALM,
+    the TLS connection closed, the shell told (metrics hook) and a warning
+    naming the peer -- before, 20,000 tunnels in 1.7 s, each authorized and
+    connected."""
+    requested: list[int] = []
+    ended: list[hbone.ConnectionEnded] = []
+
+    def body() -> None:
+        s = HboneSession(hbone.HboneConnection(client_side=False),
+                         on_request=lambda s, ev: requested.append(ev.stream_id),
+                         on_ended=lambda s, ev: ended.append(ev))
+        s.peer = A
+        t = FakeTransport(s)
+        s.connection_made(t)  # type: ignore[arg-type]
+        raw = raw_h2_client()
+        s.data_received(raw.data_to_send())
+        for i in range(2000):
+            if t.closing:
+                break
+            raw.send_headers(2 * i + 1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+            raw.reset_stream(2 * i + 1)
+            s.data_received(raw.data_to_send())
+        assert t.closing
+        assert [ev.error_code for ev in ended] == [hbone.ENHANCE_YOUR_CALM]
+        assert len(requested) <= 201
+
+    with caplog.at_level(logging.WARNING, "meshnode.ztunnel.session"):
+        run(body)
+    assert "rapid reset" in caplog.text and str(A) in caplog.text
+
+
 # --- inbound connection caps -----------------------------------------------------------
 
 

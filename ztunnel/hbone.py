@@ -668,7 +668,7 @@ class HboneConnection:
         if len(resets) > self.limits.reset_limit and not self._ended:
             reason = (f"peer had more than {self.limits.reset_limit} streams reset or refused "
                       f"within {self.limits.reset_window:g}s (rapid reset)")
-            log.warning("HBONE connection: %s; sending GOAWAY ENHANCE_YOUR_CALM", reason)
+            log.debug("HBONE connection: %s; sending GOAWAY ENHANCE_YOUR_CALM", reason)
             self._fail_connection(ENHANCE_YOUR_CALM, reason, True, out)
 
     # -- containment -------------------------------------------------------------

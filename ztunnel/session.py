@@ -337,7 +337,10 @@ class HboneSession(asyncio.Protocol):
             if handler is not None:
                 handler.on_writable()
         elif isinstance(ev, hbone.ConnectionEnded):
-            log.info("HBONE connection with %s ended: %s", self.peer, ev.reason)
+            # A limit the peer ran into is worth a warning: a broken or hostile peer.
+            level = logging.WARNING if ev.error_code == hbone.ENHANCE_YOUR_CALM else logging.INFO
+            log.log(level, "HBONE connection with %s (%s) ended: %s", self.peer,
+                    self.peer_address or "?", ev.reason)
             if self._on_ended is not None:
                 self._on_ended(self, ev)
             if (self.conn.ended or not self.handlers) and not self.closed:
