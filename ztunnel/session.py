@@ -97,6 +97,7 @@ class HboneSession(asyncio.Protocol):
         self._read_pause_at = READ_PAUSE_AT
         self._queue_full = False  # a send was refused for CONNECTION_PENDING_HIGH
         self._timer: asyncio.TimerHandle | None = None
+        self._lost = False
         self._loop = asyncio.get_event_loop()
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -135,6 +136,7 @@ class HboneSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._lost = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -298,7 +300,13 @@ class HboneSession(asyncio.Protocol):
             return
         transport.close()
         if transport.get_write_buffer_size():
-            self._loop.call_later(CLOSE_GRACE, transport.abort)
+            self._loop.call_later(CLOSE_GRACE, self._abort_if_open, transport)
+
+    def _abort_if_open(self, transport: asyncio.Transport) -> None:
+        if self.transport is transport and not self._lost:
+            log.info("HBONE connection with %s aborted: GOAWAY not taken within %.0fs",
+                     self.peer, CLOSE_GRACE)
+            transport.abort()
 
     # -- events ----------------------------------------------------------------
 
