@@ -383,3 +383,22 @@ def test_pool_skips_draining_connections() -> None:
     run(body)
 
 
+
+
+def test_the_session_runs_the_keepalive_timer() -> None:
+    """The shell arms the connection's timer: a silent peer is found dead and
+    the TLS connection closed (short times here; 20 s + 10 s by default)."""
+
+    async def body() -> None:
+        limits = hbone.HboneLimits(keepalive_interval=0.05, keepalive_timeout=0.05,
+                                   idle_timeout=None)
+        s = HboneSession(hbone.HboneConnection(client_side=True, limits=limits))
+        t = FakeTransport(s)
+        s.connection_made(t)  # type: ignore[arg-type]
+        for _ in range(100):
+            if t.closing:
+                break
+            await asyncio.sleep(0.02)
+        assert t.closing and s.conn.ended
+
+    asyncio.run(body())
