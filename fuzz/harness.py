@@ -128,7 +128,8 @@ class Run:
         elif op == 7:
             if not self.client_side:
                 conn.refuse_tunnel(sid, src.int(100, 599), "fuzz", self.now)
-                self._gone(sid)
+                if sid in self.live:  # else: a stream not (yet) requested
+                    self._gone(sid)
         elif op == 8:
             n = src.int(0, MAX_SEND)
             try:
@@ -148,7 +149,8 @@ class Run:
             self._ends.add(sid)
         elif op == 11:
             conn.reset(sid, src.int(0, 13))
-            self._gone(sid)
+            if sid in self.live:
+                self._gone(sid)
         elif op == 12:
             self.now += src.int(0, 40)
             self._events(conn.handle_timer(self.now))
