@@ -367,8 +367,9 @@ def test_server_reset_reaches_client_with_its_error_code() -> None:
     client_events, _ = pump(client, server)
     assert client_events == [TunnelReset(a, hbone.CONNECT_ERROR, True)]
     assert client.open_streams == 1
-    with pytest.raises(LocalProtocolError):
-        client.send(a, b"x")
+    # The shell may still hold bytes for the stream it has not heard is gone:
+    # they are dropped, not an error (only a stream never opened is one).
+    client.send(a, b"x")
     client.send(b, b"ok")
     _, server_events = pump(client, server)
     assert server_events == [DataReceived(b, b"ok", 2)]

@@ -153,3 +153,101 @@ def test_same_node_short_cut_keeps_identity_and_skips_tls(tmp_path: Path) -> Non
         await _stop(server, nodes)
 
     run(main, tmp_path)
+
+
+def test_aborted_slow_downloads_do_not_stall_the_pooled_connection(tmp_path: Path) -> None:
+    """A client that stops reading a download and then aborts leaves a stream
+    window of bytes its proxy never wrote out. Those bytes must go back to the
+    pooled connection's window when the stream goes: 16 such clients used to
+    eat all 64 MiB of it, and every later connection over it stalled."""
+    from meshnode.ztunnel import hbone
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            what = await reader.read(1)
+            writer.write(b"d" * ((1 << 20) if what == b"s" else (16 << 20)))
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def main(tmp: Path) -> None:
+        loop = asyncio.get_running_loop()
+        server, nodes = await _mesh(tmp, serve, 18205)
+        pool = nodes["node1"].proxy.pi.pool
+        aborted = hbone.CONNECTION_WINDOW // hbone.STREAM_WINDOW + 4
+        for i in range(aborted):
+            port = 41300 + i
+            nodes["node1"].orig.records[("127.0.0.1", port)] = OriginalDst("240.0.0.1", 80, 1)
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 10)
+            sock.bind(("127.0.0.1", port))
+            sock.setblocking(False)
+            await loop.sock_connect(sock, (N1, 15001))
+            await loop.sock_sendall(sock, b"b")
+            # Wait until node1 holds what it may for this stuck reader: the
+            # stream window, less what the kernel took before the socket filled.
+            deadline = loop.time() + 10
+            held, still = 0, 0
+            while loop.time() < deadline and still < 5:
+                await asyncio.sleep(0.02)
+                handlers = [h for ss in pool._sessions.values() for s in ss
+                            for h in s.handlers.values()]
+                now_held = handlers[0].unacked if handlers else 0
+                still = still + 1 if now_held == held and held >= (1 << 20) else 0
+                held = now_held
+            assert held >= 1 << 20, held
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # abort: RST
+            await asyncio.sleep(0.02)
+        r, w = await _client(nodes, "node1", 41399, 1)
+        w.write(b"s")
+        got = await asyncio.wait_for(r.readexactly(1 << 20), 10)
+        assert len(got) == 1 << 20
+        assert pool.handshakes == 1  # every download went over the one pooled connection
+        w.close()
+        await _stop(server, nodes)
+
+    run(main, tmp_path)
+
+
+def test_ping_flood_over_real_tls_from_a_peer_that_does_not_read(tmp_path: Path) -> None:
+    """An authenticated peer sends PINGs and never reads the ACKs: the inbound
+    proxy stops reading its TLS socket once READ_PAUSE_AT of answers wait, so
+    what it holds stays bounded however much the peer offers (before: every
+    byte of PINGs became a byte of queued ACKs)."""
+    import ssl
+
+    from hyperframe.frame import PingFrame, SettingsFrame
+
+    from meshnode.ztunnel import session as session_mod
+
+    async def main(tmp: Path) -> None:
+        server, nodes = await _mesh(tmp, lambda r, w: None, 18206)  # type: ignore[arg-type,return-value]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_cert_chain(tmp / "web.pem", tmp / "web-key.pem")
+        ctx.load_verify_locations(tmp / "bundle.pem")
+        ctx.check_hostname = False  # SPIFFE IDs are URI SANs
+        reader, writer = await asyncio.open_connection(
+            N2, 15008, ssl=ctx, server_hostname="api.default.cluster.local")
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+        pings = b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize()
+                         for i in range(4096))
+        offered = 0
+        try:
+            while offered < (32 << 20):
+                writer.write(pings)
+                await asyncio.wait_for(writer.drain(), 2)
+                offered += len(pings)
+        except TimeoutError:
+            pass  # the proxy stopped reading: our writes back up
+        (sess,) = nodes["node2"].proxy.pi.inbound_sessions
+        assert sess.transport is not None
+        held = sess.transport.get_write_buffer_size()
+        assert offered < 32 << 20, f"the proxy read all {offered} bytes, holds {held} of ACKs"
+        assert held <= session_mod.READ_PAUSE_AT + (1 << 20), (held, offered)
+        writer.transport.abort()
+        await _stop(server, nodes)
+
+    run(main, tmp_path)

@@ -1,5 +1,10 @@
 """Inbound HBONE (15008): terminate mutual TLS, check the peer's identity and
-the requested destination, connect to the local workload, relay."""
+the requested destination, connect to the local workload, relay.
+
+Connections are capped in total and per peer (by verified identity and by
+address), so one peer -- even an authenticated one -- cannot take all of them.
+Per-connection limits (streams, resets, header sizes, keepalive, idleness) are
+``hbone.HboneLimits``."""
 
 from __future__ import annotations
 
@@ -21,15 +26,54 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meshnode.ztunnel.inbound")
 
+# Established inbound HBONE connections (TLS handshakes in progress are bounded
+# by the handshake timeout). A pooled peer needs one per (its workload identity,
+# our workload identity) pair, more past max_streams streams each. Read from the
+# config when it has these fields, else these defaults.
+MAX_INBOUND_CONNECTIONS = 4096
+MAX_CONNECTIONS_PER_IDENTITY = 256
+MAX_CONNECTIONS_PER_ADDRESS = 1024
+
 
 def new_session(pi: ProxyInputs) -> HboneSession:
-    conn = hbone.HboneConnection(client_side=False, max_concurrent_streams=pi.config.max_streams)
+    limits = hbone.HboneLimits(max_concurrent_streams=pi.config.max_streams,
+                               idle_timeout=pi.config.idle_timeout)
+    conn = hbone.HboneConnection(client_side=False, limits=limits)
     return HboneSession(
         conn,
         on_made=lambda s: _verify_peer(pi, s),
         on_request=lambda s, ev: _on_request(pi, s, ev),
         on_lost=pi.inbound_sessions.discard,
+        on_ended=lambda s, ev: _on_ended(pi, s, ev),
     )
+
+
+def _on_ended(pi: ProxyInputs, session: HboneSession, ev: hbone.ConnectionEnded) -> None:
+    if ev.error_code == hbone.ENHANCE_YOUR_CALM:
+        pi.metrics.failed.inc(("inbound", "enhance_your_calm"))
+
+
+def connection_limit(pi: ProxyInputs, peer: SpiffeId, address: str | None) -> str | None:
+    """None if one more inbound connection from this peer is allowed, else why
+    not. Counts only when a limit could be near, so the common case is O(1)."""
+    cfg = pi.config
+    total_max = int(getattr(cfg, "max_inbound_connections", MAX_INBOUND_CONNECTIONS))
+    id_max = int(getattr(cfg, "max_connections_per_identity", MAX_CONNECTIONS_PER_IDENTITY))
+    addr_max = int(getattr(cfg, "max_connections_per_address", MAX_CONNECTIONS_PER_ADDRESS))
+    sessions = pi.inbound_sessions
+    if len(sessions) >= total_max:
+        return f"{len(sessions)} inbound connections are open (limit {total_max})"
+    if len(sessions) < min(id_max, addr_max):
+        return None
+    same_id = sum(1 for s in sessions if s.peer == peer)
+    if same_id >= id_max:
+        return f"{same_id} connections from {peer} are open (limit {id_max} per identity)"
+    if address is not None:
+        same_addr = sum(1 for s in sessions if s.peer_address == address)
+        if same_addr >= addr_max:
+            return (f"{same_addr} connections from {address} are open "
+                    f"(limit {addr_max} per address)")
+    return None
 
 
 def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
@@ -45,7 +89,14 @@ def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
         log.warning("inbound connection from %s refused: identity %s is not of trust domain %s",
                     peername, peer, pi.state.trust_domain)
         return False
+    address = peername[0] if isinstance(peername, tuple) and peername else None
+    over = connection_limit(pi, peer, address)
+    if over is not None:
+        log.warning("inbound connection from %s (%s) refused: %s", peername, peer, over)
+        pi.metrics.failed.inc(("inbound", "connection_limit"))
+        return False
     session.peer = peer
+    session.peer_address = address
     session.local_identity = pi.tls.served_identity(ssl_object)
     pi.inbound_sessions.add(session)
     return True

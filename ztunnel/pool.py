@@ -53,6 +53,9 @@ class HbonePool:
         return sum(len(v) for v in self._sessions.values())
 
     def _find(self, key: PoolKey) -> HboneSession | None:
+        # Never a closed, failed (keepalive timeout, GOAWAY with an error) or
+        # draining (GOAWAY NO_ERROR, idle) connection: has_capacity() is False
+        # for the last two.
         for session in self._sessions.get(key, ()):
             if session.usable and session.conn.has_capacity():
                 return session
@@ -79,7 +82,9 @@ class HbonePool:
         host, port = key.peer
 
         def factory() -> HboneSession:
-            conn = hbone.HboneConnection(client_side=True, max_concurrent_streams=self.max_streams)
+            limits = hbone.HboneLimits(max_concurrent_streams=self.max_streams,
+                                       idle_timeout=self.idle_timeout)
+            conn = hbone.HboneConnection(client_side=True, limits=limits)
             return HboneSession(conn, on_lost=lambda s: self._drop(key, s))
 
         started = time.monotonic()

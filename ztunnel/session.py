@@ -10,6 +10,14 @@ The shell only moves bytes and events:
   (back-pressure) until ``SendWindowOpened`` / ``resume_writing``.
 * Received data is acknowledged to the peer only once the plain socket's
   buffer has room, so a slow reader slows its sender and nothing else.
+* The TLS side is back-pressured too: while its write buffer is full, data is
+  queued in the streams instead of being framed, and past ``READ_PAUSE_AT``
+  the TLS socket stops being read -- a peer that sends PINGs (or anything that
+  we must answer) without reading what we send gets no more than that from us.
+  Only our answers can push the buffer that far: our own data stops at the
+  high-water mark, so two meshnode ends never wait for each other to read.
+* Keepalive and idleness are ``HboneConnection``'s: the shell only runs its
+  timer.
 """
 
 from __future__ import annotations
@@ -29,6 +37,19 @@ log = logging.getLogger("meshnode.ztunnel.session")
 
 # Stop reading a plain socket once this much is queued for its stream.
 PENDING_HIGH = 1 << 20
+# ... or once this much is queued in all streams of its HBONE connection.
+CONNECTION_PENDING_HIGH = 16 << 20
+# Frame DATA into the TLS transport at once (not at the end of the loop turn)
+# when this much is waiting: bounds what many streams add in one turn.
+FLUSH_AT = 256 << 10
+# Stop reading the TLS socket while its write buffer holds more than this (or
+# 4x the transport's high-water mark, 512 KiB for TLS, if that is more). Our own
+# DATA stops near the high-water mark (+ FLUSH_AT + one read), well below.
+READ_PAUSE_AT = 4 << 20
+# A TLS write buffer beyond this is a peer that does not read: drop it.
+MAX_WRITE_BUFFER = 16 << 20
+# After a GOAWAY for a failed connection, wait this long for it to go out.
+CLOSE_GRACE = 2.0
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
@@ -56,6 +77,7 @@ class HboneSession(asyncio.Protocol):
         on_request: Callable[[HboneSession, hbone.TunnelRequested], None] | None = None,
         on_made: Callable[[HboneSession], bool] | None = None,
         on_lost: Callable[[HboneSession], None] | None = None,
+        on_ended: Callable[[HboneSession, hbone.ConnectionEnded], None] | None = None,
     ) -> None:
         self.conn = conn
         self.transport: asyncio.Transport | None = None
@@ -64,11 +86,18 @@ class HboneSession(asyncio.Protocol):
         self.closed = False
         self.last_active = time.monotonic()
         self.peer: Any = None  # verified peer identity, set by the owner
+        self.peer_address: str | None = None  # the peer's IP, set by the owner
         self.local_identity: Any = None
         self._on_request = on_request
         self._on_made = on_made
         self._on_lost = on_lost
+        self._on_ended = on_ended
         self._flush_scheduled = False
+        self._reading_paused = False  # the TLS socket, by us (READ_PAUSE_AT)
+        self._read_pause_at = READ_PAUSE_AT
+        self._queue_full = False  # a send was refused for CONNECTION_PENDING_HIGH
+        self._timer: asyncio.TimerHandle | None = None
+        self._lost = False
         self._loop = asyncio.get_event_loop()
 
     # -- asyncio.Protocol ----------------------------------------------------
@@ -76,23 +105,41 @@ class HboneSession(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        with contextlib.suppress(AttributeError, NotImplementedError):
+            high = self.transport.get_write_buffer_limits()[1]
+            self._read_pause_at = max(READ_PAUSE_AT, 4 * high)
         if self._on_made is not None and not self._on_made(self):
             self.closed = True
             self.transport.abort()
             return
         self.flush()
+        self._arm_timer()
 
     def data_received(self, data: bytes) -> None:
-        self.last_active = time.monotonic()
-        for ev in self.conn.receive_data(data):
+        now = self.last_active = time.monotonic()
+        for ev in self.conn.receive_data(data, now):
             self._dispatch(ev)
-        self.flush()
+        self._flush_now()
+        if self._queue_full:
+            self._wake_if_drained()
+        transport = self.transport
+        if (self.write_paused and not self._reading_paused and transport is not None
+                and transport.get_write_buffer_size() > self._read_pause_at):
+            # What we owe the peer is piling up because it does not read: stop
+            # reading until resume_writing. (Only answers to the peer's own
+            # frames can get here; our data stops at the high-water mark.)
+            self._reading_paused = True
+            transport.pause_reading()
 
     def eof_received(self) -> bool:
         return False  # a TLS peer that stops sending is done: close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self._lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         reason = f"HBONE connection lost: {exc}" if exc else "HBONE connection closed"
         handlers, self.handlers = self.handlers, {}
         for handler in handlers.values():
@@ -102,11 +149,36 @@ class HboneSession(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.conn.pause_output()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        for ev in self.conn.resume_output():
+            self._dispatch(ev)
+        self.flush()
         for handler in list(self.handlers.values()):
             handler.on_writable()
+
+    # -- keepalive, idleness (the decisions are HboneConnection's) -------------
+
+    def _arm_timer(self) -> None:
+        when = self.conn.next_timer()
+        if when is None or self.closed:
+            return
+        delay = max(0.0, when - time.monotonic()) + 0.001
+        self._timer = self._loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        for ev in self.conn.handle_timer(time.monotonic()):
+            self._dispatch(ev)
+        self.flush()
+        self._arm_timer()
 
     # -- used by PlainSide and the proxy --------------------------------------
 
@@ -130,8 +202,32 @@ class HboneSession(asyncio.Protocol):
     def _flush_now(self) -> None:
         self._flush_scheduled = False
         data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not transport.is_closing():
+            transport.write(data)
+            if self.write_paused and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
+                log.warning("HBONE connection to %s dropped: %d bytes wait to be sent to a "
+                            "peer that does not read", self.peer,
+                            transport.get_write_buffer_size())
+                self.closed = True
+                transport.abort()
+
+    def _after_call(self) -> None:
+        """Report what a call into the connection could not do (events it
+        deferred), and wake the streams once a full connection queue drains."""
+        if self.conn.has_events:
+            for ev in self.conn.take_events():
+                self._dispatch(ev)
+        if self._queue_full:
+            self._wake_if_drained()
+
+    def _wake_if_drained(self) -> None:
+        """Streams told to stop because the whole connection's queue was full
+        may have nothing queued themselves: wake them all once it drained."""
+        if self.conn.queued_bytes < CONNECTION_PENDING_HIGH // 2:
+            self._queue_full = False
+            for handler in list(self.handlers.values()):
+                handler.on_writable()
 
     def open(self, authority: str, headers: list[tuple[str, str]], handler: PlainSide) -> int:
         stream_id = self.conn.open_tunnel(authority, headers)
@@ -146,30 +242,45 @@ class HboneSession(asyncio.Protocol):
     def accept(self, stream_id: int) -> None:
         self.conn.accept_tunnel(stream_id)
         self.flush()
+        self._after_call()
 
     def refuse(self, stream_id: int, status: int, reason: str) -> None:
         self.handlers.pop(stream_id, None)
-        self.conn.refuse_tunnel(stream_id, status, reason)
+        self.conn.refuse_tunnel(stream_id, status, reason, time.monotonic())
         self.flush()
+        self._after_call()
 
     def send(self, stream_id: int, data: bytes) -> bool:
         """Queue data; returns False when the caller should stop reading."""
-        self.conn.send(stream_id, data)
-        self.flush()
-        return not self.write_paused and self.conn.pending(stream_id) < PENDING_HIGH
+        conn = self.conn
+        conn.send(stream_id, data)
+        if conn.outbound_size > FLUSH_AT:
+            self._flush_now()
+        else:
+            self.flush()
+        if conn.has_events:
+            self._after_call()
+        if conn.queued_bytes >= CONNECTION_PENDING_HIGH:
+            self._queue_full = True
+            return False
+        return not self.write_paused and conn.pending(stream_id) < PENDING_HIGH
 
     def end(self, stream_id: int) -> None:
         self.conn.end(stream_id)
         self.flush()
+        self._after_call()
 
     def reset(self, stream_id: int, code: int = hbone.CANCEL) -> None:
         self.handlers.pop(stream_id, None)
-        self.conn.reset(stream_id, code)
+        self.conn.reset(stream_id, code)  # gives back what the stream held unacknowledged
         self.flush()
+        self._after_call()
 
     def ack(self, stream_id: int, flow_length: int) -> None:
         self.conn.ack(stream_id, flow_length)
         self.flush()
+        if self.conn.has_events:
+            self._after_call()
 
     def forget(self, stream_id: int) -> None:
         self.handlers.pop(stream_id, None)
@@ -178,10 +289,24 @@ class HboneSession(asyncio.Protocol):
         if self.closed:
             return
         self.conn.close(hbone.NO_ERROR, reason)
-        self._flush_now()  # the GOAWAY goes out before the transport closes
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        """GOAWAY out, then close; abort if the peer does not take it in time."""
+        self._flush_now()
         self.closed = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            self._loop.call_later(CLOSE_GRACE, self._abort_if_open, transport)
+
+    def _abort_if_open(self, transport: asyncio.Transport) -> None:
+        if self.transport is transport and not self._lost:
+            log.info("HBONE connection with %s aborted: GOAWAY not taken within %.0fs",
+                     self.peer, CLOSE_GRACE)
+            transport.abort()
 
     # -- events ----------------------------------------------------------------
 
@@ -194,7 +319,8 @@ class HboneSession(asyncio.Protocol):
                 self.conn.ack(ev.stream_id, ev.flow_length)
         elif isinstance(ev, hbone.TunnelRequested):
             if self._on_request is None:
-                self.conn.refuse_tunnel(ev.stream_id, 405, "this end accepts no tunnels")
+                self.conn.refuse_tunnel(ev.stream_id, 405, "this end accepts no tunnels",
+                                        time.monotonic())
             else:
                 self._on_request(self, ev)
         elif isinstance(ev, hbone.TunnelEstablished):
@@ -212,18 +338,21 @@ class HboneSession(asyncio.Protocol):
         elif isinstance(ev, hbone.TunnelReset):
             handler = self.handlers.pop(ev.stream_id, None)
             if handler is not None:
-                handler.on_reset(f"stream reset by peer ({hbone._error_name(ev.error_code)})")
+                who = "peer" if ev.remote else "us"
+                handler.on_reset(f"stream reset by {who} ({hbone.error_name(ev.error_code)})")
         elif isinstance(ev, hbone.SendWindowOpened):
             handler = self.handlers.get(ev.stream_id)
             if handler is not None:
                 handler.on_writable()
         elif isinstance(ev, hbone.ConnectionEnded):
-            log.info("HBONE connection to %s ended: %s", self.peer, ev.reason)
-            if ev.error_code != hbone.NO_ERROR or not self.handlers:
-                self.closed = True
-                if self.transport is not None:
-                    self._flush_now()
-                    self.transport.close()
+            # A limit the peer ran into is worth a warning: a broken or hostile peer.
+            level = logging.WARNING if ev.error_code == hbone.ENHANCE_YOUR_CALM else logging.INFO
+            log.log(level, "HBONE connection with %s (%s) ended: %s", self.peer,
+                    self.peer_address or "?", ev.reason)
+            if self._on_ended is not None:
+                self._on_ended(self, ev)
+            if (self.conn.ended or not self.handlers) and not self.closed:
+                self._close_transport()
 
 
 class Carrier(Protocol):
