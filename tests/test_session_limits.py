@@ -15,8 +15,8 @@ import pytest
 from hyperframe.frame import PingFrame
 from test_hbone import raw_h2_client
 
-from meshnode.ztunnel import hbone, inbound, session
 from meshnode.core.identity import SpiffeId
+from meshnode.ztunnel import hbone, inbound, session
 from meshnode.ztunnel.metrics import ProxyMetrics
 from meshnode.ztunnel.pool import HbonePool, PoolKey
 from meshnode.ztunnel.session import HboneSession, PlainSide
