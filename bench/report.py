@@ -1,6 +1,6 @@
 """The benchmark's pure logic: parsing tool output, medians, ratios, target
 verdicts and table rendering. No processes, no files: driven by text and
-numbers, so `tests/test_bench_report.py` checks it with captured outputs."""
+numbers, so `tests/unit/bench/test_report.py` checks it with captured outputs."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """ctypes mirrors of the structs in meshnode.h, and the pin names.
 
 meshnode.h is the definition; this module repeats it for Python and
-tests/test_bpf_layout.py checks, with gcc, that sizes, offsets and pin names agree.
+tests/unit/bpf/test_layout.py checks, with gcc, that sizes, offsets and pin names agree.
 Field names are the C field names. Addresses and ports are stored in network
 order, as in the kernel; the constructors and accessors here take and return
 plain strings and host-order ints.

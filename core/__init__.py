@@ -5,7 +5,7 @@ Identities (``identity``), PKI helpers (``pki``), atomic file writes
 typed wire contracts between components (``contracts``), well-known ports and
 addresses (``constants``) and the one error base (``errors``).
 
-The import rule (docs/architecture.md, enforced by tests/unit/test_import_contract.py):
+The import rule (docs/architecture.md, enforced by tests/unit/core/test_import_contract.py):
 ``core`` imports no other part of meshnode; ztunnel, nodeagent and controlplane
 import ``core`` (and ``bpf``), never each other.
 """

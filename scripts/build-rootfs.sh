@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Debian 12 root filesystem that tests boot with systemd-nspawn
-# (tests/nspawn.py): one shared, read-only tree; every node gets its own overlay.
+# (tests/support/nspawn.py): one shared, read-only tree; every node gets its own overlay.
 #
 #   scripts/build-rootfs.sh [DIR]      default DIR: /var/cache/meshnode/rootfs
 #
@@ -84,7 +84,7 @@ rm -f "$work/var/lib/dbus/machine-id"
 rm -f "$work/etc/hostname"
 # Keep the image small; apt is never run inside a node.
 rm -rf "$work"/var/cache/apt/archives/*.deb "$work"/var/lib/apt/lists/*
-# Mount points for the binds tests/nspawn.py makes (the repository's own path is
+# Mount points for the binds tests/support/nspawn.py makes (the repository's own path is
 # created by systemd-nspawn at boot, in the node's overlay).
 mkdir -p "$work/sys/fs/bpf" "$work/lib/modules" "$work/usr/src"
 printf '%s\n' "$want" >"$work/$marker"

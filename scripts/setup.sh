@@ -80,7 +80,7 @@ ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"
 # are mapped into the meshnode namespace; see pyproject.toml). A new module needs
 # this script (or `make install`) to run again.
 extras=controlplane
-[ "$want_test" = 1 ] && extras=controlplane,dev,bench
+[ "$want_test" = 1 ] && extras=controlplane,dev,bench,fuzz
 .venv/bin/python -m pip install -q -e ".[$extras]" --config-settings editable_mode=strict
 .venv/bin/python -c 'import bcc, meshnode.cli.main' || { echo "meshnode did not import after install" >&2; exit 1; }
 log "ready: $(pwd)/.venv/bin/meshnode"

@@ -13,7 +13,7 @@ the peer proved over mTLS) may reach `dest_service` in `dest_namespace` on
 4. If none applies: the mesh default action (MeshConfig, ALLOW unless configured).
 
 Policies are compiled once, per (namespace, service) and per namespace, so `check`
-only looks at the policies that apply. Table-tested in tests/test_authz.py.
+only looks at the policies that apply. Table-tested in tests/unit/ztunnel/test_authz.py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 h2 is a sound HTTP/2 state machine, but a few of its behaviours do not fit a
 proxy facing hostile peers, and one of its debug paths is slow. Each change here
 overrides a *private* attribute or method, so it is pinned to the versions in
-pyproject.toml and ``tests/test_h2compat.py`` checks that every name we touch
+pyproject.toml and ``tests/unit/ztunnel/test_h2compat.py`` checks that every name we touch
 still exists with the signature and the behaviour we rely on: a new h2 that
 moves them fails that test loudly instead of silently dropping a defence.
 

@@ -1,7 +1,7 @@
 """The outbound routing decision, free of I/O: given who connected (the source
 workload, from the BPF record) and where to (the original destination), decide
 which endpoint, which peer node, which inner authority and which identity the
-peer must prove. Table-tested in tests/test_routing.py."""
+peer must prove. Table-tested in tests/unit/ztunnel/test_routing.py."""
 
 from __future__ import annotations
 

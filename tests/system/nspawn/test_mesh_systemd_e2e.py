@@ -1,0 +1,290 @@
+"""The whole thing on nodes with a real systemd (systemd-nspawn, tests/support/nspawn.py):
+a control plane, two nodes enrolled with `meshnode enroll` (agent and ztunnel as
+systemd units), demo workloads as systemd units registered with `meshnode
+workload add --systemd-unit`, and then:
+
+- traffic flows between the nodes' workloads, with mTLS identities;
+- `meshnode status` tells the truth;
+- the control plane goes away: a live connection keeps going, new connections
+  work, an agent restarted meanwhile comes back from its snapshot, and a policy
+  changed meanwhile (through another control-plane process on the same
+  database) reaches the nodes when the control plane returns;
+- certificates (120 s TTL here) rotate under a live connection without dropping it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import TOOLS
+from tests.support.nspawn import REPO, Cluster, Node, NspawnError, ensure_rootfs, missing
+
+pytestmark = [pytest.mark.root]
+
+MESHNODE = str(REPO / ".venv" / "bin" / "meshnode")
+PY = str(REPO / ".venv" / "bin" / "python")
+SUBNET = "198.18.3.0/24"
+PORT = 15012
+CERT_TTL = "120s"  # short enough to rotate in a test, long enough to outlive the outage test
+
+
+@dataclass
+class Mesh:
+    cluster: Cluster
+    n1: Node
+    n2: Node
+    data: Path
+    ns: list[str]
+    cp: subprocess.Popen[bytes] | None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.cluster.gateway}:{PORT}"
+
+    def start_cp(self, listen: str | None = None) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [*self.ns, MESHNODE, "controlplane", "run", "--listen", listen or f"0.0.0.0:{PORT}",
+             "--data-dir", str(self.data), "--advertise", self.cluster.gateway,
+             "--cert-ttl", CERT_TTL],
+            stdout=subprocess.DEVNULL, stderr=open(self.data / "cp.log", "ab"))  # noqa: SIM115
+        port = int((listen or f":{PORT}").rsplit(":", 1)[1])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError("control plane exited:\n" + (self.data / "cp.log").read_text())
+            probe = subprocess.run([*self.ns, "curl", "-sk", "--max-time", "1",
+                                    f"https://127.0.0.1:{port}/v1/trust-bundle"],
+                                   capture_output=True, text=True)
+            if probe.returncode == 0 and "trust_bundle" in probe.stdout:
+                return proc
+            time.sleep(0.1)
+        raise AssertionError("control plane did not come up")
+
+    def admin(self, *args: str, input: str | None = None) -> str:
+        proc = subprocess.run([*self.ns, MESHNODE, *args, "--data-dir", str(self.data)],
+                              capture_output=True, text=True, timeout=60, input=input)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+
+def journal(node: Node) -> str:
+    return node.run(["journalctl", "--no-pager", "-o", "short-monotonic", "-n", "80",
+                     "-u", "meshnode-agent", "-u", "meshnode-ztunnel"]).stdout
+
+
+def in_unit(node: Node, unit: str, cmd: list[str], timeout: float = 60,
+            background: bool = False) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+    """Run cmd inside the cgroup of a systemd unit of the node (so its
+    connections are that workload's)."""
+    script = (f'echo $$ > /sys/fs/cgroup/system.slice/{unit}/cgroup.procs && exec "$@"')
+    argv = [*node.nsenter(), "sh", "-c", script, "sh", *cmd]
+    if background:
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(what: str, check, timeout: float = 60, every: float = 0.5):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+
+
+def status(node: Node) -> dict:  # type: ignore[type-arg]
+    out = node.run([MESHNODE, "status", "-o", "json"]).stdout
+    return json.loads(out) if out.strip().startswith("{") else {}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    why = missing()
+    if why is not None:
+        print(f"systemd mesh test skipped: {why}")
+        pytest.skip(why)
+    try:
+        rootfs = ensure_rootfs()
+    except (NspawnError, OSError) as exc:
+        pytest.skip(f"the nspawn rootfs cannot be built: {exc}")
+    data = tmp_path_factory.mktemp("cp")
+    c = Cluster(SUBNET, rootfs)
+    m = None
+    try:
+        ns = ["nsenter", f"--net=/run/netns/{c.host_side()}", "--"]
+        m = Mesh(c, c.boot("n1"), c.boot("n2"), data, ns, None)
+        m.cp = m.start_cp()
+        for node in (m.n1, m.n2):
+            node.wait_for_system()
+            out = m.admin("token", "create", "--node", node.name, "--cp",
+                          f"https://127.0.0.1:{PORT}")
+            token = next(w for w in out.split() if w.startswith("mn1."))
+            proc = node.run([MESHNODE, "enroll", "--cp", m.url, "--token", token], timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr + journal(node)
+        # Workloads: systemd units of their nodes.
+        demo = [PY, "-m", "meshnode.cli.lab.demo"]
+        m.n2.run(["systemd-run", "--unit", "demo-api", "--", *demo, "server", "--port", "8080",
+                  "--name", "api"], check=True)
+        m.n2.run(["systemd-run", "--unit", "demo-echo", "--", *demo, "echo-server", "--port",
+                  "7000", "--name", "echo"], check=True)
+        m.n1.run(["systemd-run", "--unit", "demo-web", "--", *demo, "idle"], check=True)
+        for node, name, svc, port, unit in ((m.n2, "api", "api", "8080", "demo-api.service"),
+                                            (m.n2, "echo", "echo", "7000", "demo-echo.service"),
+                                            (m.n1, "web", "web", "9090", "demo-web.service")):
+            proc = node.run([MESHNODE, "workload", "add", name, "--service", svc, "--port",
+                             port, "--systemd-unit", unit], timeout=60)
+            assert proc.returncode == 0 and "applied" in proc.stdout, (
+                proc.stdout + proc.stderr + journal(node))
+        yield m
+    finally:
+        if m is not None and m.cp is not None and m.cp.poll() is None:
+            m.cp.terminate()
+            m.cp.wait(10)
+        c.close()
+
+
+def vip_of(m: Mesh, service: str) -> str:
+    def find() -> str | None:
+        svcs = status(m.n1).get("services", [])
+        return next((s["vip"] for s in svcs if s["name"] == service), None)
+
+    return str(wait_for(f"service {service} on n1", find, timeout=30))
+
+
+def curl_api(m: Mesh) -> subprocess.CompletedProcess[str]:
+    r = in_unit(m.n1, "demo-web.service", ["curl", "-s", "--max-time", "5",
+                                            f"http://{vip_of(m, 'api')}:8080/"])
+    assert isinstance(r, subprocess.CompletedProcess)
+    return r
+
+
+def test_enrolled_nodes_carry_traffic_with_identities(mesh: Mesh) -> None:
+    out = wait_for("api through the mesh",
+                   lambda: "this is api" in (r := curl_api(mesh)).stdout and r.stdout, 60)
+    print(f"\nn1 web -> n2 api: {out.strip()}")
+    assert "hello spiffe://cluster.local/ns/default/sa/web, this is api" in out
+    assert "connection from 127.0.0.6:" in out  # delivered by n2's ztunnel
+
+
+def test_status_shows_the_node(mesh: Mesh) -> None:
+    st = status(mesh.n1)
+    text = mesh.n1.run([MESHNODE, "status"]).stdout
+    print("\n" + text)
+    assert st["node"]["name"] == "n1"
+    assert st["control_plane_reachable"] is True
+    assert st["agent"]["running"] and st["ztunnel"].startswith("ready")
+    assert sorted(p["name"] for p in st["bpf_programs"]) == [
+        "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
+    assert [w["name"] for w in st["workloads"]] == ["web"]
+    assert st["workloads"][0]["certificate"].startswith("expires")
+    assert {s["name"] for s in st["services"]} >= {"api", "echo", "web"}
+
+
+def long_connection(m: Mesh, seconds: float) -> subprocess.Popen[str]:
+    proc = in_unit(m.n1, "demo-web.service",
+                   [PY, str(TOOLS / "longconn.py"), vip_of(m, "echo"), "7000",
+                    "--seconds", str(seconds)], background=True)
+    assert isinstance(proc, subprocess.Popen) and proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def finish(proc: subprocess.Popen[str]) -> dict:  # type: ignore[type-arg]
+    out, _ = proc.communicate(timeout=120)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_control_plane_outage(mesh: Mesh) -> None:
+    live = long_connection(mesh, seconds=25)
+    assert mesh.cp is not None
+    mesh.cp.terminate()
+    mesh.cp.wait(10)
+    wait_for("n1 to notice the control plane is gone",
+             lambda: status(mesh.n1).get("control_plane_reachable") is False, 60)
+    assert "this is api" in curl_api(mesh).stdout  # new connections still work
+    # An agent restarted while the control plane is down comes back from its snapshot.
+    mesh.n1.run(["systemctl", "restart", "meshnode-agent"], check=True)
+    wait_for("the restarted agent", lambda: status(mesh.n1)["agent"]["running"], 30)
+    assert "this is api" in curl_api(mesh).stdout
+    # A policy changed meanwhile: another control-plane process on the same
+    # database, reachable only from the host side, takes the change.
+    side = mesh.start_cp(listen="127.0.0.1:15013")
+    mesh.admin("apply", "-f", "-", "--cp", "https://127.0.0.1:15013", input="""
+kind: AuthorizationPolicy
+metadata: {name: api-nobody}
+spec:
+  action: DENY
+  selector: {services: [api]}
+  rules:
+    - from: {principals: ["spiffe://cluster.local/ns/default/sa/web"]}
+""")
+    side.terminate()
+    side.wait(10)
+    assert "this is api" in curl_api(mesh).stdout  # not yet: the nodes can't know
+    result = finish(live)
+    print(f"\nlive connection across the outage and the agent restart: {result}")
+    assert result["error"] == "" and result["answered"] == result["sent"] > 50
+    mesh.cp = mesh.start_cp()
+    wait_for("the policy to reach n2", lambda: curl_api(mesh).returncode != 0, 60, every=1)
+    mesh.admin("delete", "AuthorizationPolicy", "api-nobody", "--cp", f"https://127.0.0.1:{PORT}")
+    wait_for("the policy removal to reach n2",
+             lambda: "this is api" in curl_api(mesh).stdout, 60, every=1)
+
+
+def test_certificates_rotate_under_live_traffic(mesh: Mesh) -> None:
+    cert = "/var/lib/meshnode/certs/default.web.pem"
+
+    def fingerprint() -> str:
+        return mesh.n1.run(["sha256sum", cert], check=True).stdout.split()[0]
+
+    before = fingerprint()
+    live = long_connection(mesh, seconds=75)  # past the 60 s half-life of a 120 s certificate
+    wait_for("the web certificate to rotate", lambda: fingerprint() != before, 70, every=1)
+    after = fingerprint()
+    result = finish(live)
+    print(f"\nlive connection across certificate rotation: {result}")
+    assert result["error"] == "" and result["answered"] == result["sent"] > 100
+    assert after != before
+    assert "this is api" in curl_api(mesh).stdout  # new connections, new certificates
+
+
+def test_restarted_workload_unit_stays_meshed(mesh: Mesh) -> None:
+    """A unit restart re-creates its cgroup under a new id: the agent must
+    follow it, or the workload silently stops being meshed."""
+    def cgroup_ino() -> str:
+        return mesh.n1.run(["stat", "-c", "%i", "/sys/fs/cgroup/system.slice/demo-web.service"],
+                           check=True).stdout.strip()
+
+    before = cgroup_ino()
+    mesh.n1.run(["systemctl", "restart", "demo-web.service"], check=True)
+    assert cgroup_ino() != before  # a new cgroup: what the BPF map had is stale
+    out = wait_for("web to be meshed again", lambda: "this is api" in (r := curl_api(mesh)).stdout
+                   and r.stdout, 20)
+    assert "hello spiffe://cluster.local/ns/default/sa/web" in out
+
+
+def test_second_enroll_changes_nothing(mesh: Mesh) -> None:
+    before = mesh.n1.run(["sha256sum", "/etc/meshnode/node.json"], check=True).stdout
+    out = mesh.n1.run([MESHNODE, "enroll", "--cp", mesh.url, "--token",
+                       "mn1.00000000.00000000000000000000000000000000." + "0" * 64])
+    assert out.returncode == 0 and out.stdout.startswith("already enrolled as n1")
+    assert mesh.n1.run(["sha256sum", "/etc/meshnode/node.json"], check=True).stdout == before
+
+
+def test_cleanup_leaves_nothing(mesh: Mesh) -> None:
+    mesh.cluster.close()
+    assert mesh.cluster.leftovers() == []
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "-s"]))
