@@ -8,14 +8,16 @@ After accept(), the proxy asks where the connection was going::
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import syscall
 from .errors import BpfError
-from .layout import PIN_ORIG_DST, OrigDstRecord, TupleKey
+from .layout import PIN_ORIG_DST, PIN_WORKLOADS, OrigDstRecord, TupleKey, WorkloadInfo
 
 
 def open_pinned(path: str | os.PathLike[str]) -> int:
@@ -96,3 +98,35 @@ class OrigDstTable:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class MembershipTable:
+    """The membership map (cgroup id -> workload id), read-only, as the proxy
+    uses it to tell which workload a local process belongs to."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @classmethod
+    def open(cls, pin_dir: str | os.PathLike[str]) -> MembershipTable:
+        return cls(open_pinned(Path(pin_dir) / PIN_WORKLOADS))
+
+    def workload_of(self, cgroup_ids: Iterable[int]) -> int | None:
+        """The workload of the first of `cgroup_ids` (a cgroup, then its
+        ancestors: capture covers sub-cgroups) that is a member, or None."""
+        if self._fd < 0:
+            raise BpfError("MembershipTable is closed")
+        for cgroup in cgroup_ids:
+            info = WorkloadInfo()
+            try:
+                found = syscall.map_lookup(self._fd, ct.c_uint64(cgroup), info)
+            except OSError as exc:
+                raise BpfError(f"lookup in the membership map failed: {exc.strerror}") from exc
+            if found:
+                return int(info.workload_id)
+        return None
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

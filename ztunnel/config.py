@@ -46,6 +46,7 @@ class ZtunnelConfig:
     same_node_shortcut: bool = True  # same-node traffic skips TLS (policy, metrics kept)
     admin_socket: str | None = None  # set in a worker: its admin on a Unix socket
     control_socket: str | None = None  # the agent's channel; default: next to the snapshot
+    peer_socket: str | None = None  # workloads ask who a connection is from (peer.py)
 
     def validate(self) -> ZtunnelConfig:
         for name in ("admin", "readiness", "metrics"):
@@ -66,6 +67,10 @@ class ZtunnelConfig:
     @property
     def control_path(self) -> str:
         return self.control_socket or str(Path(self.snapshot).parent / "ztunnel.sock")
+
+    @property
+    def peer_path(self) -> str:
+        return self.peer_socket or str(Path(self.snapshot).parent / "peer.sock")
 
     def dump(self) -> dict[str, Any]:
         out = asdict(self)

@@ -17,6 +17,7 @@ from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel import hbone
 from meshnode.ztunnel.accesslog import log_connection
 from meshnode.ztunnel.authz import AuthzRequest
+from meshnode.ztunnel.peer import ConnKey
 from meshnode.ztunnel.session import Carrier, HboneSession, PlainSide, reset_connection
 from meshnode.ztunnel.state import Workload
 from meshnode.ztunnel.tls import TlsError, peer_identity
@@ -97,6 +98,7 @@ def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
         return False
     session.peer = peer
     session.peer_address = address
+    session.peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object else None
     session.local_identity = pi.tls.served_identity(ssl_object)
     pi.inbound_sessions.add(session)
     return True
@@ -127,6 +129,15 @@ def authorize(pi: ProxyInputs, peer: SpiffeId, workload: Workload,
               port: int) -> tuple[str, str] | None:
     """L4 authorization for a connection to a local workload: None if allowed,
     else (deciding policy, reason). Counted in the metrics when denied."""
+    denied = policy_denies(pi, peer, workload, port)
+    if denied is not None:
+        pi.metrics.denied.inc((denied[0], workload.service))
+    return denied
+
+
+def policy_denies(pi: ProxyInputs, peer: SpiffeId, workload: Workload,
+                  port: int) -> tuple[str, str] | None:
+    """The decision alone, under the current policies (also for re-checks)."""
     decision = pi.authorizer.check(AuthzRequest(
         source=peer,
         source_services=pi.services_of(peer),
@@ -137,7 +148,6 @@ def authorize(pi: ProxyInputs, peer: SpiffeId, workload: Workload,
     if decision.allowed:
         return None
     policy = decision.policy or "default"
-    pi.metrics.denied.inc((policy, workload.service))
     return policy, f"denied by policy {policy}: {decision.reason}"
 
 
@@ -164,6 +174,9 @@ class InboundConnection(PlainSide):
         self.workload = workload
         self.authority = authority
         self.upstream_local: tuple[str, int] | None = None
+        self.conn_key: ConnKey | None = None  # as the workload sees the connection
+        self.port = hbone.split_authority(authority)[1]
+        self.revoked: str | None = None
         self._labels: tuple[str, ...] | None = None
         pi.active.add(self)
 
@@ -195,9 +208,25 @@ class InboundConnection(PlainSide):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         local = transport.get_extra_info("sockname")
+        remote = transport.get_extra_info("peername")
         self.upstream_local = (local[0], local[1])
-        self.pi.peers[self.upstream_local] = str(self.peer)
+        if remote:
+            self.conn_key = ConnKey(remote[0], remote[1], local[0], local[1])
+            self.pi.peers.add(self.conn_key, str(self.peer), self.workload.id)
         super().connection_made(transport)
+
+    def revoke(self, reason: str) -> None:
+        """The rules changed and no longer allow this connection: reset both
+        sides (the tunnel's stream and the workload's socket)."""
+        if self.finished:
+            return
+        self.revoked = reason
+        if self.session is not None:
+            self.session.reset(self.stream_id)
+        self.session = None
+        if self.transport is not None:
+            reset_connection(self.transport)
+        self._finish()
 
     def on_finished(self) -> None:
         self.pi.active.discard(self)
@@ -206,9 +235,11 @@ class InboundConnection(PlainSide):
             m.closed.inc(self._labels)
             m.sent.inc(self._labels, self.bytes_out)  # client -> workload
             m.received.inc(self._labels, self.bytes_in)
-        if self.upstream_local is not None:
-            self.pi.peers.pop(self.upstream_local, None)
-        if self.error:
+        if self.conn_key is not None:
+            self.pi.peers.discard(self.conn_key)
+        if self.revoked:
+            log.warning("inbound %s -> %s closed: %s", self.peer, self.authority, self.revoked)
+        elif self.error:
             self.pi.metrics.failed.inc(("inbound", "workload"))
             log.warning("inbound %s -> %s failed: %s", self.peer, self.authority, self.error)
         log_connection(
@@ -221,6 +252,6 @@ class InboundConnection(PlainSide):
             bytes_sent=self.bytes_out,
             bytes_received=self.bytes_in,
             duration_ms=round((time.monotonic() - self.started) * 1000, 2),
-            result="error" if self.error else "ok",
-            reason=self.error,
+            result="revoked" if self.revoked else "error" if self.error else "ok",
+            reason=self.revoked or self.error,
         )

@@ -167,6 +167,11 @@ class ProxyMetrics:
             "meshnode_authz_denied_total",
             "Inbound connections refused by L4 authorization, by deciding policy",
             ("policy", "destination_service")))
+        self.revoked = r.add(Counter(
+            "meshnode_connections_revoked_total",
+            "Established connections closed because the rules changed: a policy now "
+            "denies them, or the trust bundle dropped the root they were verified under",
+            ("reason",)))
         self.endpoint_healthy = r.add(Gauge(
             "meshnode_endpoint_healthy", "1 if the endpoint is not ejected",
             ("service", "endpoint")))

@@ -9,11 +9,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel import hbone
+from meshnode.ztunnel.recheck import not_after
 from meshnode.ztunnel.session import HboneSession
 from meshnode.ztunnel.tls import TlsContexts, TlsError, peer_identity
 
@@ -47,6 +49,7 @@ class HbonePool:
         self.idle_timeout = idle_timeout
         self.max_streams = max_streams
         self.handshakes = 0
+        self.retired = 0  # connections not reused past a certificate's expiry
         self.metrics: Any = None  # ProxyMetrics, set by the proxy
 
     def size(self) -> int:
@@ -56,10 +59,40 @@ class HbonePool:
         # Never a closed, failed (keepalive timeout, GOAWAY with an error) or
         # draining (GOAWAY NO_ERROR, idle) connection: has_capacity() is False
         # for the last two.
+        # Nor one past either end's certificate expiry: it is retired (closed
+        # once its last stream ends) and a new one is dialled with fresh certs.
+        now = time.time()
         for session in self._sessions.get(key, ()):
+            if now >= session.valid_until:
+                self._retire(key, session, "certificate expired")
+                continue
             if session.usable and session.conn.has_capacity():
                 return session
         return None
+
+    def _retire(self, key: PoolKey, session: HboneSession, reason: str) -> None:
+        self._drop(key, session)
+        if not session.handlers:
+            session.close(reason)
+        else:
+            session.conn.close(hbone.NO_ERROR, reason)  # GOAWAY: no new streams
+            session.flush()
+        self.retired += 1
+
+    def sessions(self) -> list[HboneSession]:
+        """Every pooled connection."""
+        return [s for sessions in self._sessions.values() for s in sessions]
+
+    def close_where(self, pred: Callable[[HboneSession], bool], reason: str) -> int:
+        """Close the pooled connections `pred` selects (their streams are reset)."""
+        n = 0
+        for key, sessions in list(self._sessions.items()):
+            for session in list(sessions):
+                if pred(session):
+                    self._drop(key, session)
+                    session.close(reason)
+                    n += 1
+        return n
 
     async def session_for(self, key: PoolKey) -> HboneSession:
         session = self._find(key)
@@ -122,6 +155,12 @@ class HbonePool:
             )
         session.peer = actual
         session.local_identity = key.source
+        ssl_object = transport.get_extra_info("ssl_object")
+        session.peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        expiries = [self._tls.not_after(key.source)]
+        if session.peer_cert is not None:
+            expiries.append(not_after(session.peer_cert))
+        session.valid_until = min(expiries)
         log.debug("HBONE connection %s -> %s (%s) up in %.1f ms", key.source, key.expected,
                   f"{host}:{port}", (time.monotonic() - started) * 1000)
         return session

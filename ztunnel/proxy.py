@@ -26,7 +26,17 @@ from meshnode.ztunnel.config import ZtunnelConfig
 from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
 from meshnode.ztunnel.metrics import ProxyMetrics
 from meshnode.ztunnel.outbound import OutboundConnection
+from meshnode.ztunnel.peer import PATH as PEER_PATH
+from meshnode.ztunnel.peer import (
+    ConnKey,
+    PeerIndex,
+    PeerQueryError,
+    PeerServer,
+    parse_query,
+    workload_of_pid_in,
+)
 from meshnode.ztunnel.pool import HbonePool
+from meshnode.ztunnel.recheck import denied_now
 from meshnode.ztunnel.routing import Route
 from meshnode.ztunnel.session import HboneSession, PlainSide
 from meshnode.ztunnel.state import ProxyState, StateError, Workload, load_snapshot_file
@@ -113,9 +123,9 @@ class ProxyInputs:
     authorizer: Authorizer = field(default_factory=lambda: Authorizer([]))
     active: set[PlainSide] = field(default_factory=set)
     inbound_sessions: set[HboneSession] = field(default_factory=set)
-    # local address of our connection to a workload -> the verified peer identity,
-    # so a workload can ask "who is this connection from" on the admin port.
-    peers: dict[tuple[str, int], str] = field(default_factory=dict)
+    # delivered connections by full 4-tuple -> the verified peer identity, so a
+    # workload can ask "who is this connection from" on the peer socket (peer.py)
+    peers: PeerIndex = field(default_factory=PeerIndex)
     _services_by_identity: dict[SpiffeId, frozenset[str]] = field(default_factory=dict)
 
     def original_destination(self, src_ip: str, src_port: int, dst_ip: str,
@@ -162,6 +172,37 @@ class ProxyInputs:
                     by_identity.setdefault(ep.identity, set()).add(f"{svc.namespace}/{svc.name}")
         self._services_by_identity = {k: frozenset(v) for k, v in by_identity.items()}
         self.picker.forget_missing(state.services_by_vip.values())
+        self.recheck_policy()
+
+    def recheck_policy(self) -> int:
+        """Close the delivered connections the current policies deny (a policy,
+        grant or node change since they were authorized). Returns how many."""
+        def check(conn: inbound.InboundConnection) -> str | None:
+            denied = inbound.policy_denies(self, conn.peer, conn.workload, conn.port)
+            return None if denied is None else f"no longer allowed: {denied[1]}"
+
+        live = [c for c in self.active
+                if isinstance(c, inbound.InboundConnection) and not c.finished]
+        gone = denied_now(live, check)
+        for conn, reason in gone:
+            conn.revoke(reason)
+            self.metrics.revoked.inc(("policy",))
+        if gone:
+            log.info("closed %d established connection(s) the new policies deny", len(gone))
+        return len(gone)
+
+    def recheck_trust(self) -> int:
+        """The trust bundle dropped a root: close every HBONE connection verified
+        under the old bundle (recheck.py says why all of them). Returns how many."""
+        n = self.pool.close_where(lambda s: True, "trust bundle changed")
+        for session in list(self.inbound_sessions):
+            session.close("trust bundle changed")
+            n += 1
+        if n:
+            self.metrics.revoked.inc(("trust_bundle",), n)
+            log.warning("trust bundle dropped a root: closed %d HBONE connection(s); peers "
+                        "reconnect with the new bundle", n)
+        return n
 
     def refresh_gauges(self, now: float) -> None:
         m = self.metrics
@@ -201,6 +242,7 @@ class Proxy:
         pool.metrics = self.pi.metrics
         self._servers: list[asyncio.AbstractServer] = []
         self._admin: AdminServer | None = None
+        self._peer: PeerServer | None = None
         self._stopping: asyncio.Event | None = None
         self.ready = False
 
@@ -210,8 +252,10 @@ class Proxy:
         except StateError as exc:
             log.error("snapshot not reloaded, keeping version %d: %s", self.pi.state.version, exc)
             return
-        self.pi.tls.update(state)
+        roots_dropped = self.pi.tls.update(state)
         self.pi.apply_state(state)
+        if roots_dropped:
+            self.pi.recheck_trust()
         # The agent may have re-created and re-pinned the map: always reopen.
         self.pi.orig_dst.reopen(state.bpf_pin_dir)
         log.info("state version %d loaded: %d local workloads, %d services", state.version,
@@ -239,6 +283,9 @@ class Proxy:
             os.chmod(cfg.admin_socket, 0o600)
         else:
             await self._admin.listen_tcp({cfg.admin, cfg.readiness, cfg.metrics})
+            self._peer = PeerServer(lambda pid: workload_of_pid_in(self.pi.state.bpf_pin_dir, pid),
+                                    self._peer_lookup)
+            await self._peer.listen(cfg.peer_path)
         self.ready = True
         log.info("ztunnel ready on node %s: outbound %s:%d, inbound HBONE %s:%d, admin %s:%d",
                  pi.state.node.name, *cfg.outbound, *cfg.inbound, *cfg.admin)
@@ -294,6 +341,8 @@ class Proxy:
             server.close()
         if self._admin is not None:
             await self._admin.close()
+        if self._peer is not None:
+            await self._peer.close()
         access_log.flush()
         log.info("ztunnel stopped")
 
@@ -318,17 +367,25 @@ class Proxy:
                 "pool": {"connections": self.pi.pool.size(), "handshakes": self.pi.pool.handshakes},
                 "active_connections": len(self.pi.active),
             })
-        if url.path == "/peer":
-            addr = parse_qs(url.query).get("addr", [""])[0]
-            host, _, port = addr.rpartition(":")
-            ident = self.pi.peers.get((host.strip("[]"), int(port))) if port.isdigit() else None
-            if ident is None:
-                return json_response(404,
-                                     {"error": f"no meshed connection from {addr}"})
-            return json_response(200, {"addr": addr, "identity": ident})
+        if url.path == PEER_PATH and self.config.admin_socket:
+            # A worker, asked by its supervisor over the root-only admin socket
+            # after the supervisor checked who is asking (peer.py).
+            return self._peer_for_supervisor(url.query)
         return json_response(404, {
             "error": f"unknown path {url.path}",
-            "paths": ["/config_dump", "/peer?addr=IP:PORT", "/healthz/ready", "/metrics"]})
+            "paths": ["/config_dump", "/healthz/ready", "/metrics"]})
+
+    async def _peer_lookup(self, key: ConnKey, workload: int) -> tuple[int, dict[str, Any]]:
+        return self.pi.peers.answer(key, workload)
+
+    def _peer_for_supervisor(self, query: str) -> Response:
+        try:
+            key = parse_query(query)
+            workload = int(parse_qs(query).get("workload", [""])[0])
+        except (PeerQueryError, ValueError) as exc:
+            return json_response(400, {"error": str(exc)})
+        status, body = self.pi.peers.answer(key, workload)
+        return json_response(status, body)
 
 
 async def _flush_access_log() -> None:

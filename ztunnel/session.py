@@ -88,6 +88,10 @@ class HboneSession(asyncio.Protocol):
         self.peer: Any = None  # verified peer identity, set by the owner
         self.peer_address: str | None = None  # the peer's IP, set by the owner
         self.local_identity: Any = None
+        # Set by the owner after the handshake: when either end's certificate
+        # expires (Unix time; never used for new streams after), and the peer's.
+        self.valid_until = float("inf")
+        self.peer_cert: bytes | None = None
         self._on_request = on_request
         self._on_made = on_made
         self._on_lost = on_lost

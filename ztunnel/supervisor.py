@@ -20,13 +20,15 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 from meshnode.core import sdnotify
 from meshnode.ztunnel.admin import AdminServer, Response, get_unix, json_response
 from meshnode.ztunnel.config import ZtunnelConfig
 from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
 from meshnode.ztunnel.metrics import parse_exposition
+from meshnode.ztunnel.peer import PATH as PEER_PATH
+from meshnode.ztunnel.peer import ConnKey, PeerServer, workload_of_pid_in
 
 log = logging.getLogger("meshnode.ztunnel.supervisor")
 
@@ -103,6 +105,8 @@ class Supervisor:
         cfg = self.config
         admin = AdminServer(self._route)
         await admin.listen_tcp({cfg.admin, cfg.readiness, cfg.metrics})
+        peer = PeerServer(self._workload_of_pid, self._peer_lookup)
+        await peer.listen(cfg.peer_path)
         control = ControlServer(cfg.control_path, ControlState(_read_doc(cfg.snapshot)),
                                 self._apply_doc)
         await control.start()
@@ -116,7 +120,26 @@ class Supervisor:
         sdnotify.notify("STOPPING=1")
         control.close()
         await admin.close()
+        await peer.close()
         await self._stop_workers()
+
+    def _workload_of_pid(self, pid: int) -> int | None:
+        doc = _read_doc(self.config.snapshot) or {}
+        pin_dir = doc.get("bpf_pin_dir")
+        return workload_of_pid_in(pin_dir if isinstance(pin_dir, str) else None, pid)
+
+    async def _peer_lookup(self, key: ConnKey, workload: int) -> tuple[int, dict[str, Any]]:
+        """The worker that delivered the connection knows it; the asker's
+        workload (checked here) goes along, so a worker answers only for it."""
+        query = urlencode({"local": f"{key.local_ip}:{key.local_port}",
+                           "remote": f"{key.remote_ip}:{key.remote_port}",
+                           "workload": str(workload)})
+        answers = await self._ask_all(f"{PEER_PATH}?{query}")
+        for a in answers:
+            if a is not None and a[0] == 200:
+                return 200, json.loads(a[1])
+        return 404, {"error": f"no meshed connection {key.local_ip}:{key.local_port} <- "
+                     f"{key.remote_ip}:{key.remote_port} of your workload"}
 
     async def _versions(self) -> list[int | None]:
         out: list[int | None] = []
@@ -218,7 +241,7 @@ class Supervisor:
             merged["workers"] = len(dumps)
             merged["config"] = dict(dumps[0]["config"], workers=self.config.workers)
             return json_response(200, merged)
-        for a in answers:  # /peer and the rest: the first worker that knows
+        for a in answers:  # the rest: the first worker that knows
             if a is not None and a[0] == 200:
                 return 200, "application/json", a[1]
         first = next((a for a in answers if a is not None), None)

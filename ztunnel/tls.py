@@ -15,9 +15,13 @@ import logging
 import os
 import ssl
 from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
 
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.identity import IdentityError, SpiffeId, spiffe_id_from_certificate
+from meshnode.ztunnel.recheck import root_fingerprints, roots_removed
 from meshnode.ztunnel.state import ProxyState
 
 log = logging.getLogger("meshnode.ztunnel.tls")
@@ -50,6 +54,7 @@ class _IdentityContexts:
     fingerprint: tuple[float, float]
     server: ssl.SSLContext
     client: ssl.SSLContext
+    not_after: float  # the certificate's expiry, Unix time
 
 
 class TlsContexts:
@@ -63,8 +68,12 @@ class TlsContexts:
         self._by_identity: dict[SpiffeId, _IdentityContexts] = {}
         self._identity_by_server_ctx: dict[int, SpiffeId] = {}
         self._listener: ssl.SSLContext | None = None
+        self._roots: frozenset[bytes] = frozenset()
 
-    def update(self, state: ProxyState) -> None:
+    def update(self, state: ProxyState) -> bool:
+        """Rebuild from the state. True if the new trust bundle dropped a root
+        (connections verified under the old one must go: see recheck.py)."""
+        roots_dropped = False
         bundle_fp = (state.trust_bundle, _mtime(state.trust_bundle))
         if bundle_fp != self._bundle_fingerprint or state.trust_domain != self._trust_domain:
             # A new trust bundle invalidates every context built on the old one.
@@ -72,6 +81,12 @@ class TlsContexts:
             self._bundle_fingerprint = bundle_fp
             self._trust_domain = state.trust_domain
             self._listener = None
+            try:
+                roots = root_fingerprints(Path(state.trust_bundle).read_bytes())
+            except OSError:
+                roots = frozenset()
+            roots_dropped = roots_removed(self._roots, roots)
+            self._roots = roots
         fresh: dict[SpiffeId, _IdentityContexts] = {}
         for identity, wl in state.local_identities().items():
             assert wl.cert_path and wl.key_path
@@ -85,19 +100,26 @@ class TlsContexts:
                 server.load_cert_chain(wl.cert_path, wl.key_path)
                 client = _base_context(ssl.Purpose.SERVER_AUTH, state.trust_bundle)
                 client.load_cert_chain(wl.cert_path, wl.key_path)
-            except (OSError, ssl.SSLError) as exc:
+                expiry = _not_after_pem(wl.cert_path)
+            except (OSError, ssl.SSLError, ValueError) as exc:
                 log.error(
                     "cannot load the certificate of %s from %s: %s; its connections will "
                     "fail until the node agent writes a valid one",
                     identity, wl.cert_path, exc,
                 )
                 continue
-            fresh[identity] = _IdentityContexts(fp, server, client)
+            fresh[identity] = _IdentityContexts(fp, server, client, expiry)
         self._by_identity = fresh
         self._identity_by_server_ctx = {id(c.server): i for i, c in fresh.items()}
         if self._listener is None:
             self._listener = _base_context(ssl.Purpose.CLIENT_AUTH, state.trust_bundle)
             self._listener.sni_callback = self._on_sni
+        return roots_dropped
+
+    def not_after(self, identity: SpiffeId) -> float:
+        """When the local certificate of `identity` expires (Unix time; 0 if none)."""
+        ctxs = self._by_identity.get(identity)
+        return ctxs.not_after if ctxs is not None else 0.0
 
     @property
     def trust_domain(self) -> str:
@@ -157,3 +179,9 @@ def _mtime(path: str) -> float:
         return os.stat(path).st_mtime
     except OSError:
         return -1.0
+
+
+def _not_after_pem(path: str) -> float:
+    """Expiry (Unix time) of the first certificate of a PEM file."""
+    cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    return cert.not_valid_after_utc.timestamp()

@@ -91,7 +91,8 @@ def build_mesh(
                             admin=("127.0.0.1", base_port + i),
                             readiness=("127.0.0.1", base_port + 10 + i),
                             metrics=("127.0.0.1", base_port + 20 + i),
-                            control_socket=str(tmp / f"{name}.sock"), drain_timeout=1.0)
+                            control_socket=str(tmp / f"{name}.sock"),
+                            peer_socket=str(tmp / f"{name}-peer.sock"), drain_timeout=1.0)
         proxy = Proxy(cfg)
         orig = FakeOrigDst()
         proxy.pi.orig_dst = orig  # type: ignore[assignment]
