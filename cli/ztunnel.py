@@ -30,12 +30,15 @@ def ztunnel() -> None:
               help="Worker processes sharing the listeners; 0 = one per core (up to 8).")
 @click.option("--admin-socket", default=None, hidden=True,
               help="(internal) run as one worker of a supervisor, admin on this Unix socket.")
+@click.option("--peer-socket", default=None,
+              help="Unix socket where workloads ask who a connection is from "
+                   "(default: peer.sock next to the snapshot).")
 @click.option("--connect-timeout", default=5.0, show_default=True, type=float)
 @click.option("--drain-timeout", default=10.0, show_default=True, type=float)
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def run(snapshot: Path, outbound: str, inbound: str, admin: str, readiness: str, metrics: str,
-        workers: int, admin_socket: str | None, connect_timeout: float, drain_timeout: float,
+        workers: int, admin_socket: str | None, peer_socket: str | None, connect_timeout: float, drain_timeout: float,
         log_level: str) -> None:
     """Run the node proxy."""
     from meshnode.ztunnel.config import ConfigError, ZtunnelConfig, parse_hostport
@@ -55,6 +58,7 @@ def run(snapshot: Path, outbound: str, inbound: str, admin: str, readiness: str,
             drain_timeout=drain_timeout,
             workers=workers or min(os.cpu_count() or 1, 8),
             admin_socket=admin_socket,
+            peer_socket=peer_socket,
         ).validate()
         run_ztunnel(config)
     except (ConfigError, StateError) as exc:

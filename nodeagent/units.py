@@ -75,7 +75,12 @@ Requires=meshnode-bpffs.service
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={meshnode} ztunnel run --snapshot {snapshot} --workers 0
+ExecStart={meshnode} ztunnel run --snapshot {snapshot} --workers 0 --peer-socket /run/meshnode/peer.sock
+# The state directory is 0700; workloads of any user reach the peer socket here
+# (it answers each only about its own connections, see ztunnel/peer.py).
+RuntimeDirectory=meshnode
+RuntimeDirectoryMode=0755
+RuntimeDirectoryPreserve=restart
 Restart=on-failure
 RestartSec=1
 LimitNOFILE=1048576

@@ -8,35 +8,63 @@ Run as workloads:  python -m meshnode.cli.lab.demo server --port 8080 --name api
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import socket
 import sys
 import time
-import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-ADMIN = "http://127.0.0.1:15000"
+NOT_MESHED = "(not meshed: plaintext from outside the mesh)"
 
 
-def peer_identity(client_ip: str, client_port: int) -> str:
-    """Ask this node's ztunnel which identity a delivered connection carried."""
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over the node's peer socket (a Unix socket)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def peer_identity(peer_socket: str | None, local: tuple[str, int],
+                  remote: tuple[str, int]) -> str:
+    """Ask this node's ztunnel, on its peer socket, which identity the
+    connection `local` <- `remote` carried. ztunnel answers only because this
+    process is in the workload's cgroup (SO_PEERCRED), and only about this
+    workload's own connections."""
+    if not peer_socket:
+        return NOT_MESHED
+    conn = _UnixHTTPConnection(peer_socket, timeout=2)
     try:
-        with urllib.request.urlopen(f"{ADMIN}/peer?addr={client_ip}:{client_port}",
-                                    timeout=2) as resp:
-            return str(json.load(resp)["identity"])
-    except Exception:
-        return "(not meshed: plaintext from outside the mesh)"
+        conn.request("GET", f"/v1/peer?local={local[0]}:{local[1]}"
+                     f"&remote={remote[0]}:{remote[1]}")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            return NOT_MESHED
+        return str(json.loads(body)["identity"])
+    except (OSError, ValueError, KeyError):
+        return NOT_MESHED
+    finally:
+        conn.close()
 
 
-def serve(port: int, name: str) -> None:
+def serve(port: int, name: str, peer_socket: str | None = None) -> None:
     node = socket.gethostname()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             ip, port = self.client_address[:2]
-            ident = peer_identity(ip, port)
+            local = self.connection.getsockname()[:2]
+            ident = peer_identity(peer_socket, local, (ip, port))
             body = f"hello {ident}, this is {name} (connection from {ip}:{port})\n".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain")
@@ -112,8 +140,10 @@ def run_demo(lab: Any, log: Any = print) -> None:
     st = lab.load()
     nodes = sorted(st.nodes)
     server_node = nodes[1] if len(nodes) > 1 else nodes[0]
+    peer_sock = str(Path(lab.node_dir(server_node)) / "state" / "peer.sock")
     lab.add_workload(server_node, "api", "api", 8080, [*py, "server", "--port", "8080",
-                                                        "--name", "api"])
+                                                        "--name", "api",
+                                                        "--peer-socket", peer_sock])
     lab.add_workload(nodes[0], "web", "web", 9090, [*py, "idle"], wait_listening=0)
     vip = lab.load().services["api"].vip
     log(f"\ndemo: workload web on {nodes[0]} calls service api ({vip}:8080) on {server_node}")
@@ -142,6 +172,9 @@ def main() -> None:
     srv = sub.add_parser("server")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--name", default="server")
+    srv.add_argument("--peer-socket", default="/run/meshnode/peer.sock",
+                     help="ztunnel's peer socket, to greet clients by their proven identity "
+                          "(default: where an enrolled node's ztunnel unit puts it)")
     slow = sub.add_parser("slow-server")
     slow.add_argument("--port", type=int, default=8080)
     slow.add_argument("--name", default="slow")
@@ -153,7 +186,7 @@ def main() -> None:
     sub.add_parser("idle")
     args = parser.parse_args()
     if args.what == "server":
-        serve(args.port, args.name)
+        serve(args.port, args.name, args.peer_socket)
     elif args.what == "echo-server":
         echo_server(args.port, args.name)
     elif args.what == "slow-server":

@@ -57,8 +57,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     try:
         meshnode("lab", "up", "--nodes", "2")
         demo = [PY, "-m", "meshnode.cli.lab.demo"]
+        peer_sock = str(Lab(LAB).node_dir("node2") / "state" / "peer.sock")
         meshnode("lab", "workload", "add", "node2", "api", "--service", "api", "--port", "8080",
-                 "--", *demo, "server", "--port", "8080", "--name", "api")
+                 "--", *demo, "server", "--port", "8080", "--name", "api",
+                 "--peer-socket", peer_sock)
         meshnode("lab", "workload", "add", "node2", "files", "--service", "files", "--port",
                  "8081", "--", PY, "-m", "http.server", "8081", "--directory", str(www))
         meshnode("lab", "workload", "add", "node1", "client", "--service", "client", "--port",

@@ -244,7 +244,9 @@ def test_units_render() -> None:
     assert set(rendered) == {units.ZTUNNEL_UNIT, units.AGENT_UNIT, units.BPFFS_UNIT}
     zt, agent = rendered[units.ZTUNNEL_UNIT], rendered[units.AGENT_UNIT]
     assert ("ExecStart=/opt/mn/.venv/bin/meshnode ztunnel run --snapshot "
-            "/var/lib/meshnode/ztunnel-snapshot.json --workers 0\n") in zt
+            "/var/lib/meshnode/ztunnel-snapshot.json --workers 0 --peer-socket "
+            "/run/meshnode/peer.sock\n") in zt
+    assert "RuntimeDirectory=meshnode\nRuntimeDirectoryMode=0755\n" in zt
     assert "ExecStart=/opt/mn/.venv/bin/meshnode agent run --enrolled /etc/meshnode\n" in agent
     for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "RestartSec=1",
                  "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
