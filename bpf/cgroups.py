@@ -33,6 +33,19 @@ def cgroup2_mount(mounts: Path = Path("/proc/mounts")) -> Path:
     )
 
 
+def cgroup_of(pid: int | str = "self") -> str:
+    """The cgroup v2 path of a process (the ``0::/path`` line of
+    /proc/<pid>/cgroup), relative to the cgroup2 mount, without a leading slash."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError as exc:
+        raise BpfError(f"cannot read the cgroup of process {pid}: {exc.strerror}") from exc
+    for line in text.splitlines():
+        if line.startswith("0::"):
+            return line[3:].strip().lstrip("/")
+    raise BpfError(f"process {pid} is not in a cgroup v2 hierarchy")
+
+
 def cgroup_id(path: str | os.PathLike[str]) -> int:
     """The kernel's id of a cgroup v2 directory: what bpf_get_current_cgroup_id()
     returns for tasks in it. On cgroup v2 it is the directory's inode number."""

@@ -83,6 +83,7 @@ def status(config_dir: Path, output: str) -> None:
         "ztunnel": _ready("http://127.0.0.1:15021/healthz/ready"),
         "ztunnel_config_version": agent.get("pushed_version"),
         "bpf_programs": mine,
+        "bind_guard": agent.get("bind_guard") or {"on": False, "problem": "agent not running"},
         "workloads": [{"name": w["name"], "service": w.get("service"), "port": w.get("port"),
                        "identity": f"spiffe://{e.trust_domain}/ns/{w['namespace']}/sa/"
                                    f"{w['service_account']}",
@@ -114,6 +115,9 @@ def status(config_dir: Path, output: str) -> None:
     click.echo(f"bpf           at {e.cgroup_parent}: "
                + (", ".join(f"{p.get('name')}#{p.get('id')}" if "error" not in p else
                             f"cannot list ({p['error']})" for p in mine) or "NONE ATTACHED"))
+    guard = doc["bind_guard"]
+    click.echo("bind guard    " + ("on: only the proxy's cgroup binds 127.0.0.6 and its ports"
+                                   if guard.get("on") else f"OFF ({guard.get('problem')})"))
     click.echo("workloads")
     for w in doc["workloads"]:
         click.echo(f"  {w['name']:<16} :{w['port']:<6} {w['identity']}  cert {w['certificate']}")

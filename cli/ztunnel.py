@@ -38,8 +38,8 @@ def ztunnel() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def run(snapshot: Path, outbound: str, inbound: str, admin: str, readiness: str, metrics: str,
-        workers: int, admin_socket: str | None, peer_socket: str | None, connect_timeout: float, drain_timeout: float,
-        log_level: str) -> None:
+        workers: int, admin_socket: str | None, peer_socket: str | None,
+        connect_timeout: float, drain_timeout: float, log_level: str) -> None:
     """Run the node proxy."""
     from meshnode.ztunnel.config import ConfigError, ZtunnelConfig, parse_hostport
     from meshnode.ztunnel.proxy import run_ztunnel

@@ -28,7 +28,15 @@ from types import FrameType
 from typing import Any, Protocol
 
 from meshnode.core import sdnotify
-from meshnode.core.constants import BPF_PIN_DIR
+from meshnode.core.constants import (
+    ADMIN_PORT,
+    BPF_PIN_DIR,
+    DELIVERY_ADDRESS,
+    HBONE_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    READY_PORT,
+)
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.fsutil import write_file_atomic
 from meshnode.nodeagent.certs import CaClient, CertFiles, CertManager, LocalCa
@@ -44,6 +52,8 @@ from meshnode.nodeagent.ztunnel_link import ZtunnelLink
 
 log = logging.getLogger("meshnode.nodeagent")
 
+# The proxy's listeners: only the proxy's cgroup may bind them (and 127.0.0.6).
+PROXY_PORTS = frozenset({OUTBOUND_PORT, HBONE_PORT, ADMIN_PORT, METRICS_PORT, READY_PORT})
 RENEW_CHECK_EVERY = 30.0  # at the latest; earlier when a certificate's half-life comes
 
 
@@ -239,6 +249,8 @@ class Agent:
         self.link = ZtunnelLink(str(self.cfg.state_dir / "ztunnel.sock"))
         self.pushed_version = 0
         self._kernel: tuple[dict[int, int], set[tuple[int, int]]] = ({}, set())
+        self._guarded: int | None = None  # cgroup id the bind guard lets bind
+        self._guard_problem = ""
         self._wake = threading.Event()
         self._reload = False
         self._stop = False
@@ -326,6 +338,39 @@ class Agent:
             self.bpf.sync_strict(strict)
             self._kernel = (members, strict)
             log.info("workload cgroups changed; BPF maps updated (%d meshed)", len(members))
+
+    # -- the bind guard: nothing local poses as the proxy ------------------------------
+
+    def proxy_cgroup(self) -> str:
+        """The proxy's cgroup, relative to the cgroup2 mount: the node config's
+        choice, else our own (a ztunnel we run as our child shares it)."""
+        from meshnode.bpf.cgroups import cgroup_of
+
+        return (self.cfg.proxy_cgroup or cgroup_of()).strip("/")
+
+    def guard_proxy(self) -> None:
+        """Only the proxy's cgroup may bind the delivery address and the proxy's
+        ports; everyone else's bind() fails with EPERM (bpf/bind.c). Followed
+        every few seconds: if the cgroup is re-created it gets a new id."""
+        from meshnode.bpf.cgroups import cgroup2_mount, cgroup_id
+        from meshnode.bpf.errors import BpfError
+
+        try:
+            path = self.proxy_cgroup()
+            cg = cgroup_id(cgroup2_mount() / path)
+        except BpfError as exc:
+            problem = (f"bind guard not switched on: {exc}; start the proxy "
+                       "(meshnode-ztunnel) so that its cgroup exists")
+            if problem != self._guard_problem:
+                log.warning("%s", problem)
+                self._guard_problem = problem
+            return
+        if cg == self._guarded:
+            return
+        self.bpf.guard_proxy([cg], PROXY_PORTS)
+        self._guarded, self._guard_problem = cg, ""
+        log.info("bind guard on: only cgroup %s may bind %s and ports %s", path,
+                 DELIVERY_ADDRESS, ", ".join(str(p) for p in sorted(PROXY_PORTS)))
 
     def push(self, snap: dict[str, Any]) -> bool:
         ok, why = self.link.push_snapshot(snap)
@@ -430,6 +475,8 @@ class Agent:
             "workloads": [w.name for w in self.cfg.workloads],
             "cgroup_parent": self.cfg.cgroup_parent,
             "bpf_pin_dir": self.cfg.bpf_pin_dir,
+            "bind_guard": {"on": self._guarded is not None, "cgroup_id": self._guarded,
+                           "problem": self._guard_problem or None},
             "updated": time.time(),
             **self.source.status(),
         }
@@ -461,6 +508,7 @@ class Agent:
                  f" (replaced {len(stale)} left by a previous agent)" if stale else "")
         detach = True
         try:
+            self.guard_proxy()
             self.apply(self.cfg)
             if self.source.manages_ztunnel:
                 self.start_ztunnel()
@@ -487,6 +535,7 @@ class Agent:
                 if now - last_cgroups >= 2:
                     last_cgroups = now
                     self.follow_cgroups()
+                    self.guard_proxy()
                 if getattr(self.source, "problems", None) and now - last_problems >= 5:
                     # e.g. a systemd unit that was not running yet: resolve again.
                     last_problems = now

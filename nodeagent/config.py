@@ -12,6 +12,12 @@ from typing import Any
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.identity import IdentityError, SpiffeId
 
+# The slice the meshnode-ztunnel unit runs in, and its cgroup under the cgroup2
+# mount (a dash in a slice name is a level of the tree). A slice outlives the
+# unit's restarts, so the bind guard's cgroup id stays valid across them.
+PROXY_SLICE = "meshnode-proxy.slice"
+PROXY_SLICE_CGROUP = "meshnode.slice/meshnode-proxy.slice"
+
 
 class NodeConfigError(MeshnodeError, ValueError):
     pass
@@ -45,6 +51,9 @@ class NodeConfig:
     services: list[dict[str, Any]] = field(default_factory=list)
     resources: list[dict[str, Any]] = field(default_factory=list)  # policies (JSON form)
     ztunnel_args: list[str] = field(default_factory=list)
+    # The proxy's cgroup relative to the cgroup2 mount (see bind guard in agent.py);
+    # None: the agent's own cgroup (a ztunnel the agent runs as its child).
+    proxy_cgroup: str | None = None
 
 
 def load_node_config(path: Path) -> NodeConfig:
@@ -76,6 +85,7 @@ def load_node_config(path: Path) -> NodeConfig:
             services=list(doc.get("services", [])),
             resources=list(doc.get("resources", [])),
             ztunnel_args=list(doc.get("ztunnel_args", [])),
+            proxy_cgroup=doc.get("proxy_cgroup"),
         )
     except KeyError as exc:
         raise NodeConfigError(f"node config {path}: missing field {exc}") from None

@@ -22,7 +22,7 @@ from meshnode.core.cpclient import ClientError, NodeClient
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.fsutil import write_file_atomic
 from meshnode.core.identity import SpiffeId, controlplane_uri
-from meshnode.nodeagent.config import LocalWorkload, NodeConfig
+from meshnode.nodeagent.config import PROXY_SLICE_CGROUP, LocalWorkload, NodeConfig
 from meshnode.nodeagent.enroll import NodeLayout
 
 log = logging.getLogger("meshnode.nodeagent.cp")
@@ -50,6 +50,10 @@ class Enrollment:
     cgroup_parent: str
     state_dir: Path
     config_dir: Path
+    # The proxy's cgroup, relative to the cgroup2 mount: only it may bind the
+    # delivery address and the proxy's ports (the bind guard). Default: the slice
+    # the meshnode-ztunnel unit runs in.
+    proxy_cgroup: str = PROXY_SLICE_CGROUP
 
     @property
     def files(self) -> NodeLayout:
@@ -75,6 +79,7 @@ def load_enrollment(config_dir: Path) -> Enrollment:
             cgroup_parent=doc["cgroup_parent"],
             state_dir=Path(doc.get("state_dir", "/var/lib/meshnode")),
             config_dir=config_dir,
+            proxy_cgroup=str(doc.get("proxy_cgroup") or PROXY_SLICE_CGROUP),
         )
     except (KeyError, TypeError) as exc:
         raise EnrollmentError(
@@ -338,6 +343,7 @@ def node_config_from(e: Enrollment, slice_doc: NodeSlice | dict[str, Any],
         name=e.name, ip=e.ip or (current.node.ip if current else ""), zone=e.zone,
         trust_domain=e.trust_domain,
         cgroup_parent=e.cgroup_parent,
+        proxy_cgroup=e.proxy_cgroup,
         state_dir=e.state_dir,
         bpf_pin_dir=bpf_pin_dir,
         ca_dir=None,

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.fsutil import write_file_atomic
+from meshnode.nodeagent.config import PROXY_SLICE
 
 __all__ = [
     "AGENT_UNIT",
@@ -75,7 +76,11 @@ Requires=meshnode-bpffs.service
 [Service]
 Type=notify
 NotifyAccess=main
-ExecStart={meshnode} ztunnel run --snapshot {snapshot} --workers 0 --peer-socket /run/meshnode/peer.sock
+ExecStart={meshnode} ztunnel run --snapshot {snapshot} --workers 0 \\
+    --peer-socket /run/meshnode/peer.sock
+# Its own slice: the agent's bind guard lets only this cgroup bind 127.0.0.6 and
+# the proxy's ports, and a slice keeps its cgroup (and id) across restarts.
+Slice={proxy_slice}
 # The state directory is 0700; workloads of any user reach the peer socket here
 # (it answers each only about its own connections, see ztunnel/peer.py).
 RuntimeDirectory=meshnode
@@ -113,8 +118,8 @@ Description=meshnode node agent
 # Not After= ztunnel: on a fresh node ztunnel reports READY only once the agent has
 # sent it a first snapshot, so ordering the agent after it would stall both until
 # ztunnel's start timeout. They start together; the agent (re)connects to its socket.
-Wants=network-online.target meshnode-ztunnel.service
-After=network-online.target meshnode-bpffs.service
+Wants=network-online.target meshnode-ztunnel.service {proxy_slice}
+After=network-online.target meshnode-bpffs.service {proxy_slice}
 Requires=meshnode-bpffs.service
 
 [Service]
@@ -225,6 +230,7 @@ def render_units(paths: UnitPaths) -> dict[str, str]:
         "snapshot": _check_path(paths.state_dir / "ztunnel-snapshot.json"),
         "protect_home": _protect_home(paths),
         "private_tmp": _private_tmp(paths),
+        "proxy_slice": PROXY_SLICE,
     }
     return {
         ZTUNNEL_UNIT: _ZTUNNEL_TEMPLATE.format(**values),

@@ -185,9 +185,38 @@ def test_status_shows_the_node(mesh: Mesh) -> None:
     assert st["agent"]["running"] and st["ztunnel"].startswith("ready")
     assert sorted(p["name"] for p in st["bpf_programs"]) == [
         "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
+    assert st["bind_guard"]["on"], st["bind_guard"]
     assert [w["name"] for w in st["workloads"]] == ["web"]
     assert st["workloads"][0]["certificate"].startswith("expires")
     assert {s["name"] for s in st["services"]} >= {"api", "echo", "web"}
+
+
+def test_a_local_process_cannot_pose_as_the_proxy(mesh: Mesh) -> None:
+    """Issue 10, attack 2: on the server's node, a local process (a transient
+    unit, outside ztunnel's slice) binds the delivery address to reach a
+    workload as if delivered by the proxy, or takes a proxy port on another
+    address. The agent's bind guard refuses both with EPERM."""
+    n2 = mesh.n2
+    ip = status(n2)["node"]["ip"]
+    probe = ("import socket, sys\n"
+             "for fam, addr in ((socket.AF_INET, ('127.0.0.6', 0)),"
+             " (socket.AF_INET, ('127.0.0.1', 15001)), (socket.AF_INET6, ('::1', 15001))):\n"
+             "    s = socket.socket(fam)\n"
+             "    try:\n"
+             "        s.bind(addr); print('bound', addr)\n"
+             "    except OSError as e:\n"
+             "        print('refused' if e.errno == 1 else 'other', addr, e.errno)\n")
+    r = n2.run(["systemd-run", "--wait", "--pipe", "--quiet", "--", PY, "-c", probe])
+    print("\n" + r.stdout + r.stderr)
+    lines = r.stdout.splitlines()
+    assert any(ln.startswith("refused ('127.0.0.6'") for ln in lines), lines
+    # 127.0.0.1:15001 is ztunnel's own listener: EADDRINUSE or EPERM, never bound.
+    assert not any(ln.startswith("bound") for ln in lines), lines
+    curl = n2.run(["systemd-run", "--wait", "--pipe", "--quiet", "--", "curl", "-s",
+                   "--max-time", "5", "--interface", "127.0.0.6", f"http://{ip}:8080/"])
+    assert curl.returncode != 0 and "this is api" not in curl.stdout, curl.stdout
+    # The mesh itself still delivers (ztunnel, in its slice, binds 127.0.0.6).
+    assert "this is api" in curl_api(mesh).stdout
 
 
 def long_connection(m: Mesh, seconds: float) -> subprocess.Popen[str]:

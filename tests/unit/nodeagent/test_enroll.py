@@ -244,8 +244,10 @@ def test_units_render() -> None:
     assert set(rendered) == {units.ZTUNNEL_UNIT, units.AGENT_UNIT, units.BPFFS_UNIT}
     zt, agent = rendered[units.ZTUNNEL_UNIT], rendered[units.AGENT_UNIT]
     assert ("ExecStart=/opt/mn/.venv/bin/meshnode ztunnel run --snapshot "
-            "/var/lib/meshnode/ztunnel-snapshot.json --workers 0 --peer-socket "
-            "/run/meshnode/peer.sock\n") in zt
+            "/var/lib/meshnode/ztunnel-snapshot.json --workers 0 \\\n"
+            "    --peer-socket /run/meshnode/peer.sock\n") in zt
+    assert "Slice=meshnode-proxy.slice\n" in zt
+    assert "After=network-online.target meshnode-bpffs.service meshnode-proxy.slice\n" in agent
     assert "RuntimeDirectory=meshnode\nRuntimeDirectoryMode=0755\n" in zt
     assert "ExecStart=/opt/mn/.venv/bin/meshnode agent run --enrolled /etc/meshnode\n" in agent
     for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "RestartSec=1",
@@ -257,7 +259,7 @@ def test_units_render() -> None:
         assert f"\n{line}\n" in zt, line
     for line in ("Type=notify", "Restart=on-failure", "NoNewPrivileges=yes",
                  "ProtectSystem=strict", "PrivateTmp=yes", "LimitMEMLOCK=infinity",
-                 "Wants=network-online.target meshnode-ztunnel.service",
+                 "Wants=network-online.target meshnode-ztunnel.service meshnode-proxy.slice",
                  "ReadWritePaths=/var/lib/meshnode /etc/meshnode -/sys/fs/bpf -/sys/fs/cgroup",
                  "CapabilityBoundingSet=CAP_BPF CAP_SYS_ADMIN CAP_NET_ADMIN CAP_PERFMON"):
         assert f"\n{line}\n" in agent, line
