@@ -30,7 +30,7 @@ from typing import Any
 
 from . import syscall
 from .cgroups import cgroup2_mount
-from .errors import BpfError
+from .errors import BpfError, MapFullError
 from .layout import (
     PIN_DESTINATIONS,
     PIN_ORIG_DST,
@@ -168,6 +168,7 @@ class MeshBpf:
         self._bpf: Any = None  # bcc.BPF once loaded
         self._prog_fds: dict[str, int] = {}  # program name -> fd (owned by bcc)
         self._map_fds: dict[str, int] = {}  # map name -> fd (owned by bcc)
+        self._max_entries: dict[str, int] = {}  # map name -> max entries
         self._cgroup_fd = -1
         self._cgroup_path: Path | None = None
         self._attached: list[_Program] = []
@@ -220,7 +221,9 @@ class MeshBpf:
                     ) from exc
                 self._prog_fds[prog.name] = fn.fd
             for name in (*_PINNED_MAPS.values(), *_PRIVATE_MAPS):
-                self._map_fds[name] = bpf.get_table(name.encode()).map_fd
+                table = bpf.get_table(name.encode())
+                self._map_fds[name] = table.map_fd
+                self._max_entries[name] = int(table.max_entries)
         except BaseException:
             bpf.cleanup()
             self._prog_fds.clear()
@@ -343,9 +346,26 @@ class MeshBpf:
             raise BpfError("the BPF maps exist only after load(): call load() first")
         return self._map_fds[name]
 
+    def _check_room(self, name: str, wanted: int, what: str) -> None:
+        """Refuses, before writing anything, a set larger than the map: a sync
+        that failed half way would leave the map neither old nor new."""
+        limit = self._max_entries.get(name, 0)
+        if limit and wanted > limit:
+            raise MapFullError(
+                f"the {what} map ({name}) holds at most {limit} entries and this node "
+                f"needs {wanted}: the new set was NOT applied, the previous one stays. "
+                f"Run fewer {what} entries on this node, or raise the limit in "
+                "bpf/meshnode.h and rebuild"
+            )
+
+    def map_capacity(self) -> dict[str, int]:
+        """Map name -> max entries, for status and checks."""
+        return dict(self._max_entries)
+
     def sync_workloads(self, mapping: Mapping[int, int]) -> None:
         """Makes the membership map equal mapping: cgroup id -> workload id."""
         fd = self._map_fd("mn_workloads")
+        self._check_room("mn_workloads", len(mapping), "workload")
         for cgroup, workload in mapping.items():
             if not 0 <= cgroup < 2**64 or not 0 <= workload < 2**32:
                 raise BpfError(f"bad workload entry {cgroup} -> {workload}: out of range")
@@ -365,6 +385,7 @@ class MeshBpf:
             wanted = {(k.ip4, k.port): k for k in (DestKey.of(ip, port) for ip, port in dests)}
         except ValueError as exc:
             raise BpfError(f"bad destination: {exc}") from exc
+        self._check_room("mn_dests", len(wanted), "capture destination")
         try:
             for key in syscall.map_keys(fd, DestKey):
                 assert isinstance(key, DestKey)
@@ -392,6 +413,7 @@ class MeshBpf:
             except (TypeError, ValueError) as exc:
                 raise BpfError(f"bad STRICT entry {entry!r}: {exc}") from exc
             wanted[(key.cgroup_id, key.port)] = key
+        self._check_room("mn_strict", len(wanted), "STRICT")
         try:
             for old in syscall.map_keys(fd, StrictKey):
                 assert isinstance(old, StrictKey)

@@ -250,6 +250,7 @@ class Agent:
         self.pushed_version = 0
         self._kernel: tuple[dict[int, int], set[tuple[int, int]]] = ({}, set())
         self._guarded: int | None = None  # cgroup id the bind guard lets bind
+        self.kernel_problems: list[str] = []  # full BPF maps
         self._guard_problem = ""
         self._wake = threading.Event()
         self._reload = False
@@ -298,14 +299,27 @@ class Agent:
         write_file_atomic(self.snapshot_path, json.dumps(snap, indent=1).encode(), 0o644)
         self.push(snap)
         dests = capture_destinations(cfg)
-        self.bpf.sync_destinations(dests)
-        self.bpf.sync_workloads(members)
-        self.bpf.sync_strict(strict)
+        self.kernel_problems = []
+        self._sync_map(self.bpf.sync_destinations, dests)
+        self._sync_map(self.bpf.sync_workloads, members)
+        self._sync_map(self.bpf.sync_strict, strict)
         self._kernel = (members, strict)
         self.cfg = cfg
         log.info("config version %d applied: %d workloads, %d services, %d capture "
                  "destinations, %d STRICT ports", cfg.version, len(cfg.workloads),
                  len(cfg.services), len(dests), len(strict))
+
+    def _sync_map(self, sync: Any, wanted: Any) -> None:
+        """One map sync; a full map is an error in the log and in `meshnode
+        status`, and the map keeps its previous set (MapFullError writes
+        nothing), never half of the new one."""
+        from meshnode.bpf.errors import MapFullError
+
+        try:
+            sync(wanted)
+        except MapFullError as exc:
+            log.error("%s", exc)
+            self.kernel_problems.append(str(exc))
 
     def _kernel_view(self, cfg: NodeConfig, log_missing: bool = False
                      ) -> tuple[dict[int, int], set[tuple[int, int]]]:
@@ -334,8 +348,9 @@ class Agent:
         (unit started after us): update the kernel's maps at once."""
         members, strict = self._kernel_view(self.cfg)
         if (members, strict) != self._kernel:
-            self.bpf.sync_workloads(members)
-            self.bpf.sync_strict(strict)
+            self.kernel_problems = []
+            self._sync_map(self.bpf.sync_workloads, members)
+            self._sync_map(self.bpf.sync_strict, strict)
             self._kernel = (members, strict)
             log.info("workload cgroups changed; BPF maps updated (%d meshed)", len(members))
 
@@ -480,6 +495,7 @@ class Agent:
             "updated": time.time(),
             **self.source.status(),
         }
+        status["problems"] = [*status.get("problems", []), *self.kernel_problems]
         write_file_atomic(self.status_path, json.dumps(status).encode(), 0o644)
 
     # -- lifecycle -------------------------------------------------------------------

@@ -28,7 +28,7 @@ import pytest
 
 from meshnode.bpf import syscall
 from meshnode.bpf.cgroups import cgroup2_mount, cgroup_id
-from meshnode.bpf.errors import BpfError
+from meshnode.bpf.errors import BpfError, MapFullError
 from meshnode.bpf.layout import PIN_STRICT, PROXY_INBOUND_SOURCE, StrictKey
 from meshnode.bpf.loader import MeshBpf
 from meshnode.bpf.pinned import open_pinned
@@ -343,6 +343,23 @@ def test_strict_admits_only_the_proxy_source(env: Env) -> None:
 
 
 @pytest.mark.usefixtures("permissive_after")
+@pytest.mark.usefixtures("permissive_after")
+def test_a_full_strict_map_keeps_the_old_set_and_says_so(env: Env) -> None:
+    """Issue 10, attack 10: more STRICT entries than the map holds. Nothing of
+    the new set is written (a half-written set would leave some ports open
+    without a word), the error names the map and its limit, and the STRICT
+    already in force keeps refusing plaintext."""
+    a, wl = env.ns_a, env.wl_id
+    env.mesh.sync_strict({(wl, STRICT_PORT)})  # the control case: a set that fits
+    assert strict_entries(env) == {(wl, STRICT_PORT)}
+    limit = env.mesh.map_capacity()["mn_strict"]
+    too_many = {(wl + 1 + i // 60000, 1 + i % 60000) for i in range(limit + 1)}
+    with pytest.raises(MapFullError, match=rf"mn_strict\) holds at most {limit} entries"):
+        env.mesh.sync_strict(too_many)
+    assert strict_entries(env) == {(wl, STRICT_PORT)}
+    assert talk(a, "127.0.0.1", STRICT_PORT) is None
+
+
 @pytest.mark.usefixtures("permissive_after")
 def test_strict_covers_a_workloads_sub_cgroups(env: Env) -> None:
     """A server in a sub-cgroup of a STRICT workload is refused plaintext too, and
