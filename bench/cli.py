@@ -46,8 +46,13 @@ def _parse_paths(value: str | None) -> list[str]:
 @click.option("--ztunnel-workers", type=click.IntRange(1, 16), default=1, show_default=True,
               help="ztunnel worker processes per lab node. The lab's nodes (and the clients "
                    "and servers) all share this machine's cores.")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None,
+              help="Sample the meshnode paths' proxies with py-spy during the keep-alive "
+                   "measurement and write collapsed stacks here (needs py-spy; it slows "
+                   "the proxies: do not compare a profiled run's numbers).")
 def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: str | None,
-          memory: bool, ztunnel_workers: int) -> None:
+          memory: bool, ztunnel_workers: int, profile_dir: Path | None) -> None:
     """Benchmark meshnode against direct, HAProxy/stunnel mTLS pairs and a central LB.
 
     Builds a fresh 3-node lab named `mnbench`, prints a table, writes results.json
@@ -68,11 +73,13 @@ def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: s
     else:
         paths = _parse_paths(paths_opt)
     run_memory = memory or paths_opt is None
-    missing = missing_tools(paths, run_memory)
+    missing = missing_tools(paths, run_memory, profile=profile_dir is not None)
     if missing:
-        fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them)")
+        fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them; "
+             "py-spy, for --profile only: pip install py-spy)")
     opts = Options(paths=paths, duration=duration, repeat=repeat, memory=run_memory,
-                   churn_seconds=1.0 if quick else 3.0, ztunnel_workers=ztunnel_workers)
+                   churn_seconds=1.0 if quick else 3.0, ztunnel_workers=ztunnel_workers,
+                   profile_dir=profile_dir)
     click.echo(f"meshnode bench: paths {', '.join(paths) or '(none)'}; {duration:.0f}s per "
                f"measurement x {repeat}; memory sub-benchmark: {'yes' if run_memory else 'no'}")
     try:
