@@ -36,12 +36,14 @@ def parse_duration(text: str) -> float:
     """``"20s"``, ``"5m"``, ``"1h"`` or plain seconds -> seconds, within bounds."""
     m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh]?)\s*", text)
     if not m:
-        raise SoakError(f"soak duration {text!r}: use seconds, or a number with s, m or h "
-                        "(e.g. 20s, 10m)")
+        raise SoakError(
+            f"soak duration {text!r}: use seconds, or a number with s, m or h (e.g. 20s, 10m)"
+        )
     seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
     if not MIN_SECONDS <= seconds <= MAX_SECONDS:
-        raise SoakError(f"soak duration {text!r} is outside {MIN_SECONDS:.0f}s..."
-                        f"{MAX_SECONDS / 3600:.0f}h")
+        raise SoakError(
+            f"soak duration {text!r} is outside {MIN_SECONDS:.0f}s...{MAX_SECONDS / 3600:.0f}h"
+        )
     return seconds
 
 
@@ -88,8 +90,10 @@ class SoakResult:
 
     def slopes(self) -> tuple[float | None, float | None]:
         after = [s for s in self.samples if s.t >= self.warmup_s]
-        return (slope_per_minute([(s.t, s.rss_mb) for s in after]),
-                slope_per_minute([(s.t, float(s.fds)) for s in after]))
+        return (
+            slope_per_minute([(s.t, s.rss_mb) for s in after]),
+            slope_per_minute([(s.t, float(s.fds)) for s in after]),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         rss, fds = self.slopes()
@@ -145,10 +149,28 @@ def run_soak(bench: Any, duration: float) -> SoakResult:
         (spec,) = [s for s in specs if s.name == "meshnode"]
         d = max(1, round(duration))
         clients = {
-            "close": ["wrk", "-t1", f"-c{CLOSE_CONNS}", f"-d{d}s", "--latency", "--timeout", "10s",
-                      "-H", "Connection: close", spec.url],
-            "keepalive": ["wrk", "-t1", f"-c{KEEPALIVE_CONNS}", f"-d{d}s", "--latency",
-                          "--timeout", "10s", spec.url],
+            "close": [
+                "wrk",
+                "-t1",
+                f"-c{CLOSE_CONNS}",
+                f"-d{d}s",
+                "--latency",
+                "--timeout",
+                "10s",
+                "-H",
+                "Connection: close",
+                spec.url,
+            ],
+            "keepalive": [
+                "wrk",
+                "-t1",
+                f"-c{KEEPALIVE_CONNS}",
+                f"-d{d}s",
+                "--latency",
+                "--timeout",
+                "10s",
+                spec.url,
+            ],
         }
         outputs: dict[str, str] = {}
 
@@ -161,8 +183,9 @@ def run_soak(bench: Any, duration: float) -> SoakResult:
             except OSError:
                 outputs[name] = ""
 
-        threads = [threading.Thread(target=client, args=(n, a), daemon=True)
-                   for n, a in clients.items()]
+        threads = [
+            threading.Thread(target=client, args=(n, a), daemon=True) for n, a in clients.items()
+        ]
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -186,8 +209,13 @@ def run_soak(bench: Any, duration: float) -> SoakResult:
             except report.ParseError as exc:
                 raise SoakError(f"soak client {name}: {exc}") from None
             slowest = wrk_max_us(text)
-            result.clients[name] = {"requests": res.requests, "errors": res.errors,
-                                    "rps": res.rps, "p99_us": res.p99_us, "max_us": slowest}
+            result.clients[name] = {
+                "requests": res.requests,
+                "errors": res.errors,
+                "rps": res.rps,
+                "p99_us": res.p99_us,
+                "max_us": slowest,
+            }
             result.requests += res.requests
             result.failed += res.errors
             if slowest is not None:

@@ -38,7 +38,9 @@ def test_soak_smoke_reports_samples_slopes_and_requests(tmp_path: Path) -> None:
     out = tmp_path / "soak"
     proc = subprocess.run(
         [sys.executable, "-m", "meshnode.cli.main", "bench", "--soak", "20s", "--out", str(out)],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, f"soak failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     doc = json.loads((out / "soak.json").read_text())
