@@ -24,6 +24,10 @@ What is changed, and why:
   as soon as its 9-byte frame header arrives.
 * ``outbound_buffer_size``: how many bytes h2 has serialized and not yet handed
   out with ``data_to_send()``, without copying them.
+* ``send_data_frames`` / ``DataSplitter``: the DATA hot path. DATA frames of
+  open streams are framed into h2's output buffer and split off the input here,
+  with h2's flow-control windows updated exactly as h2 would; everything else
+  still goes through h2 (see the section below).
 """
 
 from __future__ import annotations
