@@ -46,8 +46,18 @@ def _parse_paths(value: str | None) -> list[str]:
 @click.option("--ztunnel-workers", type=click.IntRange(1, 16), default=1, show_default=True,
               help="ztunnel worker processes per lab node. The lab's nodes (and the clients "
                    "and servers) all share this machine's cores.")
+@click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None,
+              help="Sample the meshnode paths' proxies with py-spy during the keep-alive "
+                   "measurement and write collapsed stacks here (needs py-spy; it slows "
+                   "the proxies: do not compare a profiled run's numbers).")
+@click.option("--soak", "soak_for", default=None, metavar="DURATION",
+              help="Instead of the comparison: churn through the mesh for DURATION (e.g. "
+                   "20s, 10m; new connection per request plus keep-alive) and report the "
+                   "ztunnels' RSS and fd slopes, failed requests and the slowest request.")
 def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: str | None,
-          memory: bool, ztunnel_workers: int) -> None:
+          memory: bool, ztunnel_workers: int, profile_dir: Path | None,
+          soak_for: str | None) -> None:
     """Benchmark meshnode against direct, HAProxy/stunnel mTLS pairs and a central LB.
 
     Builds a fresh 3-node lab named `mnbench`, prints a table, writes results.json
@@ -61,6 +71,9 @@ def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: s
 
     if os.geteuid() != 0:
         fail("meshnode bench builds a lab of network namespaces and cgroups: run it as root")
+    if soak_for is not None:
+        _soak(soak_for, out_dir, ztunnel_workers)
+        return
     if quick:
         duration, repeat = 2.0, 1
     if paths_opt is None and memory:
@@ -68,11 +81,13 @@ def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: s
     else:
         paths = _parse_paths(paths_opt)
     run_memory = memory or paths_opt is None
-    missing = missing_tools(paths, run_memory)
+    missing = missing_tools(paths, run_memory, profile=profile_dir is not None)
     if missing:
-        fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them)")
+        fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them; "
+             "py-spy, for --profile only: pip install py-spy)")
     opts = Options(paths=paths, duration=duration, repeat=repeat, memory=run_memory,
-                   churn_seconds=1.0 if quick else 3.0, ztunnel_workers=ztunnel_workers)
+                   churn_seconds=1.0 if quick else 3.0, ztunnel_workers=ztunnel_workers,
+                   profile_dir=profile_dir)
     click.echo(f"meshnode bench: paths {', '.join(paths) or '(none)'}; {duration:.0f}s per "
                f"measurement x {repeat}; memory sub-benchmark: {'yes' if run_memory else 'no'}")
     try:
@@ -91,3 +106,29 @@ def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: s
     click.echo(report.render_report(doc["summary"], tgts, doc["memory"]))
     click.echo("")
     click.echo(f"wrote {out_dir / 'results.json'} and {len(pngs)} PNGs in {out_dir}")
+
+
+def _soak(soak_for: str, out_dir: Path, ztunnel_workers: int) -> None:
+    from meshnode.bench import soak
+    from meshnode.bench.runner import Bench, Options, missing_tools
+    from meshnode.core.errors import MeshnodeError
+
+    try:
+        seconds = soak.parse_duration(soak_for)
+    except soak.SoakError as exc:
+        raise click.BadParameter(str(exc), param_hint="--soak") from None
+    missing = missing_tools(["meshnode"], False)
+    if missing:
+        fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them)")
+    opts = Options(paths=["meshnode"], duration=seconds, repeat=1, memory=False,
+                   ztunnel_workers=ztunnel_workers)
+    try:
+        result = soak.run_soak(Bench(opts, log=click.echo), seconds)
+    except KeyboardInterrupt:
+        fail("interrupted; the lab was taken down", code=130)
+    except (soak.SoakError, MeshnodeError) as exc:
+        fail(f"soak failed: {exc}\n(the lab was taken down)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "soak.json").write_text(json.dumps(result.as_dict(), indent=1))
+    click.echo(result.render())
+    click.echo(f"wrote {out_dir / 'soak.json'}")

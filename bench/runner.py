@@ -61,8 +61,8 @@ class BenchError(MeshnodeError):
     pass
 
 
-def missing_tools(paths: list[str], memory: bool) -> list[str]:
-    need: set[str] = set()
+def missing_tools(paths: list[str], memory: bool, profile: bool = False) -> list[str]:
+    need: set[str] = {"py-spy"} if profile else set()
     for p in paths:
         need.update(REQUIRED_TOOLS[p])
     if memory:
@@ -89,6 +89,7 @@ class Options:
     memory: bool = True
     churn_seconds: float = 3.0
     ztunnel_workers: int = 1  # per node; all nodes share this machine's cores
+    profile_dir: Path | None = None  # py-spy stacks of the meshnode proxies (ka phase)
 
 
 @dataclass
@@ -506,6 +507,35 @@ class Bench:
                          f"({time.monotonic() - t0:.0f}s)")
         return samples
 
+    @contextlib.contextmanager
+    def profiling(self, s: PathSpec, phase: str) -> Any:
+        """With --profile: py-spy samples each proxy process of a meshnode path
+        while the block runs, written as collapsed stacks (one file per process
+        and repetition)."""
+        out = self.opts.profile_dir
+        if out is None or not s.name.startswith("meshnode"):
+            yield
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        d = max(1, round(self.opts.duration))
+        spies = []
+        for pid in procs.with_children(s.proxies()):
+            n = len(list(out.glob(f"{s.name}-{phase}-*-{pid}.txt")))
+            path = out / f"{s.name}-{phase}-{n + 1}-{pid}.txt"
+            spies.append(subprocess.Popen(
+                ["py-spy", "record", "--pid", str(pid), "--duration", str(d), "--rate", "200",
+                 "--format", "raw", "--nonblocking", "--output", str(path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        try:
+            yield
+        finally:
+            for spy in spies:
+                try:
+                    spy.wait(timeout=d + 10)
+                except subprocess.TimeoutExpired:
+                    spy.kill()
+                    spy.wait()
+
     def measure_path(self, s: PathSpec) -> dict[str, float | None]:
         cpu: dict[str, float] = {}
 
@@ -518,7 +548,8 @@ class Bench:
             return res
 
         ip = timed("iperf3", lambda: self.iperf(s))
-        ka = timed("ka", lambda: self.wrk(s, 2, 16, close=False))
+        with self.profiling(s, "ka"):
+            ka = timed("ka", lambda: self.wrk(s, 2, 16, close=False))
         cl = timed("close", lambda: self.wrk(s, 2, 16, close=True))
         lat = timed("lat", lambda: self.wrk(s, 1, 1, close=False))
         rss = [procs.status_mb(p, "VmHWM") for p in procs.with_children(s.proxies())]

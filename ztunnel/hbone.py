@@ -241,6 +241,7 @@ class HboneConnection:
         self._h2.max_inbound_frame_size = MAX_FRAME_SIZE
         self._h2.incoming_buffer.max_frame_size = MAX_FRAME_SIZE
         self._h2.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE
+        self._splitter = h2compat.DataSplitter(self._h2)
         self._streams: dict[int, _Stream] = {}
         self._ended = False  # unusable: an error, or everything finished after GOAWAY
         self._draining = False  # a GOAWAY(NO_ERROR) went either way: no new streams
@@ -506,18 +507,37 @@ class HboneConnection:
             return out
         now = self._now(now)
         self._last_recv = now
+        streams = self._streams
+        try:
+            for sid, chunk in self._splitter.split(data, streams):
+                if sid:
+                    # A DATA frame of an open stream, accounted by the splitter.
+                    if chunk:
+                        streams[sid].unacked += len(chunk)
+                        out.append(DataReceived(sid, chunk, len(chunk)))
+                    continue
+                if not self._receive_h2(chunk, now, out):
+                    break
+        except Exception as exc:  # the splitter's accounting: contain it like h2's
+            log.warning("HBONE connection: reading DATA failed (%s: %s); closing the "
+                        "connection", type(exc).__name__, exc)
+            self._fail_connection(INTERNAL_ERROR, f"internal error on input: {exc}", False, out)
+        return out
+
+    def _receive_h2(self, data: bytes, now: float, out: list[Event]) -> bool:
+        """Bytes for h2's general path; False once the connection has ended."""
         try:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
             self._fail_connection(code, f"protocol error from peer: "
                                   f"{str(exc) or type(exc).__name__}", True, out)
-            return out
+            return False
         except Exception as exc:  # h2 met a state it does not handle: contain it
             log.warning("HBONE connection: h2 failed on input (%s: %s); closing the "
                         "connection", type(exc).__name__, exc)
             self._fail_connection(INTERNAL_ERROR, f"internal error on input: {exc}", False, out)
-            return out
+            return False
         for ev in h2_events:
             if self._ended:
                 break
@@ -531,7 +551,7 @@ class HboneConnection:
                     log.warning("HBONE connection: handling %s failed (%s: %s); closing the "
                                 "connection", type(ev).__name__, type(exc).__name__, exc)
                     self._fail_connection(INTERNAL_ERROR, f"internal error: {exc}", False, out)
-        return out
+        return not self._ended
 
     def _translate(self, ev: h2.events.Event, out: list[Event], now: float) -> None:
         if isinstance(ev, h2.events.DataReceived):
@@ -767,9 +787,12 @@ class HboneConnection:
 
     def _send_window(self, stream_id: int, view: memoryview) -> int:
         """Send what the windows allow from ``view``; returns bytes sent."""
+        h2conn = self._h2
+        fast = h2compat.send_data_frames(h2conn, stream_id, view)
+        if fast is not None:
+            return fast
         sent = 0
         total = len(view)
-        h2conn = self._h2
         while sent < total:
             window = h2conn.local_flow_control_window(stream_id)
             if window <= 0:

@@ -97,6 +97,7 @@ class HboneSession(asyncio.Protocol):
         self._on_lost = on_lost
         self._on_ended = on_ended
         self._flush_scheduled = False
+        self._receiving = False  # in data_received: it writes once at the end
         self._reading_paused = False  # the TLS socket, by us (READ_PAUSE_AT)
         self._read_pause_at = READ_PAUSE_AT
         self._queue_full = False  # a send was refused for CONNECTION_PENDING_HIGH
@@ -121,8 +122,14 @@ class HboneSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = self.last_active = time.monotonic()
-        for ev in self.conn.receive_data(data, now):
-            self._dispatch(ev)
+        # What the events make us send (acks, answers) goes out in the one
+        # write below, not one each.
+        self._receiving = True
+        try:
+            for ev in self.conn.receive_data(data, now):
+                self._dispatch(ev)
+        finally:
+            self._receiving = False
         self._flush_now()
         if self._queue_full:
             self._wake_if_drained()
@@ -194,7 +201,7 @@ class HboneSession(asyncio.Protocol):
         """Write what HTTP/2 has queued -- once per event-loop iteration: many
         streams sending, or a read producing data plus acks, then cost one TLS
         write (one encryption call, one syscall), not one each."""
-        if self._flush_scheduled:
+        if self._flush_scheduled or self._receiving:
             return
         if len(self.handlers) <= 1:
             # One stream: nothing to coalesce with; don't add a loop turn of latency.

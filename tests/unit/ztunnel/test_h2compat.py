@@ -16,6 +16,7 @@ import h2.events
 import h2.exceptions
 import h2.frame_buffer
 import h2.settings
+import h2.stream
 import hpack
 import hyperframe.frame
 import pytest
@@ -190,3 +191,141 @@ def test_outbound_buffer_size_matches_data_to_send() -> None:
     assert size > 0
     assert size == len(conn.data_to_send())
     assert h2compat.outbound_buffer_size(conn) == 0
+
+
+# --- h2: DATA frames framed and split off here ----------------------------------------------
+
+
+def test_data_fast_path_internals_we_rely_on() -> None:
+    client, server = _open_stream()
+    assert isinstance(client._data_to_send, bytearray)
+    assert {h2.connection.ConnectionState.CLIENT_OPEN,
+            h2.connection.ConnectionState.SERVER_OPEN} <= set(h2.connection.ConnectionState)
+    stream = server.streams[1]
+    assert isinstance(stream.outbound_flow_control_window, int)
+    assert stream.state_machine.headers_received is True
+    assert stream._expected_content_length is None
+    for manager in (server._inbound_flow_control_window_manager, stream._inbound_window_manager):
+        assert isinstance(manager.current_window_size, int)
+        assert inspect.signature(manager.window_consumed).parameters.keys() == {"size"}
+    assert server.incoming_buffer._headers_buffer == []
+    # DATA changes no state in the states the fast path accepts.
+    t = h2.stream._transitions
+    s, i = h2.stream.StreamState, h2.stream.StreamInputs
+    assert t[(s.OPEN, i.SEND_DATA)] == (None, s.OPEN)
+    assert t[(s.HALF_CLOSED_REMOTE, i.SEND_DATA)] == (None, s.HALF_CLOSED_REMOTE)
+    assert t[(s.OPEN, i.RECV_DATA)][1] == s.OPEN
+    assert t[(s.HALF_CLOSED_LOCAL, i.RECV_DATA)][1] == s.HALF_CLOSED_LOCAL
+
+
+def _open_stream() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    client.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+    server.receive_data(client.data_to_send())
+    server.send_headers(1, [(":status", "200")])
+    client.receive_data(server.data_to_send())
+    return client, server
+
+
+def _h2_send(conn: h2.connection.H2Connection, sid: int, data: bytes) -> int:
+    sent = 0
+    while sent < len(data):
+        n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size,
+                len(data) - sent)
+        if n <= 0:
+            break
+        conn.send_data(sid, data[sent:sent + n])
+        sent += n
+    return sent
+
+
+def test_fast_send_writes_the_bytes_and_windows_h2_would() -> None:
+    data = bytes(range(256)) * 400  # 102400: several frames, more than the 65535 window
+    ours, _ = _open_stream()
+    theirs, _ = _open_stream()
+    sent = h2compat.send_data_frames(ours, 1, memoryview(data))
+    assert sent == _h2_send(theirs, 1, data) == 65535
+    assert ours.data_to_send() == theirs.data_to_send()
+    assert ours.local_flow_control_window(1) == theirs.local_flow_control_window(1) == 0
+    assert ours.outbound_flow_control_window == theirs.outbound_flow_control_window
+
+
+def test_fast_send_leaves_closed_streams_to_h2() -> None:
+    client, _ = _open_stream()
+    client.end_stream(1)
+    client.data_to_send()
+    # Our side ended: the fast path declines, and h2 refuses as it always did.
+    assert h2compat.send_data_frames(client, 1, memoryview(b"x")) is None
+    with pytest.raises(h2.exceptions.ProtocolError):
+        client.send_data(1, b"x")
+    client.close_connection()
+    assert h2compat.send_data_frames(client, 1, memoryview(b"x")) is None
+
+
+def _split_all(splitter: h2compat.DataSplitter, conn: h2.connection.H2Connection,
+               wire: bytes, step: int) -> tuple[bytes, int, list[h2.events.Event]]:
+    got, taken, events = bytearray(), 0, []
+    for i in range(0, len(wire), step):
+        for sid, chunk in splitter.split(wire[i:i + step], {1}):
+            if sid:
+                got += chunk
+                taken += 1
+            else:
+                for ev in conn.receive_data(bytes(chunk)):
+                    events.append(ev)
+                    if isinstance(ev, h2.events.DataReceived):
+                        got += ev.data
+    return bytes(got), taken, events
+
+
+@pytest.mark.parametrize("step", [1, 7, 9, 1000, 1 << 20])
+def test_splitter_delivers_and_accounts_like_h2(step: int) -> None:
+    client, ours = _open_stream()
+    data = bytes(range(256)) * 200  # 51200 bytes, 4 frames
+    _h2_send(client, 1, data)
+    client.ping(b"12345678")  # a frame h2 handles, between DATA frames
+    _h2_send(client, 1, b"tail")
+    wire = client.data_to_send()
+    _, theirs = _open_stream()
+    their_events = theirs.receive_data(wire)
+    splitter = h2compat.DataSplitter(ours)
+    got, taken, events = _split_all(splitter, ours, wire, step)
+    assert got == data + b"tail"
+    assert taken == 5  # every DATA frame went around h2's event machinery
+    assert [type(e) for e in events] == [h2.events.PingReceived]
+    assert [type(e) for e in their_events].count(h2.events.DataReceived) == 5
+    assert splitter.held == 0
+    for conn in (ours, theirs):
+        assert conn.remote_flow_control_window(1) == 65535 - len(data) - 4
+    assert (ours._inbound_flow_control_window_manager.current_window_size
+            == theirs._inbound_flow_control_window_manager.current_window_size)
+    # Acknowledging gives the window back through h2 as before.
+    ours.acknowledge_received_data(len(data) + 4, 1)
+    theirs.acknowledge_received_data(len(data) + 4, 1)
+    assert ours.data_to_send() == theirs.data_to_send() != b""
+
+
+def test_splitter_leaves_end_stream_padding_and_overflow_to_h2() -> None:
+    client, server = _open_stream()
+    splitter = h2compat.DataSplitter(server)
+    padded = hyperframe.frame.DataFrame(1, data=b"pad", flags=["PADDED"])
+    padded.pad_length = 3
+    ended = hyperframe.frame.DataFrame(1, data=b"end", flags=["END_STREAM"])
+    wire = padded.serialize() + ended.serialize()
+    _, taken, events = _split_all(splitter, server, wire, 1 << 20)
+    assert taken == 0
+    assert [type(e) for e in events] == [h2.events.DataReceived, h2.events.DataReceived,
+                                         h2.events.StreamEnded]
+    # More than the window: h2 sees the frame and raises its own error.
+    client2, server2 = _open_stream()
+    big = b"".join(hyperframe.frame.DataFrame(1, data=b"x" * 16384).serialize()
+                   for _ in range(4))
+    splitter2 = h2compat.DataSplitter(server2)
+    with pytest.raises(h2.exceptions.FlowControlError):
+        _split_all(splitter2, server2, big, 1 << 20)

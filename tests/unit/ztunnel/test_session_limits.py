@@ -403,3 +403,40 @@ def test_the_session_runs_the_keepalive_timer() -> None:
         assert t.closing and s.conn.ended
 
     asyncio.run(body())
+
+
+class CountingTransport(FakeTransport):
+    def __init__(self, protocol: asyncio.Protocol) -> None:
+        super().__init__(protocol)
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        super().write(data)
+
+
+def test_one_tls_write_per_read_whatever_the_read_makes_us_send() -> None:
+    """A read holding a PING, DATA for a stream (acknowledged while its events
+    are dispatched) and a new CONNECT (answered at once) costs one TLS write,
+    not one per answer."""
+
+    async def body() -> None:
+        s, t, raw = served_session()
+        raw.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        s.data_received(raw.data_to_send())
+        plain = Sink()
+        plain.connection_made(FakeTransport(plain))  # type: ignore[arg-type]
+        plain.bind(s, 1)
+        s.accept(1)
+        raw.receive_data(t_take(s))
+        s._on_request = lambda sess, ev: sess.accept(ev.stream_id)
+        counting = CountingTransport(s)
+        s.transport = counting  # type: ignore[assignment]
+        raw.ping(b"12345678")
+        raw.send_data(1, b"x" * 1000)
+        raw.send_headers(3, [(":method", "CONNECT"), (":authority", "10.0.0.1:80")])
+        s.data_received(raw.data_to_send())
+        assert plain.bytes_out == 1000
+        assert counting.writes == 1
+
+    asyncio.run(body())
