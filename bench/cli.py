@@ -20,44 +20,89 @@ def _parse_paths(value: str | None) -> list[str]:
     wanted = [p.strip() for p in value.split(",") if p.strip()]
     unknown = [p for p in wanted if p not in PATHS]
     if unknown:
-        raise click.BadParameter(f"unknown path(s) {', '.join(unknown)}; "
-                                 f"choose from {', '.join(PATHS)}", param_hint="--paths")
+        raise click.BadParameter(
+            f"unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}",
+            param_hint="--paths",
+        )
     if BASELINE not in wanted:
         wanted.insert(0, BASELINE)  # every ratio and the added latency need it
     return [p for p in PATHS if p in wanted]
 
 
 @click.command("bench")
-@click.option("--quick", is_flag=True,
-              help="Smoke run: 2 s per measurement, 1 repetition.")
-@click.option("--duration", type=click.FloatRange(1, 600), default=10.0, show_default=True,
-              help="Seconds per measurement.")
-@click.option("--repeat", type=click.IntRange(1, 20), default=3, show_default=True,
-              help="Repetitions (the report shows medians).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=Path("bench-results"), show_default=True,
-              help="Where results.json and the PNGs go.")
-@click.option("--paths", "paths_opt", default=None,
-              help="Comma-separated subset of: direct, meshnode, haproxy-mtls, stunnel-mtls, "
-                   "central-lb, meshnode-same-node (direct is always added). "
-                   "Default: all, plus the memory sub-benchmark.")
-@click.option("--memory", is_flag=True,
-              help="Run the memory sub-benchmark (alone, or with the --paths given).")
-@click.option("--ztunnel-workers", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="ztunnel worker processes per lab node. The lab's nodes (and the clients "
-                   "and servers) all share this machine's cores.")
-@click.option("--profile", "profile_dir", type=click.Path(file_okay=False, path_type=Path),
-              default=None,
-              help="Sample the meshnode paths' proxies with py-spy during the keep-alive "
-                   "measurement and write collapsed stacks here (needs py-spy; it slows "
-                   "the proxies: do not compare a profiled run's numbers).")
-@click.option("--soak", "soak_for", default=None, metavar="DURATION",
-              help="Instead of the comparison: churn through the mesh for DURATION (e.g. "
-                   "20s, 10m; new connection per request plus keep-alive) and report the "
-                   "ztunnels' RSS and fd slopes, failed requests and the slowest request.")
-def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: str | None,
-          memory: bool, ztunnel_workers: int, profile_dir: Path | None,
-          soak_for: str | None) -> None:
+@click.option("--quick", is_flag=True, help="Smoke run: 2 s per measurement, 1 repetition.")
+@click.option(
+    "--duration",
+    type=click.FloatRange(1, 600),
+    default=10.0,
+    show_default=True,
+    help="Seconds per measurement.",
+)
+@click.option(
+    "--repeat",
+    type=click.IntRange(1, 20),
+    default=3,
+    show_default=True,
+    help="Repetitions (the report shows medians).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench-results"),
+    show_default=True,
+    help="Where results.json and the PNGs go.",
+)
+@click.option(
+    "--paths",
+    "paths_opt",
+    default=None,
+    help="Comma-separated subset of: direct, meshnode, haproxy-mtls, stunnel-mtls, "
+    "central-lb, meshnode-same-node (direct is always added). "
+    "Default: all, plus the memory sub-benchmark.",
+)
+@click.option(
+    "--memory",
+    is_flag=True,
+    help="Run the memory sub-benchmark (alone, or with the --paths given).",
+)
+@click.option(
+    "--ztunnel-workers",
+    type=click.IntRange(1, 16),
+    default=1,
+    show_default=True,
+    help="ztunnel worker processes per lab node. The lab's nodes (and the clients "
+    "and servers) all share this machine's cores.",
+)
+@click.option(
+    "--profile",
+    "profile_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Sample the meshnode paths' proxies with py-spy during the keep-alive "
+    "measurement and write collapsed stacks here (needs py-spy; it slows "
+    "the proxies: do not compare a profiled run's numbers).",
+)
+@click.option(
+    "--soak",
+    "soak_for",
+    default=None,
+    metavar="DURATION",
+    help="Instead of the comparison: churn through the mesh for DURATION (e.g. "
+    "20s, 10m; new connection per request plus keep-alive) and report the "
+    "ztunnels' RSS and fd slopes, failed requests and the slowest request.",
+)
+def bench(
+    quick: bool,
+    duration: float,
+    repeat: int,
+    out_dir: Path,
+    paths_opt: str | None,
+    memory: bool,
+    ztunnel_workers: int,
+    profile_dir: Path | None,
+    soak_for: str | None,
+) -> None:
     """Benchmark meshnode against direct, HAProxy/stunnel mTLS pairs and a central LB.
 
     Builds a fresh 3-node lab named `mnbench`, prints a table, writes results.json
@@ -83,13 +128,23 @@ def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: s
     run_memory = memory or paths_opt is None
     missing = missing_tools(paths, run_memory, profile=profile_dir is not None)
     if missing:
-        fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them; "
-             "py-spy, for --profile only: pip install py-spy)")
-    opts = Options(paths=paths, duration=duration, repeat=repeat, memory=run_memory,
-                   churn_seconds=1.0 if quick else 3.0, ztunnel_workers=ztunnel_workers,
-                   profile_dir=profile_dir)
-    click.echo(f"meshnode bench: paths {', '.join(paths) or '(none)'}; {duration:.0f}s per "
-               f"measurement x {repeat}; memory sub-benchmark: {'yes' if run_memory else 'no'}")
+        fail(
+            f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them; "
+            "py-spy, for --profile only: pip install py-spy)"
+        )
+    opts = Options(
+        paths=paths,
+        duration=duration,
+        repeat=repeat,
+        memory=run_memory,
+        churn_seconds=1.0 if quick else 3.0,
+        ztunnel_workers=ztunnel_workers,
+        profile_dir=profile_dir,
+    )
+    click.echo(
+        f"meshnode bench: paths {', '.join(paths) or '(none)'}; {duration:.0f}s per "
+        f"measurement x {repeat}; memory sub-benchmark: {'yes' if run_memory else 'no'}"
+    )
     try:
         doc = Bench(opts, log=click.echo).run()  # Ctrl-C / SIGTERM: KeyboardInterrupt
     except KeyboardInterrupt:
@@ -99,8 +154,10 @@ def bench(quick: bool, duration: float, repeat: int, out_dir: Path, paths_opt: s
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(doc, indent=1))
     tgts = [report.Target(**t) for t in doc["targets"]]
-    subtitle = (f"median of {repeat} x {duration:.0f}s, one run on a shared "
-                f"{doc['meta']['cores']}-core machine")
+    subtitle = (
+        f"median of {repeat} x {duration:.0f}s, one run on a shared "
+        f"{doc['meta']['cores']}-core machine"
+    )
     pngs = plots.write_plots(doc["summary"], out_dir, doc["memory"], subtitle)
     click.echo("")
     click.echo(report.render_report(doc["summary"], tgts, doc["memory"]))
@@ -120,8 +177,13 @@ def _soak(soak_for: str, out_dir: Path, ztunnel_workers: int) -> None:
     missing = missing_tools(["meshnode"], False)
     if missing:
         fail(f"missing tools: {', '.join(missing)} (scripts/setup.sh --test installs them)")
-    opts = Options(paths=["meshnode"], duration=seconds, repeat=1, memory=False,
-                   ztunnel_workers=ztunnel_workers)
+    opts = Options(
+        paths=["meshnode"],
+        duration=seconds,
+        repeat=1,
+        memory=False,
+        ztunnel_workers=ztunnel_workers,
+    )
     try:
         result = soak.run_soak(Bench(opts, log=click.echo), seconds)
     except KeyboardInterrupt:

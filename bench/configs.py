@@ -73,8 +73,9 @@ defaults
 """
 
 
-def haproxy_client_conf(tunnels: list[Tunnel], server_ip: str, crt: str, ca: str,
-                        nbthread: int) -> str:
+def haproxy_client_conf(
+    tunnels: list[Tunnel], server_ip: str, crt: str, ca: str, nbthread: int
+) -> str:
     """The client-side sidecar: plain TCP on loopback -> mTLS to the server side."""
     out = [_haproxy_global(nbthread)]
     for t in tunnels:
@@ -89,8 +90,9 @@ backend {t.name}_up
     return "".join(out)
 
 
-def haproxy_server_conf(tunnels: list[Tunnel], server_ip: str, crt: str, ca: str,
-                        nbthread: int) -> str:
+def haproxy_server_conf(
+    tunnels: list[Tunnel], server_ip: str, crt: str, ca: str, nbthread: int
+) -> str:
     """The server-side sidecar: mTLS in (client certificate required) -> local server."""
     out = [_haproxy_global(nbthread)]
     for t in tunnels:
@@ -133,8 +135,9 @@ socket = r:TCP_NODELAY=1
 """
 
 
-def stunnel_client_conf(tunnels: list[Tunnel], server_ip: str, cert: str, key: str, ca: str,
-                        log: str) -> str:
+def stunnel_client_conf(
+    tunnels: list[Tunnel], server_ip: str, cert: str, key: str, ca: str, log: str
+) -> str:
     out = [_stunnel_global(log)]
     for t in tunnels:
         out.append(f"""
@@ -151,8 +154,9 @@ sslVersionMin = TLSv1.3
     return "".join(out)
 
 
-def stunnel_server_conf(tunnels: list[Tunnel], server_ip: str, cert: str, key: str, ca: str,
-                        log: str) -> str:
+def stunnel_server_conf(
+    tunnels: list[Tunnel], server_ip: str, cert: str, key: str, ca: str, log: str
+) -> str:
     out = [_stunnel_global(log)]
     for t in tunnels:
         out.append(f"""

@@ -18,8 +18,12 @@ COLORS = {
 }
 
 
-def write_plots(summary: Mapping[str, Mapping[str, float | None]], out: Path,
-                memory: Mapping[str, Any] | None = None, subtitle: str = "") -> list[Path]:
+def write_plots(
+    summary: Mapping[str, Mapping[str, float | None]],
+    out: Path,
+    memory: Mapping[str, Any] | None = None,
+    subtitle: str = "",
+) -> list[Path]:
     try:
         import matplotlib
     except ImportError:
@@ -38,12 +42,17 @@ def write_plots(summary: Mapping[str, Mapping[str, float | None]], out: Path,
         bars = ax.bar(paths, heights, color=[COLORS.get(p, "#333333") for p in paths])
         for bar, v in zip(bars, values, strict=True):
             label = "n/a" if v is None else report.fmt_value(m.key, v)
-            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=9, xytext=(0, 2),
-                        textcoords="offset points")
+            ax.annotate(
+                label,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=9,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
         better = "higher is better" if m.higher_is_better else "lower is better"
-        ax.set_title(f"{m.label} ({better})" + (f"\n{subtitle}" if subtitle else ""),
-                     fontsize=10)
+        ax.set_title(f"{m.label} ({better})" + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
         ax.set_ylabel(m.unit)
         ax.axhline(0, color="black", linewidth=0.5)
         ax.tick_params(axis="x", labelsize=8)
@@ -60,15 +69,22 @@ def write_plots(summary: Mapping[str, Mapping[str, float | None]], out: Path,
         ax.plot(xs, [p["rss_mb"] for p in pts], marker="o", label="ztunnel RSS (one per node)")
         one = memory.get("haproxy_sidecar_rss_mb")
         if one:
-            ax.plot(xs, [one * x for x in xs], linestyle="--", marker="x",
-                    label="N HAProxy sidecars (estimate: N x one sidecar's RSS)")
+            ax.plot(
+                xs,
+                [one * x for x in xs],
+                linestyle="--",
+                marker="x",
+                label="N HAProxy sidecars (estimate: N x one sidecar's RSS)",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("workloads on the node")
         ax.set_ylabel("MB")
-        ax.set_title("proxy memory on one node vs workloads on it\n"
-                     "(ztunnel measured after a connection churn; sidecars estimated)",
-                     fontsize=10)
+        ax.set_title(
+            "proxy memory on one node vs workloads on it\n"
+            "(ztunnel measured after a connection churn; sidecars estimated)",
+            fontsize=10,
+        )
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = out / "memory.png"

@@ -48,8 +48,9 @@ METRICS: tuple[Metric, ...] = (
     Metric("added_p99_us", "added p99 latency vs direct", "us", False),
     Metric("proxy_cpu_s", "proxy CPU seconds (all four workloads)", "s", False, "{:.1f}"),
     Metric("ka_cpu_us_per_req", "proxy CPU per keep-alive request", "us", False, "{:.1f}"),
-    Metric("close_cpu_us_per_req", "proxy CPU per Connection: close request", "us", False,
-           "{:.1f}"),
+    Metric(
+        "close_cpu_us_per_req", "proxy CPU per Connection: close request", "us", False, "{:.1f}"
+    ),
     Metric("proxy_rss_mb", "proxy peak RSS (sum of VmHWM)", "MB", False, "{:.1f}"),
 )
 METRIC_KEYS: tuple[str, ...] = tuple(m.key for m in METRICS)
@@ -104,24 +105,26 @@ def parse_wrk(text: str) -> WrkResult:
     req = re.search(r"^\s*(\d+) requests in ([0-9.]+\w+),", text, re.M)
     rps = re.search(r"^Requests/sec:\s*([0-9.]+)", text, re.M)
     if not req or not rps:
-        raise ParseError("no 'N requests in' / 'Requests/sec:' lines in wrk output:\n"
-                         + text[-600:])
+        raise ParseError(
+            "no 'N requests in' / 'Requests/sec:' lines in wrk output:\n" + text[-600:]
+        )
     pct: dict[str, float] = {}
     for p in ("50", "75", "90", "99"):
         m = re.search(rf"^\s*{p}(?:\.0+)?%\s+([0-9.]+\w+)\s*$", text, re.M)
         if not m:
-            raise ParseError(f"no {p}% line in wrk output (was --latency given?):\n"
-                             + text[-600:])
+            raise ParseError(f"no {p}% line in wrk output (was --latency given?):\n" + text[-600:])
         pct[p] = duration_us(m.group(1))
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
-                     text)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
     socket_errors = sum(int(x) for x in sock.groups()) if sock else 0
     non = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", text)
     return WrkResult(
         requests=int(req.group(1)),
         seconds=duration_us(req.group(2)) / 1e6,
         rps=float(rps.group(1)),
-        p50_us=pct["50"], p75_us=pct["75"], p90_us=pct["90"], p99_us=pct["99"],
+        p50_us=pct["50"],
+        p75_us=pct["75"],
+        p90_us=pct["90"],
+        p99_us=pct["99"],
         socket_errors=socket_errors,
         non_2xx=int(non.group(1)) if non else 0,
     )
@@ -163,13 +166,13 @@ def parse_iperf3(text: str) -> IperfResult:
 def proc_stat_cpu_ticks(stat_text: str) -> int:
     """utime + stime (clock ticks) from the text of /proc/PID/stat."""
     # The command name is in parentheses and may contain spaces or ')'.
-    rest = stat_text[stat_text.rindex(")") + 2:].split()
+    rest = stat_text[stat_text.rindex(")") + 2 :].split()
     # rest[0] is field 3 (state); utime and stime are fields 14 and 15.
     return int(rest[11]) + int(rest[12])
 
 
 def proc_stat_ppid(stat_text: str) -> int:
-    return int(stat_text[stat_text.rindex(")") + 2:].split()[1])
+    return int(stat_text[stat_text.rindex(")") + 2 :].split()[1])
 
 
 def proc_status_kb(status_text: str, field: str) -> int | None:
@@ -208,8 +211,9 @@ def per_request_us(cpu_s: float, requests: int) -> float:
     return cpu_s * 1e6 / requests if requests > 0 else 0.0
 
 
-def summarize(samples: Mapping[str, Mapping[str, Sequence[float | None]]],
-              baseline: str = BASELINE) -> dict[str, dict[str, float | None]]:
+def summarize(
+    samples: Mapping[str, Mapping[str, Sequence[float | None]]], baseline: str = BASELINE
+) -> dict[str, dict[str, float | None]]:
     """Per path: the median of every sampled metric, then the added latency
     (median p50/p99 minus the baseline's median)."""
     out: dict[str, dict[str, float | None]] = {}
@@ -229,8 +233,9 @@ def ratio(value: float | None, base: float | None) -> float | None:
     return value / base
 
 
-def ratios(summary: Mapping[str, Mapping[str, float | None]],
-           baseline: str) -> dict[str, dict[str, float | None]]:
+def ratios(
+    summary: Mapping[str, Mapping[str, float | None]], baseline: str
+) -> dict[str, dict[str, float | None]]:
     """Every path's metric divided by the baseline path's (None where undefined)."""
     base = summary.get(baseline)
     return {
@@ -273,14 +278,14 @@ class Target:
         return {"name": self.name, "measured": self.measured, "verdict": self.verdict}
 
 
-def _get(summary: Mapping[str, Mapping[str, float | None]], path: str,
-         key: str) -> float | None:
+def _get(summary: Mapping[str, Mapping[str, float | None]], path: str, key: str) -> float | None:
     row = summary.get(path)
     return row.get(key) if row else None
 
 
-def _ratio_target(name: str, num: float | None, den: float | None, threshold: float,
-                  unit_fmt: str = "{:.0f}") -> Target:
+def _ratio_target(
+    name: str, num: float | None, den: float | None, threshold: float, unit_fmt: str = "{:.0f}"
+) -> Target:
     r = ratio(num, den)
     if r is None or num is None or den is None:
         return Target(name, "-", NOT_MEASURED)
@@ -288,47 +293,76 @@ def _ratio_target(name: str, num: float | None, den: float | None, threshold: fl
     return Target(name, measured, PASS if r >= threshold else FALL_SHORT)
 
 
-def targets(summary: Mapping[str, Mapping[str, float | None]],
-            memory: Mapping[str, Any] | None = None,
-            ztunnel_peak_rss_mb: float | None = None) -> list[Target]:
+def targets(
+    summary: Mapping[str, Mapping[str, float | None]],
+    memory: Mapping[str, Any] | None = None,
+    ztunnel_peak_rss_mb: float | None = None,
+) -> list[Target]:
     """The issue's targets, each with its measured value and PASS / FALL SHORT."""
     out = [
-        _ratio_target("keep-alive req/s: meshnode >= 1.1x haproxy-mtls",
-                      _get(summary, "meshnode", "ka_rps"), _get(summary, SIDECAR, "ka_rps"),
-                      1.1),
+        _ratio_target(
+            "keep-alive req/s: meshnode >= 1.1x haproxy-mtls",
+            _get(summary, "meshnode", "ka_rps"),
+            _get(summary, SIDECAR, "ka_rps"),
+            1.1,
+        ),
     ]
     m50, h50 = _get(summary, "meshnode", "added_p50_us"), _get(summary, SIDECAR, "added_p50_us")
     name = "added p50 latency (1 connection): meshnode <= haproxy-mtls"
     if m50 is None or h50 is None:
         out.append(Target(name, "-", NOT_MEASURED))
     else:
-        out.append(Target(name, f"{m50:.0f} us vs {h50:.0f} us",
-                          PASS if m50 <= h50 else FALL_SHORT))
-    out.append(_ratio_target("iperf3: meshnode >= 1.0x haproxy-mtls",
-                             _get(summary, "meshnode", "iperf3_gbps"),
-                             _get(summary, SIDECAR, "iperf3_gbps"), 1.0, "{:.2f} Gbit/s"))
-    out.append(_ratio_target("Connection: close req/s: meshnode >= 5x haproxy-mtls",
-                             _get(summary, "meshnode", "close_rps"),
-                             _get(summary, SIDECAR, "close_rps"), 5.0))
-    out.append(_ratio_target("same-node keep-alive req/s >= 0.8x direct",
-                             _get(summary, "meshnode-same-node", "ka_rps"),
-                             _get(summary, BASELINE, "ka_rps"), 0.8))
+        out.append(
+            Target(name, f"{m50:.0f} us vs {h50:.0f} us", PASS if m50 <= h50 else FALL_SHORT)
+        )
+    out.append(
+        _ratio_target(
+            "iperf3: meshnode >= 1.0x haproxy-mtls",
+            _get(summary, "meshnode", "iperf3_gbps"),
+            _get(summary, SIDECAR, "iperf3_gbps"),
+            1.0,
+            "{:.2f} Gbit/s",
+        )
+    )
+    out.append(
+        _ratio_target(
+            "Connection: close req/s: meshnode >= 5x haproxy-mtls",
+            _get(summary, "meshnode", "close_rps"),
+            _get(summary, SIDECAR, "close_rps"),
+            5.0,
+        )
+    )
+    out.append(
+        _ratio_target(
+            "same-node keep-alive req/s >= 0.8x direct",
+            _get(summary, "meshnode-same-node", "ka_rps"),
+            _get(summary, BASELINE, "ka_rps"),
+            0.8,
+        )
+    )
     name = "ztunnel RSS <= 64 MB under connection churn"
-    peaks = [v for v in (ztunnel_peak_rss_mb,
-                         (memory or {}).get("peak_rss_mb")) if v is not None]
+    peaks = [v for v in (ztunnel_peak_rss_mb, (memory or {}).get("peak_rss_mb")) if v is not None]
     if not peaks:
         out.append(Target(name, "-", NOT_MEASURED))
     else:
         peak = max(peaks)
-        out.append(Target(name, f"{peak:.1f} MB (peak VmHWM of any ztunnel)",
-                          PASS if peak <= 64.0 else FALL_SHORT))
+        out.append(
+            Target(
+                name,
+                f"{peak:.1f} MB (peak VmHWM of any ztunnel)",
+                PASS if peak <= 64.0 else FALL_SHORT,
+            )
+        )
     name = "ztunnel RSS grows <= 0.1 MB per added workload"
     s = (memory or {}).get("slope_mb_per_workload")
     if s is None:
         out.append(Target(name, "-", NOT_MEASURED))
     else:
-        out.append(Target(name, f"{s:.3f} MB/workload (1 -> 100 workloads)",
-                          PASS if s <= 0.1 else FALL_SHORT))
+        out.append(
+            Target(
+                name, f"{s:.3f} MB/workload (1 -> 100 workloads)", PASS if s <= 0.1 else FALL_SHORT
+            )
+        )
     return out
 
 
@@ -351,8 +385,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) \
-            + " |"
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
@@ -404,31 +437,45 @@ def render_ratio_table(summary: Mapping[str, Mapping[str, float | None]]) -> str
 
 
 def render_targets(tgts: Sequence[Target]) -> str:
-    return _table(["target", "measured", "verdict"],
-                  [[t.name, t.measured, t.verdict] for t in tgts])
+    return _table(
+        ["target", "measured", "verdict"], [[t.name, t.measured, t.verdict] for t in tgts]
+    )
 
 
 def render_memory(memory: Mapping[str, Any]) -> str:
-    rows = [[str(p["workloads"]), f"{p['rss_mb']:.1f}", f"{p['hwm_mb']:.1f}"]
-            for p in memory.get("points", [])]
-    text = _table(["workloads on the node", "ztunnel RSS MB (after churn)", "ztunnel VmHWM MB"],
-                  rows)
+    rows = [
+        [str(p["workloads"]), f"{p['rss_mb']:.1f}", f"{p['hwm_mb']:.1f}"]
+        for p in memory.get("points", [])
+    ]
+    text = _table(
+        ["workloads on the node", "ztunnel RSS MB (after churn)", "ztunnel VmHWM MB"], rows
+    )
     s = memory.get("slope_mb_per_workload")
     text += f"\nper-workload slope (least squares): {'-' if s is None else f'{s:.3f}'} MB"
     est, one = memory.get("sidecars_100_estimate_mb"), memory.get("haproxy_sidecar_rss_mb")
     if est is not None and one is not None:
-        text += (f"\n100 sidecars (ESTIMATE = 100 x {one:.1f} MB, the VmHWM of one HAProxy "
-                 f"process of the haproxy-mtls pair): {est:.0f} MB")
+        text += (
+            f"\n100 sidecars (ESTIMATE = 100 x {one:.1f} MB, the VmHWM of one HAProxy "
+            f"process of the haproxy-mtls pair): {est:.0f} MB"
+        )
     return text
 
 
-def render_report(summary: Mapping[str, Mapping[str, float | None]],
-                  tgts: Sequence[Target], memory: Mapping[str, Any] | None) -> str:
+def render_report(
+    summary: Mapping[str, Mapping[str, float | None]],
+    tgts: Sequence[Target],
+    memory: Mapping[str, Any] | None,
+) -> str:
     parts: list[str] = []
     if summary:
-        parts += ["Medians (absolute):", render_table(summary), "",
-                  "Ratios (this path's value / the other path's value):",
-                  render_ratio_table(summary), ""]
+        parts += [
+            "Medians (absolute):",
+            render_table(summary),
+            "",
+            "Ratios (this path's value / the other path's value):",
+            render_ratio_table(summary),
+            "",
+        ]
     if memory:
         parts += ["Memory (ztunnel on one node):", render_memory(memory), ""]
     parts += ["Targets:", render_targets(tgts)]

@@ -138,9 +138,12 @@ class Bench:
         return {
             "meta": self.meta(started, load_before),
             "paths": {
-                p: {"samples": samples[p], "median": summary[p],
+                p: {
+                    "samples": samples[p],
+                    "median": summary[p],
                     "ratio_vs_direct": report.ratios(summary, report.BASELINE)[p],
-                    "ratio_vs_haproxy_mtls": report.ratios(summary, report.SIDECAR)[p]}
+                    "ratio_vs_haproxy_mtls": report.ratios(summary, report.SIDECAR)[p],
+                }
                 for p in summary
             },
             "summary": summary,
@@ -202,7 +205,7 @@ class Bench:
                 "nginx": version(["nginx", "-v"]),
             },
             "note": "one run on a shared 2-core machine; every process of the lab "
-                    "(clients, servers, proxies) shares the same cores",
+            "(clients, servers, proxies) shares the same cores",
         }
 
     # -- setup -------------------------------------------------------------------------------
@@ -228,25 +231,44 @@ class Bench:
         os.chmod(www / FILE_NAME, 0o644)
 
         t0 = time.monotonic()
-        self.log(f"lab {self.lab_name}: 3 nodes, {self.opts.ztunnel_workers} ztunnel "
-                 "worker(s) each")
+        self.log(
+            f"lab {self.lab_name}: 3 nodes, {self.opts.ztunnel_workers} ztunnel worker(s) each"
+        )
         self.lab.up(3, log=self.log, workers=self.opts.ztunnel_workers)
         for node in ("node1", "node2", "node3"):
             ns = self.lab.load().nodes[node].netns
             # Connection-per-request runs open ~100k connections: let the client
             # reuse TIME_WAIT ports (the same on every node, for every path).
-            host.run([*host.nsenter_prefix(ns), "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
-                      "net.ipv4.ip_local_port_range=10240 65000", "net.core.somaxconn=4096"])
+            host.run(
+                [
+                    *host.nsenter_prefix(ns),
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.tcp_tw_reuse=1",
+                    "net.ipv4.ip_local_port_range=10240 65000",
+                    "net.core.somaxconn=4096",
+                ]
+            )
         paths = set(self.opts.paths)
         self.add_workload("node2", "web", "web", WEB_PORT, self.nginx_cmd("web", WEB_PORT))
         self.add_workload("node2", "iperf", "iperf", IPERF_PORT, self.iperf_cmd(IPERF_PORT))
         if paths & {"meshnode", "meshnode-same-node"}:
             self.add_workload("node1", "client", "client", 9090, ["sleep", "infinity"], wait=0)
         if "meshnode-same-node" in paths:
-            self.add_workload("node1", "web-local", "web-local", LOCAL_WEB_PORT,
-                              self.nginx_cmd("web-local", LOCAL_WEB_PORT))
-            self.add_workload("node1", "iperf-local", "iperf-local", LOCAL_IPERF_PORT,
-                              self.iperf_cmd(LOCAL_IPERF_PORT))
+            self.add_workload(
+                "node1",
+                "web-local",
+                "web-local",
+                LOCAL_WEB_PORT,
+                self.nginx_cmd("web-local", LOCAL_WEB_PORT),
+            )
+            self.add_workload(
+                "node1",
+                "iperf-local",
+                "iperf-local",
+                LOCAL_IPERF_PORT,
+                self.iperf_cmd(LOCAL_IPERF_PORT),
+            )
         if paths & {"haproxy-mtls", "stunnel-mtls"} or self.opts.memory:
             self.mint_certs()
         if "haproxy-mtls" in paths or self.opts.memory:
@@ -257,16 +279,18 @@ class Bench:
             self.start_central_lb()
         self.log(f"setup done in {time.monotonic() - t0:.1f}s")
 
-    def add_workload(self, node: str, name: str, service: str, port: int, cmd: list[str],
-                     wait: float = 15.0) -> None:
+    def add_workload(
+        self, node: str, name: str, service: str, port: int, cmd: list[str], wait: float = 15.0
+    ) -> None:
         self.lab.add_workload(node, name, service, port, cmd, wait_listening=wait)
         if wait:
             self.wait_listening(node, port, f"workload {name}")
 
     def nginx_cmd(self, name: str, port: int) -> list[str]:
         conf = self.workdir / f"nginx-{name}.conf"
-        conf.write_text(configs.nginx_conf(str(self.workdir), name, port,
-                                           str(self.workdir / "www")))
+        conf.write_text(
+            configs.nginx_conf(str(self.workdir), name, port, str(self.workdir / "www"))
+        )
         return ["nginx", "-e", str(self.workdir / f"nginx-{name}.err"), "-c", str(conf)]
 
     @staticmethod
@@ -284,8 +308,9 @@ class Bench:
         self.background.append(proc)
         return proc
 
-    def wait_listening(self, node: str, port: int, what: str, proc: Any = None,
-                       timeout: float = 15.0) -> None:
+    def wait_listening(
+        self, node: str, port: int, what: str, proc: Any = None, timeout: float = 15.0
+    ) -> None:
         from meshnode.cli.lab import host
 
         ns = self.lab.load().nodes[node].netns
@@ -296,8 +321,10 @@ class Bench:
             if proc is not None and proc.poll() is not None:
                 break
             time.sleep(0.05)
-        raise BenchError(f"{what} is not listening on {node}:{port}; see the logs in "
-                         f"{self.workdir} and {self.lab.node_dir(node)}")
+        raise BenchError(
+            f"{what} is not listening on {node}:{port}; see the logs in "
+            f"{self.workdir} and {self.lab.node_dir(node)}"
+        )
 
     def mint_certs(self) -> None:
         """Two identities from a fresh CA (ECDSA P-256), for the sidecar pairs."""
@@ -317,8 +344,9 @@ class Bench:
             write_private_key(d / f"{sa}-key.pem", key)
             write_file_atomic(d / f"{sa}.pem", chain, 0o644)
             # HAProxy wants certificate chain and key in one file.
-            write_file_atomic(d / f"{sa}-combined.pem",
-                              chain + (d / f"{sa}-key.pem").read_bytes(), 0o600)
+            write_file_atomic(
+                d / f"{sa}-combined.pem", chain + (d / f"{sa}-key.pem").read_bytes(), 0o600
+            )
 
     def _tunnels(self, ports: dict[str, tuple[int, int]]) -> list[configs.Tunnel]:
         return [
@@ -332,13 +360,25 @@ class Bench:
         d, ip2 = self.workdir / "pki", self.node_ip("node2")
         tunnels = self._tunnels(HAPROXY_PORTS)
         srv = self.workdir / "haproxy-server.cfg"
-        srv.write_text(configs.haproxy_server_conf(
-            tunnels, ip2, str(d / "server-sidecar-combined.pem"), str(d / "root.pem"),
-            self.nproc))
+        srv.write_text(
+            configs.haproxy_server_conf(
+                tunnels,
+                ip2,
+                str(d / "server-sidecar-combined.pem"),
+                str(d / "root.pem"),
+                self.nproc,
+            )
+        )
         cli = self.workdir / "haproxy-client.cfg"
-        cli.write_text(configs.haproxy_client_conf(
-            tunnels, ip2, str(d / "client-sidecar-combined.pem"), str(d / "root.pem"),
-            self.nproc))
+        cli.write_text(
+            configs.haproxy_client_conf(
+                tunnels,
+                ip2,
+                str(d / "client-sidecar-combined.pem"),
+                str(d / "root.pem"),
+                self.nproc,
+            )
+        )
         p2 = self.spawn("node2", "haproxy-server", ["haproxy", "-db", "-f", str(srv)])
         p1 = self.spawn("node1", "haproxy-client", ["haproxy", "-db", "-f", str(cli)])
         for t in tunnels:
@@ -350,13 +390,27 @@ class Bench:
         d, ip2 = self.workdir / "pki", self.node_ip("node2")
         tunnels = self._tunnels(STUNNEL_PORTS)
         srv = self.workdir / "stunnel-server.conf"
-        srv.write_text(configs.stunnel_server_conf(
-            tunnels, ip2, str(d / "server-sidecar.pem"), str(d / "server-sidecar-key.pem"),
-            str(d / "root.pem"), str(self.workdir / "stunnel-server.out")))
+        srv.write_text(
+            configs.stunnel_server_conf(
+                tunnels,
+                ip2,
+                str(d / "server-sidecar.pem"),
+                str(d / "server-sidecar-key.pem"),
+                str(d / "root.pem"),
+                str(self.workdir / "stunnel-server.out"),
+            )
+        )
         cli = self.workdir / "stunnel-client.conf"
-        cli.write_text(configs.stunnel_client_conf(
-            tunnels, ip2, str(d / "client-sidecar.pem"), str(d / "client-sidecar-key.pem"),
-            str(d / "root.pem"), str(self.workdir / "stunnel-client.out")))
+        cli.write_text(
+            configs.stunnel_client_conf(
+                tunnels,
+                ip2,
+                str(d / "client-sidecar.pem"),
+                str(d / "client-sidecar-key.pem"),
+                str(d / "root.pem"),
+                str(self.workdir / "stunnel-client.out"),
+            )
+        )
         p2 = self.spawn("node2", "stunnel-server", ["stunnel4", str(srv)])
         p1 = self.spawn("node1", "stunnel-client", ["stunnel4", str(cli)])
         for t in tunnels:
@@ -371,11 +425,17 @@ class Bench:
             self.spawn("node2", name, self.nginx_cmd(name, port))
             self.wait_listening("node2", port, f"nginx {name}")
         cfg = self.workdir / "haproxy-lb.cfg"
-        cfg.write_text(configs.haproxy_lb_conf(ip3, {
-            LB_HTTP_PORT: [f"{ip2}:{p}" for p in LB_BACKEND_PORTS],
-            # iperf3's control and data connections must reach the same server.
-            LB_IPERF_PORT: [f"{ip2}:{IPERF_PORT}"],
-        }, self.nproc))
+        cfg.write_text(
+            configs.haproxy_lb_conf(
+                ip3,
+                {
+                    LB_HTTP_PORT: [f"{ip2}:{p}" for p in LB_BACKEND_PORTS],
+                    # iperf3's control and data connections must reach the same server.
+                    LB_IPERF_PORT: [f"{ip2}:{IPERF_PORT}"],
+                },
+                self.nproc,
+            )
+        )
         p = self.spawn("node3", "haproxy-lb", ["haproxy", "-db", "-f", str(cfg)])
         for port in (LB_HTTP_PORT, LB_IPERF_PORT):
             self.wait_listening("node3", port, "haproxy (central lb)", p)
@@ -396,38 +456,68 @@ class Bench:
         def pair(name: str) -> Callable[[], list[int]]:
             return lambda: [p.pid for p in self.pairs.get(name, [])]
 
-        specs["direct"] = PathSpec("direct", "node1", None, f"http://{ip2}:{WEB_PORT}/{FILE_NAME}",
-                                   ip2, IPERF_PORT, lambda: [])
+        specs["direct"] = PathSpec(
+            "direct",
+            "node1",
+            None,
+            f"http://{ip2}:{WEB_PORT}/{FILE_NAME}",
+            ip2,
+            IPERF_PORT,
+            lambda: [],
+        )
         if "meshnode" in self.opts.paths:
             specs["meshnode"] = PathSpec(
-                "meshnode", "node1", "client", f"http://{self.vip('web')}:{WEB_PORT}/{FILE_NAME}",
-                self.vip("iperf"), IPERF_PORT, lambda: self.ztunnel_pids("node1", "node2"))
+                "meshnode",
+                "node1",
+                "client",
+                f"http://{self.vip('web')}:{WEB_PORT}/{FILE_NAME}",
+                self.vip("iperf"),
+                IPERF_PORT,
+                lambda: self.ztunnel_pids("node1", "node2"),
+            )
         for name, ports in (("haproxy-mtls", HAPROXY_PORTS), ("stunnel-mtls", STUNNEL_PORTS)):
             if name in self.opts.paths:
                 specs[name] = PathSpec(
-                    name, "node1", None, f"http://127.0.0.1:{ports['http'][0]}/{FILE_NAME}",
-                    "127.0.0.1", ports["iperf"][0], pair(name))
+                    name,
+                    "node1",
+                    None,
+                    f"http://127.0.0.1:{ports['http'][0]}/{FILE_NAME}",
+                    "127.0.0.1",
+                    ports["iperf"][0],
+                    pair(name),
+                )
         if "central-lb" in self.opts.paths:
             specs["central-lb"] = PathSpec(
-                "central-lb", "node1", None, f"http://{ip3}:{LB_HTTP_PORT}/{FILE_NAME}",
-                ip3, LB_IPERF_PORT, pair("central-lb"))
+                "central-lb",
+                "node1",
+                None,
+                f"http://{ip3}:{LB_HTTP_PORT}/{FILE_NAME}",
+                ip3,
+                LB_IPERF_PORT,
+                pair("central-lb"),
+            )
         if "meshnode-same-node" in self.opts.paths:
             specs["meshnode-same-node"] = PathSpec(
-                "meshnode-same-node", "node1", "client",
+                "meshnode-same-node",
+                "node1",
+                "client",
                 f"http://{self.vip('web-local')}:{LOCAL_WEB_PORT}/{FILE_NAME}",
-                self.vip("iperf-local"), LOCAL_IPERF_PORT, lambda: self.ztunnel_pids("node1"))
+                self.vip("iperf-local"),
+                LOCAL_IPERF_PORT,
+                lambda: self.ztunnel_pids("node1"),
+            )
         return [specs[p] for p in report.PATHS if p in specs and p in self.opts.paths]
 
     # -- clients -------------------------------------------------------------------------------
 
-    def client(self, node: str, workload: str | None, argv: list[str], limit: float) -> tuple[
-            int, str]:
+    def client(
+        self, node: str, workload: str | None, argv: list[str], limit: float
+    ) -> tuple[int, str]:
         """Run a client command to completion (bounded by `limit` seconds) in the
         node (inside the workload's cgroup if one is named); its output."""
         self._out_seq += 1
         out = self.workdir / f"client-{self._out_seq}.out"
-        script = (f"exec timeout -k 5 {limit:.0f} {shlex.join(argv)} "
-                  f"> {shlex.quote(str(out))} 2>&1")
+        script = f"exec timeout -k 5 {limit:.0f} {shlex.join(argv)} > {shlex.quote(str(out))} 2>&1"
         rc = self.lab.exec(node, ["sh", "-c", script], workload=workload)
         if self.interrupted:
             raise KeyboardInterrupt
@@ -440,13 +530,18 @@ class Bench:
 
     def check_paths(self, specs: list[PathSpec]) -> None:
         for s in specs:
-            rc, text = self.client(s.node, s.workload,
-                                   ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-                                    "--max-time", "10", s.url], 20)
+            rc, text = self.client(
+                s.node,
+                s.workload,
+                ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", s.url],
+                20,
+            )
             if rc != 0 or text.strip() != "200":
-                raise BenchError(f"path {s.name}: GET {s.url} from {s.node}"
-                                 f"{' workload ' + s.workload if s.workload else ''} failed "
-                                 f"(exit {rc}): {text.strip()[:300]}")
+                raise BenchError(
+                    f"path {s.name}: GET {s.url} from {s.node}"
+                    f"{' workload ' + s.workload if s.workload else ''} failed "
+                    f"(exit {rc}): {text.strip()[:300]}"
+                )
         self.log("every path answers")
 
     def wrk(self, spec: PathSpec, threads: int, conns: int, close: bool) -> report.WrkResult:
@@ -460,16 +555,28 @@ class Bench:
         except report.ParseError as exc:
             raise BenchError(f"path {spec.name}: {' '.join(argv)} (exit {rc}): {exc}") from None
         if res.requests and res.errors > 0.01 * res.requests:
-            self.log(f"  warning: {spec.name}: {res.errors} errors in {res.requests} requests "
-                     f"({' '.join(argv[1:])})")
+            self.log(
+                f"  warning: {spec.name}: {res.errors} errors in {res.requests} requests "
+                f"({' '.join(argv[1:])})"
+            )
         return res
 
     def iperf(self, spec: PathSpec) -> report.IperfResult | None:
         """The iperf3 result, or None after three failed attempts (then the
         path's iperf3 sample is missing and the failures are in results.json)."""
         d = max(1, round(self.opts.duration))
-        argv = ["iperf3", "-c", spec.iperf_host, "-p", str(spec.iperf_port), "-t", str(d), "-J",
-                "--connect-timeout", "5000"]
+        argv = [
+            "iperf3",
+            "-c",
+            spec.iperf_host,
+            "-p",
+            str(spec.iperf_port),
+            "-t",
+            str(d),
+            "-J",
+            "--connect-timeout",
+            "5000",
+        ]
         last = ""
         for attempt in range(3):
             # A retry covers an iperf3 server still finishing the previous test (it
@@ -480,8 +587,14 @@ class Bench:
                 return report.parse_iperf3(text)
             except report.ParseError as exc:
                 last = f"(exit {rc}): {exc}"
-                self.failures.append({"path": spec.name, "attempt": attempt + 1,
-                                      "command": " ".join(argv), "error": last})
+                self.failures.append(
+                    {
+                        "path": spec.name,
+                        "attempt": attempt + 1,
+                        "command": " ".join(argv),
+                        "error": last,
+                    }
+                )
                 self.log(f"  {spec.name}: iperf3 attempt {attempt + 1} failed {last}")
                 time.sleep(1)
         self.log(f"  warning: {spec.name}: no iperf3 result this repetition")
@@ -491,7 +604,8 @@ class Bench:
 
     def measure(self, specs: list[PathSpec]) -> dict[str, dict[str, list[float | None]]]:
         samples: dict[str, dict[str, list[float | None]]] = {
-            s.name: {k: [] for k in report.SAMPLED_KEYS} for s in specs}
+            s.name: {k: [] for k in report.SAMPLED_KEYS} for s in specs
+        }
         for rep in range(self.opts.repeat):
             for s in specs:  # interleaved, so a slow minute hurts every path alike
                 t0 = time.monotonic()
@@ -499,12 +613,14 @@ class Bench:
                 for k, v in row.items():
                     samples[s.name][k].append(v)
                 gbps = row["iperf3_gbps"]
-                self.log(f"  [{rep + 1}/{self.opts.repeat}] {s.name:<19} "
-                         f"iperf3 {'-' if gbps is None else f'{gbps:.2f}'} Gbit/s, "
-                         f"ka {row['ka_rps']:.0f}/s, "
-                         f"close {row['close_rps']:.0f}/s, p50 {row['lat_p50_us']:.0f} us, "
-                         f"p99 {row['lat_p99_us']:.0f} us, cpu {row['proxy_cpu_s']:.1f}s "
-                         f"({time.monotonic() - t0:.0f}s)")
+                self.log(
+                    f"  [{rep + 1}/{self.opts.repeat}] {s.name:<19} "
+                    f"iperf3 {'-' if gbps is None else f'{gbps:.2f}'} Gbit/s, "
+                    f"ka {row['ka_rps']:.0f}/s, "
+                    f"close {row['close_rps']:.0f}/s, p50 {row['lat_p50_us']:.0f} us, "
+                    f"p99 {row['lat_p99_us']:.0f} us, cpu {row['proxy_cpu_s']:.1f}s "
+                    f"({time.monotonic() - t0:.0f}s)"
+                )
         return samples
 
     @contextlib.contextmanager
@@ -522,10 +638,27 @@ class Bench:
         for pid in procs.with_children(s.proxies()):
             n = len(list(out.glob(f"{s.name}-{phase}-*-{pid}.txt")))
             path = out / f"{s.name}-{phase}-{n + 1}-{pid}.txt"
-            spies.append(subprocess.Popen(
-                ["py-spy", "record", "--pid", str(pid), "--duration", str(d), "--rate", "200",
-                 "--format", "raw", "--nonblocking", "--output", str(path)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            spies.append(
+                subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--pid",
+                        str(pid),
+                        "--duration",
+                        str(d),
+                        "--rate",
+                        "200",
+                        "--format",
+                        "raw",
+                        "--nonblocking",
+                        "--output",
+                        str(path),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         try:
             yield
         finally:
@@ -566,8 +699,10 @@ class Bench:
         }
 
     def ztunnel_peak_mb(self) -> float | None:
-        vals = [procs.status_mb(p, "VmHWM")
-                for p in procs.with_children(self.ztunnel_pids("node1", "node2", "node3"))]
+        vals = [
+            procs.status_mb(p, "VmHWM")
+            for p in procs.with_children(self.ztunnel_pids("node1", "node2", "node3"))
+        ]
         got = [v for v in vals if v is not None]
         return max(got) if got else None
 
@@ -575,8 +710,9 @@ class Bench:
 
     def churn(self, node: str, workload: str | None, url: str) -> None:
         d = max(1, round(self.opts.churn_seconds))
-        rc, text = self.client(node, workload, ["wrk", "-t1", "-c8", f"-d{d}s",
-                                                "-H", "Connection: close", url], d + 30)
+        rc, text = self.client(
+            node, workload, ["wrk", "-t1", "-c8", f"-d{d}s", "-H", "Connection: close", url], d + 30
+        )
         if "requests in" not in text:
             raise BenchError(f"churn against {url} failed (exit {rc}): {text[-300:]}")
 
@@ -585,15 +721,17 @@ class Bench:
         connections through it; and one HAProxy sidecar's RSS for comparison."""
         self.log("memory: ztunnel on node3 with 1, 10, 100 workloads")
         url = f"http://{self.vip('web')}:{WEB_PORT}/{FILE_NAME}"
-        self.add_workload("node3", "mem-client", "mem-client", MEM_CLIENT_PORT,
-                          ["sleep", "infinity"], wait=0)
+        self.add_workload(
+            "node3", "mem-client", "mem-client", MEM_CLIENT_PORT, ["sleep", "infinity"], wait=0
+        )
         count, points = 1, []
         for step in MEMORY_STEPS:
             t0 = time.monotonic()
             while count < step:
                 name = f"idle-{count}"
-                self.add_workload("node3", name, name, MEM_IDLE_BASE_PORT + count,
-                                  ["sleep", "infinity"], wait=0)
+                self.add_workload(
+                    "node3", name, name, MEM_IDLE_BASE_PORT + count, ["sleep", "infinity"], wait=0
+                )
                 count += 1
             added = time.monotonic() - t0
             self.churn("node3", "mem-client", url)
@@ -601,8 +739,10 @@ class Bench:
             rss = sum(procs.status_mb(p, "VmRSS") or 0.0 for p in pids)
             hwm = sum(procs.status_mb(p, "VmHWM") or 0.0 for p in pids)
             points.append({"workloads": step, "rss_mb": rss, "hwm_mb": hwm})
-            self.log(f"  {step:>3} workloads: ztunnel RSS {rss:.1f} MB, VmHWM {hwm:.1f} MB "
-                     f"(adding took {added:.0f}s)")
+            self.log(
+                f"  {step:>3} workloads: ztunnel RSS {rss:.1f} MB, VmHWM {hwm:.1f} MB "
+                f"(adding took {added:.0f}s)"
+            )
         # The sidecar comparison: the same churn through the HAProxy pair.
         self.start_haproxy_pair()
         self.churn("node1", None, f"http://127.0.0.1:{HAPROXY_PORTS['http'][0]}/{FILE_NAME}")
@@ -616,8 +756,8 @@ class Bench:
             "haproxy_sidecar_rss_mb": one,
             "sidecars_100_estimate_mb": report.sidecar_estimate_mb(one, 100),
             "sidecar_method": "ESTIMATE: 100 x the VmHWM of the larger of the two HAProxy "
-                              f"processes (nbthread {self.nproc}) of the haproxy-mtls pair after "
-                              "its runs and the same churn; not measured with 100 processes",
+            f"processes (nbthread {self.nproc}) of the haproxy-mtls pair after "
+            "its runs and the same churn; not measured with 100 processes",
         }
 
     # -- teardown -------------------------------------------------------------------------------

@@ -438,8 +438,10 @@ class MeshBpf:
             if not 0 < port <= 0xFFFF:
                 raise BpfError(f"bad guarded port {port}: out of range 1-65535")
         if not cgroups:
-            raise BpfError("guard_proxy() needs the proxy's cgroup: with none, nothing could "
-                           "bind the proxy's address and ports")
+            raise BpfError(
+                "guard_proxy() needs the proxy's cgroup: with none, nothing could "
+                "bind the proxy's address and ports"
+            )
         cg_fd = self._map_fd("mn_proxy_cgroups")
         port_fd = self._map_fd("mn_guarded_ports")
         try:

@@ -30,36 +30,67 @@ DEFAULT_DATA_DIR = Path("/var/lib/meshnode-cp")
 
 # What `get`/`delete` accept (any case, singular or plural) -> the API's name.
 _KIND_ALIASES = {
-    "node": "nodes", "nodes": "nodes", "no": "nodes",
-    "workload": "workloads", "workloads": "workloads", "wl": "workloads",
-    "service": "services", "services": "services", "svc": "services",
-    "authorizationpolicy": "AuthorizationPolicy", "authorizationpolicies": "AuthorizationPolicy",
-    "peerauthentication": "PeerAuthentication", "peerauthentications": "PeerAuthentication",
-    "trafficsplit": "TrafficSplit", "trafficsplits": "TrafficSplit",
-    "meshconfig": "MeshConfig", "meshconfigs": "MeshConfig",
-}  # fmt: skip
+    "node": "nodes",
+    "nodes": "nodes",
+    "no": "nodes",
+    "workload": "workloads",
+    "workloads": "workloads",
+    "wl": "workloads",
+    "service": "services",
+    "services": "services",
+    "svc": "services",
+    "authorizationpolicy": "AuthorizationPolicy",
+    "authorizationpolicies": "AuthorizationPolicy",
+    "peerauthentication": "PeerAuthentication",
+    "peerauthentications": "PeerAuthentication",
+    "trafficsplit": "TrafficSplit",
+    "trafficsplits": "TrafficSplit",
+    "meshconfig": "MeshConfig",
+    "meshconfigs": "MeshConfig",
+}
 
 
 def _connection_options(fn: F) -> F:
     options = [
-        click.option("--cp", "cp_url", default=DEFAULT_CP, show_default=True,
-                     envvar="MESHNODE_CP", help="Control plane URL."),
-        click.option("--ca-file", type=click.Path(dir_okay=False, path_type=Path),
-                     help="PEM trust bundle of the control plane."),
+        click.option(
+            "--cp",
+            "cp_url",
+            default=DEFAULT_CP,
+            show_default=True,
+            envvar="MESHNODE_CP",
+            help="Control plane URL.",
+        ),
+        click.option(
+            "--ca-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="PEM trust bundle of the control plane.",
+        ),
         click.option("--pin", help="SHA-256 of the CP's root certificate (fetch and pin)."),
-        click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=DEFAULT_DATA_DIR, show_default=True,
-                     help="The control plane's data dir (trust bundle, admin token) if local."),
-        click.option("--admin-token-file", type=click.Path(dir_okay=False, path_type=Path),
-                     help="File with the admin token (or env MESHNODE_ADMIN_TOKEN)."),
-    ]  # fmt: skip
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False, path_type=Path),
+            default=DEFAULT_DATA_DIR,
+            show_default=True,
+            help="The control plane's data dir (trust bundle, admin token) if local.",
+        ),
+        click.option(
+            "--admin-token-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="File with the admin token (or env MESHNODE_ADMIN_TOKEN).",
+        ),
+    ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _client(cp_url: str, ca_file: Path | None, pin: str | None, data_dir: Path,
-            admin_token_file: Path | None) -> Any:  # fmt: skip
+def _client(
+    cp_url: str,
+    ca_file: Path | None,
+    pin: str | None,
+    data_dir: Path,
+    admin_token_file: Path | None,
+) -> Any:
     from meshnode.core.cpclient import ApiClient, ClientError, fetch_pinned_bundle
 
     bundle_file = data_dir / "trust-bundle.pem"
@@ -71,8 +102,10 @@ def _client(cp_url: str, ca_file: Path | None, pin: str | None, data_dir: Path,
         elif bundle_file.is_file():
             bundle = bundle_file.read_bytes()
         else:
-            fail(f"no trust bundle for {cp_url}: pass --ca-file (copy {bundle_file} from the "
-                 "control plane host) or --pin <sha256 of its root>")
+            fail(
+                f"no trust bundle for {cp_url}: pass --ca-file (copy {bundle_file} from the "
+                "control plane host) or --pin <sha256 of its root>"
+            )
     except OSError as exc:
         fail(f"cannot read {ca_file}: {exc.strerror}")
     except ClientError as exc:
@@ -111,8 +144,16 @@ def token() -> None:
 @click.option("--zone", default="", help="Pin the node to this zone.")
 @click.option("--ttl", default="1h", show_default=True, help="Validity (30m, 1h, 2d).")
 @_connection_options
-def token_create(node: str, zone: str, ttl: str, cp_url: str, ca_file: Path | None,
-                 pin: str | None, data_dir: Path, admin_token_file: Path | None) -> None:
+def token_create(
+    node: str,
+    zone: str,
+    ttl: str,
+    cp_url: str,
+    ca_file: Path | None,
+    pin: str | None,
+    data_dir: Path,
+    admin_token_file: Path | None,
+) -> None:
     """Create a single-use join token for NODE and print the enroll command."""
     from meshnode.controlplane.api import parse_duration
 
@@ -134,12 +175,23 @@ def token_create(node: str, zone: str, ttl: str, cp_url: str, ca_file: Path | No
 
 
 @click.command()
-@click.option("-f", "--filename", "path", required=True,
-              type=click.Path(dir_okay=False, allow_dash=True),
-              help="YAML file with one or more resources ('-' = stdin).")
+@click.option(
+    "-f",
+    "--filename",
+    "path",
+    required=True,
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="YAML file with one or more resources ('-' = stdin).",
+)
 @_connection_options
-def apply(path: str, cp_url: str, ca_file: Path | None, pin: str | None, data_dir: Path,
-          admin_token_file: Path | None) -> None:
+def apply(
+    path: str,
+    cp_url: str,
+    ca_file: Path | None,
+    pin: str | None,
+    data_dir: Path,
+    admin_token_file: Path | None,
+) -> None:
     """Create or update resources from YAML: all documents or none."""
     from meshnode.core.resources import ResourceError, parse_documents
 
@@ -153,8 +205,13 @@ def apply(path: str, cp_url: str, ca_file: Path | None, pin: str | None, data_di
     except ResourceError as exc:
         fail(str(exc))
     client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
-    data = _call(client, "POST", api.ADMIN_RESOURCES + "?" + urlencode({"source": source}),
-                 text, content_type="application/yaml")  # fmt: skip
+    data = _call(
+        client,
+        "POST",
+        api.ADMIN_RESOURCES + "?" + urlencode({"source": source}),
+        text,
+        content_type="application/yaml",
+    )
     for line in data.get("results", []):
         click.echo(line)
 
@@ -162,8 +219,10 @@ def apply(path: str, cp_url: str, ca_file: Path | None, pin: str | None, data_di
 def _kind(kind: str) -> str:
     resolved = _KIND_ALIASES.get(kind.lower())
     if resolved is None:
-        fail(f"unknown kind {kind!r}; use one of: nodes, workloads, services, "
-             "AuthorizationPolicy, PeerAuthentication, TrafficSplit, MeshConfig")
+        fail(
+            f"unknown kind {kind!r}; use one of: nodes, workloads, services, "
+            "AuthorizationPolicy, PeerAuthentication, TrafficSplit, MeshConfig"
+        )
     return resolved
 
 
@@ -171,20 +230,44 @@ def _kind(kind: str) -> str:
 @click.argument("kind")
 @click.argument("name", required=False)
 @click.option("-n", "--namespace", default=None, help="Only this namespace.")
-@click.option("-o", "--output", type=click.Choice(["table", "yaml", "json"]), default="table",
-              show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "yaml", "json"]),
+    default="table",
+    show_default=True,
+)
 @_connection_options
-def get(kind: str, name: str | None, namespace: str | None, output: str, cp_url: str,
-        ca_file: Path | None, pin: str | None, data_dir: Path,
-        admin_token_file: Path | None) -> None:
+def get(
+    kind: str,
+    name: str | None,
+    namespace: str | None,
+    output: str,
+    cp_url: str,
+    ca_file: Path | None,
+    pin: str | None,
+    data_dir: Path,
+    admin_token_file: Path | None,
+) -> None:
     """List nodes, workloads, services or resources of KIND (optionally one NAME)."""
     api_kind = _kind(kind)
     client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
     if api_kind in ("nodes", "workloads", "services"):
-        items = _call(client, "GET", {"nodes": api.ADMIN_NODES, "workloads": api.ADMIN_WORKLOADS,
-                                       "services": api.ADMIN_SERVICES}[api_kind])["items"]
-        items = [i for i in items if (name is None or i.get("name") == name)
-                 and (namespace is None or i.get("namespace", namespace) == namespace)]
+        items = _call(
+            client,
+            "GET",
+            {
+                "nodes": api.ADMIN_NODES,
+                "workloads": api.ADMIN_WORKLOADS,
+                "services": api.ADMIN_SERVICES,
+            }[api_kind],
+        )["items"]
+        items = [
+            i
+            for i in items
+            if (name is None or i.get("name") == name)
+            and (namespace is None or i.get("namespace", namespace) == namespace)
+        ]
     else:
         query = {"kind": api_kind}
         if namespace:
@@ -205,22 +288,39 @@ def get(kind: str, name: str | None, namespace: str | None, output: str, cp_url:
 def _table(kind: str, items: list[dict[str, Any]]) -> str:
     if kind == "nodes":
         rows = [["NAME", "ZONE", "IP", "WORKLOADS"]] + [
-            [i["name"], i["zone"] or "-", i["ip"], str(i.get("workloads", 0))] for i in items]
+            [i["name"], i["zone"] or "-", i["ip"], str(i.get("workloads", 0))] for i in items
+        ]
     elif kind == "workloads":
         rows = [["NODE", "NAMESPACE", "NAME", "SERVICE", "PORT", "VERSION"]] + [
-            [i["node"], i["namespace"], i["name"], i["service"] or "-", str(i["port"]),
-             i["version"] or "-"] for i in items]
+            [
+                i["node"],
+                i["namespace"],
+                i["name"],
+                i["service"] or "-",
+                str(i["port"]),
+                i["version"] or "-",
+            ]
+            for i in items
+        ]
     elif kind == "services":
         rows = [["NAMESPACE", "NAME", "VIP", "PORT", "ENDPOINTS"]] + [
-            [i["namespace"], i["name"], i["vip"], str(i["ports"][0]["port"]),
-             str(len(i["endpoints"]))] for i in items]
+            [
+                i["namespace"],
+                i["name"],
+                i["vip"],
+                str(i["ports"][0]["port"]),
+                str(len(i["endpoints"])),
+            ]
+            for i in items
+        ]
     else:
         rows = [["KIND", "NAMESPACE", "NAME"]] + [
-            [i["kind"], i["metadata"].get("namespace", "-"), i["metadata"]["name"]]
-            for i in items]
+            [i["kind"], i["metadata"].get("namespace", "-"), i["metadata"]["name"]] for i in items
+        ]
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)  # fmt: skip
+    return "\n".join(
+        "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 @click.command()
@@ -229,9 +329,17 @@ def _table(kind: str, items: list[dict[str, Any]]) -> str:
 @click.option("-n", "--namespace", default="default", show_default=True)
 @click.option("--node", default=None, help="For workloads: the node it runs on.")
 @_connection_options
-def delete(kind: str, name: str, namespace: str, node: str | None, cp_url: str,
-           ca_file: Path | None, pin: str | None, data_dir: Path,
-           admin_token_file: Path | None) -> None:
+def delete(
+    kind: str,
+    name: str,
+    namespace: str,
+    node: str | None,
+    cp_url: str,
+    ca_file: Path | None,
+    pin: str | None,
+    data_dir: Path,
+    admin_token_file: Path | None,
+) -> None:
     """Delete a node (and its workloads), a workload, or a resource."""
     api_kind = _kind(kind)
     if api_kind == "services":

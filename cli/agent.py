@@ -15,12 +15,26 @@ def agent() -> None:
 
 
 @agent.command("run")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
-              help="A node description file (what `meshnode lab` writes).")
-@click.option("--enrolled", "config_dir", type=click.Path(path_type=Path), default=None,
-              help="An enrolled node's config directory (what `meshnode enroll` wrote).")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A node description file (what `meshnode lab` writes).",
+)
+@click.option(
+    "--enrolled",
+    "config_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="An enrolled node's config directory (what `meshnode enroll` wrote).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def run(config_path: Path | None, config_dir: Path | None, log_level: str) -> None:
     """Run the node agent in the foreground (systemd runs it as meshnode-agent)."""
     from meshnode.bpf.errors import BpfError

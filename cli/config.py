@@ -19,10 +19,18 @@ def config() -> None:
 
 
 @config.command("dump")
-@click.option("--admin", default="127.0.0.1:15000", show_default=True,
-              help="ztunnel's admin address on this node.")
-@click.option("--section", type=click.Choice(["all", "state", "endpoints", "config", "policies"]),
-              default="all", show_default=True)
+@click.option(
+    "--admin",
+    default="127.0.0.1:15000",
+    show_default=True,
+    help="ztunnel's admin address on this node.",
+)
+@click.option(
+    "--section",
+    type=click.Choice(["all", "state", "endpoints", "config", "policies"]),
+    default="all",
+    show_default=True,
+)
 def dump(admin: str, section: str) -> None:
     """Print ztunnel's config dump as JSON."""
     url = f"http://{admin}/config_dump"
@@ -31,8 +39,10 @@ def dump(admin: str, section: str) -> None:
             doc = json.load(resp)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        fail(f"cannot reach ztunnel's admin endpoint at {url}: {reason}. Is ztunnel running on "
-             "this node? (in the lab: meshnode lab exec NODE -- meshnode config dump)")
+        fail(
+            f"cannot reach ztunnel's admin endpoint at {url}: {reason}. Is ztunnel running on "
+            "this node? (in the lab: meshnode lab exec NODE -- meshnode config dump)"
+        )
     if section == "policies":
         doc = doc.get("state", {}).get("policies", [])
     elif section != "all":

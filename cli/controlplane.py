@@ -20,21 +20,45 @@ def controlplane() -> None:
 
 @controlplane.command("run")
 @click.option("--listen", default="0.0.0.0:15012", show_default=True, help="HOST:PORT to serve.")
-@click.option("--db", default=None,
-              help="sqlite:///path/cp.db or postgresql://user:pw@host/db "
-                   "[default: sqlite in --data-dir]")
-@click.option("--data-dir", default=DEFAULT_DATA_DIR, show_default=True,
-              type=click.Path(file_okay=False, path_type=Path),
-              help="Admin token, trust bundle copy and (SQLite) the database.")
+@click.option(
+    "--db",
+    default=None,
+    help="sqlite:///path/cp.db or postgresql://user:pw@host/db [default: sqlite in --data-dir]",
+)
+@click.option(
+    "--data-dir",
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Admin token, trust bundle copy and (SQLite) the database.",
+)
 @click.option("--trust-domain", default="cluster.local", show_default=True)
-@click.option("--cert-ttl", default="24h", show_default=True,
-              help="Lifetime of node and workload certificates (30s, 15m, 24h, 7d).")
-@click.option("--advertise", default="",
-              help="IP[,IP]: addresses nodes use to reach this control plane (server cert SANs).")
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def run(listen: str, db: str | None, data_dir: Path, trust_domain: str, cert_ttl: str,
-        advertise: str, log_level: str) -> None:
+@click.option(
+    "--cert-ttl",
+    default="24h",
+    show_default=True,
+    help="Lifetime of node and workload certificates (30s, 15m, 24h, 7d).",
+)
+@click.option(
+    "--advertise",
+    default="",
+    help="IP[,IP]: addresses nodes use to reach this control plane (server cert SANs).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def run(
+    listen: str,
+    db: str | None,
+    data_dir: Path,
+    trust_domain: str,
+    cert_ttl: str,
+    advertise: str,
+    log_level: str,
+) -> None:
     """Serve the control-plane API over TLS 1.3 until SIGTERM."""
     from meshnode.controlplane.api import (
         ControlPlaneConfig,
@@ -60,8 +84,9 @@ def run(listen: str, db: str | None, data_dir: Path, trust_domain: str, cert_ttl
         store = open_store(db or default_db_url(data_dir))
     except (StoreError, OSError) as exc:
         fail(f"{exc}")
-    config = ControlPlaneConfig(trust_domain=trust_domain, cert_ttl=timedelta(seconds=ttl),
-                                advertise=ips, data_dir=data_dir)
+    config = ControlPlaneConfig(
+        trust_domain=trust_domain, cert_ttl=timedelta(seconds=ttl), advertise=ips, data_dir=data_dir
+    )
     try:
         import uvloop
 

@@ -13,27 +13,60 @@ from meshnode.cli.common import fail
 
 
 @click.command()
-@click.option("--cp", "cp_url", required=True, metavar="URL",
-              help="The control plane, https://host[:port] (port 15012 by default).")
-@click.option("--token", required=True, envvar="MESHNODE_JOIN_TOKEN",
-              help="The join token mn1.<id>.<secret>.<pin> (or $MESHNODE_JOIN_TOKEN).")
+@click.option(
+    "--cp",
+    "cp_url",
+    required=True,
+    metavar="URL",
+    help="The control plane, https://host[:port] (port 15012 by default).",
+)
+@click.option(
+    "--token",
+    required=True,
+    envvar="MESHNODE_JOIN_TOKEN",
+    help="The join token mn1.<id>.<secret>.<pin> (or $MESHNODE_JOIN_TOKEN).",
+)
 @click.option("--name", default=None, help="Node name [default: the host name].")
 @click.option("--zone", default="", help="Zone (the token may fix it).")
 @click.option("--ip", default="", help="Node address [default: what the control plane sees].")
-@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("/etc/meshnode"),
-              show_default=True)
-@click.option("--state-dir", type=click.Path(path_type=Path), default=Path("/var/lib/meshnode"),
-              show_default=True)
-@click.option("--cgroup-parent", default=None, metavar="PATH",
-              help="Where the agent attaches its BPF programs [default: the cgroup v2 root].")
+@click.option(
+    "--config-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/meshnode"),
+    show_default=True,
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/var/lib/meshnode"),
+    show_default=True,
+)
+@click.option(
+    "--cgroup-parent",
+    default=None,
+    metavar="PATH",
+    help="Where the agent attaches its BPF programs [default: the cgroup v2 root].",
+)
 @click.option("--force", is_flag=True, help="Enroll again even if this node is enrolled.")
 @click.option("--no-start", is_flag=True, help="Write the files only; install and start nothing.")
-@click.option("--unit-dir", type=click.Path(path_type=Path),
-              default=Path("/etc/systemd/system"), hidden=True)
+@click.option(
+    "--unit-dir", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"), hidden=True
+)
 @click.option("--timeout", type=float, default=10.0, hidden=True)
-def enroll(cp_url: str, token: str, name: str | None, zone: str, ip: str, config_dir: Path,
-           state_dir: Path, cgroup_parent: str | None, force: bool, no_start: bool,
-           unit_dir: Path, timeout: float) -> None:
+def enroll(
+    cp_url: str,
+    token: str,
+    name: str | None,
+    zone: str,
+    ip: str,
+    config_dir: Path,
+    state_dir: Path,
+    cgroup_parent: str | None,
+    force: bool,
+    no_start: bool,
+    unit_dir: Path,
+    timeout: float,
+) -> None:
     """Enroll this node with the control plane at --cp using a join token."""
     from meshnode.bpf.cgroups import cgroup2_mount
     from meshnode.bpf.errors import BpfError
@@ -62,8 +95,10 @@ def enroll(cp_url: str, token: str, name: str | None, zone: str, ip: str, config
             return
 
     if os.geteuid() != 0 and not no_start:
-        fail("enrolling installs and starts systemd services: run it as root "
-             "(or with --no-start and writable --config-dir/--state-dir)")
+        fail(
+            "enrolling installs and starts systemd services: run it as root "
+            "(or with --no-start and writable --config-dir/--state-dir)"
+        )
     if cgroup_parent is None:
         try:
             cgroup_parent = str(cgroup2_mount())
@@ -72,44 +107,60 @@ def enroll(cp_url: str, token: str, name: str | None, zone: str, ip: str, config
     for d in (config_dir, state_dir):
         probe = d if d.exists() else next((p for p in d.parents if p.exists()), Path("/"))
         if not os.access(probe, os.W_OK):
-            fail(f"cannot write {d} (no write access to {probe}); run as root or pick "
-                 "another directory")
+            fail(
+                f"cannot write {d} (no write access to {probe}); run as root or pick "
+                "another directory"
+            )
 
     try:
         result = en.enroll(url, join, node_name, zone, ip, timeout=timeout)
     except MeshnodeError as exc:
         fail(str(exc))
     except Exception as exc:  # a bug: still one line, and nothing was written
-        fail(f"enrollment failed unexpectedly ({type(exc).__name__}: {exc}); nothing was "
-             "written; please report this")
+        fail(
+            f"enrollment failed unexpectedly ({type(exc).__name__}: {exc}); nothing was "
+            "written; please report this"
+        )
     try:
         doc = en.write_enrollment(layout, result, cgroup_parent, zone, ip)
     except OSError as exc:
-        fail(f"enrolled, but writing {exc.filename or config_dir} failed: {exc.strerror}; "
-             "fix it and enroll again with a new token and --force")
-    click.echo(f"enrolled {doc['name']} (zone {doc['zone'] or '-'}, ip {doc['ip'] or '-'}) "
-               f"in trust domain {doc['trust_domain']} with {url}; config in {config_dir}")
+        fail(
+            f"enrolled, but writing {exc.filename or config_dir} failed: {exc.strerror}; "
+            "fix it and enroll again with a new token and --force"
+        )
+    click.echo(
+        f"enrolled {doc['name']} (zone {doc['zone'] or '-'}, ip {doc['ip'] or '-'}) "
+        f"in trust domain {doc['trust_domain']} with {url}; config in {config_dir}"
+    )
 
     if no_start:
-        click.echo(f"--no-start: started nothing; run `meshnode agent run --enrolled "
-                   f"{config_dir}` (and ztunnel), or enroll without --no-start")
+        click.echo(
+            f"--no-start: started nothing; run `meshnode agent run --enrolled "
+            f"{config_dir}` (and ztunnel), or enroll without --no-start"
+        )
         return
     why = units.systemd_missing()
     if why is not None:
-        click.echo(f"warning: no systemd here ({why}): started nothing; run "
-                   f"`meshnode agent run --enrolled {config_dir}` yourself", err=True)
+        click.echo(
+            f"warning: no systemd here ({why}): started nothing; run "
+            f"`meshnode agent run --enrolled {config_dir}` yourself",
+            err=True,
+        )
         return
     try:
         rendered = units.render_units(
-            units.UnitPaths(units.meshnode_executable(), config_dir, state_dir,
-                            units.package_source()))
+            units.UnitPaths(
+                units.meshnode_executable(), config_dir, state_dir, units.package_source()
+            )
+        )
         paths = units.install_units(unit_dir, rendered)
     except (ValueError, OSError) as exc:
         fail(f"enrolled (config in {config_dir}), but installing the units failed: {exc}")
     try:
         units.start_units(restart=force)
     except (units.UnitError, OSError) as exc:
-        fail(f"enrolled and installed {', '.join(str(p) for p in paths)}, but starting them "
-             f"failed: {exc}; see `journalctl -u {units.AGENT_UNIT} -u {units.ZTUNNEL_UNIT}`")
-    click.echo(f"started {' and '.join(units.UNIT_NAMES)} "
-               f"(`systemctl status {units.AGENT_UNIT}`)")
+        fail(
+            f"enrolled and installed {', '.join(str(p) for p in paths)}, but starting them "
+            f"failed: {exc}; see `journalctl -u {units.AGENT_UNIT} -u {units.ZTUNNEL_UNIT}`"
+        )
+    click.echo(f"started {' and '.join(units.UNIT_NAMES)} (`systemctl status {units.AGENT_UNIT}`)")

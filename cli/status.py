@@ -43,8 +43,12 @@ def _ready(url: str) -> str:
 
 
 @click.command()
-@click.option("--config-dir", type=click.Path(path_type=Path), default=Path("/etc/meshnode"),
-              show_default=True)
+@click.option(
+    "--config-dir",
+    type=click.Path(path_type=Path),
+    default=Path("/etc/meshnode"),
+    show_default=True,
+)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def status(config_dir: Path, output: str) -> None:
     """Show this node's state."""
@@ -69,8 +73,9 @@ def status(config_dir: Path, output: str) -> None:
         progs = [{"error": str(exc)}]
     mine = [p for p in progs if str(p.get("name", "")).startswith("mn_") or "error" in p]
     alive = bool(agent.get("ready")) and time.time() - agent.get("updated", 0) < 30
-    certs = {w["name"]: _expiry(Path(w["cert"])) for w in snap.get("workloads", [])
-             if w.get("cert")}
+    certs = {
+        w["name"]: _expiry(Path(w["cert"])) for w in snap.get("workloads", []) if w.get("cert")
+    }
     doc = {
         "node": {"name": e.name, "zone": e.zone, "ip": e.ip},
         "control_planes": list(e.control_planes),
@@ -78,30 +83,47 @@ def status(config_dir: Path, output: str) -> None:
         "control_plane_error": agent.get("cp_error", ""),
         "control_plane_revision": agent.get("cp_revision"),
         "node_certificate": _expiry(e.files.cert),
-        "agent": {"running": alive, "pid": agent.get("pid"),
-                  "config_version": agent.get("version")},
+        "agent": {
+            "running": alive,
+            "pid": agent.get("pid"),
+            "config_version": agent.get("version"),
+        },
         "ztunnel": _ready("http://127.0.0.1:15021/healthz/ready"),
         "ztunnel_config_version": agent.get("pushed_version"),
         "bpf_programs": mine,
         "bind_guard": agent.get("bind_guard") or {"on": False, "problem": "agent not running"},
-        "workloads": [{"name": w["name"], "service": w.get("service"), "port": w.get("port"),
-                       "identity": f"spiffe://{e.trust_domain}/ns/{w['namespace']}/sa/"
-                                   f"{w['service_account']}",
-                       "certificate": certs.get(w["name"], "missing")}
-                      for w in snap.get("workloads", [])],
-        "services": [{"name": s["name"], "namespace": s.get("namespace"), "vip": s["vip"],
-                      "endpoints": len(s.get("endpoints", []))}
-                     for s in snap.get("services", [])],
+        "workloads": [
+            {
+                "name": w["name"],
+                "service": w.get("service"),
+                "port": w.get("port"),
+                "identity": f"spiffe://{e.trust_domain}/ns/{w['namespace']}/sa/"
+                f"{w['service_account']}",
+                "certificate": certs.get(w["name"], "missing"),
+            }
+            for w in snap.get("workloads", [])
+        ],
+        "services": [
+            {
+                "name": s["name"],
+                "namespace": s.get("namespace"),
+                "vip": s["vip"],
+                "endpoints": len(s.get("endpoints", [])),
+            }
+            for s in snap.get("services", [])
+        ],
         "problems": agent.get("problems", []),
     }
     if output == "json":
         click.echo(json.dumps(doc, indent=2))
         return
     cp = doc["control_plane_reachable"]
-    cp_text = ("reachable" if cp else "UNREACHABLE" if cp is False else "unknown")
+    cp_text = "reachable" if cp else "UNREACHABLE" if cp is False else "unknown"
     if cp is False:
-        cp_text += (f" ({doc['control_plane_error']}); serving revision "
-                    f"{doc['control_plane_revision']} from the local snapshot")
+        cp_text += (
+            f" ({doc['control_plane_error']}); serving revision "
+            f"{doc['control_plane_revision']} from the local snapshot"
+        )
     elif cp:
         cp_text += f", revision {doc['control_plane_revision']}"
     click.echo(f"node          {e.name} (zone {e.zone or '-'}, {e.ip or '-'})")
@@ -109,15 +131,32 @@ def status(config_dir: Path, output: str) -> None:
     click.echo(f"control plane {cp_text}")
     click.echo(f"node cert     {doc['node_certificate']}")
     a = doc["agent"]
-    click.echo(f"agent         {'running' if a['running'] else 'NOT RUNNING'}"
-               f" (pid {a['pid']}), config version {a['config_version']}")
+    click.echo(
+        f"agent         {'running' if a['running'] else 'NOT RUNNING'}"
+        f" (pid {a['pid']}), config version {a['config_version']}"
+    )
     click.echo(f"ztunnel       {doc['ztunnel']}, config version {doc['ztunnel_config_version']}")
-    click.echo(f"bpf           at {e.cgroup_parent}: "
-               + (", ".join(f"{p.get('name')}#{p.get('id')}" if "error" not in p else
-                            f"cannot list ({p['error']})" for p in mine) or "NONE ATTACHED"))
+    click.echo(
+        f"bpf           at {e.cgroup_parent}: "
+        + (
+            ", ".join(
+                f"{p.get('name')}#{p.get('id')}"
+                if "error" not in p
+                else f"cannot list ({p['error']})"
+                for p in mine
+            )
+            or "NONE ATTACHED"
+        )
+    )
     guard = doc["bind_guard"]
-    click.echo("bind guard    " + ("on: only the proxy's cgroup binds 127.0.0.6 and its ports"
-                                   if guard.get("on") else f"OFF ({guard.get('problem')})"))
+    click.echo(
+        "bind guard    "
+        + (
+            "on: only the proxy's cgroup binds 127.0.0.6 and its ports"
+            if guard.get("on")
+            else f"OFF ({guard.get('problem')})"
+        )
+    )
     click.echo("workloads")
     for w in doc["workloads"]:
         click.echo(f"  {w['name']:<16} :{w['port']:<6} {w['identity']}  cert {w['certificate']}")

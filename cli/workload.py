@@ -43,8 +43,10 @@ def _poke_agent(state_dir: Path, wait_for: str | None, gone: bool = False) -> st
     status = _agent_status(state_dir)
     pid = status.get("pid")
     if not pid or not status.get("ready"):
-        return ("the node agent is not running: it picks this up when it starts "
-                "(systemctl start meshnode-agent)")
+        return (
+            "the node agent is not running: it picks this up when it starts "
+            "(systemctl start meshnode-agent)"
+        )
     try:
         os.kill(int(pid), signal.SIGHUP)
     except ProcessLookupError:
@@ -74,10 +76,20 @@ def workload() -> None:
 @click.option("--systemd-unit", default="", help="The workload is this systemd unit.")
 @click.option("--cgroup", default="", help="The workload is this cgroup (path).")
 @click.option("--pid", default=0, type=int, help="The workload is this process's cgroup.")
-@click.option("--config-dir", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_DIR,
-              show_default=True)
-def add(name: str, service: str, port: int, namespace: str, version: str, systemd_unit: str,
-        cgroup: str, pid: int, config_dir: Path) -> None:
+@click.option(
+    "--config-dir", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_DIR, show_default=True
+)
+def add(
+    name: str,
+    service: str,
+    port: int,
+    namespace: str,
+    version: str,
+    systemd_unit: str,
+    cgroup: str,
+    pid: int,
+    config_dir: Path,
+) -> None:
     """Mesh a workload of this node."""
     from meshnode.bpf.cgroups import cgroup2_mount
     from meshnode.core.identity import IdentityError, SpiffeId
@@ -96,8 +108,16 @@ def add(name: str, service: str, port: int, namespace: str, version: str, system
         ident = SpiffeId(e.trust_domain, namespace, service)
     except IdentityError as exc:
         fail(f"bad --service or --namespace: {exc}")
-    spec = WorkloadSpec(name=name, service=service, port=port, namespace=namespace,
-                        version=version, systemd_unit=systemd_unit, cgroup=cgroup, pid=pid)
+    spec = WorkloadSpec(
+        name=name,
+        service=service,
+        port=port,
+        namespace=namespace,
+        version=version,
+        systemd_unit=systemd_unit,
+        cgroup=cgroup,
+        pid=pid,
+    )
     note = ""
     try:
         path = resolve_cgroup(spec, cgroup2_mount())
@@ -118,8 +138,9 @@ def add(name: str, service: str, port: int, namespace: str, version: str, system
 
 @workload.command("rm")
 @click.argument("name")
-@click.option("--config-dir", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_DIR,
-              show_default=True)
+@click.option(
+    "--config-dir", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_DIR, show_default=True
+)
 def rm(name: str, config_dir: Path) -> None:
     """Stop meshing a workload (the process itself is left alone)."""
     from meshnode.nodeagent.enrolled import EnrollmentError, load_workloads, save_workloads
@@ -136,8 +157,9 @@ def rm(name: str, config_dir: Path) -> None:
 
 
 @workload.command("ls")
-@click.option("--config-dir", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_DIR,
-              show_default=True)
+@click.option(
+    "--config-dir", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_DIR, show_default=True
+)
 @click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
 def ls(config_dir: Path, output: str) -> None:
     """The workloads of this node."""
@@ -150,12 +172,20 @@ def ls(config_dir: Path, output: str) -> None:
         fail(str(exc))
     applied = set(_agent_status(e.state_dir).get("workloads", []))
     if output == "json":
-        click.echo(json.dumps([dict(w.to_dict(), meshed=w.name in applied) for w in workloads],
-                              indent=2))
+        click.echo(
+            json.dumps([dict(w.to_dict(), meshed=w.name in applied) for w in workloads], indent=2)
+        )
         return
     click.echo(f"{'NAME':<16} {'SERVICE':<16} {'PORT':<6} {'WHAT':<32} MESHED")
     for w in workloads:
-        what = (f"unit {w.systemd_unit}" if w.systemd_unit else
-                f"cgroup {w.cgroup}" if w.cgroup else f"pid {w.pid}")
-        click.echo(f"{w.name:<16} {w.service:<16} {w.port:<6} {what:<32} "
-                   f"{'yes' if w.name in applied else 'not yet'}")
+        what = (
+            f"unit {w.systemd_unit}"
+            if w.systemd_unit
+            else f"cgroup {w.cgroup}"
+            if w.cgroup
+            else f"pid {w.pid}"
+        )
+        click.echo(
+            f"{w.name:<16} {w.service:<16} {w.port:<6} {what:<32} "
+            f"{'yes' if w.name in applied else 'not yet'}"
+        )

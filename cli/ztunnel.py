@@ -18,28 +18,63 @@ def ztunnel() -> None:
 
 
 @ztunnel.command("run")
-@click.option("--snapshot", type=click.Path(path_type=Path), required=True,
-              help="State snapshot written by the node agent.")
+@click.option(
+    "--snapshot",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="State snapshot written by the node agent.",
+)
 @click.option("--outbound", default="127.0.0.1:15001", show_default=True)
 @click.option("--inbound", default="0.0.0.0:15008", show_default=True)
 @click.option("--admin", default="127.0.0.1:15000", show_default=True)
 @click.option("--readiness", default="127.0.0.1:15021", show_default=True)
-@click.option("--metrics", default="127.0.0.1:15020", show_default=True,
-              help="Prometheus metrics (/metrics); loopback only.")
-@click.option("--workers", default=0, show_default=True, type=click.IntRange(0, 64),
-              help="Worker processes sharing the listeners; 0 = one per core (up to 8).")
-@click.option("--admin-socket", default=None, hidden=True,
-              help="(internal) run as one worker of a supervisor, admin on this Unix socket.")
-@click.option("--peer-socket", default=None,
-              help="Unix socket where workloads ask who a connection is from "
-                   "(default: peer.sock next to the snapshot).")
+@click.option(
+    "--metrics",
+    default="127.0.0.1:15020",
+    show_default=True,
+    help="Prometheus metrics (/metrics); loopback only.",
+)
+@click.option(
+    "--workers",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 64),
+    help="Worker processes sharing the listeners; 0 = one per core (up to 8).",
+)
+@click.option(
+    "--admin-socket",
+    default=None,
+    hidden=True,
+    help="(internal) run as one worker of a supervisor, admin on this Unix socket.",
+)
+@click.option(
+    "--peer-socket",
+    default=None,
+    help="Unix socket where workloads ask who a connection is from "
+    "(default: peer.sock next to the snapshot).",
+)
 @click.option("--connect-timeout", default=5.0, show_default=True, type=float)
 @click.option("--drain-timeout", default=10.0, show_default=True, type=float)
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def run(snapshot: Path, outbound: str, inbound: str, admin: str, readiness: str, metrics: str,
-        workers: int, admin_socket: str | None, peer_socket: str | None,
-        connect_timeout: float, drain_timeout: float, log_level: str) -> None:
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def run(
+    snapshot: Path,
+    outbound: str,
+    inbound: str,
+    admin: str,
+    readiness: str,
+    metrics: str,
+    workers: int,
+    admin_socket: str | None,
+    peer_socket: str | None,
+    connect_timeout: float,
+    drain_timeout: float,
+    log_level: str,
+) -> None:
     """Run the node proxy."""
     from meshnode.ztunnel.config import ConfigError, ZtunnelConfig, parse_hostport
     from meshnode.ztunnel.proxy import run_ztunnel
@@ -64,8 +99,10 @@ def run(snapshot: Path, outbound: str, inbound: str, admin: str, readiness: str,
     except (ConfigError, StateError) as exc:
         fail(f"ztunnel cannot start: {exc}")
     except OSError as exc:
-        fail(f"ztunnel cannot start: {exc.strerror or exc} "
-             f"({getattr(exc, 'filename', '') or 'listener address'}); is another ztunnel "
-             "running on this node?")
+        fail(
+            f"ztunnel cannot start: {exc.strerror or exc} "
+            f"({getattr(exc, 'filename', '') or 'listener address'}); is another ztunnel "
+            "running on this node?"
+        )
     logging.shutdown()
     sys.exit(0)

@@ -90,9 +90,14 @@ class WorkloadRecord:
 
     def doc(self) -> WorkloadDoc:
         """The form in a node slice (meshnode.core.contracts)."""
-        return WorkloadDoc(name=self.name, namespace=self.namespace, service=self.service,
-                           service_account=self.service_account, port=self.port,
-                           version=self.version)  # fmt: skip
+        return WorkloadDoc(
+            name=self.name,
+            namespace=self.namespace,
+            service=self.service,
+            service_account=self.service_account,
+            port=self.port,
+            version=self.version,
+        )
 
     def slice_dict(self) -> dict[str, Any]:
         return self.doc().to_json()
@@ -169,9 +174,7 @@ def workload_from_request(node: str, body: Mapping[str, Any]) -> WorkloadRecord:
     allowed = {"name", "namespace", "service", "service_account", "port", "version"}
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise RegistryError(
-            f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
-        )
+        raise RegistryError(f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
     name = check_label(body.get("name"), "name")
     namespace = check_label(body.get("namespace", "default"), "namespace")
     service = body.get("service", name)
@@ -247,9 +250,7 @@ def _prune_services(reg: Registry) -> Registry:
     return replace(reg, services={k: v for k, v in reg.services.items() if k in wanted})
 
 
-def apply_resources(
-    reg: Registry, docs: Sequence[dict[str, Any]]
-) -> tuple[Registry, list[str]]:
+def apply_resources(reg: Registry, docs: Sequence[dict[str, Any]]) -> tuple[Registry, list[str]]:
     """Put validated resource documents; results like ``AuthorizationPolicy/x created``."""
     resources = dict(reg.resources)
     results = []
@@ -288,15 +289,27 @@ def service_docs(reg: Registry) -> dict[tuple[str, str], ServiceDoc]:
             node = reg.nodes.get(wl.node)
             if node is None:
                 continue
-            endpoints.append(wire.EndpointDoc(
-                workload=wl.name, namespace=wl.namespace, service_account=wl.service_account,
-                node=node.name, node_ip=node.ip, address=node.ip, zone=node.zone,
-                port=wl.port, service_port=svc.port, version=wl.version,
-            ))  # fmt: skip
+            endpoints.append(
+                wire.EndpointDoc(
+                    workload=wl.name,
+                    namespace=wl.namespace,
+                    service_account=wl.service_account,
+                    node=node.name,
+                    node_ip=node.ip,
+                    address=node.ip,
+                    zone=node.zone,
+                    port=wl.port,
+                    service_port=svc.port,
+                    version=wl.version,
+                )
+            )
         out[key] = ServiceDoc(
-            name=svc.name, namespace=svc.namespace, vip=svc.vip,
-            ports=(wire.ServicePort(svc.port, svc.port),), endpoints=tuple(endpoints),
-        )  # fmt: skip
+            name=svc.name,
+            namespace=svc.namespace,
+            vip=svc.vip,
+            ports=(wire.ServicePort(svc.port, svc.port),),
+            endpoints=tuple(endpoints),
+        )
     return out
 
 
@@ -331,8 +344,9 @@ def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
     """The change-log entries that take every node's slice from `before` to `after`."""
     changes: list[Change] = []
 
-    def add(op: str, kind: str, key: str, value: dict[str, Any] | None,
-            nodes: tuple[str, ...] | None) -> None:
+    def add(
+        op: str, kind: str, key: str, value: dict[str, Any] | None, nodes: tuple[str, ...] | None
+    ) -> None:
         changes.append(Change(revision, op, kind, key, value, nodes))
 
     for name in sorted(set(before.nodes) | set(after.nodes)):
@@ -348,8 +362,13 @@ def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
     for skey in sorted(set(sold) | set(snew)):
         sdoc = snew.get(skey)
         if sold.get(skey) != sdoc:
-            add("put" if sdoc else "delete", "service", "/".join(skey),
-                sdoc.to_json() if sdoc else None, None)
+            add(
+                "put" if sdoc else "delete",
+                "service",
+                "/".join(skey),
+                sdoc.to_json() if sdoc else None,
+                None,
+            )
     for rkey in sorted(set(before.resources) | set(after.resources)):
         rold, rnew = before.resources.get(rkey), after.resources.get(rkey)
         if rold != rnew:

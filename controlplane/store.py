@@ -440,10 +440,16 @@ class Store:
                 tx.rows(
                     "INSERT INTO changes (revision, seq, op, kind, key, value, nodes) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (new, seq, c.op, c.kind, c.key,
-                     None if c.value is None else json.dumps(c.value, sort_keys=True),
-                     None if c.nodes is None else json.dumps(list(c.nodes))),
-                )  # fmt: skip
+                    (
+                        new,
+                        seq,
+                        c.op,
+                        c.kind,
+                        c.key,
+                        None if c.value is None else json.dumps(c.value, sort_keys=True),
+                        None if c.nodes is None else json.dumps(list(c.nodes)),
+                    ),
+                )
             new_floor = max(floor, new - KEEP_REVISIONS)
             if new_floor > floor:
                 tx.rows("DELETE FROM changes WHERE revision <= ?", (new_floor,))
@@ -457,9 +463,15 @@ class Store:
             tx.rows(
                 "INSERT INTO tokens (id, secret_sha256, node, zone, created_at, expires_at) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (record.id, record.secret_sha256, record.node, record.zone,
-                 record.created_at, record.expires_at),
-            )  # fmt: skip
+                (
+                    record.id,
+                    record.secret_sha256,
+                    record.node,
+                    record.zone,
+                    record.created_at,
+                    record.expires_at,
+                ),
+            )
             return reg, None
 
         return self.mutate(fn)[0]
@@ -533,9 +545,11 @@ def rotating_ca(rows: Sequence[CARow]) -> RotatingCA:
     entries = []
     for r in rows:
         ca = CertificateAuthority.from_pem(
-            r.root_cert.encode(), r.root_key.encode(),
-            r.intermediate_cert.encode(), r.intermediate_key.encode(),
-        )  # fmt: skip
+            r.root_cert.encode(),
+            r.root_key.encode(),
+            r.intermediate_cert.encode(),
+            r.intermediate_key.encode(),
+        )
         retire = datetime.fromtimestamp(r.retire_at, UTC) if r.retire_at is not None else None
         entries.append((ca, retire))
     return RotatingCA(entries)
@@ -555,9 +569,16 @@ def _insert_ca(tx: _Tx, ca: CertificateAuthority, rev: int, retire_at: float | N
     tx.rows(
         "INSERT INTO ca (pin, revision, root_cert, root_key, intermediate_cert, "
         "intermediate_key, retire_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (root_pin(_der(ca)), rev, pem["root_cert"].decode(), pem["root_key"].decode(),
-         pem["intermediate_cert"].decode(), pem["intermediate_key"].decode(), retire_at),
-    )  # fmt: skip
+        (
+            root_pin(_der(ca)),
+            rev,
+            pem["root_cert"].decode(),
+            pem["root_key"].decode(),
+            pem["intermediate_cert"].decode(),
+            pem["intermediate_key"].decode(),
+            retire_at,
+        ),
+    )
 
 
 def _load_ca(tx: _Tx) -> list[CARow]:
@@ -577,8 +598,16 @@ def _load_token(tx: _Tx, token_id: str, lock: str = "") -> TokenRecord | None:
     if not rows:
         return None
     r = rows[0]
-    return TokenRecord(r[0], r[1], r[2], r[3], float(r[4]), float(r[5]),
-                       None if r[6] is None else float(r[6]), r[7])  # fmt: skip
+    return TokenRecord(
+        r[0],
+        r[1],
+        r[2],
+        r[3],
+        float(r[4]),
+        float(r[5]),
+        None if r[6] is None else float(r[6]),
+        r[7],
+    )
 
 
 def _load_registry(tx: _Tx) -> Registry:
@@ -609,11 +638,16 @@ def _load_changes(tx: _Tx, after: int) -> list[Change]:
         (after,),
     )
     return [
-        Change(int(r[0]), r[1], r[2], r[3],
-               None if r[4] is None else json.loads(r[4]),
-               None if r[5] is None else tuple(json.loads(r[5])))
+        Change(
+            int(r[0]),
+            r[1],
+            r[2],
+            r[3],
+            None if r[4] is None else json.loads(r[4]),
+            None if r[5] is None else tuple(json.loads(r[5])),
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
 
 
 def _write_registry(tx: _Tx, before: Registry, after: Registry, rev: int) -> None:
@@ -652,9 +686,8 @@ def _write_registry(tx: _Tx, before: Registry, after: Registry, rev: int) -> Non
                 "ON CONFLICT (node, name) DO UPDATE SET namespace = excluded.namespace, "
                 "service = excluded.service, service_account = excluded.service_account, "
                 "port = excluded.port, version = excluded.version, revision = excluded.revision",
-                (w.node, w.name, w.namespace, w.service, w.service_account, w.port, w.version,
-                 rev),
-            )  # fmt: skip
+                (w.node, w.name, w.namespace, w.service, w.service_account, w.port, w.version, rev),
+            )
     for rkey, doc in after.resources.items():
         if before.resources.get(rkey) != doc:
             tx.rows(

@@ -108,7 +108,5 @@ def verify_token(
             f"--name {record.node} or create a token for {name}",
         )
     if record.zone and zone and zone != record.zone:
-        raise TokenError(
-            403, f"token {token.id} is for zone {record.zone!r}, not {zone!r}"
-        )
+        raise TokenError(403, f"token {token.id} is for zone {record.zone!r}, not {zone!r}")
     return record.zone or zone

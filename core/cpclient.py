@@ -130,15 +130,19 @@ def _describe(url: str, exc: BaseException) -> str:
         if isinstance(cert_error, ServerIdentityError):
             return f"the server at {url}: {cert_error}"
         reason = getattr(cert_error, "verify_message", "") or str(cert_error)
-        return (f"the control plane at {url} presented a certificate this client does "
-                f"not trust ({reason})")  # fmt: skip
+        return (
+            f"the control plane at {url} presented a certificate this client does "
+            f"not trust ({reason})"
+        )
     if isinstance(exc, aiohttp.ClientSSLError):
         return f"TLS 1.3 handshake with {url} failed ({exc}); is it a meshnode control plane?"
     if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
         exc.os_error, ConnectionRefusedError
     ):
-        return (f"cannot reach the control plane at {url}: connection refused (is "
-                "`meshnode controlplane run` listening there?)")  # fmt: skip
+        return (
+            f"cannot reach the control plane at {url}: connection refused (is "
+            "`meshnode controlplane run` listening there?)"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return f"cannot reach the control plane at {url}: {exc.os_error.strerror or exc}"
     if isinstance(exc, TimeoutError | asyncio.TimeoutError):
@@ -230,14 +234,28 @@ class ApiClient:
     key_file: str | None = None
     timeout: float = DEFAULT_TIMEOUT
 
-    def request(self, method: str, path: str, body: Any = None, *,
-                content_type: str = "application/json",
-                timeout: float | None = None) -> tuple[int, Any]:  # fmt: skip
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> tuple[int, Any]:
         """(status, decoded JSON body); raises ClientError when there is no answer."""
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
         ctx = tls_context(self.bundle_pem, cert_file=self.cert_file, key_file=self.key_file)
-        answer = request(self.url, method, path, ctx, body=body, content_type=content_type,
-                         headers=headers, timeout=timeout or self.timeout)  # fmt: skip
+        answer = request(
+            self.url,
+            method,
+            path,
+            ctx,
+            body=body,
+            content_type=content_type,
+            headers=headers,
+            timeout=timeout or self.timeout,
+        )
         return answer.status, answer.data
 
     def call(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
@@ -256,8 +274,9 @@ def discover_root(url: str, pin: str, timeout: float = 10.0) -> x509.Certificate
     """The root whose SHA-256 is `pin`, among those the server offers over a connection
     that verifies nothing: GET /v1/trust-bundle and the certificates of its TLS
     handshake. Only that unauthenticated GET goes over it: no token, no CSR."""
-    answer = request(url, "GET", api.TRUST_BUNDLE, tls_context(None), timeout=timeout,
-                     want_peer=True)  # fmt: skip
+    answer = request(
+        url, "GET", api.TRUST_BUNDLE, tls_context(None), timeout=timeout, want_peer=True
+    )
     candidates = list(answer.peer_certificates)
     bundle = answer.data.get("trust_bundle") if isinstance(answer.data, dict) else None
     if answer.status == 200 and isinstance(bundle, str):
@@ -301,8 +320,15 @@ class NodeClient:
     (``controlplane_uri(td)``). Replicas are tried in order, the last good one
     first; an answered 4xx is final (the control plane means it)."""
 
-    def __init__(self, urls: Sequence[str], bundle_file: Path, cert_file: Path,
-                 key_file: Path, server_uri: str, timeout: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        urls: Sequence[str],
+        bundle_file: Path,
+        cert_file: Path,
+        key_file: Path,
+        server_uri: str,
+        timeout: float = 10.0,
+    ) -> None:
         self.order = list(urls)
         self.bundle_file, self.cert_file, self.key_file = bundle_file, cert_file, key_file
         self.server_uri = server_uri
@@ -315,22 +341,24 @@ class NodeClient:
         key = (self.cert_file.stat().st_mtime, self.bundle_file.stat().st_mtime)
         if self._ctx is None or key != self._ctx_key:
             self._ctx = tls_context(
-                self.bundle_file.read_bytes(), cert_file=str(self.cert_file),
-                key_file=str(self.key_file), check_hostname=False,  # the SPIFFE ID instead
+                self.bundle_file.read_bytes(),
+                cert_file=str(self.cert_file),
+                key_file=str(self.key_file),
+                check_hostname=False,  # the SPIFFE ID instead
                 server_uri=self.server_uri,
-            )  # fmt: skip
+            )
             self._ctx_key = key
         return self._ctx
 
-    def request(self, method: str, path: str, body: Any = None,
-                timeout: float | None = None) -> Any:  # fmt: skip
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Any:
         """The decoded JSON of a 2xx answer; ClientError otherwise."""
         errors = []
         ctx = self._context()
         for url in list(self.order):
             try:
-                answer = request(url, method, path, ctx, body=body,
-                                 timeout=timeout or self.timeout)  # fmt: skip
+                answer = request(url, method, path, ctx, body=body, timeout=timeout or self.timeout)
             except ClientError as exc:
                 errors.append(str(exc))
                 continue

@@ -211,9 +211,19 @@ def _check_port(value: object, path: str) -> None:
 # Suffixes that complete any proper prefix of a SPIFFE ID into a valid one: finish the
 # current label (or not), then add the segments still missing.
 _COMPLETIONS = (
-    "", "a", "/a", "a/a", "sa/a", "/sa/a", "a/sa/a", "/a/sa/a",
-    "s/a/sa/a", "ns/a/sa/a", "/ns/a/sa/a", "a/ns/a/sa/a",
-)  # fmt: skip
+    "",
+    "a",
+    "/a",
+    "a/a",
+    "sa/a",
+    "/sa/a",
+    "a/sa/a",
+    "/a/sa/a",
+    "s/a/sa/a",
+    "ns/a/sa/a",
+    "/ns/a/sa/a",
+    "a/ns/a/sa/a",
+)
 
 
 def _is_spiffe_prefix(prefix: str) -> bool:
@@ -353,9 +363,13 @@ class Source:
     not_services: tuple[str, ...] = ()
 
     FIELDS: ClassVar[tuple[str, ...]] = (
-        "principals", "namespaces", "services", "not_principals", "not_namespaces",
+        "principals",
+        "namespaces",
+        "services",
+        "not_principals",
+        "not_namespaces",
         "not_services",
-    )  # fmt: skip
+    )
 
     def __post_init__(self) -> None:
         for name in self.FIELDS:

@@ -57,7 +57,7 @@ class Source:
         return lo + b % (hi - lo + 1)
 
     def bytes(self, n: int) -> bytes:
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += len(out)
         return out
 
@@ -201,8 +201,9 @@ class Run:
                 if ev.flow_length < len(ev.data):
                     raise Invariant("flow length below the data length")
                 self.unacked[ev.stream_id] += ev.flow_length
-            elif isinstance(ev, hbone.TunnelHalfClosed | hbone.TunnelEstablished
-                            | hbone.SendWindowOpened):
+            elif isinstance(
+                ev, hbone.TunnelHalfClosed | hbone.TunnelEstablished | hbone.SendWindowOpened
+            ):
                 if ev.stream_id not in self.live:
                     raise Invariant(f"{type(ev).__name__} for stream {ev.stream_id}, not open")
             elif isinstance(ev, hbone.TunnelReset | hbone.TunnelRefused):

@@ -55,14 +55,15 @@ def server_seeds() -> list[bytes]:
         s = peer.open_tunnel("10.0.0.1:80")
         peer.reset(s)
         flood += peer.data_to_send()
-    seeds.append(feed(flood[:harness.MAX_FEED]))
+    seeds.append(feed(flood[: harness.MAX_FEED]))
     peer._h2.ping(b"12345678")
     peer._h2.update_settings({4: 1 << 20, 5: 16384})
     peer._h2.increment_flow_control_window(1000)
     peer.close(hbone.NO_ERROR, "bye")
     seeds.append(feed(peer.data_to_send()))
-    block = hpack.Encoder().encode([(":method", "CONNECT"), (":authority", "10.0.0.1:80"),
-                                    ("x-a", "b" * 3000)])
+    block = hpack.Encoder().encode(
+        [(":method", "CONNECT"), (":authority", "10.0.0.1:80"), ("x-a", "b" * 3000)]
+    )
     h = HeadersFrame(1, data=block[:1000]).serialize()
     c1 = ContinuationFrame(1, data=block[1000:2000]).serialize()
     c2 = ContinuationFrame(1, data=block[2000:], flags=["END_HEADERS"]).serialize()
@@ -89,8 +90,12 @@ def client_seeds() -> list[bytes]:
     peer2._h2.ping(b"abcdefgh")
     peer2.close(hbone.NO_ERROR, "drain")
     seeds.append(call(15, 2, 0, 80) + feed(peer2.data_to_send()))
-    seeds.append(feed(b"\x00\x00\x04\x08\x00\x00\x00\x00\x01\x00\x01\x00\x00") + call(13)
-                 + call(8, 255, 255) + call(14))
+    seeds.append(
+        feed(b"\x00\x00\x04\x08\x00\x00\x00\x00\x01\x00\x01\x00\x00")
+        + call(13)
+        + call(8, 255, 255)
+        + call(14)
+    )
     return seeds
 
 

@@ -122,8 +122,9 @@ class EnrolledSource:
 
     def _load_version(self) -> int:
         try:
-            return int(json.loads((self.e.state_dir / "agent-status.json").read_text())
-                       .get("version", 0))
+            return int(
+                json.loads((self.e.state_dir / "agent-status.json").read_text()).get("version", 0)
+            )
         except (OSError, ValueError):
             return 0
 
@@ -133,8 +134,9 @@ class EnrolledSource:
         workloads = load_workloads(self.e.files.workloads)
         self._update_trust_bundle()
         self._reconcile_registrations(workloads)
-        cfg, self.problems = node_config_from(self.e, self.slice.doc, workloads,
-                                              self.cgroup_root, BPF_PIN_DIR)
+        cfg, self.problems = node_config_from(
+            self.e, self.slice.doc, workloads, self.cgroup_root, BPF_PIN_DIR
+        )
         for p in self.problems:
             log.warning("%s", p)
         # ztunnel versions must grow with every change, local ones included.
@@ -155,8 +157,10 @@ class EnrolledSource:
             current = b""
         if data != current:
             write_file_atomic(self.e.files.bundle, data, 0o644)
-            log.info("trust bundle updated from the control plane (%d roots)",
-                     bundle.count("BEGIN CERTIFICATE"))
+            log.info(
+                "trust bundle updated from the control plane (%d roots)",
+                bundle.count("BEGIN CERTIFICATE"),
+            )
         self.client.last_bundle = data
 
     def _reconcile_registrations(self, workloads: list[Any]) -> None:
@@ -171,8 +175,13 @@ class EnrolledSource:
         try:
             for w in workloads:
                 k = known.get(w.name)
-                want = {"name": w.name, "namespace": w.namespace, "service": w.service,
-                        "port": w.port, "version": w.version}
+                want = {
+                    "name": w.name,
+                    "namespace": w.namespace,
+                    "service": w.service,
+                    "port": w.port,
+                    "version": w.version,
+                }
                 if k is None or any(k.get(f) != v for f, v in want.items()):
                     self.client.register_workload(w)
                     log.info("workload %s registered with the control plane", w.name)
@@ -201,8 +210,11 @@ class EnrolledSource:
             return
         key = generate_private_key()
         try:
-            doc = self.client.request("POST", "/v1/node/renew", {
-                "csr": make_node_csr(key, self.e.trust_domain, self.e.name).decode()})
+            doc = self.client.request(
+                "POST",
+                "/v1/node/renew",
+                {"csr": make_node_csr(key, self.e.trust_domain, self.e.name).decode()},
+            )
         except ControlPlaneError as exc:
             log.warning("node certificate not renewed yet: %s", exc)
             return
@@ -280,8 +292,7 @@ class Agent:
     def apply(self, cfg: NodeConfig) -> None:
 
         self.ids = assign_workload_ids(self.ids, [w.name for w in cfg.workloads])
-        write_file_atomic(cfg.state_dir / "workload-ids.json",
-                          json.dumps(self.ids).encode(), 0o644)
+        write_file_atomic(cfg.state_dir / "workload-ids.json", json.dumps(self.ids).encode(), 0o644)
         certs: dict[str, CertFiles] = {}
         for w in cfg.workloads:
             try:
@@ -305,9 +316,15 @@ class Agent:
         self._sync_map(self.bpf.sync_strict, strict)
         self._kernel = (members, strict)
         self.cfg = cfg
-        log.info("config version %d applied: %d workloads, %d services, %d capture "
-                 "destinations, %d STRICT ports", cfg.version, len(cfg.workloads),
-                 len(cfg.services), len(dests), len(strict))
+        log.info(
+            "config version %d applied: %d workloads, %d services, %d capture "
+            "destinations, %d STRICT ports",
+            cfg.version,
+            len(cfg.workloads),
+            len(cfg.services),
+            len(dests),
+            len(strict),
+        )
 
     def _sync_map(self, sync: Any, wanted: Any) -> None:
         """One map sync; a full map is an error in the log and in `meshnode
@@ -321,8 +338,9 @@ class Agent:
             log.error("%s", exc)
             self.kernel_problems.append(str(exc))
 
-    def _kernel_view(self, cfg: NodeConfig, log_missing: bool = False
-                     ) -> tuple[dict[int, int], set[tuple[int, int]]]:
+    def _kernel_view(
+        self, cfg: NodeConfig, log_missing: bool = False
+    ) -> tuple[dict[int, int], set[tuple[int, int]]]:
         """Membership (cgroup id -> workload id) and STRICT (cgroup id, port)
         as the kernel should see them now. Cgroup ids change whenever a cgroup
         is re-created -- a systemd unit restarting -- so this is re-read often."""
@@ -335,12 +353,20 @@ class Agent:
                 cgroup_ids[w.name] = cgroup_id(Path(w.cgroup))
             except OSError as exc:
                 if log_missing:
-                    log.error("workload %s: cgroup %s is not usable (%s); its connections are "
-                              "not meshed until it exists", w.name, w.cgroup, exc.strerror)
+                    log.error(
+                        "workload %s: cgroup %s is not usable (%s); its connections are "
+                        "not meshed until it exists",
+                        w.name,
+                        w.cgroup,
+                        exc.strerror,
+                    )
                 continue
             members[cgroup_ids[w.name]] = self.ids[w.name]
-        strict = {(cgroup_ids[name], port) for name, port in strict_ports(cfg, node_resources(cfg))
-                  if name in cgroup_ids}
+        strict = {
+            (cgroup_ids[name], port)
+            for name, port in strict_ports(cfg, node_resources(cfg))
+            if name in cgroup_ids
+        }
         return members, strict
 
     def follow_cgroups(self) -> None:
@@ -374,8 +400,10 @@ class Agent:
             path = self.proxy_cgroup()
             cg = cgroup_id(cgroup2_mount() / path)
         except BpfError as exc:
-            problem = (f"bind guard not switched on: {exc}; start the proxy "
-                       "(meshnode-ztunnel) so that its cgroup exists")
+            problem = (
+                f"bind guard not switched on: {exc}; start the proxy "
+                "(meshnode-ztunnel) so that its cgroup exists"
+            )
             if problem != self._guard_problem:
                 log.warning("%s", problem)
                 self._guard_problem = problem
@@ -384,22 +412,32 @@ class Agent:
             return
         self.bpf.guard_proxy([cg], PROXY_PORTS)
         self._guarded, self._guard_problem = cg, ""
-        log.info("bind guard on: only cgroup %s may bind %s and ports %s", path,
-                 DELIVERY_ADDRESS, ", ".join(str(p) for p in sorted(PROXY_PORTS)))
+        log.info(
+            "bind guard on: only cgroup %s may bind %s and ports %s",
+            path,
+            DELIVERY_ADDRESS,
+            ", ".join(str(p) for p in sorted(PROXY_PORTS)),
+        )
 
     def push(self, snap: dict[str, Any]) -> bool:
         ok, why = self.link.push_snapshot(snap)
         if ok:
             self.pushed_version = snap["version"]
         else:
-            log.warning("config version %d not pushed to ztunnel: %s (it loads the snapshot "
-                        "file when it starts)", snap["version"], why)
+            log.warning(
+                "config version %d not pushed to ztunnel: %s (it loads the snapshot "
+                "file when it starts)",
+                snap["version"],
+                why,
+            )
         return ok
 
     def next_renewal(self) -> float:
         """Epoch seconds of the next half-life among this node's certificates."""
-        times = [self.certs.renewal_due(self.certs.files(w.identity(self.cfg.trust_domain)))
-                 for w in self.cfg.workloads]
+        times = [
+            self.certs.renewal_due(self.certs.files(w.identity(self.cfg.trust_domain)))
+            for w in self.cfg.workloads
+        ]
         if isinstance(self.source, EnrolledSource):
             times.append(self.source.renewal_due())
         return min(times, default=time.time() + RENEW_CHECK_EVERY)
@@ -408,7 +446,8 @@ class Agent:
         if isinstance(self.source, EnrolledSource):
             self.source.renew_node_certificate()
         due = [
-            w for w in self.cfg.workloads
+            w
+            for w in self.cfg.workloads
             if self.certs.needs_renewal(self.certs.files(w.identity(self.cfg.trust_domain)))
         ]
         if due:
@@ -426,13 +465,22 @@ class Agent:
     # -- ztunnel (lab mode: our child) -------------------------------------------------
 
     def _ztunnel_cmd(self) -> list[str]:
-        return [sys.executable, "-m", "meshnode.cli.main", "ztunnel", "run",
-                "--snapshot", str(self.snapshot_path), *self.cfg.ztunnel_args]
+        return [
+            sys.executable,
+            "-m",
+            "meshnode.cli.main",
+            "ztunnel",
+            "run",
+            "--snapshot",
+            str(self.snapshot_path),
+            *self.cfg.ztunnel_args,
+        ]
 
     def start_ztunnel(self) -> None:
         logf = open(self.cfg.state_dir / "ztunnel.log", "ab")  # noqa: SIM115 (child owns it)
-        self.ztunnel = subprocess.Popen(self._ztunnel_cmd(), stdout=logf, stderr=logf,
-                                        stdin=subprocess.DEVNULL)
+        self.ztunnel = subprocess.Popen(
+            self._ztunnel_cmd(), stdout=logf, stderr=logf, stdin=subprocess.DEVNULL
+        )
         logf.close()
         log.info("ztunnel started, pid %d", self.ztunnel.pid)
 
@@ -459,10 +507,14 @@ class Agent:
         if now < self._next_ztunnel_start:
             return
         self._ztunnel_failures += 1
-        delay = min(30.0, 0.5 * 2 ** self._ztunnel_failures)
-        log.error("ztunnel exited with status %s; restarting (attempt %d, next back-off %.1fs); "
-                  "see %s", self.ztunnel.returncode, self._ztunnel_failures, delay,
-                  self.cfg.state_dir / "ztunnel.log")
+        delay = min(30.0, 0.5 * 2**self._ztunnel_failures)
+        log.error(
+            "ztunnel exited with status %s; restarting (attempt %d, next back-off %.1fs); see %s",
+            self.ztunnel.returncode,
+            self._ztunnel_failures,
+            delay,
+            self.cfg.state_dir / "ztunnel.log",
+        )
         self._next_ztunnel_start = now + delay
         self.start_ztunnel()
         if self.wait_ztunnel(timeout=15):
@@ -490,8 +542,11 @@ class Agent:
             "workloads": [w.name for w in self.cfg.workloads],
             "cgroup_parent": self.cfg.cgroup_parent,
             "bpf_pin_dir": self.cfg.bpf_pin_dir,
-            "bind_guard": {"on": self._guarded is not None, "cgroup_id": self._guarded,
-                           "problem": self._guard_problem or None},
+            "bind_guard": {
+                "on": self._guarded is not None,
+                "cgroup_id": self._guarded,
+                "problem": self._guard_problem or None,
+            },
             "updated": time.time(),
             **self.source.status(),
         }
@@ -520,8 +575,11 @@ class Agent:
         # in which a workload's connect goes uncaptured.
         self.bpf.attach(Path(self.cfg.cgroup_parent))
         stale = self.bpf.detach_stale(Path(self.cfg.cgroup_parent))
-        log.info("BPF programs attached at %s%s", self.cfg.cgroup_parent,
-                 f" (replaced {len(stale)} left by a previous agent)" if stale else "")
+        log.info(
+            "BPF programs attached at %s%s",
+            self.cfg.cgroup_parent,
+            f" (replaced {len(stale)} left by a previous agent)" if stale else "",
+        )
         detach = True
         try:
             self.guard_proxy()
@@ -529,8 +587,9 @@ class Agent:
             if self.source.manages_ztunnel:
                 self.start_ztunnel()
                 if not self.wait_ztunnel(timeout=30):
-                    raise AgentError(f"ztunnel did not become ready; see "
-                                     f"{self.cfg.state_dir / 'ztunnel.log'}")
+                    raise AgentError(
+                        f"ztunnel did not become ready; see {self.cfg.state_dir / 'ztunnel.log'}"
+                    )
             self.source.start(self._wake)
             self.write_status()
             sdnotify.notify("READY=1", f"STATUS=config version {self.cfg.version}")
@@ -564,8 +623,9 @@ class Agent:
                     self.renew_certificates()
                     # Not before a second from now: a CA that keeps refusing
                     # must not turn this loop into a busy one.
-                    renew_at = max(min(self.next_renewal(), time.time() + RENEW_CHECK_EVERY),
-                                   time.time() + 1.0)
+                    renew_at = max(
+                        min(self.next_renewal(), time.time() + RENEW_CHECK_EVERY), time.time() + 1.0
+                    )
                 if time.monotonic() - last_status > 5:
                     last_status = time.monotonic()
                     self.write_status()
@@ -580,8 +640,10 @@ class Agent:
                 self.bpf.detach()
                 log.info("node agent stopped; BPF programs detached")
             else:
-                log.info("node agent stopped; BPF programs and ztunnel left running, so "
-                         "traffic keeps flowing")
+                log.info(
+                    "node agent stopped; BPF programs and ztunnel left running, so "
+                    "traffic keeps flowing"
+                )
 
     def _reload_config(self) -> None:
         try:

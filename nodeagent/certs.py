@@ -79,8 +79,11 @@ class CertManager:
         chain = self.ca.sign(csr, identity)
         write_private_key(files.key, key)  # the new key lands first, then its certificate
         write_file_atomic(files.cert, chain, 0o644)
-        log.info("certificate for %s issued, valid until %s", identity,
-                 x509.load_pem_x509_certificate(chain).not_valid_after_utc.isoformat())
+        log.info(
+            "certificate for %s issued, valid until %s",
+            identity,
+            x509.load_pem_x509_certificate(chain).not_valid_after_utc.isoformat(),
+        )
         return files
 
     @staticmethod

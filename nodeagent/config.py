@@ -67,15 +67,20 @@ def load_node_config(path: Path) -> NodeConfig:
         node = doc["node"]
         workloads = [
             LocalWorkload(
-                name=w["name"], namespace=w.get("namespace", "default"),
+                name=w["name"],
+                namespace=w.get("namespace", "default"),
                 service_account=w.get("service_account", w["service"]),
-                service=w["service"], port=int(w["port"]), cgroup=w["cgroup"],
+                service=w["service"],
+                port=int(w["port"]),
+                cgroup=w["cgroup"],
             )
             for w in doc.get("workloads", [])
         ]
         cfg = NodeConfig(
             version=int(doc.get("version", 0)),
-            name=node["name"], ip=node["ip"], zone=node.get("zone", ""),
+            name=node["name"],
+            ip=node["ip"],
+            zone=node.get("zone", ""),
             trust_domain=doc["trust_domain"],
             cgroup_parent=doc["cgroup_parent"],
             state_dir=Path(doc["state_dir"]),

@@ -62,6 +62,7 @@ __all__ = [
 DEFAULT_CP_PORT = CONTROLPLANE_PORT
 DEFAULT_TIMEOUT = 10.0
 
+
 class EnrollError(MeshnodeError):
     """Enrollment cannot go on; the message says what failed and what to do."""
 
@@ -92,9 +93,7 @@ class ControlPlaneUrl:
         if not parts.hostname:
             raise EnrollError(f"control plane URL {text!r} has no host")
         if parts.path not in ("", "/") or parts.query or parts.fragment:
-            raise EnrollError(
-                f"control plane URL {text!r}: give only https://host[:port], no path"
-            )
+            raise EnrollError(f"control plane URL {text!r}: give only https://host[:port], no path")
         return cls(parts.hostname, port or DEFAULT_CP_PORT)
 
     def __str__(self) -> str:
@@ -292,8 +291,7 @@ def existing_enrollment(layout: NodeLayout) -> Enrolled | None:
             raise TypeError("bad types")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EnrollError(
-            f"{path} exists but is not a readable enrollment ({exc}); "
-            "use --force to enroll again"
+            f"{path} exists but is not a readable enrollment ({exc}); use --force to enroll again"
         ) from None
     missing = [p.name for p in (layout.key, layout.cert, layout.bundle) if not p.exists()]
     if missing:
@@ -362,8 +360,7 @@ def post_enroll(
         raise EnrollError(f"{exc.message}; the token was not sent") from None
     if answer.status != 200:
         raise EnrollError(
-            f"the control plane at {url} refused the enrollment ({answer.status}): "
-            f"{answer.error}"
+            f"the control plane at {url} refused the enrollment ({answer.status}): {answer.error}"
         )
     return answer.data
 

@@ -67,13 +67,17 @@ def load_enrollment(config_dir: Path) -> Enrollment:
     try:
         doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise EnrollmentError(f"{path} does not exist: this node is not enrolled; run "
-                              "`meshnode enroll --cp URL --token TOKEN`") from None
+        raise EnrollmentError(
+            f"{path} does not exist: this node is not enrolled; run "
+            "`meshnode enroll --cp URL --token TOKEN`"
+        ) from None
     except (OSError, ValueError) as exc:
         raise EnrollmentError(f"cannot read {path}: {exc}") from None
     try:
         return Enrollment(
-            name=doc["name"], zone=doc.get("zone", ""), ip=doc.get("ip", ""),
+            name=doc["name"],
+            zone=doc.get("zone", ""),
+            ip=doc.get("ip", ""),
             trust_domain=doc["trust_domain"],
             control_planes=tuple(doc["control_planes"]),
             cgroup_parent=doc["cgroup_parent"],
@@ -83,7 +87,8 @@ def load_enrollment(config_dir: Path) -> Enrollment:
         )
     except (KeyError, TypeError) as exc:
         raise EnrollmentError(
-            f"{path}: missing or bad field {exc}; re-enroll with --force") from None
+            f"{path}: missing or bad field {exc}; re-enroll with --force"
+        ) from None
 
 
 # -- local workloads -----------------------------------------------------------------
@@ -103,8 +108,12 @@ class WorkloadSpec:
     pid: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "service": self.service, "port": self.port,
-                             "namespace": self.namespace}
+        d: dict[str, Any] = {
+            "name": self.name,
+            "service": self.service,
+            "port": self.port,
+            "namespace": self.namespace,
+        }
         for k in ("version", "systemd_unit", "cgroup"):
             if getattr(self, k):
                 d[k] = getattr(self, k)
@@ -123,19 +132,25 @@ def load_workloads(path: Path) -> list[WorkloadSpec]:
     out = []
     for i, w in enumerate(items):
         try:
-            out.append(WorkloadSpec(
-                name=w["name"], service=w["service"], port=int(w["port"]),
-                namespace=w.get("namespace", "default"), version=w.get("version", ""),
-                systemd_unit=w.get("systemd_unit", ""), cgroup=w.get("cgroup", ""),
-                pid=int(w.get("pid", 0))))
+            out.append(
+                WorkloadSpec(
+                    name=w["name"],
+                    service=w["service"],
+                    port=int(w["port"]),
+                    namespace=w.get("namespace", "default"),
+                    version=w.get("version", ""),
+                    systemd_unit=w.get("systemd_unit", ""),
+                    cgroup=w.get("cgroup", ""),
+                    pid=int(w.get("pid", 0)),
+                )
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise EnrollmentError(f"{path}: workload {i}: bad field {exc}") from None
     return out
 
 
 def save_workloads(path: Path, workloads: list[WorkloadSpec]) -> None:
-    write_file_atomic(path, json.dumps([w.to_dict() for w in workloads], indent=1).encode(),
-                      0o644)
+    write_file_atomic(path, json.dumps([w.to_dict() for w in workloads], indent=1).encode(), 0o644)
 
 
 def resolve_cgroup(spec: WorkloadSpec, cgroup_root: Path) -> Path:
@@ -145,14 +160,20 @@ def resolve_cgroup(spec: WorkloadSpec, cgroup_root: Path) -> Path:
         return p if p.is_absolute() else cgroup_root / p
     if spec.systemd_unit:
         try:
-            out = subprocess.run(["systemctl", "show", "-p", "ControlGroup", "--value",
-                                  spec.systemd_unit], capture_output=True, text=True, timeout=10)
+            out = subprocess.run(
+                ["systemctl", "show", "-p", "ControlGroup", "--value", spec.systemd_unit],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise EnrollmentError(f"cannot ask systemd about {spec.systemd_unit}: {exc}") from None
         rel = out.stdout.strip()
         if out.returncode != 0 or not rel:
-            raise EnrollmentError(f"systemd unit {spec.systemd_unit} has no cgroup (is it "
-                                  "running? `systemctl status " + spec.systemd_unit + "`)")
+            raise EnrollmentError(
+                f"systemd unit {spec.systemd_unit} has no cgroup (is it "
+                "running? `systemctl status " + spec.systemd_unit + "`)"
+            )
         return cgroup_root / rel.lstrip("/")
     if spec.pid:
         try:
@@ -177,13 +198,18 @@ class CpClient:
         self.e = enrollment
         self.timeout = timeout
         self._client = NodeClient(
-            enrollment.control_planes, enrollment.files.bundle, enrollment.files.cert,
-            enrollment.files.key, controlplane_uri(enrollment.trust_domain), timeout,
-        )  # fmt: skip
+            enrollment.control_planes,
+            enrollment.files.bundle,
+            enrollment.files.cert,
+            enrollment.files.key,
+            controlplane_uri(enrollment.trust_domain),
+            timeout,
+        )
         self.last_bundle: bytes | None = None
 
-    def request(self, method: str, path: str, body: Any = None,
-                timeout: float | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, timeout: float | None = None
+    ) -> Any:
         try:
             return self._client.request(method, path, body, timeout or self.timeout)
         except ClientError as exc:
@@ -195,22 +221,37 @@ class CpClient:
 
     def config(self, since: int, wait: float) -> dict[str, Any]:
         doc: dict[str, Any] = self.request(
-            "GET", f"{api.NODE_CONFIG}?since={since}&wait={int(wait)}", timeout=wait + 10)
+            "GET", f"{api.NODE_CONFIG}?since={since}&wait={int(wait)}", timeout=wait + 10
+        )
         return doc
 
     def register_workload(self, w: WorkloadSpec) -> None:
-        self.request("POST", api.NODE_WORKLOADS, {
-            "name": w.name, "namespace": w.namespace, "service": w.service,
-            "port": w.port, "version": w.version})
+        self.request(
+            "POST",
+            api.NODE_WORKLOADS,
+            {
+                "name": w.name,
+                "namespace": w.namespace,
+                "service": w.service,
+                "port": w.port,
+                "version": w.version,
+            },
+        )
 
     def delete_workload(self, name: str) -> None:
         self.request("DELETE", api.path(api.NODE_WORKLOAD, name=name))
 
     # CaClient
     def sign(self, csr_pem: bytes, identity: SpiffeId) -> bytes:
-        doc = self.request("POST", api.NODE_CERTIFICATES, {
-            "csr": csr_pem.decode(), "namespace": identity.namespace,
-            "service_account": identity.service_account})
+        doc = self.request(
+            "POST",
+            api.NODE_CERTIFICATES,
+            {
+                "csr": csr_pem.decode(),
+                "namespace": identity.namespace,
+                "service_account": identity.service_account,
+            },
+        )
         if doc.get("trust_bundle"):
             self.last_bundle = doc["trust_bundle"].encode()
         return str(doc["certificate"]).encode()
@@ -251,8 +292,7 @@ class SliceStore:
         try:
             self.slice = NodeSlice.from_json(json.loads(text), str(self.path))
         except ValueError as exc:  # not JSON, or not a slice of this version
-            log.warning("ignoring the saved control-plane slice (%s); waiting for a full one",
-                        exc)
+            log.warning("ignoring the saved control-plane slice (%s); waiting for a full one", exc)
             return False
         return True
 
@@ -273,8 +313,10 @@ class SliceStore:
             self.slice, self.full_wanted = parsed, False
             return True
         if self.slice is None:
-            raise ContractError("the control plane sent changes, but there is no slice to "
-                                "apply them to; asking for a full slice")
+            raise ContractError(
+                "the control plane sent changes, but there is no slice to "
+                "apply them to; asking for a full slice"
+            )
         self.slice = self.slice.apply(parsed)
         return True
 
@@ -302,9 +344,12 @@ class CpWatcher(threading.Thread):
                 changed = self.store.apply(answer)
             except (ControlPlaneError, ValueError, KeyError) as exc:
                 if self.reachable is not False:
-                    log.warning("control plane unreachable (%s); serving config revision %d "
-                                "from the local snapshot, retrying with back-off", exc,
-                                self.store.revision)
+                    log.warning(
+                        "control plane unreachable (%s); serving config revision %d "
+                        "from the local snapshot, retrying with back-off",
+                        exc,
+                        self.store.revision,
+                    )
                 self.reachable, self.last_error = False, str(exc)
                 if isinstance(exc, (ValueError, KeyError)):
                     self.store.ask_full()
@@ -320,14 +365,23 @@ class CpWatcher(threading.Thread):
                 self.on_change()
 
 
-def node_config_from(e: Enrollment, slice_doc: NodeSlice | dict[str, Any],
-                     workloads: list[WorkloadSpec], cgroup_root: Path,
-                     bpf_pin_dir: str) -> tuple[NodeConfig, list[str]]:
+def node_config_from(
+    e: Enrollment,
+    slice_doc: NodeSlice | dict[str, Any],
+    workloads: list[WorkloadSpec],
+    cgroup_root: Path,
+    bpf_pin_dir: str,
+) -> tuple[NodeConfig, list[str]]:
     """The agent's NodeConfig for an enrolled node (`slice_doc`: the slice, typed
     or as JSON; {} = none yet); problems (a workload whose cgroup cannot be found
     yet) come back as messages, not exceptions."""
-    current = (slice_doc if isinstance(slice_doc, NodeSlice)
-               else NodeSlice.from_json(slice_doc) if slice_doc else None)
+    current = (
+        slice_doc
+        if isinstance(slice_doc, NodeSlice)
+        else NodeSlice.from_json(slice_doc)
+        if slice_doc
+        else None
+    )
     problems = []
     local = []
     for w in workloads:
@@ -336,11 +390,21 @@ def node_config_from(e: Enrollment, slice_doc: NodeSlice | dict[str, Any],
         except EnrollmentError as exc:
             problems.append(str(exc))
             continue
-        local.append(LocalWorkload(name=w.name, namespace=w.namespace, service_account=w.service,
-                                   service=w.service, port=w.port, cgroup=str(cg)))
+        local.append(
+            LocalWorkload(
+                name=w.name,
+                namespace=w.namespace,
+                service_account=w.service,
+                service=w.service,
+                port=w.port,
+                cgroup=str(cg),
+            )
+        )
     cfg = NodeConfig(
         version=current.revision if current else 0,
-        name=e.name, ip=e.ip or (current.node.ip if current else ""), zone=e.zone,
+        name=e.name,
+        ip=e.ip or (current.node.ip if current else ""),
+        zone=e.zone,
         trust_domain=e.trust_domain,
         cgroup_parent=e.cgroup_parent,
         proxy_cgroup=e.proxy_cgroup,

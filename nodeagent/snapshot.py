@@ -36,11 +36,11 @@ def node_resources(cfg: NodeConfig) -> list[Resource]:
     return resources_from_json(cfg.resources, source="node config")
 
 
-def services_with_splits(services: list[ServiceDoc],
-                         resources: list[Resource]) -> list[ServiceDoc]:
+def services_with_splits(services: list[ServiceDoc], resources: list[Resource]) -> list[ServiceDoc]:
     """Attach each TrafficSplit's weights to its service (same namespace)."""
-    splits = {(r.namespace, r.service): tuple(r.weights) for r in resources
-              if isinstance(r, TrafficSplit)}
+    splits = {
+        (r.namespace, r.service): tuple(r.weights) for r in resources if isinstance(r, TrafficSplit)
+    }
     out = []
     for svc in services:
         weights = splits.get((svc.namespace, svc.name))
@@ -58,8 +58,13 @@ def strict_ports(cfg: NodeConfig, resources: list[Resource]) -> list[tuple[str, 
     for w in cfg.workloads:
         mode = "PERMISSIVE"
         ns_default = [p for p in peer_auth if p.namespace == w.namespace and p.selector is None]
-        specific = [p for p in peer_auth if p.namespace == w.namespace and p.selector is not None
-                    and w.service in p.selector.services]
+        specific = [
+            p
+            for p in peer_auth
+            if p.namespace == w.namespace
+            and p.selector is not None
+            and w.service in p.selector.services
+        ]
         for p in (*ns_default, *specific):
             mode = p.mode
         if mode == "STRICT":
@@ -79,16 +84,25 @@ def build_snapshot(
     workloads = []
     for w in cfg.workloads:
         files = certs.get(w.name)
-        workloads.append(SnapshotWorkload(
-            id=ids[w.name], name=w.name, namespace=w.namespace,
-            service_account=w.service_account, node=cfg.name, address=cfg.ip, port=w.port,
-            service=w.service, cert=str(files.cert) if files else None,
-            key=str(files.key) if files else None,
-        ))  # fmt: skip
+        workloads.append(
+            SnapshotWorkload(
+                id=ids[w.name],
+                name=w.name,
+                namespace=w.namespace,
+                service_account=w.service_account,
+                node=cfg.name,
+                address=cfg.ip,
+                port=w.port,
+                service=w.service,
+                cert=str(files.cert) if files else None,
+                key=str(files.key) if files else None,
+            )
+        )
     resources = node_resources(cfg)
     mesh = [r for r in resources if isinstance(r, MeshConfig)]
-    services = [ServiceDoc.from_json(s, f"node config services[{i}]")
-                for i, s in enumerate(cfg.services)]
+    services = [
+        ServiceDoc.from_json(s, f"node config services[{i}]") for i, s in enumerate(cfg.services)
+    ]
     return Snapshot(
         version=cfg.version,
         node=NodeDoc(name=cfg.name, ip=cfg.ip, zone=cfg.zone),

@@ -215,8 +215,7 @@ def _check_path(path: Path) -> str:
     text = str(path.absolute())
     if any(c.isspace() for c in text) or any(c in text for c in "\"'\\$%;"):
         raise ValueError(
-            f"path {text!r} contains spaces or characters systemd would interpret; "
-            "use a plain path"
+            f"path {text!r} contains spaces or characters systemd would interpret; use a plain path"
         )
     return text
 
@@ -269,7 +268,7 @@ def install_units(unit_dir: Path, units: dict[str, str]) -> list[Path]:
 def _systemctl(*args: str) -> None:
     proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
-        out = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}")
+        out = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
         raise UnitError(f"`systemctl {' '.join(args)}` failed: {out}")
 
 

@@ -45,13 +45,15 @@ class ZtunnelLink:
             return False, f"ztunnel answered something unexpected ({exc}): {reply[:100]!r}"
         if isinstance(answer, Ack):
             if answer.version != message.version:
-                return False, (f"ztunnel acknowledged version {answer.version}, not "
-                               f"{message.version}")
+                return False, (
+                    f"ztunnel acknowledged version {answer.version}, not {message.version}"
+                )
             return True, ""
         return False, f"ztunnel refused the change: {answer.error}"
 
-    def push_snapshot(self, snap: Snapshot | dict[str, Any],
-                      timeout: float = 10.0) -> tuple[bool, str]:
+    def push_snapshot(
+        self, snap: Snapshot | dict[str, Any], timeout: float = 10.0
+    ) -> tuple[bool, str]:
         """Send a whole snapshot (a typed one, or its JSON as written to disk)."""
         if not isinstance(snap, Snapshot):
             try:

@@ -21,8 +21,7 @@ class AccessLog:
     def write(self, fields: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {"ts": round(time.time(), 3), **{k: v for k, v in fields.items()
-                                                  if v is not None}}
+        record = {"ts": round(time.time(), 3), **{k: v for k, v in fields.items() if v is not None}}
         self._lines.append(json.dumps(record, separators=(",", ":"), default=str))
         if len(self._lines) >= 1000:
             self.flush()

@@ -42,10 +42,15 @@ class AdminServer:
     async def _setup(self) -> web.ServerRunner:
         if self._runner is None:
             self._runner = web.ServerRunner(
-                web.Server(self._handle, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT,
-                           max_line_size=MAX_LINE, max_field_size=MAX_LINE),
+                web.Server(
+                    self._handle,
+                    access_log=None,
+                    keepalive_timeout=KEEPALIVE_TIMEOUT,
+                    max_line_size=MAX_LINE,
+                    max_field_size=MAX_LINE,
+                ),
                 shutdown_timeout=1.0,
-            )  # fmt: skip
+            )
             await self._runner.setup()
         return self._runner
 

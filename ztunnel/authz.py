@@ -80,9 +80,15 @@ def _services(values: tuple[str, ...], namespace: str) -> frozenset[str] | None:
 
 class _CompiledRule:
     __slots__ = (
-        "principals", "not_principals", "namespaces", "not_namespaces",
-        "services", "not_services", "ports", "not_ports",
-    )  # fmt: skip
+        "principals",
+        "not_principals",
+        "namespaces",
+        "not_namespaces",
+        "services",
+        "not_services",
+        "ports",
+        "not_ports",
+    )
 
     def __init__(self, rule: Rule, namespace: str) -> None:
         src, dst = rule.from_, rule.to

@@ -253,11 +253,12 @@ class EndpointPicker:
         return self._two_choices(idx, group.members, eligible, excl)
 
     def __call__(self, service: Service, candidates: Sequence[Endpoint]) -> Endpoint:
-        ep = self.pick(service, candidates, node=self._node, zone=self._zone,
-                       now=time.monotonic())
+        ep = self.pick(service, candidates, node=self._node, zone=self._zone, now=time.monotonic())
         if ep is None:
-            raise RouteError(f"service {service.hostname} has no endpoint of a version it "
-                             f"splits traffic to ({dict(service.split)})")
+            raise RouteError(
+                f"service {service.hostname} has no endpoint of a version it "
+                f"splits traffic to ({dict(service.split)})"
+            )
         return ep
 
     def _index_for(self, service: Service, candidates: Sequence[Endpoint]) -> _PortIndex:
@@ -405,8 +406,11 @@ class EndpointPicker:
     def _decay_backoff(self, st: _Stats, now: float) -> None:
         """Back-off forgiveness: healthy for max_ejection since its last readmission
         resets the ejection time to base_ejection."""
-        if (st.ejected_until is None and st.readmitted_at is not None
-                and now - st.readmitted_at >= self._max_ejection):
+        if (
+            st.ejected_until is None
+            and st.readmitted_at is not None
+            and now - st.readmitted_at >= self._max_ejection
+        ):
             st.times_ejected = 0
 
     def _eject(self, key: Key, st: _Stats, now: float) -> None:
@@ -447,8 +451,9 @@ class EndpointPicker:
         current = {(s.namespace, s.name, s.vip): s for s in services}
         for cache_key, idx in list(self._indexes.items()):
             svc = current.get((cache_key[0], cache_key[1], cache_key[2]))
-            if svc is None or (idx.endpoints is not svc.endpoints
-                               and idx.endpoints != svc.endpoints):
+            if svc is None or (
+                idx.endpoints is not svc.endpoints and idx.endpoints != svc.endpoints
+            ):
                 self._drop_index(cache_key)
             else:
                 idx.endpoints = svc.endpoints
@@ -465,16 +470,21 @@ class EndpointPicker:
         for (address, port), st in sorted(self._stats.items()):
             self._decay_backoff(st, now)
             ejected = st.ejected_until is not None
-            out.append({
-                "address": address,
-                "port": port,
-                "ewma_ms": round(self._rtt(st) * 1000.0, 3),
-                "inflight": st.inflight,
-                "consecutive_failures": st.consecutive_failures,
-                "state": EJECTED if ejected else HEALTHY,
-                "ejected_for_s": (round(max(st.ejected_until - now, 0.0), 3)
-                                  if st.ejected_until is not None else 0.0),
-                "times_ejected": st.times_ejected,
-                "total_ejections": st.total_ejections,
-            })
+            out.append(
+                {
+                    "address": address,
+                    "port": port,
+                    "ewma_ms": round(self._rtt(st) * 1000.0, 3),
+                    "inflight": st.inflight,
+                    "consecutive_failures": st.consecutive_failures,
+                    "state": EJECTED if ejected else HEALTHY,
+                    "ejected_for_s": (
+                        round(max(st.ejected_until - now, 0.0), 3)
+                        if st.ejected_until is not None
+                        else 0.0
+                    ),
+                    "times_ejected": st.times_ejected,
+                    "total_ejections": st.total_ejections,
+                }
+            )
         return out

@@ -88,8 +88,12 @@ def _key(msg: AddMessage | DeleteMessage) -> str:
 
 
 class ControlServer:
-    def __init__(self, path: str, state: ControlState,
-                 apply: Callable[[int, dict[str, Any]], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        path: str,
+        state: ControlState,
+        apply: Callable[[int, dict[str, Any]], Awaitable[None]],
+    ) -> None:
         self.path = path
         self.state = state
         self._apply = apply

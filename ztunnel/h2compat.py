@@ -98,7 +98,8 @@ class BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
             if length > self.max_frame_size > 0:
                 raise h2.exceptions.FrameTooLargeError(
                     f"frame of {length} bytes announced, more than the "
-                    f"{self.max_frame_size} bytes allowed")
+                    f"{self.max_frame_size} bytes allowed"
+                )
             kind = buf[3]
             if kind == _CONTINUATION:
                 self._check_header_block(self._header_block_bytes + length)
@@ -109,12 +110,17 @@ class BoundedFrameBuffer(h2.frame_buffer.FrameBuffer):
         if size > self.max_header_block:
             raise h2.exceptions.DenialOfServiceError(
                 f"header block of more than {self.max_header_block} bytes "
-                f"(at least {size}): refused before buffering it")
+                f"(at least {size}): refused before buffering it"
+            )
 
     def _update_header_buffer(self, f: Any) -> Any:
         if f is not None and isinstance(
-            f, (hyperframe.frame.HeadersFrame, hyperframe.frame.PushPromiseFrame,
-                hyperframe.frame.ContinuationFrame)
+            f,
+            (
+                hyperframe.frame.HeadersFrame,
+                hyperframe.frame.PushPromiseFrame,
+                hyperframe.frame.ContinuationFrame,
+            ),
         ):
             if isinstance(f, hyperframe.frame.ContinuationFrame) or "END_HEADERS" not in f.flags:
                 self._header_block_bytes += len(f.data)
@@ -136,7 +142,8 @@ class GracefulH2Connection(h2.connection.H2Connection):
     def __init__(self, config: Any = None, *, max_header_block: int = 1 << 16) -> None:
         super().__init__(config=config)
         self.incoming_buffer = BoundedFrameBuffer(
-            server=not self.config.client_side, max_header_block=max_header_block)
+            server=not self.config.client_side, max_header_block=max_header_block
+        )
 
     def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         if frame.error_code != NO_ERROR:
@@ -149,8 +156,12 @@ class GracefulH2Connection(h2.connection.H2Connection):
         self.state_machine.state = prior
         return [], [event]
 
-    def close_connection(self, error_code: int = 0, additional_data: bytes | None = None,
-                         last_stream_id: int | None = None) -> None:
+    def close_connection(
+        self,
+        error_code: int = 0,
+        additional_data: bytes | None = None,
+        last_stream_id: int | None = None,
+    ) -> None:
         prior = self.state_machine.state
         super().close_connection(error_code, additional_data, last_stream_id)
         if error_code == NO_ERROR:
@@ -178,16 +189,18 @@ _DATA = 0x0
 _HEADER_KINDS = frozenset({_HEADERS, _PUSH_PROMISE, _CONTINUATION})
 _DATA_HEADER = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream
 _STREAM_ID_MASK = 0x7FFFFFFF
-_CONN_OPEN = frozenset({h2.connection.ConnectionState.CLIENT_OPEN,
-                        h2.connection.ConnectionState.SERVER_OPEN})
-_SEND_DATA_STATES = frozenset({h2.stream.StreamState.OPEN,
-                               h2.stream.StreamState.HALF_CLOSED_REMOTE})
-_RECV_DATA_STATES = frozenset({h2.stream.StreamState.OPEN,
-                               h2.stream.StreamState.HALF_CLOSED_LOCAL})
+_CONN_OPEN = frozenset(
+    {h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN}
+)
+_SEND_DATA_STATES = frozenset(
+    {h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE}
+)
+_RECV_DATA_STATES = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
 
 
-def send_data_frames(conn: h2.connection.H2Connection, stream_id: int,
-                     data: memoryview) -> int | None:
+def send_data_frames(
+    conn: h2.connection.H2Connection, stream_id: int, data: memoryview
+) -> int | None:
     """Frame as much of ``data`` as the windows and the peer's frame size allow
     as DATA frames (no END_STREAM, no padding) into h2's output, taking it off
     both send windows as ``H2Connection.send_data`` does. Returns the bytes
@@ -209,7 +222,7 @@ def send_data_frames(conn: h2.connection.H2Connection, stream_id: int,
             break
         n = min(window, max_frame, total - sent)
         out += pack(n >> 16, n & 0xFFFF, _DATA, 0, stream_id)
-        out += data[sent:sent + n]
+        out += data[sent : sent + n]
         conn.outbound_flow_control_window -= n
         stream.outbound_flow_control_window -= n
         sent += n
@@ -284,9 +297,9 @@ class DataSplitter:
                 start = pos
                 if self._h2_busy():
                     break
-            sid = int.from_bytes(buf[pos + 5:pos + 9], "big") & _STREAM_ID_MASK
+            sid = int.from_bytes(buf[pos + 5 : pos + 9], "big") & _STREAM_ID_MASK
             if sid in wanted and self._take(sid, length):
-                yield sid, bytes(view[pos + 9:end])
+                yield sid, bytes(view[pos + 9 : end])
                 start = end
             pos = end
         else:
@@ -310,8 +323,11 @@ class DataSplitter:
         if stream is None:
             return False
         machine = stream.state_machine
-        if (machine.state not in _RECV_DATA_STATES or not machine.headers_received
-                or stream._expected_content_length is not None):
+        if (
+            machine.state not in _RECV_DATA_STATES
+            or not machine.headers_received
+            or stream._expected_content_length is not None
+        ):
             return False
         conn_window = conn._inbound_flow_control_window_manager
         stream_window = stream._inbound_window_manager

@@ -211,8 +211,14 @@ class HboneConnection:
     with :meth:`take_events` (``receive_data`` and ``handle_timer`` return them
     too)."""
 
-    def __init__(self, *, client_side: bool, max_concurrent_streams: int | None = None,
-                 limits: HboneLimits | None = None, now: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        max_concurrent_streams: int | None = None,
+        limits: HboneLimits | None = None,
+        now: float | None = None,
+    ) -> None:
         limits = limits or HboneLimits()
         if max_concurrent_streams is not None:
             limits = dataclasses.replace(limits, max_concurrent_streams=max_concurrent_streams)
@@ -224,8 +230,9 @@ class HboneConnection:
             validate_outbound_headers=True,
         )
         self.client_side = client_side
-        self._h2 = h2compat.GracefulH2Connection(config=config,
-                                                 max_header_block=MAX_HEADER_LIST_SIZE)
+        self._h2 = h2compat.GracefulH2Connection(
+            config=config, max_header_block=MAX_HEADER_LIST_SIZE
+        )
         self._h2.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
@@ -346,8 +353,9 @@ class HboneConnection:
             return
         stream.answered = True
 
-    def refuse_tunnel(self, stream_id: int, status: int, reason: str = "",
-                      now: float | None = None) -> None:
+    def refuse_tunnel(
+        self, stream_id: int, status: int, reason: str = "", now: float | None = None
+    ) -> None:
         """Server side: answer a non-2xx status and end the stream. Refusals
         count toward the reset limit."""
         self._refuse(stream_id, status, reason, self._now(now), self._deferred)
@@ -419,8 +427,9 @@ class HboneConnection:
         """Send GOAWAY. With NO_ERROR the open streams may still finish (no new
         ones are accepted); with an error code the connection is over and open
         streams are the shell's to abort."""
-        if self._ended or (self._draining and error_code == NO_ERROR and self._goaway_last
-                           is not None):
+        if self._ended or (
+            self._draining and error_code == NO_ERROR and self._goaway_last is not None
+        ):
             return
         self._goaway_last = self._h2.highest_inbound_stream_id
         try:
@@ -482,18 +491,29 @@ class HboneConnection:
             self._idle_since = now
         if self._ping_sent is not None:
             if now - self._ping_sent >= lim.keepalive_timeout:
-                reason = (f"no answer to a keepalive PING within {lim.keepalive_timeout:g}s: "
-                          "the peer is gone or does not read")
+                reason = (
+                    f"no answer to a keepalive PING within {lim.keepalive_timeout:g}s: "
+                    "the peer is gone or does not read"
+                )
                 self._fail_connection(NO_ERROR, reason, False, out, stream_code=CANCEL)
                 return out
         elif now - self._last_recv >= lim.keepalive_interval:
             self.ping()
             self._ping_sent = now
-        if (lim.idle_timeout is not None and not self._streams and not self._draining
-                and now - self._idle_since >= lim.idle_timeout):
+        if (
+            lim.idle_timeout is not None
+            and not self._streams
+            and not self._draining
+            and now - self._idle_since >= lim.idle_timeout
+        ):
             self.close(NO_ERROR, "idle")
-            out.append(ConnectionEnded(NO_ERROR, f"no stream for {lim.idle_timeout:g}s: "
-                                       "closing the idle connection", False))
+            out.append(
+                ConnectionEnded(
+                    NO_ERROR,
+                    f"no stream for {lim.idle_timeout:g}s: closing the idle connection",
+                    False,
+                )
+            )
         return out
 
     # -- input ---------------------------------------------------------------
@@ -519,8 +539,11 @@ class HboneConnection:
                 if not self._receive_h2(chunk, now, out):
                     break
         except Exception as exc:  # the splitter's accounting: contain it like h2's
-            log.warning("HBONE connection: reading DATA failed (%s: %s); closing the "
-                        "connection", type(exc).__name__, exc)
+            log.warning(
+                "HBONE connection: reading DATA failed (%s: %s); closing the connection",
+                type(exc).__name__,
+                exc,
+            )
             self._fail_connection(INTERNAL_ERROR, f"internal error on input: {exc}", False, out)
         return out
 
@@ -530,12 +553,16 @@ class HboneConnection:
             h2_events = self._h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             code = int(getattr(exc, "error_code", PROTOCOL_ERROR) or PROTOCOL_ERROR)
-            self._fail_connection(code, f"protocol error from peer: "
-                                  f"{str(exc) or type(exc).__name__}", True, out)
+            self._fail_connection(
+                code, f"protocol error from peer: {str(exc) or type(exc).__name__}", True, out
+            )
             return False
         except Exception as exc:  # h2 met a state it does not handle: contain it
-            log.warning("HBONE connection: h2 failed on input (%s: %s); closing the "
-                        "connection", type(exc).__name__, exc)
+            log.warning(
+                "HBONE connection: h2 failed on input (%s: %s); closing the connection",
+                type(exc).__name__,
+                exc,
+            )
             self._fail_connection(INTERNAL_ERROR, f"internal error on input: {exc}", False, out)
             return False
         for ev in h2_events:
@@ -548,8 +575,12 @@ class HboneConnection:
                 if sid:
                     self._fail_stream(sid, f"handling {type(ev).__name__}", exc, out)
                 else:
-                    log.warning("HBONE connection: handling %s failed (%s: %s); closing the "
-                                "connection", type(ev).__name__, type(exc).__name__, exc)
+                    log.warning(
+                        "HBONE connection: handling %s failed (%s: %s); closing the connection",
+                        type(ev).__name__,
+                        type(exc).__name__,
+                        exc,
+                    )
                     self._fail_connection(INTERNAL_ERROR, f"internal error: {exc}", False, out)
         return not self._ended
 
@@ -614,9 +645,7 @@ class HboneConnection:
                 self._drop(sid)
                 out.append(TunnelReset(sid, REFUSED_STREAM, True))
         name = _error_name(code)
-        out.append(
-            ConnectionEnded(code, f"peer sent GOAWAY {name} {detail}".strip(), True, last)
-        )
+        out.append(ConnectionEnded(code, f"peer sent GOAWAY {name} {detail}".strip(), True, last))
 
     def _on_request(self, ev: h2.events.RequestReceived, out: list[Event], now: float) -> None:
         sid = ev.stream_id
@@ -687,24 +716,31 @@ class HboneConnection:
         while resets and resets[0] <= cutoff:
             resets.popleft()
         if len(resets) > self.limits.reset_limit and not self._ended:
-            reason = (f"peer had more than {self.limits.reset_limit} streams reset or refused "
-                      f"within {self.limits.reset_window:g}s (rapid reset)")
+            reason = (
+                f"peer had more than {self.limits.reset_limit} streams reset or refused "
+                f"within {self.limits.reset_window:g}s (rapid reset)"
+            )
             log.debug("HBONE connection: %s; sending GOAWAY ENHANCE_YOUR_CALM", reason)
             self._fail_connection(ENHANCE_YOUR_CALM, reason, True, out)
 
     # -- containment -------------------------------------------------------------
 
-    def _fail_stream(self, stream_id: int, what: str, exc: BaseException,
-                     out: list[Event]) -> None:
+    def _fail_stream(self, stream_id: int, what: str, exc: BaseException, out: list[Event]) -> None:
         """An h2 call for one stream failed: end that stream only."""
-        log.info("HBONE stream %d: %s failed (%s: %s); resetting this stream only",
-                 stream_id, what, type(exc).__name__, exc)
+        log.info(
+            "HBONE stream %d: %s failed (%s: %s); resetting this stream only",
+            stream_id,
+            what,
+            type(exc).__name__,
+            exc,
+        )
         self._try_reset(stream_id, INTERNAL_ERROR)
         if self._drop(stream_id) is not None:
             out.append(TunnelReset(stream_id, INTERNAL_ERROR, False))
 
-    def _fail_connection(self, code: int, reason: str, remote: bool, out: list[Event],
-                         stream_code: int | None = None) -> None:
+    def _fail_connection(
+        self, code: int, reason: str, remote: bool, out: list[Event], stream_code: int | None = None
+    ) -> None:
         """End the connection: GOAWAY (unless h2 sent one already), every
         stream reset, then ConnectionEnded."""
         self._ended = True
@@ -727,11 +763,13 @@ class HboneConnection:
         try:
             self._h2.reset_stream(stream_id, error_code)
         except Exception as exc:
-            log.debug("HBONE stream %d: RST_STREAM not sent (%s: %s)", stream_id,
-                      type(exc).__name__, exc)
+            log.debug(
+                "HBONE stream %d: RST_STREAM not sent (%s: %s)", stream_id, type(exc).__name__, exc
+            )
 
-    def _refuse(self, stream_id: int, status: int, reason: str, now: float,
-                out: list[Event]) -> None:
+    def _refuse(
+        self, stream_id: int, status: int, reason: str, now: float, out: list[Event]
+    ) -> None:
         if not self._ended:
             headers = [(":status", str(status))]
             if reason:
@@ -743,8 +781,13 @@ class HboneConnection:
             except Exception as exc:
                 # E.g. StreamIDTooLowError: the peer opened a higher stream and
                 # h2 closed this one implicitly. Only this stream is concerned.
-                log.info("HBONE stream %d: refusal %d not sent (%s: %s); resetting it",
-                         stream_id, status, type(exc).__name__, exc)
+                log.info(
+                    "HBONE stream %d: refusal %d not sent (%s: %s); resetting it",
+                    stream_id,
+                    status,
+                    type(exc).__name__,
+                    exc,
+                )
                 self._try_reset(stream_id, REFUSED_STREAM)
         self._drop(stream_id)
         if not self.client_side:
@@ -765,16 +808,21 @@ class HboneConnection:
             try:
                 self._h2.acknowledge_received_data(n, stream_id)
             except Exception as exc:
-                log.debug("HBONE stream %d: window not returned (%s: %s)", stream_id,
-                          type(exc).__name__, exc)
+                log.debug(
+                    "HBONE stream %d: window not returned (%s: %s)",
+                    stream_id,
+                    type(exc).__name__,
+                    exc,
+                )
         return stream
 
     def _opened(self, stream_id: int) -> bool:
         """Was this stream id ever in use on this connection?"""
         ours = (stream_id % 2 == 1) == self.client_side
         h2c = self._h2
-        return stream_id <= (h2c.highest_outbound_stream_id if ours
-                             else h2c.highest_inbound_stream_id)
+        return stream_id <= (
+            h2c.highest_outbound_stream_id if ours else h2c.highest_inbound_stream_id
+        )
 
     def _now(self, now: float | None) -> float:
         if now is None:

@@ -37,8 +37,9 @@ MAX_CONNECTIONS_PER_ADDRESS = 1024
 
 
 def new_session(pi: ProxyInputs) -> HboneSession:
-    limits = hbone.HboneLimits(max_concurrent_streams=pi.config.max_streams,
-                               idle_timeout=pi.config.idle_timeout)
+    limits = hbone.HboneLimits(
+        max_concurrent_streams=pi.config.max_streams, idle_timeout=pi.config.idle_timeout
+    )
     conn = hbone.HboneConnection(client_side=False, limits=limits)
     return HboneSession(
         conn,
@@ -72,8 +73,7 @@ def connection_limit(pi: ProxyInputs, peer: SpiffeId, address: str | None) -> st
     if address is not None:
         same_addr = sum(1 for s in sessions if s.peer_address == address)
         if same_addr >= addr_max:
-            return (f"{same_addr} connections from {address} are open "
-                    f"(limit {addr_max} per address)")
+            return f"{same_addr} connections from {address} are open (limit {addr_max} per address)"
     return None
 
 
@@ -87,8 +87,12 @@ def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
         log.warning("inbound connection from %s refused: %s", peername, exc)
         return False
     if peer.trust_domain != pi.state.trust_domain:
-        log.warning("inbound connection from %s refused: identity %s is not of trust domain %s",
-                    peername, peer, pi.state.trust_domain)
+        log.warning(
+            "inbound connection from %s refused: identity %s is not of trust domain %s",
+            peername,
+            peer,
+            pi.state.trust_domain,
+        )
         return False
     address = peername[0] if isinstance(peername, tuple) and peername else None
     over = connection_limit(pi, peer, address)
@@ -111,9 +115,14 @@ def _on_request(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequeste
         _refuse(pi, session, ev, 404, f"no workload of node {pi.state.node.name} at {ev.authority}")
         return
     if workload.identity != session.local_identity:
-        _refuse(pi, session, ev, 403,
-                f"{ev.authority} is {workload.identity}, but this connection was opened for "
-                f"{session.local_identity}")
+        _refuse(
+            pi,
+            session,
+            ev,
+            403,
+            f"{ev.authority} is {workload.identity}, but this connection was opened for "
+            f"{session.local_identity}",
+        )
         return
     denied = authorize(pi, session.peer, workload, port)
     if denied is not None:
@@ -125,8 +134,9 @@ def _on_request(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequeste
     asyncio.get_running_loop().create_task(handler.connect(session, ip, port))
 
 
-def authorize(pi: ProxyInputs, peer: SpiffeId, workload: Workload,
-              port: int) -> tuple[str, str] | None:
+def authorize(
+    pi: ProxyInputs, peer: SpiffeId, workload: Workload, port: int
+) -> tuple[str, str] | None:
     """L4 authorization for a connection to a local workload: None if allowed,
     else (deciding policy, reason). Counted in the metrics when denied."""
     denied = policy_denies(pi, peer, workload, port)
@@ -135,39 +145,55 @@ def authorize(pi: ProxyInputs, peer: SpiffeId, workload: Workload,
     return denied
 
 
-def policy_denies(pi: ProxyInputs, peer: SpiffeId, workload: Workload,
-                  port: int) -> tuple[str, str] | None:
+def policy_denies(
+    pi: ProxyInputs, peer: SpiffeId, workload: Workload, port: int
+) -> tuple[str, str] | None:
     """The decision alone, under the current policies (also for re-checks)."""
-    decision = pi.authorizer.check(AuthzRequest(
-        source=peer,
-        source_services=pi.services_of(peer),
-        dest_service=workload.service,
-        dest_namespace=workload.identity.namespace,
-        dest_port=port,
-    ))
+    decision = pi.authorizer.check(
+        AuthzRequest(
+            source=peer,
+            source_services=pi.services_of(peer),
+            dest_service=workload.service,
+            dest_namespace=workload.identity.namespace,
+            dest_port=port,
+        )
+    )
     if decision.allowed:
         return None
     policy = decision.policy or "default"
     return policy, f"denied by policy {policy}: {decision.reason}"
 
 
-def _refuse(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequested, status: int,
-            reason: str, policy: str | None = None, src_workload: Workload | None = None) -> None:
-    log.warning("inbound tunnel from %s to %s refused (%d): %s", session.peer, ev.authority,
-                status, reason)
+def _refuse(
+    pi: ProxyInputs,
+    session: HboneSession,
+    ev: hbone.TunnelRequested,
+    status: int,
+    reason: str,
+    policy: str | None = None,
+    src_workload: Workload | None = None,
+) -> None:
+    log.warning(
+        "inbound tunnel from %s to %s refused (%d): %s", session.peer, ev.authority, status, reason
+    )
     session.refuse(ev.stream_id, status, reason)
     pi.metrics.failed.inc(("inbound", "denied" if policy else f"refused_{status}"))
-    log_connection(direction="inbound", node=pi.state.node.name,
-                   src_identity=str(session.peer), dst_address=ev.authority,
-                   dst_workload=src_workload.name if src_workload else None,
-                   dst_identity=src_workload.identity.uri if src_workload else None,
-                   result="denied" if policy else "refused", status=status, policy=policy,
-                   reason=reason)
+    log_connection(
+        direction="inbound",
+        node=pi.state.node.name,
+        src_identity=str(session.peer),
+        dst_address=ev.authority,
+        dst_workload=src_workload.name if src_workload else None,
+        dst_identity=src_workload.identity.uri if src_workload else None,
+        result="denied" if policy else "refused",
+        status=status,
+        policy=policy,
+        reason=reason,
+    )
 
 
 class InboundConnection(PlainSide):
-    def __init__(self, pi: ProxyInputs, peer: SpiffeId, workload: Workload,
-                 authority: str) -> None:
+    def __init__(self, pi: ProxyInputs, peer: SpiffeId, workload: Workload, authority: str) -> None:
         super().__init__()
         self.pi = pi
         self.peer = peer
@@ -191,8 +217,10 @@ class InboundConnection(PlainSide):
                 self.pi.config.connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
-            reason = (f"workload {self.workload.name} at {self.authority} is not accepting "
-                      f"connections: {getattr(exc, 'strerror', None) or 'timed out'}")
+            reason = (
+                f"workload {self.workload.name} at {self.authority} is not accepting "
+                f"connections: {getattr(exc, 'strerror', None) or 'timed out'}"
+            )
             self.error = reason
             if not self.finished:
                 session.refuse(self.stream_id, 503, reason)

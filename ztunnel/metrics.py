@@ -92,8 +92,9 @@ class Gauge(Counter):
 
 
 class Histogram:
-    def __init__(self, name: str, help: str, buckets: Sequence[float],
-                 label_names: Sequence[str] = ()) -> None:
+    def __init__(
+        self, name: str, help: str, buckets: Sequence[float], label_names: Sequence[str] = ()
+    ) -> None:
         self.family = _Family(name, help, "histogram", tuple(label_names))
         self.buckets = tuple(sorted(buckets))
         self.series: dict[LabelValues, list[float]] = {}  # bucket counts..., sum, count
@@ -147,50 +148,87 @@ class ProxyMetrics:
 
     def __init__(self) -> None:
         r = self.registry = Registry()
-        self.opened = Counter("istio_tcp_connections_opened_total",
-                              "TCP connections opened", TCP_LABELS)
-        self.closed = Counter("istio_tcp_connections_closed_total",
-                              "TCP connections closed", TCP_LABELS)
-        self.sent = Counter("istio_tcp_sent_bytes_total",
-                            "Bytes sent by the client side, per connection at its close",
-                            TCP_LABELS)
-        self.received = Counter("istio_tcp_received_bytes_total",
-                                "Bytes received by the client side, per connection at its close",
-                                TCP_LABELS)
+        self.opened = Counter(
+            "istio_tcp_connections_opened_total", "TCP connections opened", TCP_LABELS
+        )
+        self.closed = Counter(
+            "istio_tcp_connections_closed_total", "TCP connections closed", TCP_LABELS
+        )
+        self.sent = Counter(
+            "istio_tcp_sent_bytes_total",
+            "Bytes sent by the client side, per connection at its close",
+            TCP_LABELS,
+        )
+        self.received = Counter(
+            "istio_tcp_received_bytes_total",
+            "Bytes received by the client side, per connection at its close",
+            TCP_LABELS,
+        )
         for m in (self.opened, self.closed, self.sent, self.received):
             r.add(m)
-        self.failed = r.add(Counter(
-            "meshnode_connections_failed_total",
-            "Connections that failed, by direction and reason class",
-            ("direction", "reason")))
-        self.denied = r.add(Counter(
-            "meshnode_authz_denied_total",
-            "Inbound connections refused by L4 authorization, by deciding policy",
-            ("policy", "destination_service")))
-        self.revoked = r.add(Counter(
-            "meshnode_connections_revoked_total",
-            "Established connections closed because the rules changed: a policy now "
-            "denies them, or the trust bundle dropped the root they were verified under",
-            ("reason",)))
-        self.endpoint_healthy = r.add(Gauge(
-            "meshnode_endpoint_healthy", "1 if the endpoint is not ejected",
-            ("service", "endpoint")))
-        self.endpoint_ewma = r.add(Gauge(
-            "meshnode_endpoint_latency_ewma_seconds", "Peak-EWMA of connect latency",
-            ("service", "endpoint")))
-        self.endpoint_inflight = r.add(Gauge(
-            "meshnode_endpoint_inflight", "Connections in flight to the endpoint",
-            ("service", "endpoint")))
-        self.ejections = r.add(Counter(
-            "meshnode_endpoint_ejections_total", "Outlier ejections", ("endpoint",)))
-        self.retries = r.add(Counter(
-            "meshnode_connect_retries_total", "Connect attempts retried on another endpoint",
-            ("service",)))
-        self.pool_connections = r.add(Gauge(
-            "meshnode_hbone_pool_connections", "Pooled outbound HBONE connections"))
-        self.handshake = r.add(Histogram(
-            "meshnode_hbone_handshake_seconds", "TCP + TLS handshake to a peer node",
-            (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)))
+        self.failed = r.add(
+            Counter(
+                "meshnode_connections_failed_total",
+                "Connections that failed, by direction and reason class",
+                ("direction", "reason"),
+            )
+        )
+        self.denied = r.add(
+            Counter(
+                "meshnode_authz_denied_total",
+                "Inbound connections refused by L4 authorization, by deciding policy",
+                ("policy", "destination_service"),
+            )
+        )
+        self.revoked = r.add(
+            Counter(
+                "meshnode_connections_revoked_total",
+                "Established connections closed because the rules changed: a policy now "
+                "denies them, or the trust bundle dropped the root they were verified under",
+                ("reason",),
+            )
+        )
+        self.endpoint_healthy = r.add(
+            Gauge(
+                "meshnode_endpoint_healthy",
+                "1 if the endpoint is not ejected",
+                ("service", "endpoint"),
+            )
+        )
+        self.endpoint_ewma = r.add(
+            Gauge(
+                "meshnode_endpoint_latency_ewma_seconds",
+                "Peak-EWMA of connect latency",
+                ("service", "endpoint"),
+            )
+        )
+        self.endpoint_inflight = r.add(
+            Gauge(
+                "meshnode_endpoint_inflight",
+                "Connections in flight to the endpoint",
+                ("service", "endpoint"),
+            )
+        )
+        self.ejections = r.add(
+            Counter("meshnode_endpoint_ejections_total", "Outlier ejections", ("endpoint",))
+        )
+        self.retries = r.add(
+            Counter(
+                "meshnode_connect_retries_total",
+                "Connect attempts retried on another endpoint",
+                ("service",),
+            )
+        )
+        self.pool_connections = r.add(
+            Gauge("meshnode_hbone_pool_connections", "Pooled outbound HBONE connections")
+        )
+        self.handshake = r.add(
+            Histogram(
+                "meshnode_hbone_handshake_seconds",
+                "TCP + TLS handshake to a peer node",
+                (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            )
+        )
 
     def render(self) -> str:
         return self.registry.render()
@@ -221,7 +259,7 @@ def parse_exposition(text: str) -> list[Sample]:
         if rest.startswith("{"):
             close = rest.index("}")
             body = rest[1:close]
-            rest = rest[close + 1:]
+            rest = rest[close + 1 :]
             i = 0
             while i < len(body):
                 eq = body.index("=", i)

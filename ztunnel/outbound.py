@@ -56,8 +56,11 @@ class OutboundConnection(PlainSide):
         self.client = f"{peer[0]}:{peer[1]}"
         orig = self.pi.original_destination(peer[0], peer[1], sock[0], sock[1])
         if orig is None:
-            self._fail(f"no original destination recorded for {self.client} (not redirected by "
-                       "meshnode's BPF programs, or the record expired)", "no_original_dst")
+            self._fail(
+                f"no original destination recorded for {self.client} (not redirected by "
+                "meshnode's BPF programs, or the record expired)",
+                "no_original_dst",
+            )
             return
         self.original_dst = f"{orig.ip}:{orig.port}"
         self._task = asyncio.get_running_loop().create_task(
@@ -100,8 +103,13 @@ class OutboundConnection(PlainSide):
                 if not exc.retryable or route.service is None:
                     self._fail(last_error, "connect")
                     return
-                log.info("outbound %s -> %s: attempt %d failed (%s); trying another endpoint",
-                         self.client, self.original_dst, attempt + 1, last_error)
+                log.info(
+                    "outbound %s -> %s: attempt %d failed (%s); trying another endpoint",
+                    self.client,
+                    self.original_dst,
+                    attempt + 1,
+                    last_error,
+                )
                 continue
             pi.picker.on_success(endpoint, time.monotonic() - started, time.monotonic())
             self._picked = endpoint
@@ -113,8 +121,14 @@ class OutboundConnection(PlainSide):
         pi = self.pi
 
         def choose(service: Service, candidates: Sequence[Endpoint]) -> Endpoint:
-            ep = pi.picker.pick(service, candidates, node=pi.state.node.name,
-                                zone=pi.state.node.zone, now=time.monotonic(), exclude=tried)
+            ep = pi.picker.pick(
+                service,
+                candidates,
+                node=pi.state.node.name,
+                zone=pi.state.node.zone,
+                now=time.monotonic(),
+                exclude=tried,
+            )
             if ep is None:
                 raise RouteError(f"every endpoint of {service.hostname} was tried")
             return ep
@@ -136,8 +150,11 @@ class OutboundConnection(PlainSide):
         src = route.source
         headers = [
             ("forwarded", f"for={self.client.rpartition(':')[0]}"),
-            ("baggage", f"k8s.namespace.name={src.identity.namespace},"
-                        f"service.name={src.service},k8s.workload.name={src.name}"),
+            (
+                "baggage",
+                f"k8s.namespace.name={src.identity.namespace},"
+                f"service.name={src.service},k8s.workload.name={src.name}",
+            ),
         ]
         try:
             stream_id = session.open(route.authority, headers, self)
@@ -205,8 +222,10 @@ class OutboundConnection(PlainSide):
         self._resolve(None)
 
     def on_refused(self, status: int, reason: str) -> None:
-        failed = _AttemptFailed(f"peer refused the tunnel: {status} {reason}".strip(),
-                                retryable=status in RETRYABLE_STATUS)
+        failed = _AttemptFailed(
+            f"peer refused the tunnel: {status} {reason}".strip(),
+            retryable=status in RETRYABLE_STATUS,
+        )
         if not self._resolve(failed):
             self.on_reset(str(failed))
 

@@ -143,8 +143,11 @@ class PeerIndex:
         rec = self._by_key.get(key)
         if rec is None or rec.workload_id != workload_id:
             return 404, {"error": f"no meshed connection {_show(key)} of your workload"}
-        return 200, {"local": f"{key.local_ip}:{key.local_port}",
-                     "remote": f"{key.remote_ip}:{key.remote_port}", "identity": rec.identity}
+        return 200, {
+            "local": f"{key.local_ip}:{key.local_port}",
+            "remote": f"{key.remote_ip}:{key.remote_port}",
+            "identity": rec.identity,
+        }
 
 
 def _show(key: ConnKey) -> str:
@@ -216,15 +219,17 @@ class PeerServer:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         status, body = await self._answer(request)
-        return web.Response(status=status, text=json.dumps(body) + "\n",
-                            content_type="application/json")
+        return web.Response(
+            status=status, text=json.dumps(body) + "\n", content_type="application/json"
+        )
 
     async def _answer(self, request: web.BaseRequest) -> tuple[int, dict[str, Any]]:
         if request.method != "GET":
             return 405, {"error": "only GET"}
         if request.path != PATH:
-            return 404, {"error": f"unknown path {request.path}; ask GET {PATH}"
-                         "?local=IP:PORT&remote=IP:PORT"}
+            return 404, {
+                "error": f"unknown path {request.path}; ask GET {PATH}?local=IP:PORT&remote=IP:PORT"
+            }
         try:
             key = parse_query(request.query_string)
         except PeerQueryError as exc:
@@ -236,14 +241,21 @@ class PeerServer:
             log.debug("peer query from pid %s: %s", pid, exc)
             workload = None
         if workload is None:
-            return 403, {"error": "only a mesh workload may ask, and only about its own "
-                         "connections: this process is not in a meshed cgroup"}
+            return 403, {
+                "error": "only a mesh workload may ask, and only about its own "
+                "connections: this process is not in a meshed cgroup"
+            }
         return await self._lookup(key, workload)
 
     async def listen(self, path: str) -> None:
         self._runner = web.ServerRunner(
-            web.Server(self._handle, access_log=None, keepalive_timeout=5.0,
-                       max_line_size=4096, max_field_size=4096),
+            web.Server(
+                self._handle,
+                access_log=None,
+                keepalive_timeout=5.0,
+                max_line_size=4096,
+                max_field_size=4096,
+            ),
             shutdown_timeout=1.0,
         )
         await self._runner.setup()

@@ -115,8 +115,9 @@ class HbonePool:
         host, port = key.peer
 
         def factory() -> HboneSession:
-            limits = hbone.HboneLimits(max_concurrent_streams=self.max_streams,
-                                       idle_timeout=self.idle_timeout)
+            limits = hbone.HboneLimits(
+                max_concurrent_streams=self.max_streams, idle_timeout=self.idle_timeout
+            )
             conn = hbone.HboneConnection(client_side=True, limits=limits)
             return HboneSession(conn, on_lost=lambda s: self._drop(key, s))
 
@@ -124,7 +125,11 @@ class HbonePool:
         try:
             transport, session = await asyncio.wait_for(
                 loop.create_connection(
-                    factory, host, port, ssl=ctx, server_hostname=key.expected.sni,
+                    factory,
+                    host,
+                    port,
+                    ssl=ctx,
+                    server_hostname=key.expected.sni,
                     ssl_handshake_timeout=self.connect_timeout,
                 ),
                 self.connect_timeout,
@@ -161,8 +166,13 @@ class HbonePool:
         if session.peer_cert is not None:
             expiries.append(not_after(session.peer_cert))
         session.valid_until = min(expiries)
-        log.debug("HBONE connection %s -> %s (%s) up in %.1f ms", key.source, key.expected,
-                  f"{host}:{port}", (time.monotonic() - started) * 1000)
+        log.debug(
+            "HBONE connection %s -> %s (%s) up in %.1f ms",
+            key.source,
+            key.expected,
+            f"{host}:{port}",
+            (time.monotonic() - started) * 1000,
+        )
         return session
 
     def _drop(self, key: PoolKey, session: HboneSession) -> None:

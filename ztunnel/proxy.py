@@ -75,8 +75,12 @@ class OrigDstSource:
         try:
             self._table = OrigDstTable.open(Path(pin_dir))
         except OSError as exc:
-            log.error("cannot open the BPF original-destination map in %s: %s; outbound "
-                      "connections will be refused until the agent pins it", pin_dir, exc)
+            log.error(
+                "cannot open the BPF original-destination map in %s: %s; outbound "
+                "connections will be refused until the agent pins it",
+                pin_dir,
+                exc,
+            )
 
     def pop(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> OriginalDst | None:
         if self._table is None and self._pin_dir is not None:
@@ -128,8 +132,9 @@ class ProxyInputs:
     peers: PeerIndex = field(default_factory=PeerIndex)
     _services_by_identity: dict[SpiffeId, frozenset[str]] = field(default_factory=dict)
 
-    def original_destination(self, src_ip: str, src_port: int, dst_ip: str,
-                             dst_port: int) -> OriginalDst | None:
+    def original_destination(
+        self, src_ip: str, src_port: int, dst_ip: str, dst_port: int
+    ) -> OriginalDst | None:
         return self.orig_dst.pop(src_ip, src_port, dst_ip, dst_port)
 
     def tcp_labels_outbound(self, route: Route) -> tuple[str, ...]:
@@ -137,22 +142,40 @@ class ProxyInputs:
         svc = route.service
         return (
             "source",
-            src.name, src.identity.namespace, src.identity.uri, src.service or src.name,
-            ep.workload, ep.identity.namespace, ep.identity.uri,
-            svc.hostname if svc else "unknown", svc.name if svc else "unknown",
-            svc.namespace if svc else "unknown", svc.name if svc else ep.workload,
-            "tcp", "-", "mutual_tls",
+            src.name,
+            src.identity.namespace,
+            src.identity.uri,
+            src.service or src.name,
+            ep.workload,
+            ep.identity.namespace,
+            ep.identity.uri,
+            svc.hostname if svc else "unknown",
+            svc.name if svc else "unknown",
+            svc.namespace if svc else "unknown",
+            svc.name if svc else ep.workload,
+            "tcp",
+            "-",
+            "mutual_tls",
         )
 
     def tcp_labels_inbound(self, peer: SpiffeId, workload: Workload) -> tuple[str, ...]:
         svc = self.state.services_by_name.get((workload.identity.namespace, workload.service))
         return (
             "destination",
-            "unknown", peer.namespace, peer.uri, peer.service_account,
-            workload.name, workload.identity.namespace, workload.identity.uri,
-            svc.hostname if svc else "unknown", workload.service or "unknown",
-            workload.identity.namespace, workload.service or workload.name,
-            "tcp", "-", "mutual_tls",
+            "unknown",
+            peer.namespace,
+            peer.uri,
+            peer.service_account,
+            workload.name,
+            workload.identity.namespace,
+            workload.identity.uri,
+            svc.hostname if svc else "unknown",
+            workload.service or "unknown",
+            workload.identity.namespace,
+            workload.service or workload.name,
+            "tcp",
+            "-",
+            "mutual_tls",
         )
 
     def services_of(self, identity: SpiffeId) -> frozenset[str]:
@@ -177,12 +200,14 @@ class ProxyInputs:
     def recheck_policy(self) -> int:
         """Close the delivered connections the current policies deny (a policy,
         grant or node change since they were authorized). Returns how many."""
+
         def check(conn: inbound.InboundConnection) -> str | None:
             denied = inbound.policy_denies(self, conn.peer, conn.workload, conn.port)
             return None if denied is None else f"no longer allowed: {denied[1]}"
 
-        live = [c for c in self.active
-                if isinstance(c, inbound.InboundConnection) and not c.finished]
+        live = [
+            c for c in self.active if isinstance(c, inbound.InboundConnection) and not c.finished
+        ]
         gone = denied_now(live, check)
         for conn, reason in gone:
             conn.revoke(reason)
@@ -200,8 +225,11 @@ class ProxyInputs:
             n += 1
         if n:
             self.metrics.revoked.inc(("trust_bundle",), n)
-            log.warning("trust bundle dropped a root: closed %d HBONE connection(s); peers "
-                        "reconnect with the new bundle", n)
+            log.warning(
+                "trust bundle dropped a root: closed %d HBONE connection(s); peers "
+                "reconnect with the new bundle",
+                n,
+            )
         return n
 
     def refresh_gauges(self, now: float) -> None:
@@ -211,11 +239,16 @@ class ProxyInputs:
         ewma: dict[tuple[str, ...], float] = {}
         inflight: dict[tuple[str, ...], float] = {}
         ejections: dict[tuple[str, ...], float] = {}
-        by_addr = {(e.address, e.port): s.hostname for s in self.state.services_by_vip.values()
-                   for e in s.endpoints}
+        by_addr = {
+            (e.address, e.port): s.hostname
+            for s in self.state.services_by_vip.values()
+            for e in s.endpoints
+        }
         for st in self.picker.endpoint_stats(now):
-            key: tuple[str, ...] = (by_addr.get((st["address"], st["port"]), "unknown"),
-                                    f"{st['address']}:{st['port']}")
+            key: tuple[str, ...] = (
+                by_addr.get((st["address"], st["port"]), "unknown"),
+                f"{st['address']}:{st['port']}",
+            )
             healthy[key] = 1.0 if st["state"] == "healthy" else 0.0
             ewma[key] = float(st["ewma_ms"]) / 1000
             inflight[key] = float(st["inflight"])
@@ -235,8 +268,12 @@ class Proxy:
         tls.update(state)
         orig = OrigDstSource()
         orig.reopen(state.bpf_pin_dir)
-        pool = HbonePool(tls, connect_timeout=config.connect_timeout,
-                         idle_timeout=config.idle_timeout, max_streams=config.max_streams)
+        pool = HbonePool(
+            tls,
+            connect_timeout=config.connect_timeout,
+            idle_timeout=config.idle_timeout,
+            max_streams=config.max_streams,
+        )
         self.pi = ProxyInputs(config, state, tls, pool, orig)
         self.pi.apply_state(state)
         pool.metrics = self.pi.metrics
@@ -258,22 +295,39 @@ class Proxy:
             self.pi.recheck_trust()
         # The agent may have re-created and re-pinned the map: always reopen.
         self.pi.orig_dst.reopen(state.bpf_pin_dir)
-        log.info("state version %d loaded: %d local workloads, %d services", state.version,
-                 len(state.workloads_by_id), len(state.services_by_vip))
+        log.info(
+            "state version %d loaded: %d local workloads, %d services",
+            state.version,
+            len(state.workloads_by_id),
+            len(state.services_by_vip),
+        )
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         pi = self.pi
         cfg = self.config
-        self._servers.append(await loop.create_server(
-            lambda: OutboundConnection(pi), cfg.outbound[0], cfg.outbound[1],
-            reuse_address=True, reuse_port=True, backlog=1024,
-        ))
-        self._servers.append(await loop.create_server(
-            lambda: inbound.new_session(pi), cfg.inbound[0], cfg.inbound[1],
-            ssl=pi.tls.listener_context(), ssl_handshake_timeout=cfg.connect_timeout,
-            reuse_address=True, reuse_port=True, backlog=1024,
-        ))
+        self._servers.append(
+            await loop.create_server(
+                lambda: OutboundConnection(pi),
+                cfg.outbound[0],
+                cfg.outbound[1],
+                reuse_address=True,
+                reuse_port=True,
+                backlog=1024,
+            )
+        )
+        self._servers.append(
+            await loop.create_server(
+                lambda: inbound.new_session(pi),
+                cfg.inbound[0],
+                cfg.inbound[1],
+                ssl=pi.tls.listener_context(),
+                ssl_handshake_timeout=cfg.connect_timeout,
+                reuse_address=True,
+                reuse_port=True,
+                backlog=1024,
+            )
+        )
         self._admin = AdminServer(self._admin_route)
         if cfg.admin_socket:
             # A worker of several: the supervisor serves admin for all of them.
@@ -283,12 +337,18 @@ class Proxy:
             os.chmod(cfg.admin_socket, 0o600)
         else:
             await self._admin.listen_tcp({cfg.admin, cfg.readiness, cfg.metrics})
-            self._peer = PeerServer(lambda pid: workload_of_pid_in(self.pi.state.bpf_pin_dir, pid),
-                                    self._peer_lookup)
+            self._peer = PeerServer(
+                lambda pid: workload_of_pid_in(self.pi.state.bpf_pin_dir, pid), self._peer_lookup
+            )
             await self._peer.listen(cfg.peer_path)
         self.ready = True
-        log.info("ztunnel ready on node %s: outbound %s:%d, inbound HBONE %s:%d, admin %s:%d",
-                 pi.state.node.name, *cfg.outbound, *cfg.inbound, *cfg.admin)
+        log.info(
+            "ztunnel ready on node %s: outbound %s:%d, inbound HBONE %s:%d, admin %s:%d",
+            pi.state.node.name,
+            *cfg.outbound,
+            *cfg.inbound,
+            *cfg.admin,
+        )
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -299,9 +359,11 @@ class Proxy:
         await self.start()
         control = None
         if not self.config.admin_socket:  # a lone ztunnel: the agent talks to us directly
-            control = ControlServer(self.config.control_path,
-                                    ControlState(_read_doc(self.config.snapshot)),
-                                    self._apply_doc)
+            control = ControlServer(
+                self.config.control_path,
+                ControlState(_read_doc(self.config.snapshot)),
+                self._apply_doc,
+            )
             await control.start()
             sdnotify.notify("READY=1", f"STATUS=serving config version {self.pi.state.version}")
         sweeper = loop.create_task(self.pi.pool.run_sweeper())
@@ -360,20 +422,30 @@ class Proxy:
                 return json_response(200, {"ready": True})
             return json_response(503, {"ready": False})
         if url.path == "/config_dump":
-            return json_response(200, {
-                "config": self.config.dump(),
-                "state": self.pi.state.dump(),
-                "endpoints": self.pi.picker.endpoint_stats(time.monotonic()),
-                "pool": {"connections": self.pi.pool.size(), "handshakes": self.pi.pool.handshakes},
-                "active_connections": len(self.pi.active),
-            })
+            return json_response(
+                200,
+                {
+                    "config": self.config.dump(),
+                    "state": self.pi.state.dump(),
+                    "endpoints": self.pi.picker.endpoint_stats(time.monotonic()),
+                    "pool": {
+                        "connections": self.pi.pool.size(),
+                        "handshakes": self.pi.pool.handshakes,
+                    },
+                    "active_connections": len(self.pi.active),
+                },
+            )
         if url.path == PEER_PATH and self.config.admin_socket:
             # A worker, asked by its supervisor over the root-only admin socket
             # after the supervisor checked who is asking (peer.py).
             return self._peer_for_supervisor(url.query)
-        return json_response(404, {
-            "error": f"unknown path {url.path}",
-            "paths": ["/config_dump", "/healthz/ready", "/metrics"]})
+        return json_response(
+            404,
+            {
+                "error": f"unknown path {url.path}",
+                "paths": ["/config_dump", "/healthz/ready", "/metrics"],
+            },
+        )
 
     async def _peer_lookup(self, key: ConnKey, workload: int) -> tuple[int, dict[str, Any]]:
         return self.pi.peers.answer(key, workload)
@@ -416,8 +488,11 @@ async def wait_for_first_snapshot(config: ZtunnelConfig) -> None:
 
     control = ControlServer(config.control_path, ControlState(), apply)
     await control.start()
-    log.info("no snapshot at %s yet: waiting for the node agent on %s", config.snapshot,
-             config.control_path)
+    log.info(
+        "no snapshot at %s yet: waiting for the node agent on %s",
+        config.snapshot,
+        config.control_path,
+    )
     sdnotify.notify("STATUS=waiting for the node agent's first snapshot")
     await got.wait()
     await asyncio.sleep(0.05)  # let the ack go out before the socket is replaced
@@ -437,4 +512,3 @@ def run_ztunnel(config: ZtunnelConfig) -> None:
         return
     proxy = Proxy(config)
     uvloop.run(proxy.run())
-

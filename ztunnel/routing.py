@@ -56,7 +56,8 @@ def build_route(
         if target_port is None:
             raise RouteError(f"service {service.hostname} ({dst_ip}) has no port {dst_port}")
         candidates = [
-            e for e in service.endpoints
+            e
+            for e in service.endpoints
             if (e.service_port == dst_port if e.service_port else e.port == target_port)
         ]
         if not candidates:

@@ -134,8 +134,12 @@ class HboneSession(asyncio.Protocol):
         if self._queue_full:
             self._wake_if_drained()
         transport = self.transport
-        if (self.write_paused and not self._reading_paused and transport is not None
-                and transport.get_write_buffer_size() > self._read_pause_at):
+        if (
+            self.write_paused
+            and not self._reading_paused
+            and transport is not None
+            and transport.get_write_buffer_size() > self._read_pause_at
+        ):
             # What we owe the peer is piling up because it does not read: stop
             # reading until resume_writing. (Only answers to the peer's own
             # frames can get here; our data stops at the high-water mark.)
@@ -217,9 +221,12 @@ class HboneSession(asyncio.Protocol):
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
             if self.write_paused and transport.get_write_buffer_size() > MAX_WRITE_BUFFER:
-                log.warning("HBONE connection to %s dropped: %d bytes wait to be sent to a "
-                            "peer that does not read", self.peer,
-                            transport.get_write_buffer_size())
+                log.warning(
+                    "HBONE connection to %s dropped: %d bytes wait to be sent to a "
+                    "peer that does not read",
+                    self.peer,
+                    transport.get_write_buffer_size(),
+                )
                 self.closed = True
                 transport.abort()
 
@@ -315,8 +322,11 @@ class HboneSession(asyncio.Protocol):
 
     def _abort_if_open(self, transport: asyncio.Transport) -> None:
         if self.transport is transport and not self._lost:
-            log.info("HBONE connection with %s aborted: GOAWAY not taken within %.0fs",
-                     self.peer, CLOSE_GRACE)
+            log.info(
+                "HBONE connection with %s aborted: GOAWAY not taken within %.0fs",
+                self.peer,
+                CLOSE_GRACE,
+            )
             transport.abort()
 
     # -- events ----------------------------------------------------------------
@@ -330,8 +340,9 @@ class HboneSession(asyncio.Protocol):
                 self.conn.ack(ev.stream_id, ev.flow_length)
         elif isinstance(ev, hbone.TunnelRequested):
             if self._on_request is None:
-                self.conn.refuse_tunnel(ev.stream_id, 405, "this end accepts no tunnels",
-                                        time.monotonic())
+                self.conn.refuse_tunnel(
+                    ev.stream_id, 405, "this end accepts no tunnels", time.monotonic()
+                )
             else:
                 self._on_request(self, ev)
         elif isinstance(ev, hbone.TunnelEstablished):
@@ -358,8 +369,13 @@ class HboneSession(asyncio.Protocol):
         elif isinstance(ev, hbone.ConnectionEnded):
             # A limit the peer ran into is worth a warning: a broken or hostile peer.
             level = logging.WARNING if ev.error_code == hbone.ENHANCE_YOUR_CALM else logging.INFO
-            log.log(level, "HBONE connection with %s (%s) ended: %s", self.peer,
-                    self.peer_address or "?", ev.reason)
+            log.log(
+                level,
+                "HBONE connection with %s (%s) ended: %s",
+                self.peer,
+                self.peer_address or "?",
+                ev.reason,
+            )
             if self._on_ended is not None:
                 self._on_ended(self, ev)
             if (self.conn.ended or not self.handlers) and not self.closed:

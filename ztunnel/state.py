@@ -18,8 +18,15 @@ from meshnode.core.contracts import NodeDoc as NodeInfo
 from meshnode.core.identity import SpiffeId
 from meshnode.core.resources import AuthorizationPolicy
 
-__all__ = ["HBONE_PORT", "SCHEMA", "NodeInfo", "ServicePort", "StateError", "index_snapshot",
-           "parse_snapshot"]
+__all__ = [
+    "HBONE_PORT",
+    "SCHEMA",
+    "NodeInfo",
+    "ServicePort",
+    "StateError",
+    "index_snapshot",
+    "parse_snapshot",
+]
 
 
 class StateError(ContractError):
@@ -178,21 +185,43 @@ def index_snapshot(snap: Snapshot) -> ProxyState:
             continue
         if w.id in state.workloads_by_id:
             raise StateError(f"snapshot.workloads[{i}].id: duplicate workload id {w.id}")
-        wl = Workload(id=w.id, name=w.name, identity=w.identity(td), node=w.node,
-                      address=w.address, port=w.port, service=w.service,
-                      cert_path=w.cert, key_path=w.key)  # fmt: skip
+        wl = Workload(
+            id=w.id,
+            name=w.name,
+            identity=w.identity(td),
+            node=w.node,
+            address=w.address,
+            port=w.port,
+            service=w.service,
+            cert_path=w.cert,
+            key_path=w.key,
+        )
         state.workloads_by_id[wl.id] = wl
         state.local_by_addr[(wl.address, wl.port)] = wl
     for s in snap.services:
         endpoints = []
         for e in s.endpoints:
-            ep = Endpoint(workload=e.workload, identity=e.identity(td), node=e.node,
-                          node_ip=e.node_ip, address=e.address, port=e.port, zone=e.zone,
-                          version=e.version, service_port=e.service_port)  # fmt: skip
+            ep = Endpoint(
+                workload=e.workload,
+                identity=e.identity(td),
+                node=e.node,
+                node_ip=e.node_ip,
+                address=e.address,
+                port=e.port,
+                zone=e.zone,
+                version=e.version,
+                service_port=e.service_port,
+            )
             endpoints.append(ep)
             state.endpoints_by_addr[(ep.address, ep.port)] = ep
-        svc = Service(name=s.name, namespace=s.namespace, vip=s.vip, ports=s.ports,
-                      endpoints=tuple(endpoints), split=s.split)  # fmt: skip
+        svc = Service(
+            name=s.name,
+            namespace=s.namespace,
+            vip=s.vip,
+            ports=s.ports,
+            endpoints=tuple(endpoints),
+            split=s.split,
+        )
         state.services_by_vip[svc.vip] = svc
         state.services_by_name[(svc.namespace, svc.name)] = svc
     return state

@@ -56,12 +56,25 @@ class Worker:
     def command(self) -> list[str]:
         c = self.config
         return [
-            sys.executable, "-m", "meshnode.cli.main", "ztunnel", "run",
-            "--snapshot", str(c.snapshot),
-            "--outbound", _hostport(c.outbound), "--inbound", _hostport(c.inbound),
-            "--connect-timeout", str(c.connect_timeout),
-            "--drain-timeout", str(c.drain_timeout),
-            "--workers", "1", "--admin-socket", self.socket,
+            sys.executable,
+            "-m",
+            "meshnode.cli.main",
+            "ztunnel",
+            "run",
+            "--snapshot",
+            str(c.snapshot),
+            "--outbound",
+            _hostport(c.outbound),
+            "--inbound",
+            _hostport(c.inbound),
+            "--connect-timeout",
+            str(c.connect_timeout),
+            "--drain-timeout",
+            str(c.drain_timeout),
+            "--workers",
+            "1",
+            "--admin-socket",
+            self.socket,
         ]
 
     def start(self) -> None:
@@ -69,8 +82,9 @@ class Worker:
         # must not outlive us (a SIGKILLed supervisor would leave it listening).
         # Only the supervisor talks to systemd (NotifyAccess=main).
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, env=env,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            self.command(), stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -107,11 +121,16 @@ class Supervisor:
         await admin.listen_tcp({cfg.admin, cfg.readiness, cfg.metrics})
         peer = PeerServer(self._workload_of_pid, self._peer_lookup)
         await peer.listen(cfg.peer_path)
-        control = ControlServer(cfg.control_path, ControlState(_read_doc(cfg.snapshot)),
-                                self._apply_doc)
+        control = ControlServer(
+            cfg.control_path, ControlState(_read_doc(cfg.snapshot)), self._apply_doc
+        )
         await control.start()
-        log.info("ztunnel supervisor: %d workers sharing %s and %s", len(self.workers),
-                 _hostport(cfg.outbound), _hostport(cfg.inbound))
+        log.info(
+            "ztunnel supervisor: %d workers sharing %s and %s",
+            len(self.workers),
+            _hostport(cfg.outbound),
+            _hostport(cfg.inbound),
+        )
         loop.create_task(self._notify_when_ready())
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
@@ -131,22 +150,27 @@ class Supervisor:
     async def _peer_lookup(self, key: ConnKey, workload: int) -> tuple[int, dict[str, Any]]:
         """The worker that delivered the connection knows it; the asker's
         workload (checked here) goes along, so a worker answers only for it."""
-        query = urlencode({"local": f"{key.local_ip}:{key.local_port}",
-                           "remote": f"{key.remote_ip}:{key.remote_port}",
-                           "workload": str(workload)})
+        query = urlencode(
+            {
+                "local": f"{key.local_ip}:{key.local_port}",
+                "remote": f"{key.remote_ip}:{key.remote_port}",
+                "workload": str(workload),
+            }
+        )
         answers = await self._ask_all(f"{PEER_PATH}?{query}")
         for a in answers:
             if a is not None and a[0] == 200:
                 return 200, json.loads(a[1])
-        return 404, {"error": f"no meshed connection {key.local_ip}:{key.local_port} <- "
-                     f"{key.remote_ip}:{key.remote_port} of your workload"}
+        return 404, {
+            "error": f"no meshed connection {key.local_ip}:{key.local_port} <- "
+            f"{key.remote_ip}:{key.remote_port} of your workload"
+        }
 
     async def _versions(self) -> list[int | None]:
         out: list[int | None] = []
         for a in await self._ask_all("/config_dump"):
             try:
-                out.append(int(json.loads(a[1])["state"]["version"]) if a and a[0] == 200
-                           else None)
+                out.append(int(json.loads(a[1])["state"]["version"]) if a and a[0] == 200 else None)
             except (ValueError, KeyError):
                 out.append(None)
         return out
@@ -184,8 +208,12 @@ class Supervisor:
             w.restarts += 1
             delay = min(30.0, 0.5 * 2 ** min(w.restarts, 6))
             w.next_start = now + delay
-            log.error("ztunnel worker %d exited (status %s); restarting it (restart %d)",
-                      w.index, code, w.restarts)
+            log.error(
+                "ztunnel worker %d exited (status %s); restarting it (restart %d)",
+                w.index,
+                code,
+                w.restarts,
+            )
             w.start()
 
     async def _stop_workers(self) -> None:
@@ -218,24 +246,25 @@ class Supervisor:
         answers = await self._ask_all(target)
         if path == "/healthz/ready":
             ready = all(a is not None and a[0] == 200 for a in answers)
-            return json_response(200 if ready else 503,
-                                 {"ready": ready, "workers": [bool(a and a[0] == 200)
-                                                              for a in answers]})
+            return json_response(
+                200 if ready else 503,
+                {"ready": ready, "workers": [bool(a and a[0] == 200) for a in answers]},
+            )
         if path == "/metrics":
             texts = [a[1].decode() for a in answers if a is not None and a[0] == 200]
             return 200, "text/plain; version=0.0.4", merge_metrics(texts).encode()
         if path == "/config_dump":
             dumps = [json.loads(a[1]) for a in answers if a is not None and a[0] == 200]
             if len(dumps) < len(self.workers):
-                return json_response(503,
-                                     {"error": "not every ztunnel worker answered"})
+                return json_response(503, {"error": "not every ztunnel worker answered"})
             merged = dict(dumps[0])
             # The version every worker has: what the agent waits for.
             merged["state"] = dict(dumps[0]["state"])
             merged["state"]["version"] = min(d["state"]["version"] for d in dumps)
             # Each worker balances on its own view; show all, tagged.
-            merged["endpoints"] = [dict(e, worker=i) for i, d in enumerate(dumps)
-                                   for e in d.get("endpoints", [])]
+            merged["endpoints"] = [
+                dict(e, worker=i) for i, d in enumerate(dumps) for e in d.get("endpoints", [])
+            ]
             merged["pool"] = {k: sum(d["pool"][k] for d in dumps) for k in dumps[0]["pool"]}
             merged["active_connections"] = sum(d["active_connections"] for d in dumps)
             merged["workers"] = len(dumps)
@@ -295,4 +324,3 @@ def _esc(v: str) -> str:
 
 def _num(v: float) -> str:
     return str(int(v)) if v == int(v) and abs(v) < 1e15 else repr(v)
-

@@ -105,7 +105,9 @@ class TlsContexts:
                 log.error(
                     "cannot load the certificate of %s from %s: %s; its connections will "
                     "fail until the node agent writes a valid one",
-                    identity, wl.cert_path, exc,
+                    identity,
+                    wl.cert_path,
+                    exc,
                 )
                 continue
             fresh[identity] = _IdentityContexts(fp, server, client, expiry)
@@ -153,8 +155,9 @@ class TlsContexts:
             identity = None
         ctxs = self._by_identity.get(identity) if identity else None
         if ctxs is None:
-            log.warning("inbound TLS handshake for %r refused: no such workload on this node",
-                        server_name)
+            log.warning(
+                "inbound TLS handshake for %r refused: no such workload on this node", server_name
+            )
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sslobj.context = ctxs.server
         return None

@@ -36,10 +36,19 @@ def lab() -> None:
 
 @lab.command("up")
 @click.option("--nodes", default=2, show_default=True, help="How many nodes.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 16),
-              help="ztunnel worker processes per node.")
-@click.option("--demo", is_flag=True, help="Also start a demo server and client and show "
-              "traffic flowing with the identities it carried.")
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="ztunnel worker processes per node.",
+)
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Also start a demo server and client and show "
+    "traffic flowing with the identities it carried.",
+)
 def up(nodes: int, workers: int, demo: bool) -> None:
     """Create the nodes and start an agent (and its ztunnel) on each."""
     lab_ = _lab()
@@ -51,8 +60,9 @@ def up(nodes: int, workers: int, demo: bool) -> None:
             run_demo(lab_, log=click.echo)
     except _errors() as exc:
         fail(f"{exc}\n(clean up with `meshnode lab down`)")
-    click.echo(f"lab {lab_.name} is up. Try `meshnode lab status`; remove it with "
-               "`meshnode lab down`.")
+    click.echo(
+        f"lab {lab_.name} is up. Try `meshnode lab status`; remove it with `meshnode lab down`."
+    )
 
 
 @lab.command("down")
@@ -79,23 +89,31 @@ def status(output: str) -> None:
     click.echo("NODES")
     for n in st["nodes"]:
         state = "ready" if n["ready"] and n["agent_alive"] else "NOT READY"
-        click.echo(f"  {n['name']:<8} {n['ip']:<14} {n['zone']:<8} agent pid {n['agent_pid']} "
-                   f"{state}, config v{n['config_version']}")
+        click.echo(
+            f"  {n['name']:<8} {n['ip']:<14} {n['zone']:<8} agent pid {n['agent_pid']} "
+            f"{state}, config v{n['config_version']}"
+        )
         for p in n["bpf_programs"]:
             if "error" in p:
                 click.echo(f"           bpf: cannot list: {p['error']}")
             else:
-                click.echo(f"           bpf: {p.get('attach_type', '?'):<22} {p.get('name', '?')}"
-                           f" (id {p.get('id', '?')})")
+                click.echo(
+                    f"           bpf: {p.get('attach_type', '?'):<22} {p.get('name', '?')}"
+                    f" (id {p.get('id', '?')})"
+                )
     click.echo("SERVICES")
     for s in st["services"]:
-        click.echo(f"  {s['name']}.{s['namespace']:<12} {s['vip']}:{s['port']:<6} -> "
-                   f"{', '.join(s['endpoints']) or '(no endpoints)'}")
+        click.echo(
+            f"  {s['name']}.{s['namespace']:<12} {s['vip']}:{s['port']:<6} -> "
+            f"{', '.join(s['endpoints']) or '(no endpoints)'}"
+        )
     click.echo("WORKLOADS")
     for w in st["workloads"]:
         alive = "running" if w["alive"] else "EXITED"
-        click.echo(f"  {w['name']:<12} {w['node']:<8} :{w['port']:<6} pid {w['pid']} {alive:<8} "
-                   f"{w['identity']}")
+        click.echo(
+            f"  {w['name']:<12} {w['node']:<8} :{w['port']:<6} pid {w['pid']} {alive:<8} "
+            f"{w['identity']}"
+        )
 
 
 @lab.group("workload")
@@ -107,27 +125,53 @@ def workload() -> None:
 @click.argument("node")
 @click.argument("name")
 @click.option("--service", required=True, help="The service this workload serves.")
-@click.option("--port", required=True, type=click.IntRange(1, 65535),
-              help="The port it listens on (also the service's port on its VIP).")
+@click.option(
+    "--port",
+    required=True,
+    type=click.IntRange(1, 65535),
+    help="The port it listens on (also the service's port on its VIP).",
+)
 @click.option("--namespace", default="default", show_default=True)
 @click.option("--version", "version", default="", help="Subset label for traffic splits.")
-@click.option("--service-port", type=click.IntRange(1, 65535), default=None,
-              help="The port on the service VIP (default: the first workload's --port).")
+@click.option(
+    "--service-port",
+    type=click.IntRange(1, 65535),
+    default=None,
+    help="The port on the service VIP (default: the first workload's --port).",
+)
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
-def workload_add(node: str, name: str, service: str, port: int, namespace: str, version: str,
-                 service_port: int | None, cmd: tuple[str, ...]) -> None:
+def workload_add(
+    node: str,
+    name: str,
+    service: str,
+    port: int,
+    namespace: str,
+    version: str,
+    service_port: int | None,
+    cmd: tuple[str, ...],
+) -> None:
     """Run CMD as a mesh workload on NODE: meshnode lab workload add NODE NAME --service S
     --port P -- CMD..."""
     lab_ = _lab()
     try:
-        wl = lab_.add_workload(node, name, service, port, list(cmd), namespace=namespace,
-                               version=version, service_port=service_port)
+        wl = lab_.add_workload(
+            node,
+            name,
+            service,
+            port,
+            list(cmd),
+            namespace=namespace,
+            version=version,
+            service_port=service_port,
+        )
         st = lab_.load()
     except _errors() as exc:
         fail(str(exc))
     svc = st.services[service]
-    click.echo(f"workload {wl.name} on {wl.node} (pid {wl.pid}) serves {service}.{namespace} "
-               f"at {svc.vip}:{svc.port} as spiffe://cluster.local/ns/{namespace}/sa/{service}")
+    click.echo(
+        f"workload {wl.name} on {wl.node} (pid {wl.pid}) serves {service}.{namespace} "
+        f"at {svc.vip}:{svc.port} as spiffe://cluster.local/ns/{namespace}/sa/{service}"
+    )
 
 
 @workload.command("rm")
@@ -142,9 +186,14 @@ def workload_rm(name: str) -> None:
 
 
 @lab.command("apply")
-@click.option("-f", "--filename", type=click.File("r"), required=True,
-              help="YAML resources (AuthorizationPolicy, PeerAuthentication, TrafficSplit, "
-                   "MeshConfig); - for stdin.")
+@click.option(
+    "-f",
+    "--filename",
+    type=click.File("r"),
+    required=True,
+    help="YAML resources (AuthorizationPolicy, PeerAuthentication, TrafficSplit, "
+    "MeshConfig); - for stdin.",
+)
 def apply(filename: TextIO) -> None:
     """Apply policy resources to every node of the lab (all or nothing)."""
     from meshnode.core.resources import ResourceError
@@ -174,8 +223,12 @@ def delete(kind: str, name: str, namespace: str) -> None:
 
 @lab.command("exec", context_settings={"ignore_unknown_options": True})
 @click.argument("node")
-@click.option("--workload", "workload_name", default=None,
-              help="Run inside this workload's cgroup, so its connections are meshed.")
+@click.option(
+    "--workload",
+    "workload_name",
+    default=None,
+    help="Run inside this workload's cgroup, so its connections are meshed.",
+)
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
 def exec_(node: str, workload_name: str | None, cmd: tuple[str, ...]) -> None:
     """Run CMD on NODE (meshnode lab exec NODE [--workload W] -- CMD...)."""

@@ -34,8 +34,7 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = sock
 
 
-def peer_identity(peer_socket: str | None, local: tuple[str, int],
-                  remote: tuple[str, int]) -> str:
+def peer_identity(peer_socket: str | None, local: tuple[str, int], remote: tuple[str, int]) -> str:
     """Ask this node's ztunnel, on its peer socket, which identity the
     connection `local` <- `remote` carried. ztunnel answers only because this
     process is in the workload's cgroup (SO_PEERCRED), and only about this
@@ -44,8 +43,7 @@ def peer_identity(peer_socket: str | None, local: tuple[str, int],
         return NOT_MESHED
     conn = _UnixHTTPConnection(peer_socket, timeout=2)
     try:
-        conn.request("GET", f"/v1/peer?local={local[0]}:{local[1]}"
-                     f"&remote={remote[0]}:{remote[1]}")
+        conn.request("GET", f"/v1/peer?local={local[0]}:{local[1]}&remote={remote[0]}:{remote[1]}")
         resp = conn.getresponse()
         body = resp.read()
         if resp.status != 200:
@@ -98,8 +96,12 @@ def slow_server(port: int, name: str, accept_delay: float, backlog: int) -> None
             try:
                 conn.recv(65536)
                 body = f"hello, this is {name} (slow)\n".encode()
-                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: " + str(len(body)).encode()
-                             + b"\r\n\r\n" + body)
+                conn.sendall(
+                    b"HTTP/1.0 200 OK\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
             except OSError:
                 pass
 
@@ -141,16 +143,21 @@ def run_demo(lab: Any, log: Any = print) -> None:
     nodes = sorted(st.nodes)
     server_node = nodes[1] if len(nodes) > 1 else nodes[0]
     peer_sock = str(Path(lab.node_dir(server_node)) / "state" / "peer.sock")
-    lab.add_workload(server_node, "api", "api", 8080, [*py, "server", "--port", "8080",
-                                                        "--name", "api",
-                                                        "--peer-socket", peer_sock])
+    lab.add_workload(
+        server_node,
+        "api",
+        "api",
+        8080,
+        [*py, "server", "--port", "8080", "--name", "api", "--peer-socket", peer_sock],
+    )
     lab.add_workload(nodes[0], "web", "web", 9090, [*py, "idle"], wait_listening=0)
     vip = lab.load().services["api"].vip
     log(f"\ndemo: workload web on {nodes[0]} calls service api ({vip}:8080) on {server_node}")
     log(f"      meshnode lab exec {nodes[0]} --workload web -- curl -s http://{vip}:8080/")
     for _ in range(3):
-        code = lab.exec(nodes[0], ["curl", "-s", "--max-time", "5", f"http://{vip}:8080/"],
-                        workload="web")
+        code = lab.exec(
+            nodes[0], ["curl", "-s", "--max-time", "5", f"http://{vip}:8080/"], workload="web"
+        )
         if code != 0:
             log(f"demo: curl failed with exit code {code}; see the logs in {lab.dir}")
     time.sleep(0.5)  # ztunnel writes its access log in batches, every 200 ms
@@ -160,10 +167,12 @@ def run_demo(lab: Any, log: Any = print) -> None:
         lines = [ln for ln in logf.read_text().splitlines() if ln.startswith("{")][-1:]
         for line in lines:
             rec = json.loads(line)
-            log(f"  {node} {rec.get('direction'):<8} {rec.get('src_identity')} -> "
+            log(
+                f"  {node} {rec.get('direction'):<8} {rec.get('src_identity')} -> "
                 f"{rec.get('dst_identity')} {rec.get('dst_address')} "
                 f"sent {rec.get('bytes_sent')}B received {rec.get('bytes_received')}B "
-                f"{rec.get('result')}")
+                f"{rec.get('result')}"
+            )
 
 
 def main() -> None:
@@ -172,9 +181,12 @@ def main() -> None:
     srv = sub.add_parser("server")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--name", default="server")
-    srv.add_argument("--peer-socket", default="/run/meshnode/peer.sock",
-                     help="ztunnel's peer socket, to greet clients by their proven identity "
-                          "(default: where an enrolled node's ztunnel unit puts it)")
+    srv.add_argument(
+        "--peer-socket",
+        default="/run/meshnode/peer.sock",
+        help="ztunnel's peer socket, to greet clients by their proven identity "
+        "(default: where an enrolled node's ztunnel unit puts it)",
+    )
     slow = sub.add_parser("slow-server")
     slow.add_argument("--port", type=int, default=8080)
     slow.add_argument("--name", default="slow")

@@ -62,8 +62,23 @@ def make_bridge(fabric: str, bridge: str = "br0") -> None:
 
 def plug_node(fabric: str, node_ns: str, port_name: str, ip_cidr: str, bridge: str = "br0") -> None:
     """veth: ``port_name`` on the fabric's bridge <-> ``eth0`` in the node."""
-    run(["ip", "-n", fabric, "link", "add", port_name, "type", "veth",
-         "peer", "name", "eth0", "netns", node_ns])
+    run(
+        [
+            "ip",
+            "-n",
+            fabric,
+            "link",
+            "add",
+            port_name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            node_ns,
+        ]
+    )
     run(["ip", "-n", fabric, "link", "set", port_name, "master", bridge, "up"])
     run(["ip", "-n", node_ns, "addr", "add", ip_cidr, "dev", "eth0"])
     run(["ip", "-n", node_ns, "link", "set", "eth0", "up"])
@@ -109,8 +124,9 @@ def cgroup_kill_all(path: Path, grace: float = 3.0) -> None:
 def cgroup_remove_tree(path: Path) -> None:
     if not path.is_dir():
         return
-    for child in sorted((p for p in path.rglob("*") if p.is_dir()),
-                        key=lambda p: len(p.parts), reverse=True):
+    for child in sorted(
+        (p for p in path.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True
+    ):
         with contextlib.suppress(OSError):
             child.rmdir()
     with contextlib.suppress(OSError):

@@ -118,7 +118,8 @@ class Lab:
             raise LabError(f"no lab {self.name!r} is up; start one with `meshnode lab up`")
         doc = json.loads(self.state_file.read_text())
         return LabState(
-            name=doc["name"], version=doc["version"],
+            name=doc["name"],
+            version=doc["version"],
             nodes={k: NodeRec(**v) for k, v in doc["nodes"].items()},
             services={k: ServiceRec(**v) for k, v in doc["services"].items()},
             workloads={k: WorkloadRec(**v) for k, v in doc["workloads"].items()},
@@ -155,8 +156,13 @@ class Lab:
         for i in range(1, nodes + 1):
             name = f"node{i}"
             ip = str(SUBNET.network_address + 10 + i)
-            rec = NodeRec(name=name, ip=ip, netns=self.netns(name),
-                          cgroup=str(cg_root / name), zone=f"zone-{'ab'[(i - 1) % 2]}")
+            rec = NodeRec(
+                name=name,
+                ip=ip,
+                netns=self.netns(name),
+                cgroup=str(cg_root / name),
+                zone=f"zone-{'ab'[(i - 1) % 2]}",
+            )
             host.netns_add(rec.netns)
             host.plug_node(self.fabric, rec.netns, f"veth-{name}", f"{ip}/{SUBNET.prefixlen}")
             host.cgroup_make(Path(rec.cgroup) / "system")
@@ -166,9 +172,17 @@ class Lab:
         self._write_configs(st)
         for rec in st.nodes.values():
             proc = host.spawn(
-                rec.netns, Path(rec.cgroup) / "system",
-                [sys.executable, "-m", "meshnode.cli.main", "agent", "run",
-                 "--config", str(self.node_dir(rec.name) / "node.json")],
+                rec.netns,
+                Path(rec.cgroup) / "system",
+                [
+                    sys.executable,
+                    "-m",
+                    "meshnode.cli.main",
+                    "agent",
+                    "run",
+                    "--config",
+                    str(self.node_dir(rec.name) / "node.json"),
+                ],
                 log_path=self.node_dir(rec.name) / "agent.log",
             )
             rec.agent_pid = proc.pid
@@ -180,9 +194,18 @@ class Lab:
 
     # -- workloads ------------------------------------------------------------------------
 
-    def add_workload(self, node: str, name: str, service: str, port: int, cmd: list[str],
-                     namespace: str = "default", wait_listening: float = 10.0,
-                     version: str = "", service_port: int | None = None) -> WorkloadRec:
+    def add_workload(
+        self,
+        node: str,
+        name: str,
+        service: str,
+        port: int,
+        cmd: list[str],
+        namespace: str = "default",
+        wait_listening: float = 10.0,
+        version: str = "",
+        service_port: int | None = None,
+    ) -> WorkloadRec:
         """Run cmd as workload `name` of `service`, listening on `port`. The
         service's VIP port is the first workload's port unless `service_port`
         says otherwise; later workloads may listen on other ports."""
@@ -212,23 +235,27 @@ class Lab:
         rec_node = st.nodes[node]
         cgroup = Path(rec_node.cgroup) / f"wl-{name}"
         host.cgroup_make(cgroup)
-        wl = WorkloadRec(name, node, service, namespace, port, str(cgroup), list(cmd),
-                         version=version)
+        wl = WorkloadRec(
+            name, node, service, namespace, port, str(cgroup), list(cmd), version=version
+        )
         st.workloads[name] = wl
         st.version += 1
         self.save(st)
         # Mesh it first, so its very first connection is already captured.
         self._write_configs(st)
         self._reload_agents(st)
-        proc = host.spawn(rec_node.netns, cgroup, cmd,
-                          log_path=self.node_dir(node) / f"workload-{name}.log")
+        proc = host.spawn(
+            rec_node.netns, cgroup, cmd, log_path=self.node_dir(node) / f"workload-{name}.log"
+        )
         wl.pid = proc.pid
         self.save(st)
         deadline = time.monotonic() + wait_listening
         while wait_listening and time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise LabError(f"workload {name} exited with status {proc.returncode}; see "
-                               f"{self.node_dir(node) / f'workload-{name}.log'}")
+                raise LabError(
+                    f"workload {name} exited with status {proc.returncode}; see "
+                    f"{self.node_dir(node) / f'workload-{name}.log'}"
+                )
             if host.listening(rec_node.netns, port):
                 break
             time.sleep(0.05)
@@ -319,13 +346,29 @@ class Lab:
                 if w.service != svc.name:
                     continue
                 node = st.nodes[w.node]
-                eps.append({"workload": w.name, "namespace": w.namespace,
-                            "service_account": w.service, "node": node.name,
-                            "node_ip": node.ip, "address": node.ip, "zone": node.zone,
-                            "port": w.port, "service_port": svc.port, "version": w.version})
-            out.append({"name": svc.name, "namespace": svc.namespace, "vip": svc.vip,
-                        "ports": [{"port": svc.port, "target_port": svc.port}],
-                        "endpoints": eps})
+                eps.append(
+                    {
+                        "workload": w.name,
+                        "namespace": w.namespace,
+                        "service_account": w.service,
+                        "node": node.name,
+                        "node_ip": node.ip,
+                        "address": node.ip,
+                        "zone": node.zone,
+                        "port": w.port,
+                        "service_port": svc.port,
+                        "version": w.version,
+                    }
+                )
+            out.append(
+                {
+                    "name": svc.name,
+                    "namespace": svc.namespace,
+                    "vip": svc.vip,
+                    "ports": [{"port": svc.port, "target_port": svc.port}],
+                    "endpoints": eps,
+                }
+            )
         return out
 
     def _write_configs(self, st: LabState) -> None:
@@ -340,9 +383,16 @@ class Lab:
                 "bpf_pin_dir": str(self.pin_root() / rec.name),
                 "ca_dir": str(self.dir / "ca"),
                 "workloads": [
-                    {"name": w.name, "namespace": w.namespace, "service_account": w.service,
-                     "service": w.service, "port": w.port, "cgroup": w.cgroup}
-                    for w in st.workloads.values() if w.node == rec.name
+                    {
+                        "name": w.name,
+                        "namespace": w.namespace,
+                        "service_account": w.service,
+                        "service": w.service,
+                        "port": w.port,
+                        "cgroup": w.cgroup,
+                    }
+                    for w in st.workloads.values()
+                    if w.node == rec.name
                 ],
                 "services": services,
                 "resources": st.resources,
@@ -356,7 +406,8 @@ class Lab:
     def agent_status(self, node: str) -> dict[str, Any] | None:
         try:
             data: dict[str, Any] = json.loads(
-                (self.node_dir(node) / "state" / "agent-status.json").read_text())
+                (self.node_dir(node) / "state" / "agent-status.json").read_text()
+            )
             return data
         except (OSError, ValueError):
             return None
@@ -378,13 +429,17 @@ class Lab:
                     pending.discard(node)
                 rec = st.nodes[node]
                 if rec.agent_pid and not _alive(rec.agent_pid):
-                    raise LabError(f"the agent of {node} exited; see "
-                                   f"{self.node_dir(node) / 'agent.log'}:\n"
-                                   + _tail(self.node_dir(node) / "agent.log"))
+                    raise LabError(
+                        f"the agent of {node} exited; see "
+                        f"{self.node_dir(node) / 'agent.log'}:\n"
+                        + _tail(self.node_dir(node) / "agent.log")
+                    )
             time.sleep(0.05)
         if pending:
-            raise LabError(f"nodes {', '.join(sorted(pending))} did not apply config version "
-                           f"{st.version} within {timeout:.0f}s; see their agent.log in {self.dir}")
+            raise LabError(
+                f"nodes {', '.join(sorted(pending))} did not apply config version "
+                f"{st.version} within {timeout:.0f}s; see their agent.log in {self.dir}"
+            )
 
     # -- status and down ------------------------------------------------------------------------
 
@@ -399,25 +454,46 @@ class Lab:
             except Exception as exc:  # status must show what it can
                 progs = [{"error": str(exc)}]
             agent = self.agent_status(rec.name) or {}
-            nodes.append({"name": rec.name, "ip": rec.ip, "zone": rec.zone,
-                          "agent_pid": rec.agent_pid,
-                          "agent_alive": bool(rec.agent_pid and _alive(rec.agent_pid)),
-                          "ready": agent.get("ready", False),
-                          "config_version": agent.get("version"), "bpf_programs": progs})
+            nodes.append(
+                {
+                    "name": rec.name,
+                    "ip": rec.ip,
+                    "zone": rec.zone,
+                    "agent_pid": rec.agent_pid,
+                    "agent_alive": bool(rec.agent_pid and _alive(rec.agent_pid)),
+                    "ready": agent.get("ready", False),
+                    "config_version": agent.get("version"),
+                    "bpf_programs": progs,
+                }
+            )
         return {
             "lab": self.name,
             "version": st.version,
             "nodes": nodes,
-            "services": [{"name": s.name, "namespace": s.namespace, "vip": s.vip,
-                          "port": s.port,
-                          "endpoints": [f"{w.name}@{w.node}" for w in st.workloads.values()
-                                        if w.service == s.name]}
-                         for s in st.services.values()],
-            "workloads": [{"name": w.name, "node": w.node, "service": w.service,
-                           "port": w.port, "pid": w.pid,
-                           "alive": bool(w.pid and _alive(w.pid)),
-                           "identity": f"spiffe://{TRUST_DOMAIN}/ns/{w.namespace}/sa/{w.service}"}
-                          for w in st.workloads.values()],
+            "services": [
+                {
+                    "name": s.name,
+                    "namespace": s.namespace,
+                    "vip": s.vip,
+                    "port": s.port,
+                    "endpoints": [
+                        f"{w.name}@{w.node}" for w in st.workloads.values() if w.service == s.name
+                    ],
+                }
+                for s in st.services.values()
+            ],
+            "workloads": [
+                {
+                    "name": w.name,
+                    "node": w.node,
+                    "service": w.service,
+                    "port": w.port,
+                    "pid": w.pid,
+                    "alive": bool(w.pid and _alive(w.pid)),
+                    "identity": f"spiffe://{TRUST_DOMAIN}/ns/{w.namespace}/sa/{w.service}",
+                }
+                for w in st.workloads.values()
+            ],
         }
 
     def down(self, log: Any = print) -> None:

@@ -100,8 +100,9 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     if limit <= 0:
         return b""  # the route takes no body; aiohttp discards what was sent
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"body of {request.content_length} bytes; this route takes "
-                            f"at most {limit}")  # fmt: skip
+        raise ApiError(
+            413, f"body of {request.content_length} bytes; this route takes at most {limit}"
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_chunked(1 << 16):
@@ -113,8 +114,9 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 
 def _to_web(response: Response) -> web.Response:
-    return web.Response(status=response.status, body=response.body,
-                        content_type=response.content_type)  # fmt: skip
+    return web.Response(
+        status=response.status, body=response.body, content_type=response.content_type
+    )
 
 
 @web.middleware
@@ -123,8 +125,9 @@ async def _json_errors(request: web.Request, handler: Endpoint) -> web.StreamRes
     try:
         return await handler(request)
     except web.HTTPMethodNotAllowed:
-        return _to_web(json_response(405, {"error": f"{request.method} is not allowed on "
-                                                    f"{request.path}"}))  # fmt: skip
+        return _to_web(
+            json_response(405, {"error": f"{request.method} is not allowed on {request.path}"})
+        )
     except web.HTTPNotFound:
         hint = "" if request.path.startswith("/v1/") else " (the API lives under /v1)"
         return _to_web(json_response(404, {"error": f"no such endpoint {request.path}{hint}"}))
@@ -160,9 +163,14 @@ class ControlPlane(Watch):
 
         async def endpoint(request: web.Request) -> web.Response:
             started = time.monotonic()
-            req = Request(request.method, request.path,
-                          {k: request.query.getall(k) for k in request.query},
-                          b"", request.remote or "?", _peer_certificate(request))  # fmt: skip
+            req = Request(
+                request.method,
+                request.path,
+                {k: request.query.getall(k) for k in request.query},
+                b"",
+                request.remote or "?",
+                _peer_certificate(request),
+            )
             req.identity = req.peer_ip
             try:
                 args = await self._authenticate(route.auth, req, request)
@@ -182,8 +190,14 @@ class ControlPlane(Watch):
                 response = json_response(
                     500, {"error": "internal error; see the control plane log"}
                 )
-            log.info("%s %s peer=%s status=%d %.1fms", req.method, req.path, req.identity,
-                     response.status, (time.monotonic() - started) * 1000)  # fmt: skip
+            log.info(
+                "%s %s peer=%s status=%d %.1fms",
+                req.method,
+                req.path,
+                req.identity,
+                response.status,
+                (time.monotonic() - started) * 1000,
+            )
             return _to_web(response)
 
         return endpoint
@@ -239,19 +253,28 @@ class ControlPlane(Watch):
         self._ssl = self._make_ssl()
         self._ssl.sni_callback = self._pick_context
         runner = web.AppRunner(
-            self.application(), access_log=None, logger=http_log, keepalive_timeout=IDLE_TIMEOUT,
-            max_line_size=MAX_LINE, max_field_size=MAX_LINE, max_headers=MAX_HEADERS,
+            self.application(),
+            access_log=None,
+            logger=http_log,
+            keepalive_timeout=IDLE_TIMEOUT,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_LINE,
+            max_headers=MAX_HEADERS,
             shutdown_timeout=cfg.shutdown_grace,
-        )  # fmt: skip
+        )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, host or None, port, ssl_context=self._ssl,
-                           reuse_address=True)  # fmt: skip
+        site = web.TCPSite(runner, host or None, port, ssl_context=self._ssl, reuse_address=True)
         await site.start()
         self.port = runner.addresses[0][1]
         self._spawn(self._watch_loop())
-        log.info("control plane serving on %s:%d (trust domain %s, revision %d)",
-                 host, self.port, cfg.trust_domain, self.cache.revision)  # fmt: skip
+        log.info(
+            "control plane serving on %s:%d (trust domain %s, revision %d)",
+            host,
+            self.port,
+            cfg.trust_domain,
+            self.cache.revision,
+        )
 
     async def stop(self) -> None:
         """Stop accepting, answer waiting long polls, give requests in flight
@@ -339,8 +362,10 @@ class ControlPlane(Watch):
 
     @staticmethod
     def _trusted_pins(ca: RotatingCA) -> list[str]:
-        return [root_pin(c.root_certificate.public_bytes(serialization.Encoding.DER))
-                for c in ca.trusted()]  # fmt: skip
+        return [
+            root_pin(c.root_certificate.public_bytes(serialization.Encoding.DER))
+            for c in ca.trusted()
+        ]
 
     def _pick_context(
         self, sock: ssl.SSLObject | ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext
@@ -371,8 +396,12 @@ def split_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def run(store: Store, config: ControlPlaneConfig, listen: str,
-              ready: Callable[[ControlPlane], None] | None = None) -> None:  # fmt: skip
+async def run(
+    store: Store,
+    config: ControlPlaneConfig,
+    listen: str,
+    ready: Callable[[ControlPlane], None] | None = None,
+) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     host, port = split_listen(listen)
     cp = ControlPlane(store, config)

@@ -45,8 +45,9 @@ class Handlers:
 
     async def get_trust_bundle(self, req: Request) -> Response:
         ca = self._ca()
-        return json_response(200, {"trust_domain": ca.trust_domain,
-                                   "trust_bundle": ca.trust_bundle_pem().decode()})  # fmt: skip
+        return json_response(
+            200, {"trust_domain": ca.trust_domain, "trust_bundle": ca.trust_bundle_pem().decode()}
+        )
 
     async def post_enroll(self, req: Request) -> Response:
         body = req.json()
@@ -72,13 +73,16 @@ class Handlers:
         )
         await self.cache.refresh()
         req.identity = f"enroll/{name}"
-        return json_response(200, {
-            "certificate": chain.decode(),
-            "trust_bundle": ca.trust_bundle_pem().decode(),
-            "trust_domain": ca.trust_domain,
-            "node": node.to_dict(),
-            "revision": revision,
-        })  # fmt: skip
+        return json_response(
+            200,
+            {
+                "certificate": chain.decode(),
+                "trust_bundle": ca.trust_bundle_pem().decode(),
+                "trust_domain": ca.trust_domain,
+                "node": node.to_dict(),
+                "revision": revision,
+            },
+        )
 
     # -- node API -------------------------------------------------------------------------
 
@@ -128,8 +132,9 @@ class Handlers:
             )
         except CAError as exc:
             raise ApiError(400, f"csr: {exc}") from None
-        return json_response(200, {"certificate": chain.decode(),
-                                   "trust_bundle": ca.trust_bundle_pem().decode()})  # fmt: skip
+        return json_response(
+            200, {"certificate": chain.decode(), "trust_bundle": ca.trust_bundle_pem().decode()}
+        )
 
     async def post_node_renew(self, req: Request, node: str) -> Response:
         csr = req.json().get("csr")
@@ -140,8 +145,9 @@ class Handlers:
             chain = ca.active.issue_node_certificate(csr.encode(), node, self.config.cert_ttl)
         except CAError as exc:
             raise ApiError(400, f"csr: {exc}") from None
-        return json_response(200, {"certificate": chain.decode(),
-                                   "trust_bundle": ca.trust_bundle_pem().decode()})  # fmt: skip
+        return json_response(
+            200, {"certificate": chain.decode(), "trust_bundle": ca.trust_bundle_pem().decode()}
+        )
 
     # -- admin API ------------------------------------------------------------------------
 
@@ -163,8 +169,9 @@ class Handlers:
         )
         token, record = make_token(node, zone, float(ttl), pin, time.time())
         await asyncio.to_thread(self.store.create_token, record)
-        return json_response(200, {"token": token, "expires_at": record.expires_at,
-                                   "node": node, "zone": zone})  # fmt: skip
+        return json_response(
+            200, {"token": token, "expires_at": record.expires_at, "node": node, "zone": zone}
+        )
 
     async def post_admin_resources(self, req: Request) -> Response:
         try:
@@ -190,10 +197,12 @@ class Handlers:
         if kind is not None and kind not in KINDS:
             raise ApiError(400, f"unknown kind {kind!r} (known: {', '.join(sorted(KINDS))})")
         items = [
-            doc for (k, n, nm), doc in sorted(self.cache.registry.resources.items())
-            if (kind is None or k == kind) and (ns is None or n == ns)
+            doc
+            for (k, n, nm), doc in sorted(self.cache.registry.resources.items())
+            if (kind is None or k == kind)
+            and (ns is None or n == ns)
             and (name is None or nm == name)
-        ]  # fmt: skip
+        ]
         return json_response(200, {"revision": self.cache.revision, "items": items})
 
     async def delete_admin_resource(
@@ -247,7 +256,10 @@ class Handlers:
             self.store.rotate_ca, lambda ca: ca.rotate(timedelta(seconds=overlap))
         )
         await self.cache.refresh()
-        pins = [root_pin(c.root_certificate.public_bytes(serialization.Encoding.DER))
-                for c in new.trusted()]  # fmt: skip
-        return json_response(200, {"revision": self.cache.revision, "roots": pins,
-                                   "active": pins[-1]})  # fmt: skip
+        pins = [
+            root_pin(c.root_certificate.public_bytes(serialization.Encoding.DER))
+            for c in new.trusted()
+        ]
+        return json_response(
+            200, {"revision": self.cache.revision, "roots": pins, "active": pins[-1]}
+        )

@@ -42,20 +42,23 @@ class Watch(Handlers):
             if node not in cache.registry.nodes:
                 raise ApiError(403, f"node {node} was removed from the registry; enroll again")
             changes = (
-                None if since is None
+                None
+                if since is None
                 else reg.changes_since(cache.log, cache.floor, since, node, cache.revision)
-            )  # fmt: skip
+            )
             if changes is None:
                 return json_response(200, self._full_slice(node))
             if changes:
-                return json_response(200, {"revision": cache.revision, "full": False,
-                                           "changes": changes})  # fmt: skip
+                return json_response(
+                    200, {"revision": cache.revision, "full": False, "changes": changes}
+                )
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping:
                 if since == cache.revision or wait > 0:
                     return json_response(200, {"revision": cache.revision, "unchanged": True})
-                return json_response(200, {"revision": cache.revision, "full": False,
-                                           "changes": []})  # fmt: skip
+                return json_response(
+                    200, {"revision": cache.revision, "full": False, "changes": []}
+                )
             await self._wait_change(cache.revision, remaining)
 
     async def _wait_change(self, seen: int, timeout: float) -> None:
@@ -70,5 +73,10 @@ class Watch(Handlers):
 
     def _full_slice(self, node: str) -> dict[str, Any]:
         c = self.cache
-        return reg.node_slice(c.registry, node, c.revision, self.config.trust_domain,
-                              self._ca().trust_bundle_pem().decode())  # fmt: skip
+        return reg.node_slice(
+            c.registry,
+            node,
+            c.revision,
+            self.config.trust_domain,
+            self._ca().trust_bundle_pem().decode(),
+        )

@@ -13,14 +13,15 @@ from meshnode.core.contracts.validate import ContractError, Fields
 CONTROL_PROTOCOL_VERSION = 1
 
 
-
 def _message_fields(obj: object, path: str, known: tuple[str, ...]) -> Fields:
     f = Fields(obj, path, ("v", "type", *known))
     v = f.obj.get("v")
     if v != CONTROL_PROTOCOL_VERSION or isinstance(v, bool):
-        raise ContractError(f"{f.at('v')}: protocol version {v!r} is not "
-                            f"{CONTROL_PROTOCOL_VERSION}; run the same meshnode version for "
-                            "the agent and ztunnel")
+        raise ContractError(
+            f"{f.at('v')}: protocol version {v!r} is not "
+            f"{CONTROL_PROTOCOL_VERSION}; run the same meshnode version for "
+            "the agent and ztunnel"
+        )
     return f
 
 
@@ -32,8 +33,12 @@ class SnapshotMessage:
     state: Snapshot
 
     def to_json(self) -> dict[str, Any]:
-        return {"v": CONTROL_PROTOCOL_VERSION, "type": "snapshot", "version": self.version,
-                "state": self.state.to_json()}
+        return {
+            "v": CONTROL_PROTOCOL_VERSION,
+            "type": "snapshot",
+            "version": self.version,
+            "state": self.state.to_json(),
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "message") -> SnapshotMessage:
@@ -55,8 +60,13 @@ class AddMessage:
         return "workload" if isinstance(self.value, SnapshotWorkload) else "service"
 
     def to_json(self) -> dict[str, Any]:
-        return {"v": CONTROL_PROTOCOL_VERSION, "type": "add", "version": self.version,
-                "kind": self.kind, "value": self.value.to_json()}
+        return {
+            "v": CONTROL_PROTOCOL_VERSION,
+            "type": "add",
+            "version": self.version,
+            "kind": self.kind,
+            "value": self.value.to_json(),
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "message") -> AddMessage:
@@ -78,8 +88,13 @@ class DeleteMessage:
     key: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"v": CONTROL_PROTOCOL_VERSION, "type": "delete", "version": self.version,
-                "kind": self.kind, "key": self.key}
+        return {
+            "v": CONTROL_PROTOCOL_VERSION,
+            "type": "delete",
+            "version": self.version,
+            "kind": self.kind,
+            "key": self.key,
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "message") -> DeleteMessage:
@@ -92,7 +107,9 @@ class DeleteMessage:
 
 ControlMessage: TypeAlias = SnapshotMessage | AddMessage | DeleteMessage
 _MESSAGES: dict[str, type[SnapshotMessage] | type[AddMessage] | type[DeleteMessage]] = {
-    "snapshot": SnapshotMessage, "add": AddMessage, "delete": DeleteMessage,
+    "snapshot": SnapshotMessage,
+    "add": AddMessage,
+    "delete": DeleteMessage,
 }
 
 
@@ -102,8 +119,7 @@ def parse_control_message(obj: object, path: str = "message") -> ControlMessage:
     kind = obj.get("type")
     cls = _MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ContractError(f"{path}.type: unknown message type {kind!r} "
-                            f"({', '.join(_MESSAGES)})")
+        raise ContractError(f"{path}.type: unknown message type {kind!r} ({', '.join(_MESSAGES)})")
     return cls.from_json(obj, path)
 
 
@@ -130,8 +146,12 @@ class Nack:
     error: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"v": CONTROL_PROTOCOL_VERSION, "type": "nack", "version": self.version,
-                "error": self.error}
+        return {
+            "v": CONTROL_PROTOCOL_VERSION,
+            "type": "nack",
+            "version": self.version,
+            "error": self.error,
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "reply") -> Nack:

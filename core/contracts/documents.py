@@ -48,19 +48,28 @@ class WorkloadDoc:
         return self.name
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "namespace": self.namespace, "service": self.service,
-                "service_account": self.service_account, "port": self.port,
-                "version": self.version}  # fmt: skip
+        return {
+            "name": self.name,
+            "namespace": self.namespace,
+            "service": self.service,
+            "service_account": self.service_account,
+            "port": self.port,
+            "version": self.version,
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "workload") -> WorkloadDoc:
-        f = Fields(obj, path, ("name", "namespace", "service", "service_account", "port",
-                                "version"))  # fmt: skip
+        f = Fields(
+            obj, path, ("name", "namespace", "service", "service_account", "port", "version")
+        )
         return cls(
-            name=f.label("name"), namespace=f.label("namespace"), service=f.label("service", ""),
-            service_account=f.label("service_account"), port=f.port("port"),
+            name=f.label("name"),
+            namespace=f.label("namespace"),
+            service=f.label("service", ""),
+            service_account=f.label("service_account"),
+            port=f.port("port"),
             version=check_version_label(f.raw("version", ""), f.at("version")),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,26 +107,50 @@ class EndpointDoc:
         return SpiffeId(trust_domain, self.namespace, self.service_account)
 
     def to_json(self) -> dict[str, Any]:
-        return {"workload": self.workload, "namespace": self.namespace,
-                "service_account": self.service_account, "node": self.node,
-                "node_ip": self.node_ip, "address": self.address, "zone": self.zone,
-                "port": self.port, "service_port": self.service_port,
-                "version": self.version}  # fmt: skip
+        return {
+            "workload": self.workload,
+            "namespace": self.namespace,
+            "service_account": self.service_account,
+            "node": self.node,
+            "node_ip": self.node_ip,
+            "address": self.address,
+            "zone": self.zone,
+            "port": self.port,
+            "service_port": self.service_port,
+            "version": self.version,
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "endpoint") -> EndpointDoc:
-        f = Fields(obj, path, ("workload", "namespace", "service_account", "node", "node_ip",
-                                "address", "zone", "port", "service_port", "version"))  # fmt: skip
+        f = Fields(
+            obj,
+            path,
+            (
+                "workload",
+                "namespace",
+                "service_account",
+                "node",
+                "node_ip",
+                "address",
+                "zone",
+                "port",
+                "service_port",
+                "version",
+            ),
+        )
         service_port = f.raw("service_port", 0)
         return cls(
-            workload=f.label("workload"), namespace=f.label("namespace"),
-            service_account=f.label("service_account"), node=f.label("node"),
-            node_ip=f.ip("node_ip"), address=f.ip("address"), port=f.port("port"),
+            workload=f.label("workload"),
+            namespace=f.label("namespace"),
+            service_account=f.label("service_account"),
+            node=f.label("node"),
+            node_ip=f.ip("node_ip"),
+            address=f.ip("address"),
+            port=f.port("port"),
             zone=f.label("zone", ""),
-            service_port=0 if service_port == 0 else check_port(service_port,
-                                                                f.at("service_port")),
+            service_port=0 if service_port == 0 else check_port(service_port, f.at("service_port")),
             version=check_version_label(f.raw("version", ""), f.at("version")),
-        )  # fmt: skip
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,10 +171,12 @@ class ServiceDoc:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "name": self.name, "namespace": self.namespace, "vip": self.vip,
+            "name": self.name,
+            "namespace": self.namespace,
+            "vip": self.vip,
             "ports": [p.to_json() for p in self.ports],
             "endpoints": [e.to_json() for e in self.endpoints],
-        }  # fmt: skip
+        }
         if self.split:
             out["split"] = dict(self.split)
         return out
@@ -159,10 +194,10 @@ class ServiceDoc:
         if split and not sum(w for _, w in split):
             raise ContractError(f"{f.at('split')}: the weights add up to 0")
         return cls(
-            name=f.label("name"), namespace=f.label("namespace"), vip=f.ip("vip"),
+            name=f.label("name"),
+            namespace=f.label("namespace"),
+            vip=f.ip("vip"),
             ports=tuple(ServicePort.from_json(p, pp) for p, pp in f.items("ports")),
             endpoints=tuple(EndpointDoc.from_json(e, ep) for e, ep in f.items("endpoints")),
             split=tuple(split),
-        )  # fmt: skip
-
-
+        )

@@ -39,20 +39,34 @@ class NodeSlice:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "revision": self.revision, "full": True, "node": self.node.to_json(),
+            "revision": self.revision,
+            "full": True,
+            "node": self.node.to_json(),
             "trust_domain": self.trust_domain,
             "workloads": [w.to_json() for w in self.workloads],
             "services": [s.to_json() for s in self.services],
             "resources": [r.to_dict() for r in self.resources],
-        }  # fmt: skip
+        }
         if self.trust_bundle is not None:
             out["trust_bundle"] = self.trust_bundle
         return out
 
     @classmethod
     def from_json(cls, obj: object, path: str = "slice") -> NodeSlice:
-        f = Fields(obj, path, ("revision", "full", "node", "trust_domain", "workloads",
-                                "services", "resources", "trust_bundle"))  # fmt: skip
+        f = Fields(
+            obj,
+            path,
+            (
+                "revision",
+                "full",
+                "node",
+                "trust_domain",
+                "workloads",
+                "services",
+                "resources",
+                "trust_bundle",
+            ),
+        )
         if f.raw("full", True) is not True:
             raise ContractError(f"{f.at('full')}: a full slice has full: true")
         return cls(
@@ -63,7 +77,7 @@ class NodeSlice:
             services=tuple(ServiceDoc.from_json(s, p) for s, p in f.items("services", [])),
             resources=tuple(parse_resource(r, p) for r, p in f.items("resources", [])),
             trust_bundle=f.string("trust_bundle", None),
-        )  # fmt: skip
+        )
 
     def apply(self, delta: SliceDelta) -> NodeSlice:
         """This slice with `delta`'s changes folded in (a put replaces the item
@@ -79,11 +93,12 @@ class NodeSlice:
             if change.value is not None:
                 coll[change.key] = change.value
         return replace(
-            self, revision=delta.revision,
+            self,
+            revision=delta.revision,
             workloads=tuple(items["workload"].values()),
             services=tuple(items["service"].values()),
             resources=tuple(items["resource"].values()),
-        )  # fmt: skip
+        )
 
 
 def _revision(f: Fields) -> int:
@@ -104,15 +119,18 @@ class SliceChange:
 
     def __post_init__(self) -> None:
         if (self.op == "put") != (self.value is not None):
-            raise ContractError(f"a {self.op} change of {self.kind} {self.key!r} "
-                                f"{'needs' if self.op == 'put' else 'has no'} a value")
+            raise ContractError(
+                f"a {self.op} change of {self.kind} {self.key!r} "
+                f"{'needs' if self.op == 'put' else 'has no'} a value"
+            )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"op": self.op, "kind": self.kind, "key": self.key}
         if self.value is not None:
             value = self.value
-            out["value"] = (value.to_json() if isinstance(value, WorkloadDoc | ServiceDoc)
-                            else value.to_dict())
+            out["value"] = (
+                value.to_json() if isinstance(value, WorkloadDoc | ServiceDoc) else value.to_dict()
+            )
         return out
 
     @classmethod
@@ -136,8 +154,9 @@ class SliceChange:
         else:
             value = parse_resource(raw, vpath)
         if _value_key(value) != key:
-            raise ContractError(f"{f.at('key')}: {key!r} is not the key of the value "
-                                f"({_value_key(value)!r})")
+            raise ContractError(
+                f"{f.at('key')}: {key!r} is not the key of the value ({_value_key(value)!r})"
+            )
         return cls(op, kind, key, value)
 
 
@@ -149,16 +168,18 @@ class SliceDelta:
     changes: tuple[SliceChange, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {"revision": self.revision, "full": False,
-                "changes": [c.to_json() for c in self.changes]}
+        return {
+            "revision": self.revision,
+            "full": False,
+            "changes": [c.to_json() for c in self.changes],
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "slice") -> SliceDelta:
         f = Fields(obj, path, ("revision", "full", "changes"))
         if f.raw("full") is not False:
             raise ContractError(f"{f.at('full')}: a delta has full: false")
-        return cls(_revision(f),
-                   tuple(SliceChange.from_json(c, p) for c, p in f.items("changes")))
+        return cls(_revision(f), tuple(SliceChange.from_json(c, p) for c, p in f.items("changes")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,5 +209,3 @@ def parse_slice_answer(obj: object, path: str = "slice") -> SliceAnswer:
     if isinstance(obj, dict) and obj.get("full") is False:
         return SliceDelta.from_json(obj, path)
     return NodeSlice.from_json(obj, path)
-
-

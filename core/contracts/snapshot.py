@@ -19,7 +19,6 @@ from meshnode.core.resources import AuthorizationPolicy
 SNAPSHOT_SCHEMA = 1
 
 
-
 @dataclass(frozen=True, slots=True)
 class SnapshotWorkload:
     """A workload in the snapshot; ``cert``/``key`` (paths) only for local ones."""
@@ -39,24 +38,52 @@ class SnapshotWorkload:
         return SpiffeId(trust_domain, self.namespace, self.service_account)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "namespace": self.namespace,
-                "service_account": self.service_account, "node": self.node,
-                "address": self.address, "port": self.port, "service": self.service,
-                "cert": self.cert, "key": self.key}  # fmt: skip
+        return {
+            "id": self.id,
+            "name": self.name,
+            "namespace": self.namespace,
+            "service_account": self.service_account,
+            "node": self.node,
+            "address": self.address,
+            "port": self.port,
+            "service": self.service,
+            "cert": self.cert,
+            "key": self.key,
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "workload") -> SnapshotWorkload:
-        f = Fields(obj, path, ("id", "name", "namespace", "service_account", "node",
-                                "address", "port", "service", "cert", "key"))  # fmt: skip
+        f = Fields(
+            obj,
+            path,
+            (
+                "id",
+                "name",
+                "namespace",
+                "service_account",
+                "node",
+                "address",
+                "port",
+                "service",
+                "cert",
+                "key",
+            ),
+        )
         wid = f.integer("id")
         if wid < 0:
             raise ContractError(f"{f.at('id')}: {wid} is negative")
         return cls(
-            id=wid, name=f.label("name"), namespace=f.label("namespace"),
-            service_account=f.label("service_account"), node=f.label("node"),
-            address=f.ip("address"), port=f.port("port"), service=f.label("service", ""),
-            cert=f.string("cert", None), key=f.string("key", None),
-        )  # fmt: skip
+            id=wid,
+            name=f.label("name"),
+            namespace=f.label("namespace"),
+            service_account=f.label("service_account"),
+            node=f.label("node"),
+            address=f.ip("address"),
+            port=f.port("port"),
+            service=f.label("service", ""),
+            cert=f.string("cert", None),
+            key=f.string("key", None),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,25 +102,43 @@ class Snapshot:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema": SNAPSHOT_SCHEMA, "version": self.version, "node": self.node.to_json(),
-            "trust_domain": self.trust_domain, "trust_bundle": self.trust_bundle,
+            "schema": SNAPSHOT_SCHEMA,
+            "version": self.version,
+            "node": self.node.to_json(),
+            "trust_domain": self.trust_domain,
+            "trust_bundle": self.trust_bundle,
             "bpf_pin_dir": self.bpf_pin_dir,
             "workloads": [w.to_json() for w in self.workloads],
             "services": [s.to_json() for s in self.services],
             "policies": [p.to_dict() for p in self.policies],
             "authorization_default": self.authorization_default,
-        }  # fmt: skip
+        }
 
     @classmethod
     def from_json(cls, obj: object, path: str = "snapshot") -> Snapshot:
-        f = Fields(obj, path, ("schema", "version", "node", "trust_domain", "trust_bundle",
-                                "bpf_pin_dir", "workloads", "services", "policies",
-                                "authorization_default"))  # fmt: skip
+        f = Fields(
+            obj,
+            path,
+            (
+                "schema",
+                "version",
+                "node",
+                "trust_domain",
+                "trust_bundle",
+                "bpf_pin_dir",
+                "workloads",
+                "services",
+                "policies",
+                "authorization_default",
+            ),
+        )
         schema = f.obj.get("schema")
         if schema != SNAPSHOT_SCHEMA or isinstance(schema, bool):
-            raise ContractError(f"{f.at('schema')}: snapshot schema {schema!r} is not "
-                                f"{SNAPSHOT_SCHEMA}; run the same meshnode version for the "
-                                "agent and ztunnel")
+            raise ContractError(
+                f"{f.at('schema')}: snapshot schema {schema!r} is not "
+                f"{SNAPSHOT_SCHEMA}; run the same meshnode version for the "
+                "agent and ztunnel"
+            )
         td = check_trust_domain(f.raw("trust_domain"), f.at("trust_domain"))
         workloads = tuple(SnapshotWorkload.from_json(w, p) for w, p in f.items("workloads"))
         services = tuple(ServiceDoc.from_json(s, p) for s, p in f.items("services"))
@@ -107,16 +152,17 @@ class Snapshot:
             policies.append(policy)
         default = f.raw("authorization_default", "ALLOW")
         if default not in ("ALLOW", "DENY"):
-            raise ContractError(f"{f.at('authorization_default')}: {default!r} is not "
-                                "ALLOW or DENY")
+            raise ContractError(
+                f"{f.at('authorization_default')}: {default!r} is not ALLOW or DENY"
+            )
         return cls(
             version=f.integer("version"),
             node=NodeDoc.from_json(f.raw("node"), f.at("node")),
             trust_domain=td,
             trust_bundle=f.string("trust_bundle"),
             bpf_pin_dir=f.string("bpf_pin_dir", None),
-            workloads=workloads, services=services, policies=tuple(policies),
+            workloads=workloads,
+            services=services,
+            policies=tuple(policies),
             authorization_default=default,
-        )  # fmt: skip
-
-
+        )

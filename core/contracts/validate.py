@@ -149,5 +149,3 @@ def parse_resource(value: object, path: str) -> Resource:
 def resource_key(resource: Resource) -> str:
     """The key of a resource in slice changes: ``<kind>/<namespace>/<name>``."""
     return f"{resource.kind}/{resource.namespace}/{resource.name}"
-
-

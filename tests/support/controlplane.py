@@ -39,8 +39,9 @@ def free_port() -> int:
 
 def postgres_missing() -> str | None:
     if not (PG_BIN / "initdb").exists():
-        return (f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing; "
-                "apt-get install postgresql)")
+        return (
+            f"PostgreSQL 15 is not installed ({PG_BIN}/initdb missing; apt-get install postgresql)"
+        )
     if os.geteuid() != 0:
         return "starting a private PostgreSQL needs root (runuser -u postgres)"
     if shutil.which("runuser") is None:
@@ -59,15 +60,37 @@ class PostgresServer:
         self.port = free_port()
 
     def _pg(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *args], check=True, timeout=timeout,
-                       capture_output=True, cwd=self.dir)  # fmt: skip
+        subprocess.run(
+            ["runuser", "-u", "postgres", "--", *args],
+            check=True,
+            timeout=timeout,
+            capture_output=True,
+            cwd=self.dir,
+        )
 
     def start(self) -> None:
-        self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres",
-                 "--auth=trust", "--no-sync", "-E", "UTF8")  # fmt: skip
-        self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"),
-                 "-w", "-o", f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 "
-                 "-c fsync=off", "start")  # fmt: skip
+        self._pg(
+            str(PG_BIN / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
+        self._pg(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "log"),
+            "-w",
+            "-o",
+            f"-k {self.dir} -p {self.port} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "start",
+        )
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -123,13 +146,16 @@ def store(store_url: str) -> Iterator[Store]:
 class ThreadedControlPlane:
     """Runs a ControlPlane on its own event loop in a thread, for blocking tests."""
 
-    def __init__(self, store: Store, data_dir: Path, *, cert_ttl: float = 3600,
-                 trust_loopback: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self, store: Store, data_dir: Path, *, cert_ttl: float = 3600, trust_loopback: bool = True
+    ) -> None:
         self.data_dir = data_dir
         self.config = ControlPlaneConfig(
-            trust_domain="cluster.local", cert_ttl=timedelta(seconds=cert_ttl),
-            data_dir=data_dir, trusted_peer=is_loopback if trust_loopback else (lambda ip: False),
-        )  # fmt: skip
+            trust_domain="cluster.local",
+            cert_ttl=timedelta(seconds=cert_ttl),
+            data_dir=data_dir,
+            trusted_peer=is_loopback if trust_loopback else (lambda ip: False),
+        )
         self.cp = ControlPlane(store, self.config)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -165,8 +191,9 @@ class EnrolledNode:
     response: dict[str, Any]
 
     def client(self, url: str) -> ApiClient:
-        return ApiClient(url, self.bundle, cert_file=str(self.cert_path),
-                         key_file=str(self.key_path))  # fmt: skip
+        return ApiClient(
+            url, self.bundle, cert_file=str(self.cert_path), key_file=str(self.key_path)
+        )
 
 
 def node_csr(directory: Path) -> tuple[Path, bytes]:
@@ -179,9 +206,14 @@ def node_csr(directory: Path) -> tuple[Path, bytes]:
 
 
 def enroll(
-    url: str, bundle: bytes, token: str, name: str, directory: Path,
-    zone: str = "", ip: str | None = None,
-) -> tuple[int, Any, EnrolledNode | None]:  # fmt: skip
+    url: str,
+    bundle: bytes,
+    token: str,
+    name: str,
+    directory: Path,
+    zone: str = "",
+    ip: str | None = None,
+) -> tuple[int, Any, EnrolledNode | None]:
     key_path, csr = node_csr(directory)
     body: dict[str, Any] = {"token": token, "name": name, "csr": csr.decode()}
     if zone:
@@ -193,8 +225,11 @@ def enroll(
         return status, data, None
     cert_path = directory / "node-cert.pem"
     cert_path.write_text(data["certificate"])
-    return status, data, EnrolledNode(name, directory, key_path, cert_path,
-                                      data["trust_bundle"].encode(), data)  # fmt: skip
+    return (
+        status,
+        data,
+        EnrolledNode(name, directory, key_path, cert_path, data["trust_bundle"].encode(), data),
+    )
 
 
 def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:

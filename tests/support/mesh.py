@@ -50,7 +50,10 @@ def issue(ca: CertificateAuthority, d: Path, sa: str) -> tuple[str, str]:
 
 
 def build_mesh(
-    tmp: Path, server_port: int, *, node_ips: tuple[str, str] = ("127.0.0.2", "127.0.0.3"),
+    tmp: Path,
+    server_port: int,
+    *,
+    node_ips: tuple[str, str] = ("127.0.0.2", "127.0.0.3"),
     base_port: int = 25100,
 ) -> dict[str, Node]:
     """node1 hosts workload `web` (id 1, client); node2 hosts `api` listening on
@@ -63,36 +66,104 @@ def build_mesh(
     web_cert, web_key = issue(ca, tmp, "web")
     api_cert, api_key = issue(ca, tmp, "api")
     ops_cert, ops_key = issue(ca, tmp, "ops")
-    services = [{
-        "name": "api", "namespace": "default", "vip": "240.0.0.1",
-        "ports": [{"port": 80, "target_port": server_port}],
-        "endpoints": [{"workload": "api", "namespace": "default", "service_account": "api",
-                       "node": "node2", "node_ip": n2, "address": n2, "port": server_port}],
-    }]
+    services = [
+        {
+            "name": "api",
+            "namespace": "default",
+            "vip": "240.0.0.1",
+            "ports": [{"port": 80, "target_port": server_port}],
+            "endpoints": [
+                {
+                    "workload": "api",
+                    "namespace": "default",
+                    "service_account": "api",
+                    "node": "node2",
+                    "node_ip": n2,
+                    "address": n2,
+                    "port": server_port,
+                }
+            ],
+        }
+    ]
     nodes = {}
-    for i, (name, ip, wls) in enumerate([
-        ("node1", n1, [{"id": 1, "name": "web", "namespace": "default", "service_account": "web",
-                        "node": "node1", "address": n1, "port": 9000, "service": "web",
-                        "cert": web_cert, "key": web_key}]),
-        ("node2", n2, [{"id": 1, "name": "api", "namespace": "default", "service_account": "api",
-                        "node": "node2", "address": n2, "port": server_port, "service": "api",
-                        "cert": api_cert, "key": api_key},
-                       {"id": 2, "name": "ops", "namespace": "default", "service_account": "ops",
-                        "node": "node2", "address": n2, "port": 9001, "service": "ops",
-                        "cert": ops_cert, "key": ops_key}]),
-    ]):
+    for i, (name, ip, wls) in enumerate(
+        [
+            (
+                "node1",
+                n1,
+                [
+                    {
+                        "id": 1,
+                        "name": "web",
+                        "namespace": "default",
+                        "service_account": "web",
+                        "node": "node1",
+                        "address": n1,
+                        "port": 9000,
+                        "service": "web",
+                        "cert": web_cert,
+                        "key": web_key,
+                    }
+                ],
+            ),
+            (
+                "node2",
+                n2,
+                [
+                    {
+                        "id": 1,
+                        "name": "api",
+                        "namespace": "default",
+                        "service_account": "api",
+                        "node": "node2",
+                        "address": n2,
+                        "port": server_port,
+                        "service": "api",
+                        "cert": api_cert,
+                        "key": api_key,
+                    },
+                    {
+                        "id": 2,
+                        "name": "ops",
+                        "namespace": "default",
+                        "service_account": "ops",
+                        "node": "node2",
+                        "address": n2,
+                        "port": 9001,
+                        "service": "ops",
+                        "cert": ops_cert,
+                        "key": ops_key,
+                    },
+                ],
+            ),
+        ]
+    ):
         snap = tmp / f"{name}.json"
-        snap.write_text(json.dumps({
-            "schema": 1, "version": 1, "node": {"name": name, "ip": ip},
-            "trust_domain": TD, "trust_bundle": str(bundle), "bpf_pin_dir": None,
-            "workloads": wls, "services": services,
-        }))
-        cfg = ZtunnelConfig(snapshot=snap, outbound=(ip, 15001), inbound=(ip, 15008),
-                            admin=("127.0.0.1", base_port + i),
-                            readiness=("127.0.0.1", base_port + 10 + i),
-                            metrics=("127.0.0.1", base_port + 20 + i),
-                            control_socket=str(tmp / f"{name}.sock"),
-                            peer_socket=str(tmp / f"{name}-peer.sock"), drain_timeout=1.0)
+        snap.write_text(
+            json.dumps(
+                {
+                    "schema": 1,
+                    "version": 1,
+                    "node": {"name": name, "ip": ip},
+                    "trust_domain": TD,
+                    "trust_bundle": str(bundle),
+                    "bpf_pin_dir": None,
+                    "workloads": wls,
+                    "services": services,
+                }
+            )
+        )
+        cfg = ZtunnelConfig(
+            snapshot=snap,
+            outbound=(ip, 15001),
+            inbound=(ip, 15008),
+            admin=("127.0.0.1", base_port + i),
+            readiness=("127.0.0.1", base_port + 10 + i),
+            metrics=("127.0.0.1", base_port + 20 + i),
+            control_socket=str(tmp / f"{name}.sock"),
+            peer_socket=str(tmp / f"{name}-peer.sock"),
+            drain_timeout=1.0,
+        )
         proxy = Proxy(cfg)
         orig = FakeOrigDst()
         proxy.pi.orig_dst = orig  # type: ignore[assignment]

@@ -80,11 +80,13 @@ def missing() -> str | None:
 
 def ensure_rootfs(rootfs: Path = DEFAULT_ROOTFS, timeout: float = 900) -> Path:
     """Build the rootfs unless it is there already (scripts/build-rootfs.sh decides)."""
-    proc = subprocess.run(["bash", str(BUILD_ROOTFS), str(rootfs)], capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        ["bash", str(BUILD_ROOTFS), str(rootfs)], capture_output=True, text=True, timeout=timeout
+    )
     if proc.returncode != 0 or not (rootfs / ROOTFS_MARKER).exists():
-        raise NspawnError(f"cannot build the rootfs at {rootfs}: "
-                          f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+        raise NspawnError(
+            f"cannot build the rootfs at {rootfs}: {(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
     return rootfs
 
 
@@ -104,8 +106,9 @@ def _children(pid: int) -> list[int]:
 
 
 class Node:
-    def __init__(self, name: str, netns: str, ip: str, cgroup: Path, log: Path,
-                 proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, name: str, netns: str, ip: str, cgroup: Path, log: Path, proc: subprocess.Popen[bytes]
+    ) -> None:
         self.name = name
         self.netns = netns
         self.ip = ip
@@ -123,19 +126,22 @@ class Node:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise NspawnError(f"systemd-nspawn for {self.name} exited with "
-                                  f"{self.proc.returncode}:\n{self.console_tail()}")
+                raise NspawnError(
+                    f"systemd-nspawn for {self.name} exited with "
+                    f"{self.proc.returncode}:\n{self.console_tail()}"
+                )
             for child in _children(self.proc.pid):
                 with contextlib.suppress(OSError):
                     # The child in a new pid namespace, once it exec'ed the node's init
                     # (before that its mount namespace still shows the host's root).
-                    if (os.readlink(f"/proc/{child}/ns/pid") != os.readlink("/proc/self/ns/pid")
-                            and Path(f"/proc/{child}/comm").read_text().strip()
-                            in ("systemd", "init")):
+                    if os.readlink(f"/proc/{child}/ns/pid") != os.readlink(
+                        "/proc/self/ns/pid"
+                    ) and Path(f"/proc/{child}/comm").read_text().strip() in ("systemd", "init"):
                         return child
             time.sleep(0.02)
-        raise NspawnError(f"node {self.name}: no init process after {timeout:.0f}s:\n"
-                          f"{self.console_tail()}")
+        raise NspawnError(
+            f"node {self.name}: no init process after {timeout:.0f}s:\n{self.console_tail()}"
+        )
 
     def console_tail(self, lines: int = 30) -> str:
         try:
@@ -146,15 +152,32 @@ class Node:
     def nsenter(self) -> list[str]:
         return ["nsenter", "-t", str(self.leader), "-m", "-u", "-i", "-n", "-p", "-C", "--"]
 
-    def run(self, cmd: Sequence[str], *, service: bool = False, check: bool = False,
-            timeout: float = 120, input: str | None = None,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        cmd: Sequence[str],
+        *,
+        service: bool = False,
+        check: bool = False,
+        timeout: float = 120,
+        input: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run cmd in the node. service=True: as a transient unit of the node's systemd
         (its capabilities, seccomp filter and cgroup), output piped back."""
         if service:
             setenv = [f"--setenv={k}={v}" for k, v in (env or {}).items()]
-            argv = [*self.nsenter(), "systemd-run", "--wait", "--pipe", "--quiet", "--collect",
-                    "--service-type=exec", *setenv, "--", *cmd]
+            argv = [
+                *self.nsenter(),
+                "systemd-run",
+                "--wait",
+                "--pipe",
+                "--quiet",
+                "--collect",
+                "--service-type=exec",
+                *setenv,
+                "--",
+                *cmd,
+            ]
             preexec = None
             run_env = None
         else:
@@ -167,14 +190,25 @@ class Node:
                 with open(procs, "w") as f:
                     f.write("0")
 
-            run_env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                       "LANG": "C.UTF-8", **(env or {})}
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              input=input if input is not None else "", preexec_fn=preexec,
-                              env=run_env)
+            run_env = {
+                "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG": "C.UTF-8",
+                **(env or {}),
+            }
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input if input is not None else "",
+            preexec_fn=preexec,
+            env=run_env,
+        )
         if check and proc.returncode != 0:
-            raise NspawnError(f"`{' '.join(cmd)}` in {self.name} failed ({proc.returncode}):\n"
-                              f"{proc.stdout}\n{proc.stderr}")
+            raise NspawnError(
+                f"`{' '.join(cmd)}` in {self.name} failed ({proc.returncode}):\n"
+                f"{proc.stdout}\n{proc.stderr}"
+            )
         return proc
 
     def wait_for_system(self, timeout: float = 60) -> str:
@@ -200,8 +234,10 @@ class Node:
             time.sleep(0.1)
         if state not in ("running", "degraded"):
             failed = self.run(["systemctl", "--failed", "--no-legend"], timeout=10).stdout
-            raise NspawnError(f"node {self.name} did not boot: {state}\nfailed units:\n"
-                              f"{failed}\nconsole:\n{self.console_tail()}")
+            raise NspawnError(
+                f"node {self.name} did not boot: {state}\nfailed units:\n"
+                f"{failed}\nconsole:\n{self.console_tail()}"
+            )
         return state
 
     def poweroff(self, timeout: float = 30) -> None:
@@ -237,8 +273,13 @@ class Cluster:
     """Nodes on one test subnet: a fabric namespace with a bridge, one namespace per
     node, all named mnspawn-<tag>-*. close() (or the with-block) removes everything."""
 
-    def __init__(self, subnet: str = "198.18.1.0/24", rootfs: Path = DEFAULT_ROOTFS,
-                 tag: str | None = None, unified: bool = True) -> None:
+    def __init__(
+        self,
+        subnet: str = "198.18.1.0/24",
+        rootfs: Path = DEFAULT_ROOTFS,
+        tag: str | None = None,
+        unified: bool = True,
+    ) -> None:
         self.subnet = ipaddress.ip_network(subnet)
         self.rootfs = rootfs
         self.tag = tag or secrets.token_hex(2)
@@ -266,8 +307,18 @@ class Cluster:
         the fabric namespace: run a server there (nsenter --net=/run/netns/<it>) and
         every node reaches it, while the host's own network never sees the subnet."""
         if not self._bridge_ip:
-            host.run(["ip", "-n", self.fabric, "addr", "add",
-                      f"{self.gateway}/{self.subnet.prefixlen}", "dev", "br0"])
+            host.run(
+                [
+                    "ip",
+                    "-n",
+                    self.fabric,
+                    "addr",
+                    "add",
+                    f"{self.gateway}/{self.subnet.prefixlen}",
+                    "dev",
+                    "br0",
+                ]
+            )
             self._bridge_ip = True
         return self.fabric
 
@@ -288,14 +339,27 @@ class Cluster:
         host.cgroup_make(cgroup)
         log = self.workdir / f"{name}.console"
         argv = [
-            "systemd-nspawn", "-D", str(self.rootfs), "--volatile=overlay", "--register=no",
-            "--keep-unit", "-M", name, f"--network-namespace-path=/run/netns/{netns}",
-            f"--capability={NSPAWN_CAPABILITIES}", f"--system-call-filter={NSPAWN_SYSCALLS}",
-            f"--bind-ro={REPO}", "--bind-ro=/lib/modules", "--bind-ro=/usr/src",
-            *extra_args, "-b",
+            "systemd-nspawn",
+            "-D",
+            str(self.rootfs),
+            "--volatile=overlay",
+            "--register=no",
+            "--keep-unit",
+            "-M",
+            name,
+            f"--network-namespace-path=/run/netns/{netns}",
+            f"--capability={NSPAWN_CAPABILITIES}",
+            f"--system-call-filter={NSPAWN_SYSCALLS}",
+            f"--bind-ro={REPO}",
+            "--bind-ro=/lib/modules",
+            "--bind-ro=/usr/src",
+            *extra_args,
+            "-b",
         ]
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1" if self.unified else "0"}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1" if self.unified else "0",
+        }
         procs = str(cgroup / "cgroup.procs")
 
         def enter_cgroup() -> None:
@@ -303,9 +367,15 @@ class Cluster:
                 f.write("0")
 
         with open(log, "wb") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, preexec_fn=enter_cgroup, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                preexec_fn=enter_cgroup,
+                env=env,
+                start_new_session=True,
+            )
         node = Node(name, netns, ip, cgroup, log, proc)
         self.nodes[name] = node
         self._names.add(name)
@@ -334,9 +404,15 @@ class Cluster:
 
     def leftovers(self) -> list[str]:
         """What close() should have removed and is still there."""
-        found = [f"netns {ns}" for ns in os.listdir("/run/netns")
-                 if ns.startswith(f"{NETNS_PREFIX}{self.tag}-")] if Path("/run/netns").is_dir() \
+        found = (
+            [
+                f"netns {ns}"
+                for ns in os.listdir("/run/netns")
+                if ns.startswith(f"{NETNS_PREFIX}{self.tag}-")
+            ]
+            if Path("/run/netns").is_dir()
             else []
+        )
         if self.cgroup.exists():
             found.append(f"cgroup {self.cgroup}")
         if self.workdir.exists():
@@ -347,14 +423,20 @@ class Cluster:
                 if state != "Z":
                     found.append(f"process {pid}")
         if Path("/run/systemd/nspawn/propagate").is_dir():
-            found += [f"/run/systemd/nspawn/propagate/{n}"
-                      for n in os.listdir("/run/systemd/nspawn/propagate")
-                      if n in self._names]
+            found += [
+                f"/run/systemd/nspawn/propagate/{n}"
+                for n in os.listdir("/run/systemd/nspawn/propagate")
+                if n in self._names
+            ]
         return found
 
     def __enter__(self) -> Cluster:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()

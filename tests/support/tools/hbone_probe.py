@@ -21,8 +21,10 @@ def main() -> None:
     if cert:
         ctx.load_cert_chain(cert, key)
     try:
-        with socket.create_connection((host, port), timeout=5) as raw, \
-                ctx.wrap_socket(raw, server_hostname=sni) as tls:
+        with (
+            socket.create_connection((host, port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname=sni) as tls,
+        ):
             preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
             empty_settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
             tls.sendall(preface + empty_settings)

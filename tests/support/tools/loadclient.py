@@ -65,8 +65,9 @@ def main() -> None:
                     results[server] = results.get(server, 0) + 1
                 else:
                     failures += 1
-                sys.stdout.write(json.dumps({"i": i, "t": t, "ok": ok, "server": server,
-                                             "error": error}) + "\n")
+                sys.stdout.write(
+                    json.dumps({"i": i, "t": t, "ok": ok, "server": server, "error": error}) + "\n"
+                )
                 sys.stdout.flush()
             if a.interval:
                 time.sleep(a.interval)
@@ -76,8 +77,16 @@ def main() -> None:
         th.start()
     for th in threads:
         th.join()
-    print(json.dumps({"summary": True, "servers": results, "failures": failures,
-                      "seconds": round(time.monotonic() - start, 2)}))
+    print(
+        json.dumps(
+            {
+                "summary": True,
+                "servers": results,
+                "failures": failures,
+                "seconds": round(time.monotonic() - start, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

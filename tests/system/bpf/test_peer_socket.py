@@ -54,8 +54,12 @@ def _require_ebpf() -> None:
 @pytest.fixture
 def cgroups() -> Iterator[dict[str, Path]]:
     root = cgroup2_mount() / unique("mn-peer")
-    paths = {"web": root / "web", "web-sub": root / "web" / "sub", "ops": root / "ops",
-             "outside": root / "outside"}
+    paths = {
+        "web": root / "web",
+        "web-sub": root / "web" / "sub",
+        "ops": root / "ops",
+        "outside": root / "outside",
+    }
     for p in (root, *paths.values()):
         p.mkdir(exist_ok=True)
     try:
@@ -84,14 +88,21 @@ def ask_from(cgroup: Path, sock: str) -> tuple[int, dict[str, Any]]:
     def enter() -> None:
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
-    out = subprocess.run([sys.executable, "-c", ASK, sock], preexec_fn=enter,
-                         capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", ASK, sock],
+        preexec_fn=enter,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     status, body = json.loads(out.stdout)
     return int(status), body
 
 
-def test_only_the_workloads_own_processes_are_told(cgroups: dict[str, Path],
-                                                   pin_dir: Path, tmp_path: Path) -> None:
+def test_only_the_workloads_own_processes_are_told(
+    cgroups: dict[str, Path], pin_dir: Path, tmp_path: Path
+) -> None:
     mesh = MeshBpf(pin_dir)
     mesh.load()
     mesh.attach(cgroups["web"].parent)  # attach() pins the maps, as the agent does
@@ -110,16 +121,19 @@ def test_only_the_workloads_own_processes_are_told(cgroups: dict[str, Path],
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
         try:
-            answers = {name: ask_from(cgroups[name], sock)
-                       for name in ("web", "web-sub", "ops", "outside")}
+            answers = {
+                name: ask_from(cgroups[name], sock) for name in ("web", "web-sub", "ops", "outside")
+            }
         finally:
             asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)
             thread.join(10)
     finally:
         mesh.close()
-    assert answers["web"] == (200, {"local": "10.0.0.1:8080", "remote": "127.0.0.6:40000",
-                                    "identity": WEB})
+    assert answers["web"] == (
+        200,
+        {"local": "10.0.0.1:8080", "remote": "127.0.0.6:40000", "identity": WEB},
+    )
     assert answers["web-sub"] == answers["web"]  # a sub-cgroup is the workload too
     assert answers["ops"][0] == 404  # another workload: as if there were no connection
     assert answers["outside"][0] == 403  # not a mesh workload at all

@@ -209,7 +209,12 @@ def test_attach_pins_maps_and_lists_programs(env: Env) -> None:
     names = bpftool_cgroup_names(env.parent)
     if names:  # bpftool installed: it agrees
         assert sorted(names) == [
-            "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"
+            "mn_bind4",
+            "mn_bind6",
+            "mn_connect4",
+            "mn_connect6",
+            "mn_ingress",
+            "mn_sockops",
         ]
 
 
@@ -314,8 +319,10 @@ def _raw_connect(netns: str, cgroup: Path, src_port: int, dst_port: int) -> str:
     out = subprocess.run(
         ["nsenter", f"--net=/run/netns/{netns}", sys.executable, "-c", code],
         preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"),
-        capture_output=True, text=True, timeout=20,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     return out.stdout.strip() or out.stderr.strip()
 
 
@@ -335,8 +342,10 @@ def _aborted_redirect(env: Env) -> int:
     out = subprocess.run(
         ["nsenter", f"--net=/run/netns/{env.netns}", sys.executable, "-c", code],
         preexec_fn=lambda: (env.member / "cgroup.procs").write_text("0"),
-        capture_output=True, text=True, timeout=20,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert out.returncode == 0, out.stderr
     return int(out.stdout)
 
@@ -407,15 +416,23 @@ def test_only_the_proxy_binds_its_address_and_ports(env: Env) -> None:
         "        print(exc.strerror)\n"
         "    s.close()\n"
     )
-    specs = ["127.0.0.6:0", "127.0.0.1:15008", "[::ffff:127.0.0.6]:0", "[::]:15008",
-             "127.0.0.1:0", "127.0.0.7:0"]  # fmt: skip
+    specs = [
+        "127.0.0.6:0",
+        "127.0.0.1:15008",
+        "[::ffff:127.0.0.6]:0",
+        "[::]:15008",
+        "127.0.0.1:0",
+        "127.0.0.7:0",
+    ]
 
     def bind_from(cgroup: Path) -> list[str]:
         out = subprocess.run(
             ["nsenter", f"--net=/run/netns/{env.netns}", sys.executable, "-c", code, *specs],
             preexec_fn=lambda: (cgroup / "cgroup.procs").write_text("0"),
-            capture_output=True, text=True, timeout=20,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.split()
 
     try:
@@ -424,9 +441,9 @@ def test_only_the_proxy_binds_its_address_and_ports(env: Env) -> None:
         env.mesh.guard_proxy({cgroup_id(proxy_cg)}, {15008})
         denied = ["Operation", "not", "permitted"]
         got = bind_from(env.other)
-        assert got[:4 * len(denied)] == denied * 4, got
-        assert got[4 * len(denied):] == ["ok", "ok"], got
-        assert bind_from(env.member)[:len(denied)] == denied  # a workload is no proxy
+        assert got[: 4 * len(denied)] == denied * 4, got
+        assert got[4 * len(denied) :] == ["ok", "ok"], got
+        assert bind_from(env.member)[: len(denied)] == denied  # a workload is no proxy
         assert bind_from(proxy_cg) == ["ok"] * 6
     finally:
         env.mesh.unguard()

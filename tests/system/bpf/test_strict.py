@@ -270,7 +270,12 @@ def test_ingress_is_attached_and_strict_map_pinned(env: Env) -> None:
     names = bpftool_cgroup_names(env.parent)
     if names:  # bpftool installed: it agrees
         assert sorted(names) == [
-            "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"
+            "mn_bind4",
+            "mn_bind6",
+            "mn_connect4",
+            "mn_connect6",
+            "mn_ingress",
+            "mn_sockops",
         ]
     assert strict_entries(env) == set()
 

@@ -26,8 +26,10 @@ def _why_skip() -> str | None:
         return why
     missing = [t for t in TOOLS if shutil.which(t) is None]
     if missing:
-        return (f"missing {', '.join(missing)} (scripts/setup.sh --test installs "
-                "haproxy stunnel4 nginx iperf3 wrk)")
+        return (
+            f"missing {', '.join(missing)} (scripts/setup.sh --test installs "
+            "haproxy stunnel4 nginx iperf3 wrk)"
+        )
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -43,9 +45,20 @@ def test_bench_quick_reports_every_metric_for_every_path(tmp_path: Path) -> None
     out = tmp_path / "results"
     # All six paths, no memory sub-benchmark: about a minute here.
     proc = subprocess.run(
-        [sys.executable, "-m", "meshnode.cli.main", "bench", "--quick",
-         "--paths", ",".join(PATHS), "--out", str(out)],
-        capture_output=True, text=True, timeout=420,
+        [
+            sys.executable,
+            "-m",
+            "meshnode.cli.main",
+            "bench",
+            "--quick",
+            "--paths",
+            ",".join(PATHS),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
     )
     assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     doc = json.loads((out / "results.json").read_text())

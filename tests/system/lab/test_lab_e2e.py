@@ -31,16 +31,23 @@ MARKER = b"MESHNODE-PLAINTEXT-MARKER-7f3a9c"
 def meshnode(
     *args: str, check: bool = True, timeout: float = 180
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([PY, "-m", "meshnode.cli.main", *args], env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [PY, "-m", "meshnode.cli.main", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"meshnode {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"meshnode {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
-def lab_exec(node: str, *cmd: str, workload: str | None = None,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
+def lab_exec(
+    node: str, *cmd: str, workload: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     wl = ["--workload", workload] if workload else []
     return meshnode("lab", "exec", node, *wl, "--", *cmd, check=check)
 
@@ -58,13 +65,58 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         meshnode("lab", "up", "--nodes", "2")
         demo = [PY, "-m", "meshnode.cli.lab.demo"]
         peer_sock = str(Lab(LAB).node_dir("node2") / "state" / "peer.sock")
-        meshnode("lab", "workload", "add", "node2", "api", "--service", "api", "--port", "8080",
-                 "--", *demo, "server", "--port", "8080", "--name", "api",
-                 "--peer-socket", peer_sock)
-        meshnode("lab", "workload", "add", "node2", "files", "--service", "files", "--port",
-                 "8081", "--", PY, "-m", "http.server", "8081", "--directory", str(www))
-        meshnode("lab", "workload", "add", "node1", "client", "--service", "client", "--port",
-                 "9090", "--", *demo, "idle")
+        meshnode(
+            "lab",
+            "workload",
+            "add",
+            "node2",
+            "api",
+            "--service",
+            "api",
+            "--port",
+            "8080",
+            "--",
+            *demo,
+            "server",
+            "--port",
+            "8080",
+            "--name",
+            "api",
+            "--peer-socket",
+            peer_sock,
+        )
+        meshnode(
+            "lab",
+            "workload",
+            "add",
+            "node2",
+            "files",
+            "--service",
+            "files",
+            "--port",
+            "8081",
+            "--",
+            PY,
+            "-m",
+            "http.server",
+            "8081",
+            "--directory",
+            str(www),
+        )
+        meshnode(
+            "lab",
+            "workload",
+            "add",
+            "node1",
+            "client",
+            "--service",
+            "client",
+            "--port",
+            "9090",
+            "--",
+            *demo,
+            "idle",
+        )
         status = json.loads(meshnode("lab", "status", "-o", "json").stdout)
         yield {"status": status, "big": big, "lab": Lab(LAB), "www": www}
     finally:
@@ -82,7 +134,12 @@ def test_status_shows_nodes_services_and_bpf_programs(lab: dict) -> None:
         assert node["ready"] and node["agent_alive"]
         names = sorted(p["name"] for p in node["bpf_programs"])
         assert names == [
-            "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"
+            "mn_bind4",
+            "mn_bind6",
+            "mn_connect4",
+            "mn_connect6",
+            "mn_ingress",
+            "mn_sockops",
         ]
     for s in st["services"]:
         assert s["vip"].startswith("240.")
@@ -90,8 +147,15 @@ def test_status_shows_nodes_services_and_bpf_programs(lab: dict) -> None:
 
 
 def test_curl_through_vip_carries_the_client_identity(lab: dict) -> None:
-    out = lab_exec("node1", "curl", "-s", "--max-time", "10", f"http://{vip(lab, 'api')}:8080/",
-                   workload="client").stdout
+    out = lab_exec(
+        "node1",
+        "curl",
+        "-s",
+        "--max-time",
+        "10",
+        f"http://{vip(lab, 'api')}:8080/",
+        workload="client",
+    ).stdout
     # The server learnt the client's proven identity from its own node's ztunnel,
     # and the connection reached it from node2's ztunnel (its inbound source address).
     assert "hello spiffe://cluster.local/ns/default/sa/client, this is api" in out
@@ -100,8 +164,17 @@ def test_curl_through_vip_carries_the_client_identity(lab: dict) -> None:
 
 def test_50mb_transfer_is_byte_identical(lab: dict, tmp_path: Path) -> None:
     dest = tmp_path / "got.bin"
-    lab_exec("node1", "curl", "-sf", "--max-time", "120", "-o", str(dest),
-             f"http://{vip(lab, 'files')}:8081/big.bin", workload="client")
+    lab_exec(
+        "node1",
+        "curl",
+        "-sf",
+        "--max-time",
+        "120",
+        "-o",
+        str(dest),
+        f"http://{vip(lab, 'files')}:8081/big.bin",
+        workload="client",
+    )
     want = hashlib.sha256(lab["big"].read_bytes()).hexdigest()
     got = hashlib.sha256(dest.read_bytes()).hexdigest()
     assert dest.stat().st_size == 50 * 1024 * 1024
@@ -115,11 +188,27 @@ def _capture(lab: dict, tmp_path: Path, action) -> bytes:  # type: ignore[no-unt
     fabric = f"{LAB}-fabric"
     # On the bridge's port for node1: a capture on the bridge device itself
     # would only see frames addressed to the bridge.
-    cap = subprocess.Popen(["nsenter", f"--net=/run/netns/{fabric}", "--", "tcpdump", "-i",
-                            "veth-node1",
-                            "-Z", "root", "-U", "--immediate-mode", "-s", "0", "-w", str(pcap),
-                            "tcp"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cap = subprocess.Popen(
+        [
+            "nsenter",
+            f"--net=/run/netns/{fabric}",
+            "--",
+            "tcpdump",
+            "-i",
+            "veth-node1",
+            "-Z",
+            "root",
+            "-U",
+            "--immediate-mode",
+            "-s",
+            "0",
+            "-w",
+            str(pcap),
+            "tcp",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while not pcap.exists() and time.monotonic() < deadline:
@@ -153,8 +242,15 @@ def _restart_ztunnel(lab: dict, node: str) -> None:
     os.kill(old, 9)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        out = lab_exec(node, "curl", "-s", "--max-time", "2",
-                       "http://127.0.0.1:15021/healthz/ready", check=False).stdout
+        out = lab_exec(
+            node,
+            "curl",
+            "-s",
+            "--max-time",
+            "2",
+            "http://127.0.0.1:15021/healthz/ready",
+            check=False,
+        ).stdout
         if '"ready": true' in out:
             return
         time.sleep(0.2)
@@ -193,8 +289,9 @@ def test_non_workload_process_is_not_redirected(lab: dict) -> None:
     assert "not meshed" in out
     assert "connection from 198.18.0.11:" in out
     # A VIP means nothing outside the mesh: unroutable, so it fails.
-    proc = lab_exec("node1", "curl", "-s", "--max-time", "3", f"http://{vip(lab, 'api')}:8080/",
-                    check=False)
+    proc = lab_exec(
+        "node1", "curl", "-s", "--max-time", "3", f"http://{vip(lab, 'api')}:8080/", check=False
+    )
     assert proc.returncode != 0
 
 
@@ -203,15 +300,18 @@ def test_destination_outside_the_mesh_is_not_redirected(lab: dict) -> None:
 
     lab_obj = lab["lab"]
     st = lab_obj.load()
-    outside = host.spawn(st.nodes["node2"].netns, Path(st.nodes["node2"].cgroup) / "system",
-                         [PY, "-m", "meshnode.cli.lab.demo", "server", "--port", "9999",
-                          "--name", "outside"])
+    outside = host.spawn(
+        st.nodes["node2"].netns,
+        Path(st.nodes["node2"].cgroup) / "system",
+        [PY, "-m", "meshnode.cli.lab.demo", "server", "--port", "9999", "--name", "outside"],
+    )
     try:
         deadline = time.monotonic() + 10
         while not host.listening(st.nodes["node2"].netns, 9999) and time.monotonic() < deadline:
             time.sleep(0.05)
-        out = lab_exec("node1", "curl", "-s", "--max-time", "10", "http://198.18.0.12:9999/",
-                       workload="client").stdout
+        out = lab_exec(
+            "node1", "curl", "-s", "--max-time", "10", "http://198.18.0.12:9999/", workload="client"
+        ).stdout
         assert "this is outside" in out
         assert "not meshed" in out and "connection from 198.18.0.11:" in out
     finally:
@@ -236,8 +336,11 @@ def test_hbone_listener_checks_client_certificates(lab: dict, tmp_path: Path, ca
         issuer = lab_ca if case == "good" else CertificateAuthority.create("cluster.local")
         key = generate_private_key()
         write_private_key(tmp_path / "k.pem", key)
-        write_file_atomic(tmp_path / "c.pem",
-                          issuer.issue_workload_certificate(make_csr(key, ident), ident), 0o644)
+        write_file_atomic(
+            tmp_path / "c.pem",
+            issuer.issue_workload_certificate(make_csr(key, ident), ident),
+            0o644,
+        )
         args += [str(tmp_path / "c.pem"), str(tmp_path / "k.pem")]
     out = lab_exec("node1", PY, str(TOOLS / "hbone_probe.py"), *args).stdout.strip()
     if case == "good":
@@ -253,14 +356,19 @@ def test_lab_down_leaves_nothing(lab: dict) -> None:
     prog_ids = {p["id"] for n in lab["status"]["nodes"] for p in n["bpf_programs"]}
     cgroup_root = lab_obj.cgroup_root()
     meshnode("lab", "down")
-    left = [ns for ns in os.listdir("/run/netns") if ns.startswith(f"{LAB}-")] \
-        if os.path.isdir("/run/netns") else []
+    left = (
+        [ns for ns in os.listdir("/run/netns") if ns.startswith(f"{LAB}-")]
+        if os.path.isdir("/run/netns")
+        else []
+    )
     assert left == []
     assert not cgroup_root.exists()
     assert not lab_obj.pin_root().exists()
     assert not lab_obj.dir.exists()
-    progs = json.loads(subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True,
-                                      text=True).stdout or "[]")
+    progs = json.loads(
+        subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True).stdout
+        or "[]"
+    )
     assert prog_ids and not prog_ids & {p["id"] for p in progs}
     ps = subprocess.run(["pgrep", "-f", f"lab-{LAB}/"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""

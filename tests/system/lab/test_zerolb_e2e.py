@@ -29,23 +29,50 @@ PY = sys.executable
 DEMO = [PY, "-m", "meshnode.cli.lab.demo"]
 
 
-def meshnode(*args: str, check: bool = True, input: str | None = None,
-             timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([PY, "-m", "meshnode.cli.main", *args], env=ENV, capture_output=True,
-                          text=True, timeout=timeout, input=input)
+def meshnode(
+    *args: str, check: bool = True, input: str | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [PY, "-m", "meshnode.cli.main", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"meshnode {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"meshnode {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
-def add(node: str, name: str, service: str, port: int, *cmd: str, version: str = "",
-        service_port: int | None = None) -> None:
+def add(
+    node: str,
+    name: str,
+    service: str,
+    port: int,
+    *cmd: str,
+    version: str = "",
+    service_port: int | None = None,
+) -> None:
     extra = ["--version", version] if version else []
     if service_port:
         extra += ["--service-port", str(service_port)]
-    meshnode("lab", "workload", "add", node, name, "--service", service, "--port", str(port),
-             *extra, "--", *(cmd or (*DEMO, "server", "--port", str(port), "--name", name)))
+    meshnode(
+        "lab",
+        "workload",
+        "add",
+        node,
+        name,
+        "--service",
+        service,
+        "--port",
+        str(port),
+        *extra,
+        "--",
+        *(cmd or (*DEMO, "server", "--port", str(port), "--name", name)),
+    )
 
 
 def vip(service: str) -> str:
@@ -54,8 +81,20 @@ def vip(service: str) -> str:
 
 
 def load(node: str, workload: str, host: str, port: int, *args: str) -> tuple[list[dict], dict]:
-    out = meshnode("lab", "exec", node, "--workload", workload, "--", PY,
-                   str(TOOLS / "loadclient.py"), host, str(port), *args, timeout=240).stdout
+    out = meshnode(
+        "lab",
+        "exec",
+        node,
+        "--workload",
+        workload,
+        "--",
+        PY,
+        str(TOOLS / "loadclient.py"),
+        host,
+        str(port),
+        *args,
+        timeout=240,
+    ).stdout
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return [x for x in lines if "summary" not in x], next(x for x in lines if "summary" in x)
 
@@ -63,14 +102,26 @@ def load(node: str, workload: str, host: str, port: int, *args: str) -> tuple[li
 def scrape(node: str) -> list:
     from meshnode.ztunnel.metrics import parse_exposition
 
-    text = meshnode("lab", "exec", node, "--", "curl", "-sf", "--max-time", "5",
-                    "http://127.0.0.1:15020/metrics").stdout
+    text = meshnode(
+        "lab",
+        "exec",
+        node,
+        "--",
+        "curl",
+        "-sf",
+        "--max-time",
+        "5",
+        "http://127.0.0.1:15020/metrics",
+    ).stdout
     return parse_exposition(text)  # raises on anything that is not valid exposition format
 
 
 def metric(samples: list, name: str, **labels: str) -> float:
-    return sum(s.value for s in samples if s.name == name
-               and all(s.labels.get(k) == v for k, v in labels.items()))
+    return sum(
+        s.value
+        for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +129,20 @@ def lab() -> Iterator[None]:
     meshnode("lab", "down", check=False)
     try:
         meshnode("lab", "up", "--nodes", "2")
-        meshnode("lab", "workload", "add", "node1", "client", "--service", "client", "--port",
-                 "9090", "--", *DEMO, "idle")
+        meshnode(
+            "lab",
+            "workload",
+            "add",
+            "node1",
+            "client",
+            "--service",
+            "client",
+            "--port",
+            "9090",
+            "--",
+            *DEMO,
+            "idle",
+        )
         yield
     finally:
         meshnode("lab", "down", check=False)
@@ -102,17 +165,43 @@ def test_endpoint_failure_costs_at_most_a_handful_then_readmits(lab: None) -> No
     lab_obj = Lab(LAB)
     st = lab_obj.load()
     client = subprocess.Popen(
-        [PY, "-m", "meshnode.cli.main", "lab", "exec", "node1", "--workload", "client", "--",
-         PY, str(TOOLS / "loadclient.py"), ip, "7001", "--count", "100000", "--interval", "0.01",
-         "--max-seconds", "16", "--timeout", "3"],
-        env=ENV, stdout=subprocess.PIPE, text=True)
+        [
+            PY,
+            "-m",
+            "meshnode.cli.main",
+            "lab",
+            "exec",
+            "node1",
+            "--workload",
+            "client",
+            "--",
+            PY,
+            str(TOOLS / "loadclient.py"),
+            ip,
+            "7001",
+            "--count",
+            "100000",
+            "--interval",
+            "0.01",
+            "--max-seconds",
+            "16",
+            "--timeout",
+            "3",
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(3)
     os.kill(_workload_pid("echo-a"), signal.SIGKILL)  # the local endpoint dies
     killed_at = time.monotonic()
     time.sleep(3)
     wl = st.workloads["echo-a"]
-    revived = host.spawn(st.nodes["node1"].netns, Path(wl.cgroup),
-                         [*DEMO, "server", "--port", "7001", "--name", "echo-a"])
+    revived = host.spawn(
+        st.nodes["node1"].netns,
+        Path(wl.cgroup),
+        [*DEMO, "server", "--port", "7001", "--name", "echo-a"],
+    )
     revived_after = time.monotonic() - killed_at
     out, _ = client.communicate(timeout=60)
     try:
@@ -121,11 +210,14 @@ def test_endpoint_failure_costs_at_most_a_handful_then_readmits(lab: None) -> No
         failed = [c for c in conns if not c["ok"]]
         t_kill = 3.0
         late = [c for c in conns if c["t"] > t_kill + revived_after + 8]
-        late_shares = {n: sum(1 for c in late if c["server"] == n)
-                       for n in ("echo-a", "echo-b", "echo-c")}
-        print(f"\nendpoint failure: {len(conns)} connections, {len(failed)} failed "
-              f"(at t={[c['t'] for c in failed]}); killed at ~{t_kill}s, back after "
-              f"{revived_after:.1f}s; shares at the end: {late_shares}")
+        late_shares = {
+            n: sum(1 for c in late if c["server"] == n) for n in ("echo-a", "echo-b", "echo-c")
+        }
+        print(
+            f"\nendpoint failure: {len(conns)} connections, {len(failed)} failed "
+            f"(at t={[c['t'] for c in failed]}); killed at ~{t_kill}s, back after "
+            f"{revived_after:.1f}s; shares at the end: {late_shares}"
+        )
         assert len(conns) > 300
         assert len(failed) <= 5, failed
         assert not [c for c in failed if c["t"] > t_kill + 2], "failures went on after the first"
@@ -145,10 +237,37 @@ def test_slow_endpoint_gets_a_smaller_share(lab: None) -> None:
     # All three on node2 (same locality for the client on node1); one is slow to accept.
     add("node2", "lat-fast1", "lat", 7101)
     add("node2", "lat-fast2", "lat", 7102, service_port=7101)
-    add("node2", "lat-slow", "lat", 7103, *DEMO, "slow-server", "--port", "7103", "--name",
-        "lat-slow", "--accept-delay", "0.15", "--backlog", "1", service_port=7101)
-    conns, summary = load("node1", "client", vip("lat"), 7101, "--count", "600",
-                          "--concurrency", "8", "--max-seconds", "60", "--timeout", "10")
+    add(
+        "node2",
+        "lat-slow",
+        "lat",
+        7103,
+        *DEMO,
+        "slow-server",
+        "--port",
+        "7103",
+        "--name",
+        "lat-slow",
+        "--accept-delay",
+        "0.15",
+        "--backlog",
+        "1",
+        service_port=7101,
+    )
+    conns, summary = load(
+        "node1",
+        "client",
+        vip("lat"),
+        7101,
+        "--count",
+        "600",
+        "--concurrency",
+        "8",
+        "--max-seconds",
+        "60",
+        "--timeout",
+        "10",
+    )
     shares = summary["servers"]
     total = sum(shares.values())
     print(f"\nlatency-aware balancing over {total} connections: {shares}")
@@ -161,13 +280,29 @@ def test_slow_endpoint_gets_a_smaller_share(lab: None) -> None:
 def test_traffic_split_90_10(lab: None) -> None:
     add("node2", "split-v1", "split", 7201, version="v1")
     add("node2", "split-v2", "split", 7202, version="v2", service_port=7201)
-    meshnode("lab", "apply", "-f", "-", input="""
+    meshnode(
+        "lab",
+        "apply",
+        "-f",
+        "-",
+        input="""
 kind: TrafficSplit
 metadata: {name: split-canary}
 spec: {service: split, weights: {v1: 90, v2: 10}}
-""")
-    conns, summary = load("node1", "client", vip("split"), 7201, "--count", "1000",
-                          "--concurrency", "4", "--max-seconds", "120")
+""",
+    )
+    conns, summary = load(
+        "node1",
+        "client",
+        vip("split"),
+        7201,
+        "--count",
+        "1000",
+        "--concurrency",
+        "4",
+        "--max-seconds",
+        "120",
+    )
     shares = summary["servers"]
     v2 = shares.get("split-v2", 0) / 1000
     print(f"\ntraffic split 90/10 over 1000 connections: {shares} -> v2 {v2:.1%}")
@@ -177,11 +312,28 @@ spec: {service: split, weights: {v1: 90, v2: 10}}
 
 def test_authorization_allows_and_denies_with_reasons(lab: None) -> None:
     add("node2", "vault", "vault", 7301)
-    meshnode("lab", "workload", "add", "node1", "intruder", "--service", "intruder", "--port",
-             "9091", "--", *DEMO, "idle")
+    meshnode(
+        "lab",
+        "workload",
+        "add",
+        "node1",
+        "intruder",
+        "--service",
+        "intruder",
+        "--port",
+        "9091",
+        "--",
+        *DEMO,
+        "idle",
+    )
     ip = vip("vault")
     before = scrape("node2")
-    meshnode("lab", "apply", "-f", "-", input="""
+    meshnode(
+        "lab",
+        "apply",
+        "-f",
+        "-",
+        input="""
 kind: AuthorizationPolicy
 metadata: {name: vault-clients-only}
 spec:
@@ -189,27 +341,57 @@ spec:
   selector: {services: [vault]}
   rules:
     - from: {principals: ["spiffe://cluster.local/ns/default/sa/client"]}
-""")
-    ok = meshnode("lab", "exec", "node1", "--workload", "client", "--", "curl", "-s",
-                  "--max-time", "5", f"http://{ip}:7301/").stdout
+""",
+    )
+    ok = meshnode(
+        "lab",
+        "exec",
+        "node1",
+        "--workload",
+        "client",
+        "--",
+        "curl",
+        "-s",
+        "--max-time",
+        "5",
+        f"http://{ip}:7301/",
+    ).stdout
     assert "this is vault" in ok
-    denied = meshnode("lab", "exec", "node1", "--workload", "intruder", "--", "curl", "-s",
-                      "--max-time", "5", f"http://{ip}:7301/", check=False)
+    denied = meshnode(
+        "lab",
+        "exec",
+        "node1",
+        "--workload",
+        "intruder",
+        "--",
+        "curl",
+        "-s",
+        "--max-time",
+        "5",
+        f"http://{ip}:7301/",
+        check=False,
+    )
     assert denied.returncode != 0 and "this is vault" not in denied.stdout
     after = scrape("node2")
     label = {"policy": "default", "destination_service": "vault"}
     delta = metric(after, "meshnode_authz_denied_total", **label) - metric(
-        before, "meshnode_authz_denied_total", **label)
-    print(f"\nauthorization: client allowed, intruder denied (curl exit {denied.returncode}); "
-          f"denied counter +{delta:.0f}")
+        before, "meshnode_authz_denied_total", **label
+    )
+    print(
+        f"\nauthorization: client allowed, intruder denied (curl exit {denied.returncode}); "
+        f"denied counter +{delta:.0f}"
+    )
     assert delta == 1
     from meshnode.cli.lab.lab import Lab
 
     def denials() -> list[dict]:  # type: ignore[type-arg]
         log = (Lab(LAB).node_dir("node2") / "state" / "ztunnel.log").read_text().splitlines()
         records = [json.loads(x) for x in log if x.startswith("{")]
-        return [r for r in records if r.get("result") == "denied"
-                and r.get("src_identity", "").endswith("/sa/intruder")]
+        return [
+            r
+            for r in records
+            if r.get("result") == "denied" and r.get("src_identity", "").endswith("/sa/intruder")
+        ]
 
     deadline = time.monotonic() + 3  # the access log is written in batches
     while not (deny := denials()) and time.monotonic() < deadline:
@@ -223,18 +405,36 @@ def test_strict_mode_refuses_plaintext_but_not_the_mesh(lab: None) -> None:
     url = "http://198.18.0.12:7401/"
 
     def plaintext() -> subprocess.CompletedProcess[str]:
-        return meshnode("lab", "exec", "node1", "--", "curl", "-s", "--max-time", "3", url,
-                        check=False)
+        return meshnode(
+            "lab", "exec", "node1", "--", "curl", "-s", "--max-time", "3", url, check=False
+        )
 
     assert "this is ledger" in plaintext().stdout  # PERMISSIVE: plaintext still reaches it
-    meshnode("lab", "apply", "-f", "-", input="""
+    meshnode(
+        "lab",
+        "apply",
+        "-f",
+        "-",
+        input="""
 kind: PeerAuthentication
 metadata: {name: ledger-strict}
 spec: {mode: STRICT, selector: {services: [ledger]}}
-""")
+""",
+    )
     refused = plaintext()
-    meshed = meshnode("lab", "exec", "node1", "--workload", "client", "--", "curl", "-s",
-                      "--max-time", "5", f"http://{vip('ledger')}:7401/").stdout
+    meshed = meshnode(
+        "lab",
+        "exec",
+        "node1",
+        "--workload",
+        "client",
+        "--",
+        "curl",
+        "-s",
+        "--max-time",
+        "5",
+        f"http://{vip('ledger')}:7401/",
+    ).stdout
     print(f"\nSTRICT: plaintext curl exit {refused.returncode}; through the mesh: {meshed.strip()}")
     assert refused.returncode != 0 and "this is ledger" not in refused.stdout
     assert "this is ledger" in meshed
@@ -249,12 +449,20 @@ def test_metrics_parse_and_match_the_traffic(lab: None) -> None:
     conns, summary = load("node1", "client", vip("count"), 7501, "--count", str(n))
     assert summary["failures"] == 0
     after1, after2 = scrape("node1"), scrape("node2")
-    src = {"reporter": "source", "source_workload": "client", "destination_workload": "count",
-           "source_principal": "spiffe://cluster.local/ns/default/sa/client",
-           "destination_principal": "spiffe://cluster.local/ns/default/sa/count",
-           "destination_service": "count.default.mesh", "connection_security_policy": "mutual_tls"}
-    dst = {"reporter": "destination", "destination_workload": "count",
-           "source_principal": "spiffe://cluster.local/ns/default/sa/client"}
+    src = {
+        "reporter": "source",
+        "source_workload": "client",
+        "destination_workload": "count",
+        "source_principal": "spiffe://cluster.local/ns/default/sa/client",
+        "destination_principal": "spiffe://cluster.local/ns/default/sa/count",
+        "destination_service": "count.default.mesh",
+        "connection_security_policy": "mutual_tls",
+    }
+    dst = {
+        "reporter": "destination",
+        "destination_workload": "count",
+        "source_principal": "spiffe://cluster.local/ns/default/sa/client",
+    }
 
     def delta(name: str, before: list, after: list, labels: dict) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
@@ -265,15 +473,20 @@ def test_metrics_parse_and_match_the_traffic(lab: None) -> None:
         closed = delta("istio_tcp_connections_closed_total", before, after, labels)
         sent = delta("istio_tcp_sent_bytes_total", before, after, labels)
         received = delta("istio_tcp_received_bytes_total", before, after, labels)
-        print(f"\n{labels['reporter']}: opened +{opened:.0f} closed +{closed:.0f} "
-              f"sent +{sent:.0f}B received +{received:.0f}B")
+        print(
+            f"\n{labels['reporter']}: opened +{opened:.0f} closed +{closed:.0f} "
+            f"sent +{sent:.0f}B received +{received:.0f}B"
+        )
         assert opened == n and closed == n
         assert sent == n * request
         assert received > n * 100  # each answer is an HTTP response with a body
     assert metric(after1, "meshnode_hbone_pool_connections") >= 1
     assert any(s.name == "meshnode_hbone_handshake_seconds_count" for s in after1)
-    dump = json.loads(meshnode("lab", "exec", "node1", "--", PY, "-m", "meshnode.cli.main",
-                               "config", "dump").stdout)
+    dump = json.loads(
+        meshnode(
+            "lab", "exec", "node1", "--", PY, "-m", "meshnode.cli.main", "config", "dump"
+        ).stdout
+    )
     eps = {f"{e['address']}:{e['port']}": e for e in dump["endpoints"]}
     assert eps["198.18.0.12:7501"]["state"] == "healthy"
     assert eps["198.18.0.12:7501"]["ewma_ms"] > 0

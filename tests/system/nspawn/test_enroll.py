@@ -43,9 +43,21 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, N
         fabric = c.host_side()
         ns = ["nsenter", f"--net=/run/netns/{fabric}", "--"]
         cp = subprocess.Popen(
-            [*ns, MESHNODE, "controlplane", "run", "--listen", f"0.0.0.0:{PORT}",
-             "--data-dir", str(data), "--advertise", c.gateway],
-            stdout=subprocess.DEVNULL, stderr=open(data / "cp.log", "wb"))  # noqa: SIM115
+            [
+                *ns,
+                MESHNODE,
+                "controlplane",
+                "run",
+                "--listen",
+                f"0.0.0.0:{PORT}",
+                "--data-dir",
+                str(data),
+                "--advertise",
+                c.gateway,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(data / "cp.log", "wb"),  # noqa: SIM115
+        )
         node = c.boot("e1")
         node.wait_for_system()
         deadline = time.monotonic() + 20
@@ -53,8 +65,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, N
             if time.monotonic() > deadline or cp.poll() is not None:
                 pytest.fail(f"control plane did not start: {(data / 'cp.log').read_text()}")
             time.sleep(0.1)
-        yield c, node, [*ns, MESHNODE, "token", "create", "--cp", f"https://127.0.0.1:{PORT}",
-                        "--data-dir", str(data)]
+        yield (
+            c,
+            node,
+            [
+                *ns,
+                MESHNODE,
+                "token",
+                "create",
+                "--cp",
+                f"https://127.0.0.1:{PORT}",
+                "--data-dir",
+                str(data),
+            ],
+        )
     finally:
         if cp is not None:
             cp.terminate()
@@ -71,17 +95,34 @@ def _token(cmd: list[str], node: str) -> str:
 def test_enroll_no_start(setup: tuple[Cluster, Node, list[str]]) -> None:
     c, node, token_cmd = setup
     url = f"https://{c.gateway}:{PORT}"
-    proc = node.run([MESHNODE, "enroll", "--cp", url, "--token", _token(token_cmd, "e1"),
-                     "--no-start"], timeout=60)
+    proc = node.run(
+        [MESHNODE, "enroll", "--cp", url, "--token", _token(token_cmd, "e1"), "--no-start"],
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(node.run(["cat", "/etc/meshnode/node.json"], check=True).stdout)
-    assert doc == {"name": "e1", "zone": "", "ip": node.ip, "trust_domain": "cluster.local",
-                   "control_planes": [url], "cgroup_parent": "/sys/fs/cgroup",
-                   "state_dir": "/var/lib/meshnode", "config_dir": "/etc/meshnode"}
-    modes = node.run(["stat", "-c", "%n %a", "/etc/meshnode", "/etc/meshnode/node-key.pem",
-                      "/var/lib/meshnode"], check=True).stdout.split()
-    assert modes == ["/etc/meshnode", "755", "/etc/meshnode/node-key.pem", "600",
-                     "/var/lib/meshnode", "700"]
+    assert doc == {
+        "name": "e1",
+        "zone": "",
+        "ip": node.ip,
+        "trust_domain": "cluster.local",
+        "control_planes": [url],
+        "cgroup_parent": "/sys/fs/cgroup",
+        "state_dir": "/var/lib/meshnode",
+        "config_dir": "/etc/meshnode",
+    }
+    modes = node.run(
+        ["stat", "-c", "%n %a", "/etc/meshnode", "/etc/meshnode/node-key.pem", "/var/lib/meshnode"],
+        check=True,
+    ).stdout.split()
+    assert modes == [
+        "/etc/meshnode",
+        "755",
+        "/etc/meshnode/node-key.pem",
+        "600",
+        "/var/lib/meshnode",
+        "700",
+    ]
     assert node.run(["ls", "/etc/systemd/system/meshnode-agent.service"]).returncode != 0
     again = node.run([MESHNODE, "enroll", "--cp", url, "--token", _token(token_cmd, "e1")])
     assert again.returncode == 0 and again.stdout.startswith("already enrolled as e1")
@@ -90,10 +131,24 @@ def test_enroll_no_start(setup: tuple[Cluster, Node, list[str]]) -> None:
 def test_enroll_force_starts_units(setup: tuple[Cluster, Node, list[str]]) -> None:
     c, node, token_cmd = setup
     url = f"https://{c.gateway}:{PORT}"
-    proc = node.run([MESHNODE, "enroll", "--cp", url, "--token", _token(token_cmd, "e1"),
-                     "--force"], timeout=300)
-    journal = node.run(["journalctl", "--no-pager", "-o", "cat", "-u", "meshnode-agent",
-                        "-u", "meshnode-ztunnel", "-u", "meshnode-bpffs"]).stdout
+    proc = node.run(
+        [MESHNODE, "enroll", "--cp", url, "--token", _token(token_cmd, "e1"), "--force"],
+        timeout=300,
+    )
+    journal = node.run(
+        [
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-u",
+            "meshnode-agent",
+            "-u",
+            "meshnode-ztunnel",
+            "-u",
+            "meshnode-bpffs",
+        ]
+    ).stdout
     assert proc.returncode == 0, proc.stdout + proc.stderr + journal
     for unit in ("meshnode-bpffs", "meshnode-ztunnel", "meshnode-agent"):
         state = node.run(["systemctl", "is-active", unit]).stdout.strip()
@@ -103,7 +158,13 @@ def test_enroll_force_starts_units(setup: tuple[Cluster, Node, list[str]]) -> No
 
     attached = MeshBpf.attached_programs(node.root_cgroup)  # the node's root, seen from the host
     assert sorted(p["attach_type"] for p in attached) == [
-        "bind4", "bind6", "connect4", "connect6", "ingress", "sock_ops"], journal
+        "bind4",
+        "bind6",
+        "connect4",
+        "connect6",
+        "ingress",
+        "sock_ops",
+    ], journal
 
 
 def test_cleanup(setup: tuple[Cluster, Node, list[str]]) -> None:

@@ -44,8 +44,10 @@ def cluster() -> Iterator[Cluster]:
         t_started = time.monotonic() - t1
         states = [n.wait_for_system() for n in nodes]
         t_booted = time.monotonic() - t1
-        print(f"\n[nspawn] rootfs ready in {t_rootfs:.1f}s; 2 nodes: init up in "
-              f"{t_started:.2f}s, systems {states} in {t_booted:.2f}s")
+        print(
+            f"\n[nspawn] rootfs ready in {t_rootfs:.1f}s; 2 nodes: init up in "
+            f"{t_started:.2f}s, systems {states} in {t_booted:.2f}s"
+        )
         yield c
     finally:
         c.close()
@@ -78,8 +80,19 @@ def test_nodes_reach_each_other(n1: Node, n2: Node) -> None:
         c.sendall(f"{{peer[0]}} {{c.recv(100).decode()}}".encode())
         c.close()
     """)
-    n2.run(["systemd-run", "--unit=mnspawn-echo", "--collect", "--quiet", "--",
-            "python3", "-c", server], check=True)
+    n2.run(
+        [
+            "systemd-run",
+            "--unit=mnspawn-echo",
+            "--collect",
+            "--quiet",
+            "--",
+            "python3",
+            "-c",
+            server,
+        ],
+        check=True,
+    )
     client = textwrap.dedent(f"""
         import socket, time
         for _ in range(100):
@@ -146,13 +159,17 @@ HELLO = textwrap.dedent("""
 
 def test_notify_unit_becomes_active(n2: Node) -> None:
     n2.run(["sh", "-c", "cat > /usr/local/bin/mnspawn-hello.py"], input=HELLO, check=True)
-    _install_unit(n2, "mnspawn-hello.service", textwrap.dedent(f"""\
+    _install_unit(
+        n2,
+        "mnspawn-hello.service",
+        textwrap.dedent(f"""\
         [Service]
         Type=notify
         NotifyAccess=main
         ExecStart={PY} /usr/local/bin/mnspawn-hello.py
         TimeoutStartSec=30
-    """))
+    """),
+    )
     t0 = time.monotonic()
     n2.run(["systemctl", "start", "mnspawn-hello.service"], check=True, timeout=60)
     assert time.monotonic() - t0 >= 0.5  # start waited for READY=1
@@ -207,8 +224,14 @@ def test_agent_unit_hardening_allows_bpf(n2: Node) -> None:
         render_units,
     )
 
-    units = render_units(UnitPaths(Path(PY).parent / "meshnode", Path("/etc/meshnode"),
-                                   Path("/var/lib/meshnode"), package_source()))
+    units = render_units(
+        UnitPaths(
+            Path(PY).parent / "meshnode",
+            Path("/etc/meshnode"),
+            Path("/var/lib/meshnode"),
+            package_source(),
+        )
+    )
     unit = units[AGENT_UNIT]
     _install_unit(n2, BPFFS_UNIT, units[BPFFS_UNIT])
     assert n2.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode != 0  # nothing yet
@@ -223,13 +246,20 @@ def test_agent_unit_hardening_allows_bpf(n2: Node) -> None:
         lines.append(line)
     _install_unit(n2, "mnspawn-agentprobe.service", "\n".join(lines) + "\n")
     proc = n2.run(["systemctl", "start", "mnspawn-agentprobe.service"], timeout=180)
-    journal = n2.run(["journalctl", "-u", "mnspawn-agentprobe.service", "--no-pager",
-                      "-o", "cat"]).stdout
+    journal = n2.run(
+        ["journalctl", "-u", "mnspawn-agentprobe.service", "--no-pager", "-o", "cat"]
+    ).stdout
     assert proc.returncode == 0, proc.stderr + journal
     try:
         res = _probe_result(n2.run(["cat", "/var/lib/meshnode/probe.json"]).stdout)
         assert sorted(res["progs"]) == [
-            "bind4", "bind6", "connect4", "connect6", "ingress", "sock_ops"]
+            "bind4",
+            "bind6",
+            "connect4",
+            "connect6",
+            "ingress",
+            "sock_ops",
+        ]
         assert res["ino"] == n2.root_cgroup.stat().st_ino
         assert n2.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode == 0
         pins = n2.run(["ls", "/sys/fs/bpf/meshnode"]).stdout.split()
@@ -237,9 +267,14 @@ def test_agent_unit_hardening_allows_bpf(n2: Node) -> None:
         attached = MeshBpf.attached_programs(n2.root_cgroup)  # seen from the host
         assert sorted(p["attach_type"] for p in attached) == sorted(res["progs"])
         # ztunnel's sandbox (/sys/fs/bpf read-only there) can still open and use the map.
-        zt = [ln for ln in units[ZTUNNEL_UNIT].split("[Service]", 1)[1].splitlines()
-              if "=" in ln and not ln.startswith(("#", "ExecStart=", "Type=", "Restart",
-                                                  "NotifyAccess", "WantedBy"))]
+        zt = [
+            ln
+            for ln in units[ZTUNNEL_UNIT].split("[Service]", 1)[1].splitlines()
+            if "=" in ln
+            and not ln.startswith(
+                ("#", "ExecStart=", "Type=", "Restart", "NotifyAccess", "WantedBy")
+            )
+        ]
         args = ["systemd-run", "--wait", "--pipe", "--quiet", "--collect"]
         for prop in zt:
             args += ["-p", prop]

@@ -51,40 +51,80 @@ class Mesh:
 
     def start_cp(self, listen: str | None = None) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [*self.ns, MESHNODE, "controlplane", "run", "--listen", listen or f"0.0.0.0:{PORT}",
-             "--data-dir", str(self.data), "--advertise", self.cluster.gateway,
-             "--cert-ttl", CERT_TTL],
-            stdout=subprocess.DEVNULL, stderr=open(self.data / "cp.log", "ab"))  # noqa: SIM115
+            [
+                *self.ns,
+                MESHNODE,
+                "controlplane",
+                "run",
+                "--listen",
+                listen or f"0.0.0.0:{PORT}",
+                "--data-dir",
+                str(self.data),
+                "--advertise",
+                self.cluster.gateway,
+                "--cert-ttl",
+                CERT_TTL,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.data / "cp.log", "ab"),  # noqa: SIM115
+        )
         port = int((listen or f":{PORT}").rsplit(":", 1)[1])
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise AssertionError("control plane exited:\n" + (self.data / "cp.log").read_text())
-            probe = subprocess.run([*self.ns, "curl", "-sk", "--max-time", "1",
-                                    f"https://127.0.0.1:{port}/v1/trust-bundle"],
-                                   capture_output=True, text=True)
+            probe = subprocess.run(
+                [
+                    *self.ns,
+                    "curl",
+                    "-sk",
+                    "--max-time",
+                    "1",
+                    f"https://127.0.0.1:{port}/v1/trust-bundle",
+                ],
+                capture_output=True,
+                text=True,
+            )
             if probe.returncode == 0 and "trust_bundle" in probe.stdout:
                 return proc
             time.sleep(0.1)
         raise AssertionError("control plane did not come up")
 
     def admin(self, *args: str, input: str | None = None) -> str:
-        proc = subprocess.run([*self.ns, MESHNODE, *args, "--data-dir", str(self.data)],
-                              capture_output=True, text=True, timeout=60, input=input)
+        proc = subprocess.run(
+            [*self.ns, MESHNODE, *args, "--data-dir", str(self.data)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            input=input,
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout
 
 
 def journal(node: Node) -> str:
-    return node.run(["journalctl", "--no-pager", "-o", "short-monotonic", "-n", "80",
-                     "-u", "meshnode-agent", "-u", "meshnode-ztunnel"]).stdout
+    return node.run(
+        [
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "short-monotonic",
+            "-n",
+            "80",
+            "-u",
+            "meshnode-agent",
+            "-u",
+            "meshnode-ztunnel",
+        ]
+    ).stdout
 
 
-def in_unit(node: Node, unit: str, cmd: list[str], timeout: float = 60,
-            background: bool = False) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
+def in_unit(
+    node: Node, unit: str, cmd: list[str], timeout: float = 60, background: bool = False
+) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
     """Run cmd inside the cgroup of a systemd unit of the node (so its
     connections are that workload's)."""
-    script = (f'echo $$ > /sys/fs/cgroup/system.slice/{unit}/cgroup.procs && exec "$@"')
+    script = f'echo $$ > /sys/fs/cgroup/system.slice/{unit}/cgroup.procs && exec "$@"'
     argv = [*node.nsenter(), "sh", "-c", script, "sh", *cmd]
     if background:
         return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
@@ -126,25 +166,68 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         m.cp = m.start_cp()
         for node in (m.n1, m.n2):
             node.wait_for_system()
-            out = m.admin("token", "create", "--node", node.name, "--cp",
-                          f"https://127.0.0.1:{PORT}")
+            out = m.admin(
+                "token", "create", "--node", node.name, "--cp", f"https://127.0.0.1:{PORT}"
+            )
             token = next(w for w in out.split() if w.startswith("mn1."))
             proc = node.run([MESHNODE, "enroll", "--cp", m.url, "--token", token], timeout=300)
             assert proc.returncode == 0, proc.stdout + proc.stderr + journal(node)
         # Workloads: systemd units of their nodes.
         demo = [PY, "-m", "meshnode.cli.lab.demo"]
-        m.n2.run(["systemd-run", "--unit", "demo-api", "--", *demo, "server", "--port", "8080",
-                  "--name", "api"], check=True)
-        m.n2.run(["systemd-run", "--unit", "demo-echo", "--", *demo, "echo-server", "--port",
-                  "7000", "--name", "echo"], check=True)
+        m.n2.run(
+            [
+                "systemd-run",
+                "--unit",
+                "demo-api",
+                "--",
+                *demo,
+                "server",
+                "--port",
+                "8080",
+                "--name",
+                "api",
+            ],
+            check=True,
+        )
+        m.n2.run(
+            [
+                "systemd-run",
+                "--unit",
+                "demo-echo",
+                "--",
+                *demo,
+                "echo-server",
+                "--port",
+                "7000",
+                "--name",
+                "echo",
+            ],
+            check=True,
+        )
         m.n1.run(["systemd-run", "--unit", "demo-web", "--", *demo, "idle"], check=True)
-        for node, name, svc, port, unit in ((m.n2, "api", "api", "8080", "demo-api.service"),
-                                            (m.n2, "echo", "echo", "7000", "demo-echo.service"),
-                                            (m.n1, "web", "web", "9090", "demo-web.service")):
-            proc = node.run([MESHNODE, "workload", "add", name, "--service", svc, "--port",
-                             port, "--systemd-unit", unit], timeout=60)
+        for node, name, svc, port, unit in (
+            (m.n2, "api", "api", "8080", "demo-api.service"),
+            (m.n2, "echo", "echo", "7000", "demo-echo.service"),
+            (m.n1, "web", "web", "9090", "demo-web.service"),
+        ):
+            proc = node.run(
+                [
+                    MESHNODE,
+                    "workload",
+                    "add",
+                    name,
+                    "--service",
+                    svc,
+                    "--port",
+                    port,
+                    "--systemd-unit",
+                    unit,
+                ],
+                timeout=60,
+            )
             assert proc.returncode == 0 and "applied" in proc.stdout, (
-                proc.stdout + proc.stderr + journal(node))
+                proc.stdout + proc.stderr + journal(node)
+            )
         yield m
     finally:
         if m is not None and m.cp is not None and m.cp.poll() is None:
@@ -162,15 +245,21 @@ def vip_of(m: Mesh, service: str) -> str:
 
 
 def curl_api(m: Mesh) -> subprocess.CompletedProcess[str]:
-    r = in_unit(m.n1, "demo-web.service", ["curl", "-s", "--max-time", "5",
-                                            f"http://{vip_of(m, 'api')}:8080/"])
+    r = in_unit(
+        m.n1,
+        "demo-web.service",
+        ["curl", "-s", "--max-time", "5", f"http://{vip_of(m, 'api')}:8080/"],
+    )
     assert isinstance(r, subprocess.CompletedProcess)
     return r
 
 
 def test_enrolled_nodes_carry_traffic_with_identities(mesh: Mesh) -> None:
-    out = wait_for("api through the mesh",
-                   lambda: "this is api" in (r := curl_api(mesh)).stdout and r.stdout, 60)
+    out = wait_for(
+        "api through the mesh",
+        lambda: "this is api" in (r := curl_api(mesh)).stdout and r.stdout,
+        60,
+    )
     print(f"\nn1 web -> n2 api: {out.strip()}")
     assert "hello spiffe://cluster.local/ns/default/sa/web, this is api" in out
     assert "connection from 127.0.0.6:" in out  # delivered by n2's ztunnel
@@ -184,7 +273,13 @@ def test_status_shows_the_node(mesh: Mesh) -> None:
     assert st["control_plane_reachable"] is True
     assert st["agent"]["running"] and st["ztunnel"].startswith("ready")
     assert sorted(p["name"] for p in st["bpf_programs"]) == [
-        "mn_bind4", "mn_bind6", "mn_connect4", "mn_connect6", "mn_ingress", "mn_sockops"]
+        "mn_bind4",
+        "mn_bind6",
+        "mn_connect4",
+        "mn_connect6",
+        "mn_ingress",
+        "mn_sockops",
+    ]
     assert st["bind_guard"]["on"], st["bind_guard"]
     assert [w["name"] for w in st["workloads"]] == ["web"]
     assert st["workloads"][0]["certificate"].startswith("expires")
@@ -198,31 +293,50 @@ def test_a_local_process_cannot_pose_as_the_proxy(mesh: Mesh) -> None:
     address. The agent's bind guard refuses both with EPERM."""
     n2 = mesh.n2
     ip = status(n2)["node"]["ip"]
-    probe = ("import socket, sys\n"
-             "for fam, addr in ((socket.AF_INET, ('127.0.0.6', 0)),"
-             " (socket.AF_INET, ('127.0.0.1', 15001)), (socket.AF_INET6, ('::1', 15001))):\n"
-             "    s = socket.socket(fam)\n"
-             "    try:\n"
-             "        s.bind(addr); print('bound', addr)\n"
-             "    except OSError as e:\n"
-             "        print('refused' if e.errno == 1 else 'other', addr, e.errno)\n")
+    probe = (
+        "import socket, sys\n"
+        "for fam, addr in ((socket.AF_INET, ('127.0.0.6', 0)),"
+        " (socket.AF_INET, ('127.0.0.1', 15001)), (socket.AF_INET6, ('::1', 15001))):\n"
+        "    s = socket.socket(fam)\n"
+        "    try:\n"
+        "        s.bind(addr); print('bound', addr)\n"
+        "    except OSError as e:\n"
+        "        print('refused' if e.errno == 1 else 'other', addr, e.errno)\n"
+    )
     r = n2.run(["systemd-run", "--wait", "--pipe", "--quiet", "--", PY, "-c", probe])
     print("\n" + r.stdout + r.stderr)
     lines = r.stdout.splitlines()
     assert any(ln.startswith("refused ('127.0.0.6'") for ln in lines), lines
     # 127.0.0.1:15001 is ztunnel's own listener: EADDRINUSE or EPERM, never bound.
     assert not any(ln.startswith("bound") for ln in lines), lines
-    curl = n2.run(["systemd-run", "--wait", "--pipe", "--quiet", "--", "curl", "-s",
-                   "--max-time", "5", "--interface", "127.0.0.6", f"http://{ip}:8080/"])
+    curl = n2.run(
+        [
+            "systemd-run",
+            "--wait",
+            "--pipe",
+            "--quiet",
+            "--",
+            "curl",
+            "-s",
+            "--max-time",
+            "5",
+            "--interface",
+            "127.0.0.6",
+            f"http://{ip}:8080/",
+        ]
+    )
     assert curl.returncode != 0 and "this is api" not in curl.stdout, curl.stdout
     # The mesh itself still delivers (ztunnel, in its slice, binds 127.0.0.6).
     assert "this is api" in curl_api(mesh).stdout
 
 
 def long_connection(m: Mesh, seconds: float) -> subprocess.Popen[str]:
-    proc = in_unit(m.n1, "demo-web.service",
-                   [PY, str(TOOLS / "longconn.py"), vip_of(m, "echo"), "7000",
-                    "--seconds", str(seconds)], background=True)
+    proc = in_unit(
+        m.n1,
+        "demo-web.service",
+        [PY, str(TOOLS / "longconn.py"), vip_of(m, "echo"), "7000", "--seconds", str(seconds)],
+        background=True,
+    )
     assert isinstance(proc, subprocess.Popen) and proc.stdout is not None
     assert proc.stdout.readline().strip() == "ready"
     return proc
@@ -238,8 +352,11 @@ def test_control_plane_outage(mesh: Mesh) -> None:
     assert mesh.cp is not None
     mesh.cp.terminate()
     mesh.cp.wait(10)
-    wait_for("n1 to notice the control plane is gone",
-             lambda: status(mesh.n1).get("control_plane_reachable") is False, 60)
+    wait_for(
+        "n1 to notice the control plane is gone",
+        lambda: status(mesh.n1).get("control_plane_reachable") is False,
+        60,
+    )
     assert "this is api" in curl_api(mesh).stdout  # new connections still work
     # An agent restarted while the control plane is down comes back from its snapshot.
     mesh.n1.run(["systemctl", "restart", "meshnode-agent"], check=True)
@@ -248,7 +365,13 @@ def test_control_plane_outage(mesh: Mesh) -> None:
     # A policy changed meanwhile: another control-plane process on the same
     # database, reachable only from the host side, takes the change.
     side = mesh.start_cp(listen="127.0.0.1:15013")
-    mesh.admin("apply", "-f", "-", "--cp", "https://127.0.0.1:15013", input="""
+    mesh.admin(
+        "apply",
+        "-f",
+        "-",
+        "--cp",
+        "https://127.0.0.1:15013",
+        input="""
 kind: AuthorizationPolicy
 metadata: {name: api-nobody}
 spec:
@@ -256,7 +379,8 @@ spec:
   selector: {services: [api]}
   rules:
     - from: {principals: ["spiffe://cluster.local/ns/default/sa/web"]}
-""")
+""",
+    )
     side.terminate()
     side.wait(10)
     assert "this is api" in curl_api(mesh).stdout  # not yet: the nodes can't know
@@ -266,8 +390,12 @@ spec:
     mesh.cp = mesh.start_cp()
     wait_for("the policy to reach n2", lambda: curl_api(mesh).returncode != 0, 60, every=1)
     mesh.admin("delete", "AuthorizationPolicy", "api-nobody", "--cp", f"https://127.0.0.1:{PORT}")
-    wait_for("the policy removal to reach n2",
-             lambda: "this is api" in curl_api(mesh).stdout, 60, every=1)
+    wait_for(
+        "the policy removal to reach n2",
+        lambda: "this is api" in curl_api(mesh).stdout,
+        60,
+        every=1,
+    )
 
 
 def test_certificates_rotate_under_live_traffic(mesh: Mesh) -> None:
@@ -290,22 +418,35 @@ def test_certificates_rotate_under_live_traffic(mesh: Mesh) -> None:
 def test_restarted_workload_unit_stays_meshed(mesh: Mesh) -> None:
     """A unit restart re-creates its cgroup under a new id: the agent must
     follow it, or the workload silently stops being meshed."""
+
     def cgroup_ino() -> str:
-        return mesh.n1.run(["stat", "-c", "%i", "/sys/fs/cgroup/system.slice/demo-web.service"],
-                           check=True).stdout.strip()
+        return mesh.n1.run(
+            ["stat", "-c", "%i", "/sys/fs/cgroup/system.slice/demo-web.service"], check=True
+        ).stdout.strip()
 
     before = cgroup_ino()
     mesh.n1.run(["systemctl", "restart", "demo-web.service"], check=True)
     assert cgroup_ino() != before  # a new cgroup: what the BPF map had is stale
-    out = wait_for("web to be meshed again", lambda: "this is api" in (r := curl_api(mesh)).stdout
-                   and r.stdout, 20)
+    out = wait_for(
+        "web to be meshed again",
+        lambda: "this is api" in (r := curl_api(mesh)).stdout and r.stdout,
+        20,
+    )
     assert "hello spiffe://cluster.local/ns/default/sa/web" in out
 
 
 def test_second_enroll_changes_nothing(mesh: Mesh) -> None:
     before = mesh.n1.run(["sha256sum", "/etc/meshnode/node.json"], check=True).stdout
-    out = mesh.n1.run([MESHNODE, "enroll", "--cp", mesh.url, "--token",
-                       "mn1.00000000.00000000000000000000000000000000." + "0" * 64])
+    out = mesh.n1.run(
+        [
+            MESHNODE,
+            "enroll",
+            "--cp",
+            mesh.url,
+            "--token",
+            "mn1.00000000.00000000000000000000000000000000." + "0" * 64,
+        ]
+    )
     assert out.returncode == 0 and out.stdout.startswith("already enrolled as n1")
     assert mesh.n1.run(["sha256sum", "/etc/meshnode/node.json"], check=True).stdout == before
 

@@ -34,11 +34,24 @@ class Replica:
     def start(self) -> Replica:
         log = open(self.data.parent / f"{self.name}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshnode.cli.main", "controlplane", "run",
-             "--listen", f"127.0.0.1:{self.port}", "--db", self.dsn,
-             "--data-dir", str(self.data), "--cert-ttl", "1h"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "meshnode.cli.main",
+                "controlplane",
+                "run",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--db",
+                self.dsn,
+                "--data-dir",
+                str(self.data),
+                "--cert-ttl",
+                "1h",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         ok = wait_until(self._ready, timeout=30, interval=0.1)
         assert ok, (self.data.parent / f"{self.name}.log").read_text()
         return self
@@ -85,8 +98,9 @@ def test_replicas_share_state_and_survive_a_crash(
     assert (a.data / "trust-bundle.pem").read_bytes() == (b.data / "trust-bundle.pem").read_bytes()
     # A token made on A enrolls on B.
     token = a.admin().call("POST", "/v1/admin/tokens", {"node": "node1"})["token"]
-    status, data, node = enroll(b.url, b.admin().bundle_pem, token, "node1", tmp_path / "n1",
-                                ip="198.18.0.11")  # fmt: skip
+    status, data, node = enroll(
+        b.url, b.admin().bundle_pem, token, "node1", tmp_path / "n1", ip="198.18.0.11"
+    )
     assert status == 200, data
     assert node is not None
     # ... and is then used up on A too.
@@ -112,7 +126,8 @@ def test_replicas_share_state_and_survive_a_crash(
     t.join(10)
     assert result["at"] - t0 < 2.0, result["at"] - t0
     assert [(c["kind"], c["key"]) for c in result["answer"]["changes"]] == [
-        ("resource", "AuthorizationPolicy/default/from-a")]
+        ("resource", "AuthorizationPolicy/default/from-a")
+    ]
 
     # Kill A hard: B serves everything.
     a.kill(signal.SIGKILL)
@@ -122,17 +137,21 @@ def test_replicas_share_state_and_survive_a_crash(
     assert [r["metadata"]["name"] for r in s["resources"]] == ["from-a"]
     assert s["services"][0]["vip"] == "240.0.0.1"
     token2 = b.admin().call("POST", "/v1/admin/tokens", {"node": "node2"})["token"]
-    status, _, node2 = enroll(b.url, b.admin().bundle_pem, token2, "node2", tmp_path / "n2",
-                              ip="198.18.0.12")  # fmt: skip
+    status, _, node2 = enroll(
+        b.url, b.admin().bundle_pem, token2, "node2", tmp_path / "n2", ip="198.18.0.12"
+    )
     assert status == 200 and node2 is not None
-    node2.client(b.url).call("POST", "/v1/node/workloads",
-                             {"name": "api", "service": "api", "port": 9090})  # fmt: skip
+    node2.client(b.url).call(
+        "POST", "/v1/node/workloads", {"name": "api", "service": "api", "port": 9090}
+    )
     rev_b = b.admin().call("GET", "/v1/admin/nodes")["revision"]
 
     # Restart A: nothing lost, it sees what B did meanwhile, and serves node1.
     a.start()
     assert [n["name"] for n in a.admin().call("GET", "/v1/admin/nodes")["items"]] == [
-        "node1", "node2"]
+        "node1",
+        "node2",
+    ]
     assert a.admin().call("GET", "/v1/admin/nodes")["revision"] == rev_b
     svcs = {s["name"]: s["vip"] for s in a.admin().call("GET", "/v1/admin/services")["items"]}
     assert svcs == {"web": "240.0.0.1", "api": "240.0.0.2"}

@@ -36,8 +36,10 @@ def test_every_mutation_bumps_revision_and_logs(store: Store) -> None:
     assert rev2 == rev + 1
     state = store.read_state(after=rev)
     assert state.revision == rev2
-    assert {(c.kind, c.key) for c in state.changes} == {("workload", "web"),
-                                                       ("service", "default/web")}  # fmt: skip
+    assert {(c.kind, c.key) for c in state.changes} == {
+        ("workload", "web"),
+        ("service", "default/web"),
+    }
     assert state.registry.services[("default", "web")].vip == "240.0.0.1"
 
 
@@ -152,8 +154,12 @@ def test_two_stores_allocate_distinct_vips(store_url: str) -> None:
         def writer(s: Store, prefix: str) -> None:
             try:
                 for i in range(10):
-                    _put(s, R.WorkloadRecord("node1", f"{prefix}{i}", "default",
-                                             f"{prefix}{i}", "sa", 8000 + i))  # fmt: skip
+                    _put(
+                        s,
+                        R.WorkloadRecord(
+                            "node1", f"{prefix}{i}", "default", f"{prefix}{i}", "sa", 8000 + i
+                        ),
+                    )
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 

@@ -92,9 +92,11 @@ IPERF_ERROR = """\
 }
 """
 
-PROC_STAT = ("1234 (python3 -m x) S 1 1234 1234 0 -1 4194560 1000 0 0 0 "
-             "250 75 3 1 20 0 3 0 100 300000000 12000 18446744073709551615 1 1 0 0 0 0 0 "
-             "16781312 16386 0 0 0 17 1 0 0 0 0 0")
+PROC_STAT = (
+    "1234 (python3 -m x) S 1 1234 1234 0 -1 4194560 1000 0 0 0 "
+    "250 75 3 1 20 0 3 0 100 300000000 12000 18446744073709551615 1 1 0 0 0 0 0 "
+    "16781312 16386 0 0 0 17 1 0 0 0 0 0"
+)
 PROC_STATUS = """\
 Name:\tztunnel
 State:\tS (sleeping)
@@ -143,9 +145,15 @@ def test_wrk_garbage_is_an_error() -> None:
         report.parse_wrk("unable to connect to 198.18.0.12:8080 Connection refused\n")
 
 
-@pytest.mark.parametrize(("text", "us"), [
-    ("812.00us", 812.0), ("1.23ms", 1230.0), ("2.01s", 2.01e6), ("1.5m", 90e6),
-])
+@pytest.mark.parametrize(
+    ("text", "us"),
+    [
+        ("812.00us", 812.0),
+        ("1.23ms", 1230.0),
+        ("2.01s", 2.01e6),
+        ("1.5m", 90e6),
+    ],
+)
 def test_duration_units(text: str, us: float) -> None:
     assert report.duration_us(text) == pytest.approx(us)
 
@@ -197,25 +205,50 @@ def test_descendants() -> None:
 
 def _samples() -> dict[str, dict[str, list[float | None]]]:
     base = {
-        "direct": dict(iperf3_gbps=[30.0, 34.5, 35.0], ka_rps=[95e3, 96e3, 90e3],
-                       close_rps=[21e3, 21.6e3, 22e3], lat_p50_us=[60, 62, 64],
-                       lat_p99_us=[100, 110, 120], proxy_cpu_s=[0, 0, 0],
-                       ka_cpu_us_per_req=[0, 0, 0], close_cpu_us_per_req=[0, 0, 0],
-                       proxy_rss_mb=[0, 0, 0]),
-        "meshnode": dict(iperf3_gbps=[5.0, 5.7, 6.0], ka_rps=[35e3, 36e3, 34e3],
-                         close_rps=[7000, 7400, 7500], lat_p50_us=[100, 106, 110],
-                         lat_p99_us=[200, 210, 260], proxy_cpu_s=[30, 31, 32],
-                         ka_cpu_us_per_req=[20, 21, 22], close_cpu_us_per_req=[90, 95, 99],
-                         proxy_rss_mb=[80, 81, 82]),
-        "haproxy-mtls": dict(iperf3_gbps=[6.3, 6.3, 6.0], ka_rps=[32.6e3, 32e3, 33e3],
-                             close_rps=[1480, 1400, 1500], lat_p50_us=[105, 108, 109],
-                             lat_p99_us=[150, 160, 170], proxy_cpu_s=[25, 26, 27],
-                             ka_cpu_us_per_req=[18, 19, 20],
-                             close_cpu_us_per_req=[400, 410, 420], proxy_rss_mb=[30, 30, 31]),
-        "meshnode-same-node": dict(iperf3_gbps=[8.0], ka_rps=[40e3], close_rps=[9000],
-                                   lat_p50_us=[90], lat_p99_us=[180], proxy_cpu_s=[20],
-                                   ka_cpu_us_per_req=[15], close_cpu_us_per_req=[60],
-                                   proxy_rss_mb=[60]),
+        "direct": dict(
+            iperf3_gbps=[30.0, 34.5, 35.0],
+            ka_rps=[95e3, 96e3, 90e3],
+            close_rps=[21e3, 21.6e3, 22e3],
+            lat_p50_us=[60, 62, 64],
+            lat_p99_us=[100, 110, 120],
+            proxy_cpu_s=[0, 0, 0],
+            ka_cpu_us_per_req=[0, 0, 0],
+            close_cpu_us_per_req=[0, 0, 0],
+            proxy_rss_mb=[0, 0, 0],
+        ),
+        "meshnode": dict(
+            iperf3_gbps=[5.0, 5.7, 6.0],
+            ka_rps=[35e3, 36e3, 34e3],
+            close_rps=[7000, 7400, 7500],
+            lat_p50_us=[100, 106, 110],
+            lat_p99_us=[200, 210, 260],
+            proxy_cpu_s=[30, 31, 32],
+            ka_cpu_us_per_req=[20, 21, 22],
+            close_cpu_us_per_req=[90, 95, 99],
+            proxy_rss_mb=[80, 81, 82],
+        ),
+        "haproxy-mtls": dict(
+            iperf3_gbps=[6.3, 6.3, 6.0],
+            ka_rps=[32.6e3, 32e3, 33e3],
+            close_rps=[1480, 1400, 1500],
+            lat_p50_us=[105, 108, 109],
+            lat_p99_us=[150, 160, 170],
+            proxy_cpu_s=[25, 26, 27],
+            ka_cpu_us_per_req=[18, 19, 20],
+            close_cpu_us_per_req=[400, 410, 420],
+            proxy_rss_mb=[30, 30, 31],
+        ),
+        "meshnode-same-node": dict(
+            iperf3_gbps=[8.0],
+            ka_rps=[40e3],
+            close_rps=[9000],
+            lat_p50_us=[90],
+            lat_p99_us=[180],
+            proxy_cpu_s=[20],
+            ka_cpu_us_per_req=[15],
+            close_cpu_us_per_req=[60],
+            proxy_rss_mb=[60],
+        ),
     }
     return {p: {k: [float(x) for x in v] for k, v in m.items()} for p, m in base.items()}
 
@@ -300,24 +333,41 @@ def test_tables_render_every_path_and_ratio() -> None:
     lines = table.splitlines()
     assert lines[0].startswith("| path ")
     assert [ln.split("|")[1].strip() for ln in lines[2:]] == [
-        "direct", "meshnode", "haproxy-mtls", "meshnode-same-node"]
+        "direct",
+        "meshnode",
+        "haproxy-mtls",
+        "meshnode-same-node",
+    ]
     assert "35.0k" in table and "34.50" in table
     assert len({len(ln) for ln in lines}) == 1  # aligned
     ratios = report.render_ratio_table(s)
     assert "keep-alive / haproxy" in ratios and "5.00x" in ratios
-    text = report.render_report(s, report.targets(s), {
-        "points": [{"workloads": 1, "rss_mb": 40.0, "hwm_mb": 45.0},
-                   {"workloads": 100, "rss_mb": 50.0, "hwm_mb": 55.0}],
-        "slope_mb_per_workload": 0.101, "haproxy_sidecar_rss_mb": 12.0,
-        "sidecars_100_estimate_mb": 1200.0})
+    text = report.render_report(
+        s,
+        report.targets(s),
+        {
+            "points": [
+                {"workloads": 1, "rss_mb": 40.0, "hwm_mb": 45.0},
+                {"workloads": 100, "rss_mb": 50.0, "hwm_mb": 55.0},
+            ],
+            "slope_mb_per_workload": 0.101,
+            "haproxy_sidecar_rss_mb": 12.0,
+            "sidecars_100_estimate_mb": 1200.0,
+        },
+    )
     assert "ESTIMATE" in text and "1200 MB" in text and "FALL SHORT" in text
     assert "0.101 MB" in text
 
 
 def test_report_with_memory_only() -> None:
-    text = report.render_report({}, report.targets({}), {
-        "points": [{"workloads": 1, "rss_mb": 40.0, "hwm_mb": 45.0}],
-        "slope_mb_per_workload": None})
+    text = report.render_report(
+        {},
+        report.targets({}),
+        {
+            "points": [{"workloads": 1, "rss_mb": 40.0, "hwm_mb": 45.0}],
+            "slope_mb_per_workload": None,
+        },
+    )
     assert "Medians" not in text and "Memory" in text and "NOT MEASURED" in text
 
 
@@ -343,8 +393,7 @@ def test_haproxy_pair_configs() -> None:
     srv = configs.haproxy_server_conf(tunnels, "198.18.0.12", "/p/s.pem", "/p/ca.pem", 2)
     assert "nbthread 2" in cli and "mode tcp" in cli
     assert "bind 127.0.0.1:20080" in cli
-    assert "server peer 198.18.0.12:20443 ssl crt /p/c.pem ca-file /p/ca.pem verify required" \
-        in cli
+    assert "server peer 198.18.0.12:20443 ssl crt /p/c.pem ca-file /p/ca.pem verify required" in cli
     assert "bind 198.18.0.12:20443 ssl crt /p/s.pem ca-file /p/ca.pem verify required" in srv
     assert "server app 127.0.0.1:8080" in srv
     for text in (cli, srv):

@@ -36,13 +36,17 @@ def cp(tmp_path: Path) -> Iterator[ThreadedControlPlane]:
 
 def _run(cp: ThreadedControlPlane, *args: str) -> tuple[int, str, str]:
     runner = CliRunner()
-    result = runner.invoke(cli, [*args, "--cp", cp.url, "--data-dir", str(cp.data_dir)],
-                           env={"MESHNODE_ADMIN_TOKEN": ""})  # fmt: skip
+    result = runner.invoke(
+        cli,
+        [*args, "--cp", cp.url, "--data-dir", str(cp.data_dir)],
+        env={"MESHNODE_ADMIN_TOKEN": ""},
+    )
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_token_create_prints_token_and_enroll_line(cp: ThreadedControlPlane,
-                                                   tmp_path: Path) -> None:  # fmt: skip
+def test_token_create_prints_token_and_enroll_line(
+    cp: ThreadedControlPlane, tmp_path: Path
+) -> None:
     code, out, err = _run(cp, "token", "create", "--node", "node1", "--zone", "z1", "--ttl", "10m")
     assert code == 0, err
     token = out.strip()
@@ -57,8 +61,10 @@ def test_apply_get_delete(cp: ThreadedControlPlane, tmp_path: Path) -> None:
     f.write_text(POLICY)
     code, out, err = _run(cp, "apply", "-f", str(f))
     assert code == 0, err
-    assert out.splitlines() == ["AuthorizationPolicy/allow-web created",
-                                "TrafficSplit/web-split created"]  # fmt: skip
+    assert out.splitlines() == [
+        "AuthorizationPolicy/allow-web created",
+        "TrafficSplit/web-split created",
+    ]
     code, out, _ = _run(cp, "apply", "-f", str(f))
     assert "AuthorizationPolicy/allow-web unchanged" in out
 
@@ -77,8 +83,9 @@ def test_apply_get_delete(cp: ThreadedControlPlane, tmp_path: Path) -> None:
     assert code == 1 and "HTTP 404" in err and "not found" in err
 
 
-def test_apply_invalid_names_the_field_and_changes_nothing(cp: ThreadedControlPlane,
-                                                           tmp_path: Path) -> None:  # fmt: skip
+def test_apply_invalid_names_the_field_and_changes_nothing(
+    cp: ThreadedControlPlane, tmp_path: Path
+) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text(POLICY.replace("v2: 10", "v2: -1"))
     code, out, err = _run(cp, "apply", "-f", str(f))
@@ -91,11 +98,13 @@ def test_apply_invalid_names_the_field_and_changes_nothing(cp: ThreadedControlPl
 
 def test_get_nodes_workloads_services(cp: ThreadedControlPlane, tmp_path: Path) -> None:
     code, token, _ = _run(cp, "token", "create", "--node", "node1")
-    status, _, node = enroll(cp.url, cp.bundle(), token.strip(), "node1", tmp_path / "n",
-                             ip="198.18.0.11")  # fmt: skip
+    status, _, node = enroll(
+        cp.url, cp.bundle(), token.strip(), "node1", tmp_path / "n", ip="198.18.0.11"
+    )
     assert node is not None
-    node.client(cp.url).call("POST", "/v1/node/workloads",
-                             {"name": "web", "service": "web", "port": 8080})  # fmt: skip
+    node.client(cp.url).call(
+        "POST", "/v1/node/workloads", {"name": "web", "service": "web", "port": 8080}
+    )
     code, out, _ = _run(cp, "get", "nodes")
     assert "node1" in out and "198.18.0.11" in out
     code, out, _ = _run(cp, "get", "svc", "-o", "json")
@@ -111,8 +120,9 @@ def test_get_nodes_workloads_services(cp: ThreadedControlPlane, tmp_path: Path) 
 
 
 def test_cli_without_trust_bundle_says_what_to_do(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["get", "nodes", "--cp", "https://127.0.0.1:1",
-                                      "--data-dir", str(tmp_path)])  # fmt: skip
+    result = CliRunner().invoke(
+        cli, ["get", "nodes", "--cp", "https://127.0.0.1:1", "--data-dir", str(tmp_path)]
+    )
     assert result.exit_code == 1 and "--ca-file" in result.stderr
 
 
@@ -120,9 +130,11 @@ def test_cli_pin_fetches_and_checks_the_bundle(cp: ThreadedControlPlane) -> None
     pin = cp.admin().call("POST", "/v1/admin/tokens", {"node": "x"})["token"].split(".")[3]
     empty = cp.data_dir.parent / "empty"
     empty.mkdir()
-    ok = CliRunner().invoke(cli, ["get", "nodes", "--cp", cp.url, "--data-dir", str(empty),
-                                  "--pin", pin])  # fmt: skip
+    ok = CliRunner().invoke(
+        cli, ["get", "nodes", "--cp", cp.url, "--data-dir", str(empty), "--pin", pin]
+    )
     assert ok.exit_code == 0, ok.stderr
-    bad = CliRunner().invoke(cli, ["get", "nodes", "--cp", cp.url, "--data-dir", str(empty),
-                                   "--pin", "0" * 64])  # fmt: skip
+    bad = CliRunner().invoke(
+        cli, ["get", "nodes", "--cp", cp.url, "--data-dir", str(empty), "--pin", "0" * 64]
+    )
     assert bad.exit_code == 1 and "expected pin" in bad.stderr

@@ -176,8 +176,11 @@ def test_workload_request_validation_names_the_field(body: dict, field: str) -> 
 
 # --- slices and changes ----------------------------------------------------------------
 
-POLICY = {"kind": "AuthorizationPolicy", "metadata": {"name": "deny", "namespace": "default"},
-          "spec": {"action": "DENY", "rules": []}}  # fmt: skip
+POLICY = {
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny", "namespace": "default"},
+    "spec": {"action": "DENY", "rules": []},
+}
 
 
 def test_node_slice_shape_matches_the_ztunnel_schema() -> None:
@@ -191,19 +194,40 @@ def test_node_slice_shape_matches_the_ztunnel_schema() -> None:
     assert [w["name"] for w in s["workloads"]] == ["web"]  # only this node's
     api = next(x for x in s["services"] if x["name"] == "api")
     assert api == {
-        "name": "api", "namespace": "default", "vip": "240.0.0.2",
+        "name": "api",
+        "namespace": "default",
+        "vip": "240.0.0.2",
         "ports": [{"port": 9090, "target_port": 9090}],
-        "endpoints": [{"workload": "api", "namespace": "default", "service_account": "api",
-                       "node": "node2", "node_ip": "198.18.0.12", "address": "198.18.0.12",
-                       "zone": "z2", "port": 9090, "service_port": 9090, "version": "v1"}],
-    }  # fmt: skip
+        "endpoints": [
+            {
+                "workload": "api",
+                "namespace": "default",
+                "service_account": "api",
+                "node": "node2",
+                "node_ip": "198.18.0.12",
+                "address": "198.18.0.12",
+                "zone": "z2",
+                "port": 9090,
+                "service_port": 9090,
+                "version": "v1",
+            }
+        ],
+    }
     assert s["resources"] == [POLICY]
     # The services parse with the data plane's own parser.
     from meshnode.ztunnel.state import parse_snapshot
 
-    state = parse_snapshot({"schema": 1, "version": 7, "node": s["node"],
-                            "trust_domain": "cluster.local", "trust_bundle": "/x",
-                            "workloads": [], "services": s["services"]})  # fmt: skip
+    state = parse_snapshot(
+        {
+            "schema": 1,
+            "version": 7,
+            "node": s["node"],
+            "trust_domain": "cluster.local",
+            "trust_bundle": "/x",
+            "workloads": [],
+            "services": s["services"],
+        }
+    )
     assert state.find_service_by_vip("240.0.0.2") is not None
 
 
@@ -224,9 +248,11 @@ def test_changes_since_only_the_nodes_slice() -> None:
     ch = R.changes_since(log, 0, 1, "node1", 4)
     assert ch is not None
     assert [(c["kind"], c["key"]) for c in ch] == [
-        ("workload", "web"), ("service", "default/web"), ("service", "default/api"),
+        ("workload", "web"),
+        ("service", "default/web"),
+        ("service", "default/api"),
         ("resource", "AuthorizationPolicy/default/deny"),
-    ]  # fmt: skip
+    ]
     ch2 = R.changes_since(log, 0, 2, "node2", 4)
     assert ch2 is not None
     assert ("workload", "web") not in [(c["kind"], c["key"]) for c in ch2]
@@ -234,7 +260,8 @@ def test_changes_since_only_the_nodes_slice() -> None:
     assert R.changes_since(log, 0, 4, "node1", 4) == []
     # Applied to node1's slice at rev 1, the changes give its slice at rev 4.
     assert _apply(R.node_slice(_reg(), "node1", 1, "td"), ch) == _strip(
-        R.node_slice(reg, "node1", 4, "td"))
+        R.node_slice(reg, "node1", 4, "td")
+    )
 
 
 def test_changes_since_collapses_keys_and_handles_deletes() -> None:
@@ -242,8 +269,10 @@ def test_changes_since_collapses_keys_and_handles_deletes() -> None:
     log = R.diff(_reg(), reg, 2)
     log += R.diff(reg, R.delete_workload(reg, "node1", "web"), 3)
     ch = R.changes_since(log, 0, 1, "node1", 3)
-    assert ch == [{"op": "delete", "kind": "workload", "key": "web"},
-                  {"op": "delete", "kind": "service", "key": "default/web"}]  # fmt: skip
+    assert ch == [
+        {"op": "delete", "kind": "workload", "key": "web"},
+        {"op": "delete", "kind": "service", "key": "default/web"},
+    ]
 
 
 def test_changes_since_asks_for_full_when_log_is_too_short_or_node_changed() -> None:
@@ -269,7 +298,8 @@ def _apply(slice_: dict, changes: list[dict]) -> dict:
         "workloads": lambda v: v["name"],
         "services": lambda v: f"{v['namespace']}/{v['name']}",
         "resources": lambda v: "/".join(
-            [v["kind"], v["metadata"].get("namespace", "default"), v["metadata"]["name"]]),
+            [v["kind"], v["metadata"].get("namespace", "default"), v["metadata"]["name"]]
+        ),
     }
     for c in changes:
         field = c["kind"] + "s"
@@ -309,7 +339,8 @@ def test_node_certificate_has_exactly_one_node_uri() -> None:
     leaf = x509.load_pem_x509_certificates(pem)[0]
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "spiffe://cluster.local/node/node1"]
+        "spiffe://cluster.local/node/node1"
+    ]
     eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in eku
     assert x509.oid.ExtendedKeyUsageOID.SERVER_AUTH in eku
@@ -324,20 +355,23 @@ def test_node_certificate_has_exactly_one_node_uri() -> None:
 def test_workload_certificate_is_not_a_node_certificate() -> None:
     ca = CertificateAuthority.create("cluster.local")
     pem = ca.issue_workload_certificate(_csr(), SpiffeId("cluster.local", "default", "web"))
-    assert node_name_from_certificate(x509.load_pem_x509_certificates(pem)[0],
-                                      "cluster.local") is None  # fmt: skip
+    assert (
+        node_name_from_certificate(x509.load_pem_x509_certificates(pem)[0], "cluster.local") is None
+    )
 
 
 def test_controlplane_certificate_sans_and_ttl() -> None:
     ca = CertificateAuthority.create("cluster.local")
     key = generate_private_key()
     now = datetime.now(UTC)
-    pem = ca.issue_controlplane_certificate(key, ["cp.example"], ["127.0.0.1", "10.0.0.5"],
-                                            timedelta(seconds=30), now=now)  # fmt: skip
+    pem = ca.issue_controlplane_certificate(
+        key, ["cp.example"], ["127.0.0.1", "10.0.0.5"], timedelta(seconds=30), now=now
+    )
     leaf = x509.load_pem_x509_certificates(pem)[0]
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "spiffe://cluster.local/controlplane"]
+        "spiffe://cluster.local/controlplane"
+    ]
     assert san.get_values_for_type(x509.DNSName) == ["cp.example"]
     assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "10.0.0.5"]
     assert leaf.not_valid_after_utc - now <= timedelta(seconds=31)
@@ -348,8 +382,13 @@ def test_controlplane_certificate_sans_and_ttl() -> None:
     with tempfile.NamedTemporaryFile() as c, tempfile.NamedTemporaryFile() as k:
         c.write(pem)
         c.flush()
-        k.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                  serialization.NoEncryption()))  # fmt: skip
+        k.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         k.flush()
         ctx.load_cert_chain(c.name, k.name)
 
@@ -357,10 +396,12 @@ def test_controlplane_certificate_sans_and_ttl() -> None:
 def test_workload_ttl_is_configurable_in_seconds() -> None:
     ca = CertificateAuthority.create("cluster.local")
     now = datetime.now(UTC)
-    pem = ca.issue_workload_certificate(_csr(), SpiffeId("cluster.local", "a", "b"),
-                                        timedelta(seconds=5), now=now)  # fmt: skip
+    pem = ca.issue_workload_certificate(
+        _csr(), SpiffeId("cluster.local", "a", "b"), timedelta(seconds=5), now=now
+    )
     assert x509.load_pem_x509_certificates(pem)[0].not_valid_after_utc == (
-        now + timedelta(seconds=5)).replace(microsecond=0)
+        now + timedelta(seconds=5)
+    ).replace(microsecond=0)
 
 
 def test_rotation_overlap() -> None:

@@ -65,8 +65,10 @@ def _raw_head(cp: ThreadedControlPlane, head: bytes, body: bytes = b"") -> tuple
     """Send a request head (and part of a body) over verified TLS; the first bytes of
     the answer and how long it took. Used where no HTTP client would send this."""
     ctx = tls_context(cp.bundle())
-    with socket.create_connection(("127.0.0.1", cp.cp.port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:  # fmt: skip
+    with (
+        socket.create_connection(("127.0.0.1", cp.cp.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
         started = time.monotonic()
         tls.sendall(head + body)
         answer = b""
@@ -81,8 +83,10 @@ def _raw_head(cp: ThreadedControlPlane, head: bytes, body: bytes = b"") -> tuple
 def test_auth_before_the_body_is_read(cp: ThreadedControlPlane) -> None:
     huge = 1 << 30  # announced; only 4 KiB is ever sent
     for path in (api.NODE_WORKLOADS, api.ADMIN_TOKENS):
-        head = (f"POST {path} HTTP/1.1\r\nHost: cp\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {huge}\r\n\r\n").encode()  # fmt: skip
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: cp\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {huge}\r\n\r\n"
+        ).encode()
         answer, took = _raw_head(cp, head, b"{" + b" " * 4096)
         assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
         assert took < 5
@@ -90,8 +94,10 @@ def test_auth_before_the_body_is_read(cp: ThreadedControlPlane) -> None:
 
 def test_body_larger_than_the_route_takes(cp: ThreadedControlPlane) -> None:
     token = _admin_token(cp)
-    head = (f"POST {api.ADMIN_TOKENS} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n"
-            f"Content-Length: {MAX_BODY * 4}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"POST {api.ADMIN_TOKENS} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Length: {MAX_BODY * 4}\r\n\r\n"
+    ).encode()
     answer, _ = _raw_head(cp, head, b"{}")
     assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
 
@@ -100,11 +106,12 @@ def _run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def _request(cp: ThreadedControlPlane, method: str, path: str,
-                   **kw: Any) -> tuple[int, Any]:  # fmt: skip
+async def _request(cp: ThreadedControlPlane, method: str, path: str, **kw: Any) -> tuple[int, Any]:
     connector = aiohttp.TCPConnector(ssl=tls_context(cp.bundle()))
-    async with aiohttp.ClientSession(connector=connector) as session, \
-            session.request(method, cp.url + path, **kw) as resp:  # fmt: skip
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.request(method, cp.url + path, **kw) as resp,
+    ):
         ctype = resp.headers.get("Content-Type", "")
         return resp.status, (await resp.json() if "json" in ctype else await resp.text())
 
@@ -114,25 +121,35 @@ def test_chunked_body_is_read(cp: ThreadedControlPlane) -> None:
         yield b'{"node": '
         yield b'"chunky"}'
 
-    status, data = _run(_request(cp, "POST", api.ADMIN_TOKENS, data=chunks(), headers={
-        "Authorization": f"Bearer {_admin_token(cp)}", "Content-Type": "application/json"}))
+    status, data = _run(
+        _request(
+            cp,
+            "POST",
+            api.ADMIN_TOKENS,
+            data=chunks(),
+            headers={
+                "Authorization": f"Bearer {_admin_token(cp)}",
+                "Content-Type": "application/json",
+            },
+        )
+    )
     assert status == 200 and data["node"] == "chunky", data
 
 
 def test_repeated_authorization_is_refused(cp: ThreadedControlPlane) -> None:
     token = _admin_token(cp)
-    head = (f"GET {api.ADMIN_NODES} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n"
-            f"Authorization: Bearer {token}\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f"GET {api.ADMIN_NODES} HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {token}\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
     answer, _ = _raw_head(cp, head)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
-    ok = _run(_request(cp, "GET", api.ADMIN_NODES,
-                       headers={"Authorization": f"Bearer {token}"}))  # fmt: skip
+    ok = _run(_request(cp, "GET", api.ADMIN_NODES, headers={"Authorization": f"Bearer {token}"}))
     assert ok[0] == 200
 
 
 def test_oversized_header_is_refused(cp: ThreadedControlPlane) -> None:
-    head = (f"GET {api.TRUST_BUNDLE} HTTP/1.1\r\nHost: cp\r\nX-Big: {'a' * 20000}\r\n\r\n"
-            ).encode()  # fmt: skip
+    head = (f"GET {api.TRUST_BUNDLE} HTTP/1.1\r\nHost: cp\r\nX-Big: {'a' * 20000}\r\n\r\n").encode()
     answer, _ = _raw_head(cp, head)
     assert answer[8:13] in (b" 400 ", b" 431 "), answer[:200]
 
@@ -153,8 +170,7 @@ def _free_url() -> str:
         return f"https://127.0.0.1:{s.getsockname()[1]}"
 
 
-def test_node_client_replicas_and_server_identity(cp: ThreadedControlPlane,
-                                                  tmp_path: Path) -> None:  # fmt: skip
+def test_node_client_replicas_and_server_identity(cp: ThreadedControlPlane, tmp_path: Path) -> None:
     admin = cp.admin(_admin_token(cp))
     token = admin.call("POST", api.ADMIN_TOKENS, {"node": "n1"})["token"]
     status, data, node = enroll(cp.url, cp.bundle(), token, "n1", tmp_path / "n1")
@@ -164,22 +180,27 @@ def test_node_client_replicas_and_server_identity(cp: ThreadedControlPlane,
     body = {"name": "web", "namespace": "default", "service": "web", "port": 8080}
 
     # Not the control plane's SPIFFE ID: refused in the handshake, nothing sent.
-    impostor = NodeClient([cp.url], bundle, node.cert_path, node.key_path,
-                          "spiffe://cluster.local/ns/default/sa/web")  # fmt: skip
+    impostor = NodeClient(
+        [cp.url], bundle, node.cert_path, node.key_path, "spiffe://cluster.local/ns/default/sa/web"
+    )
     with pytest.raises(ClientError, match="not spiffe://cluster.local/ns/default/sa/web"):
         impostor.request("POST", api.NODE_WORKLOADS, body)
     assert admin.call("GET", api.ADMIN_WORKLOADS)["items"] == []
 
     # A dead replica first: the live one answers and is tried first from then on.
     dead = _free_url()
-    client = NodeClient([dead, cp.url], bundle, node.cert_path, node.key_path,
-                        controlplane_uri("cluster.local"))  # fmt: skip
+    client = NodeClient(
+        [dead, cp.url], bundle, node.cert_path, node.key_path, controlplane_uri("cluster.local")
+    )
     assert client.request("POST", api.NODE_WORKLOADS, body)["workload"]["name"] == "web"
     assert client.order == [cp.url, dead]
     # An answered 4xx is final.
     with pytest.raises(ClientError) as err:
-        client.request("POST", api.NODE_CERTIFICATES,
-                       {"namespace": "other", "service_account": "x", "csr": "-"})
+        client.request(
+            "POST",
+            api.NODE_CERTIFICATES,
+            {"namespace": "other", "service_account": "x", "csr": "-"},
+        )
     assert err.value.status == 403 and "hosts no workload" in err.value.message
     assert [w["name"] for w in admin.call("GET", api.ADMIN_WORKLOADS)["items"]] == ["web"]
 
@@ -191,8 +212,14 @@ def test_node_client_without_any_control_plane(tmp_path: Path, cp: ThreadedContr
     assert node is not None
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(node.bundle)
-    client = NodeClient([_free_url()], bundle, node.cert_path, node.key_path,
-                        controlplane_uri("cluster.local"), timeout=3)  # fmt: skip
+    client = NodeClient(
+        [_free_url()],
+        bundle,
+        node.cert_path,
+        node.key_path,
+        controlplane_uri("cluster.local"),
+        timeout=3,
+    )
     with pytest.raises(ClientError, match="no control plane reachable.*connection refused"):
         client.request("GET", api.NODE_CONFIG)
 

@@ -45,8 +45,9 @@ def _token(cp: ThreadedControlPlane, node: str, **kw: Any) -> str:
 
 
 def _node(cp: ThreadedControlPlane, tmp_path: Path, name: str = "node1") -> EnrolledNode:
-    status, data, node = enroll(cp.url, cp.bundle(), _token(cp, name), name, tmp_path / name,
-                                zone="z1", ip="198.18.0.11")  # fmt: skip
+    status, data, node = enroll(
+        cp.url, cp.bundle(), _token(cp, name), name, tmp_path / name, zone="z1", ip="198.18.0.11"
+    )
     assert status == 200, data
     assert node is not None
     return node
@@ -65,7 +66,8 @@ def test_enroll_success_gives_a_node_certificate(cp: ThreadedControlPlane, tmp_p
     chain = x509.load_pem_x509_certificates(node.cert_path.read_bytes())
     san = chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "spiffe://cluster.local/node/node1"]
+        "spiffe://cluster.local/node/node1"
+    ]
     assert node.response["node"] == {"name": "node1", "zone": "z1", "ip": "198.18.0.11"}
     assert node.response["trust_domain"] == "cluster.local"
     # The token's pin is the SHA-256 of the root in the bundle.
@@ -88,7 +90,8 @@ def test_enroll_refusals_change_nothing(cp: ThreadedControlPlane, tmp_path: Path
     assert status == 401 and "expired" in data["error"]
     # Bad CSR: 400, and the token is still usable afterwards.
     status, data = ApiClient(cp.url, cp.bundle()).request(
-        "POST", "/v1/enroll", {"token": token, "name": "node1", "csr": "garbage"})
+        "POST", "/v1/enroll", {"token": token, "name": "node1", "csr": "garbage"}
+    )
     assert status == 400 and "csr" in data["error"]
     # Malformed token: 400.
     status, data, _ = enroll(cp.url, cp.bundle(), "mn1.nope", "node1", tmp_path / "c")
@@ -113,13 +116,23 @@ def test_node_api_needs_a_node_certificate(cp: ThreadedControlPlane) -> None:
 
 def test_register_workload_and_get_slice(cp: ThreadedControlPlane, tmp_path: Path) -> None:
     node = _node(cp, tmp_path).client(cp.url)
-    node.call("POST", "/v1/node/workloads",
-              {"name": "web", "namespace": "default", "service": "web", "port": 8080,
-               "version": "v1"})  # fmt: skip
+    node.call(
+        "POST",
+        "/v1/node/workloads",
+        {"name": "web", "namespace": "default", "service": "web", "port": 8080, "version": "v1"},
+    )
     s = node.call("GET", "/v1/node/config")
     assert s["full"] is True and s["node"]["name"] == "node1"
-    assert s["workloads"] == [{"name": "web", "namespace": "default", "service": "web",
-                               "service_account": "web", "port": 8080, "version": "v1"}]
+    assert s["workloads"] == [
+        {
+            "name": "web",
+            "namespace": "default",
+            "service": "web",
+            "service_account": "web",
+            "port": 8080,
+            "version": "v1",
+        }
+    ]
     assert s["services"][0]["vip"] == "240.0.0.1"
     assert s["services"][0]["endpoints"][0]["node_ip"] == "198.18.0.11"
     # Bad workload: 400 naming the field.
@@ -131,9 +144,13 @@ def test_register_workload_and_get_slice(cp: ThreadedControlPlane, tmp_path: Pat
     d = node.call("GET", f"/v1/node/config?since={rev}")
     assert d["full"] is False
     assert {(c["op"], c["kind"], c["key"]) for c in d["changes"]} == {
-        ("delete", "workload", "web"), ("delete", "service", "default/web")}
+        ("delete", "workload", "web"),
+        ("delete", "service", "default/web"),
+    }
     assert node.call("GET", f"/v1/node/config?since={d['revision']}") == {
-        "revision": d["revision"], "unchanged": True}
+        "revision": d["revision"],
+        "unchanged": True,
+    }
 
 
 def test_long_poll_wakes_on_admin_change(cp: ThreadedControlPlane, tmp_path: Path) -> None:
@@ -156,7 +173,8 @@ def test_long_poll_wakes_on_admin_change(cp: ThreadedControlPlane, tmp_path: Pat
     assert time.monotonic() - t0 < 1.0
     changes = result["answer"]["changes"]
     assert [(c["kind"], c["key"]) for c in changes] == [
-        ("resource", "AuthorizationPolicy/default/deny-web")]
+        ("resource", "AuthorizationPolicy/default/deny-web")
+    ]
 
 
 def test_long_poll_times_out_unchanged(cp: ThreadedControlPlane, tmp_path: Path) -> None:
@@ -164,7 +182,9 @@ def test_long_poll_times_out_unchanged(cp: ThreadedControlPlane, tmp_path: Path)
     rev = node.call("GET", "/v1/node/config")["revision"]
     t0 = time.monotonic()
     assert node.call("GET", f"/v1/node/config?since={rev}&wait=1") == {
-        "revision": rev, "unchanged": True}
+        "revision": rev,
+        "unchanged": True,
+    }
     assert 0.9 < time.monotonic() - t0 < 3
 
 
@@ -177,11 +197,17 @@ def test_workload_certificate_only_for_hosted_identities(
     node2.call("POST", "/v1/node/workloads", {"name": "api", "service": "api", "port": 9090})
     csr = make_csr(generate_private_key(), SpiffeId("cluster.local", "default", "api")).decode()
     # node1 asks for api's identity (hosted on node2 only): 403 with a clear message.
-    status, data = node1.request("POST", "/v1/node/certificates",
-                                 {"csr": csr, "namespace": "default", "service_account": "api"})
+    status, data = node1.request(
+        "POST",
+        "/v1/node/certificates",
+        {"csr": csr, "namespace": "default", "service_account": "api"},
+    )
     assert status == 403 and "hosts no workload" in data["error"]
-    got = node2.call("POST", "/v1/node/certificates",
-                     {"csr": csr, "namespace": "default", "service_account": "api"})
+    got = node2.call(
+        "POST",
+        "/v1/node/certificates",
+        {"csr": csr, "namespace": "default", "service_account": "api"},
+    )
     leaf = x509.load_pem_x509_certificates(got["certificate"].encode())[0]
     assert spiffe_id_from_certificate(leaf) == SpiffeId("cluster.local", "default", "api")
 
@@ -194,7 +220,8 @@ def test_renew_and_node_deletion(cp: ThreadedControlPlane, tmp_path: Path) -> No
     leaf = x509.load_pem_x509_certificates(renewed["certificate"].encode())[0]
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "spiffe://cluster.local/node/node1"]
+        "spiffe://cluster.local/node/node1"
+    ]
     cp.admin().call("DELETE", "/v1/admin/nodes/node1")
     status, data = node.request("GET", "/v1/node/config")
     assert status == 403 and "not registered" in data["error"]
@@ -207,8 +234,9 @@ def test_invalid_yaml_is_refused_naming_the_field(cp: ThreadedControlPlane) -> N
     admin = cp.admin()
     rev = admin.call("GET", "/v1/admin/resources")["revision"]
     bad = POLICY + "---\n" + POLICY.replace("deny-web", "second").replace("DENY", "MAYBE")
-    status, data = admin.request("POST", "/v1/admin/resources", bad,
-                                 content_type="application/yaml")  # fmt: skip
+    status, data = admin.request(
+        "POST", "/v1/admin/resources", bad, content_type="application/yaml"
+    )
     assert status == 400
     assert "document 2" in data["error"] and "spec.action" in data["error"]
     after = admin.call("GET", "/v1/admin/resources")
@@ -259,13 +287,18 @@ def test_tls_is_1_3_and_cert_names_the_controlplane(cp: ThreadedControlPlane) ->
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     import socket
 
-    with pytest.raises(ssl.SSLError), socket.create_connection(("127.0.0.1", cp.cp.port)) as s, \
-            ctx.wrap_socket(s, server_hostname="127.0.0.1"):
+    with (
+        pytest.raises(ssl.SSLError),
+        socket.create_connection(("127.0.0.1", cp.cp.port)) as s,
+        ctx.wrap_socket(s, server_hostname="127.0.0.1"),
+    ):
         pass
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cadata=cp.bundle().decode())
-    with socket.create_connection(("127.0.0.1", cp.cp.port)) as s, \
-            ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls:
+    with (
+        socket.create_connection(("127.0.0.1", cp.cp.port)) as s,
+        ctx.wrap_socket(s, server_hostname="127.0.0.1") as tls,
+    ):
         peer = tls.getpeercert()
         assert ("URI", "spiffe://cluster.local/controlplane") in peer["subjectAltName"]
         assert tls.version() == "TLSv1.3"
@@ -280,14 +313,15 @@ def test_ca_rotation_through_the_api(cp: ThreadedControlPlane, tmp_path: Path) -
     assert len(x509.load_pem_x509_certificates(s["trust_bundle"].encode())) == 2
     bundle = s["trust_bundle"].encode()
     csr = make_csr(generate_private_key(), SpiffeId("cluster.local", "x", "y")).decode()
-    renewed = ApiClient(cp.url, bundle, cert_file=node.cert_file,
-                        key_file=node.key_file).call("POST", "/v1/node/renew", {"csr": csr})
+    renewed = ApiClient(cp.url, bundle, cert_file=node.cert_file, key_file=node.key_file).call(
+        "POST", "/v1/node/renew", {"csr": csr}
+    )
     issuer = x509.load_pem_x509_certificates(renewed["certificate"].encode())[1]
-    assert hashlib.sha256(issuer.public_bytes(DER)).hexdigest() \
-        != out["roots"][0]
+    assert hashlib.sha256(issuer.public_bytes(DER)).hexdigest() != out["roots"][0]
     # Rotating with no overlap retires the old root at once: the old cert is refused.
     cp.admin(None).call("POST", "/v1/admin/ca/rotate", {"overlap_seconds": 0})
     new_bundle = cp.admin().call("GET", "/v1/trust-bundle")["trust_bundle"].encode()
     with pytest.raises((ClientError, ssl.SSLError)):
-        ApiClient(cp.url, new_bundle, cert_file=node.cert_file,
-                  key_file=node.key_file).call("GET", "/v1/node/config")  # fmt: skip
+        ApiClient(cp.url, new_bundle, cert_file=node.cert_file, key_file=node.key_file).call(
+            "GET", "/v1/node/config"
+        )

@@ -42,43 +42,94 @@ from meshnode.core.contracts import (
 )
 from meshnode.core.resources import AuthorizationPolicy, resource_from_dict
 
-POLICY = {"kind": "AuthorizationPolicy", "metadata": {"name": "deny", "namespace": "default"},
-          "spec": {"action": "DENY", "rules": []}}  # fmt: skip
+POLICY = {
+    "kind": "AuthorizationPolicy",
+    "metadata": {"name": "deny", "namespace": "default"},
+    "spec": {"action": "DENY", "rules": []},
+}
 
-ENDPOINT = EndpointDoc(workload="api", namespace="default", service_account="api",
-                       node="node2", node_ip="198.18.0.12", address="198.18.0.12", port=8080,
-                       zone="z2", service_port=80, version="v1")  # fmt: skip
-SERVICE = ServiceDoc(name="api", namespace="default", vip="240.0.0.1",
-                     ports=(ServicePort(80, 8080),), endpoints=(ENDPOINT,),
-                     split=(("v1", 90), ("v2", 10)))  # fmt: skip
-WORKLOAD = WorkloadDoc(name="web", namespace="default", service="web", service_account="web",
-                       port=8080, version="v1")  # fmt: skip
+ENDPOINT = EndpointDoc(
+    workload="api",
+    namespace="default",
+    service_account="api",
+    node="node2",
+    node_ip="198.18.0.12",
+    address="198.18.0.12",
+    port=8080,
+    zone="z2",
+    service_port=80,
+    version="v1",
+)
+SERVICE = ServiceDoc(
+    name="api",
+    namespace="default",
+    vip="240.0.0.1",
+    ports=(ServicePort(80, 8080),),
+    endpoints=(ENDPOINT,),
+    split=(("v1", 90), ("v2", 10)),
+)
+WORKLOAD = WorkloadDoc(
+    name="web", namespace="default", service="web", service_account="web", port=8080, version="v1"
+)
 NODE = NodeDoc(name="node1", ip="198.18.0.11", zone="z1")
-SLICE = NodeSlice(revision=42, node=NODE, trust_domain="cluster.local", workloads=(WORKLOAD,),
-                  services=(SERVICE,), resources=(resource_from_dict(POLICY),),
-                  trust_bundle="-----BEGIN CERTIFICATE-----\n...")  # fmt: skip
-SNAP_WORKLOAD = SnapshotWorkload(id=1, name="web", namespace="default", service_account="web",
-                                 node="node1", address="198.18.0.11", port=8080, service="web",
-                                 cert="/c/web.pem", key="/c/web.key")  # fmt: skip
+SLICE = NodeSlice(
+    revision=42,
+    node=NODE,
+    trust_domain="cluster.local",
+    workloads=(WORKLOAD,),
+    services=(SERVICE,),
+    resources=(resource_from_dict(POLICY),),
+    trust_bundle="-----BEGIN CERTIFICATE-----\n...",
+)
+SNAP_WORKLOAD = SnapshotWorkload(
+    id=1,
+    name="web",
+    namespace="default",
+    service_account="web",
+    node="node1",
+    address="198.18.0.11",
+    port=8080,
+    service="web",
+    cert="/c/web.pem",
+    key="/c/web.key",
+)
 POLICY_OBJ = resource_from_dict(POLICY)
 assert isinstance(POLICY_OBJ, AuthorizationPolicy)
-SNAPSHOT = Snapshot(version=7, node=NODE, trust_domain="cluster.local", trust_bundle="/c/b.pem",
-                    bpf_pin_dir="/sys/fs/bpf/meshnode", workloads=(SNAP_WORKLOAD,),
-                    services=(SERVICE,), policies=(POLICY_OBJ,),
-                    authorization_default="DENY")  # fmt: skip
+SNAPSHOT = Snapshot(
+    version=7,
+    node=NODE,
+    trust_domain="cluster.local",
+    trust_bundle="/c/b.pem",
+    bpf_pin_dir="/sys/fs/bpf/meshnode",
+    workloads=(SNAP_WORKLOAD,),
+    services=(SERVICE,),
+    policies=(POLICY_OBJ,),
+    authorization_default="DENY",
+)
 
 ROUND_TRIP: list[Any] = [
-    NODE, WORKLOAD, ServicePort(80, 8080), ENDPOINT, SERVICE, SLICE,
+    NODE,
+    WORKLOAD,
+    ServicePort(80, 8080),
+    ENDPOINT,
+    SERVICE,
+    SLICE,
     SliceChange("put", "workload", "web", WORKLOAD),
     SliceChange("put", "service", "default/api", SERVICE),
     SliceChange("put", "resource", "AuthorizationPolicy/default/deny", POLICY_OBJ),
     SliceChange("delete", "service", "default/api"),
     SliceDelta(43, (SliceChange("delete", "workload", "web"),)),
     SliceUnchanged(42),
-    SNAP_WORKLOAD, SNAPSHOT,
-    SnapshotMessage(7, SNAPSHOT), AddMessage(8, SNAP_WORKLOAD), AddMessage(9, SERVICE),
-    DeleteMessage(10, "service", "default/api"), Ack(7), Nack(7, "why"), Nack(None, "why"),
-]  # fmt: skip
+    SNAP_WORKLOAD,
+    SNAPSHOT,
+    SnapshotMessage(7, SNAPSHOT),
+    AddMessage(8, SNAP_WORKLOAD),
+    AddMessage(9, SERVICE),
+    DeleteMessage(10, "service", "default/api"),
+    Ack(7),
+    Nack(7, "why"),
+    Nack(None, "why"),
+]
 
 
 @pytest.mark.parametrize("value", ROUND_TRIP, ids=lambda v: type(v).__name__)
@@ -90,8 +141,11 @@ def test_round_trip_through_json_text(value: Any) -> None:
 def test_dispatchers_pick_the_right_type() -> None:
     for value in (SLICE, SliceDelta(1), SliceUnchanged(1)):
         assert parse_slice_answer(value.to_json()) == value
-    for msg in (SnapshotMessage(7, SNAPSHOT), AddMessage(8, SERVICE),
-                DeleteMessage(9, "workload", "web")):
+    for msg in (
+        SnapshotMessage(7, SNAPSHOT),
+        AddMessage(8, SERVICE),
+        DeleteMessage(9, "workload", "web"),
+    ):
         assert parse_control_message(msg.to_json()) == msg
     for reply in (Ack(3), Nack(3, "no")):
         assert parse_control_reply(reply.to_json()) == reply
@@ -102,22 +156,47 @@ def test_wire_format_is_todays() -> None:
     assert SnapshotMessage(7, SNAPSHOT).to_json()["v"] == CONTROL_PROTOCOL_VERSION == 1
     assert SNAPSHOT.to_json()["schema"] == SNAPSHOT_SCHEMA == 1
     assert ENDPOINT.to_json() == {
-        "workload": "api", "namespace": "default", "service_account": "api", "node": "node2",
-        "node_ip": "198.18.0.12", "address": "198.18.0.12", "zone": "z2", "port": 8080,
-        "service_port": 80, "version": "v1"}  # fmt: skip
+        "workload": "api",
+        "namespace": "default",
+        "service_account": "api",
+        "node": "node2",
+        "node_ip": "198.18.0.12",
+        "address": "198.18.0.12",
+        "zone": "z2",
+        "port": 8080,
+        "service_port": 80,
+        "version": "v1",
+    }
     assert SERVICE.to_json()["split"] == {"v1": 90, "v2": 10}
     assert "split" not in ServiceDoc("a", "b", "240.0.0.2", (), ()).to_json()
     assert SliceChange("delete", "workload", "web").to_json() == {
-        "op": "delete", "kind": "workload", "key": "web"}  # fmt: skip
+        "op": "delete",
+        "kind": "workload",
+        "key": "web",
+    }
     assert SliceUnchanged(5).to_json() == {"revision": 5, "unchanged": True}
     assert DeleteMessage(3, "workload", "web").to_json() == {
-        "v": 1, "type": "delete", "version": 3, "kind": "workload", "key": "web"}  # fmt: skip
+        "v": 1,
+        "type": "delete",
+        "version": 3,
+        "kind": "workload",
+        "key": "web",
+    }
 
 
 def test_defaults_for_absent_or_null_optional_fields() -> None:
-    ep = EndpointDoc.from_json({"workload": "a", "namespace": "d", "service_account": "a",
-                                "node": "n", "node_ip": "10.0.0.1", "address": "10.0.0.1",
-                                "port": 80, "zone": None})  # fmt: skip
+    ep = EndpointDoc.from_json(
+        {
+            "workload": "a",
+            "namespace": "d",
+            "service_account": "a",
+            "node": "n",
+            "node_ip": "10.0.0.1",
+            "address": "10.0.0.1",
+            "port": 80,
+            "zone": None,
+        }
+    )
     assert (ep.zone, ep.service_port, ep.version) == ("", 0, "")
     assert ServicePort.from_json({"port": 80}) == ServicePort(80, 80)
     # A slice saved by the previous version had no "full" field.
@@ -155,48 +234,91 @@ def _delete(path: tuple[Any, ...]) -> Callable[[dict[str, Any]], None]:
 
 SNAPSHOT_REFUSED = [
     ("unknown top field", _set(("vips",), []), "snapshot: unknown field 'vips'"),
-    ("unknown endpoint field (typo)", _set(("services", 0, "endpoints", 0, "adress"), "1.2.3.4"),
-     "snapshot.services[0].endpoints[0]: unknown field 'adress'"),
+    (
+        "unknown endpoint field (typo)",
+        _set(("services", 0, "endpoints", 0, "adress"), "1.2.3.4"),
+        "snapshot.services[0].endpoints[0]: unknown field 'adress'",
+    ),
     ("schema", _set(("schema",), 2), "snapshot.schema: snapshot schema 2 is not 1"),
     ("schema True", _set(("schema",), True), "snapshot schema True is not 1"),
-    ("label", _set(("workloads", 0, "namespace"), "Default"),
-     "snapshot.workloads[0].namespace: 'Default' is not a DNS label"),
-    ("port", _set(("services", 0, "ports", 0, "target_port"), 0),
-     "snapshot.services[0].ports[0].target_port: 0 is not a port"),
-    ("port bool", _set(("workloads", 0, "port"), True),
-     "snapshot.workloads[0].port: True is not a port"),
-    ("ip", _set(("services", 0, "endpoints", 0, "node_ip"), "node2"),
-     "snapshot.services[0].endpoints[0].node_ip: 'node2' is not an IP address"),
+    (
+        "label",
+        _set(("workloads", 0, "namespace"), "Default"),
+        "snapshot.workloads[0].namespace: 'Default' is not a DNS label",
+    ),
+    (
+        "port",
+        _set(("services", 0, "ports", 0, "target_port"), 0),
+        "snapshot.services[0].ports[0].target_port: 0 is not a port",
+    ),
+    (
+        "port bool",
+        _set(("workloads", 0, "port"), True),
+        "snapshot.workloads[0].port: True is not a port",
+    ),
+    (
+        "ip",
+        _set(("services", 0, "endpoints", 0, "node_ip"), "node2"),
+        "snapshot.services[0].endpoints[0].node_ip: 'node2' is not an IP address",
+    ),
     ("ip not a string", _set(("node", "ip"), 7), "snapshot.node.ip: 7 is not an IP address"),
-    ("trust domain", _set(("trust_domain",), "Cluster.Local"),
-     "snapshot.trust_domain: trust domain 'Cluster.Local'"),
+    (
+        "trust domain",
+        _set(("trust_domain",), "Cluster.Local"),
+        "snapshot.trust_domain: trust domain 'Cluster.Local'",
+    ),
     ("int", _set(("version",), "7"), "snapshot.version: expected int, got '7'"),
     ("str", _set(("trust_bundle",), 5), "snapshot.trust_bundle: expected str, got 5"),
     ("list", _set(("services",), {}), "snapshot.services: expected list, got {}"),
-    ("object", _set(("services", 0, "ports", 0), 80),
-     "snapshot.services[0].ports[0]: expected dict, got 80"),
-    ("missing", _delete(("workloads", 0, "address")),
-     "snapshot.workloads[0]: missing field 'address'"),
+    (
+        "object",
+        _set(("services", 0, "ports", 0), 80),
+        "snapshot.services[0].ports[0]: expected dict, got 80",
+    ),
+    (
+        "missing",
+        _delete(("workloads", 0, "address")),
+        "snapshot.workloads[0]: missing field 'address'",
+    ),
     ("negative id", _set(("workloads", 0, "id"), -1), "snapshot.workloads[0].id: -1 is negative"),
-    ("version label", _set(("services", 0, "endpoints", 0, "version"), "v 1"),
-     "snapshot.services[0].endpoints[0].version: 'v 1' is not a version label"),
-    ("split weight", _set(("services", 0, "split"), {"v1": -1}),
-     "snapshot.services[0].split.v1: weight must be an integer >= 0"),
-    ("split zero", _set(("services", 0, "split"), {"v1": 0}),
-     "snapshot.services[0].split: the weights add up to 0"),
+    (
+        "version label",
+        _set(("services", 0, "endpoints", 0, "version"), "v 1"),
+        "snapshot.services[0].endpoints[0].version: 'v 1' is not a version label",
+    ),
+    (
+        "split weight",
+        _set(("services", 0, "split"), {"v1": -1}),
+        "snapshot.services[0].split.v1: weight must be an integer >= 0",
+    ),
+    (
+        "split zero",
+        _set(("services", 0, "split"), {"v1": 0}),
+        "snapshot.services[0].split: the weights add up to 0",
+    ),
     ("policy", _set(("policies", 0, "spec", "action"), "MAYBE"), "snapshot.policies[0]: "),
-    ("policy kind", _set(("policies", 0), {"kind": "PeerAuthentication", "metadata": {
-        "name": "p"}, "spec": {"mode": "STRICT"}}),
-     "snapshot.policies[0]: a PeerAuthentication, not an AuthorizationPolicy"),
-    ("authorization default", _set(("authorization_default",), "MAYBE"),
-     "snapshot.authorization_default: 'MAYBE' is not ALLOW or DENY"),
-]  # fmt: skip
+    (
+        "policy kind",
+        _set(
+            ("policies", 0),
+            {"kind": "PeerAuthentication", "metadata": {"name": "p"}, "spec": {"mode": "STRICT"}},
+        ),
+        "snapshot.policies[0]: a PeerAuthentication, not an AuthorizationPolicy",
+    ),
+    (
+        "authorization default",
+        _set(("authorization_default",), "MAYBE"),
+        "snapshot.authorization_default: 'MAYBE' is not ALLOW or DENY",
+    ),
+]
 
 
-@pytest.mark.parametrize(("mutate", "message"),
-                         [pytest.param(m, msg, id=name) for name, m, msg in SNAPSHOT_REFUSED])
-def test_snapshot_refusals_name_the_field(mutate: Callable[[dict[str, Any]], None],
-                                          message: str) -> None:
+@pytest.mark.parametrize(
+    ("mutate", "message"), [pytest.param(m, msg, id=name) for name, m, msg in SNAPSHOT_REFUSED]
+)
+def test_snapshot_refusals_name_the_field(
+    mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
     doc = SNAPSHOT.to_json()
     mutate(doc)
     with pytest.raises(ContractError) as info:
@@ -205,20 +327,28 @@ def test_snapshot_refusals_name_the_field(mutate: Callable[[dict[str, Any]], Non
 
 
 SLICE_REFUSED = [
-    ("workload service", _set(("workloads", 0, "service"), "Web"),
-     "slice.workloads[0].service: 'Web' is not a DNS label"),
+    (
+        "workload service",
+        _set(("workloads", 0, "service"), "Web"),
+        "slice.workloads[0].service: 'Web' is not a DNS label",
+    ),
     ("resource", _set(("resources", 0, "kind"), "Nope"), "slice.resources[0]: "),
     ("revision negative", _set(("revision",), -1), "slice.revision: -1 is negative"),
-    ("full false: a delta, which has no node", _set(("full",), False),
-     "slice: unknown field 'node'"),
+    (
+        "full false: a delta, which has no node",
+        _set(("full",), False),
+        "slice: unknown field 'node'",
+    ),
     ("bundle", _set(("trust_bundle",), 1), "slice.trust_bundle: expected str, got 1"),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("mutate", "message"),
-                         [pytest.param(m, msg, id=name) for name, m, msg in SLICE_REFUSED])
-def test_slice_refusals_name_the_field(mutate: Callable[[dict[str, Any]], None],
-                                       message: str) -> None:
+@pytest.mark.parametrize(
+    ("mutate", "message"), [pytest.param(m, msg, id=name) for name, m, msg in SLICE_REFUSED]
+)
+def test_slice_refusals_name_the_field(
+    mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
     doc = SLICE.to_json()
     mutate(doc)
     with pytest.raises(ContractError) as info:
@@ -226,47 +356,70 @@ def test_slice_refusals_name_the_field(mutate: Callable[[dict[str, Any]], None],
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"op": "put", "kind": "workload", "key": "other", "value": WORKLOAD.to_json()},
-     "changes[0].key: 'other' is not the key of the value ('web')"),
-    ({"op": "put", "kind": "workload", "key": "web"}, "changes[0]: missing field 'value'"),
-    ({"op": "delete", "kind": "workload", "key": "web", "value": WORKLOAD.to_json()},
-     "changes[0].value: a delete carries no value"),
-    ({"op": "patch", "kind": "workload", "key": "web"}, "changes[0].op: 'patch' is not put"),
-    ({"op": "delete", "kind": "node", "key": "n"}, "changes[0].kind: 'node' is not workload"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"op": "put", "kind": "workload", "key": "other", "value": WORKLOAD.to_json()},
+            "changes[0].key: 'other' is not the key of the value ('web')",
+        ),
+        ({"op": "put", "kind": "workload", "key": "web"}, "changes[0]: missing field 'value'"),
+        (
+            {"op": "delete", "kind": "workload", "key": "web", "value": WORKLOAD.to_json()},
+            "changes[0].value: a delete carries no value",
+        ),
+        ({"op": "patch", "kind": "workload", "key": "web"}, "changes[0].op: 'patch' is not put"),
+        ({"op": "delete", "kind": "node", "key": "n"}, "changes[0].kind: 'node' is not workload"),
+    ],
+)
 def test_change_refusals_name_the_field(change: dict[str, Any], message: str) -> None:
     with pytest.raises(ContractError) as info:
         parse_slice_answer({"revision": 3, "full": False, "changes": [change]})
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize(("msg", "message"), [
-    ({"v": 2, "type": "ack", "version": 1}, "reply.v: protocol version 2 is not 1"),
-    ({"v": 1, "type": "hello"}, "reply.type: 'hello' is not ack or nack"),
-    ({"v": 1, "type": "nack", "version": 1}, "reply: missing field 'error'"),
-    ({"v": 1, "type": "ack", "version": 1, "extra": 1}, "reply: unknown field 'extra'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("msg", "message"),
+    [
+        ({"v": 2, "type": "ack", "version": 1}, "reply.v: protocol version 2 is not 1"),
+        ({"v": 1, "type": "hello"}, "reply.type: 'hello' is not ack or nack"),
+        ({"v": 1, "type": "nack", "version": 1}, "reply: missing field 'error'"),
+        ({"v": 1, "type": "ack", "version": 1, "extra": 1}, "reply: unknown field 'extra'"),
+    ],
+)
 def test_reply_refusals_name_the_field(msg: dict[str, Any], message: str) -> None:
     with pytest.raises(ContractError) as info:
         parse_control_reply(msg)
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize(("msg", "message"), [
-    ([], "message: expected dict"),
-    ({"v": 1, "type": "reset", "version": 1}, "message.type: unknown message type 'reset'"),
-    ({"type": "delete", "version": 1, "kind": "workload", "key": "w"},
-     "message.v: protocol version None is not 1"),
-    ({"v": 1, "type": "delete", "version": True, "kind": "workload", "key": "w"},
-     "message.version: expected int, got True"),
-    ({"v": 1, "type": "add", "version": 1, "kind": "resource", "value": {}},
-     "message.kind: 'resource' is not workload or service"),
-    ({"v": 1, "type": "add", "version": 1, "kind": "workload", "value": {"id": 1}},
-     "message.value: missing field"),
-    ({"v": 1, "type": "snapshot", "version": 1, "state": {"schema": 1}},
-     "message.state: missing field"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("msg", "message"),
+    [
+        ([], "message: expected dict"),
+        ({"v": 1, "type": "reset", "version": 1}, "message.type: unknown message type 'reset'"),
+        (
+            {"type": "delete", "version": 1, "kind": "workload", "key": "w"},
+            "message.v: protocol version None is not 1",
+        ),
+        (
+            {"v": 1, "type": "delete", "version": True, "kind": "workload", "key": "w"},
+            "message.version: expected int, got True",
+        ),
+        (
+            {"v": 1, "type": "add", "version": 1, "kind": "resource", "value": {}},
+            "message.kind: 'resource' is not workload or service",
+        ),
+        (
+            {"v": 1, "type": "add", "version": 1, "kind": "workload", "value": {"id": 1}},
+            "message.value: missing field",
+        ),
+        (
+            {"v": 1, "type": "snapshot", "version": 1, "state": {"schema": 1}},
+            "message.state: missing field",
+        ),
+    ],
+)
 def test_message_refusals_name_the_field(msg: Any, message: str) -> None:
     with pytest.raises(ContractError) as info:
         parse_control_message(msg)
@@ -291,8 +444,9 @@ def _registry() -> R.Registry:
 def test_registry_slices_parse_and_deltas_rebuild_the_full_slice() -> None:
     reg0 = _registry()
     reg1 = R.put_workload(reg0, R.WorkloadRecord("node1", "web", "default", "web", "web", 8080))
-    reg2 = R.put_workload(reg1, R.WorkloadRecord("node2", "api", "default", "api", "api", 9090,
-                                                 "v2"))  # fmt: skip
+    reg2 = R.put_workload(
+        reg1, R.WorkloadRecord("node2", "api", "default", "api", "api", 9090, "v2")
+    )
     reg3, _ = R.apply_resources(reg2, [POLICY])
     reg4 = R.delete_workload(reg3, "node1", "web")
     log = R.diff(reg0, reg1, 2) + R.diff(reg1, reg2, 3) + R.diff(reg2, reg3, 4)
@@ -301,14 +455,16 @@ def test_registry_slices_parse_and_deltas_rebuild_the_full_slice() -> None:
     assert isinstance(start, NodeSlice)
     changes = R.changes_since(log, 0, 2, "node1", 5)
     assert changes is not None
-    delta = parse_slice_answer(json.loads(json.dumps(
-        {"revision": 5, "full": False, "changes": changes})))  # fmt: skip
+    delta = parse_slice_answer(
+        json.loads(json.dumps({"revision": 5, "full": False, "changes": changes}))
+    )
     assert isinstance(delta, SliceDelta)
     full = NodeSlice.from_json(R.node_slice(reg4, "node1", 5, "td"))
     applied = start.apply(delta)
     assert applied.revision == 5 and applied.workloads == () == full.workloads
-    assert sorted(applied.services, key=lambda s: s.key) == sorted(full.services,
-                                                                   key=lambda s: s.key)
+    assert sorted(applied.services, key=lambda s: s.key) == sorted(
+        full.services, key=lambda s: s.key
+    )
     assert applied.resources == full.resources == (POLICY_OBJ,)
 
 
@@ -345,14 +501,28 @@ def test_control_state_add_delete_and_refusals() -> None:
     version, doc = state.next_doc(SnapshotMessage(1, SNAPSHOT).to_json())
     assert version == 1 and Snapshot.from_json(doc) == replace(SNAPSHOT, version=1)
     state.doc = doc
-    other = SnapshotWorkload(id=2, name="db", namespace="data", service_account="db",
-                             node="node1", address="198.18.0.11", port=5432)  # fmt: skip
+    other = SnapshotWorkload(
+        id=2,
+        name="db",
+        namespace="data",
+        service_account="db",
+        node="node1",
+        address="198.18.0.11",
+        port=5432,
+    )
     version, doc = state.next_doc(AddMessage(2, other).to_json())
     assert version == 2 and [w["name"] for w in doc["workloads"]] == ["web", "db"]
     state.doc = doc
     with pytest.raises(ControlError, match="duplicate workload id 2"):
-        clash = SnapshotWorkload(id=2, name="cache", namespace="data", service_account="c",
-                                 node="node1", address="198.18.0.11", port=6379)  # fmt: skip
+        clash = SnapshotWorkload(
+            id=2,
+            name="cache",
+            namespace="data",
+            service_account="c",
+            node="node1",
+            address="198.18.0.11",
+            port=6379,
+        )
         state.next_doc(AddMessage(3, clash).to_json())
     version, doc = state.next_doc(DeleteMessage(3, "service", "default/api").to_json())
     assert version == 3 and doc["services"] == []
@@ -389,8 +559,11 @@ def test_link_and_server_speak_the_same_contract(tmp_path: Path) -> None:
     results = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert results[0] == (True, "") and results[1] == (True, "")
     assert results[2][0] is False and "delete: no workload 'web'" in results[2][1]
-    assert results[3] == (False, "the snapshot is not valid, not sent: "
-                                 "snapshot.services[0].vip: 'nope' is not an IP address")
+    assert results[3] == (
+        False,
+        "the snapshot is not valid, not sent: "
+        "snapshot.services[0].vip: 'nope' is not an IP address",
+    )
     assert [v for v, _ in applied] == [7, 8]
     assert Snapshot.from_json(applied[0][1]) == SNAPSHOT
     assert applied[1][1]["workloads"] == []

@@ -35,8 +35,14 @@ def _lint(cwd: Path, pythonpath: Path | None = None) -> subprocess.CompletedProc
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    return subprocess.run([str(LINT), str(ROOT / "pyproject.toml"), "--no-cache"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(LINT), str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_the_contracts_hold(tmp_path: Path) -> None:

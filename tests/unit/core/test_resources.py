@@ -176,12 +176,15 @@ def test_wildcard_principals_accepted() -> None:
         assert Source(principals=(principal,)).principals == (principal,)
 
 
-@pytest.mark.parametrize("principal, fix", [
-    ("spiffe://cluster.local/ns/shop/sa/web-*", "spiffe://cluster.local/ns/shop/sa/*"),
-    ("spiffe://cluster.local/ns/prod*", "spiffe://cluster.local/ns/*"),
-    ("spiffe://cluster.local/ns/prod/s*", "spiffe://cluster.local/ns/prod/*"),
-    ("spiffe://cluster*", "spiffe://*"),
-])
+@pytest.mark.parametrize(
+    "principal, fix",
+    [
+        ("spiffe://cluster.local/ns/shop/sa/web-*", "spiffe://cluster.local/ns/shop/sa/*"),
+        ("spiffe://cluster.local/ns/prod*", "spiffe://cluster.local/ns/*"),
+        ("spiffe://cluster.local/ns/prod/s*", "spiffe://cluster.local/ns/prod/*"),
+        ("spiffe://cluster*", "spiffe://*"),
+    ],
+)
 def test_wildcards_must_cover_whole_segments(principal: str, fix: str) -> None:
     with pytest.raises(ResourceError, match="whole path segments") as err:
         Source(principals=(principal,))

@@ -52,9 +52,17 @@ def test_fuzz_target_smoke_run(side: str, tmp_path: Path) -> None:
     for seed in (FUZZ / "corpus" / side).iterdir():
         (corpus / seed.name).write_bytes(seed.read_bytes())
     proc = subprocess.run(
-        [sys.executable, str(FUZZ / f"fuzz_hbone_{side}.py"), str(corpus),
-         "-max_total_time=4", "-rss_limit_mb=1024", f"-artifact_prefix={tmp_path}/"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(FUZZ / f"fuzz_hbone_{side}.py"),
+            str(corpus),
+            "-max_total_time=4",
+            "-rss_limit_mb=1024",
+            f"-artifact_prefix={tmp_path}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done" in proc.stderr

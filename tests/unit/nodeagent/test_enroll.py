@@ -41,15 +41,18 @@ def test_parse_token() -> None:
     assert "5555" not in repr(t)  # the secret never shows in logs
 
 
-@pytest.mark.parametrize("bad, says", [
-    ("", "4 dot-separated parts"),
-    ("mn2.0123abcd." + "5" * 32 + "." + PIN_A, "starting 'mn2'"),
-    ("mn1.0123abcd." + "5" * 32, "4 dot-separated parts"),
-    ("mn1.0123abc." + "5" * 32 + "." + PIN_A, "bad id"),
-    ("mn1.0123abcd." + "5" * 31 + "." + PIN_A, "bad secret"),
-    ("mn1.0123abcd." + "5" * 32 + "." + "A" * 64, "bad pin"),
-    ("mn1.0123abcd." + "x" * 32 + "." + PIN_A, "bad secret"),
-])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("", "4 dot-separated parts"),
+        ("mn2.0123abcd." + "5" * 32 + "." + PIN_A, "starting 'mn2'"),
+        ("mn1.0123abcd." + "5" * 32, "4 dot-separated parts"),
+        ("mn1.0123abc." + "5" * 32 + "." + PIN_A, "bad id"),
+        ("mn1.0123abcd." + "5" * 31 + "." + PIN_A, "bad secret"),
+        ("mn1.0123abcd." + "5" * 32 + "." + "A" * 64, "bad pin"),
+        ("mn1.0123abcd." + "x" * 32 + "." + PIN_A, "bad secret"),
+    ],
+)
 def test_parse_token_refuses(bad: str, says: str) -> None:
     with pytest.raises(TokenError, match=says) as err:
         parse_token(bad)
@@ -90,8 +93,9 @@ def _server_chain(ca: CertificateAuthority) -> list[x509.Certificate]:
     from meshnode.core.pki import make_csr
 
     key = generate_private_key()
-    pem = ca.issue_workload_certificate(make_csr(key, SpiffeId("cluster.local", "x", "y")),
-                                        SpiffeId("cluster.local", "x", "y"))
+    pem = ca.issue_workload_certificate(
+        make_csr(key, SpiffeId("cluster.local", "x", "y")), SpiffeId("cluster.local", "x", "y")
+    )
     return x509.load_pem_x509_certificates(pem)
 
 
@@ -108,8 +112,10 @@ def test_pin_mismatch_names_both(ca: CertificateAuthority) -> None:
     with pytest.raises(pki.PinMismatch) as err:
         pki.find_pinned_root([*_server_chain(ca), root], PIN_A, "https://cp:15012")
     msg = str(err.value)
-    assert msg == ("the control plane at https://cp:15012 is not the one this token was made "
-                   f"for: expected pin {PIN_A}, got {pki.root_pin(root)}")
+    assert msg == (
+        "the control plane at https://cp:15012 is not the one this token was made "
+        f"for: expected pin {PIN_A}, got {pki.root_pin(root)}"
+    )
 
 
 def test_pin_without_any_root(ca: CertificateAuthority) -> None:
@@ -129,24 +135,31 @@ def test_pin_of_a_non_root_is_refused(ca: CertificateAuthority) -> None:
 # --- the answer -----------------------------------------------------------------------
 
 
-def _answer(ca: CertificateAuthority, key: ec.EllipticCurvePrivateKey,
-            name: str = "node1") -> dict:
+def _answer(ca: CertificateAuthority, key: ec.EllipticCurvePrivateKey, name: str = "node1") -> dict:
     csr = en.make_node_csr(key, "cluster.local", name)
     if hasattr(ca, "issue_node_certificate"):
         chain = ca.issue_node_certificate(csr, name)
     else:  # an older CA module: build the node certificate like the CA would
         pytest.skip("controlplane/ca.py has no issue_node_certificate")
-    return {"certificate": chain.decode(), "trust_bundle": ca.trust_bundle_pem().decode(),
-            "trust_domain": "cluster.local",
-            "node": {"name": name, "zone": "zone-a", "ip": "198.18.1.2"}}
+    return {
+        "certificate": chain.decode(),
+        "trust_bundle": ca.trust_bundle_pem().decode(),
+        "trust_domain": "cluster.local",
+        "node": {"name": name, "zone": "zone-a", "ip": "198.18.1.2"},
+    }
 
 
 def test_check_enroll_response(ca: CertificateAuthority) -> None:
     key = generate_private_key()
-    res = en.check_enroll_response(_answer(ca, key), key, ca.root_certificate, "node1",
-                                   "https://cp:15012")
+    res = en.check_enroll_response(
+        _answer(ca, key), key, ca.root_certificate, "node1", "https://cp:15012"
+    )
     assert (res.name, res.zone, res.ip, res.trust_domain) == (
-        "node1", "zone-a", "198.18.1.2", "cluster.local")
+        "node1",
+        "zone-a",
+        "198.18.1.2",
+        "cluster.local",
+    )
     assert res.certificate_pem.count(b"BEGIN CERTIFICATE") == 2
 
 
@@ -155,8 +168,7 @@ def test_check_enroll_response_refuses(ca: CertificateAuthority) -> None:
     with pytest.raises(en.EnrollError, match="different key"):
         en.check_enroll_response(_answer(ca, key), other, ca.root_certificate, "node1", "u")
     with pytest.raises(en.EnrollError, match="names"):
-        en.check_enroll_response(_answer(ca, key, "node2"), key, ca.root_certificate,
-                                 "node1", "u")
+        en.check_enroll_response(_answer(ca, key, "node2"), key, ca.root_certificate, "node1", "u")
     stranger = CertificateAuthority.create("cluster.local")
     answer = _answer(ca, key)
     answer["trust_bundle"] = stranger.trust_bundle_pem().decode()
@@ -174,7 +186,8 @@ def test_csr_is_p256_with_the_node_id() -> None:
     assert csr.is_signature_valid
     san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        "spiffe://cluster.local/node/node1"]
+        "spiffe://cluster.local/node/node1"
+    ]
 
 
 # --- files ------------------------------------------------------------------------------
@@ -182,24 +195,32 @@ def test_csr_is_p256_with_the_node_id() -> None:
 
 def _result(ca: CertificateAuthority) -> en.EnrollmentResult:
     key = generate_private_key()
-    return en.check_enroll_response(_answer(ca, key), key, ca.root_certificate, "node1",
-                                    "https://198.18.1.1:15012")
+    return en.check_enroll_response(
+        _answer(ca, key), key, ca.root_certificate, "node1", "https://198.18.1.1:15012"
+    )
 
 
 def test_write_enrollment_layout(tmp_path: Path, ca: CertificateAuthority) -> None:
     layout = en.NodeLayout(tmp_path / "etc", tmp_path / "state")
     doc = en.write_enrollment(layout, _result(ca), "/sys/fs/cgroup")
     assert doc == {
-        "name": "node1", "zone": "zone-a", "ip": "198.18.1.2",
-        "trust_domain": "cluster.local", "control_planes": ["https://198.18.1.1:15012"],
-        "cgroup_parent": "/sys/fs/cgroup", "state_dir": str(tmp_path / "state"),
+        "name": "node1",
+        "zone": "zone-a",
+        "ip": "198.18.1.2",
+        "trust_domain": "cluster.local",
+        "control_planes": ["https://198.18.1.1:15012"],
+        "cgroup_parent": "/sys/fs/cgroup",
+        "state_dir": str(tmp_path / "state"),
         "config_dir": str(tmp_path / "etc"),
     }
     assert json.loads(layout.node_json.read_text()) == doc
     assert json.loads(layout.workloads.read_text()) == []
     mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
     assert (mode(layout.config_dir), mode(layout.key), mode(layout.state_dir)) == (
-        0o755, 0o600, 0o700)
+        0o755,
+        0o600,
+        0o700,
+    )
     assert mode(layout.cert) == mode(layout.bundle) == 0o644
     # workloads.json is the node's own: an existing one survives a re-enrollment.
     layout.workloads.write_text('[{"name": "web"}]')
@@ -212,6 +233,7 @@ def test_node_document_prefers_what_the_cp_recorded(ca: CertificateAuthority) ->
     res = _result(ca)
     assert en.node_document(res, layout, "/x", "zone-b", "10.0.0.1")["zone"] == "zone-a"
     from dataclasses import replace
+
     bare = replace(res, zone="", ip="")
     doc = en.node_document(bare, layout, "/x", "zone-b", "10.0.0.1")
     assert (doc["zone"], doc["ip"]) == ("zone-b", "10.0.0.1")
@@ -225,7 +247,8 @@ def test_already_enrolled_decision(tmp_path: Path, ca: CertificateAuthority) -> 
     assert found is not None
     assert found.message() == (
         f"already enrolled as node1 with CP https://198.18.1.1:15012 (config in "
-        f"{tmp_path / 'etc'}); nothing changed. Use --force to enroll again.")
+        f"{tmp_path / 'etc'}); nothing changed. Use --force to enroll again."
+    )
     layout.key.unlink()
     with pytest.raises(en.EnrollError, match="partial enrollment.*node-key.pem.*--force"):
         en.existing_enrollment(layout)
@@ -238,53 +261,81 @@ def test_already_enrolled_decision(tmp_path: Path, ca: CertificateAuthority) -> 
 
 
 def test_units_render() -> None:
-    paths = units.UnitPaths(Path("/opt/mn/.venv/bin/meshnode"), Path("/etc/meshnode"),
-                            Path("/var/lib/meshnode"))
+    paths = units.UnitPaths(
+        Path("/opt/mn/.venv/bin/meshnode"), Path("/etc/meshnode"), Path("/var/lib/meshnode")
+    )
     rendered = units.render_units(paths)
     assert set(rendered) == {units.ZTUNNEL_UNIT, units.AGENT_UNIT, units.BPFFS_UNIT}
     zt, agent = rendered[units.ZTUNNEL_UNIT], rendered[units.AGENT_UNIT]
-    assert ("ExecStart=/opt/mn/.venv/bin/meshnode ztunnel run --snapshot "
-            "/var/lib/meshnode/ztunnel-snapshot.json --workers 0 \\\n"
-            "    --peer-socket /run/meshnode/peer.sock\n") in zt
+    assert (
+        "ExecStart=/opt/mn/.venv/bin/meshnode ztunnel run --snapshot "
+        "/var/lib/meshnode/ztunnel-snapshot.json --workers 0 \\\n"
+        "    --peer-socket /run/meshnode/peer.sock\n"
+    ) in zt
     assert "Slice=meshnode-proxy.slice\n" in zt
     assert "After=network-online.target meshnode-bpffs.service meshnode-proxy.slice\n" in agent
     assert "RuntimeDirectory=meshnode\nRuntimeDirectoryMode=0755\n" in zt
     assert "ExecStart=/opt/mn/.venv/bin/meshnode agent run --enrolled /etc/meshnode\n" in agent
-    for line in ("Type=notify", "NotifyAccess=main", "Restart=on-failure", "RestartSec=1",
-                 "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=yes",
-                 "PrivateTmp=yes", "ProtectKernelTunables=yes", "LimitNOFILE=1048576",
-                 "ReadWritePaths=/var/lib/meshnode -/sys/fs/bpf",
-                 "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN CAP_BPF "
-                 "CAP_SYS_ADMIN", "Requires=meshnode-bpffs.service"):
+    for line in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "Restart=on-failure",
+        "RestartSec=1",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "ProtectKernelTunables=yes",
+        "LimitNOFILE=1048576",
+        "ReadWritePaths=/var/lib/meshnode -/sys/fs/bpf",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_NET_ADMIN CAP_BPF CAP_SYS_ADMIN",
+        "Requires=meshnode-bpffs.service",
+    ):
         assert f"\n{line}\n" in zt, line
-    for line in ("Type=notify", "Restart=on-failure", "NoNewPrivileges=yes",
-                 "ProtectSystem=strict", "PrivateTmp=yes", "LimitMEMLOCK=infinity",
-                 "Wants=network-online.target meshnode-ztunnel.service meshnode-proxy.slice",
-                 "ReadWritePaths=/var/lib/meshnode /etc/meshnode -/sys/fs/bpf -/sys/fs/cgroup",
-                 "CapabilityBoundingSet=CAP_BPF CAP_SYS_ADMIN CAP_NET_ADMIN CAP_PERFMON"):
+    for line in (
+        "Type=notify",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "LimitMEMLOCK=infinity",
+        "Wants=network-online.target meshnode-ztunnel.service meshnode-proxy.slice",
+        "ReadWritePaths=/var/lib/meshnode /etc/meshnode -/sys/fs/bpf -/sys/fs/cgroup",
+        "CapabilityBoundingSet=CAP_BPF CAP_SYS_ADMIN CAP_NET_ADMIN CAP_PERFMON",
+    ):
         assert f"\n{line}\n" in agent, line
     # What would break the agent: cgroupfs or /lib/modules hidden, /sys/fs/bpf read-only.
-    for absent in ("ProtectControlGroups=yes", "ProtectKernelModules=yes",
-                   "\nProtectKernelTunables=yes"):
+    for absent in (
+        "ProtectControlGroups=yes",
+        "ProtectKernelModules=yes",
+        "\nProtectKernelTunables=yes",
+    ):
         assert absent not in agent
     assert "mount -t bpf" in rendered[units.BPFFS_UNIT]
 
 
 def test_units_under_home_keep_home_readable() -> None:
-    rendered = units.render_units(units.UnitPaths(
-        Path("/root/mn/.venv/bin/meshnode"), Path("/etc/meshnode"), Path("/var/lib/meshnode")))
+    rendered = units.render_units(
+        units.UnitPaths(
+            Path("/root/mn/.venv/bin/meshnode"), Path("/etc/meshnode"), Path("/var/lib/meshnode")
+        )
+    )
     assert "\nProtectHome=read-only\n" in rendered[units.AGENT_UNIT]
 
 
 def test_units_refuse_paths_systemd_would_split() -> None:
     with pytest.raises(ValueError, match="spaces"):
-        units.render_units(units.UnitPaths(Path("/opt/my venv/bin/meshnode"),
-                                           Path("/etc/meshnode"), Path("/var/lib/meshnode")))
+        units.render_units(
+            units.UnitPaths(
+                Path("/opt/my venv/bin/meshnode"), Path("/etc/meshnode"), Path("/var/lib/meshnode")
+            )
+        )
 
 
 def test_install_units(tmp_path: Path) -> None:
-    rendered = units.render_units(units.UnitPaths(Path("/x/meshnode"), Path("/etc/meshnode"),
-                                                  Path("/var/lib/meshnode")))
+    rendered = units.render_units(
+        units.UnitPaths(Path("/x/meshnode"), Path("/etc/meshnode"), Path("/var/lib/meshnode"))
+    )
     written = units.install_units(tmp_path / "units", rendered)
     assert sorted(p.name for p in written) == sorted(rendered)
     for p in written:
@@ -309,9 +360,21 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
         pytest.skip(f"no control plane server yet: {exc}")
     data = tmp_path_factory.mktemp("cp")
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "meshnode.cli.main", "controlplane", "run",
-                             "--listen", f"127.0.0.1:{port}", "--data-dir", str(data / "data")],
-                            stdout=subprocess.DEVNULL, stderr=open(data / "cp.log", "wb"))  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "meshnode.cli.main",
+            "controlplane",
+            "run",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--data-dir",
+            str(data / "data"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(data / "cp.log", "wb"),  # noqa: SIM115
+    )
     url = f"https://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
@@ -329,9 +392,13 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
 
 
 def _meshnode(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "meshnode.cli.main", *args],
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "MESHNODE_ADMIN_TOKEN": ""})
+    return subprocess.run(
+        [sys.executable, "-m", "meshnode.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MESHNODE_ADMIN_TOKEN": ""},
+    )
 
 
 def _token(cp: tuple[str, Path], node: str) -> str:
@@ -343,11 +410,18 @@ def _token(cp: tuple[str, Path], node: str) -> str:
 
 def test_enroll_command(control_plane: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = control_plane
-    dirs = ["--config-dir", str(tmp_path / "etc"), "--state-dir", str(tmp_path / "state"),
-            "--cgroup-parent", "/sys/fs/cgroup/test"]
+    dirs = [
+        "--config-dir",
+        str(tmp_path / "etc"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--cgroup-parent",
+        "/sys/fs/cgroup/test",
+    ]
     token = _token(control_plane, "node7")
-    proc = _meshnode("enroll", "--cp", url, "--token", token, "--name", "node7", "--no-start",
-                     *dirs)
+    proc = _meshnode(
+        "enroll", "--cp", url, "--token", token, "--name", "node7", "--no-start", *dirs
+    )
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((tmp_path / "etc" / "node.json").read_text())
     assert doc["name"] == "node7" and doc["control_planes"] == [url]
@@ -355,15 +429,17 @@ def test_enroll_command(control_plane: tuple[str, Path], tmp_path: Path) -> None
     cert = x509.load_pem_x509_certificates((tmp_path / "etc" / "node.pem").read_bytes())[0]
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
-        f"spiffe://{doc['trust_domain']}/node/node7"]
+        f"spiffe://{doc['trust_domain']}/node/node7"
+    ]
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "etc").iterdir()}
 
     again = _meshnode("enroll", "--cp", url, "--token", token, "--name", "node7", *dirs)
     assert again.returncode == 0 and again.stdout.startswith("already enrolled as node7")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "etc").iterdir()} == before
 
-    used = _meshnode("enroll", "--cp", url, "--token", token, "--name", "node7", "--force",
-                     "--no-start", *dirs)
+    used = _meshnode(
+        "enroll", "--cp", url, "--token", token, "--name", "node7", "--force", "--no-start", *dirs
+    )
     assert used.returncode == 1 and "already used" in used.stderr, used.stderr
     assert "Traceback" not in used.stderr
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "etc").iterdir()} == before
@@ -371,8 +447,13 @@ def test_enroll_command(control_plane: tuple[str, Path], tmp_path: Path) -> None
 
 def test_enroll_refusals(control_plane: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = control_plane
-    dirs = ["--config-dir", str(tmp_path / "etc"), "--state-dir", str(tmp_path / "state"),
-            "--no-start"]
+    dirs = [
+        "--config-dir",
+        str(tmp_path / "etc"),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--no-start",
+    ]
     token = _token(control_plane, "node8")
     wrong_pin = token.rsplit(".", 1)[0] + "." + PIN_A
     cases = [
@@ -391,9 +472,14 @@ def test_enroll_refusals(control_plane: tuple[str, Path], tmp_path: Path) -> Non
 
 
 def test_units_for_an_installation_under_tmp_keep_tmp_visible() -> None:
-    rendered = units.render_units(units.UnitPaths(
-        Path("/opt/mn/.venv/bin/meshnode"), Path("/etc/meshnode"), Path("/var/lib/meshnode"),
-        source=Path("/tmp/checkout")))
+    rendered = units.render_units(
+        units.UnitPaths(
+            Path("/opt/mn/.venv/bin/meshnode"),
+            Path("/etc/meshnode"),
+            Path("/var/lib/meshnode"),
+            source=Path("/tmp/checkout"),
+        )
+    )
     assert "\nPrivateTmp=no\n" in rendered[units.AGENT_UNIT]
     assert "\nPrivateTmp=no\n" in rendered[units.ZTUNNEL_UNIT]
     assert "\nProtectHome=yes\n" in rendered[units.AGENT_UNIT]

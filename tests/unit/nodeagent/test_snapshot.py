@@ -20,22 +20,59 @@ from meshnode.nodeagent.snapshot import (
 from meshnode.ztunnel.state import SCHEMA, parse_snapshot
 
 SERVICES: list[dict[str, Any]] = [
-    {"name": "api", "namespace": "default", "vip": "240.0.0.1",
-     "ports": [{"port": 80, "target_port": 8080}, {"port": 443, "target_port": 8443}],
-     "endpoints": [
-         {"workload": "api", "namespace": "default", "service_account": "api", "node": "node2",
-          "node_ip": "198.18.0.12", "address": "198.18.0.12", "zone": "z2", "port": 8080},
-         {"workload": "api", "namespace": "default", "service_account": "api", "node": "node2",
-          "node_ip": "198.18.0.12", "address": "198.18.0.12", "zone": "z2", "port": 8443},
-     ]},
-    {"name": "web", "namespace": "default", "vip": "240.0.0.2",
-     "ports": [{"port": 80, "target_port": 8080}],
-     "endpoints": [
-         {"workload": "web", "namespace": "default", "service_account": "web", "node": "node1",
-          "node_ip": "198.18.0.11", "address": "198.18.0.11", "zone": "z1", "port": 8080},
-     ]},
-    {"name": "db", "namespace": "data", "vip": "240.0.0.3", "ports": [{"port": 5432}],
-     "endpoints": []},
+    {
+        "name": "api",
+        "namespace": "default",
+        "vip": "240.0.0.1",
+        "ports": [{"port": 80, "target_port": 8080}, {"port": 443, "target_port": 8443}],
+        "endpoints": [
+            {
+                "workload": "api",
+                "namespace": "default",
+                "service_account": "api",
+                "node": "node2",
+                "node_ip": "198.18.0.12",
+                "address": "198.18.0.12",
+                "zone": "z2",
+                "port": 8080,
+            },
+            {
+                "workload": "api",
+                "namespace": "default",
+                "service_account": "api",
+                "node": "node2",
+                "node_ip": "198.18.0.12",
+                "address": "198.18.0.12",
+                "zone": "z2",
+                "port": 8443,
+            },
+        ],
+    },
+    {
+        "name": "web",
+        "namespace": "default",
+        "vip": "240.0.0.2",
+        "ports": [{"port": 80, "target_port": 8080}],
+        "endpoints": [
+            {
+                "workload": "web",
+                "namespace": "default",
+                "service_account": "web",
+                "node": "node1",
+                "node_ip": "198.18.0.11",
+                "address": "198.18.0.11",
+                "zone": "z1",
+                "port": 8080,
+            },
+        ],
+    },
+    {
+        "name": "db",
+        "namespace": "data",
+        "vip": "240.0.0.3",
+        "ports": [{"port": 5432}],
+        "endpoints": [],
+    },
 ]
 
 
@@ -50,7 +87,9 @@ def node_config(workloads: list[LocalWorkload] | None = None) -> NodeConfig:
         state_dir=Path("/var/lib/meshnode/node1"),
         bpf_pin_dir="/sys/fs/bpf/meshnode/node1",
         ca_dir=None,
-        workloads=workloads if workloads is not None else [
+        workloads=workloads
+        if workloads is not None
+        else [
             LocalWorkload("web", "default", "web", "web", 8080, "/sys/fs/cgroup/m/web"),
             LocalWorkload("batch", "jobs", "batch-runner", "", 7000, "/sys/fs/cgroup/m/batch"),
         ],
@@ -170,21 +209,43 @@ def test_snapshot_document() -> None:
     assert doc["trust_bundle"] == "/certs/bundle.pem"
     assert doc["bpf_pin_dir"] == "/sys/fs/bpf/meshnode/node1"
     assert doc["workloads"] == [
-        {"id": 3, "name": "web", "namespace": "default", "service_account": "web",
-         "node": "node1", "address": "198.18.0.11", "port": 8080, "service": "web",
-         "cert": "/certs/web.pem", "key": "/certs/web.key"},
-        {"id": 5, "name": "batch", "namespace": "jobs", "service_account": "batch-runner",
-         "node": "node1", "address": "198.18.0.11", "port": 7000, "service": "",
-         "cert": None, "key": None},
+        {
+            "id": 3,
+            "name": "web",
+            "namespace": "default",
+            "service_account": "web",
+            "node": "node1",
+            "address": "198.18.0.11",
+            "port": 8080,
+            "service": "web",
+            "cert": "/certs/web.pem",
+            "key": "/certs/web.key",
+        },
+        {
+            "id": 5,
+            "name": "batch",
+            "namespace": "jobs",
+            "service_account": "batch-runner",
+            "node": "node1",
+            "address": "198.18.0.11",
+            "port": 7000,
+            "service": "",
+            "cert": None,
+            "key": None,
+        },
     ]
     # The services go out in their full form: defaults written (the contract's to_json).
     assert doc["services"] == [
-        {**svc,
-         "ports": [{"port": p["port"], "target_port": p.get("target_port", p["port"])}
-                   for p in svc["ports"]],
-         "endpoints": [{**e, "service_port": 0, "version": ""} for e in svc["endpoints"]]}
+        {
+            **svc,
+            "ports": [
+                {"port": p["port"], "target_port": p.get("target_port", p["port"])}
+                for p in svc["ports"]
+            ],
+            "endpoints": [{**e, "service_port": 0, "version": ""} for e in svc["endpoints"]],
+        }
         for svc in SERVICES
-    ]  # fmt: skip
+    ]
     json.dumps(doc)  # written as JSON by the agent
 
 
@@ -205,7 +266,10 @@ def test_snapshot_parses_with_parse_snapshot() -> None:
     assert web.identity == SpiffeId("cluster.local", "default", "web")
     assert batch.identity == SpiffeId("cluster.local", "jobs", "batch-runner")
     assert (web.address, web.port, web.cert_path, web.key_path) == (
-        "198.18.0.11", 8080, "/c/web.pem", "/c/web.key"
+        "198.18.0.11",
+        8080,
+        "/c/web.pem",
+        "/c/web.key",
     )
     assert state.find_local_by_addr("198.18.0.11", 7000) == batch
     assert set(state.local_identities()) == {web.identity, batch.identity}

@@ -289,8 +289,11 @@ RULE_CASES = [
     ("{from: {principals: ['spiffe://cluster.local/ns/default/sa/*']}}", req(), True),
     ("{from: {principals: ['spiffe://cluster.local/ns/default/sa/*']}}", req("prod/x"), False),
     ("{from: {principals: ['spiffe://cluster.local/ns/default/sa/*']}}", req(), True),
-    ("{from: {principals: ['spiffe://cluster.local/ns/default/*']}}", req("default-x/client"),
-     False),
+    (
+        "{from: {principals: ['spiffe://cluster.local/ns/default/*']}}",
+        req("default-x/client"),
+        False,
+    ),
     ("{from: {principals: ['spiffe://cluster.local/*']}}", req("prod/x"), True),
     ("{from: {principals: ['spiffe://*']}}", req(), True),
     # OR within a list

@@ -21,16 +21,32 @@ ID = SpiffeId("cluster.local", "default", "api")
 PORT = 8080
 
 
-def ep(address: str, node: str = "n9", zone: str = "z9", version: str = "",
-       port: int = PORT) -> Endpoint:
-    return Endpoint(workload=f"api-{address}", identity=ID, node=node, node_ip=address,
-                    address=address, port=port, zone=zone, version=version)
+def ep(
+    address: str, node: str = "n9", zone: str = "z9", version: str = "", port: int = PORT
+) -> Endpoint:
+    return Endpoint(
+        workload=f"api-{address}",
+        identity=ID,
+        node=node,
+        node_ip=address,
+        address=address,
+        port=port,
+        zone=zone,
+        version=version,
+    )
 
 
-def svc(endpoints: Sequence[Endpoint], split: tuple[tuple[str, int], ...] = (),
-        name: str = "api") -> Service:
-    return Service(name=name, namespace="default", vip="240.0.0.1",
-                   ports=(ServicePort(80, PORT),), endpoints=tuple(endpoints), split=split)
+def svc(
+    endpoints: Sequence[Endpoint], split: tuple[tuple[str, int], ...] = (), name: str = "api"
+) -> Service:
+    return Service(
+        name=name,
+        namespace="default",
+        vip="240.0.0.1",
+        ports=(ServicePort(80, PORT),),
+        endpoints=tuple(endpoints),
+        split=split,
+    )
 
 
 def picker(seed: int = 7, **kw: Any) -> EndpointPicker:
@@ -41,8 +57,14 @@ def stats_of(p: EndpointPicker, now: float) -> dict[str, dict[str, Any]]:
     return {s["address"]: s for s in p.endpoint_stats(now)}
 
 
-def pick(p: EndpointPicker, service: Service, now: float = 0.0, node: str = "n1",
-         zone: str = "z1", exclude: Any = ()) -> Endpoint | None:
+def pick(
+    p: EndpointPicker,
+    service: Service,
+    now: float = 0.0,
+    node: str = "n1",
+    zone: str = "z1",
+    exclude: Any = (),
+) -> Endpoint | None:
     return p.pick(service, service.endpoints, node=node, zone=zone, now=now, exclude=exclude)
 
 
@@ -52,6 +74,7 @@ def fail(p: EndpointPicker, e: Endpoint, now: float, times: int) -> None:
 
 
 # -- power of two choices ---------------------------------------------------------------
+
 
 def test_p2c_prefers_low_latency() -> None:
     eps = [ep("10.0.0.1"), ep("10.0.0.2"), ep("10.0.0.3")]
@@ -116,6 +139,7 @@ def test_inflight_counts_in_the_cost() -> None:
 
 # -- peak EWMA ----------------------------------------------------------------------------
 
+
 def test_peak_ewma_adopts_spike_then_decays() -> None:
     e = ep("10.0.0.1")
     p = picker(decay=10.0)
@@ -133,11 +157,14 @@ def test_peak_ewma_adopts_spike_then_decays() -> None:
     assert seen[10] == pytest.approx(43.1, abs=0.1)  # one decay period: 1/e of the excess left
 
 
-@pytest.mark.parametrize("elapsed, expected_ms", [
-    (0.0, 100.0),  # no time passed: a fast sample does not move it
-    (10.0, 10.0 + 90.0 * math.exp(-1.0)),
-    (100.0, 10.0 + 90.0 * math.exp(-10.0)),
-])
+@pytest.mark.parametrize(
+    "elapsed, expected_ms",
+    [
+        (0.0, 100.0),  # no time passed: a fast sample does not move it
+        (10.0, 10.0 + 90.0 * math.exp(-1.0)),
+        (100.0, 10.0 + 90.0 * math.exp(-10.0)),
+    ],
+)
 def test_ewma_weight_depends_on_elapsed_time(elapsed: float, expected_ms: float) -> None:
     e = ep("10.0.0.1")
     p = picker(decay=10.0)
@@ -160,21 +187,25 @@ REMOTE = [ep("10.0.3.1", "n4", "z2"), ep("10.0.3.2", "n5", "z3")]
 ALL = LOCAL + ZONE + REMOTE
 
 
-@pytest.mark.parametrize("ejected, node, zone, expect, panic", [
-    ([], "n1", "z1", LOCAL, False),
-    (LOCAL, "n1", "z1", ZONE, False),
-    (LOCAL[:1], "n1", "z1", LOCAL[1:], False),  # one healthy local one is enough
-    (LOCAL + ZONE, "n1", "z1", REMOTE, False),
-    (LOCAL + ZONE + REMOTE[:1], "n1", "z1", REMOTE[1:], False),
-    (ALL, "n1", "z1", ALL, True),  # panic: something rather than nothing
-    ([], "n2", "z1", ZONE[:1], False),
-    ([], "n7", "z1", LOCAL + ZONE, False),  # no endpoint on this node: the zone
-    ([], "n7", "z2", REMOTE[:1], False),
-    ([], "n7", "z8", ALL, False),
-    ([], "", "", ALL, False),  # node and zone unknown: anywhere
-])
-def test_locality_failover(ejected: list[Endpoint], node: str, zone: str,
-                           expect: list[Endpoint], panic: bool) -> None:
+@pytest.mark.parametrize(
+    "ejected, node, zone, expect, panic",
+    [
+        ([], "n1", "z1", LOCAL, False),
+        (LOCAL, "n1", "z1", ZONE, False),
+        (LOCAL[:1], "n1", "z1", LOCAL[1:], False),  # one healthy local one is enough
+        (LOCAL + ZONE, "n1", "z1", REMOTE, False),
+        (LOCAL + ZONE + REMOTE[:1], "n1", "z1", REMOTE[1:], False),
+        (ALL, "n1", "z1", ALL, True),  # panic: something rather than nothing
+        ([], "n2", "z1", ZONE[:1], False),
+        ([], "n7", "z1", LOCAL + ZONE, False),  # no endpoint on this node: the zone
+        ([], "n7", "z2", REMOTE[:1], False),
+        ([], "n7", "z8", ALL, False),
+        ([], "", "", ALL, False),  # node and zone unknown: anywhere
+    ],
+)
+def test_locality_failover(
+    ejected: list[Endpoint], node: str, zone: str, expect: list[Endpoint], panic: bool
+) -> None:
     p, s = picker(), svc(ALL)
     for e in ejected:
         fail(p, e, 0.0, 3)
@@ -196,6 +227,7 @@ def test_locality_recovers_when_local_readmitted() -> None:
 
 
 # -- ejection ---------------------------------------------------------------------------
+
 
 def test_eject_after_consecutive_failures() -> None:
     e, other = ep("10.0.0.1"), ep("10.0.0.2")
@@ -275,16 +307,20 @@ V2 = [ep(f"10.2.0.{i}", version="v2") for i in range(1, 4)]
 V3 = [ep(f"10.3.0.{i}", version="v3") for i in range(1, 4)]
 
 
-@pytest.mark.parametrize("split, exclude, expect", [
-    ((("v1", 90), ("v2", 10)), [], {"v1": 0.90, "v2": 0.10}),
-    ((("v1", 50), ("v2", 50)), [], {"v1": 0.50, "v2": 0.50}),
-    ((("v1", 90), ("v2", 10), ("v3", 0)), [], {"v1": 0.90, "v2": 0.10}),
-    ((("v1", 90), ("v2", 10)), V1, {"v2": 1.0}),  # v1 all tried: skipped
-    ((("v1", 1), ("v2", 3)), V1[:2], {"v1": 0.25, "v2": 0.75}),  # one v1 left
-    ((("v1", 1), ("v4", 9)), [], {"v1": 1.0}),  # v4 has no endpoints
-])
-def test_split(split: tuple[tuple[str, int], ...], exclude: list[Endpoint],
-               expect: dict[str, float]) -> None:
+@pytest.mark.parametrize(
+    "split, exclude, expect",
+    [
+        ((("v1", 90), ("v2", 10)), [], {"v1": 0.90, "v2": 0.10}),
+        ((("v1", 50), ("v2", 50)), [], {"v1": 0.50, "v2": 0.50}),
+        ((("v1", 90), ("v2", 10), ("v3", 0)), [], {"v1": 0.90, "v2": 0.10}),
+        ((("v1", 90), ("v2", 10)), V1, {"v2": 1.0}),  # v1 all tried: skipped
+        ((("v1", 1), ("v2", 3)), V1[:2], {"v1": 0.25, "v2": 0.75}),  # one v1 left
+        ((("v1", 1), ("v4", 9)), [], {"v1": 1.0}),  # v4 has no endpoints
+    ],
+)
+def test_split(
+    split: tuple[tuple[str, int], ...], exclude: list[Endpoint], expect: dict[str, float]
+) -> None:
     p, s = picker(seed=1), svc(V1 + V2 + V3, split=split)
     excl = {(e.address, e.port) for e in exclude}
     counts: Counter[str] = Counter()
@@ -308,14 +344,19 @@ def test_split_with_no_version_left_returns_none() -> None:
 
 
 def test_split_then_locality() -> None:
-    eps = [ep("10.1.0.1", "n1", "z1", "v1"), ep("10.1.0.2", "n2", "z2", "v1"),
-           ep("10.2.0.1", "n1", "z1", "v2"), ep("10.2.0.2", "n2", "z2", "v2")]
+    eps = [
+        ep("10.1.0.1", "n1", "z1", "v1"),
+        ep("10.1.0.2", "n2", "z2", "v1"),
+        ep("10.2.0.1", "n1", "z1", "v2"),
+        ep("10.2.0.2", "n2", "z2", "v2"),
+    ]
     p, s = picker(), svc(eps, split=(("v1", 1), ("v2", 1)))
     chosen = {pick(p, s, node="n2", zone="z2") for _ in range(200)}
     assert chosen == {eps[1], eps[3]}  # both versions, each on the local node
 
 
 # -- exclude (retries) ------------------------------------------------------------------
+
 
 def test_exclude_never_returned_and_none_when_exhausted() -> None:
     eps = [ep(f"10.0.0.{i}") for i in range(1, 6)]
@@ -355,10 +396,13 @@ def test_exclude_mostly_everything_in_a_big_group() -> None:
 
 # -- cost per pick ----------------------------------------------------------------------
 
+
 def _examined_per_pick(n: int) -> float:
     nodes, zones = max(n // 10, 1), 3
-    eps = [ep(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", f"n{i % nodes}", f"z{i % zones}")
-           for i in range(n)]
+    eps = [
+        ep(f"10.{i // 65536}.{i // 256 % 256}.{i % 256}", f"n{i % nodes}", f"z{i % zones}")
+        for i in range(n)
+    ]
     p, s = picker(seed=3), svc(eps)
     for e in eps[::3]:  # a third of them ejected: not skipped over one by one
         fail(p, e, 0.0, 3)
@@ -366,8 +410,9 @@ def _examined_per_pick(n: int) -> float:
     before = p.examined
     tried = {(eps[1].address, eps[1].port)}
     for i in range(2000):
-        chosen = p.pick(s, s.endpoints, node=f"n{i % 7}", zone=f"z{i % 3}",
-                        now=0.001 * i, exclude=tried)
+        chosen = p.pick(
+            s, s.endpoints, node=f"n{i % 7}", zone=f"z{i % 3}", now=0.001 * i, exclude=tried
+        )
         assert chosen is not None
         p.on_attempt(chosen, 0.001 * i)
         p.on_success(chosen, 0.001 + (i % 5) * 0.001, 0.001 * i)
@@ -412,6 +457,7 @@ def test_arbitrary_subset_of_candidates() -> None:
 
 # -- config updates ---------------------------------------------------------------------
 
+
 def test_stats_survive_update_and_forget_missing_drops() -> None:
     a, b, c = ep("10.0.0.1"), ep("10.0.0.2"), ep("10.0.0.3")
     p = picker()
@@ -450,14 +496,23 @@ def test_endpoint_stats_shape() -> None:
     e = ep("10.0.0.1")
     p.on_attempt(e, 0.0)
     p.on_failure(e, 0.0)
-    assert p.endpoint_stats(0.0) == [{
-        "address": "10.0.0.1", "port": PORT, "ewma_ms": 5.0, "inflight": 1,
-        "consecutive_failures": 1, "state": HEALTHY, "ejected_for_s": 0.0,
-        "times_ejected": 0, "total_ejections": 0,
-    }]
+    assert p.endpoint_stats(0.0) == [
+        {
+            "address": "10.0.0.1",
+            "port": PORT,
+            "ewma_ms": 5.0,
+            "inflight": 1,
+            "consecutive_failures": 1,
+            "state": HEALTHY,
+            "ejected_for_s": 0.0,
+            "times_ejected": 0,
+            "total_ejections": 0,
+        }
+    ]
 
 
 # -- as a routing Chooser ---------------------------------------------------------------
+
 
 def test_callable_as_chooser() -> None:
     eps = [ep("10.0.1.1", "n1", "z1"), ep("10.0.2.1", "n2", "z1")]
@@ -468,10 +523,16 @@ def test_callable_as_chooser() -> None:
         p(svc(eps, split=(("v9", 1),)), eps)
 
 
-@pytest.mark.parametrize("kw", [
-    {"decay": 0}, {"eject_after": 0}, {"base_ejection": 0}, {"max_ejection": 1.0},
-    {"default_rtt": 0},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"decay": 0},
+        {"eject_after": 0},
+        {"base_ejection": 0},
+        {"max_ejection": 1.0},
+        {"default_rtt": 0},
+    ],
+)
 def test_rejects_bad_settings(kw: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         EndpointPicker(**kw)

@@ -39,7 +39,8 @@ def test_installed_versions_are_within_the_bounds_we_checked(package: str) -> No
     upper = spec.split("<")[1]
     installed = _version(metadata.version(package))
     assert _version(lower) <= installed < _version(upper), (
-        f"{package} {metadata.version(package)} is outside {spec}: re-check ztunnel/h2compat.py")
+        f"{package} {metadata.version(package)} is outside {spec}: re-check ztunnel/h2compat.py"
+    )
 
 
 # --- hyperframe: the DATA repr patch ------------------------------------------------
@@ -62,15 +63,21 @@ def test_overridden_methods_exist_with_the_signatures_we_override() -> None:
     base = h2.connection.H2Connection
     assert list(inspect.signature(base._receive_goaway_frame).parameters) == ["self", "frame"]
     assert list(inspect.signature(base.close_connection).parameters) == [
-        "self", "error_code", "additional_data", "last_stream_id"]
+        "self",
+        "error_code",
+        "additional_data",
+        "last_stream_id",
+    ]
     conn = base()
     # h2 dispatches GOAWAY through a table built from bound methods in __init__:
     # an override only works if the table looks the method up on the instance.
     assert conn._frame_dispatch_table[hyperframe.frame.GoAwayFrame].__func__ is (
-        base._receive_goaway_frame)
+        base._receive_goaway_frame
+    )
     graceful = h2compat.GracefulH2Connection()
     assert graceful._frame_dispatch_table[hyperframe.frame.GoAwayFrame].__func__ is (
-        h2compat.GracefulH2Connection._receive_goaway_frame)
+        h2compat.GracefulH2Connection._receive_goaway_frame
+    )
 
 
 def _pair() -> tuple[h2compat.GracefulH2Connection, h2.connection.H2Connection]:
@@ -122,8 +129,7 @@ def test_frame_buffer_internals_we_rely_on() -> None:
     conn = h2compat.GracefulH2Connection()
     assert isinstance(conn.incoming_buffer, h2compat.BoundedFrameBuffer)
     assert issubclass(h2.exceptions.DenialOfServiceError, h2.exceptions.ProtocolError)
-    assert h2.exceptions.DenialOfServiceError.error_code == (
-        h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+    assert h2.exceptions.DenialOfServiceError.error_code == (h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
 
 
 def test_h2_sets_the_frame_limit_on_its_buffer_each_read() -> None:
@@ -135,11 +141,13 @@ def test_h2_sets_the_frame_limit_on_its_buffer_each_read() -> None:
 
 
 def _server() -> h2compat.GracefulH2Connection:
-    conn = h2compat.GracefulH2Connection(h2.config.H2Configuration(client_side=False),
-                                         max_header_block=1000)
+    conn = h2compat.GracefulH2Connection(
+        h2.config.H2Configuration(client_side=False), max_header_block=1000
+    )
     conn.initiate_connection()
-    conn.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-                      + hyperframe.frame.SettingsFrame(0).serialize())
+    conn.receive_data(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + hyperframe.frame.SettingsFrame(0).serialize()
+    )
     return conn
 
 
@@ -172,10 +180,12 @@ def test_header_encoding_none_gives_bytes() -> None:
     """hbone decodes header bytes itself, so a bad one fails its stream only."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     server = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=False, header_encoding=None))
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
     client.initiate_connection()
-    client.send_headers(1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80"),
-                            (b"x-bin", b"\xff")])
+    client.send_headers(
+        1, [(":method", "CONNECT"), (":authority", "10.0.0.1:80"), (b"x-bin", b"\xff")]
+    )
     (_settings, request) = server.receive_data(client.data_to_send())[:2]
     assert isinstance(request, h2.events.RequestReceived)
     assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in request.headers)
@@ -199,8 +209,10 @@ def test_outbound_buffer_size_matches_data_to_send() -> None:
 def test_data_fast_path_internals_we_rely_on() -> None:
     client, server = _open_stream()
     assert isinstance(client._data_to_send, bytearray)
-    assert {h2.connection.ConnectionState.CLIENT_OPEN,
-            h2.connection.ConnectionState.SERVER_OPEN} <= set(h2.connection.ConnectionState)
+    assert {
+        h2.connection.ConnectionState.CLIENT_OPEN,
+        h2.connection.ConnectionState.SERVER_OPEN,
+    } <= set(h2.connection.ConnectionState)
     stream = server.streams[1]
     assert isinstance(stream.outbound_flow_control_window, int)
     assert stream.state_machine.headers_received is True
@@ -236,11 +248,10 @@ def _open_stream() -> tuple[h2.connection.H2Connection, h2.connection.H2Connecti
 def _h2_send(conn: h2.connection.H2Connection, sid: int, data: bytes) -> int:
     sent = 0
     while sent < len(data):
-        n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size,
-                len(data) - sent)
+        n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(data) - sent)
         if n <= 0:
             break
-        conn.send_data(sid, data[sent:sent + n])
+        conn.send_data(sid, data[sent : sent + n])
         sent += n
     return sent
 
@@ -268,11 +279,12 @@ def test_fast_send_leaves_closed_streams_to_h2() -> None:
     assert h2compat.send_data_frames(client, 1, memoryview(b"x")) is None
 
 
-def _split_all(splitter: h2compat.DataSplitter, conn: h2.connection.H2Connection,
-               wire: bytes, step: int) -> tuple[bytes, int, list[h2.events.Event]]:
+def _split_all(
+    splitter: h2compat.DataSplitter, conn: h2.connection.H2Connection, wire: bytes, step: int
+) -> tuple[bytes, int, list[h2.events.Event]]:
     got, taken, events = bytearray(), 0, []
     for i in range(0, len(wire), step):
-        for sid, chunk in splitter.split(wire[i:i + step], {1}):
+        for sid, chunk in splitter.split(wire[i : i + step], {1}):
             if sid:
                 got += chunk
                 taken += 1
@@ -303,8 +315,10 @@ def test_splitter_delivers_and_accounts_like_h2(step: int) -> None:
     assert splitter.held == 0
     for conn in (ours, theirs):
         assert conn.remote_flow_control_window(1) == 65535 - len(data) - 4
-    assert (ours._inbound_flow_control_window_manager.current_window_size
-            == theirs._inbound_flow_control_window_manager.current_window_size)
+    assert (
+        ours._inbound_flow_control_window_manager.current_window_size
+        == theirs._inbound_flow_control_window_manager.current_window_size
+    )
     # Acknowledging gives the window back through h2 as before.
     ours.acknowledge_received_data(len(data) + 4, 1)
     theirs.acknowledge_received_data(len(data) + 4, 1)
@@ -320,12 +334,14 @@ def test_splitter_leaves_end_stream_padding_and_overflow_to_h2() -> None:
     wire = padded.serialize() + ended.serialize()
     _, taken, events = _split_all(splitter, server, wire, 1 << 20)
     assert taken == 0
-    assert [type(e) for e in events] == [h2.events.DataReceived, h2.events.DataReceived,
-                                         h2.events.StreamEnded]
+    assert [type(e) for e in events] == [
+        h2.events.DataReceived,
+        h2.events.DataReceived,
+        h2.events.StreamEnded,
+    ]
     # More than the window: h2 sees the frame and raises its own error.
     client2, server2 = _open_stream()
-    big = b"".join(hyperframe.frame.DataFrame(1, data=b"x" * 16384).serialize()
-                   for _ in range(4))
+    big = b"".join(hyperframe.frame.DataFrame(1, data=b"x" * 16384).serialize() for _ in range(4))
     splitter2 = h2compat.DataSplitter(server2)
     with pytest.raises(h2.exceptions.FlowControlError):
         _split_all(splitter2, server2, big, 1 << 20)

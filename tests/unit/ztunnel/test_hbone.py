@@ -122,9 +122,12 @@ def parse_frames(data: bytes) -> list[Frame]:
 
 def raw_frame(frame_type: int, flags: int, stream_id: int, payload: bytes) -> bytes:
     """A frame header + payload, with no validation (for malformed input)."""
-    return struct.pack(">I", len(payload))[1:] + bytes([frame_type, flags]) + struct.pack(
-        ">I", stream_id
-    ) + payload
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([frame_type, flags])
+        + struct.pack(">I", stream_id)
+        + payload
+    )
 
 
 def raw_h2_client() -> h2.connection.H2Connection:
@@ -442,8 +445,18 @@ def test_non_connect_request_is_answered_405() -> None:
 
 @pytest.mark.parametrize(
     "authority",
-    ["example.com:80", "10.0.0.1", "10.0.0.1:0", "10.0.0.1:70000", "1.2.3:80", "1.2.3.4.5:80",
-     "256.0.0.1:80", "10.0.0.1:", ":80", "10.0.0.1:8o"],
+    [
+        "example.com:80",
+        "10.0.0.1",
+        "10.0.0.1:0",
+        "10.0.0.1:70000",
+        "1.2.3:80",
+        "1.2.3.4.5:80",
+        "256.0.0.1:80",
+        "10.0.0.1:",
+        ":80",
+        "10.0.0.1:8o",
+    ],
 )
 def test_bad_authority_is_answered_400(authority: str) -> None:
     client, server = connected_pair()
@@ -770,7 +783,8 @@ def test_reset_arriving_with_a_window_update_affects_only_that_stream() -> None:
     server.reset(a)  # ... then RST_STREAM, both in the same read by the client
     events = client.receive_data(server.data_to_send())
     assert [e for e in events if isinstance(e, TunnelReset)] == [
-        TunnelReset(a, e.error_code, True) for e in events if isinstance(e, TunnelReset)]
+        TunnelReset(a, e.error_code, True) for e in events if isinstance(e, TunnelReset)
+    ]
     assert any(isinstance(e, TunnelReset) and e.stream_id == a for e in events)
     assert not client.ended and not any(isinstance(e, ConnectionEnded) for e in events)
     assert client.pending(a) == 0

@@ -181,9 +181,11 @@ def test_refusal_flood_counts_as_resets() -> None:
     raw, server = raw_server()
     ended: list[ConnectionEnded] = []
     for i in range(2000):
-        raw.send_headers(2 * i + 1, [(":method", "GET"), (":path", "/"),
-                                     (":scheme", "https"), (":authority", "x")],
-                         end_stream=True)
+        raw.send_headers(
+            2 * i + 1,
+            [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "x")],
+            end_stream=True,
+        )
         ended += of_type(server.receive_data(raw.data_to_send()), ConnectionEnded)
         raw.receive_data(server.data_to_send())  # the 405s
         if ended:
@@ -256,7 +258,7 @@ def test_continuation_flood_is_refused_before_it_is_buffered() -> None:
         frame = raw_frame(0x9, 0, 1, b"\x00" * chunk)
         # Feed it in pieces as a socket would: refusal must not wait for the end.
         for i in range(0, len(frame), 16 << 10):
-            ended += of_type(server.receive_data(frame[i:i + (16 << 10)]), ConnectionEnded)
+            ended += of_type(server.receive_data(frame[i : i + (16 << 10)]), ConnectionEnded)
             fed += min(16 << 10, len(frame) - i)
             if ended:
                 break
@@ -280,7 +282,7 @@ def test_header_block_in_continuations_below_the_limit_is_served() -> None:
     raw, server = raw_server()
     extra = [(f"x-pad-{i}", "v" * 1000) for i in range(40)]  # ~41 KB, 3 frames
     block = hpack.Encoder().encode([*connect_headers(), *extra])
-    parts = [block[i:i + 16384] for i in range(0, len(block), 16384)]
+    parts = [block[i : i + 16384] for i in range(0, len(block), 16384)]
     data = raw_frame(0x1, 0, 1, parts[0])
     for j, part in enumerate(parts[1:], 1):
         data += raw_frame(0x9, 0x4 if j == len(parts) - 1 else 0, 1, part)
@@ -320,8 +322,14 @@ def test_refusal_after_stream_id_jump_resets_only_that_stream() -> None:
 def test_non_utf8_header_value_refuses_that_stream_only() -> None:
     raw, server = raw_server()
     raw.send_headers(1, connect_headers("10.0.0.1:80"))
-    raw.send_headers(3, [(b":method", b"CONNECT"), (b":authority", b"10.0.0.2:80"),
-                         (b"baggage", b"\xff\xfe not utf-8")])
+    raw.send_headers(
+        3,
+        [
+            (b":method", b"CONNECT"),
+            (b":authority", b"10.0.0.2:80"),
+            (b"baggage", b"\xff\xfe not utf-8"),
+        ],
+    )
     raw.send_headers(5, connect_headers("10.0.0.3:80"))
     events = server.receive_data(raw.data_to_send())
     assert [ev.stream_id for ev in of_type(events, TunnelRequested)] == [1, 5]
@@ -329,8 +337,11 @@ def test_non_utf8_header_value_refuses_that_stream_only() -> None:
     server.accept_tunnel(1)
     server.accept_tunnel(5)
     raw_events, _ = raw_exchange(raw, server)
-    statuses = {ev.stream_id: dict(ev.headers)[":status"] for ev in raw_events
-                if isinstance(ev, h2.events.ResponseReceived)}
+    statuses = {
+        ev.stream_id: dict(ev.headers)[":status"]
+        for ev in raw_events
+        if isinstance(ev, h2.events.ResponseReceived)
+    }
     assert statuses == {1: "200", 3: "400", 5: "200"}
 
 
@@ -375,8 +386,7 @@ def test_calls_after_the_connection_failed_never_raise() -> None:
 
 
 def test_keepalive_ping_after_silence_and_dead_peer_detected() -> None:
-    limits = hbone.HboneLimits(keepalive_interval=20.0, keepalive_timeout=10.0,
-                               idle_timeout=None)
+    limits = hbone.HboneLimits(keepalive_interval=20.0, keepalive_timeout=10.0, idle_timeout=None)
     client = HboneConnection(client_side=True, limits=limits, now=0.0)
     server = HboneConnection(client_side=False, now=0.0)
     server.receive_data(client.data_to_send(), now=0.0)
@@ -399,8 +409,7 @@ def test_keepalive_ping_after_silence_and_dead_peer_detected() -> None:
 
 
 def test_keepalive_answered_keeps_the_connection() -> None:
-    limits = hbone.HboneLimits(keepalive_interval=20.0, keepalive_timeout=10.0,
-                               idle_timeout=None)
+    limits = hbone.HboneLimits(keepalive_interval=20.0, keepalive_timeout=10.0, idle_timeout=None)
     client = HboneConnection(client_side=True, limits=limits, now=0.0)
     server = HboneConnection(client_side=False, now=0.0)
     server.receive_data(client.data_to_send(), now=0.0)
@@ -436,8 +445,9 @@ def test_ping_flood_answers_never_exceed_the_input() -> None:
     """The sans-IO part: one ACK per PING, nothing amplified (the shell caps
     what piles up when the peer does not read: tests/unit/ztunnel/test_session_limits.py)."""
     raw, server = raw_server()
-    pings = b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize()
-                     for i in range(1000))
+    pings = b"".join(
+        PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(1000)
+    )
     assert server.receive_data(pings) == []
     assert len(server.data_to_send()) == len(pings)
 
@@ -462,16 +472,15 @@ def test_raw_rst_frame_for_unknown_stream_is_ignored() -> None:
     assert not of_type(events, TunnelReset)
 
 
-
-
 def test_calls_after_the_peer_ended_the_connection_report_nothing() -> None:
     """Found by fuzz/fuzz_hbone_client.py: after a GOAWAY with an error the
     shell still sends on a stream it has not aborted yet; that must neither
     raise nor report a stream failure of ours."""
     client, server = connected_pair()
     a = open_established(client, server)
-    client.receive_data(GoAwayFrame(0, last_stream_id=a,
-                                    error_code=hbone.INTERNAL_ERROR).serialize())
+    client.receive_data(
+        GoAwayFrame(0, last_stream_id=a, error_code=hbone.INTERNAL_ERROR).serialize()
+    )
     assert client.ended
     client.send(a, b"late")
     client.end(a)

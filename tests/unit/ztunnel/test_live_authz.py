@@ -88,9 +88,14 @@ def set_policies(node: Any, policies: list[dict[str, Any]]) -> None:
 
 
 def deny_from(name: str, sa: str) -> dict[str, Any]:
-    return {"kind": "AuthorizationPolicy", "metadata": {"name": name, "namespace": "default"},
-            "spec": {"action": "DENY", "rules": [
-                {"from": {"principals": [f"spiffe://cluster.local/ns/default/sa/{sa}"]}}]}}
+    return {
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "action": "DENY",
+            "rules": [{"from": {"principals": [f"spiffe://cluster.local/ns/default/sa/{sa}"]}}],
+        },
+    }
 
 
 async def closed(r: asyncio.StreamReader) -> bool:
@@ -192,11 +197,15 @@ def test_a_pooled_tunnel_is_not_reused_past_a_certificate_expiry(tmp_path: Path)
 
 def test_parse_query_and_cgroup_helpers() -> None:
     assert parse_query("local=10.0.0.1:8080&remote=127.0.0.6:40000") == ConnKey(
-        "10.0.0.1", 8080, "127.0.0.6", 40000)
+        "10.0.0.1", 8080, "127.0.0.6", 40000
+    )
     assert parse_query("local=[::ffff:10.0.0.1]:1&remote=127.0.0.6:2").local_ip == "10.0.0.1"
-    for bad, why in [("local=10.0.0.1:80", "remote"), ("local=x:1&remote=127.0.0.6:2", "IP"),
-                     ("local=10.0.0.1:0&remote=127.0.0.6:2", "range"),
-                     ("local=1.1.1.1:1&local=1.1.1.1:2&remote=127.0.0.6:2", "once")]:
+    for bad, why in [
+        ("local=10.0.0.1:80", "remote"),
+        ("local=x:1&remote=127.0.0.6:2", "IP"),
+        ("local=10.0.0.1:0&remote=127.0.0.6:2", "range"),
+        ("local=1.1.1.1:1&local=1.1.1.1:2&remote=127.0.0.6:2", "once"),
+    ]:
         with pytest.raises(PeerQueryError, match=why):
             parse_query(bad)
     assert cgroup_of_pid_text("12:cpu:/x\n0::/mesh/web.service/sub\n") == "/mesh/web.service/sub"
@@ -210,8 +219,10 @@ def test_peer_index_answers_only_the_workload_that_holds_the_connection() -> Non
     idx = PeerIndex()
     key = ConnKey("10.0.0.1", 8080, "127.0.0.6", 40000)
     idx.add(key, WEB, workload_id=3)
-    assert idx.answer(key, 3) == (200, {"local": "10.0.0.1:8080", "remote": "127.0.0.6:40000",
-                                        "identity": WEB})
+    assert idx.answer(key, 3) == (
+        200,
+        {"local": "10.0.0.1:8080", "remote": "127.0.0.6:40000", "identity": WEB},
+    )
     status, body = idx.answer(key, 4)  # another workload: same answer as no connection
     assert (status, body) == PeerIndex().answer(key, 4)
     # Only the full 4-tuple: the same client port towards another address is not it.
@@ -244,8 +255,13 @@ def test_peer_server_uses_the_kernels_word_for_who_asks(tmp_path: Path) -> None:
         out = []
         q = "/v1/peer?local=10.0.0.1:8080&remote=127.0.0.6:40000"
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as s:
-            for target, as_workload in [(q, None), (q, 8), (q, 7), ("/v1/peer?local=1", 7),
-                                        ("/peer?addr=10.0.0.1:8080", 7)]:
+            for target, as_workload in [
+                (q, None),
+                (q, 8),
+                (q, 7),
+                ("/v1/peer?local=1", 7),
+                ("/peer?addr=10.0.0.1:8080", 7),
+            ]:
                 member.clear()
                 if as_workload is not None:
                     member[os.getpid()] = as_workload
@@ -270,15 +286,23 @@ def test_the_proxy_indexes_delivered_connections_by_their_full_4_tuple(tmp_path:
         (conn,) = [c for c in node2.proxy.pi.active if getattr(c, "conn_key", None)]
         key = conn.conn_key
         assert (key.local_ip, key.local_port) == (N2, 18304)
-        assert node2.proxy.pi.peers.answer(key, 1) == (200, {
-            "local": f"{N2}:18304", "remote": f"{key.remote_ip}:{key.remote_port}",
-            "identity": WEB})
+        assert node2.proxy.pi.peers.answer(key, 1) == (
+            200,
+            {
+                "local": f"{N2}:18304",
+                "remote": f"{key.remote_ip}:{key.remote_port}",
+                "identity": WEB,
+            },
+        )
         assert node2.proxy.pi.peers.answer(key, 2)[0] == 404  # ops, on the same node
         # The loopback admin port no longer answers for an address.
         admin = node2.proxy.config.admin
-        async with aiohttp.ClientSession() as s, s.get(
+        async with (
+            aiohttp.ClientSession() as s,
+            s.get(
                 f"http://{admin[0]}:{admin[1]}/peer?addr={key.remote_ip}:{key.remote_port}"
-        ) as resp:
+            ) as resp,
+        ):
             assert resp.status == 404
         w.close()
         await asyncio.sleep(0.2)

@@ -192,8 +192,9 @@ def test_aborted_slow_downloads_do_not_stall_the_pooled_connection(tmp_path: Pat
             held, still = 0, 0
             while loop.time() < deadline and still < 5:
                 await asyncio.sleep(0.02)
-                handlers = [h for ss in pool._sessions.values() for s in ss
-                            for h in s.handlers.values()]
+                handlers = [
+                    h for ss in pool._sessions.values() for s in ss for h in s.handlers.values()
+                ]
                 now_held = handlers[0].unacked if handlers else 0
                 still = still + 1 if now_held == held and held >= (1 << 20) else 0
                 held = now_held
@@ -230,10 +231,12 @@ def test_ping_flood_over_real_tls_from_a_peer_that_does_not_read(tmp_path: Path)
         ctx.load_verify_locations(tmp / "bundle.pem")
         ctx.check_hostname = False  # SPIFFE IDs are URI SANs
         reader, writer = await asyncio.open_connection(
-            N2, 15008, ssl=ctx, server_hostname="api.default.cluster.local")
+            N2, 15008, ssl=ctx, server_hostname="api.default.cluster.local"
+        )
         writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
-        pings = b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize()
-                         for i in range(4096))
+        pings = b"".join(
+            PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(4096)
+        )
         offered = 0
         try:
             while offered < (32 << 20):

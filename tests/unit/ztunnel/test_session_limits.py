@@ -86,8 +86,9 @@ def run(fn: Any) -> Any:
 
 def served_session() -> tuple[HboneSession, FakeTransport, h2.connection.H2Connection]:
     """Our server side over a stand-in transport, a raw h2 peer, SETTINGS done."""
-    s = HboneSession(hbone.HboneConnection(client_side=False),
-                     on_request=lambda s, ev: None)  # the test answers
+    s = HboneSession(
+        hbone.HboneConnection(client_side=False), on_request=lambda s, ev: None
+    )  # the test answers
     t = FakeTransport(s)
     s.connection_made(t)  # type: ignore[arg-type]
     raw = raw_h2_client()
@@ -111,8 +112,9 @@ def test_ping_flood_from_a_peer_that_does_not_read_is_bounded() -> None:
 
     def body() -> None:
         s, t, _ = served_session()
-        chunk = b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize()
-                         for i in range(4096))  # 68 KiB of PINGs per read
+        chunk = b"".join(
+            PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(4096)
+        )  # 68 KiB of PINGs per read
         fed = 0
         while not t.reading_paused and fed < (32 << 20):
             s.data_received(chunk)  # a real transport calls this only while reading
@@ -247,9 +249,11 @@ def test_rapid_reset_flood_closes_the_connection_with_a_warning(
     ended: list[hbone.ConnectionEnded] = []
 
     def body() -> None:
-        s = HboneSession(hbone.HboneConnection(client_side=False),
-                         on_request=lambda s, ev: requested.append(ev.stream_id),
-                         on_ended=lambda s, ev: ended.append(ev))
+        s = HboneSession(
+            hbone.HboneConnection(client_side=False),
+            on_request=lambda s, ev: requested.append(ev.stream_id),
+            on_ended=lambda s, ev: ended.append(ev),
+        )
         s.peer = A
         t = FakeTransport(s)
         s.connection_made(t)  # type: ignore[arg-type]
@@ -311,8 +315,11 @@ def test_connections_are_capped_per_identity_per_address_and_in_total() -> None:
     assert inbound.connection_limit(pi, B, "10.0.0.3") is None  # type: ignore[arg-type]
     pi.inbound_sessions.add(_Session(B, "10.0.0.3"))
     pi.inbound_sessions.add(_Session(B, "10.0.0.4"))
-    reason = inbound.connection_limit(pi, SpiffeId("cluster.local", "x", "c"),  # type: ignore[arg-type]
-                                      "10.0.0.9")
+    reason = inbound.connection_limit(
+        pi,
+        SpiffeId("cluster.local", "x", "c"),  # type: ignore[arg-type]
+        "10.0.0.9",
+    )
     assert reason is not None and "inbound connections are open" in reason
 
 
@@ -330,7 +337,8 @@ def test_connection_over_the_cap_is_refused_with_a_log_line_and_a_metric(
         s = inbound.new_session(pi)  # type: ignore[arg-type]
         s.transport = FakeTransport(s)  # type: ignore[assignment]
         s.transport.get_extra_info = lambda name, default=None: (  # type: ignore[union-attr,method-assign]
-            ("10.0.0.7", 40000) if name == "peername" else default)
+            ("10.0.0.7", 40000) if name == "peername" else default
+        )
         return inbound._verify_peer(pi, s)  # type: ignore[arg-type]
 
     with caplog.at_level(logging.WARNING, "meshnode.ztunnel.inbound"):
@@ -384,15 +392,14 @@ def test_pool_skips_draining_connections() -> None:
     run(body)
 
 
-
-
 def test_the_session_runs_the_keepalive_timer() -> None:
     """The shell arms the connection's timer: a silent peer is found dead and
     the TLS connection closed (short times here; 20 s + 10 s by default)."""
 
     async def body() -> None:
-        limits = hbone.HboneLimits(keepalive_interval=0.05, keepalive_timeout=0.05,
-                                   idle_timeout=None)
+        limits = hbone.HboneLimits(
+            keepalive_interval=0.05, keepalive_timeout=0.05, idle_timeout=None
+        )
         s = HboneSession(hbone.HboneConnection(client_side=True, limits=limits))
         t = FakeTransport(s)
         s.connection_made(t)  # type: ignore[arg-type]

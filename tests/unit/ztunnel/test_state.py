@@ -31,22 +31,58 @@ def good_snapshot() -> dict[str, Any]:
         "trust_bundle": "/var/lib/meshnode/bundle.pem",
         "bpf_pin_dir": "/sys/fs/bpf/meshnode",
         "workloads": [
-            {"id": 1, "name": "web", "namespace": "default", "service_account": "web",
-             "node": "node1", "address": "198.18.0.11", "port": 8080, "service": "web",
-             "cert": "/certs/web.pem", "key": "/certs/web.key"},
-            {"id": 2, "name": "worker", "namespace": "jobs", "service_account": "worker",
-             "node": "node1", "address": "198.18.0.11", "port": 9000, "service": ""},
-            {"id": 1, "name": "remote", "namespace": "default", "service_account": "api",
-             "node": "node2", "address": "198.18.0.12", "port": 8080, "service": "api"},
+            {
+                "id": 1,
+                "name": "web",
+                "namespace": "default",
+                "service_account": "web",
+                "node": "node1",
+                "address": "198.18.0.11",
+                "port": 8080,
+                "service": "web",
+                "cert": "/certs/web.pem",
+                "key": "/certs/web.key",
+            },
+            {
+                "id": 2,
+                "name": "worker",
+                "namespace": "jobs",
+                "service_account": "worker",
+                "node": "node1",
+                "address": "198.18.0.11",
+                "port": 9000,
+                "service": "",
+            },
+            {
+                "id": 1,
+                "name": "remote",
+                "namespace": "default",
+                "service_account": "api",
+                "node": "node2",
+                "address": "198.18.0.12",
+                "port": 8080,
+                "service": "api",
+            },
         ],
         "services": [
-            {"name": "api", "namespace": "default", "vip": "240.0.0.1",
-             "ports": [{"port": 80, "target_port": 8080}, {"port": 8081}],
-             "endpoints": [
-                 {"workload": "api", "namespace": "default", "service_account": "api",
-                  "node": "node2", "node_ip": "198.18.0.12", "address": "198.18.0.12",
-                  "zone": "z2", "port": 8080},
-             ]},
+            {
+                "name": "api",
+                "namespace": "default",
+                "vip": "240.0.0.1",
+                "ports": [{"port": 80, "target_port": 8080}, {"port": 8081}],
+                "endpoints": [
+                    {
+                        "workload": "api",
+                        "namespace": "default",
+                        "service_account": "api",
+                        "node": "node2",
+                        "node_ip": "198.18.0.12",
+                        "address": "198.18.0.12",
+                        "zone": "z2",
+                        "port": 8080,
+                    },
+                ],
+            },
         ],
     }
 
@@ -65,8 +101,17 @@ def test_accepts_a_good_snapshot() -> None:
     assert state.bpf_pin_dir == "/sys/fs/bpf/meshnode"
     # Only this node's workloads are indexed.
     assert sorted(state.workloads_by_id) == [1, 2]
-    web = Workload(1, "web", SpiffeId(td, "default", "web"), "node1", "198.18.0.11", 8080,
-                   "web", "/certs/web.pem", "/certs/web.key")
+    web = Workload(
+        1,
+        "web",
+        SpiffeId(td, "default", "web"),
+        "node1",
+        "198.18.0.11",
+        8080,
+        "web",
+        "/certs/web.pem",
+        "/certs/web.key",
+    )
     assert state.find_local_workload(1) == web
     assert state.find_local_by_addr("198.18.0.11", 8080) == web
     assert state.find_local_workload(2) is not None
@@ -81,8 +126,9 @@ def test_accepts_a_good_snapshot() -> None:
     assert api.target_port(80) == 8080
     assert api.target_port(8081) == 8081
     assert api.target_port(8080) is None
-    endpoint = Endpoint("api", SpiffeId(td, "default", "api"), "node2", "198.18.0.12",
-                        "198.18.0.12", 8080, "z2")
+    endpoint = Endpoint(
+        "api", SpiffeId(td, "default", "api"), "node2", "198.18.0.12", "198.18.0.12", 8080, "z2"
+    )
     assert api.endpoints == (endpoint,)
     assert state.find_endpoint_by_addr("198.18.0.12", 8080) == endpoint
     assert state.services_by_name[("default", "api")] is api
@@ -117,8 +163,14 @@ def test_dump_is_json_serializable_and_complete() -> None:
     assert svc["ports"] == [{"port": 80, "target_port": 8080}, {"port": 8081, "target_port": 8081}]
     assert svc["split"] == {}
     assert svc["endpoints"] == [
-        {"workload": "api", "identity": "spiffe://cluster.local/ns/default/sa/api",
-         "node": "node2", "address": "198.18.0.12:8080", "zone": "z2", "version": ""}
+        {
+            "workload": "api",
+            "identity": "spiffe://cluster.local/ns/default/sa/api",
+            "node": "node2",
+            "address": "198.18.0.12:8080",
+            "zone": "z2",
+            "version": "",
+        }
     ]
 
 
@@ -159,45 +211,99 @@ REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("version string", _set(("version",), "7"), "snapshot.version: expected int, got '7'"),
     ("trust domain missing", _delete(("trust_domain",)), "missing field 'trust_domain'"),
     ("workloads not a list", _set(("workloads",), {}), "snapshot.workloads: expected list"),
-    ("workload ip bad", _set(("workloads", 0, "address"), "1.2.3"),
-     "workloads[0].address: '1.2.3' is not an IP"),
+    (
+        "workload ip bad",
+        _set(("workloads", 0, "address"), "1.2.3"),
+        "workloads[0].address: '1.2.3' is not an IP",
+    ),
     ("workload port 0", _set(("workloads", 0, "port"), 0), "workloads[0].port: 0 is not a port"),
-    ("workload port 70000", _set(("workloads", 1, "port"), 70000),
-     "workloads[1].port: 70000 is not a port"),
-    ("workload port string", _set(("workloads", 0, "port"), "80"),
-     "workloads[0].port: '80' is not a port"),
-    ("workload port True", _set(("workloads", 0, "port"), True),
-     "workloads[0].port: True is not a port"),
-    ("workload port missing", _delete(("workloads", 0, "port")),
-     "workloads[0]: missing field 'port'"),
+    (
+        "workload port 70000",
+        _set(("workloads", 1, "port"), 70000),
+        "workloads[1].port: 70000 is not a port",
+    ),
+    (
+        "workload port string",
+        _set(("workloads", 0, "port"), "80"),
+        "workloads[0].port: '80' is not a port",
+    ),
+    (
+        "workload port True",
+        _set(("workloads", 0, "port"), True),
+        "workloads[0].port: True is not a port",
+    ),
+    (
+        "workload port missing",
+        _delete(("workloads", 0, "port")),
+        "workloads[0]: missing field 'port'",
+    ),
     ("workload id bool", _set(("workloads", 0, "id"), True), "workloads[0].id: expected int"),
-    ("workload namespace uppercase", _set(("workloads", 0, "namespace"), "Default"),
-     "workloads[0].namespace: 'Default' is not a DNS label"),
-    ("workload service account with dot", _set(("workloads", 1, "service_account"), "a.b"),
-     "workloads[1].service_account: 'a.b' is not a DNS label"),
-    ("workload namespace missing", _delete(("workloads", 0, "namespace")),
-     "workloads[0]: missing field 'namespace'"),
-    ("duplicate local workload id", _duplicate_local_id,
-     "workloads[1].id: duplicate workload id 1"),
-    ("trust domain uppercase", _set(("trust_domain",), "Cluster.Local"),
-     "snapshot.trust_domain: trust domain 'Cluster.Local'"),
+    (
+        "workload namespace uppercase",
+        _set(("workloads", 0, "namespace"), "Default"),
+        "workloads[0].namespace: 'Default' is not a DNS label",
+    ),
+    (
+        "workload service account with dot",
+        _set(("workloads", 1, "service_account"), "a.b"),
+        "workloads[1].service_account: 'a.b' is not a DNS label",
+    ),
+    (
+        "workload namespace missing",
+        _delete(("workloads", 0, "namespace")),
+        "workloads[0]: missing field 'namespace'",
+    ),
+    (
+        "duplicate local workload id",
+        _duplicate_local_id,
+        "workloads[1].id: duplicate workload id 1",
+    ),
+    (
+        "trust domain uppercase",
+        _set(("trust_domain",), "Cluster.Local"),
+        "snapshot.trust_domain: trust domain 'Cluster.Local'",
+    ),
     ("vip bad", _set(("services", 0, "vip"), "240.0.0"), "services[0].vip: '240.0.0' is not an IP"),
-    ("service port 0", _set(("services", 0, "ports", 0, "port"), 0),
-     "services[0].ports[0].port: 0 is not a port"),
-    ("target port 70000", _set(("services", 0, "ports", 0, "target_port"), 70000),
-     "services[0].ports[0].target_port: 70000 is not a port"),
-    ("endpoint port string", _set(("services", 0, "endpoints", 0, "port"), "8080"),
-     "services[0].endpoints[0].port: '8080' is not a port"),
-    ("endpoint port True", _set(("services", 0, "endpoints", 0, "port"), True),
-     "services[0].endpoints[0].port: True is not a port"),
-    ("endpoint node ip bad", _set(("services", 0, "endpoints", 0, "node_ip"), "node2"),
-     "services[0].endpoints[0].node_ip: 'node2' is not an IP"),
-    ("endpoint namespace uppercase", _set(("services", 0, "endpoints", 0, "namespace"), "API"),
-     "services[0].endpoints[0].namespace: 'API' is not a DNS label"),
-    ("endpoints missing", _delete(("services", 0, "endpoints")),
-     "services[0]: missing field 'endpoints'"),
-    ("service name not a string", _set(("services", 0, "name"), 5),
-     "services[0].name: 5 is not a DNS label"),
+    (
+        "service port 0",
+        _set(("services", 0, "ports", 0, "port"), 0),
+        "services[0].ports[0].port: 0 is not a port",
+    ),
+    (
+        "target port 70000",
+        _set(("services", 0, "ports", 0, "target_port"), 70000),
+        "services[0].ports[0].target_port: 70000 is not a port",
+    ),
+    (
+        "endpoint port string",
+        _set(("services", 0, "endpoints", 0, "port"), "8080"),
+        "services[0].endpoints[0].port: '8080' is not a port",
+    ),
+    (
+        "endpoint port True",
+        _set(("services", 0, "endpoints", 0, "port"), True),
+        "services[0].endpoints[0].port: True is not a port",
+    ),
+    (
+        "endpoint node ip bad",
+        _set(("services", 0, "endpoints", 0, "node_ip"), "node2"),
+        "services[0].endpoints[0].node_ip: 'node2' is not an IP",
+    ),
+    (
+        "endpoint namespace uppercase",
+        _set(("services", 0, "endpoints", 0, "namespace"), "API"),
+        "services[0].endpoints[0].namespace: 'API' is not a DNS label",
+    ),
+    (
+        "endpoints missing",
+        _delete(("services", 0, "endpoints")),
+        "services[0]: missing field 'endpoints'",
+    ),
+    (
+        "service name not a string",
+        _set(("services", 0, "name"), 5),
+        "services[0].name: 5 is not a DNS label",
+    ),
 ]
 
 
@@ -236,10 +342,14 @@ def test_parse_does_not_mutate_the_document() -> None:
     ("mutate", "field"),
     [
         pytest.param(_set(("workloads", 0), 1), "workloads[0]", id="workload entry is an int"),
-        pytest.param(_set(("services", 0, "ports", 0), 80), "services[0].ports[0]",
-                     id="port entry is an int"),
-        pytest.param(_set(("services", 0, "endpoints", 0), None), "services[0].endpoints[0]",
-                     id="endpoint entry is null"),
+        pytest.param(
+            _set(("services", 0, "ports", 0), 80), "services[0].ports[0]", id="port entry is an int"
+        ),
+        pytest.param(
+            _set(("services", 0, "endpoints", 0), None),
+            "services[0].endpoints[0]",
+            id="endpoint entry is null",
+        ),
     ],
 )
 def test_entries_that_are_not_objects_raise_state_error(
