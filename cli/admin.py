@@ -47,6 +47,8 @@ _KIND_ALIASES = {
     "trafficsplits": "TrafficSplit",
     "meshconfig": "MeshConfig",
     "meshconfigs": "MeshConfig",
+    "identitygrant": "IdentityGrant",
+    "identitygrants": "IdentityGrant",
 }
 
 
@@ -143,11 +145,26 @@ def token() -> None:
 @click.option("--node", required=True, help="The node name the token may enroll.")
 @click.option("--zone", default="", help="Pin the node to this zone.")
 @click.option("--ttl", default="1h", show_default=True, help="Validity (30m, 1h, 2d).")
+@click.option(
+    "--identity",
+    "identities",
+    multiple=True,
+    metavar="NS/SA",
+    help="Grant the node this workload identity (<namespace>/<service-account>, or "
+    "<namespace>/*); repeatable. Kept as the IdentityGrant token-<node>.",
+)
+@click.option(
+    "--address",
+    default="",
+    help="The node's address [default: the address its enrollment comes from].",
+)
 @_connection_options
 def token_create(
     node: str,
     zone: str,
     ttl: str,
+    identities: tuple[str, ...],
+    address: str,
     cp_url: str,
     ca_file: Path | None,
     pin: str | None,
@@ -165,9 +182,14 @@ def token_create(
     body: dict[str, Any] = {"node": node, "ttl_seconds": seconds}
     if zone:
         body["zone"] = zone
+    if identities:
+        body["identities"] = list(identities)
+    if address:
+        body["address"] = address
     data = _call(client, "POST", api.ADMIN_TOKENS, body)
     click.echo(data["token"])
-    click.echo(f"# single use, expires in {ttl}; on node {node} run:", err=True)
+    granted = ", ".join(data.get("identities") or []) or "none yet (grant with meshnode apply)"
+    click.echo(f"# single use, expires in {ttl}; grants {granted}; on node {node} run:", err=True)
     click.echo(f"meshnode enroll --cp {cp_url} --token {data['token']} --name {node}", err=True)
 
 
@@ -221,7 +243,7 @@ def _kind(kind: str) -> str:
     if resolved is None:
         fail(
             f"unknown kind {kind!r}; use one of: nodes, workloads, services, "
-            "AuthorizationPolicy, PeerAuthentication, TrafficSplit, MeshConfig"
+            "AuthorizationPolicy, PeerAuthentication, TrafficSplit, MeshConfig, IdentityGrant"
         )
     return resolved
 

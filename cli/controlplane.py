@@ -45,6 +45,13 @@ def controlplane() -> None:
     help="IP[,IP]: addresses nodes use to reach this control plane (server cert SANs).",
 )
 @click.option(
+    "--max-workloads-per-node",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Workloads one node may register; more are refused with 429.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -57,6 +64,7 @@ def run(
     trust_domain: str,
     cert_ttl: str,
     advertise: str,
+    max_workloads_per_node: int,
     log_level: str,
 ) -> None:
     """Serve the control-plane API over TLS 1.3 until SIGTERM."""
@@ -85,7 +93,11 @@ def run(
     except (StoreError, OSError) as exc:
         fail(f"{exc}")
     config = ControlPlaneConfig(
-        trust_domain=trust_domain, cert_ttl=timedelta(seconds=ttl), advertise=ips, data_dir=data_dir
+        trust_domain=trust_domain,
+        cert_ttl=timedelta(seconds=ttl),
+        advertise=ips,
+        data_dir=data_dir,
+        max_workloads_per_node=max_workloads_per_node,
     )
     try:
         import uvloop

@@ -28,7 +28,12 @@ from meshnode.cli.common import fail
 )
 @click.option("--name", default=None, help="Node name [default: the host name].")
 @click.option("--zone", default="", help="Zone (the token may fix it).")
-@click.option("--ip", default="", help="Node address [default: what the control plane sees].")
+@click.option(
+    "--ip",
+    default="",
+    help="The address this node expects; the control plane refuses it unless the token "
+    "names it or the enrollment comes from it [default: what the control plane sees].",
+)
 @click.option(
     "--config-dir",
     type=click.Path(path_type=Path),

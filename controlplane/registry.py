@@ -29,7 +29,9 @@ from meshnode.core import constants
 from meshnode.core import contracts as wire
 from meshnode.core.contracts import ContractError, NodeDoc, NodeSlice, ServiceDoc, WorkloadDoc
 from meshnode.core.errors import MeshnodeError
-from meshnode.core.resources import resource_from_dict
+from meshnode.core.resources import DEFAULT_NAMESPACE, IdentityGrant, resource_from_dict
+
+from . import grants as grant_rules
 
 __all__ = [
     "VIP_NETWORK",
@@ -49,12 +51,20 @@ __all__ = [
     "node_slice",
     "put_node",
     "put_workload",
+    "register_workload",
+    "set_token_grant",
+    "granted",
+    "grants_of",
     "service_docs",
     "service_documents",
     "slice_for",
 ]
 
 VIP_NETWORK = ipaddress.IPv4Network(constants.VIP_NETWORK)
+# How many workloads one node may register; a node cannot fill every node's
+# destination map by registering without end (`controlplane run` can change it).
+DEFAULT_MAX_WORKLOADS_PER_NODE = 256
+GRANT_KIND = IdentityGrant.kind
 
 
 class RegistryError(MeshnodeError, ValueError):
@@ -244,6 +254,55 @@ def delete_workload(reg: Registry, node: str, name: str) -> Registry:
     return _prune_services(replace(reg, workloads=workloads))
 
 
+def register_workload(
+    reg: Registry, wl: WorkloadRecord, limit: int = DEFAULT_MAX_WORKLOADS_PER_NODE
+) -> Registry:
+    """:func:`put_workload` for a node's own request: refused (403) unless the node is
+    granted the workload's identity, and (429) past the per-node workload limit."""
+    node = reg.nodes.get(wl.node)
+    if node is None:
+        raise RegistryError(f"node {wl.node!r} is not registered", status=404)
+    decision = granted(reg, grants_of(reg), wl.node, wl.namespace, wl.service_account)
+    if not decision.allowed:
+        raise RegistryError(f"workload {wl.name}: {decision.message}", status=403)
+    others = sum(1 for w in reg.workloads.values() if w.node == wl.node and w.name != wl.name)
+    if others >= limit:
+        raise RegistryError(
+            f"workload {wl.name}: node {wl.node} already has {others} workloads, the limit "
+            "per node; remove one (meshnode workload remove) or raise the limit "
+            "(meshnode controlplane run --max-workloads-per-node)",
+            status=429,
+        )
+    return put_workload(reg, wl)
+
+
+def set_token_grant(reg: Registry, node: str, identities: Sequence[str]) -> Registry:
+    """The grant a node's join token gives it (``token-<node>``): replaced at each
+    enrollment, removed when the token named no identity."""
+    grant = grant_rules.token_grant(node, identities)
+    key = (GRANT_KIND, DEFAULT_NAMESPACE, f"{grant_rules.TOKEN_GRANT_PREFIX}{node}")
+    resources = {k: v for k, v in reg.resources.items() if k != key}
+    if grant is not None:
+        resources[key] = grant.to_dict()
+    return replace(reg, resources=resources)
+
+
+def grants_of(reg: Registry) -> tuple[IdentityGrant, ...]:
+    """Every identity grant in the registry (``IdentityGrant`` resources)."""
+    return tuple(
+        IdentityGrant.from_dict(doc) for key, doc in reg.resources.items() if key[0] == GRANT_KIND
+    )
+
+
+def granted(
+    reg: Registry, grants: Sequence[IdentityGrant], node: str, namespace: str, account: str
+) -> grant_rules.Decision:
+    """May `node` host ``<namespace>/<account>``, by `grants` (see grants.py)?"""
+    record = reg.nodes.get(node)
+    zone = record.zone if record is not None else ""
+    return grant_rules.decide(grants, node, zone, namespace, account)
+
+
 def _prune_services(reg: Registry) -> Registry:
     """A service exists while a workload names it; then its VIP is free again."""
     wanted = {(w.namespace, w.service) for w in reg.workloads.values() if w.service}
@@ -281,6 +340,7 @@ def resource_key(doc: Mapping[str, Any]) -> tuple[str, str, str]:
 def service_docs(reg: Registry) -> dict[tuple[str, str], ServiceDoc]:
     """The service documents nodes receive (meshnode.core.contracts), by key."""
     out = {}
+    grants = grants_of(reg)
     for key, svc in sorted(reg.services.items()):
         endpoints = []
         for wl in sorted(reg.workloads.values(), key=lambda w: (w.node, w.name)):
@@ -288,6 +348,10 @@ def service_docs(reg: Registry) -> dict[tuple[str, str], ServiceDoc]:
                 continue
             node = reg.nodes.get(wl.node)
             if node is None:
+                continue
+            # Only a granted registration is an endpoint: a revoked grant takes the
+            # workload out of every node's view at once.
+            if not granted(reg, grants, wl.node, wl.namespace, wl.service_account).allowed:
                 continue
             endpoints.append(
                 wire.EndpointDoc(
@@ -328,7 +392,11 @@ def slice_for(
         trust_domain=trust_domain,
         workloads=tuple(w.doc() for (n, _), w in sorted(reg.workloads.items()) if n == node),
         services=tuple(service_docs(reg).values()),
-        resources=tuple(resource_from_dict(doc) for _, doc in sorted(reg.resources.items())),
+        resources=tuple(
+            resource_from_dict(doc)
+            for key, doc in sorted(reg.resources.items())
+            if key[0] != GRANT_KIND  # grants are for the control plane, not for nodes
+        ),
         trust_bundle=trust_bundle,
     )
 
@@ -371,7 +439,7 @@ def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
             )
     for rkey in sorted(set(before.resources) | set(after.resources)):
         rold, rnew = before.resources.get(rkey), after.resources.get(rkey)
-        if rold != rnew:
+        if rold != rnew and rkey[0] != GRANT_KIND:
             add("put" if rnew else "delete", "resource", "/".join(rkey), rnew, None)
     return changes
 

@@ -39,8 +39,9 @@ from meshnode.controlplane.registry import (
     WorkloadRecord,
     diff,
     put_node,
+    set_token_grant,
 )
-from meshnode.controlplane.tokens import TokenRecord, verify_token
+from meshnode.controlplane.tokens import TokenRecord, enrollment_address, verify_token
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.pki import root_pin
 from meshnode.core.token import JoinToken
@@ -58,6 +59,13 @@ __all__ = [
 T = TypeVar("T")
 KEEP_REVISIONS = 1000  # the change log keeps this many revisions; older nodes get a full slice
 NOTIFY_CHANNEL = "meshnode_revision"
+
+# (table, column, definition): columns added after a release; initialize() adds
+# them to an older store, so an upgrade keeps its data.
+MIGRATIONS = (
+    ("tokens", "identities", "TEXT NOT NULL DEFAULT ''"),
+    ("tokens", "address", "TEXT NOT NULL DEFAULT ''"),
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -87,7 +95,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at DOUBLE PRECISION NOT NULL,
     expires_at DOUBLE PRECISION NOT NULL,
     used_at DOUBLE PRECISION,
-    used_by TEXT NOT NULL DEFAULT ''
+    used_by TEXT NOT NULL DEFAULT '',
+    identities TEXT NOT NULL DEFAULT '',
+    address TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
@@ -375,6 +385,19 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     tx.rows(statement)
+            for table, column, ddl in MIGRATIONS:  # columns added since a store was made
+                if column not in self._columns(tx, table):
+                    tx.rows(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+
+    def _columns(self, tx: _Tx, table: str) -> set[str]:
+        if self.is_postgres:
+            rows = tx.rows(
+                "SELECT column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema() AND table_name = ?",
+                (table,),
+            )
+            return {r[0] for r in rows}
+        return {r[1] for r in tx.rows(f"PRAGMA table_info({table})")}
 
     def close(self) -> None:
         self._b.close()
@@ -461,8 +484,8 @@ class Store:
     def create_token(self, record: TokenRecord) -> int:
         def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, None]:
             tx.rows(
-                "INSERT INTO tokens (id, secret_sha256, node, zone, created_at, expires_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tokens (id, secret_sha256, node, zone, created_at, expires_at, "
+                "identities, address) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.secret_sha256,
@@ -470,26 +493,44 @@ class Store:
                     record.zone,
                     record.created_at,
                     record.expires_at,
+                    " ".join(record.identities),
+                    record.address,
                 ),
             )
             return reg, None
 
         return self.mutate(fn)[0]
 
+    def check_token(
+        self, token: JoinToken, name: str, zone: str, claimed: str, now: float, peer: str = ""
+    ) -> None:
+        """Raise TokenError unless `token` would let node `name` enroll now (read
+        only: the control plane checks before it signs anything)."""
+        with self._b.transaction(write=False) as tx:
+            record = _load_token(tx, token.id)
+        verify_token(record, token, name, zone, now)
+        assert record is not None  # verify_token refused a missing one
+        enrollment_address(record, claimed, peer or claimed)
+
     def enroll(
-        self, token: JoinToken, name: str, zone: str, ip: str, now: float
+        self, token: JoinToken, name: str, zone: str, claimed: str, now: float, peer: str = ""
     ) -> tuple[int, NodeRecord]:
-        """Consume `token` and register node `name`, or raise TokenError changing nothing."""
+        """Consume `token` and register node `name` at the address it gets (the token's,
+        else `peer`, the address the enrollment came from), with the token's identities
+        as its grant; or raise TokenError changing nothing."""
 
         def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, NodeRecord]:
             lock = self._b.lock_suffix
             record = _load_token(tx, token.id, lock)
             node_zone = verify_token(record, token, name, zone, now)
+            assert record is not None  # verify_token refused a missing one
+            address = enrollment_address(record, claimed, peer or claimed)
             tx.rows(
                 "UPDATE tokens SET used_at = ?, used_by = ? WHERE id = ?", (now, name, token.id)
             )
-            node = NodeRecord(name, node_zone, ip)
-            return put_node(reg, node), node
+            node = NodeRecord(name, node_zone, address)
+            reg = put_node(reg, node)
+            return set_token_grant(reg, name, record.identities), node
 
         return self.mutate(fn)
 
@@ -591,8 +632,8 @@ def _load_ca(tx: _Tx) -> list[CARow]:
 
 def _load_token(tx: _Tx, token_id: str, lock: str = "") -> TokenRecord | None:
     rows = tx.rows(
-        "SELECT id, secret_sha256, node, zone, created_at, expires_at, used_at, used_by "
-        "FROM tokens WHERE id = ?" + lock,
+        "SELECT id, secret_sha256, node, zone, created_at, expires_at, used_at, used_by, "
+        "identities, address FROM tokens WHERE id = ?" + lock,
         (token_id,),
     )
     if not rows:
@@ -607,6 +648,8 @@ def _load_token(tx: _Tx, token_id: str, lock: str = "") -> TokenRecord | None:
         float(r[5]),
         None if r[6] is None else float(r[6]),
         r[7],
+        tuple(r[8].split()),
+        r[9],
     )
 
 

@@ -19,6 +19,7 @@ from meshnode.core.token import PIN_RE, JoinToken, TokenError
 
 __all__ = [
     "DEFAULT_TOKEN_TTL",
+    "enrollment_address",
     "TokenRecord",
     "make_token",
     "secret_hash",
@@ -40,6 +41,11 @@ class TokenRecord:
     expires_at: float
     used_at: float | None = None
     used_by: str = ""
+    # What the operator put in the token for the node it enrolls: identities it may
+    # host ("<namespace>/<service-account>", kept as the grant ``token-<node>``), and
+    # the address it gets ("" = the address its enrollment comes from).
+    identities: tuple[str, ...] = ()
+    address: str = ""
 
     def consumed(self, now: float, by: str) -> TokenRecord:
         return replace(self, used_at=now, used_by=by)
@@ -56,8 +62,11 @@ def make_token(
     pin: str,
     now: float,
     randhex: Callable[[int], str] = secrets.token_hex,
+    identities: tuple[str, ...] = (),
+    address: str = "",
 ) -> tuple[str, TokenRecord]:
-    """A new token for `node` (and `zone`, "" = any): (the token text, what to store)."""
+    """A new token for `node` (and `zone`, "" = any): (the token text, what to store).
+    `identities` and `address` are checked by the caller (they are the operator's)."""
     if ttl_seconds <= 0:
         raise TokenError(400, f"token TTL must be positive, got {ttl_seconds}s")
     if not PIN_RE.fullmatch(pin):
@@ -70,6 +79,8 @@ def make_token(
         zone=zone,
         created_at=now,
         expires_at=now + ttl_seconds,
+        identities=identities,
+        address=address,
     )
     return str(JoinToken(tid, secret, pin)), record
 
@@ -110,3 +121,21 @@ def verify_token(
     if record.zone and zone and zone != record.zone:
         raise TokenError(403, f"token {token.id} is for zone {record.zone!r}, not {zone!r}")
     return record.zone or zone
+
+
+def enrollment_address(record: TokenRecord, claimed: str, peer: str) -> str:
+    """The address a node enrolling with `record` gets: the token's, else the address
+    the enrollment came from (`peer`). A node never chooses it: a `claimed` address
+    that differs is refused (403), so a node cannot pose as another's address and
+    draw its traffic."""
+    address = record.address or peer
+    if claimed and claimed != address:
+        source = "its token names" if record.address else "the enrollment came from"
+        raise TokenError(
+            403,
+            f"node {record.node} asked for address {claimed}, but {source} {address}; a "
+            "node's address is fixed at enrollment: enroll from the address the node will "
+            "use, or have the operator name it with `meshnode token create --node "
+            f"{record.node} --address {claimed}`",
+        )
+    return address

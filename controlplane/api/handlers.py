@@ -7,6 +7,7 @@ name for node routes; expected failures raise ApiError with their status.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from meshnode.controlplane import registry as reg
 from meshnode.controlplane.ca import CAError, RotatingCA
+from meshnode.controlplane.grants import token_grant
 from meshnode.controlplane.registry import RegistryError
 from meshnode.controlplane.store import Store
 from meshnode.controlplane.tokens import DEFAULT_TOKEN_TTL, make_token
@@ -58,18 +60,22 @@ class Handlers:
             zone = body.get("zone", "") or ""
             if zone:
                 reg.check_label(zone, "zone")
-            ip = reg.check_ip(body.get("ip") or req.peer_ip, "ip")
+            claimed = reg.check_ip(body["ip"], "ip") if body.get("ip") else ""
         except RegistryError as exc:
             raise ApiError(400, str(exc)) from None
+        peer = _unmapped(req.peer_ip)
         csr = body.get("csr")
         if not isinstance(csr, str):
             raise ApiError(400, "csr: missing; send a PEM P-256 CSR made on the node")
-        try:  # sign first: a bad CSR must not consume the token
+        # The token first: nobody without one makes the control plane sign anything.
+        now = time.time()
+        await asyncio.to_thread(self.store.check_token, token, name, zone, claimed, now, peer)
+        try:  # then sign: a bad CSR must not consume the token
             chain = ca.active.issue_node_certificate(csr.encode(), name, self.config.cert_ttl)
         except CAError as exc:
             raise ApiError(400, f"csr: {exc}") from None
         revision, node = await asyncio.to_thread(
-            self.store.enroll, token, name, zone, ip, time.time()
+            self.store.enroll, token, name, zone, claimed, now, peer
         )
         await self.cache.refresh()
         req.identity = f"enroll/{name}"
@@ -92,8 +98,9 @@ class Handlers:
             wl = reg.workload_from_request(node, body)
         except RegistryError as exc:
             raise ApiError(400, f"workload: {exc}") from None
+        limit = self.config.max_workloads_per_node
         revision, _ = await asyncio.to_thread(
-            self.store.mutate, lambda tx, r, rev: (reg.put_workload(r, wl), None)
+            self.store.mutate, lambda tx, r, rev: (reg.register_workload(r, wl, limit), None)
         )
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "workload": wl.slice_dict()})
@@ -114,9 +121,13 @@ class Handlers:
             identity = SpiffeId(self.config.trust_domain, str(ns), str(sa))
         except IdentityError as exc:
             raise ApiError(400, f"namespace/service_account: {exc}") from None
+        registry = self.cache.registry
+        decision = reg.granted(registry, reg.grants_of(registry), node, str(ns), str(sa))
+        if not decision.allowed:  # a grant, not the node's own registration, decides
+            raise ApiError(403, f"certificate for {identity.uri}: {decision.message}")
         hosted = any(
             w.node == node and w.namespace == ns and w.service_account == sa
-            for w in self.cache.registry.workloads.values()
+            for w in registry.workloads.values()
         )
         if not hosted:
             raise ApiError(
@@ -163,14 +174,32 @@ class Handlers:
         ttl = body.get("ttl_seconds", DEFAULT_TOKEN_TTL)
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
             raise ApiError(400, f"ttl_seconds: {ttl!r} must be a positive number")
+        identities = body.get("identities", [])
+        if not isinstance(identities, list) or not all(isinstance(i, str) for i in identities):
+            raise ApiError(400, "identities: must be a list of <namespace>/<service-account>")
+        try:
+            token_grant(node, identities)  # checks each as a grant would
+            address = reg.check_ip(body["address"], "address") if body.get("address") else ""
+        except (ResourceError, RegistryError) as exc:
+            raise ApiError(400, f"{exc}") from None
         # The pin names the root the server's chain ends in (see RotatingCA.serving).
         pin = root_pin(
             self._ca().serving().root_certificate.public_bytes(serialization.Encoding.DER)
         )
-        token, record = make_token(node, zone, float(ttl), pin, time.time())
+        token, record = make_token(
+            node, zone, float(ttl), pin, time.time(), identities=tuple(identities), address=address
+        )
         await asyncio.to_thread(self.store.create_token, record)
         return json_response(
-            200, {"token": token, "expires_at": record.expires_at, "node": node, "zone": zone}
+            200,
+            {
+                "token": token,
+                "expires_at": record.expires_at,
+                "node": node,
+                "zone": zone,
+                "identities": list(record.identities),
+                "address": record.address,
+            },
         )
 
     async def post_admin_resources(self, req: Request) -> Response:
@@ -263,3 +292,14 @@ class Handlers:
         return json_response(
             200, {"revision": self.cache.revision, "roots": pins, "active": pins[-1]}
         )
+
+
+def _unmapped(address: str) -> str:
+    """``::ffff:10.0.0.1`` (an IPv4 peer on a dual-stack socket) -> ``10.0.0.1``."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)

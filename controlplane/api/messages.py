@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography import x509
 
+from meshnode.controlplane.registry import DEFAULT_MAX_WORKLOADS_PER_NODE
 from meshnode.core.errors import ApiError
 
 from .auth import is_loopback
@@ -33,6 +34,8 @@ class ControlPlaneConfig:
     trusted_peer: Callable[[str], bool] = is_loopback
     # Seconds that requests in flight get to finish on shutdown.
     shutdown_grace: float = 5.0
+    # Workloads one node may register (registry.register_workload).
+    max_workloads_per_node: int = DEFAULT_MAX_WORKLOADS_PER_NODE
 
 
 @dataclass(slots=True)

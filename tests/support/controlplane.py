@@ -147,7 +147,13 @@ class ThreadedControlPlane:
     """Runs a ControlPlane on its own event loop in a thread, for blocking tests."""
 
     def __init__(
-        self, store: Store, data_dir: Path, *, cert_ttl: float = 3600, trust_loopback: bool = True
+        self,
+        store: Store,
+        data_dir: Path,
+        *,
+        cert_ttl: float = 3600,
+        trust_loopback: bool = True,
+        max_workloads_per_node: int = 256,
     ) -> None:
         self.data_dir = data_dir
         self.config = ControlPlaneConfig(
@@ -155,6 +161,7 @@ class ThreadedControlPlane:
             cert_ttl=timedelta(seconds=cert_ttl),
             data_dir=data_dir,
             trusted_peer=is_loopback if trust_loopback else (lambda ip: False),
+            max_workloads_per_node=max_workloads_per_node,
         )
         self.cp = ControlPlane(store, self.config)
         self.loop = asyncio.new_event_loop()

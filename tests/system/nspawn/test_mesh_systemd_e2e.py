@@ -164,10 +164,19 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         ns = ["nsenter", f"--net=/run/netns/{c.host_side()}", "--"]
         m = Mesh(c, c.boot("n1"), c.boot("n2"), data, ns, None)
         m.cp = m.start_cp()
+        # Each token grants the identities its node will host (day 0, no other step).
+        grants = {"n1": ["default/web"], "n2": ["default/api", "default/echo"]}
         for node in (m.n1, m.n2):
             node.wait_for_system()
+            flags = [f for ident in grants[node.name] for f in ("--identity", ident)]
             out = m.admin(
-                "token", "create", "--node", node.name, "--cp", f"https://127.0.0.1:{PORT}"
+                "token",
+                "create",
+                "--node",
+                node.name,
+                *flags,
+                "--cp",
+                f"https://127.0.0.1:{PORT}",
             )
             token = next(w for w in out.split() if w.startswith("mn1."))
             proc = node.run([MESHNODE, "enroll", "--cp", m.url, "--token", token], timeout=300)
@@ -284,6 +293,36 @@ def test_status_shows_the_node(mesh: Mesh) -> None:
     assert [w["name"] for w in st["workloads"]] == ["web"]
     assert st["workloads"][0]["certificate"].startswith("expires")
     assert {s["name"] for s in st["services"]} >= {"api", "echo", "web"}
+
+
+def test_a_node_cannot_host_an_identity_it_was_not_granted(mesh: Mesh) -> None:
+    """Issue 10, attack 1: n1, enrolled with a token granting default/web, asks
+    to host prod/payments through the real CLI. The control plane refuses it and
+    says which grant is missing; nothing becomes an endpoint. Then the operator
+    grants it and the same command works (the control case)."""
+    argv = [
+        MESHNODE, "workload", "add", "pay", "--namespace", "prod", "--service", "payments",
+        "--port", "8443", "--systemd-unit", "demo-web.service",
+    ]  # fmt: skip
+    proc = mesh.n1.run(argv, timeout=60)
+    print(f"\n{proc.stdout}{proc.stderr}")
+    assert proc.returncode != 0
+    assert "not granted identity prod/payments" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    services = json.loads(mesh.admin("get", "services", "-o", "json"))
+    assert not [s for s in services if s["name"] == "payments"]
+    grant = "kind: IdentityGrant\nmetadata: {name: n1-payments}\n"
+    grant += "spec: {nodes: [n1], identities: [prod/payments]}\n"
+    mesh.admin("apply", "-f", "-", input=grant)
+    try:
+        proc = mesh.n1.run(argv, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        services = json.loads(mesh.admin("get", "services", "-o", "json"))
+        pay = [s for s in services if s["name"] == "payments"]
+        assert [e["node"] for e in pay[0]["endpoints"]] == ["n1"]
+    finally:
+        mesh.n1.run([MESHNODE, "workload", "rm", "pay"], timeout=60)
+        mesh.admin("delete", "identitygrant", "n1-payments")
 
 
 def test_a_local_process_cannot_pose_as_the_proxy(mesh: Mesh) -> None:

@@ -97,7 +97,9 @@ def test_replicas_share_state_and_survive_a_crash(
     # One CA for both: the same bundle.
     assert (a.data / "trust-bundle.pem").read_bytes() == (b.data / "trust-bundle.pem").read_bytes()
     # A token made on A enrolls on B.
-    token = a.admin().call("POST", "/v1/admin/tokens", {"node": "node1"})["token"]
+    # (Each token names its node's address and grants the identity it will host.)
+    body1 = {"node": "node1", "address": "198.18.0.11", "identities": ["default/web"]}
+    token = a.admin().call("POST", "/v1/admin/tokens", body1)["token"]
     status, data, node = enroll(
         b.url, b.admin().bundle_pem, token, "node1", tmp_path / "n1", ip="198.18.0.11"
     )
@@ -136,7 +138,8 @@ def test_replicas_share_state_and_survive_a_crash(
     s = on_b.call("GET", "/v1/node/config")
     assert [r["metadata"]["name"] for r in s["resources"]] == ["from-a"]
     assert s["services"][0]["vip"] == "240.0.0.1"
-    token2 = b.admin().call("POST", "/v1/admin/tokens", {"node": "node2"})["token"]
+    body2 = {"node": "node2", "address": "198.18.0.12", "identities": ["default/api"]}
+    token2 = b.admin().call("POST", "/v1/admin/tokens", body2)["token"]
     status, _, node2 = enroll(
         b.url, b.admin().bundle_pem, token2, "node2", tmp_path / "n2", ip="198.18.0.12"
     )

@@ -97,7 +97,18 @@ def test_apply_invalid_names_the_field_and_changes_nothing(
 
 
 def test_get_nodes_workloads_services(cp: ThreadedControlPlane, tmp_path: Path) -> None:
-    code, token, _ = _run(cp, "token", "create", "--node", "node1")
+    code, token, err = _run(
+        cp,
+        "token",
+        "create",
+        "--node",
+        "node1",
+        "--address",
+        "198.18.0.11",
+        "--identity",
+        "default/web",
+    )
+    assert code == 0 and "grants default/web" in err
     status, _, node = enroll(
         cp.url, cp.bundle(), token.strip(), "node1", tmp_path / "n", ip="198.18.0.11"
     )

@@ -124,7 +124,9 @@ def test_allocate_vip_lowest_free(used: list[str], expected: str) -> None:
 def _reg() -> R.Registry:
     reg = R.Registry()
     reg = R.put_node(reg, R.NodeRecord("node1", "z1", "198.18.0.11"))
-    return R.put_node(reg, R.NodeRecord("node2", "z2", "198.18.0.12"))
+    reg = R.put_node(reg, R.NodeRecord("node2", "z2", "198.18.0.12"))
+    # Both nodes may host every identity of namespace default (their tokens' grants).
+    return R.set_token_grant(R.set_token_grant(reg, "node1", ["default/*"]), "node2", ["default/*"])
 
 
 def _wl(

@@ -172,7 +172,8 @@ def _free_url() -> str:
 
 def test_node_client_replicas_and_server_identity(cp: ThreadedControlPlane, tmp_path: Path) -> None:
     admin = cp.admin(_admin_token(cp))
-    token = admin.call("POST", api.ADMIN_TOKENS, {"node": "n1"})["token"]
+    grant = {"node": "n1", "identities": ["default/web"]}
+    token = admin.call("POST", api.ADMIN_TOKENS, grant)["token"]
     status, data, node = enroll(cp.url, cp.bundle(), token, "n1", tmp_path / "n1")
     assert status == 200 and node is not None, data
     bundle = tmp_path / "bundle.pem"
@@ -201,7 +202,7 @@ def test_node_client_replicas_and_server_identity(cp: ThreadedControlPlane, tmp_
             api.NODE_CERTIFICATES,
             {"namespace": "other", "service_account": "x", "csr": "-"},
         )
-    assert err.value.status == 403 and "hosts no workload" in err.value.message
+    assert err.value.status == 403 and "not granted identity other/x" in err.value.message
     assert [w["name"] for w in admin.call("GET", api.ADMIN_WORKLOADS)["items"]] == ["web"]
 
 

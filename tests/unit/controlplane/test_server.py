@@ -44,9 +44,17 @@ def _token(cp: ThreadedControlPlane, node: str, **kw: Any) -> str:
     return str(cp.admin().call("POST", "/v1/admin/tokens", {"node": node, **kw})["token"])
 
 
-def _node(cp: ThreadedControlPlane, tmp_path: Path, name: str = "node1") -> EnrolledNode:
+def _node(
+    cp: ThreadedControlPlane,
+    tmp_path: Path,
+    name: str = "node1",
+    identities: tuple[str, ...] = ("default/*",),
+) -> EnrolledNode:
+    """An enrolled node at 198.18.0.11 (the address its token names), granted
+    `identities` by its token."""
+    token = _token(cp, name, address="198.18.0.11", identities=list(identities))
     status, data, node = enroll(
-        cp.url, cp.bundle(), _token(cp, name), name, tmp_path / name, zone="z1", ip="198.18.0.11"
+        cp.url, cp.bundle(), token, name, tmp_path / name, zone="z1", ip="198.18.0.11"
     )
     assert status == 200, data
     assert node is not None
