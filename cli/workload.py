@@ -38,8 +38,13 @@ def _agent_status(state_dir: Path) -> dict[str, Any]:
         return {}
 
 
+class Refused(Exception):
+    """The control plane refused the workload (the agent reported why)."""
+
+
 def _poke_agent(state_dir: Path, wait_for: str | None, gone: bool = False) -> str:
-    """SIGHUP the agent, wait until it applied the change; returns a note."""
+    """SIGHUP the agent, wait until it applied the change; returns a note. Raises
+    Refused when the agent reports that the control plane refused `wait_for`."""
     status = _agent_status(state_dir)
     pid = status.get("pid")
     if not pid or not status.get("ready"):
@@ -56,8 +61,12 @@ def _poke_agent(state_dir: Path, wait_for: str | None, gone: bool = False) -> st
     while time.monotonic() < deadline:
         st = _agent_status(state_dir)
         names = st.get("workloads", [])
-        if st.get("updated", 0) > before and ((wait_for in names) != gone):
-            return "applied by the node agent"
+        if st.get("updated", 0) > before:
+            refusal = (st.get("refused") or {}).get(wait_for) if not gone else None
+            if refusal:
+                raise Refused(refusal)
+            if (wait_for in names) != gone:
+                return "applied by the node agent"
         time.sleep(0.1)
     return "the node agent has not applied it yet; see `journalctl -u meshnode-agent`"
 
@@ -126,13 +135,23 @@ def add(
     except EnrollmentError as exc:
         note = f" ({exc}; meshed once it runs)"
     try:
-        workloads = [w for w in load_workloads(e.files.workloads) if w.name != name]
+        previous = load_workloads(e.files.workloads)
+        workloads = [w for w in previous if w.name != name]
         if any(w.port == port for w in workloads):
             fail(f"port {port} is already used by another workload of this node")
         save_workloads(e.files.workloads, [*workloads, spec])
     except EnrollmentError as exc:
         fail(str(exc))
-    result = _poke_agent(e.state_dir, name)
+    try:
+        result = _poke_agent(e.state_dir, name)
+    except Refused as refusal:
+        # Nothing half-done stays behind: the node's registry is as it was.
+        try:
+            save_workloads(e.files.workloads, previous)
+            _poke_agent(e.state_dir, name, gone=True)
+        except (EnrollmentError, Refused):
+            pass
+        fail(f"workload {name} ({ident}) not added: the control plane refused it: {refusal}")
     click.echo(f"workload {name} ({ident}) on port {port}{note}: {result}")
 
 

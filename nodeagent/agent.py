@@ -119,6 +119,9 @@ class EnrolledSource:
         self.version = self._load_version()
         self.watcher: Any = None
         self.problems: list[str] = []
+        # Workloads the control plane refused (no grant, over the limit): name ->
+        # its message. Reported in the status (`meshnode workload add` shows it).
+        self.refused: dict[str, str] = {}
 
     def _load_version(self) -> int:
         try:
@@ -137,6 +140,7 @@ class EnrolledSource:
         cfg, self.problems = node_config_from(
             self.e, self.slice.doc, workloads, self.cgroup_root, BPF_PIN_DIR
         )
+        self.problems += [f"the control plane refused {n}: {m}" for n, m in self.refused.items()]
         for p in self.problems:
             log.warning("%s", p)
         # ztunnel versions must grow with every change, local ones included.
@@ -172,6 +176,8 @@ class EnrolledSource:
         if self.watcher is not None and self.watcher.reachable is False:
             return
         known = {w["name"]: w for w in self.slice.doc.get("workloads", [])}
+        local = {w.name for w in workloads}
+        self.refused = {n: m for n, m in self.refused.items() if n in local}
         try:
             for w in workloads:
                 k = known.get(w.name)
@@ -183,9 +189,19 @@ class EnrolledSource:
                     "version": w.version,
                 }
                 if k is None or any(k.get(f) != v for f, v in want.items()):
-                    self.client.register_workload(w)
+                    try:
+                        self.client.register_workload(w)
+                    except ControlPlaneError as exc:
+                        if not 400 <= exc.status < 500:
+                            raise  # away or failing: try them all again later
+                        # Refused for this workload (not granted, over the limit):
+                        # say so and go on with the others.
+                        if self.refused.get(w.name) != str(exc):
+                            log.error("the control plane refused workload %s: %s", w.name, exc)
+                        self.refused[w.name] = str(exc)
+                        continue
+                    self.refused.pop(w.name, None)
                     log.info("workload %s registered with the control plane", w.name)
-            local = {w.name for w in workloads}
             for name in known:
                 if name not in local:
                     self.client.delete_workload(name)
@@ -247,6 +263,7 @@ class EnrolledSource:
             "cp_last_contact": 0 if w is None else w.last_contact,
             "cp_revision": self.slice.revision,
             "problems": self.problems,
+            "refused": dict(self.refused),
         }
 
 
