@@ -3,14 +3,18 @@
 
 Trust: `--ca-file`, else `<data dir>/trust-bundle.pem` (written by the control plane
 on its host), else `--pin SHA256` (fetch the bundle, keep it only if a root matches).
-Admin token: `--admin-token-file`, else env MESHNODE_ADMIN_TOKEN, else
-`<data dir>/admin-token` if readable; none is needed from the control plane's host.
+On the control plane's host, with no --cp, --ca-file or --pin: the root-only admin
+socket `<data dir>/admin.sock` (no token; the server checks the caller's uid).
+Otherwise TLS with an admin token: `--admin-token-file`, else env
+MESHNODE_ADMIN_TOKEN, else `<data dir>/admin-token` if readable. No address is
+trusted: loopback TCP without a token is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -95,6 +99,15 @@ def _client(
 ) -> Any:
     from meshnode.core.cpclient import ApiClient, ClientError, fetch_pinned_bundle
 
+    # On the control plane's host, the root-only admin socket: no token, no address
+    # trusted; the server asks the kernel who calls.
+    socket_path = data_dir / "admin.sock"
+    try:
+        local = stat.S_ISSOCK(socket_path.stat().st_mode)
+    except OSError:  # absent, or a data dir this user may not enter
+        local = False
+    if cp_url == DEFAULT_CP and ca_file is None and not pin and local:
+        return ApiClient(cp_url, b"", unix_socket=str(socket_path))
     bundle_file = data_dir / "trust-bundle.pem"
     try:
         if ca_file is not None:

@@ -4,7 +4,9 @@ Built on aiohttp's client; a small blocking facade (one ``asyncio.run`` per call
 serves the CLI and the agent's threads. Three kinds of use:
 
 * admin calls (:class:`ApiClient` with ``admin_token``): verified against a PEM
-  trust bundle, ``Authorization: Bearer <token>``;
+  trust bundle, ``Authorization: Bearer <token>``; or, on the control plane's
+  host, over its root-only admin Unix socket (``unix_socket``: plain HTTP, the
+  server checks the caller's uid with SO_PEERCRED);
 * node calls (:class:`NodeClient`): the node's certificate, the server verified
   against the mesh bundle AND required to carry the control plane's SPIFFE ID,
   control-plane replicas tried in order (last good first; an answered 4xx stops);
@@ -150,20 +152,40 @@ def _describe(url: str, exc: BaseException) -> str:
     return f"cannot talk to the control plane at {url}: {exc or type(exc).__name__}"
 
 
+def _describe_unix(path: str, exc: BaseException) -> str:
+    os_error = getattr(exc, "os_error", exc)
+    if isinstance(os_error, PermissionError):
+        return (
+            f"cannot use the control plane's admin socket {path}: permission denied; run "
+            "as root (sudo), or use the admin token over TLS (--cp https://HOST:15012 "
+            "--admin-token-file FILE)"
+        )
+    if isinstance(os_error, FileNotFoundError | ConnectionRefusedError):
+        return (
+            f"no control plane answers on its admin socket {path} (is `meshnode "
+            "controlplane run` running with this --data-dir?)"
+        )
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return f"the control plane did not answer in time on {path}"
+    return f"cannot talk to the control plane on {path}: {exc or type(exc).__name__}"
+
+
 async def request_async(
     url: str,
     method: str,
     path: str,
-    ctx: ssl.SSLContext,
+    ctx: ssl.SSLContext | None,
     *,
+    unix_socket: str | None = None,
     body: Any = None,
     content_type: str = "application/json",
     headers: dict[str, str] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     want_peer: bool = False,
 ) -> Answer:
-    """One request on a fresh connection; ClientError(0, ...) when there is no answer."""
-    base = _base(url)
+    """One request on a fresh connection; ClientError(0, ...) when there is no answer.
+    With `unix_socket`, over that socket (plain HTTP; `url` only names it in errors)."""
+    base = "http://localhost" if unix_socket else _base(url)
     if isinstance(body, bytes | str):
         payload: bytes | None = body.encode() if isinstance(body, str) else body
     else:
@@ -171,7 +193,11 @@ async def request_async(
     hdrs = {"Accept": "application/json", **(headers or {})}
     if payload is not None:
         hdrs["Content-Type"] = content_type
-    connector = aiohttp.TCPConnector(ssl=ctx, force_close=True)
+    connector: aiohttp.BaseConnector
+    if unix_socket:
+        connector = aiohttp.UnixConnector(path=unix_socket, force_close=True)
+    else:
+        connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else True, force_close=True)
     peer: list[x509.Certificate] = []
     try:
         async with (
@@ -185,6 +211,8 @@ async def request_async(
             raw = await resp.read()
             status = resp.status
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if unix_socket:
+            raise ClientError(0, _describe_unix(unix_socket, exc)) from None
         raise ClientError(0, _describe(base, exc)) from None
     try:
         data = json.loads(raw) if raw else {}
@@ -215,7 +243,7 @@ def _peer_certificates(sslobj: ssl.SSLObject | None) -> list[x509.Certificate]:
     return certs
 
 
-def request(url: str, method: str, path: str, ctx: ssl.SSLContext, **kw: Any) -> Answer:
+def request(url: str, method: str, path: str, ctx: ssl.SSLContext | None, **kw: Any) -> Answer:
     """The blocking form of :func:`request_async` (not from inside an event loop)."""
     return asyncio.run(request_async(url, method, path, ctx, **kw))
 
@@ -233,6 +261,7 @@ class ApiClient:
     cert_file: str | None = None  # node certificate (chain) for /v1/node/*
     key_file: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    unix_socket: str | None = None  # the admin socket on the control plane's host
 
     def request(
         self,
@@ -245,12 +274,15 @@ class ApiClient:
     ) -> tuple[int, Any]:
         """(status, decoded JSON body); raises ClientError when there is no answer."""
         headers = {"Authorization": f"Bearer {self.admin_token}"} if self.admin_token else {}
-        ctx = tls_context(self.bundle_pem, cert_file=self.cert_file, key_file=self.key_file)
+        ctx = None
+        if not self.unix_socket:
+            ctx = tls_context(self.bundle_pem, cert_file=self.cert_file, key_file=self.key_file)
         answer = request(
             self.url,
             method,
             path,
             ctx,
+            unix_socket=self.unix_socket,
             body=body,
             content_type=content_type,
             headers=headers,

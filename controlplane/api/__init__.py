@@ -6,6 +6,7 @@ handlers), state.py (the cache of the store), messages.py (request/response/conf
 """
 
 from .app import (
+    ADMIN_SOCKET_FILE,
     ADMIN_TOKEN_FILE,
     TRUST_BUNDLE_FILE,
     ControlPlane,
@@ -14,10 +15,11 @@ from .app import (
     run,
     split_listen,
 )
-from .auth import Auth, admin_allowed, is_loopback
+from .auth import Auth, admin_allowed, local_admin_allowed
 from .messages import ControlPlaneConfig
 
 __all__ = [
+    "ADMIN_SOCKET_FILE",
     "ADMIN_TOKEN_FILE",
     "TRUST_BUNDLE_FILE",
     "Auth",
@@ -25,7 +27,7 @@ __all__ = [
     "ControlPlaneConfig",
     "admin_allowed",
     "default_db_url",
-    "is_loopback",
+    "local_admin_allowed",
     "parse_duration",
     "run",
     "split_listen",

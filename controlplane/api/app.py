@@ -17,6 +17,8 @@ import secrets
 import signal
 import socket
 import ssl
+import stat
+import struct
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -36,13 +38,14 @@ from meshnode.core.fsutil import write_file_atomic
 from meshnode.core.pki import generate_private_key, root_pin
 from meshnode.core.token import TokenError
 
-from .auth import Auth, admin_allowed, bearer_of, node_of_certificate
+from .auth import Auth, admin_allowed, bearer_of, local_admin_allowed, node_of_certificate
 from .messages import ControlPlaneConfig, Request, Response, json_response
 from .routes import MAX_BODY, ROUTES, Route
 from .state import StateCache
 from .watch import Watch
 
 __all__ = [
+    "ADMIN_SOCKET_FILE",
     "ADMIN_TOKEN_FILE",
     "TRUST_BUNDLE_FILE",
     "ControlPlane",
@@ -55,6 +58,7 @@ __all__ = [
 log = logging.getLogger("meshnode.controlplane")
 
 ADMIN_TOKEN_FILE = "admin-token"
+ADMIN_SOCKET_FILE = "admin.sock"
 TRUST_BUNDLE_FILE = "trust-bundle.pem"
 SERVER_CERT_TTL = timedelta(days=7)
 IDLE_TIMEOUT = 75.0  # keep-alive
@@ -140,6 +144,7 @@ class ControlPlane(Watch):
         self.cache = StateCache(store)
         self.cache.on_ca_change = self._ca_changed
         self._runner: web.AppRunner | None = None
+        self._local_runner: web.AppRunner | None = None
         self._ssl: ssl.SSLContext | None = None
         self._current_ssl: ssl.SSLContext | None = None
         self._server_key = generate_private_key()
@@ -152,13 +157,16 @@ class ControlPlane(Watch):
 
     # -- the application -------------------------------------------------------------
 
-    def application(self) -> web.Application:
+    def application(self, local: bool = False) -> web.Application:
+        """The API over TLS; with `local`, the admin API alone, for the admin socket."""
         app = web.Application(client_max_size=MAX_BODY, middlewares=[_json_errors])
         for route in ROUTES:
-            app.router.add_route(route.method, route.path, self._endpoint(route))
+            if local and route.auth not in (Auth.ADMIN, Auth.PUBLIC):
+                continue
+            app.router.add_route(route.method, route.path, self._endpoint(route, local))
         return app
 
-    def _endpoint(self, route: Route) -> Endpoint:
+    def _endpoint(self, route: Route, local: bool = False) -> Endpoint:
         handler = getattr(self, route.handler)
 
         async def endpoint(request: web.Request) -> web.Response:
@@ -168,12 +176,12 @@ class ControlPlane(Watch):
                 request.path,
                 {k: request.query.getall(k) for k in request.query},
                 b"",
-                request.remote or "?",
-                _peer_certificate(request),
+                "unix" if local else (request.remote or "?"),
+                None if local else _peer_certificate(request),
             )
             req.identity = req.peer_ip
             try:
-                args = await self._authenticate(route.auth, req, request)
+                args = await self._authenticate(route.auth, req, request, local)
                 req.body = await read_body(request, route.max_body)
                 response = await handler(req, *args, **request.match_info)
             except ApiError as exc:
@@ -203,7 +211,7 @@ class ControlPlane(Watch):
         return endpoint
 
     async def _authenticate(
-        self, auth: Auth, req: Request, request: web.Request
+        self, auth: Auth, req: Request, request: web.Request, local: bool = False
     ) -> tuple[str, ...]:
         """Check the route's declared auth; the node's name for node routes."""
         if auth is Auth.NODE:
@@ -215,17 +223,27 @@ class ControlPlane(Watch):
             )
             req.identity = f"node/{name}"
             return (name,)
-        if auth is Auth.ADMIN:
+        if auth is Auth.ADMIN and local:
+            uid = _peer_uid(request)
+            if not local_admin_allowed(uid, os.getuid()):
+                raise ApiError(
+                    403,
+                    f"uid {uid} may not use the admin socket: only root and the control "
+                    "plane's own user may",
+                )
+            req.identity = f"admin@uid:{uid}"
+        elif auth is Auth.ADMIN:
             authorization = bearer_of(request.headers.getall("Authorization", []))
             hashes: set[str] = set()
-            if authorization and not self.config.trusted_peer(req.peer_ip):
+            if authorization:
                 hashes = await asyncio.to_thread(self.store.admin_token_hashes)
-            if not admin_allowed(req.peer_ip, authorization, hashes, self.config.trusted_peer):
+            if not admin_allowed(authorization, hashes):
                 raise ApiError(
                     401,
-                    "the admin API is open to localhost only, or with 'Authorization: Bearer "
-                    f"<admin token>' (the token is in {self.config.data_dir / ADMIN_TOKEN_FILE} "
-                    "on the control plane host)",
+                    "the admin API needs 'Authorization: Bearer <admin token>' (the token is "
+                    f"in {self.config.data_dir / ADMIN_TOKEN_FILE} on the control plane host); "
+                    f"there, root may use the socket {self.config.admin_socket_path} instead "
+                    "(the meshnode CLI does both by itself)",
                 )
             req.identity = f"admin@{req.peer_ip}"
         # PUBLIC needs nothing; TOKEN is the join token in the body, which the
@@ -267,6 +285,7 @@ class ControlPlane(Watch):
         site = web.TCPSite(runner, host or None, port, ssl_context=self._ssl, reuse_address=True)
         await site.start()
         self.port = runner.addresses[0][1]
+        await self._start_admin_socket()
         self._spawn(self._watch_loop())
         log.info(
             "control plane serving on %s:%d (trust domain %s, revision %d)",
@@ -284,9 +303,49 @@ class ControlPlane(Watch):
             self.cache.changed.notify_all()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._local_runner is not None:
+            await self._local_runner.cleanup()
+            with contextlib.suppress(OSError):
+                self.config.admin_socket_path.unlink()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _start_admin_socket(self) -> None:
+        """The admin API on a Unix socket for root on this host (mode 0600; the
+        kernel tells who calls, SO_PEERCRED). Without it, admin needs the token."""
+        path = self.config.admin_socket_path
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(path.lstat().st_mode):
+                path.unlink()  # left by a control plane that stopped without cleanup
+        runner = web.AppRunner(
+            self.application(local=True),
+            access_log=None,
+            logger=http_log,
+            keepalive_timeout=IDLE_TIMEOUT,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_LINE,
+            max_headers=MAX_HEADERS,
+            shutdown_timeout=self.config.shutdown_grace,
+        )
+        await runner.setup()
+        old = os.umask(0o177)  # born 0600: never a moment open to others
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        except OSError as exc:
+            await runner.cleanup()
+            log.warning(
+                "no admin socket at %s (%s): local admin needs the admin token; use a "
+                "shorter --data-dir if the path is too long",
+                path,
+                exc.strerror or exc,
+            )
+            return
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._local_runner = runner
+        log.info("admin socket %s (root only)", path)
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -376,6 +435,20 @@ class ControlPlane(Watch):
     def _ca_changed(self) -> None:
         if self._ssl is not None:
             self._current_ssl = self._make_ssl()
+
+
+def _peer_uid(request: web.BaseRequest) -> int | None:
+    """The uid of the process at the other end of a Unix socket, from the kernel."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
 
 
 def _peer_certificate(request: web.BaseRequest) -> x509.Certificate | None:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
-import ipaddress
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Container, Sequence
 
 from cryptography import x509
 
@@ -19,7 +18,7 @@ from meshnode.controlplane.ca import RotatingCA
 from meshnode.core.errors import ApiError
 from meshnode.core.identity import node_name_from_certificate
 
-__all__ = ["Auth", "admin_allowed", "bearer_of", "is_loopback", "node_of_certificate"]
+__all__ = ["Auth", "admin_allowed", "bearer_of", "local_admin_allowed", "node_of_certificate"]
 
 
 class Auth(enum.Enum):
@@ -28,17 +27,7 @@ class Auth(enum.Enum):
     PUBLIC = "public"  # anyone (the trust bundle)
     TOKEN = "token"  # a one-time join token in the body, checked by the store (enroll)
     NODE = "node"  # the client certificate of a registered node
-    ADMIN = "admin"  # a trusted (loopback) peer or 'Authorization: Bearer <admin token>'
-
-
-def is_loopback(ip: str) -> bool:
-    try:
-        addr = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
+    ADMIN = "admin"  # root on the admin Unix socket, or 'Authorization: Bearer <admin token>'
 
 
 def bearer_of(authorization: Sequence[str]) -> str | None:
@@ -48,16 +37,11 @@ def bearer_of(authorization: Sequence[str]) -> str | None:
     return authorization[0] if authorization else None
 
 
-def admin_allowed(
-    peer_ip: str,
-    authorization: str | None,
-    token_hashes: set[str],
-    trusted_peer: Callable[[str], bool] = is_loopback,
-) -> bool:
-    """May this request use /v1/admin? A trusted (loopback) peer, or a Bearer token
-    whose SHA-256 is one of `token_hashes` (compared in constant time)."""
-    if trusted_peer(peer_ip):
-        return True
+def admin_allowed(authorization: str | None, token_hashes: set[str]) -> bool:
+    """May this request use /v1/admin over TCP? Only with a Bearer token whose SHA-256
+    is one of `token_hashes` (compared in constant time). No address is trusted,
+    loopback included: every local account, a port-forward or an SSRF on the host,
+    and meshnode's own 127.0.0.6 all come from loopback."""
     if not authorization or not authorization.startswith("Bearer "):
         return False
     presented = hashlib.sha256(authorization[len("Bearer ") :].strip().encode()).hexdigest()
@@ -65,6 +49,14 @@ def admin_allowed(
     for h in token_hashes:
         ok |= hmac.compare_digest(presented, h)
     return ok
+
+
+def local_admin_allowed(peer_uid: int | None, own_uid: int) -> bool:
+    """May a caller on the admin Unix socket use /v1/admin? Root, or the control
+    plane's own user, as the kernel reports the caller (SO_PEERCRED), never as the
+    caller claims. The socket's mode (0600) already keeps others out; this is the
+    second lock."""
+    return peer_uid is not None and peer_uid in (0, own_uid)
 
 
 def node_of_certificate(

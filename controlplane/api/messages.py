@@ -7,7 +7,6 @@ is read only then), and return a :class:`Response`; neither knows about aiohttp.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -18,8 +17,6 @@ from cryptography import x509
 from meshnode.controlplane.registry import DEFAULT_MAX_WORKLOADS_PER_NODE
 from meshnode.core.errors import ApiError
 
-from .auth import is_loopback
-
 __all__ = ["ControlPlaneConfig", "Request", "Response", "json_response"]
 
 
@@ -29,13 +26,16 @@ class ControlPlaneConfig:
     cert_ttl: timedelta = timedelta(hours=24)
     advertise: list[str] = field(default_factory=list)
     data_dir: Path = Path("/var/lib/meshnode-cp")
-    # Which peers may use /v1/admin without a token; tests replace it to exercise
-    # the Bearer path (every address a test can bind is loopback).
-    trusted_peer: Callable[[str], bool] = is_loopback
+    # The root-only admin Unix socket (None: <data_dir>/admin.sock).
+    admin_socket: Path | None = None
     # Seconds that requests in flight get to finish on shutdown.
     shutdown_grace: float = 5.0
     # Workloads one node may register (registry.register_workload).
     max_workloads_per_node: int = DEFAULT_MAX_WORKLOADS_PER_NODE
+
+    @property
+    def admin_socket_path(self) -> Path:
+        return self.admin_socket or self.data_dir / "admin.sock"
 
 
 @dataclass(slots=True)

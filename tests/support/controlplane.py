@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from meshnode.controlplane.api import ControlPlane, ControlPlaneConfig, is_loopback
+from meshnode.controlplane.api import ControlPlane, ControlPlaneConfig
 from meshnode.controlplane.store import Store, open_store
 from meshnode.core.cpclient import ApiClient
 from meshnode.core.identity import SpiffeId
@@ -152,16 +152,16 @@ class ThreadedControlPlane:
         data_dir: Path,
         *,
         cert_ttl: float = 3600,
-        trust_loopback: bool = True,
         max_workloads_per_node: int = 256,
+        admin_socket: Path | None = None,
     ) -> None:
         self.data_dir = data_dir
         self.config = ControlPlaneConfig(
             trust_domain="cluster.local",
             cert_ttl=timedelta(seconds=cert_ttl),
             data_dir=data_dir,
-            trusted_peer=is_loopback if trust_loopback else (lambda ip: False),
             max_workloads_per_node=max_workloads_per_node,
+            admin_socket=admin_socket,
         )
         self.cp = ControlPlane(store, self.config)
         self.loop = asyncio.new_event_loop()
@@ -184,8 +184,16 @@ class ThreadedControlPlane:
     def bundle(self) -> bytes:
         return (self.data_dir / "trust-bundle.pem").read_bytes()
 
-    def admin(self, token: str | None = None) -> ApiClient:
+    def admin(self, token: str | None = "") -> ApiClient:
+        """An admin client over TLS with `token` ("" = the control plane's own admin
+        token, None = none: no address is trusted, loopback included)."""
+        if token == "":
+            token = self.cp.admin_token
         return ApiClient(self.url, self.bundle(), admin_token=token)
+
+    def local_admin(self) -> ApiClient:
+        """An admin client on the root-only admin Unix socket."""
+        return ApiClient(self.url, b"", unix_socket=str(self.config.admin_socket_path), timeout=10)
 
 
 @dataclass

@@ -71,7 +71,10 @@ class Replica:
         return f"https://127.0.0.1:{self.port}"
 
     def admin(self) -> ApiClient:
-        return ApiClient(self.url, (self.data / "trust-bundle.pem").read_bytes())
+        """Admin over TLS with this replica's admin token (no address is trusted)."""
+        token_file = self.data / "admin-token"
+        token = token_file.read_text().strip() if token_file.exists() else None
+        return ApiClient(self.url, (self.data / "trust-bundle.pem").read_bytes(), admin_token=token)
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         assert self.proc is not None

@@ -142,10 +142,31 @@ def test_cli_pin_fetches_and_checks_the_bundle(cp: ThreadedControlPlane) -> None
     empty = cp.data_dir.parent / "empty"
     empty.mkdir()
     ok = CliRunner().invoke(
-        cli, ["get", "nodes", "--cp", cp.url, "--data-dir", str(empty), "--pin", pin]
+        cli,
+        ["get", "nodes", "--cp", cp.url, "--data-dir", str(empty), "--pin", pin],
+        env={"MESHNODE_ADMIN_TOKEN": cp.cp.admin_token},
     )
     assert ok.exit_code == 0, ok.stderr
     bad = CliRunner().invoke(
         cli, ["get", "nodes", "--cp", cp.url, "--data-dir", str(empty), "--pin", "0" * 64]
     )
     assert bad.exit_code == 1 and "expected pin" in bad.stderr
+
+
+def test_cli_on_the_control_plane_host_uses_the_admin_socket(
+    cp: ThreadedControlPlane, tmp_path: Path
+) -> None:
+    """No --cp, no token: the CLI talks to the root-only admin socket of the data dir."""
+    (cp.data_dir / "admin-token").unlink()  # nothing to fall back on
+    result = CliRunner().invoke(
+        cli, ["get", "nodes", "--data-dir", str(cp.data_dir)], env={"MESHNODE_ADMIN_TOKEN": ""}
+    )
+    assert result.exit_code == 0, result.stderr
+    # Over TCP the same call without a token is refused, and says what to do.
+    result = CliRunner().invoke(
+        cli,
+        ["get", "nodes", "--cp", cp.url, "--data-dir", str(cp.data_dir)],
+        env={"MESHNODE_ADMIN_TOKEN": ""},
+    )
+    assert result.exit_code == 1 and "HTTP 401" in result.stderr
+    assert "admin.sock" in result.stderr and "Traceback" not in result.stderr

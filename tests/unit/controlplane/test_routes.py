@@ -28,7 +28,7 @@ from tests.support.controlplane import ThreadedControlPlane, enroll
 @pytest.fixture
 def cp(tmp_path: Path) -> Iterator[ThreadedControlPlane]:
     store = open_store(f"sqlite://{tmp_path}/cp.db")
-    server = ThreadedControlPlane(store, tmp_path / "data", trust_loopback=False).start()
+    server = ThreadedControlPlane(store, tmp_path / "data").start()
     (tmp_path / "data" / "admin-token").chmod(0o600)
     yield server
     server.stop()

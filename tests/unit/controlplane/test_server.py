@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from meshnode.controlplane.api import admin_allowed, is_loopback
+from meshnode.controlplane.api import admin_allowed, local_admin_allowed
 from meshnode.controlplane.store import open_store
 from meshnode.core.cpclient import ApiClient, ClientError
 from meshnode.core.identity import SpiffeId, spiffe_id_from_certificate
@@ -258,35 +258,111 @@ def test_invalid_yaml_is_refused_naming_the_field(cp: ThreadedControlPlane) -> N
 
 
 def test_admin_auth_function() -> None:
-    """The Bearer logic, called directly (every address a test can bind is loopback)."""
+    """The Bearer logic and the socket's uid check, called directly."""
     token = "s3cret"
     hashes = {hashlib.sha256(token.encode()).hexdigest()}
-    assert admin_allowed("127.0.0.1", None, set())
-    assert admin_allowed("::1", None, set())
-    assert admin_allowed("::ffff:127.0.0.1", None, set())
-    assert not admin_allowed("10.0.0.5", None, hashes)
-    assert not admin_allowed("10.0.0.5", "Bearer wrong", hashes)
-    assert not admin_allowed("10.0.0.5", f"Basic {token}", hashes)
-    assert admin_allowed("10.0.0.5", f"Bearer {token}", hashes)
-    assert is_loopback("127.0.0.2") and not is_loopback("198.18.0.1")
+    assert not admin_allowed(None, hashes)
+    assert not admin_allowed("Bearer wrong", hashes)
+    assert not admin_allowed(f"Basic {token}", hashes)
+    assert admin_allowed(f"Bearer {token}", hashes)
+    assert local_admin_allowed(0, 990) and local_admin_allowed(990, 990)
+    assert not local_admin_allowed(1000, 990) and not local_admin_allowed(None, 0)
 
 
-def test_admin_refused_from_untrusted_peer_without_token(tmp_path: Path) -> None:
-    """A server that trusts no peer address (as a non-loopback peer would be seen):
-    refused without the token, served with it -- over real TLS."""
+def test_loopback_is_no_admin(cp: ThreadedControlPlane, tmp_path: Path) -> None:
+    """Issue 10, attack 4: a local account (or a port-forward, an SSRF on the host,
+    meshnode's own 127.0.0.6) reaches the admin API over loopback TCP. Before the
+    fix the loopback address alone made it admin; now it needs the token."""
+    for source in ("127.0.0.1", "127.0.0.6"):
+        status, data = _admin_from(cp, source, None, "GET", "/v1/admin/nodes")
+        assert status == 401 and "admin-token" in data["error"], (source, data)
+        status, data = _admin_from(cp, source, None, "POST", "/v1/admin/tokens", {"node": "evil"})
+        assert status == 401, (source, data)
+    status, _ = cp.admin("not-the-token").request("GET", "/v1/admin/nodes")
+    assert status == 401
+    # Control: the token over TLS, and root on the admin socket.
+    token = (tmp_path / "data" / "admin-token").read_text().strip()
+    assert (tmp_path / "data" / "admin-token").stat().st_mode & 0o777 == 0o600
+    assert cp.admin(token).call("GET", "/v1/admin/nodes")["items"] == []
+    assert cp.local_admin().call("GET", "/v1/admin/nodes")["items"] == []
+
+
+def _admin_from(
+    cp: ThreadedControlPlane,
+    source: str,
+    token: str | None,
+    method: str,
+    path: str,
+    body: Any = None,
+) -> tuple[int, Any]:
+    """A request over TLS from a chosen loopback source address (curl --interface)."""
+    import json
+    import subprocess
+
+    bundle = cp.data_dir / "trust-bundle.pem"
+    cmd = [
+        "curl", "-sS", "--max-time", "10", "--interface", source, "--cacert", str(bundle),
+        "-X", method, "-o", "-", "-w", "\n%{http_code}",
+    ]  # fmt: skip
+    if body is not None:
+        cmd += ["-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
+    out = subprocess.run([*cmd, cp.url + path], capture_output=True, text=True, check=True)
+    text, _, code = out.stdout.rpartition("\n")
+    return int(code), json.loads(text) if text.strip() else {}
+
+
+def test_the_admin_socket_is_root_only(tmp_path: Path) -> None:
+    """The admin socket is 0600 and, even opened up, answers only root or the
+    control plane's own user (SO_PEERCRED: the kernel's word, not the caller's)."""
+    import shutil
+    import tempfile
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="mn-admin-"))  # a short path others may enter
     store = open_store(f"sqlite://{tmp_path}/cp.db")
-    cp = ThreadedControlPlane(store, tmp_path / "data", trust_loopback=False).start()
+    cp = ThreadedControlPlane(store, tmp_path / "data", admin_socket=sock_dir / "a.sock")
+    cp.start()
     try:
-        status, data = cp.admin().request("GET", "/v1/admin/nodes")
-        assert status == 401 and "admin-token" in data["error"]
-        status, _ = cp.admin("not-the-token").request("GET", "/v1/admin/nodes")
-        assert status == 401
-        token = (tmp_path / "data" / "admin-token").read_text().strip()
-        assert (tmp_path / "data" / "admin-token").stat().st_mode & 0o777 == 0o600
-        assert cp.admin(token).call("GET", "/v1/admin/nodes")["items"] == []
+        _root_only_socket(cp, sock_dir)
     finally:
         cp.stop()
         store.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def _root_only_socket(cp: ThreadedControlPlane, sock_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    path = cp.config.admin_socket_path
+    assert path.stat().st_mode & 0o777 == 0o600
+    # Node routes are not on the socket at all.
+    status, _ = cp.local_admin().request("GET", "/v1/node/config")
+    assert status == 404
+    if os.getuid() != 0:
+        pytest.skip("the uid check needs root to run a caller as another user")
+    # Open the socket (and its directory) to everyone, then call as nobody.
+    path.chmod(0o666)
+    sock_dir.chmod(0o711)
+    request = b"GET /v1/admin/nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.connect(sys.argv[1])\n"
+        "s.sendall(bytes.fromhex(sys.argv[2]))\n"
+        "print(s.recv(65536).split(b'\\r\\n')[0].decode())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(path), request.hex()],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        user=65534,
+        group=65534,
+    )
+    assert out.returncode == 0, out.stderr
+    assert " 403 " in out.stdout, out.stdout
+    path.chmod(0o600)
 
 
 def test_tls_is_1_3_and_cert_names_the_controlplane(cp: ThreadedControlPlane) -> None:
@@ -327,7 +403,7 @@ def test_ca_rotation_through_the_api(cp: ThreadedControlPlane, tmp_path: Path) -
     issuer = x509.load_pem_x509_certificates(renewed["certificate"].encode())[1]
     assert hashlib.sha256(issuer.public_bytes(DER)).hexdigest() != out["roots"][0]
     # Rotating with no overlap retires the old root at once: the old cert is refused.
-    cp.admin(None).call("POST", "/v1/admin/ca/rotate", {"overlap_seconds": 0})
+    cp.admin().call("POST", "/v1/admin/ca/rotate", {"overlap_seconds": 0})
     new_bundle = cp.admin().call("GET", "/v1/trust-bundle")["trust_bundle"].encode()
     with pytest.raises((ClientError, ssl.SSLError)):
         ApiClient(cp.url, new_bundle, cert_file=node.cert_file, key_file=node.key_file).call(
