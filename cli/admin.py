@@ -391,3 +391,52 @@ def delete(
         path = api.path(api.ADMIN_RESOURCE, kind=api_kind, namespace=ns, name=name)
     data = _call(client, "DELETE", path)
     click.echo(f"{kind} {data.get('deleted', name)} deleted")
+
+
+# --- ca rotate ------------------------------------------------------------------------
+
+
+@click.group()
+def ca() -> None:
+    """The mesh CA (root rotation)."""
+
+
+@ca.command("rotate")
+@click.option(
+    "--overlap",
+    default="",
+    help="How long the old root stays trusted (30m, 25h, 2d) [default: the minimum, one "
+    "certificate lifetime + the watch interval + clock skew].",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Allow a shorter overlap (a compromised root): nodes whose certificates the old "
+    "root signed are locked out and must re-enroll.",
+)
+@_connection_options
+def ca_rotate(
+    overlap: str,
+    force: bool,
+    cp_url: str,
+    ca_file: Path | None,
+    pin: str | None,
+    data_dir: Path,
+    admin_token_file: Path | None,
+) -> None:
+    """Start signing with a new root; the old one is trusted for the overlap."""
+    from meshnode.controlplane.api import parse_duration
+
+    body: dict[str, Any] = {"force": force}
+    if overlap:
+        try:
+            body["overlap_seconds"] = 0.0 if overlap.strip() == "0" else parse_duration(overlap)
+        except ValueError as exc:
+            fail(f"--overlap: {exc}")
+    client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
+    data = _call(client, "POST", api.ADMIN_CA_ROTATE, body)
+    hours = float(data.get("overlap_seconds", 0)) / 3600
+    click.echo(
+        f"new root {data['active'][:16]}... signs from now on; "
+        f"{len(data['roots'])} roots trusted, the older ones for {hours:.1f} h more"
+    )

@@ -25,6 +25,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "apply": ("meshnode.cli.admin", "apply"),
     "get": ("meshnode.cli.admin", "get"),
     "delete": ("meshnode.cli.admin", "delete"),
+    "ca": ("meshnode.cli.admin", "ca"),
 }
 
 

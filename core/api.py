@@ -22,6 +22,7 @@ __all__ = [
     "ENROLL",
     "NODE_CERTIFICATES",
     "NODE_CONFIG",
+    "NODE_CONFIG_MAX_WAIT",
     "NODE_RENEW",
     "NODE_WORKLOAD",
     "NODE_WORKLOADS",
@@ -33,6 +34,7 @@ TRUST_BUNDLE = "/v1/trust-bundle"
 ENROLL = "/v1/enroll"
 
 NODE_CONFIG = "/v1/node/config"
+NODE_CONFIG_MAX_WAIT = 60.0  # seconds a long poll of NODE_CONFIG may wait at most
 NODE_WORKLOADS = "/v1/node/workloads"
 NODE_WORKLOAD = "/v1/node/workloads/{name}"
 NODE_CERTIFICATES = "/v1/node/certificates"

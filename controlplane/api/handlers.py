@@ -14,11 +14,12 @@ from datetime import timedelta
 from cryptography.hazmat.primitives import serialization
 
 from meshnode.controlplane import registry as reg
-from meshnode.controlplane.ca import CAError, RotatingCA
+from meshnode.controlplane.ca import CAError, RotatingCA, minimum_rotation_overlap
 from meshnode.controlplane.grants import token_grant
 from meshnode.controlplane.registry import RegistryError
 from meshnode.controlplane.store import Store
 from meshnode.controlplane.tokens import DEFAULT_TOKEN_TTL, make_token
+from meshnode.core import api
 from meshnode.core.errors import ApiError
 from meshnode.core.identity import IdentityError, SpiffeId
 from meshnode.core.pki import root_pin
@@ -278,19 +279,38 @@ class Handlers:
         return json_response(200, {"revision": revision, "deleted": f"{node}/{name}"})
 
     async def post_admin_rotate(self, req: Request) -> Response:
-        overlap = req.json().get("overlap_seconds", 86400)
+        body = req.json()
+        # The shortest overlap that locks no node out (ca.minimum_rotation_overlap);
+        # `force` (a compromised root) retires the old one sooner, knowingly.
+        watch = timedelta(seconds=api.NODE_CONFIG_MAX_WAIT)
+        minimum = minimum_rotation_overlap(self.config.cert_ttl, watch)
+        overlap = body.get("overlap_seconds", minimum.total_seconds())
         if isinstance(overlap, bool) or not isinstance(overlap, int | float) or overlap < 0:
             raise ApiError(400, f"overlap_seconds: {overlap!r} must be a number >= 0")
-        new = await asyncio.to_thread(
-            self.store.rotate_ca, lambda ca: ca.rotate(timedelta(seconds=overlap))
-        )
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise ApiError(400, f"force: {force!r} must be true or false")
+        floor = timedelta(0) if force else minimum
+        try:
+            new = await asyncio.to_thread(
+                self.store.rotate_ca,
+                lambda ca: ca.rotate(timedelta(seconds=overlap), minimum=floor),
+            )
+        except CAError as exc:
+            raise ApiError(400, f"{exc}; or --force, if every node may re-enroll") from None
         await self.cache.refresh()
         pins = [
             root_pin(c.root_certificate.public_bytes(serialization.Encoding.DER))
             for c in new.trusted()
         ]
         return json_response(
-            200, {"revision": self.cache.revision, "roots": pins, "active": pins[-1]}
+            200,
+            {
+                "revision": self.cache.revision,
+                "roots": pins,
+                "active": pins[-1],
+                "overlap_seconds": overlap,
+            },
         )
 
 

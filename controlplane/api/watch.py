@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from meshnode.controlplane import registry as reg
+from meshnode.core import api
 from meshnode.core.errors import ApiError
 
 from .handlers import Handlers
@@ -20,7 +21,7 @@ from .messages import Request, Response, json_response
 
 __all__ = ["MAX_WAIT", "Watch"]
 
-MAX_WAIT = 60.0
+MAX_WAIT = api.NODE_CONFIG_MAX_WAIT
 
 
 class Watch(Handlers):

@@ -170,3 +170,11 @@ def test_cli_on_the_control_plane_host_uses_the_admin_socket(
     )
     assert result.exit_code == 1 and "HTTP 401" in result.stderr
     assert "admin.sock" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_ca_rotate_refuses_a_short_overlap_and_says_why(cp: ThreadedControlPlane) -> None:
+    code, out, err = _run(cp, "ca", "rotate", "--overlap", "1h")
+    assert code == 1 and "would lock nodes out" in err and "--force" in err, err
+    assert "Traceback" not in err
+    code, out, err = _run(cp, "ca", "rotate")
+    assert code == 0 and "2 roots trusted" in out, err

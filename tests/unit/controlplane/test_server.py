@@ -388,10 +388,23 @@ def test_tls_is_1_3_and_cert_names_the_controlplane(cp: ThreadedControlPlane) ->
         assert tls.version() == "TLSv1.3"
 
 
+def _roots(cp: ThreadedControlPlane) -> list[x509.Certificate]:
+    bundle = cp.admin().call("GET", "/v1/trust-bundle")["trust_bundle"]
+    return x509.load_pem_x509_certificates(bundle.encode())
+
+
 def test_ca_rotation_through_the_api(cp: ThreadedControlPlane, tmp_path: Path) -> None:
     node = _node(cp, tmp_path).client(cp.url)
-    out = cp.admin().call("POST", "/v1/admin/ca/rotate", {"overlap_seconds": 3600})
-    assert len(out["roots"]) == 2
+    # Issue 10, attack 7: an overlap of 0 would lock the fleet out; refused, with why.
+    status, data = cp.admin().request("POST", "/v1/admin/ca/rotate", {"overlap_seconds": 0})
+    assert status == 400 and "would lock nodes out" in data["error"], data
+    assert "--overlap 3720" in data["error"]  # 1 h certificates + 60 s watch + 60 s skew
+    status, data = cp.admin().request("POST", "/v1/admin/ca/rotate", {"overlap_seconds": 3600})
+    assert status == 400, data
+    assert len(_roots(cp)) == 1  # nothing changed
+    # Control: the default overlap is the minimum.
+    out = cp.admin().call("POST", "/v1/admin/ca/rotate", {})
+    assert len(out["roots"]) == 2 and out["overlap_seconds"] == 3720
     # The old node certificate still works during the overlap (new TLS context too).
     s = node.call("GET", "/v1/node/config")
     assert len(x509.load_pem_x509_certificates(s["trust_bundle"].encode())) == 2
@@ -402,8 +415,9 @@ def test_ca_rotation_through_the_api(cp: ThreadedControlPlane, tmp_path: Path) -
     )
     issuer = x509.load_pem_x509_certificates(renewed["certificate"].encode())[1]
     assert hashlib.sha256(issuer.public_bytes(DER)).hexdigest() != out["roots"][0]
-    # Rotating with no overlap retires the old root at once: the old cert is refused.
-    cp.admin().call("POST", "/v1/admin/ca/rotate", {"overlap_seconds": 0})
+    # Forced (a compromised root): no overlap retires the old root at once, and the
+    # old certificate is refused.
+    cp.admin().call("POST", "/v1/admin/ca/rotate", {"overlap_seconds": 0, "force": True})
     new_bundle = cp.admin().call("GET", "/v1/trust-bundle")["trust_bundle"].encode()
     with pytest.raises((ClientError, ssl.SSLError)):
         ApiClient(cp.url, new_bundle, cert_file=node.cert_file, key_file=node.key_file).call(
