@@ -52,6 +52,20 @@ def controlplane() -> None:
     help="Workloads one node may register; more are refused with 429.",
 )
 @click.option(
+    "--max-connections-per-peer",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Connections open at once from one address (nodes behind one NAT share it).",
+)
+@click.option(
+    "--max-connections",
+    default=20000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Connections open at once in total (each node holds one for its watch).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -65,6 +79,8 @@ def run(
     cert_ttl: str,
     advertise: str,
     max_workloads_per_node: int,
+    max_connections_per_peer: int,
+    max_connections: int,
     log_level: str,
 ) -> None:
     """Serve the control-plane API over TLS 1.3 until SIGTERM."""
@@ -98,6 +114,8 @@ def run(
         advertise=ips,
         data_dir=data_dir,
         max_workloads_per_node=max_workloads_per_node,
+        max_connections_per_peer=max_connections_per_peer,
+        max_connections=max_connections,
     )
     try:
         import uvloop

@@ -39,6 +39,7 @@ from meshnode.core.pki import generate_private_key, root_pin
 from meshnode.core.token import TokenError
 
 from .auth import Auth, admin_allowed, bearer_of, local_admin_allowed, node_of_certificate
+from .gate import ConnectionLimits, Gate
 from .messages import ControlPlaneConfig, Request, Response, json_response
 from .routes import MAX_BODY, ROUTES, Route
 from .state import StateCache
@@ -61,7 +62,6 @@ ADMIN_TOKEN_FILE = "admin-token"
 ADMIN_SOCKET_FILE = "admin.sock"
 TRUST_BUNDLE_FILE = "trust-bundle.pem"
 SERVER_CERT_TTL = timedelta(days=7)
-IDLE_TIMEOUT = 75.0  # keep-alive
 MAX_LINE = 8190  # request line and each header line
 MAX_HEADERS = 64
 
@@ -145,6 +145,8 @@ class ControlPlane(Watch):
         self.cache.on_ca_change = self._ca_changed
         self._runner: web.AppRunner | None = None
         self._local_runner: web.AppRunner | None = None
+        self._gate: Gate | None = None
+        self.limits = ConnectionLimits(config.max_connections_per_peer, config.max_connections)
         self._ssl: ssl.SSLContext | None = None
         self._current_ssl: ssl.SSLContext | None = None
         self._server_key = generate_private_key()
@@ -274,7 +276,7 @@ class ControlPlane(Watch):
             self.application(),
             access_log=None,
             logger=http_log,
-            keepalive_timeout=IDLE_TIMEOUT,
+            keepalive_timeout=cfg.header_timeout,
             max_line_size=MAX_LINE,
             max_field_size=MAX_LINE,
             max_headers=MAX_HEADERS,
@@ -282,9 +284,12 @@ class ControlPlane(Watch):
         )
         await runner.setup()
         self._runner = runner
-        site = web.TCPSite(runner, host or None, port, ssl_context=self._ssl, reuse_address=True)
-        await site.start()
-        self.port = runner.addresses[0][1]
+        # Our own listener: each connection is counted (per peer, in total) before
+        # any TLS work, then upgraded and handed to aiohttp (gate.py).
+        server_factory = runner.server
+        assert server_factory is not None
+        self._gate = Gate(self.limits, server_factory, self._ssl, cfg.handshake_timeout)
+        self.port = self._gate.listen(host, port)
         await self._start_admin_socket()
         self._spawn(self._watch_loop())
         log.info(
@@ -301,6 +306,8 @@ class ControlPlane(Watch):
         self._stopping = True
         async with self.cache.changed:
             self.cache.changed.notify_all()
+        if self._gate is not None:
+            await self._gate.close()  # accept no more
         if self._runner is not None:
             await self._runner.cleanup()
         if self._local_runner is not None:
@@ -322,7 +329,7 @@ class ControlPlane(Watch):
             self.application(local=True),
             access_log=None,
             logger=http_log,
-            keepalive_timeout=IDLE_TIMEOUT,
+            keepalive_timeout=self.config.header_timeout,
             max_line_size=MAX_LINE,
             max_field_size=MAX_LINE,
             max_headers=MAX_HEADERS,

@@ -30,6 +30,14 @@ class ControlPlaneConfig:
     admin_socket: Path | None = None
     # Seconds that requests in flight get to finish on shutdown.
     shutdown_grace: float = 5.0
+    # Connections open at once, from one address and in total (gate.py); nodes
+    # hold one each for their watch, so the total must exceed the fleet.
+    max_connections_per_peer: int = 64
+    max_connections: int = 20000
+    # Seconds for the TLS handshake, and for a request head after it (or between
+    # requests on a kept-alive connection).
+    handshake_timeout: float = 10.0
+    header_timeout: float = 15.0
     # Workloads one node may register (registry.register_workload).
     max_workloads_per_node: int = DEFAULT_MAX_WORKLOADS_PER_NODE
 

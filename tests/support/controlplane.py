@@ -152,16 +152,15 @@ class ThreadedControlPlane:
         data_dir: Path,
         *,
         cert_ttl: float = 3600,
-        max_workloads_per_node: int = 256,
-        admin_socket: Path | None = None,
+        **config: Any,
     ) -> None:
+        """`config`: other ControlPlaneConfig fields (caps, timeouts, admin_socket)."""
         self.data_dir = data_dir
         self.config = ControlPlaneConfig(
             trust_domain="cluster.local",
             cert_ttl=timedelta(seconds=cert_ttl),
             data_dir=data_dir,
-            max_workloads_per_node=max_workloads_per_node,
-            admin_socket=admin_socket,
+            **config,
         )
         self.cp = ControlPlane(store, self.config)
         self.loop = asyncio.new_event_loop()
