@@ -85,12 +85,15 @@ class Replica:
 @pytest.fixture
 def replicas(postgres: PostgresServer, tmp_path: Path) -> Iterator[tuple[Replica, Replica]]:
     dsn = postgres.new_database()
-    a = Replica("a", dsn, tmp_path).start()
-    b = Replica("b", dsn, tmp_path).start()
-    yield a, b
-    for r in (a, b):
-        if r.proc is not None and r.proc.poll() is None:
-            r.kill(signal.SIGTERM)
+    a, b = Replica("a", dsn, tmp_path), Replica("b", dsn, tmp_path)
+    try:  # a replica that started is stopped even when the other one fails to
+        a.start()
+        b.start()
+        yield a, b
+    finally:
+        for r in (a, b):
+            if r.proc is not None and r.proc.poll() is None:
+                r.kill(signal.SIGTERM)
 
 
 def test_replicas_share_state_and_survive_a_crash(
