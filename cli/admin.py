@@ -101,7 +101,7 @@ def _client(
 
     # On the control plane's host, the root-only admin socket: no token, no address
     # trusted; the server asks the kernel who calls.
-    socket_path = data_dir / "admin.sock"
+    socket_path = data_dir / api.ADMIN_SOCKET_FILE
     try:
         local = stat.S_ISSOCK(socket_path.stat().st_mode)
     except OSError:  # absent, or a data dir this user may not enter

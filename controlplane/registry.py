@@ -269,7 +269,7 @@ def register_workload(
     if others >= limit:
         raise RegistryError(
             f"workload {wl.name}: node {wl.node} already has {others} workloads, the limit "
-            "per node; remove one (meshnode workload remove) or raise the limit "
+            "per node; remove one (meshnode workload rm) or raise the limit "
             "(meshnode controlplane run --max-workloads-per-node)",
             status=429,
         )

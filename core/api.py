@@ -10,6 +10,7 @@ from __future__ import annotations
 from urllib.parse import quote
 
 __all__ = [
+    "ADMIN_SOCKET_FILE",
     "ADMIN_CA_ROTATE",
     "ADMIN_NODE",
     "ADMIN_NODES",
@@ -54,3 +55,7 @@ ADMIN_CA_ROTATE = "/v1/admin/ca/rotate"
 def path(template: str, **values: str) -> str:
     """``path(ADMIN_NODE, name="n1")`` -> ``/v1/admin/nodes/n1`` (values quoted)."""
     return template.format(**{k: quote(v, safe="") for k, v in values.items()})
+
+
+# The control plane's root-only admin socket, in its data dir (the CLI finds it there).
+ADMIN_SOCKET_FILE = "admin.sock"

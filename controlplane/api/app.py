@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from meshnode.controlplane.ca import CertificateAuthority, RotatingCA
 from meshnode.controlplane.registry import RegistryError
 from meshnode.controlplane.store import Store, StoreError
+from meshnode.core import api
 from meshnode.core.errors import ApiError
 from meshnode.core.fsutil import write_file_atomic
 from meshnode.core.pki import generate_private_key, root_pin
@@ -59,7 +60,7 @@ __all__ = [
 log = logging.getLogger("meshnode.controlplane")
 
 ADMIN_TOKEN_FILE = "admin-token"
-ADMIN_SOCKET_FILE = "admin.sock"
+ADMIN_SOCKET_FILE = api.ADMIN_SOCKET_FILE
 TRUST_BUNDLE_FILE = "trust-bundle.pem"
 SERVER_CERT_TTL = timedelta(days=7)
 MAX_LINE = 8190  # request line and each header line

@@ -15,6 +15,7 @@ from typing import Any
 from cryptography import x509
 
 from meshnode.controlplane.registry import DEFAULT_MAX_WORKLOADS_PER_NODE
+from meshnode.core import api
 from meshnode.core.errors import ApiError
 
 __all__ = ["ControlPlaneConfig", "Request", "Response", "json_response"]
@@ -43,7 +44,7 @@ class ControlPlaneConfig:
 
     @property
     def admin_socket_path(self) -> Path:
-        return self.admin_socket or self.data_dir / "admin.sock"
+        return self.admin_socket or self.data_dir / api.ADMIN_SOCKET_FILE
 
 
 @dataclass(slots=True)
