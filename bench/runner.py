@@ -444,7 +444,7 @@ class Bench:
     def ztunnel_pids(self, *nodes: str) -> list[int]:
         pids = []
         for node in nodes:
-            pid = (self.lab.agent_status(node) or {}).get("ztunnel_pid")
+            pid = self.lab.load().nodes[node].ztunnel_pid
             if pid:
                 pids.append(int(pid))
         return pids

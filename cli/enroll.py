@@ -52,6 +52,20 @@ from meshnode.cli.common import fail
     metavar="PATH",
     help="Where the agent attaches its BPF programs [default: the cgroup v2 root].",
 )
+@click.option(
+    "--proxy-cgroup",
+    default="",
+    metavar="PATH",
+    help="The cgroup ztunnel runs in, relative to the cgroup2 mount (only it may bind "
+    "the proxy's address and ports) [default: the meshnode-ztunnel unit's slice].",
+)
+@click.option(
+    "--bpf-pin-dir",
+    default="",
+    metavar="PATH",
+    help="Where the agent pins its BPF objects (one per node on a host that runs "
+    "several, like `meshnode lab`) [default: /sys/fs/bpf/meshnode].",
+)
 @click.option("--force", is_flag=True, help="Enroll again even if this node is enrolled.")
 @click.option("--no-start", is_flag=True, help="Write the files only; install and start nothing.")
 @click.option(
@@ -67,6 +81,8 @@ def enroll(
     config_dir: Path,
     state_dir: Path,
     cgroup_parent: str | None,
+    proxy_cgroup: str,
+    bpf_pin_dir: str,
     force: bool,
     no_start: bool,
     unit_dir: Path,
@@ -127,7 +143,8 @@ def enroll(
             "written; please report this"
         )
     try:
-        doc = en.write_enrollment(layout, result, cgroup_parent, zone, ip)
+        local = {"proxy_cgroup": proxy_cgroup.strip("/"), "bpf_pin_dir": bpf_pin_dir}
+        doc = en.write_enrollment(layout, result, cgroup_parent, zone, ip, local)
     except OSError as exc:
         fail(
             f"enrolled, but writing {exc.filename or config_dir} failed: {exc.strerror}; "

@@ -30,7 +30,6 @@ from typing import Any, Protocol
 from meshnode.core import sdnotify
 from meshnode.core.constants import (
     ADMIN_PORT,
-    BPF_PIN_DIR,
     DELIVERY_ADDRESS,
     HBONE_PORT,
     METRICS_PORT,
@@ -138,7 +137,7 @@ class EnrolledSource:
         self._update_trust_bundle()
         self._reconcile_registrations(workloads)
         cfg, self.problems = node_config_from(
-            self.e, self.slice.doc, workloads, self.cgroup_root, BPF_PIN_DIR
+            self.e, self.slice.doc, workloads, self.cgroup_root, self.e.bpf_pin_dir
         )
         self.problems += [f"the control plane refused {n}: {m}" for n, m in self.refused.items()]
         for p in self.problems:
@@ -633,9 +632,13 @@ class Agent:
                     last_problems = now
                     self._reload = True
                     self._wake.set()
-                if not self.source.manages_ztunnel and self.pushed_version < self.cfg.version:
+                if (
+                    not self.source.manages_ztunnel
+                    and self.pushed_version < self.cfg.version
                     # ztunnel (its own unit) was away; give it the current config.
-                    self.push(json.loads(self.snapshot_path.read_text()))
+                    and self.push(json.loads(self.snapshot_path.read_text()))
+                ):
+                    self.write_status()
                 if time.time() >= renew_at:
                     self.renew_certificates()
                     # Not before a second from now: a CA that keeps refusing

@@ -250,9 +250,13 @@ def node_document(
     cgroup_parent: str,
     requested_zone: str = "",
     requested_ip: str = "",
+    local: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """node.json. What the control plane recorded wins over what was asked for."""
+    """node.json. What the control plane recorded wins over what was asked for.
+    `local`: node-local settings for hosts that run several nodes (the lab):
+    ``proxy_cgroup``, ``bpf_pin_dir``."""
     return {
+        **{k: v for k, v in (local or {}).items() if v},
         "name": result.name,
         "zone": result.zone or requested_zone,
         "ip": result.ip or requested_ip,
@@ -308,6 +312,7 @@ def write_enrollment(
     cgroup_parent: str,
     requested_zone: str = "",
     requested_ip: str = "",
+    local: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write key, certificate, bundle, workloads.json (if absent) and node.json, the
     last one last: a node.json means the rest is in place. Returns node.json's content."""
@@ -320,7 +325,7 @@ def write_enrollment(
     write_file_atomic(layout.bundle, result.trust_bundle_pem, 0o644)
     if not layout.workloads.exists():
         write_file_atomic(layout.workloads, b"[]\n", 0o644)
-    doc = node_document(result, layout, cgroup_parent, requested_zone, requested_ip)
+    doc = node_document(result, layout, cgroup_parent, requested_zone, requested_ip, local)
     write_file_atomic(layout.node_json, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
     return doc
 

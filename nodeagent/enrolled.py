@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode.core import api
+from meshnode.core.constants import BPF_PIN_DIR
 from meshnode.core.contracts import ContractError, NodeSlice, SliceUnchanged, parse_slice_answer
 from meshnode.core.cpclient import ClientError, NodeClient
 from meshnode.core.errors import MeshnodeError
@@ -54,6 +55,9 @@ class Enrollment:
     # delivery address and the proxy's ports (the bind guard). Default: the slice
     # the meshnode-ztunnel unit runs in.
     proxy_cgroup: str = PROXY_SLICE_CGROUP
+    # Where the agent pins its BPF programs and maps (one per node on a host that
+    # runs several, like the lab).
+    bpf_pin_dir: str = BPF_PIN_DIR
 
     @property
     def files(self) -> NodeLayout:
@@ -84,6 +88,7 @@ def load_enrollment(config_dir: Path) -> Enrollment:
             state_dir=Path(doc.get("state_dir", "/var/lib/meshnode")),
             config_dir=config_dir,
             proxy_cgroup=str(doc.get("proxy_cgroup") or PROXY_SLICE_CGROUP),
+            bpf_pin_dir=str(doc.get("bpf_pin_dir") or BPF_PIN_DIR),
         )
     except (KeyError, TypeError) as exc:
         raise EnrollmentError(

@@ -60,6 +60,11 @@ def make_bridge(fabric: str, bridge: str = "br0") -> None:
     run(["ip", "-n", fabric, "link", "set", bridge, "up"])
 
 
+def bridge_address(fabric: str, ip_cidr: str, bridge: str = "br0") -> None:
+    """An address on the fabric's bridge: where the lab's control plane listens."""
+    run(["ip", "-n", fabric, "addr", "add", ip_cidr, "dev", bridge])
+
+
 def plug_node(fabric: str, node_ns: str, port_name: str, ip_cidr: str, bridge: str = "br0") -> None:
     """veth: ``port_name`` on the fabric's bridge <-> ``eth0`` in the node."""
     run(

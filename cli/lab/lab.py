@@ -1,11 +1,16 @@
 """`meshnode lab`: a mesh on one machine. Network namespaces are the nodes, a
-bridge in a namespace of its own is the network between them, and each node
-runs its own node agent (which runs its own ztunnel), exactly as on a VM.
+bridge in a namespace of its own is the network between them. On that bridge
+runs a real control plane (`meshnode controlplane run`, SQLite); each node is
+enrolled with a join token by `meshnode enroll`, runs its own agent and its own
+ztunnel, and meshes workloads with `meshnode workload add`, exactly as a VM
+does. Identities are granted with IdentityGrants, services and VIPs come from
+the control plane, policies go through its admin API (the root-only socket).
 
 All nodes share one kernel, so each node's BPF programs attach at the node's
 own parent cgroup (``<cgroup2>/meshnode-<lab>/<node>``), under which its
-workloads' cgroups live; the agent and ztunnel sit in ``<node>/system``, which
-is not a workload, so their own connections are never captured.
+workloads' cgroups live; the agent and ztunnel sit in ``<node>/system/agent``
+and ``<node>/system/ztunnel`` (the proxy's cgroup for the bind guard), which are
+not workloads, so their own connections are never captured.
 """
 
 from __future__ import annotations
@@ -21,15 +26,20 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshnode.cli.lab import host
 from meshnode.core.errors import MeshnodeError
 
+if TYPE_CHECKING:
+    from meshnode.core.cpclient import ApiClient
+
 SUBNET = ipaddress.ip_network("198.18.0.0/24")  # RFC 2544 benchmarking range, lab-only
-VIP_RANGE = ipaddress.ip_network("240.0.0.0/4")
+CP_IP = str(SUBNET.network_address + 1)  # the control plane, on the fabric's bridge
+CP_PORT = 15012
 TRUST_DOMAIN = "cluster.local"
 BPFFS = Path("/sys/fs/bpf")
+_MESHNODE = [sys.executable, "-m", "meshnode.cli.main"]
 
 
 class LabError(MeshnodeError):
@@ -44,6 +54,7 @@ class NodeRec:
     cgroup: str
     zone: str
     agent_pid: int | None = None
+    ztunnel_pid: int | None = None
 
 
 @dataclass
@@ -74,8 +85,8 @@ class LabState:
     nodes: dict[str, NodeRec] = field(default_factory=dict)
     services: dict[str, ServiceRec] = field(default_factory=dict)
     workloads: dict[str, WorkloadRec] = field(default_factory=dict)
-    resources: list[dict[str, Any]] = field(default_factory=list)  # policies, as applied
     ztunnel_workers: int = 1
+    cp_pid: int | None = None
 
 
 def lab_name() -> str:
@@ -123,8 +134,8 @@ class Lab:
             nodes={k: NodeRec(**v) for k, v in doc["nodes"].items()},
             services={k: ServiceRec(**v) for k, v in doc["services"].items()},
             workloads={k: WorkloadRec(**v) for k, v in doc["workloads"].items()},
-            resources=doc.get("resources", []),
             ztunnel_workers=doc.get("ztunnel_workers", 1),
+            cp_pid=doc.get("cp_pid"),
         )
 
     def save(self, st: LabState) -> None:
@@ -132,27 +143,58 @@ class Lab:
         tmp.write_text(json.dumps(asdict(st), indent=1))
         tmp.replace(self.state_file)
 
+    @property
+    def cp_dir(self) -> Path:
+        return self.dir / "cp"
+
+    @property
+    def cp_url(self) -> str:
+        return f"https://{CP_IP}:{CP_PORT}"
+
+    def admin(self) -> ApiClient:
+        """The lab's admin client: the control plane's root-only admin socket."""
+        from meshnode.core import api
+        from meshnode.core.cpclient import ApiClient
+
+        return ApiClient(
+            self.cp_url, b"", unix_socket=str(self.cp_dir / api.ADMIN_SOCKET_FILE), timeout=30
+        )
+
+    def _call(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
+        from meshnode.core.cpclient import ClientError
+
+        try:
+            return self.admin().call(method, path, body, **kw)
+        except ClientError as exc:
+            raise LabError(
+                f"the lab's control plane refused {method} {path}: {exc.message}"
+            ) from None
+
+    def node_cgroup(self, node: NodeRec, part: str) -> Path:
+        """``system/agent``, ``system/ztunnel`` or ``system`` (lab exec)."""
+        return Path(node.cgroup) / part
+
     # -- up -----------------------------------------------------------------------------
 
     def up(self, nodes: int, log: Any = print, workers: int = 1) -> LabState:
-        """Start `nodes` nodes. `workers`: ztunnel worker processes per node (the
-        lab's nodes share this machine's cores, so one each by default)."""
+        """A control plane, then `nodes` nodes enrolled with it, each with its agent
+        and ztunnel. `workers`: ztunnel worker processes per node (the lab's nodes
+        share this machine's cores, so one each by default)."""
         host.require_root()
         if not 1 <= nodes <= 50:
             raise LabError("--nodes must be between 1 and 50")
         if self.exists() or host.netns_exists(self.fabric):
             raise LabError(f"lab {self.name!r} is already up (or half up); run `meshnode lab down`")
-        from meshnode.controlplane.ca import CertificateAuthority
-
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         st = LabState(name=self.name, version=1, ztunnel_workers=workers)
         self.save(st)  # from here on, `lab down` can clean up whatever follows
-        ca = CertificateAuthority.create(TRUST_DOMAIN)
-        ca.save(self.dir / "ca")
         host.netns_add(self.fabric)
         host.make_bridge(self.fabric)
+        host.bridge_address(self.fabric, f"{CP_IP}/{SUBNET.prefixlen}")
         cg_root = self.cgroup_root()
         host.cgroup_make(cg_root)
+        st.cp_pid = self._start_controlplane(cg_root / "controlplane")
+        self.save(st)
         for i in range(1, nodes + 1):
             name = f"node{i}"
             ip = str(SUBNET.network_address + 10 + i)
@@ -165,32 +207,151 @@ class Lab:
             )
             host.netns_add(rec.netns)
             host.plug_node(self.fabric, rec.netns, f"veth-{name}", f"{ip}/{SUBNET.prefixlen}")
-            host.cgroup_make(Path(rec.cgroup) / "system")
+            for part in ("system/agent", "system/ztunnel"):
+                host.cgroup_make(self.node_cgroup(rec, part))
             self.node_dir(name).mkdir(parents=True, exist_ok=True)
             st.nodes[name] = rec
             self.save(st)
-        self._write_configs(st)
         for rec in st.nodes.values():
-            proc = host.spawn(
-                rec.netns,
-                Path(rec.cgroup) / "system",
-                [
-                    sys.executable,
-                    "-m",
-                    "meshnode.cli.main",
-                    "agent",
-                    "run",
-                    "--config",
-                    str(self.node_dir(rec.name) / "node.json"),
-                ],
-                log_path=self.node_dir(rec.name) / "agent.log",
-            )
-            rec.agent_pid = proc.pid
+            self._enroll(rec)
+        for rec in st.nodes.values():
+            self._start_node(st, rec)
             self.save(st)
-        self._wait_applied(st, timeout=90)
+        self._wait_synced(st, self._revision(), timeout=90)
         for rec in st.nodes.values():
-            log(f"node {rec.name}: {rec.ip} ({rec.zone}), agent pid {rec.agent_pid}")
+            log(
+                f"node {rec.name}: {rec.ip} ({rec.zone}), enrolled as "
+                f"spiffe://{TRUST_DOMAIN}/node/{rec.name}, agent pid {rec.agent_pid}, "
+                f"ztunnel pid {rec.ztunnel_pid}"
+            )
         return st
+
+    def _start_controlplane(self, cgroup: Path) -> int:
+        """`meshnode controlplane run` on the fabric's bridge, until it answers."""
+        self.cp_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        host.cgroup_make(cgroup)
+        log_path = self.dir / "controlplane.log"
+        proc = host.spawn(
+            self.fabric,
+            cgroup,
+            [
+                *_MESHNODE,
+                "controlplane",
+                "run",
+                "--listen",
+                f"{CP_IP}:{CP_PORT}",
+                "--advertise",
+                CP_IP,
+                "--data-dir",
+                str(self.cp_dir),
+            ],
+            log_path=log_path,
+        )
+        from meshnode.core.cpclient import ClientError
+
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise LabError(f"the lab's control plane exited:\n{_tail(log_path)}")
+            try:
+                self.admin().call("GET", "/v1/admin/nodes", timeout=2)
+                return proc.pid
+            except ClientError:
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"the lab's control plane did not answer within 30 s:\n{_tail(log_path)}"
+                    ) from None
+                time.sleep(0.1)
+
+    def _enroll(self, rec: NodeRec) -> None:
+        """A join token from the control plane, then `meshnode enroll` on the node,
+        from the node's own address (which the control plane then fixes)."""
+        token = self._call("POST", "/v1/admin/tokens", {"node": rec.name, "zone": rec.zone})
+        cgroup_mount = self.cgroup_root().parent
+        proxy = self.node_cgroup(rec, "system/ztunnel").relative_to(cgroup_mount)
+        log_path = self.node_dir(rec.name) / "enroll.log"
+        proc = host.spawn(
+            rec.netns,
+            self.node_cgroup(rec, "system/agent"),
+            [
+                *_MESHNODE,
+                "enroll",
+                "--cp",
+                self.cp_url,
+                "--token",
+                token["token"],
+                "--name",
+                rec.name,
+                "--zone",
+                rec.zone,
+                "--no-start",
+                "--config-dir",
+                str(self.node_dir(rec.name) / "etc"),
+                "--state-dir",
+                str(self.node_dir(rec.name) / "state"),
+                "--cgroup-parent",
+                rec.cgroup,
+                "--proxy-cgroup",
+                str(proxy),
+                "--bpf-pin-dir",
+                str(self.pin_root() / rec.name),
+            ],
+            log_path=log_path,
+        )
+        if proc.wait(timeout=120) != 0:
+            raise LabError(f"enrolling {rec.name} failed:\n{_tail(log_path)}")
+
+    def _start_node(self, st: LabState, rec: NodeRec) -> None:
+        """The node's ztunnel (in its own cgroup, the proxy's) and its agent, as
+        the meshnode-ztunnel and meshnode-agent units run them."""
+        self._start_ztunnel(st, rec)
+        agent = host.spawn(
+            rec.netns,
+            self.node_cgroup(rec, "system/agent"),
+            [*_MESHNODE, "agent", "run", "--enrolled", str(self.node_dir(rec.name) / "etc")],
+            log_path=self.node_dir(rec.name) / "agent.log",
+        )
+        rec.agent_pid = agent.pid
+
+    def _start_ztunnel(self, st: LabState, rec: NodeRec) -> None:
+        state = self.node_dir(rec.name) / "state"
+        ztunnel = host.spawn(
+            rec.netns,
+            self.node_cgroup(rec, "system/ztunnel"),
+            [
+                *_MESHNODE,
+                "ztunnel",
+                "run",
+                "--snapshot",
+                str(state / "ztunnel-snapshot.json"),
+                "--workers",
+                str(st.ztunnel_workers),
+                "--peer-socket",
+                str(state / "peer.sock"),
+            ],
+            log_path=state / "ztunnel.log",
+        )
+        rec.ztunnel_pid = ztunnel.pid
+
+    def restart_ztunnel(self, node: str) -> int:
+        """Kill the node's ztunnel and start it again, as systemd restarts the
+        meshnode-ztunnel unit after a crash; returns the new pid. The agent gives
+        the new one its config (it loads the snapshot file at start)."""
+        st = self.load()
+        rec = st.nodes.get(node)
+        if rec is None:
+            raise LabError(f"no node {node!r}; nodes are: {', '.join(st.nodes)}")
+        old = rec.ztunnel_pid
+        if old and _alive(old):
+            os.kill(old, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _alive(old) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        host.cgroup_kill_all(self.node_cgroup(rec, "system/ztunnel"), grace=0.5)  # workers
+        self._start_ztunnel(st, rec)
+        self.save(st)
+        assert rec.ztunnel_pid is not None
+        return rec.ztunnel_pid
 
     # -- workloads ------------------------------------------------------------------------
 
@@ -206,9 +367,10 @@ class Lab:
         version: str = "",
         service_port: int | None = None,
     ) -> WorkloadRec:
-        """Run cmd as workload `name` of `service`, listening on `port`. The
-        service's VIP port is the first workload's port unless `service_port`
-        says otherwise; later workloads may listen on other ports."""
+        """Run cmd as workload `name` of `service`, listening on `port`: granted its
+        identity, registered by `meshnode workload add` on the node, then started.
+        The service's VIP port is the first workload's port (`service_port` only
+        checks that); later workloads may listen on other ports."""
         st = self.load()
         if node not in st.nodes:
             raise LabError(f"no node {node!r}; nodes are: {', '.join(st.nodes)}")
@@ -224,30 +386,38 @@ class Lab:
             raise LabError(f"service name: {exc}") from None
         if not name.replace("-", "").isalnum():
             raise LabError(f"workload name {name!r}: use letters, digits and '-'")
-        svc = st.services.get(service)
-        if svc is None:
-            svc = ServiceRec(service, namespace, self._next_vip(st), service_port or port)
-            st.services[service] = svc
-        elif service_port and svc.port != service_port:
+        svc = self._services().get(service)
+        if svc is not None and service_port and svc.port != service_port:
             raise LabError(f"service {service} is on port {svc.port}, not {service_port}")
+        if svc is None and service_port and service_port != port:
+            raise LabError(
+                f"service {service} does not exist yet: its first workload sets its port "
+                f"({port}), so --service-port {service_port} cannot hold"
+            )
         if any(w.node == node and w.port == port for w in st.workloads.values()):
             raise LabError(f"port {port} on {node} is taken by another workload")
         rec_node = st.nodes[node]
         cgroup = Path(rec_node.cgroup) / f"wl-{name}"
         host.cgroup_make(cgroup)
+        # The operator's grant first: the control plane refuses anything else.
+        self._grant(node, namespace, service)
+        argv = ["workload", "add", name, "--service", service, "--port", str(port)]
+        argv += ["--namespace", namespace, "--cgroup", str(cgroup)]
+        argv += ["--version", version] if version else []
+        self._on_node(rec_node, argv)
         wl = WorkloadRec(
             name, node, service, namespace, port, str(cgroup), list(cmd), version=version
         )
         st.workloads[name] = wl
         st.version += 1
         self.save(st)
-        # Mesh it first, so its very first connection is already captured.
-        self._write_configs(st)
-        self._reload_agents(st)
+        # Meshed everywhere first, so its very first connection is already captured.
+        self._wait_synced(st, self._revision(), timeout=30)
         proc = host.spawn(
             rec_node.netns, cgroup, cmd, log_path=self.node_dir(node) / f"workload-{name}.log"
         )
         wl.pid = proc.pid
+        st.services = self._services()
         self.save(st)
         deadline = time.monotonic() + wait_listening
         while wait_listening and time.monotonic() < deadline:
@@ -267,47 +437,48 @@ class Lab:
         if wl is None:
             raise LabError(f"no workload {name!r}")
         host.cgroup_kill_all(Path(wl.cgroup))
+        self._on_node(st.nodes[wl.node], ["workload", "rm", name])
         host.cgroup_remove_tree(Path(wl.cgroup))
-        if not any(w.service == wl.service for w in st.workloads.values()):
-            st.services.pop(wl.service, None)
         st.version += 1
+        st.services = self._services()
         self.save(st)
-        self._write_configs(st)
-        self._reload_agents(st)
+        self._wait_synced(st, self._revision(), timeout=30)
 
     def apply(self, text: str, source: str) -> list[str]:
-        """Apply policy resources (YAML): validated whole, then pushed to every
-        node. Returns what changed ("created"/"configured" per resource)."""
-        from meshnode.core.resources import parse_documents, resources_to_json
+        """Apply policy resources (YAML) through the control plane: validated whole
+        (here, then by the control plane), then every node has them. Returns what
+        changed ("created"/"configured" per resource)."""
+        from meshnode.core.resources import parse_documents
 
-        resources = parse_documents(text, source)  # raises ResourceError, changes nothing
+        parse_documents(text, source)  # raises ResourceError, changes nothing
         st = self.load()
-        current = {_res_key(r): r for r in st.resources}
-        out = []
-        for doc in resources_to_json(resources):
-            key = _res_key(doc)
-            verb = "configured" if key in current else "created"
-            if current.get(key) == doc:
-                verb = "unchanged"
-            current[key] = doc
-            out.append(f"{doc['kind']}/{key[2]} {verb}")
-        st.resources = list(current.values())
+        out = self._call(
+            "POST",
+            "/v1/admin/resources",
+            text.encode(),
+            content_type="application/yaml",
+        )
         st.version += 1
         self.save(st)
-        self._write_configs(st)
-        self._reload_agents(st)
-        return out
+        self._wait_synced(st, int(out["revision"]), timeout=30)
+        return list(out["results"])
 
     def delete_resource(self, kind: str, name: str, namespace: str = "default") -> None:
+        from urllib.parse import quote
+
         st = self.load()
-        keep = [r for r in st.resources if _res_key(r) != (kind, namespace, name)]
-        if len(keep) == len(st.resources):
-            raise LabError(f"no {kind} {namespace}/{name}")
-        st.resources = keep
+        path = f"/v1/admin/resources/{quote(kind)}/{quote(namespace)}/{quote(name)}"
+        from meshnode.core.cpclient import ClientError
+
+        try:
+            self.admin().call("DELETE", path)
+        except ClientError as exc:
+            if exc.status == 404:
+                raise LabError(f"no {kind} {namespace}/{name}") from None
+            raise LabError(f"deleting {kind} {namespace}/{name}: {exc.message}") from None
         st.version += 1
         self.save(st)
-        self._write_configs(st)
-        self._reload_agents(st)
+        self._wait_synced(st, self._revision(), timeout=30)
 
     def exec(self, node: str, cmd: list[str], workload: str | None = None) -> int:
         st = self.load()
@@ -328,80 +499,46 @@ class Lab:
             proc.send_signal(signal.SIGINT)
             return proc.wait()
 
-    def _next_vip(self, st: LabState) -> str:
-        used = {s.vip for s in st.services.values()}
-        for i in range(1, 1 << 16):
-            vip = str(VIP_RANGE.network_address + i)
-            if vip not in used:
-                return vip
-        raise LabError("VIP range exhausted")
+    # -- through the control plane ----------------------------------------------------------
 
-    # -- config for the agents --------------------------------------------------------------
+    def _grant(self, node: str, namespace: str, service: str) -> None:
+        """An IdentityGrant letting `node` host ``<namespace>/<service>``."""
+        grant = f"lab-{node}-{namespace}-{service}"[:63].rstrip("-")
+        doc = (
+            f"kind: IdentityGrant\nmetadata: {{name: {grant}}}\n"
+            f"spec: {{nodes: [{node}], identities: [{namespace}/{service}]}}\n"
+        )
+        self._call("POST", "/v1/admin/resources", doc.encode(), content_type="application/yaml")
 
-    def _services_doc(self, st: LabState) -> list[dict[str, Any]]:
-        out = []
-        for svc in st.services.values():
-            eps = []
-            for w in st.workloads.values():
-                if w.service != svc.name:
-                    continue
-                node = st.nodes[w.node]
-                eps.append(
-                    {
-                        "workload": w.name,
-                        "namespace": w.namespace,
-                        "service_account": w.service,
-                        "node": node.name,
-                        "node_ip": node.ip,
-                        "address": node.ip,
-                        "zone": node.zone,
-                        "port": w.port,
-                        "service_port": svc.port,
-                        "version": w.version,
-                    }
-                )
-            out.append(
-                {
-                    "name": svc.name,
-                    "namespace": svc.namespace,
-                    "vip": svc.vip,
-                    "ports": [{"port": svc.port, "target_port": svc.port}],
-                    "endpoints": eps,
-                }
+    def _on_node(self, rec: NodeRec, argv: list[str]) -> None:
+        """A `meshnode` command on the node, as an operator there would run it."""
+        proc = host.run(
+            [
+                *host.nsenter_prefix(rec.netns),
+                *_MESHNODE,
+                *argv,
+                "--config-dir",
+                str(self.node_dir(rec.name) / "etc"),
+            ],
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise LabError(
+                f"`meshnode {' '.join(argv[:3])}` on {rec.name} failed: "
+                f"{(proc.stderr or proc.stdout).strip()}"
+            )
+
+    def _revision(self) -> int:
+        return int(self._call("GET", "/v1/admin/nodes")["revision"])
+
+    def _services(self) -> dict[str, ServiceRec]:
+        """The services and VIPs the control plane allocated (by name)."""
+        out = {}
+        for doc in self._call("GET", "/v1/admin/services")["items"]:
+            out[doc["name"]] = ServiceRec(
+                doc["name"], doc["namespace"], doc["vip"], doc["ports"][0]["port"]
             )
         return out
-
-    def _write_configs(self, st: LabState) -> None:
-        services = self._services_doc(st)
-        for rec in st.nodes.values():
-            doc = {
-                "version": st.version,
-                "node": {"name": rec.name, "ip": rec.ip, "zone": rec.zone},
-                "trust_domain": TRUST_DOMAIN,
-                "cgroup_parent": rec.cgroup,
-                "state_dir": str(self.node_dir(rec.name) / "state"),
-                "bpf_pin_dir": str(self.pin_root() / rec.name),
-                "ca_dir": str(self.dir / "ca"),
-                "workloads": [
-                    {
-                        "name": w.name,
-                        "namespace": w.namespace,
-                        "service_account": w.service,
-                        "service": w.service,
-                        "port": w.port,
-                        "cgroup": w.cgroup,
-                    }
-                    for w in st.workloads.values()
-                    if w.node == rec.name
-                ],
-                "services": services,
-                "resources": st.resources,
-                "ztunnel_args": ["--workers", str(st.ztunnel_workers)],
-            }
-            path = self.node_dir(rec.name) / "node.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(doc, indent=1))
-            tmp.replace(path)
 
     def agent_status(self, node: str) -> dict[str, Any] | None:
         try:
@@ -412,33 +549,33 @@ class Lab:
         except (OSError, ValueError):
             return None
 
-    def _reload_agents(self, st: LabState) -> None:
-        for rec in st.nodes.values():
-            if rec.agent_pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(rec.agent_pid, signal.SIGHUP)
-        self._wait_applied(st, timeout=30)
-
-    def _wait_applied(self, st: LabState, timeout: float) -> None:
+    def _wait_synced(self, st: LabState, revision: int, timeout: float) -> None:
+        """Until every node's agent has the control plane's `revision` and gave it
+        to its ztunnel (or one of them died: then say so, with its log)."""
         deadline = time.monotonic() + timeout
         pending = set(st.nodes)
         while pending and time.monotonic() < deadline:
             for node in list(pending):
-                status = self.agent_status(node)
-                if status and status.get("ready") and status.get("version", 0) >= st.version:
+                status = self.agent_status(node) or {}
+                if (
+                    status.get("ready")
+                    and status.get("cp_revision", 0) >= revision
+                    and status.get("pushed_version", 0) >= status.get("version", 1)
+                ):
                     pending.discard(node)
                 rec = st.nodes[node]
-                if rec.agent_pid and not _alive(rec.agent_pid):
-                    raise LabError(
-                        f"the agent of {node} exited; see "
-                        f"{self.node_dir(node) / 'agent.log'}:\n"
-                        + _tail(self.node_dir(node) / "agent.log")
-                    )
-            time.sleep(0.05)
+                for what, pid, logf in (
+                    ("agent", rec.agent_pid, self.node_dir(node) / "agent.log"),
+                    ("ztunnel", rec.ztunnel_pid, self.node_dir(node) / "state" / "ztunnel.log"),
+                ):
+                    if pid and not _alive(pid):
+                        raise LabError(f"the {what} of {node} exited; see {logf}:\n{_tail(logf)}")
+            if pending:
+                time.sleep(0.05)
         if pending:
             raise LabError(
-                f"nodes {', '.join(sorted(pending))} did not apply config version "
-                f"{st.version} within {timeout:.0f}s; see their agent.log in {self.dir}"
+                f"nodes {', '.join(sorted(pending))} did not apply control-plane revision "
+                f"{revision} within {timeout:.0f}s; see their agent.log in {self.dir}"
             )
 
     # -- status and down ------------------------------------------------------------------------
@@ -447,6 +584,19 @@ class Lab:
         st = self.load()
         from meshnode.bpf.loader import MeshBpf
 
+        cp: dict[str, Any] = {
+            "url": self.cp_url,
+            "pid": st.cp_pid,
+            "alive": bool(st.cp_pid and _alive(st.cp_pid)),
+        }
+        try:
+            listed = self._call("GET", "/v1/admin/nodes")
+            cp["revision"] = listed["revision"]
+            registered = {n["name"]: n for n in listed["items"]}
+            services = self._call("GET", "/v1/admin/services")["items"]
+        except LabError as exc:
+            cp["error"] = str(exc)
+            registered, services = {}, []
         nodes = []
         for rec in st.nodes.values():
             try:
@@ -459,28 +609,31 @@ class Lab:
                     "name": rec.name,
                     "ip": rec.ip,
                     "zone": rec.zone,
+                    "enrollment": self._enrollment(rec, registered.get(rec.name)),
                     "agent_pid": rec.agent_pid,
                     "agent_alive": bool(rec.agent_pid and _alive(rec.agent_pid)),
+                    "ztunnel_pid": rec.ztunnel_pid,
+                    "ztunnel_alive": bool(rec.ztunnel_pid and _alive(rec.ztunnel_pid)),
                     "ready": agent.get("ready", False),
                     "config_version": agent.get("version"),
+                    "cp_revision": agent.get("cp_revision"),
                     "bpf_programs": progs,
                 }
             )
         return {
             "lab": self.name,
             "version": st.version,
+            "controlplane": cp,
             "nodes": nodes,
             "services": [
                 {
-                    "name": s.name,
-                    "namespace": s.namespace,
-                    "vip": s.vip,
-                    "port": s.port,
-                    "endpoints": [
-                        f"{w.name}@{w.node}" for w in st.workloads.values() if w.service == s.name
-                    ],
+                    "name": s["name"],
+                    "namespace": s["namespace"],
+                    "vip": s["vip"],
+                    "port": s["ports"][0]["port"],
+                    "endpoints": [f"{e['workload']}@{e['node']}" for e in s["endpoints"]],
                 }
-                for s in st.services.values()
+                for s in services
             ],
             "workloads": [
                 {
@@ -496,20 +649,45 @@ class Lab:
             ],
         }
 
+    def _enrollment(self, rec: NodeRec, registered: dict[str, Any] | None) -> dict[str, Any]:
+        """What the node's own certificate says, and what the control plane lists."""
+        from cryptography import x509
+
+        out: dict[str, Any] = {"registered": registered is not None}
+        if registered is not None:
+            out["address"] = registered.get("ip")
+        try:
+            cert = x509.load_pem_x509_certificate(
+                (self.node_dir(rec.name) / "etc" / "node.pem").read_bytes()
+            )
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            out["spiffe_id"] = san.get_values_for_type(x509.UniformResourceIdentifier)[0]
+            out["cert_expires"] = cert.not_valid_after_utc.isoformat(timespec="seconds")
+        except (OSError, ValueError, IndexError, x509.ExtensionNotFound) as exc:
+            out["error"] = f"no node certificate: {exc}"
+        return out
+
     def down(self, log: Any = print) -> None:
         """Remove everything the lab made. Works on a half-built lab too."""
         try:
             st: LabState | None = self.load()
-        except (LabError, ValueError, KeyError):
+        except (LabError, ValueError, KeyError, TypeError):
             st = None
         if st is not None:
-            # Agents first: they stop their ztunnel and detach their BPF programs.
-            for rec in st.nodes.values():
-                if rec.agent_pid and _alive(rec.agent_pid):
-                    os.kill(rec.agent_pid, signal.SIGTERM)
-            deadline = time.monotonic() + 25
-            for rec in st.nodes.values():
-                while rec.agent_pid and _alive(rec.agent_pid) and time.monotonic() < deadline:
+            # Agents first (they leave their ztunnel and BPF programs as a node's
+            # agent does when it restarts), then ztunnels, then the control plane.
+            groups = [
+                [r.agent_pid for r in st.nodes.values()],
+                [r.ztunnel_pid for r in st.nodes.values()],
+                [st.cp_pid],
+            ]
+            for pids in groups:
+                alive = [p for p in pids if p and _alive(p)]
+                for pid in alive:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 25
+                while any(_alive(p) for p in alive) and time.monotonic() < deadline:
                     time.sleep(0.05)
         with contextlib.suppress(LabError, OSError):
             cg_root = self.cgroup_root()
@@ -526,11 +704,6 @@ class Lab:
         shutil.rmtree(self.pin_root(), ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         log(f"lab {self.name} removed")
-
-
-def _res_key(doc: dict[str, Any]) -> tuple[str, str, str]:
-    meta = doc.get("metadata", {})
-    return (doc["kind"], meta.get("namespace", "default"), meta["name"])
 
 
 def _alive(pid: int) -> bool:

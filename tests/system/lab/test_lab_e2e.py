@@ -146,6 +146,47 @@ def test_status_shows_nodes_services_and_bpf_programs(lab: dict) -> None:
     assert {w["name"] for w in st["workloads"]} == {"api", "files", "client"}
 
 
+def test_nodes_enrolled_with_the_real_control_plane(lab: dict) -> None:
+    """The lab runs `meshnode controlplane run`; every node enrolled with a join
+    token, and every certificate comes from that control plane's CA. No CA key
+    exists outside the control plane's data dir."""
+    st = lab["status"]
+    cp = st["controlplane"]
+    assert cp["alive"] and cp["url"] == "https://198.18.0.1:15012"
+    lab_obj = lab["lab"]
+    listed = lab_obj.admin().call("GET", "/v1/admin/nodes")["items"]
+    assert {n["name"]: n["ip"] for n in listed} == {"node1": "198.18.0.11", "node2": "198.18.0.12"}
+    for node in st["nodes"]:
+        enrolled = node["enrollment"]
+        assert enrolled["registered"] and enrolled["address"] == node["ip"]
+        assert enrolled["spiffe_id"] == f"spiffe://cluster.local/node/{node['name']}"
+    # Workload certificates chain to the control plane's root (its trust bundle).
+    from cryptography import x509
+
+    roots = x509.load_pem_x509_certificates((lab_obj.cp_dir / "trust-bundle.pem").read_bytes())
+    leaf, inter = x509.load_pem_x509_certificates(
+        (lab_obj.node_dir("node1") / "state" / "certs" / "default.client.pem").read_bytes()
+    )
+    inter.verify_directly_issued_by(roots[0])
+    leaf.verify_directly_issued_by(inter)
+    # Grants: one per identity, made by the lab as an operator would.
+    grants = lab_obj.admin().call("GET", "/v1/admin/resources?kind=IdentityGrant")["items"]
+    assert {g["metadata"]["name"] for g in grants} >= {"lab-node1-default-client"}
+    # No CA private key anywhere in the lab but in the control plane's store: each
+    # private key outside it belongs to a node or workload certificate, not a CA.
+    from cryptography.hazmat.primitives import serialization
+
+    ca_keys = {c.public_key().public_numbers() for c in (*roots, inter)}
+    found = 0
+    for path in lab_obj.dir.rglob("*.pem"):
+        if path.is_relative_to(lab_obj.cp_dir) or b"PRIVATE KEY" not in path.read_bytes():
+            continue
+        key = serialization.load_pem_private_key(path.read_bytes(), None)
+        assert key.public_key().public_numbers() not in ca_keys, path
+        found += 1
+    assert found >= 4  # two node keys, at least two workload keys
+
+
 def test_curl_through_vip_carries_the_client_identity(lab: dict) -> None:
     out = lab_exec(
         "node1",
@@ -235,11 +276,10 @@ def _payloads(pcap_bytes: bytes, tmp_path: Path) -> list[tuple[int, int, bytes]]
 
 
 def _restart_ztunnel(lab: dict, node: str) -> None:
-    """Kill the node's ztunnel; its agent restarts it. Pooled HBONE connections
-    are gone, so the next request shows a full TLS handshake on the wire."""
-    lab_obj = lab["lab"]
-    old = lab_obj.agent_status(node)["ztunnel_pid"]
-    os.kill(old, 9)
+    """Kill the node's ztunnel; it is started again (as systemd restarts the
+    unit) and gets its config from the agent. Pooled HBONE connections are gone,
+    so the next request shows a full TLS handshake on the wire."""
+    lab["lab"].restart_ztunnel(node)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         out = lab_exec(
@@ -328,17 +368,20 @@ def test_hbone_listener_checks_client_certificates(lab: dict, tmp_path: Path, ca
 
     lab_obj = lab["lab"]
     ident = SpiffeId("cluster.local", "default", "client")
-    bundle = tmp_path / "bundle.pem"
-    lab_ca = CertificateAuthority.load(lab_obj.dir / "ca")
-    bundle.write_bytes(lab_ca.trust_bundle_pem())
+    node1 = lab_obj.node_dir("node1")
+    bundle = node1 / "etc" / "bundle.pem"  # the mesh's roots, as node1 got them
     args = ["198.18.0.12", "15008", SpiffeId("cluster.local", "default", "api").sni, str(bundle)]
-    if case != "no-cert":
-        issuer = lab_ca if case == "good" else CertificateAuthority.create("cluster.local")
+    if case == "good":  # the certificate the control plane issued to node1's client
+        certs = node1 / "state" / "certs"
+        args += [str(certs / "default.client.pem"), str(certs / "default.client-key.pem")]
+    elif case == "other-ca":  # the same identity, from a CA the mesh does not trust
         key = generate_private_key()
         write_private_key(tmp_path / "k.pem", key)
         write_file_atomic(
             tmp_path / "c.pem",
-            issuer.issue_workload_certificate(make_csr(key, ident), ident),
+            CertificateAuthority.create("cluster.local").issue_workload_certificate(
+                make_csr(key, ident), ident
+            ),
             0o644,
         )
         args += [str(tmp_path / "c.pem"), str(tmp_path / "k.pem")]
