@@ -16,18 +16,12 @@ def agent() -> None:
 
 @agent.command("run")
 @click.option(
-    "--config",
-    "config_path",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="A node description file (what `meshnode lab` writes).",
-)
-@click.option(
     "--enrolled",
     "config_dir",
     type=click.Path(path_type=Path),
-    default=None,
-    help="An enrolled node's config directory (what `meshnode enroll` wrote).",
+    default=Path("/etc/meshnode"),
+    show_default=True,
+    help="The node's config directory (what `meshnode enroll` wrote).",
 )
 @click.option(
     "--log-level",
@@ -35,19 +29,16 @@ def agent() -> None:
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
 )
-def run(config_path: Path | None, config_dir: Path | None, log_level: str) -> None:
-    """Run the node agent in the foreground (systemd runs it as meshnode-agent)."""
+def run(config_dir: Path, log_level: str) -> None:
+    """Run the node agent of an enrolled node in the foreground (systemd runs it as
+    meshnode-agent; `meshnode lab` runs one per lab node)."""
     from meshnode.bpf.errors import BpfError
-    from meshnode.controlplane.ca import CAError
-    from meshnode.nodeagent.agent import Agent, AgentError, EnrolledSource, FileSource
+    from meshnode.nodeagent.agent import Agent, AgentError, EnrolledSource
     from meshnode.nodeagent.config import NodeConfigError
     from meshnode.nodeagent.enrolled import EnrollmentError
 
-    if (config_path is None) == (config_dir is None):
-        fail("give exactly one of --config FILE (lab) or --enrolled DIR (an enrolled node)")
     setup_logging(log_level)
     try:
-        source = FileSource(config_path) if config_path else EnrolledSource(config_dir)  # type: ignore[arg-type]
-        Agent(source).run()
-    except (AgentError, NodeConfigError, BpfError, CAError, EnrollmentError) as exc:
+        Agent(EnrolledSource(config_dir)).run()
+    except (AgentError, NodeConfigError, BpfError, EnrollmentError) as exc:
         fail(f"node agent stopped: {exc}")

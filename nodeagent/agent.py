@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -38,8 +36,8 @@ from meshnode.core.constants import (
 )
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.fsutil import write_file_atomic
-from meshnode.nodeagent.certs import CaClient, CertFiles, CertManager, LocalCa
-from meshnode.nodeagent.config import NodeConfig, NodeConfigError, load_node_config
+from meshnode.nodeagent.certs import CaClient, CertFiles, CertManager
+from meshnode.nodeagent.config import NodeConfig, NodeConfigError
 from meshnode.nodeagent.snapshot import (
     assign_workload_ids,
     capture_destinations,
@@ -61,8 +59,8 @@ class AgentError(MeshnodeError):
 
 
 class ConfigSource(Protocol):
-    manages_ztunnel: bool
-    detach_on_exit: bool
+    """Where the agent's config comes from: an enrolled node's control plane and
+    local registry (EnrolledSource); tests substitute a fake."""
 
     def load(self) -> NodeConfig: ...
     def ca(self, cfg: NodeConfig) -> CaClient: ...
@@ -71,38 +69,8 @@ class ConfigSource(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-class FileSource:
-    """A node description file (the lab)."""
-
-    manages_ztunnel = True
-    detach_on_exit = True
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def load(self) -> NodeConfig:
-        return load_node_config(self.path)
-
-    def ca(self, cfg: NodeConfig) -> CaClient:
-        if not cfg.ca_dir:
-            raise AgentError("node config names no CA (ca_dir); enroll the node first")
-        return LocalCa(Path(cfg.ca_dir))
-
-    def start(self, wake: threading.Event) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def status(self) -> dict[str, Any]:
-        return {"source": str(self.path)}
-
-
 class EnrolledSource:
     """An enrolled node: the control plane's slice + the local workloads."""
-
-    manages_ztunnel = False
-    detach_on_exit = False
 
     def __init__(self, config_dir: Path) -> None:
         from meshnode.bpf.cgroups import cgroup2_mount
@@ -273,7 +241,6 @@ class Agent:
         self.certs = CertManager(self.cfg.state_dir / "certs", source.ca(self.cfg))
         self.ids: dict[str, int] = self._load_ids()
         self.bpf: Any = None
-        self.ztunnel: subprocess.Popen[bytes] | None = None
         self.link = ZtunnelLink(str(self.cfg.state_dir / "ztunnel.sock"))
         self.pushed_version = 0
         self._kernel: tuple[dict[int, int], set[tuple[int, int]]] = ({}, set())
@@ -283,8 +250,6 @@ class Agent:
         self._wake = threading.Event()
         self._reload = False
         self._stop = False
-        self._ztunnel_failures = 0
-        self._next_ztunnel_start = 0.0
 
     # -- paths -----------------------------------------------------------------
 
@@ -476,76 +441,7 @@ class Agent:
         if isinstance(self.source, EnrolledSource):
             self.source.version += 1
             return self.source.version
-        return self.cfg.version  # the lab owns versions: the same one again is fine
-
-    # -- ztunnel (lab mode: our child) -------------------------------------------------
-
-    def _ztunnel_cmd(self) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "meshnode.cli.main",
-            "ztunnel",
-            "run",
-            "--snapshot",
-            str(self.snapshot_path),
-            *self.cfg.ztunnel_args,
-        ]
-
-    def start_ztunnel(self) -> None:
-        logf = open(self.cfg.state_dir / "ztunnel.log", "ab")  # noqa: SIM115 (child owns it)
-        self.ztunnel = subprocess.Popen(
-            self._ztunnel_cmd(), stdout=logf, stderr=logf, stdin=subprocess.DEVNULL
-        )
-        logf.close()
-        log.info("ztunnel started, pid %d", self.ztunnel.pid)
-
-    def wait_ztunnel(self, timeout: float) -> bool:
-        """Until ztunnel acks the current snapshot (it loads the file at start;
-        the push confirms it is up and on this version)."""
-        deadline = time.monotonic() + timeout
-        snap = json.loads(self.snapshot_path.read_text())
-        while time.monotonic() < deadline:
-            if self.ztunnel is not None and self.ztunnel.poll() is not None:
-                return False
-            ok, _ = self.link.push_snapshot(snap, timeout=5)
-            if ok:
-                self.pushed_version = snap["version"]
-                return True
-            time.sleep(0.05)
-        return False
-
-    def supervise_ztunnel(self) -> None:
-        """Restart our ztunnel child if it died, with exponential back-off."""
-        if self.ztunnel is None or self.ztunnel.poll() is None:
-            return
-        now = time.monotonic()
-        if now < self._next_ztunnel_start:
-            return
-        self._ztunnel_failures += 1
-        delay = min(30.0, 0.5 * 2**self._ztunnel_failures)
-        log.error(
-            "ztunnel exited with status %s; restarting (attempt %d, next back-off %.1fs); see %s",
-            self.ztunnel.returncode,
-            self._ztunnel_failures,
-            delay,
-            self.cfg.state_dir / "ztunnel.log",
-        )
-        self._next_ztunnel_start = now + delay
-        self.start_ztunnel()
-        if self.wait_ztunnel(timeout=15):
-            self._ztunnel_failures = 0
-
-    def stop_ztunnel(self, timeout: float = 15.0) -> None:
-        if self.ztunnel is None or self.ztunnel.poll() is not None:
-            return
-        self.ztunnel.terminate()
-        try:
-            self.ztunnel.wait(timeout)
-        except subprocess.TimeoutExpired:
-            log.error("ztunnel did not stop within %.0fs; killing it", timeout)
-            self.ztunnel.kill()
-            self.ztunnel.wait()
+        return self.cfg.version + 1
 
     def write_status(self, ready: bool = True) -> None:
         status = {
@@ -553,7 +449,6 @@ class Agent:
             "version": self.cfg.version,
             "pushed_version": self.pushed_version,
             "pid": os.getpid(),
-            "ztunnel_pid": self.ztunnel.pid if self.ztunnel else None,
             "workload_ids": self.ids,
             "workloads": [w.name for w in self.cfg.workloads],
             "cgroup_parent": self.cfg.cgroup_parent,
@@ -600,12 +495,6 @@ class Agent:
         try:
             self.guard_proxy()
             self.apply(self.cfg)
-            if self.source.manages_ztunnel:
-                self.start_ztunnel()
-                if not self.wait_ztunnel(timeout=30):
-                    raise AgentError(
-                        f"ztunnel did not become ready; see {self.cfg.state_dir / 'ztunnel.log'}"
-                    )
             self.source.start(self._wake)
             self.write_status()
             sdnotify.notify("READY=1", f"STATUS=config version {self.cfg.version}")
@@ -621,7 +510,6 @@ class Agent:
                 if self._reload and not self._stop:
                     self._reload = False
                     self._reload_config()
-                self.supervise_ztunnel()
                 now = time.monotonic()
                 if now - last_cgroups >= 2:
                     last_cgroups = now
@@ -632,12 +520,10 @@ class Agent:
                     last_problems = now
                     self._reload = True
                     self._wake.set()
-                if (
-                    not self.source.manages_ztunnel
-                    and self.pushed_version < self.cfg.version
-                    # ztunnel (its own unit) was away; give it the current config.
-                    and self.push(json.loads(self.snapshot_path.read_text()))
+                if self.pushed_version < self.cfg.version and self.push(
+                    json.loads(self.snapshot_path.read_text())
                 ):
+                    # ztunnel (its own unit) was away or late; it has the config now.
                     self.write_status()
                 if time.time() >= renew_at:
                     self.renew_certificates()
@@ -649,13 +535,11 @@ class Agent:
                 if time.monotonic() - last_status > 5:
                     last_status = time.monotonic()
                     self.write_status()
-            detach = self.source.detach_on_exit
+            detach = False  # a stop or restart: traffic keeps flowing meanwhile
         finally:
             sdnotify.notify("STOPPING=1")
             self.source.stop()
             self.write_status(ready=False)
-            if self.source.manages_ztunnel:
-                self.stop_ztunnel()
             if detach:
                 self.bpf.detach()
                 log.info("node agent stopped; BPF programs detached")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from meshnode.controlplane.ca import CertificateAuthority
 from meshnode.core.fsutil import write_file_atomic
 from meshnode.core.identity import SpiffeId
 from meshnode.core.pki import generate_private_key, make_csr, write_private_key
@@ -21,27 +20,12 @@ log = logging.getLogger("meshnode.nodeagent.certs")
 
 
 class CaClient(Protocol):
-    """How the agent gets certificates signed. The lab signs with a local CA;
-    the control-plane client implements the same two calls over mTLS."""
+    """How the agent gets certificates signed: the control-plane client
+    (nodeagent/enrolled.py CpClient) over mTLS; tests substitute a fake."""
 
     def sign(self, csr_pem: bytes, identity: SpiffeId) -> bytes: ...
 
     def trust_bundle(self) -> bytes: ...
-
-
-class LocalCa:
-    """Lab only: the CA's files are readable by the agent (every lab node is
-    on one machine). Nodes of a real mesh use the control plane."""
-
-    def __init__(self, ca_dir: Path, ttl: timedelta = timedelta(hours=24)) -> None:
-        self._ca = CertificateAuthority.load(ca_dir)
-        self._ttl = ttl
-
-    def sign(self, csr_pem: bytes, identity: SpiffeId) -> bytes:
-        return self._ca.issue_workload_certificate(csr_pem, identity, self._ttl)
-
-    def trust_bundle(self) -> bytes:
-        return self._ca.trust_bundle_pem()
 
 
 @dataclass(frozen=True, slots=True)

@@ -415,7 +415,6 @@ def node_config_from(
         proxy_cgroup=e.proxy_cgroup,
         state_dir=e.state_dir,
         bpf_pin_dir=bpf_pin_dir,
-        ca_dir=None,
         workloads=local,
         services=[svc.to_json() for svc in current.services] if current else [],
         resources=[r.to_dict() for r in current.resources] if current else [],

@@ -85,14 +85,28 @@ def status(output: str) -> None:
     if output == "json":
         click.echo(json.dumps(st, indent=2))
         return
-    click.echo(f"lab {st['lab']} (config version {st['version']})")
+    click.echo(f"lab {st['lab']}")
+    cp = st["controlplane"]
+    click.echo(
+        f"CONTROL PLANE {cp['url']} pid {cp['pid']} "
+        + ("up" if cp["alive"] else "DOWN")
+        + (f", revision {cp['revision']}" if "revision" in cp else "")
+        + (f" ({cp['error']})" if "error" in cp else "")
+    )
     click.echo("NODES")
     for n in st["nodes"]:
-        state = "ready" if n["ready"] and n["agent_alive"] else "NOT READY"
-        click.echo(
-            f"  {n['name']:<8} {n['ip']:<14} {n['zone']:<8} agent pid {n['agent_pid']} "
-            f"{state}, config v{n['config_version']}"
+        state = "ready" if n["ready"] and n["agent_alive"] and n["ztunnel_alive"] else "NOT READY"
+        e = n["enrollment"]
+        enrolled = (
+            f"enrolled as {e['spiffe_id']} (cert until {e['cert_expires']})"
+            if e.get("registered") and "spiffe_id" in e
+            else f"NOT ENROLLED ({e.get('error', 'not registered with the control plane')})"
         )
+        click.echo(
+            f"  {n['name']:<8} {n['ip']:<14} {n['zone']:<8} {state}, agent pid "
+            f"{n['agent_pid']}, ztunnel pid {n['ztunnel_pid']}, at revision {n['cp_revision']}"
+        )
+        click.echo(f"           {enrolled}")
         for p in n["bpf_programs"]:
             if "error" in p:
                 click.echo(f"           bpf: cannot list: {p['error']}")

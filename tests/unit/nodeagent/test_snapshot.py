@@ -86,7 +86,6 @@ def node_config(workloads: list[LocalWorkload] | None = None) -> NodeConfig:
         cgroup_parent="/sys/fs/cgroup/meshnode/node1",
         state_dir=Path("/var/lib/meshnode/node1"),
         bpf_pin_dir="/sys/fs/bpf/meshnode/node1",
-        ca_dir=None,
         workloads=workloads
         if workloads is not None
         else [
