@@ -105,7 +105,7 @@ class Bench:
     _out_seq: int = 0
 
     def __post_init__(self) -> None:
-        from meshnode.cli.lab.lab import Lab
+        from meshnode.lab.lab import Lab
 
         self.lab = Lab(self.lab_name)
         self.nproc = os.cpu_count() or 1
@@ -217,7 +217,7 @@ class Bench:
         return self.lab.load().services[service].vip
 
     def setup(self) -> None:
-        from meshnode.cli.lab import host
+        from meshnode.lab import host
 
         if self.lab.exists() or host.netns_exists(self.lab.fabric):
             self.log(f"removing a leftover lab {self.lab_name}")
@@ -299,7 +299,7 @@ class Bench:
 
     def spawn(self, node: str, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
         """A non-workload process in the node (its own cgroup, never captured)."""
-        from meshnode.cli.lab import host
+        from meshnode.lab import host
 
         rec = self.lab.load().nodes[node]
         cgroup = Path(rec.cgroup) / "bench"
@@ -311,7 +311,7 @@ class Bench:
     def wait_listening(
         self, node: str, port: int, what: str, proc: Any = None, timeout: float = 15.0
     ) -> None:
-        from meshnode.cli.lab import host
+        from meshnode.lab import host
 
         ns = self.lab.load().nodes[node].netns
         deadline = time.monotonic() + timeout

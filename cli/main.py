@@ -12,10 +12,10 @@ from meshnode import __version__
 
 # name -> (module, attribute): each area exports one click command or group.
 _COMMANDS: dict[str, tuple[str, str]] = {
-    "lab": ("meshnode.cli.lab.commands", "lab"),
+    "lab": ("meshnode.cli.lab", "lab"),
     "agent": ("meshnode.cli.agent", "agent"),
     "ztunnel": ("meshnode.cli.ztunnel", "ztunnel"),
-    "bench": ("meshnode.bench.cli", "bench"),
+    "bench": ("meshnode.cli.bench", "bench"),
     "config": ("meshnode.cli.config", "config"),
     "workload": ("meshnode.cli.workload", "workload"),
     "status": ("meshnode.cli.status", "status"),

@@ -48,7 +48,7 @@ from pathlib import Path
 from types import TracebackType
 
 from meshnode.bpf.cgroups import cgroup2_mount
-from meshnode.cli.lab import host
+from meshnode.lab import host
 from tests.support import REPO
 
 BUILD_ROOTFS = REPO / "scripts" / "build-rootfs.sh"
@@ -307,18 +307,7 @@ class Cluster:
         the fabric namespace: run a server there (nsenter --net=/run/netns/<it>) and
         every node reaches it, while the host's own network never sees the subnet."""
         if not self._bridge_ip:
-            host.run(
-                [
-                    "ip",
-                    "-n",
-                    self.fabric,
-                    "addr",
-                    "add",
-                    f"{self.gateway}/{self.subnet.prefixlen}",
-                    "dev",
-                    "br0",
-                ]
-            )
+            host.bridge_address(self.fabric, f"{self.gateway}/{self.subnet.prefixlen}")
             self._bridge_ip = True
         return self.fabric
 

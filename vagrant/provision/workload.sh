@@ -22,7 +22,7 @@ After=network.target
 Before=meshnode-agent.service
 
 [Service]
-ExecStart=$py -m meshnode.cli.lab.demo server --port 8080 --name api
+ExecStart=$py -m meshnode.lab.demo server --port 8080 --name api
 Restart=always
 RestartSec=2
 

@@ -54,7 +54,7 @@ def lab_exec(
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    from meshnode.cli.lab.lab import Lab
+    from meshnode.lab.lab import Lab
 
     meshnode("lab", "down", check=False)  # a leftover from an aborted run
     www = tmp_path_factory.mktemp("www")
@@ -63,7 +63,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     (www / "marker.txt").write_bytes(MARKER * 100)
     try:
         meshnode("lab", "up", "--nodes", "2")
-        demo = [PY, "-m", "meshnode.cli.lab.demo"]
+        demo = [PY, "-m", "meshnode.lab.demo"]
         peer_sock = str(Lab(LAB).node_dir("node2") / "state" / "peer.sock")
         meshnode(
             "lab",
@@ -336,14 +336,14 @@ def test_non_workload_process_is_not_redirected(lab: dict) -> None:
 
 
 def test_destination_outside_the_mesh_is_not_redirected(lab: dict) -> None:
-    from meshnode.cli.lab import host
+    from meshnode.lab import host
 
     lab_obj = lab["lab"]
     st = lab_obj.load()
     outside = host.spawn(
         st.nodes["node2"].netns,
         Path(st.nodes["node2"].cgroup) / "system",
-        [PY, "-m", "meshnode.cli.lab.demo", "server", "--port", "9999", "--name", "outside"],
+        [PY, "-m", "meshnode.lab.demo", "server", "--port", "9999", "--name", "outside"],
     )
     try:
         deadline = time.monotonic() + 10

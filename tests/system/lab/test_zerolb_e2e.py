@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.root, requires_lab]
 LAB = os.environ.get("MESHNODE_TEST_LAB_LB", "mnlb")
 ENV = {**os.environ, "MESHNODE_LAB": LAB}
 PY = sys.executable
-DEMO = [PY, "-m", "meshnode.cli.lab.demo"]
+DEMO = [PY, "-m", "meshnode.lab.demo"]
 
 
 def meshnode(
@@ -154,8 +154,8 @@ def _workload_pid(name: str) -> int:
 
 
 def test_endpoint_failure_costs_at_most_a_handful_then_readmits(lab: None) -> None:
-    from meshnode.cli.lab import host
-    from meshnode.cli.lab.lab import Lab
+    from meshnode.lab import host
+    from meshnode.lab.lab import Lab
 
     # Three endpoints on two nodes; the client's node has one, which locality prefers.
     add("node1", "echo-a", "echo", 7001)
@@ -382,7 +382,7 @@ spec:
         f"denied counter +{delta:.0f}"
     )
     assert delta == 1
-    from meshnode.cli.lab.lab import Lab
+    from meshnode.lab.lab import Lab
 
     def denials() -> list[dict]:  # type: ignore[type-arg]
         log = (Lab(LAB).node_dir("node2") / "state" / "ztunnel.log").read_text().splitlines()

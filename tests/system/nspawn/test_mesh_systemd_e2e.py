@@ -182,7 +182,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             proc = node.run([MESHNODE, "enroll", "--cp", m.url, "--token", token], timeout=300)
             assert proc.returncode == 0, proc.stdout + proc.stderr + journal(node)
         # Workloads: systemd units of their nodes.
-        demo = [PY, "-m", "meshnode.cli.lab.demo"]
+        demo = [PY, "-m", "meshnode.lab.demo"]
         m.n2.run(
             [
                 "systemd-run",

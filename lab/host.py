@@ -1,6 +1,7 @@
 """The lab's host plumbing: network namespaces joined by veth pairs to a bridge
-(inside a namespace of its own, so nothing touches the host's network),
-cgroups for nodes and workloads, and processes started inside both."""
+(inside a namespace of its own, so nothing touches the host's network), made
+over netlink with pyroute2; cgroups for nodes and workloads; and processes
+started inside both (nsenter, so they see the host's cgroup and bpf mounts)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from meshnode.core.errors import MeshnodeError
 
@@ -31,12 +32,37 @@ def run(cmd: Sequence[str], check: bool = True) -> subprocess.CompletedProcess[s
 def require_root() -> None:
     if os.geteuid() != 0:
         raise HostError("the lab creates network namespaces and cgroups: run it as root")
-    for tool in ("ip", "nsenter"):
+    for tool in ("nsenter", "ss"):
         if shutil.which(tool) is None:
             raise HostError(f"`{tool}` is missing; run scripts/setup.sh")
 
 
-# -- network namespaces -----------------------------------------------------------
+# -- network namespaces (netlink, through pyroute2) ------------------------------------
+
+
+@contextlib.contextmanager
+def _netlink(netns: str, what: str) -> Iterator[Any]:
+    """A netlink socket inside `netns`; a netlink error names what was being done."""
+    from pyroute2 import NetNS
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with NetNS(netns) as ns:
+            yield ns
+    except NetlinkError as exc:
+        raise HostError(f"{what} in network namespace {netns} failed: {exc}") from None
+
+
+def _index(ns: Any, ifname: str) -> int:
+    found = ns.link_lookup(ifname=ifname)
+    if not found:
+        raise HostError(f"no interface {ifname}")
+    return int(found[0])
+
+
+def _cidr(ip_cidr: str) -> tuple[str, int]:
+    address, _, prefix = ip_cidr.partition("/")
+    return address, int(prefix or 32)
 
 
 def netns_exists(name: str) -> bool:
@@ -44,49 +70,46 @@ def netns_exists(name: str) -> bool:
 
 
 def netns_add(name: str) -> None:
+    from pyroute2 import netns
+
     if netns_exists(name):
         raise HostError(f"network namespace {name} already exists; run `meshnode lab down` first")
-    run(["ip", "netns", "add", name])
-    run(["ip", "-n", name, "link", "set", "lo", "up"])
+    netns.create(name)
+    with _netlink(name, "bringing lo up") as ns:
+        ns.link("set", index=_index(ns, "lo"), state="up")
 
 
 def netns_delete(name: str) -> None:
+    from pyroute2 import netns
+
     if netns_exists(name):
-        run(["ip", "netns", "delete", name], check=False)
+        with contextlib.suppress(OSError):
+            netns.remove(name)
 
 
 def make_bridge(fabric: str, bridge: str = "br0") -> None:
-    run(["ip", "-n", fabric, "link", "add", bridge, "type", "bridge"])
-    run(["ip", "-n", fabric, "link", "set", bridge, "up"])
+    with _netlink(fabric, f"creating bridge {bridge}") as ns:
+        ns.link("add", ifname=bridge, kind="bridge")
+        ns.link("set", index=_index(ns, bridge), state="up")
 
 
 def bridge_address(fabric: str, ip_cidr: str, bridge: str = "br0") -> None:
     """An address on the fabric's bridge: where the lab's control plane listens."""
-    run(["ip", "-n", fabric, "addr", "add", ip_cidr, "dev", bridge])
+    address, prefix = _cidr(ip_cidr)
+    with _netlink(fabric, f"adding {ip_cidr} to {bridge}") as ns:
+        ns.addr("add", index=_index(ns, bridge), address=address, prefixlen=prefix)
 
 
 def plug_node(fabric: str, node_ns: str, port_name: str, ip_cidr: str, bridge: str = "br0") -> None:
     """veth: ``port_name`` on the fabric's bridge <-> ``eth0`` in the node."""
-    run(
-        [
-            "ip",
-            "-n",
-            fabric,
-            "link",
-            "add",
-            port_name,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            node_ns,
-        ]
-    )
-    run(["ip", "-n", fabric, "link", "set", port_name, "master", bridge, "up"])
-    run(["ip", "-n", node_ns, "addr", "add", ip_cidr, "dev", "eth0"])
-    run(["ip", "-n", node_ns, "link", "set", "eth0", "up"])
+    with _netlink(fabric, f"plugging {node_ns} into {bridge}") as ns:
+        ns.link("add", ifname=port_name, kind="veth", peer={"ifname": "eth0", "net_ns_fd": node_ns})
+        ns.link("set", index=_index(ns, port_name), master=_index(ns, bridge), state="up")
+    address, prefix = _cidr(ip_cidr)
+    with _netlink(node_ns, f"addressing eth0 ({ip_cidr})") as ns:
+        eth0 = _index(ns, "eth0")
+        ns.addr("add", index=eth0, address=address, prefixlen=prefix)
+        ns.link("set", index=eth0, state="up")
 
 
 def nsenter_prefix(netns: str) -> list[str]:

@@ -2,7 +2,7 @@
 identity the mesh proved for it, and a client workload that calls it through
 the service VIP with plain, unmodified curl.
 
-Run as workloads:  python -m meshnode.cli.lab.demo server --port 8080 --name api
+Run as workloads:  python -m meshnode.lab.demo server --port 8080 --name api
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def idle() -> None:
 
 
 def run_demo(lab: Any, log: Any = print) -> None:
-    py = [sys.executable, "-m", "meshnode.cli.lab.demo"]
+    py = [sys.executable, "-m", "meshnode.lab.demo"]
     st = lab.load()
     nodes = sorted(st.nodes)
     server_node = nodes[1] if len(nodes) > 1 else nodes[0]

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshnode.cli.lab import host
 from meshnode.core.errors import MeshnodeError
+from meshnode.lab import host
 
 if TYPE_CHECKING:
     from meshnode.core.cpclient import ApiClient

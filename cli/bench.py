@@ -111,8 +111,8 @@ def bench(
     from meshnode.bench import plots, report
     from meshnode.bench.runner import Bench, BenchError, Options, missing_tools
     from meshnode.bpf.errors import BpfError
-    from meshnode.cli.lab.host import HostError
-    from meshnode.cli.lab.lab import LabError
+    from meshnode.lab.host import HostError
+    from meshnode.lab.lab import LabError
 
     if os.geteuid() != 0:
         fail("meshnode bench builds a lab of network namespaces and cgroups: run it as root")

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, TextIO
 import click
 
 if TYPE_CHECKING:
-    from meshnode.cli.lab.lab import Lab
+    from meshnode.lab.lab import Lab
 from meshnode.cli.common import fail
 
 
 def _lab() -> Lab:
-    from meshnode.cli.lab.lab import Lab
+    from meshnode.lab.lab import Lab
 
     return Lab()
 
@@ -21,8 +21,8 @@ def _lab() -> Lab:
 def _errors() -> tuple[type[Exception], ...]:
     """The expected failures: printed as one line, never as a traceback."""
     from meshnode.bpf.errors import BpfError
-    from meshnode.cli.lab.host import HostError
-    from meshnode.cli.lab.lab import LabError
+    from meshnode.lab.host import HostError
+    from meshnode.lab.lab import LabError
 
     return (LabError, HostError, BpfError)
 
@@ -55,7 +55,7 @@ def up(nodes: int, workers: int, demo: bool) -> None:
     try:
         lab_.up(nodes, log=click.echo, workers=workers)
         if demo:
-            from meshnode.cli.lab.demo import run_demo
+            from meshnode.lab.demo import run_demo
 
             run_demo(lab_, log=click.echo)
     except _errors() as exc:

@@ -1,1 +1,0 @@
-"""meshnode lab: network namespaces as nodes, one machine, real kernel."""
