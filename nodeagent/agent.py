@@ -2,16 +2,14 @@
 node's workloads and the mesh's services, keeps the workloads' certificates
 fresh, and hands ztunnel versioned snapshots over its control socket.
 
-Two ways to learn the node's config (a ``ConfigSource``):
-- a node description file (`meshnode lab` writes one per node); the agent
-  then also runs ztunnel as its child;
-- an enrolled node (`meshnode enroll`): the control plane's slice, watched,
-  kept on disk, plus the local workload registry; ztunnel is its own systemd
-  unit, so restarting the agent never touches a live connection.
+One mode: an enrolled node (`meshnode enroll`; the lab enrolls its nodes the
+same way). Its config is the control plane's slice, watched and kept on disk,
+plus the local workload registry (``EnrolledSource``). ztunnel is its own
+process (the meshnode-ztunnel unit), so restarting the agent never touches a
+live connection.
 
-Signals: SIGHUP re-reads the config; SIGTERM stops (in lab mode: stops
-ztunnel and detaches the BPF programs; enrolled: leaves both running, so
-traffic keeps flowing while the agent restarts)."""
+Signals: SIGHUP re-reads the config; SIGTERM stops, leaving the BPF programs
+and ztunnel running, so traffic keeps flowing while the agent restarts."""
 
 from __future__ import annotations
 

@@ -49,5 +49,5 @@ class NodeConfig:
     services: list[dict[str, Any]] = field(default_factory=list)
     resources: list[dict[str, Any]] = field(default_factory=list)  # policies (JSON form)
     # The proxy's cgroup relative to the cgroup2 mount (see bind guard in agent.py);
-    # None: the agent's own cgroup (a ztunnel the agent runs as its child).
+    # None: the agent's own cgroup.
     proxy_cgroup: str | None = None
