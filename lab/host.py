@@ -42,13 +42,25 @@ def require_root() -> None:
 
 @contextlib.contextmanager
 def _netlink(netns: str, what: str) -> Iterator[Any]:
-    """A netlink socket inside `netns`; a netlink error names what was being done."""
-    from pyroute2 import NetNS
+    """A netlink socket inside `netns`; a netlink error names what was being done.
+
+    The socket is opened in this thread after setns() (pyroute2's pushns), then
+    the thread goes back: a socket stays in the namespace it was made in. Not
+    pyroute2's NetNS, which forks a helper per use: a forked copy of a caller
+    that traps SIGTERM (meshnode bench) would run the caller's handler when
+    pyroute2 stops it, and carry on as the caller."""
+    from pyroute2 import IPRoute
+    from pyroute2 import netns as pr_netns
     from pyroute2.netlink.exceptions import NetlinkError
 
+    pr_netns.pushns(netns)
     try:
-        with NetNS(netns) as ns:
-            yield ns
+        ipr = IPRoute()
+    finally:
+        pr_netns.popns()
+    try:
+        with ipr:
+            yield ipr
     except NetlinkError as exc:
         raise HostError(f"{what} in network namespace {netns} failed: {exc}") from None
 
@@ -74,7 +86,13 @@ def netns_add(name: str) -> None:
 
     if netns_exists(name):
         raise HostError(f"network namespace {name} already exists; run `meshnode lab down` first")
-    netns.create(name)
+    # pyroute2 makes it in a forked child; with SIGINT/SIGTERM blocked meanwhile,
+    # that copy of us never runs our signal handlers (it exits when done).
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        netns.create(name)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
     with _netlink(name, "bringing lo up") as ns:
         ns.link("set", index=_index(ns, "lo"), state="up")
 
@@ -84,7 +102,7 @@ def netns_delete(name: str) -> None:
 
     if netns_exists(name):
         with contextlib.suppress(OSError):
-            netns.remove(name)
+            netns.remove(name)  # an unmount and an unlink, in this process
 
 
 def make_bridge(fabric: str, bridge: str = "br0") -> None:

@@ -93,7 +93,11 @@ def lab() -> Iterator[None]:
     subprocess.run([PY, "-m", "meshnode.cli.main", "lab", "down"], env=ENV, capture_output=True)
     try:
         meshnode("lab", "up", "--nodes", "2")
-        add("node2", "api", "api", 8080, *DEMO, "server", "--port", "8080", "--name", "api")
+        from meshnode.lab.lab import Lab
+
+        peer_socket = str(Lab(LAB).node_dir("node2") / "state" / "peer.sock")
+        add("node2", "api", "api", 8080, *DEMO, "server", "--port", "8080", "--name", "api",
+            "--peer-socket", peer_socket)  # fmt: skip
         add("node2", "echo", "echo", 7000, *DEMO, "echo-server", "--port", "7000")
         # Sources on node1: the real web, and look-alikes in namespaces they control.
         add("node1", "web", "web", 9001)
@@ -127,6 +131,9 @@ spec:
     for source in ("web", "web-evil", "batch", "batch-evil"):
         out = curl_from(source, url)
         results[source] = "this is api" in out.stdout
+        if results[source]:  # delivered by the mesh, which proved who called
+            ns = {"web": "default", "batch": "prod"}[source]
+            assert f"hello spiffe://cluster.local/ns/{ns}/sa/{source}," in out.stdout
         print(f"\n{source}: exit {out.returncode} {out.stdout.strip()[:80]}")
     # Controls: the real default/web and prod/batch get in ...
     assert results["web"] and results["batch"], results
