@@ -181,7 +181,9 @@ def workload_add(
         st = lab_.load()
     except _errors() as exc:
         fail(str(exc))
-    svc = st.services[service]
+    from meshnode.lab.lab import service_key
+
+    svc = st.services[service_key(service, namespace)]
     click.echo(
         f"workload {wl.name} on {wl.node} (pid {wl.pid}) serves {service}.{namespace} "
         f"at {svc.vip}:{svc.port} as spiffe://cluster.local/ns/{namespace}/sa/{service}"

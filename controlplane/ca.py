@@ -189,9 +189,11 @@ class CertificateAuthority:
         identity: SpiffeId,
         ttl: timedelta = DEFAULT_WORKLOAD_TTL,
         *,
+        node: str = "",
         now: datetime | None = None,
     ) -> bytes:
-        """Sign an X.509-SVID for `identity`; returns PEM of leaf + intermediate.
+        """Sign an X.509-SVID for `identity`, issued to `node` (named in the subject,
+        for revocation); returns PEM of leaf + intermediate.
 
         The identity comes from the caller (who authenticated the requester), never
         from the CSR: whatever names the CSR asks for are ignored. The CSR only
@@ -203,7 +205,11 @@ class CertificateAuthority:
                 f"{self._trust_domain!r}, not {identity.trust_domain!r}"
             )
         return self._issue_leaf(
-            _csr_public_key(csr_pem), [x509.UniformResourceIdentifier(identity.uri)], ttl, now
+            _csr_public_key(csr_pem),
+            [x509.UniformResourceIdentifier(identity.uri)],
+            ttl,
+            now,
+            node=node,
         )
 
     def issue_node_certificate(
@@ -282,6 +288,7 @@ class CertificateAuthority:
         names: list[x509.GeneralName],
         ttl: timedelta,
         now: datetime | None,
+        node: str = "",
     ) -> bytes:
         if ttl <= timedelta(0):
             raise CAError(f"certificate TTL must be positive, got {ttl}")
@@ -291,7 +298,7 @@ class CertificateAuthority:
             raise CAError(f"intermediate CA certificate expired at {issuer_expiry.isoformat()}")
         leaf = (
             _builder(
-                subject_name(self._trust_domain),
+                subject_name(self._trust_domain, node=node),
                 self._intermediate_cert.subject,
                 public_key,
                 now - CLOCK_SKEW,

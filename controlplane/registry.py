@@ -39,6 +39,7 @@ __all__ = [
     "NodeRecord",
     "Registry",
     "RegistryError",
+    "RevokedRecord",
     "ServiceRecord",
     "WorkloadRecord",
     "allocate_vip",
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 VIP_NETWORK = ipaddress.IPv4Network(constants.VIP_NETWORK)
+CA_BACKDATE = 60.0  # seconds; ca.CLOCK_SKEW (tests/unit/controlplane checks they agree)
 # How many workloads one node may register; a node cannot fill every node's
 # destination map by registering without end (`controlplane run` can change it).
 DEFAULT_MAX_WORKLOADS_PER_NODE = 256
@@ -131,6 +133,18 @@ class Registry:
     services: Mapping[tuple[str, str], ServiceRecord] = field(default_factory=dict)
     # (kind, namespace, name) -> resource document (resources.py JSON form)
     resources: Mapping[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    # deleted node -> its revocation, kept while a certificate issued before it may live
+    revoked: Mapping[str, RevokedRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedRecord:
+    """A deleted node's certificates issued before `issued_before` are refused
+    mesh-wide; the record is dropped after `until` (when the last of them expired)."""
+
+    node: str
+    issued_before: float
+    until: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +153,7 @@ class Change:
 
     revision: int
     op: str  # "put" | "delete"
-    kind: str  # "workload" | "service" | "resource" | "node" | "ca"
+    kind: str  # "workload" | "service" | "resource" | "node" | "ca" | "revoked"
     key: str
     value: dict[str, Any] | None
     nodes: tuple[str, ...] | None
@@ -226,13 +240,23 @@ def put_node(reg: Registry, node: NodeRecord) -> Registry:
     return replace(reg, nodes={**reg.nodes, node.name: node})
 
 
-def delete_node(reg: Registry, name: str) -> Registry:
-    """Forget a node and its workloads (services left empty go with them)."""
+def delete_node(
+    reg: Registry, name: str, now: float | None = None, cert_ttl: float = 0.0
+) -> Registry:
+    """Forget a node and its workloads (services left empty go with them). With
+    `now`, its certificates issued until now are revoked mesh-wide for `cert_ttl`
+    (every node closes tunnels resting on one), and expired revocations go."""
     if name not in reg.nodes:
         raise RegistryError(f"node {name!r} is not registered", status=404)
     nodes = {k: v for k, v in reg.nodes.items() if k != name}
     workloads = {k: v for k, v in reg.workloads.items() if v.node != name}
-    return _prune_services(replace(reg, nodes=nodes, workloads=workloads))
+    revoked = dict(reg.revoked)
+    if now is not None:
+        revoked = {k: r for k, r in revoked.items() if r.until >= now}
+        # The CA backdates notBefore by its clock skew: a certificate issued at t
+        # has notBefore t - skew, so "issued before now" is "notBefore < now - skew".
+        revoked[name] = RevokedRecord(name, now - CA_BACKDATE, now + cert_ttl + CA_BACKDATE)
+    return _prune_services(replace(reg, nodes=nodes, workloads=workloads, revoked=revoked))
 
 
 def put_workload(reg: Registry, wl: WorkloadRecord) -> Registry:
@@ -398,6 +422,9 @@ def slice_for(
             if key[0] != GRANT_KIND  # grants are for the control plane, not for nodes
         ),
         trust_bundle=trust_bundle,
+        revoked=tuple(
+            wire.Revocation(r.node, r.issued_before) for _, r in sorted(reg.revoked.items())
+        ),
     )
 
 
@@ -441,6 +468,8 @@ def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
         rold, rnew = before.resources.get(rkey), after.resources.get(rkey)
         if rold != rnew and rkey[0] != GRANT_KIND:
             add("put" if rnew else "delete", "resource", "/".join(rkey), rnew, None)
+    if before.revoked != after.revoked:  # rare: every node gets a full slice
+        add("put", "revoked", "*", None, None)
     return changes
 
 
@@ -457,7 +486,7 @@ def changes_since(
     for change in log:
         if change.revision <= since or not change.concerns(node):
             continue
-        if change.kind == "ca" or (change.kind == "node" and change.key == node):
+        if change.kind in ("ca", "revoked") or (change.kind == "node" and change.key == node):
             return None
         latest.pop((change.kind, change.key), None)
         latest[(change.kind, change.key)] = change  # re-insert: order by last change

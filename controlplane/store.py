@@ -35,6 +35,7 @@ from meshnode.controlplane.registry import (
     Change,
     NodeRecord,
     Registry,
+    RevokedRecord,
     ServiceRecord,
     WorkloadRecord,
     diff,
@@ -131,6 +132,12 @@ CREATE TABLE IF NOT EXISTS resources (
     body TEXT NOT NULL,
     revision BIGINT NOT NULL,
     PRIMARY KEY (kind, namespace, name)
+);
+CREATE TABLE IF NOT EXISTS revoked_nodes (
+    node TEXT PRIMARY KEY,
+    issued_before DOUBLE PRECISION NOT NULL,
+    until DOUBLE PRECISION NOT NULL,
+    revision BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS changes (
     revision BIGINT NOT NULL,
@@ -671,7 +678,11 @@ def _load_registry(tx: _Tx) -> Registry:
         (r[0], r[1], r[2]): json.loads(r[3])
         for r in tx.rows("SELECT kind, namespace, name, body FROM resources")
     }
-    return Registry(nodes, workloads, services, resources)
+    revoked = {
+        r[0]: RevokedRecord(r[0], float(r[1]), float(r[2]))
+        for r in tx.rows("SELECT node, issued_before, until FROM revoked_nodes")
+    }
+    return Registry(nodes, workloads, services, resources, revoked)
 
 
 def _load_changes(tx: _Tx, after: int) -> list[Change]:
@@ -703,6 +714,17 @@ def _write_registry(tx: _Tx, before: Registry, after: Registry, rev: int) -> Non
         tx.rows("DELETE FROM nodes WHERE name = ?", (name,))
     for rkey in before.resources.keys() - after.resources.keys():
         tx.rows("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?", rkey)
+    for name in before.revoked.keys() - after.revoked.keys():
+        tx.rows("DELETE FROM revoked_nodes WHERE node = ?", (name,))
+    for name, rv in after.revoked.items():
+        if before.revoked.get(name) != rv:
+            tx.rows(
+                "INSERT INTO revoked_nodes (node, issued_before, until, revision) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET "
+                "issued_before = excluded.issued_before, until = excluded.until, "
+                "revision = excluded.revision",
+                (rv.node, rv.issued_before, rv.until, rev),
+            )
 
     for name, n in after.nodes.items():
         if before.nodes.get(name) != n:

@@ -23,6 +23,8 @@ from meshnode.core.fsutil import write_file_atomic
 from meshnode.core.identity import SpiffeId, node_uri
 
 __all__ = [
+    "NODE_OU",
+    "issued_to_node",
     "PinMismatch",
     "PkiError",
     "certificate_expiry",
@@ -56,12 +58,30 @@ def generate_private_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(CURVE())
 
 
-def subject_name(trust_domain: str, common_name: str | None = None) -> x509.Name:
-    """The subject meshnode puts on its certificates and CSRs: O=<trust domain>[, CN=...]."""
+def subject_name(trust_domain: str, common_name: str | None = None, node: str = "") -> x509.Name:
+    """The subject meshnode puts on its certificates and CSRs: O=<trust domain>
+    [, OU=node:<the node it was issued to>][, CN=...]."""
     attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain)]
+    if node:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, NODE_OU + node))
     if common_name is not None:
         attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
     return x509.Name(attributes)
+
+
+# A workload certificate names the node it was issued to (subject OU), so a
+# receiving proxy can refuse it once that node is deleted (Revocation in
+# core/contracts). Not an identity: the SPIFFE ID in the URI SAN is.
+NODE_OU = "node:"
+
+
+def issued_to_node(cert: x509.Certificate) -> str:
+    """The node a workload certificate was issued to ("" if it names none)."""
+    for attr in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME):
+        value = attr.value if isinstance(attr.value, str) else attr.value.decode()
+        if value.startswith(NODE_OU):
+            return value[len(NODE_OU) :]
+    return ""
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, identity: SpiffeId) -> bytes:

@@ -386,7 +386,7 @@ class Lab:
             raise LabError(f"service name: {exc}") from None
         if not name.replace("-", "").isalnum():
             raise LabError(f"workload name {name!r}: use letters, digits and '-'")
-        svc = self._services().get(service)
+        svc = self._services().get(service_key(service, namespace))
         if svc is not None and service_port and svc.port != service_port:
             raise LabError(f"service {service} is on port {svc.port}, not {service_port}")
         if svc is None and service_port and service_port != port:
@@ -400,11 +400,15 @@ class Lab:
         cgroup = Path(rec_node.cgroup) / f"wl-{name}"
         host.cgroup_make(cgroup)
         # The operator's grant first: the control plane refuses anything else.
-        self._grant(node, namespace, service)
         argv = ["workload", "add", name, "--service", service, "--port", str(port)]
         argv += ["--namespace", namespace, "--cgroup", str(cgroup)]
         argv += ["--version", version] if version else []
-        self._on_node(rec_node, argv)
+        try:
+            self._grant(node, namespace, service)
+            self._on_node(rec_node, argv)
+        except LabError:
+            host.cgroup_remove_tree(cgroup)  # nothing half-made stays behind
+            raise
         wl = WorkloadRec(
             name, node, service, namespace, port, str(cgroup), list(cmd), version=version
         )
@@ -532,10 +536,11 @@ class Lab:
         return int(self._call("GET", "/v1/admin/nodes")["revision"])
 
     def _services(self) -> dict[str, ServiceRec]:
-        """The services and VIPs the control plane allocated (by name)."""
+        """The services and VIPs the control plane allocated, by service_key()."""
         out = {}
         for doc in self._call("GET", "/v1/admin/services")["items"]:
-            out[doc["name"]] = ServiceRec(
+            key = service_key(doc["name"], doc["namespace"])
+            out[key] = ServiceRec(
                 doc["name"], doc["namespace"], doc["vip"], doc["ports"][0]["port"]
             )
         return out
@@ -704,6 +709,12 @@ class Lab:
         shutil.rmtree(self.pin_root(), ignore_errors=True)
         shutil.rmtree(self.dir, ignore_errors=True)
         log(f"lab {self.name} removed")
+
+
+def service_key(name: str, namespace: str) -> str:
+    """How LabState.services names a service: ``api`` in namespace default,
+    ``<namespace>/<name>`` elsewhere."""
+    return name if namespace == "default" else f"{namespace}/{name}"
 
 
 def _alive(pid: int) -> bool:

@@ -48,6 +48,7 @@ class NodeConfig:
     workloads: list[LocalWorkload] = field(default_factory=list)
     services: list[dict[str, Any]] = field(default_factory=list)
     resources: list[dict[str, Any]] = field(default_factory=list)  # policies (JSON form)
+    revoked: list[dict[str, Any]] = field(default_factory=list)  # deleted nodes (Revocation)
     # The proxy's cgroup relative to the cgroup2 mount (see bind guard in agent.py);
     # None: the agent's own cgroup.
     proxy_cgroup: str | None = None

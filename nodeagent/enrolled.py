@@ -418,5 +418,6 @@ def node_config_from(
         workloads=local,
         services=[svc.to_json() for svc in current.services] if current else [],
         resources=[r.to_dict() for r in current.resources] if current else [],
+        revoked=[r.to_json() for r in current.revoked] if current else [],
     )
     return cfg, problems

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from meshnode.core.contracts import NodeDoc, ServiceDoc, Snapshot, SnapshotWorkload
+from meshnode.core.contracts import NodeDoc, Revocation, ServiceDoc, Snapshot, SnapshotWorkload
 from meshnode.core.resources import (
     AuthorizationPolicy,
     MeshConfig,
@@ -113,6 +113,9 @@ def build_snapshot(
         services=tuple(services_with_splits(services, resources)),
         policies=tuple(r for r in resources if isinstance(r, AuthorizationPolicy)),
         authorization_default="DENY" if mesh and mesh[0].default_action == "DENY" else "ALLOW",
+        revoked=tuple(
+            Revocation.from_json(r, f"node config revoked[{i}]") for i, r in enumerate(cfg.revoked)
+        ),
     )
 
 

@@ -18,6 +18,7 @@ from meshnode.ztunnel import hbone
 from meshnode.ztunnel.accesslog import log_connection
 from meshnode.ztunnel.authz import AuthzRequest
 from meshnode.ztunnel.peer import ConnKey
+from meshnode.ztunnel.recheck import revoked_by
 from meshnode.ztunnel.session import Carrier, HboneSession, PlainSide, reset_connection
 from meshnode.ztunnel.state import Workload
 from meshnode.ztunnel.tls import TlsError, peer_identity
@@ -100,9 +101,15 @@ def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
         log.warning("inbound connection from %s (%s) refused: %s", peername, peer, over)
         pi.metrics.failed.inc(("inbound", "connection_limit"))
         return False
+    peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    revoked = revoked_by(peer_cert, pi.state.revoked)
+    if revoked is not None:
+        log.warning("inbound connection from %s (%s) refused: %s", peername, peer, revoked)
+        pi.metrics.failed.inc(("inbound", "revoked"))
+        return False
     session.peer = peer
     session.peer_address = address
-    session.peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+    session.peer_cert = peer_cert
     session.local_identity = pi.tls.served_identity(ssl_object)
     pi.inbound_sessions.add(session)
     return True

@@ -49,6 +49,8 @@ class HbonePool:
         self.idle_timeout = idle_timeout
         self.max_streams = max_streams
         self.handshakes = 0
+        # Refuses a peer certificate (a deleted node's), set by the proxy per state.
+        self.refuse: Callable[[bytes | None], str | None] | None = None
         self.retired = 0  # connections not reused past a certificate's expiry
         self.metrics: Any = None  # ProxyMetrics, set by the proxy
 
@@ -162,6 +164,10 @@ class HbonePool:
         session.local_identity = key.source
         ssl_object = transport.get_extra_info("ssl_object")
         session.peer_cert = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        refused = self.refuse(session.peer_cert) if self.refuse is not None else None
+        if refused is not None:
+            transport.abort()
+            raise ConnectError(f"peer {host}:{port} ({actual}): {refused}")
         expiries = [self._tls.not_after(key.source)]
         if session.peer_cert is not None:
             expiries.append(not_after(session.peer_cert))

@@ -36,7 +36,7 @@ from meshnode.ztunnel.peer import (
     workload_of_pid_in,
 )
 from meshnode.ztunnel.pool import HbonePool
-from meshnode.ztunnel.recheck import denied_now
+from meshnode.ztunnel.recheck import denied_now, revoked_by
 from meshnode.ztunnel.routing import Route
 from meshnode.ztunnel.session import HboneSession, PlainSide
 from meshnode.ztunnel.state import ProxyState, StateError, Workload, load_snapshot_file
@@ -195,7 +195,29 @@ class ProxyInputs:
                     by_identity.setdefault(ep.identity, set()).add(f"{svc.namespace}/{svc.name}")
         self._services_by_identity = {k: frozenset(v) for k, v in by_identity.items()}
         self.picker.forget_missing(state.services_by_vip.values())
+        self.pool.refuse = self._refuse_revoked if state.revoked else None
         self.recheck_policy()
+        self.recheck_revocations()
+
+    def _refuse_revoked(self, cert_der: bytes | None) -> str | None:
+        return revoked_by(cert_der, self.state.revoked)
+
+    def recheck_revocations(self) -> int:
+        """Close HBONE connections (pooled and inbound) whose peer's certificate
+        was issued to a node deleted since. Returns how many."""
+        revs = self.state.revoked
+        if not revs:
+            return 0
+        why = "the peer's node was deleted"
+        n = self.pool.close_where(lambda s: revoked_by(s.peer_cert, revs) is not None, why)
+        for session in list(self.inbound_sessions):
+            if revoked_by(session.peer_cert, revs) is not None:
+                session.close(why)
+                n += 1
+        if n:
+            self.metrics.revoked.inc(("node_revoked",), n)
+            log.warning("closed %d HBONE connection(s) with deleted nodes", n)
+        return n
 
     def recheck_policy(self) -> int:
         """Close the delivered connections the current policies deny (a policy,

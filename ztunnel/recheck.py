@@ -10,13 +10,17 @@ pooled tunnel is not used past the expiry of either end's certificate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-__all__ = ["denied_now", "not_after", "root_fingerprints", "roots_removed"]
+from meshnode.core.contracts import Revocation
+from meshnode.core.pki import issued_to_node
+
+__all__ = ["denied_now", "not_after", "revoked_by", "root_fingerprints", "roots_removed"]
 
 C = TypeVar("C")
 
@@ -56,3 +60,25 @@ def not_after(cert_der: bytes) -> float:
         return x509.load_der_x509_certificate(cert_der).not_valid_after_utc.timestamp()
     except ValueError:
         return 0.0
+
+
+@functools.lru_cache(maxsize=4096)
+def _issued(cert_der: bytes) -> tuple[str, float]:
+    cert = x509.load_der_x509_certificate(cert_der)
+    return issued_to_node(cert), cert.not_valid_before_utc.timestamp()
+
+
+def revoked_by(cert_der: bytes | None, revocations: Sequence[Revocation]) -> str | None:
+    """Why a peer's certificate is refused (issued to a node deleted since), or
+    None. A certificate that names no node, or does not parse, is not revoked here
+    (the TLS layer already verified the chain)."""
+    if not cert_der or not revocations:
+        return None
+    try:
+        node, not_before = _issued(cert_der)
+    except ValueError:
+        return None
+    for rev in revocations:
+        if rev.revokes(node, not_before):
+            return f"its certificate was issued to node {node}, deleted since"
+    return None

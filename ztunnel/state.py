@@ -13,7 +13,7 @@ from typing import Any
 
 from meshnode.core.constants import HBONE_PORT
 from meshnode.core.contracts import SNAPSHOT_SCHEMA as SCHEMA
-from meshnode.core.contracts import ContractError, ServicePort, Snapshot
+from meshnode.core.contracts import ContractError, Revocation, ServicePort, Snapshot
 from meshnode.core.contracts import NodeDoc as NodeInfo
 from meshnode.core.identity import SpiffeId
 from meshnode.core.resources import AuthorizationPolicy
@@ -93,6 +93,7 @@ class ProxyState:
     bpf_pin_dir: str | None
     policies: tuple[AuthorizationPolicy, ...] = ()
     authz_default: str = "ALLOW"  # decision when no ALLOW policy applies
+    revoked: tuple[Revocation, ...] = ()  # deleted nodes: their certificates are refused
     workloads_by_id: dict[int, Workload] = field(default_factory=dict)
     local_by_addr: dict[tuple[str, int], Workload] = field(default_factory=dict)
     services_by_vip: dict[str, Service] = field(default_factory=dict)
@@ -179,6 +180,7 @@ def index_snapshot(snap: Snapshot) -> ProxyState:
         bpf_pin_dir=snap.bpf_pin_dir,
         policies=snap.policies,
         authz_default=snap.authorization_default,
+        revoked=snap.revoked,
     )
     for i, w in enumerate(snap.workloads):
         if w.node != snap.node.name:

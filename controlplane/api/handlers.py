@@ -140,7 +140,7 @@ class Handlers:
         ca = self._ca()
         try:
             chain = ca.active.issue_workload_certificate(
-                csr.encode(), identity, self.config.cert_ttl
+                csr.encode(), identity, self.config.cert_ttl, node=node
             )
         except CAError as exc:
             raise ApiError(400, f"csr: {exc}") from None
@@ -255,8 +255,9 @@ class Handlers:
         return json_response(200, {"revision": self.cache.revision, "items": items})
 
     async def delete_admin_node(self, req: Request, name: str) -> Response:
+        now, ttl = time.time(), self.config.cert_ttl.total_seconds()
         revision, _ = await asyncio.to_thread(
-            self.store.mutate, lambda tx, r, rev: (reg.delete_node(r, name), None)
+            self.store.mutate, lambda tx, r, rev: (reg.delete_node(r, name, now, ttl), None)
         )
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "deleted": name})

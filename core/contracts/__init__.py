@@ -52,6 +52,7 @@ from meshnode.core.contracts.control import (
 from meshnode.core.contracts.documents import (
     EndpointDoc,
     NodeDoc,
+    Revocation,
     ServiceDoc,
     ServicePort,
     WorkloadDoc,
@@ -92,6 +93,7 @@ __all__ = [
     "Nack",
     "NodeDoc",
     "NodeSlice",
+    "Revocation",
     "SNAPSHOT_SCHEMA",
     "ServiceDoc",
     "ServicePort",

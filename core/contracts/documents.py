@@ -33,6 +33,31 @@ class NodeDoc:
 
 
 @dataclass(frozen=True, slots=True)
+class Revocation:
+    """A deleted node: every workload certificate issued to it (subject OU, see
+    core/pki.py) before `issued_before` (Unix time, compared with the
+    certificate's notBefore) is refused, and live tunnels resting on one are
+    closed. Kept by the control plane for one certificate lifetime."""
+
+    node: str
+    issued_before: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node": self.node, "issued_before": self.issued_before}
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "revocation") -> Revocation:
+        f = Fields(obj, path, ("node", "issued_before"))
+        when = f.raw("issued_before")
+        if isinstance(when, bool) or not isinstance(when, int | float) or when < 0:
+            raise ContractError(f"{f.at('issued_before')}: {when!r} is not a Unix time")
+        return cls(node=f.label("node"), issued_before=float(when))
+
+    def revokes(self, node: str, not_before: float) -> bool:
+        return node == self.node and not_before < self.issued_before
+
+
+@dataclass(frozen=True, slots=True)
 class WorkloadDoc:
     """A workload of the node, as the control plane's slice lists it."""
 

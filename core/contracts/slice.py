@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeAlias
 
-from meshnode.core.contracts.documents import NodeDoc, ServiceDoc, WorkloadDoc
+from meshnode.core.contracts.documents import NodeDoc, Revocation, ServiceDoc, WorkloadDoc
 from meshnode.core.contracts.validate import (
     ContractError,
     Fields,
@@ -36,6 +36,9 @@ class NodeSlice:
     services: tuple[ServiceDoc, ...] = ()
     resources: tuple[Resource, ...] = ()
     trust_bundle: str | None = None
+    # Deleted nodes whose certificates are refused (sent only when there are any,
+    # so a node of a release before revocations still reads an ordinary slice).
+    revoked: tuple[Revocation, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -49,6 +52,8 @@ class NodeSlice:
         }
         if self.trust_bundle is not None:
             out["trust_bundle"] = self.trust_bundle
+        if self.revoked:
+            out["revoked"] = [r.to_json() for r in self.revoked]
         return out
 
     @classmethod
@@ -65,6 +70,7 @@ class NodeSlice:
                 "services",
                 "resources",
                 "trust_bundle",
+                "revoked",
             ),
         )
         if f.raw("full", True) is not True:
@@ -77,6 +83,7 @@ class NodeSlice:
             services=tuple(ServiceDoc.from_json(s, p) for s, p in f.items("services", [])),
             resources=tuple(parse_resource(r, p) for r, p in f.items("resources", [])),
             trust_bundle=f.string("trust_bundle", None),
+            revoked=tuple(Revocation.from_json(r, p) for r, p in f.items("revoked", [])),
         )
 
     def apply(self, delta: SliceDelta) -> NodeSlice:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from meshnode.core.contracts.documents import NodeDoc, ServiceDoc
+from meshnode.core.contracts.documents import NodeDoc, Revocation, ServiceDoc
 from meshnode.core.contracts.validate import (
     ContractError,
     Fields,
@@ -16,7 +16,7 @@ from meshnode.core.contracts.validate import (
 from meshnode.core.identity import SpiffeId
 from meshnode.core.resources import AuthorizationPolicy
 
-SNAPSHOT_SCHEMA = 1
+SNAPSHOT_SCHEMA = 2  # 2: revoked
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +99,7 @@ class Snapshot:
     services: tuple[ServiceDoc, ...] = ()
     policies: tuple[AuthorizationPolicy, ...] = ()
     authorization_default: Literal["ALLOW", "DENY"] = "ALLOW"
+    revoked: tuple[Revocation, ...] = ()  # deleted nodes (documents.Revocation)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +113,7 @@ class Snapshot:
             "services": [s.to_json() for s in self.services],
             "policies": [p.to_dict() for p in self.policies],
             "authorization_default": self.authorization_default,
+            "revoked": [r.to_json() for r in self.revoked],
         }
 
     @classmethod
@@ -130,6 +132,7 @@ class Snapshot:
                 "services",
                 "policies",
                 "authorization_default",
+                "revoked",
             ),
         )
         schema = f.obj.get("schema")
@@ -165,4 +168,5 @@ class Snapshot:
             services=services,
             policies=tuple(policies),
             authorization_default=default,
+            revoked=tuple(Revocation.from_json(r, p) for r, p in f.items("revoked", [])),
         )

@@ -40,10 +40,10 @@ class Node:
     snapshot: Path
 
 
-def issue(ca: CertificateAuthority, d: Path, sa: str) -> tuple[str, str]:
+def issue(ca: CertificateAuthority, d: Path, sa: str, node: str = "") -> tuple[str, str]:
     key = generate_private_key()
     ident = SpiffeId(TD, "default", sa)
-    chain = ca.issue_workload_certificate(make_csr(key, ident), ident)
+    chain = ca.issue_workload_certificate(make_csr(key, ident), ident, node=node)
     write_private_key(d / f"{sa}-key.pem", key)
     write_file_atomic(d / f"{sa}.pem", chain, 0o644)
     return str(d / f"{sa}.pem"), str(d / f"{sa}-key.pem")
@@ -63,9 +63,9 @@ def build_mesh(
     bundle = tmp / "bundle.pem"
     bundle.write_bytes(ca.trust_bundle_pem())
     n1, n2 = node_ips
-    web_cert, web_key = issue(ca, tmp, "web")
-    api_cert, api_key = issue(ca, tmp, "api")
-    ops_cert, ops_key = issue(ca, tmp, "ops")
+    web_cert, web_key = issue(ca, tmp, "web", "node1")
+    api_cert, api_key = issue(ca, tmp, "api", "node2")
+    ops_cert, ops_key = issue(ca, tmp, "ops", "node2")
     services = [
         {
             "name": "api",
@@ -142,7 +142,7 @@ def build_mesh(
         snap.write_text(
             json.dumps(
                 {
-                    "schema": 1,
+                    "schema": 2,
                     "version": 1,
                     "node": {"name": name, "ip": ip},
                     "trust_domain": TD,

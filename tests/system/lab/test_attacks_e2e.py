@@ -182,3 +182,49 @@ spec:
     assert web_out.startswith("open") and "closed" in web_out, web_out
     assert closed_after < 10, closed_after  # not at the client's own 15 s end
     assert "still open" in batch_out, batch_out  # the allowed one was left alone
+
+
+def test_removing_a_workload_takes_it_out_of_the_mesh(lab: None) -> None:
+    import json
+
+    def services() -> set[str]:
+        st = json.loads(meshnode("lab", "status", "-o", "json").stdout)
+        return {f"{s['namespace']}/{s['name']}" for s in st["services"]}
+
+    assert {"evil/web", "default/web"} <= services()
+    meshnode("lab", "workload", "rm", "web-evil")
+    assert "evil/web" not in services() and "default/web" in services()
+
+
+def test_deleting_a_node_closes_its_live_tunnels(lab: None) -> None:
+    """Runs last here: node1 is deleted at the control plane while its workload
+    (batch: echo still admits it) holds a tunnel to node2. node2 closes it and
+    refuses node1's next one, though node1 still holds valid certificates (a
+    compromised node would)."""
+    from meshnode.lab.lab import Lab
+
+    target = vip("echo")
+    held = subprocess.Popen(
+        [PY, "-m", "meshnode.cli.main", "lab", "exec", "node1", "--workload", "batch",
+         "--", PY, "-c", HOLD, target, "7000", "20"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        time.sleep(3)
+        assert held.poll() is None  # connected and echoing (the control)
+        deleted = time.monotonic()
+        Lab(LAB).admin().call("DELETE", "/v1/admin/nodes/node1")
+        out, _ = held.communicate(timeout=30)
+        took = time.monotonic() - deleted
+    finally:
+        if held.poll() is None:
+            held.kill()
+    print(f"\nbatch on the deleted node1: {out.strip()} ({took:.1f}s after the deletion)")
+    assert out.startswith("open") and "closed" in out and took < 12, (out, took)
+    again = subprocess.run(
+        [PY, "-m", "meshnode.cli.main", "lab", "exec", "node1", "--workload", "batch",
+         "--", PY, "-c", HOLD, target, "7000", "3"],
+        env=ENV, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    print(f"a new connection from node1: {again.stdout.strip()} {again.stderr.strip()[-200:]}")
+    assert "still open" not in again.stdout  # refused: node1's certificates are revoked

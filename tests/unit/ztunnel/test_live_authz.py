@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 import uvloop
+from cryptography.hazmat.primitives import serialization
 
 from meshnode.controlplane.ca import CertificateAuthority
 from meshnode.ztunnel import recheck
@@ -165,6 +166,58 @@ def test_a_dropped_root_closes_hbone_connections_an_added_one_does_not(tmp_path:
             await n.proxy.drain()
 
     run(main, tmp_path)
+
+
+def test_a_deleted_nodes_tunnels_close_and_its_certificates_are_refused(tmp_path: Path) -> None:
+    """Issue 10, attack 6 for nodes: node1 is deleted; node2's next snapshot
+    revokes the certificates issued to it, which closes the live tunnel from it
+    and refuses the next one. Before, they ran until the certificate expired."""
+
+    async def main(tmp: Path) -> None:
+        server, nodes = await mesh(tmp, 18304)
+        node2 = nodes["node2"]
+        r, w = await client(nodes, 41331)
+        assert await roundtrip(r, w, b"a") == b"a"
+        # Control: a revocation of another node changes nothing.
+        doc = json.loads(node2.snapshot.read_text())
+        doc["version"] += 1
+        doc["revoked"] = [{"node": "node9", "issued_before": time.time() + 60}]
+        node2.snapshot.write_text(json.dumps(doc))
+        node2.proxy.reload()
+        assert await roundtrip(r, w, b"b") == b"b"
+        doc["version"] += 1
+        doc["revoked"] = [{"node": "node1", "issued_before": time.time() + 60}]
+        node2.snapshot.write_text(json.dumps(doc))
+        node2.proxy.reload()
+        assert await closed(r)
+        assert node2.proxy.pi.metrics.revoked.get(("node_revoked",)) >= 1
+        r2, w2 = await client(nodes, 41332)  # a new tunnel from node1: refused
+        assert await closed(r2)
+        for wr in (w, w2):
+            wr.close()
+        server.close()
+        for n in nodes.values():
+            await n.proxy.drain()
+
+    run(main, tmp_path)
+
+
+def test_revoked_by_compares_the_node_and_the_issue_time(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    from meshnode.core.contracts import Revocation
+    from tests.support.mesh import issue
+
+    ca = CertificateAuthority.create("cluster.local")
+    cert, _ = issue(ca, tmp_path, "web", "node1")
+    der = x509.load_pem_x509_certificates(Path(cert).read_bytes())[0].public_bytes(
+        serialization.Encoding.DER
+    )
+    later, earlier = time.time() + 60, time.time() - 3600
+    assert recheck.revoked_by(der, [Revocation("node1", later)]) is not None
+    assert recheck.revoked_by(der, [Revocation("node1", earlier)]) is None  # issued after
+    assert recheck.revoked_by(der, [Revocation("node2", later)]) is None
+    assert recheck.revoked_by(der, []) is None and recheck.revoked_by(None, []) is None
 
 
 def test_a_pooled_tunnel_is_not_reused_past_a_certificate_expiry(tmp_path: Path) -> None:
