@@ -92,6 +92,22 @@ def _parse_paths(value: str | None) -> list[str]:
     "20s, 10m; new connection per request plus keep-alive) and report the "
     "ztunnels' RSS and fd slopes, failed requests and the slowest request.",
 )
+@click.option(
+    "--controlplane",
+    "controlplane",
+    is_flag=True,
+    help="Instead: simulate --nodes nodes (real TLS, enrollment, workloads, watchers) "
+    "against one control plane and report its scale (docs/benchmarks.md).",
+)
+@click.option("--nodes", type=click.IntRange(1, 100000), default=100, show_default=True)
+@click.option("--workloads", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option(
+    "--procs",
+    type=click.IntRange(0, 64),
+    default=0,
+    help="Load-generator processes [default: one per core].",
+)
+@click.option("--db", default=None, help="postgresql://... (default: SQLite).")
 def bench(
     quick: bool,
     duration: float,
@@ -102,6 +118,11 @@ def bench(
     ztunnel_workers: int,
     profile_dir: Path | None,
     soak_for: str | None,
+    controlplane: bool,
+    nodes: int,
+    workloads: int,
+    procs: int,
+    db: str | None,
 ) -> None:
     """Benchmark meshnode against direct, HAProxy/stunnel mTLS pairs and a central LB.
 
@@ -114,6 +135,9 @@ def bench(
     from meshnode.lab.host import HostError
     from meshnode.lab.lab import LabError
 
+    if controlplane:
+        _controlplane(nodes, workloads, procs, db, out_dir)
+        return
     if os.geteuid() != 0:
         fail("meshnode bench builds a lab of network namespaces and cgroups: run it as root")
     if soak_for is not None:
@@ -194,3 +218,20 @@ def _soak(soak_for: str, out_dir: Path, ztunnel_workers: int) -> None:
     (out_dir / "soak.json").write_text(json.dumps(result.as_dict(), indent=1))
     click.echo(result.render())
     click.echo(f"wrote {out_dir / 'soak.json'}")
+
+
+def _controlplane(nodes: int, workloads: int, procs: int, db: str | None, out_dir: Path) -> None:
+    import meshnode.bench.cpsim as cpsim
+    from meshnode.core.errors import MeshnodeError
+
+    opts = cpsim.SimOptions(nodes=nodes, workloads=workloads, procs=procs, db=db)
+    try:
+        result = cpsim.run_simulation(opts, log=click.echo)
+    except KeyboardInterrupt:
+        fail("interrupted; the control plane was stopped", code=130)
+    except MeshnodeError as exc:
+        fail(f"control-plane simulation failed: {exc}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "controlplane.json").write_text(json.dumps(result, indent=1))
+    click.echo("\n" + cpsim.render(result))
+    click.echo(f"\nwrote {out_dir / 'controlplane.json'}")

@@ -1,0 +1,568 @@
+"""`meshnode bench --controlplane`: N simulated nodes against one real control plane.
+
+A real `meshnode controlplane run` (SQLite, or PostgreSQL with --db) is started on
+loopback. Each simulated node is real where the control plane can tell: a join
+token made through the admin API, its own P-256 key and CSR, enrollment over TLS
+with the pinned bundle, its node certificate as client certificate for every
+later call, W registered workloads (granted by one IdentityGrant for the zone),
+one workload certificate, and a long-poll watcher (`GET /v1/node/config`) that
+keeps the slice up to date as an agent does. The nodes run in several worker
+processes (one asyncio loop each), so that the load generator is not the
+bottleneck; the report says when it was.
+
+Measured: enroll rate; registration rate per tenth of the workloads (flat or
+not); the full sync of every watcher (time, bytes per node); how long a policy
+change and a single-endpoint change take to reach every watcher (p50/p99/max,
+bytes per node); the control plane's peak RSS and CPU seconds.
+
+The pure parts (percentiles, rates, the table) are functions of numbers; the
+rest is process and socket plumbing, bounded by a deadline per phase.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from meshnode.core.errors import MeshnodeError
+
+__all__ = [
+    "SimError",
+    "SimOptions",
+    "percentile",
+    "last_vs_first",
+    "rate_per_tenth",
+    "render",
+    "run_simulation",
+]
+
+ZONE = "sim"
+NAMESPACE = "sim"
+CONCURRENCY = 32  # requests in flight per worker process during the bulk phases
+WATCH_WAIT = 30  # seconds a watcher's long poll waits
+
+
+class SimError(MeshnodeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SimOptions:
+    nodes: int
+    workloads: int = 10
+    procs: int = 0  # 0: one per core
+    db: str | None = None  # None: SQLite in the temporary data dir
+    phase_timeout: float = 600.0
+
+
+# --- pure ----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """The p-th percentile (nearest rank) of `values`; nan when empty."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def rate_per_tenth(start: float, done: Sequence[float]) -> list[float]:
+    """Completions per second in each tenth of the completions (in completion
+    order), from `start`: flat when the cost per operation does not grow."""
+    times = sorted(done)
+    n = len(times)
+    if n < 10:
+        return [n / max(times[-1] - start, 1e-9)] if times else []
+    out = []
+    prev_t, prev_i = start, 0
+    for k in range(1, 11):
+        i = k * n // 10
+        t = times[i - 1]
+        out.append((i - prev_i) / max(t - prev_t, 1e-9))
+        prev_t, prev_i = t, i
+    return out
+
+
+def last_vs_first(rates: Sequence[float]) -> float:
+    """The last tenth's rate over the first's: 1.0 is flat, 0.8 is 20% slower."""
+    if len(rates) < 2 or rates[0] <= 0:
+        return math.nan
+    return rates[-1] / rates[0]
+
+
+def render(result: dict[str, Any]) -> str:
+    """The issue's table, and the details, as text."""
+    r = result
+    lines = [
+        f"control plane at scale: {r['nodes']} nodes x {r['workloads']} workloads, "
+        f"{r['store']}, {r['procs']} load-generator processes",
+        "",
+        "| nodes | enroll | registering | full sync of all watchers | policy change "
+        "p50/p99/max | one endpoint change p50/p99/max | CP RSS | CP CPU |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {r['nodes']} | {r['enroll_rate']:.0f}/s | {r['registered']} in "
+        f"{r['register_seconds']:.1f} s ({r['register_rate']:.0f}/s) | "
+        f"{r['sync_seconds']:.1f} s, {r['sync_bytes_per_node'] / 1e6:.2f} MB/node | "
+        f"{_ms(r['policy'])} | {_ms(r['endpoint'])}, {r['endpoint']['bytes_per_node']:.0f} B/node "
+        f"| {r['cp_rss_mb']:.0f} MB | {r['cp_cpu_seconds']:.1f} s |",
+        "",
+        "registration rate per tenth of the workloads (/s): "
+        + ", ".join(f"{x:.0f}" for x in r["register_rate_per_tenth"])
+        + f"  (last tenth / first: {r['register_last_vs_first']:.2f})",
+        f"policy change: {r['policy']['bytes_per_node']:.0f} B per node; "
+        f"reached {r['policy']['reached']}/{r['nodes']} watchers",
+        f"endpoint change: reached {r['endpoint']['reached']}/{r['nodes']} watchers",
+        f"load generator CPU {r['loadgen_cpu_seconds']:.1f} s vs control plane "
+        f"{r['cp_cpu_seconds']:.1f} s"
+        + (
+            "  <- the load generator used more CPU than the control plane: on this "
+            "machine it, not the control plane, may be the limit"
+            if r["loadgen_cpu_seconds"] > r["cp_cpu_seconds"]
+            else ""
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def _ms(p: dict[str, Any]) -> str:
+    return f"{p['p50'] * 1000:.0f}/{p['p99'] * 1000:.0f}/{p['max'] * 1000:.0f} ms"
+
+
+def propagation(applied: float, seen: Sequence[tuple[float, int]]) -> dict[str, Any]:
+    """`seen`: (when, bytes) per watcher that saw the change."""
+    delays = [t - applied for t, _ in seen]
+    return {
+        "p50": percentile(delays, 50),
+        "p99": percentile(delays, 99),
+        "max": max(delays) if delays else math.nan,
+        "reached": len(seen),
+        "bytes_per_node": (sum(b for _, b in seen) / len(seen)) if seen else 0.0,
+    }
+
+
+# --- the control plane ---------------------------------------------------------------
+
+
+@dataclass
+class _ControlPlane:
+    data: Path
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def admin(self) -> Any:
+        from meshnode.core import api
+        from meshnode.core.cpclient import ApiClient
+
+        return ApiClient(self.url, b"", unix_socket=str(self.data / api.ADMIN_SOCKET_FILE))
+
+    def rss_peak_mb(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return math.nan
+
+    def cpu_seconds(self) -> float:
+        return _cpu_seconds(self.proc.pid)
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_controlplane(opts: SimOptions, data: Path) -> _ControlPlane:
+    port = _free_port()
+    cap = str(2 * opts.nodes + 64)  # every simulated node comes from 127.0.0.1
+    cmd = [
+        sys.executable, "-m", "meshnode.cli.main", "controlplane", "run",
+        "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
+        "--max-connections-per-peer", cap, "--max-connections", cap,
+        "--max-workloads-per-node", str(opts.workloads + 1), "--log-level", "warning",
+    ]  # fmt: skip
+    if opts.db:
+        cmd += ["--db", opts.db]
+    log = open(data.parent / "controlplane.log", "ab")  # noqa: SIM115 (the child owns it)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    log.close()
+    cp = _ControlPlane(data, port, proc)
+    from meshnode.core.cpclient import ClientError
+
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None:
+            raise SimError(
+                "the control plane exited:\n" + (data.parent / "controlplane.log").read_text()
+            )
+        try:
+            cp.admin().call("GET", "/v1/admin/nodes", timeout=2)
+            return cp
+        except ClientError:
+            if time.monotonic() > deadline:
+                raise SimError("the control plane did not answer within 60 s") from None
+            time.sleep(0.1)
+
+
+# --- the simulated nodes (worker processes) -------------------------------------------
+
+
+@dataclass
+class _Node:
+    name: str
+    token: str
+    address: str
+    dir: Path
+    session: Any = None
+    revision: int = 0
+    seen: dict[int, tuple[float, int]] = field(default_factory=dict)  # revision -> (t, bytes)
+
+
+async def _request(
+    session: Any, method: str, url: str, body: Any = None, timeout: float = 60
+) -> tuple[int, Any, int]:
+    import aiohttp
+
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    async with session.request(
+        method, url, data=data, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as resp:
+        raw = await resp.read()
+        return resp.status, json.loads(raw) if raw else {}, len(raw)
+
+
+async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node], w: int) -> None:
+    import aiohttp
+
+    from meshnode.core.cpclient import tls_context
+    from meshnode.core.fsutil import write_file_atomic
+    from meshnode.core.identity import SpiffeId
+    from meshnode.core.pki import generate_private_key, make_csr, make_node_csr, write_private_key
+
+    loop = asyncio.get_running_loop()
+    limit = asyncio.Semaphore(CONCURRENCY)
+    anon = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=tls_context(bundle), limit=CONCURRENCY)
+    )
+    watchers: list[asyncio.Task[None]] = []
+
+    async def enroll(node: _Node) -> float:
+        async with limit:
+            key = generate_private_key()
+            csr = make_node_csr(key, None, node.name).decode()
+            body = {"token": node.token, "name": node.name, "zone": ZONE, "csr": csr}
+            status, doc, _ = await _request(anon, "POST", f"{url}/v1/enroll", body)
+            if status != 200:
+                raise SimError(f"enrolling {node.name}: HTTP {status} {doc.get('error')}")
+            node.dir.mkdir(parents=True, exist_ok=True)
+            write_private_key(node.dir / "key.pem", key)
+            write_file_atomic(node.dir / "cert.pem", doc["certificate"].encode(), 0o600)
+            ctx = tls_context(
+                bundle, cert_file=str(node.dir / "cert.pem"), key_file=str(node.dir / "key.pem")
+            )
+            node.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=4))
+            return time.time()
+
+    async def register(node: _Node, i: int, version: str = "") -> tuple[float, int]:
+        async with limit:
+            body = {"name": f"w{i}", "namespace": NAMESPACE, "service": f"svc{i}", "port": 8000 + i}
+            if version:
+                body["version"] = version
+            status, doc, _ = await _request(node.session, "POST", f"{url}/v1/node/workloads", body)
+            if status != 200:
+                raise SimError(f"registering {node.name}/w{i}: HTTP {status} {doc.get('error')}")
+            return time.time(), int(doc["revision"])
+
+    async def certificate(node: _Node) -> None:
+        async with limit:
+            ident = SpiffeId("cluster.local", NAMESPACE, "svc0")
+            body = {
+                "csr": make_csr(generate_private_key(), ident).decode(),
+                "namespace": NAMESPACE,
+                "service_account": "svc0",
+            }
+            status, doc, _ = await _request(
+                node.session, "POST", f"{url}/v1/node/certificates", body
+            )
+            if status != 200:
+                raise SimError(f"certificate for {node.name}: HTTP {status} {doc.get('error')}")
+
+    async def full_sync(node: _Node) -> tuple[float, int]:
+        async with limit:
+            status, doc, size = await _request(node.session, "GET", f"{url}/v1/node/config")
+            if status != 200:
+                raise SimError(f"sync of {node.name}: HTTP {status} {doc.get('error')}")
+            node.revision = int(doc["revision"])
+            return time.time(), size
+
+    async def watch(node: _Node) -> None:
+        while True:
+            try:
+                status, doc, size = await _request(
+                    node.session,
+                    "GET",
+                    f"{url}/v1/node/config?since={node.revision}&wait={WATCH_WAIT}",
+                    timeout=WATCH_WAIT + 30,
+                )
+            except (aiohttp.ClientError, TimeoutError, OSError):
+                await asyncio.sleep(0.5)
+                continue
+            if status != 200 or doc.get("unchanged"):
+                continue
+            node.revision = int(doc["revision"])
+            node.seen[node.revision] = (time.time(), size)
+
+    def seen_since(revision: int) -> list[tuple[float, int]]:
+        out = []
+        for node in nodes:
+            hits = [v for r, v in node.seen.items() if r >= revision]
+            if hits:
+                out.append(min(hits))
+        return out
+
+    async def handle(cmd: str, arg: Any) -> Any:
+        if cmd == "ping":
+            return True
+        if cmd == "enroll":
+            return await asyncio.gather(*(enroll(n) for n in nodes))
+        if cmd == "register":
+            done = await asyncio.gather(*(register(n, i) for n in nodes for i in range(w)))
+            await asyncio.gather(*(certificate(n) for n in nodes))
+            return [t for t, _ in done]
+        if cmd == "sync":
+            synced = await asyncio.gather(*(full_sync(n) for n in nodes))
+            watchers.extend(asyncio.ensure_future(watch(n)) for n in nodes)
+            return synced
+        if cmd == "seen":  # (revision, deadline): wait until every watcher saw it
+            revision, deadline = arg
+            while time.time() < deadline and len(seen_since(revision)) < len(nodes):
+                await asyncio.sleep(0.05)
+            return seen_since(revision)
+        if cmd == "change-endpoint":
+            return (await register(nodes[0], 0, version="v2"))[1]
+        raise SimError(f"unknown command {cmd}")
+
+    inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+    loop.add_reader(conn.fileno(), lambda: inbox.put_nowait(conn.recv()))
+    try:
+        while True:
+            cmd, arg = await inbox.get()
+            if cmd == "stop":
+                break
+            try:
+                conn.send(("ok", await handle(cmd, arg)))
+            except Exception as exc:  # one line back to the main process
+                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        loop.remove_reader(conn.fileno())
+        for t in watchers:
+            t.cancel()
+        await asyncio.gather(*watchers, return_exceptions=True)
+        for n in nodes:
+            if n.session is not None:
+                await n.session.close()
+        await anon.close()
+
+
+def _worker_main(conn: Connection, url: str, bundle: bytes, nodes: list[_Node], w: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(_worker(conn, url, bundle, nodes, w))
+
+
+@dataclass
+class _Workers:
+    procs: list[Any]
+    conns: list[Connection]
+
+    def call(
+        self, cmd: str, arg: Any = None, timeout: float = 600, only: int | None = None
+    ) -> list[Any]:
+        targets = range(len(self.conns)) if only is None else [only]
+        for i in targets:
+            self.conns[i].send((cmd, arg))
+        out = []
+        for i in targets:
+            if not self.conns[i].poll(timeout):
+                raise SimError(f"worker {i} did not finish {cmd!r} within {timeout:.0f} s")
+            status, value = self.conns[i].recv()
+            if status != "ok":
+                raise SimError(f"worker {i}, {cmd}: {value}")
+            out.append(value)
+        return out
+
+    def stop(self) -> None:
+        for c in self.conns:
+            with contextlib.suppress(OSError):
+                c.send(("stop", None))
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+
+    def cpu_seconds(self) -> float:
+        return sum(_cpu_seconds(p.pid) for p in self.procs if p.pid)
+
+
+# --- the run --------------------------------------------------------------------------
+
+
+def _flat(parts: list[Any]) -> list[Any]:
+    return [x for part in parts for x in part]
+
+
+def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Everything, the control plane and temporary files removed at the end."""
+    if opts.nodes < 1 or opts.workloads < 1:
+        raise SimError("--nodes and --workloads must be at least 1")
+    procs = opts.procs or os.cpu_count() or 1
+    procs = max(1, min(procs, opts.nodes))
+    tmp = Path(
+        tempfile.mkdtemp(prefix="mncpsim-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    )
+    data = tmp / "cp"
+    data.mkdir(mode=0o700)
+    cp: _ControlPlane | None = None
+    workers: _Workers | None = None
+    try:
+        cp = _start_controlplane(opts, data)
+        admin = cp.admin()
+        admin.call(
+            "POST",
+            "/v1/admin/resources",
+            f"kind: IdentityGrant\nmetadata: {{name: sim}}\n"
+            f"spec: {{zones: [{ZONE}], identities: [{NAMESPACE}/*]}}\n".encode(),
+            content_type="application/yaml",
+        )
+        nodes = []
+        for i in range(opts.nodes):
+            name = f"sim{i}"
+            address = f"198.18.{i // 250}.{i % 250 + 1}"
+            token = admin.call(
+                "POST", "/v1/admin/tokens", {"node": name, "zone": ZONE, "address": address}
+            )["token"]
+            nodes.append(_Node(name, token, address, tmp / "nodes" / name))
+        bundle = (data / "trust-bundle.pem").read_bytes()
+        ctx = multiprocessing.get_context("spawn")
+        plist, conns = [], []
+        for k in range(procs):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=_worker_main, args=(child, cp.url, bundle, nodes[k::procs], opts.workloads)
+            )
+            p.start()
+            plist.append(p)
+            conns.append(parent)
+        workers = _Workers(plist, conns)
+        t = opts.phase_timeout
+        workers.call("ping", timeout=120)  # every worker up: phases are timed from here
+        store = "PostgreSQL" if opts.db else "SQLite"
+        log(f"{opts.nodes} nodes in {procs} processes against {cp.url} ({store})")
+
+        start = time.time()
+        enrolled = [x for part in workers.call("enroll", timeout=t) for x in part]
+        enroll_rate = len(enrolled) / max(max(enrolled) - start, 1e-9)
+        log(f"enrolled {len(enrolled)} nodes ({enroll_rate:.0f}/s)")
+
+        start = time.time()
+        registered = [x for part in workers.call("register", timeout=t) for x in part]
+        reg_seconds = max(registered) - start
+        tenths = rate_per_tenth(start, registered)
+        log(f"registered {len(registered)} workloads in {reg_seconds:.1f} s")
+
+        start = time.time()
+        synced = [x for part in workers.call("sync", timeout=t) for x in part]
+        sync_seconds = max(s for s, _ in synced) - start
+        sync_bytes = sum(b for _, b in synced) / len(synced)
+        log(f"full sync of {len(synced)} watchers in {sync_seconds:.1f} s")
+        time.sleep(1.0)  # every watcher parked in its long poll
+
+        applied = time.time()
+        rev = admin.call(
+            "POST",
+            "/v1/admin/resources",
+            b"kind: AuthorizationPolicy\nmetadata: {name: sim-policy, namespace: sim}\n"
+            b"spec:\n  action: DENY\n  rules: [{from: {namespaces: [nowhere]}}]\n",
+            content_type="application/yaml",
+        )["revision"]
+        seen = [
+            x for part in workers.call("seen", (rev, time.time() + 60), timeout=90) for x in part
+        ]
+        policy = propagation(applied, seen)
+        log(f"policy change reached {policy['reached']} watchers")
+
+        applied = time.time()
+        rev2 = workers.call("change-endpoint", None, timeout=60, only=0)[0]
+        seen = [
+            x for part in workers.call("seen", (rev2, time.time() + 60), timeout=90) for x in part
+        ]
+        endpoint = propagation(applied, seen)
+        log(f"endpoint change reached {endpoint['reached']} watchers")
+
+        return {
+            "nodes": opts.nodes,
+            "workloads": opts.workloads,
+            "procs": procs,
+            "store": "PostgreSQL" if opts.db else "SQLite",
+            "enroll_rate": enroll_rate,
+            "registered": len(registered),
+            "register_seconds": reg_seconds,
+            "register_rate": len(registered) / max(reg_seconds, 1e-9),
+            "register_rate_per_tenth": tenths,
+            "register_last_vs_first": last_vs_first(tenths),
+            "sync_seconds": sync_seconds,
+            "sync_bytes_per_node": sync_bytes,
+            "policy": policy,
+            "endpoint": endpoint,
+            "cp_rss_mb": cp.rss_peak_mb(),
+            "cp_cpu_seconds": cp.cpu_seconds(),
+            "loadgen_cpu_seconds": workers.cpu_seconds(),
+            "options": asdict(opts),
+        }
+    finally:
+        if workers is not None:
+            workers.stop()
+        if cp is not None and cp.proc.poll() is None:
+            cp.proc.terminate()
+            try:
+                cp.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                cp.proc.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
