@@ -205,7 +205,9 @@ def _free_port() -> int:
 
 def _start_controlplane(opts: SimOptions, data: Path) -> _ControlPlane:
     port = _free_port()
-    cap = str(2 * opts.nodes + 64)  # every simulated node comes from 127.0.0.1
+    # Every simulated node comes from 127.0.0.1: a node holds up to two connections
+    # (its watch and one request), plus the enrollment connections of each worker.
+    cap = str(4 * opts.nodes + 256)
     cmd = [
         sys.executable, "-m", "meshnode.cli.main", "controlplane", "run",
         "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
@@ -292,7 +294,7 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
             ctx = tls_context(
                 bundle, cert_file=str(node.dir / "cert.pem"), key_file=str(node.dir / "key.pem")
             )
-            node.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=4))
+            node.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=2))
             return time.time()
 
     async def register(node: _Node, i: int, version: str = "") -> tuple[float, int]:
