@@ -361,15 +361,23 @@ def resource_key(doc: Mapping[str, Any]) -> tuple[str, str, str]:
 # --- what nodes see -----------------------------------------------------------------
 
 
-def service_docs(reg: Registry) -> dict[tuple[str, str], ServiceDoc]:
-    """The service documents nodes receive (meshnode.core.contracts), by key."""
+def service_docs(
+    reg: Registry, keys: Iterable[tuple[str, str]] | None = None
+) -> dict[tuple[str, str], ServiceDoc]:
+    """The service documents nodes receive (meshnode.core.contracts), by key; with
+    `keys`, only those services (the ones a change touched, see :func:`diff`)."""
     out = {}
     grants = grants_of(reg)
-    for key, svc in sorted(reg.services.items()):
+    wanted = sorted(reg.services) if keys is None else sorted(set(keys) & set(reg.services))
+    by_service: dict[tuple[str, str], list[WorkloadRecord]] = {k: [] for k in wanted}
+    for wl in reg.workloads.values():  # one pass, not one per service
+        members = by_service.get((wl.namespace, wl.service))
+        if members is not None:
+            members.append(wl)
+    for key in wanted:
+        svc = reg.services[key]
         endpoints = []
-        for wl in sorted(reg.workloads.values(), key=lambda w: (w.node, w.name)):
-            if (wl.namespace, wl.service) != key:
-                continue
+        for wl in sorted(by_service[key], key=lambda w: (w.node, w.name)):
             node = reg.nodes.get(wl.node)
             if node is None:
                 continue
@@ -453,7 +461,8 @@ def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
         if wold != wnew:
             value = wnew.slice_dict() if wnew else None
             add("put" if wnew else "delete", "workload", wkey[1], value, (wkey[0],))
-    sold, snew = service_docs(before), service_docs(after)
+    touched = _touched_services(before, after)
+    sold, snew = service_docs(before, touched), service_docs(after, touched)
     for skey in sorted(set(sold) | set(snew)):
         sdoc = snew.get(skey)
         if sold.get(skey) != sdoc:
@@ -471,6 +480,37 @@ def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
     if before.revoked != after.revoked:  # rare: every node gets a full slice
         add("put", "revoked", "*", None, None)
     return changes
+
+
+def _touched_services(before: Registry, after: Registry) -> set[tuple[str, str]] | None:
+    """The services whose documents a change from `before` to `after` can alter
+    (None: every one, when the grants changed). A service document is made of its
+    own record, its workloads, their nodes, and the grants."""
+    if any(
+        key[0] == GRANT_KIND and before.resources.get(key) != after.resources.get(key)
+        for key in set(before.resources) | set(after.resources)
+    ):
+        return None
+    touched: set[tuple[str, str]] = set()
+    for key in set(before.services) | set(after.services):
+        if before.services.get(key) != after.services.get(key):
+            touched.add(key)
+    nodes_changed = {
+        name
+        for name in set(before.nodes) | set(after.nodes)
+        if before.nodes.get(name) != after.nodes.get(name)
+    }
+    if before.workloads is not after.workloads:
+        for wkey in set(before.workloads) | set(after.workloads):
+            old, new = before.workloads.get(wkey), after.workloads.get(wkey)
+            if old != new:
+                touched.update((w.namespace, w.service) for w in (old, new) if w is not None)
+    if nodes_changed:
+        for reg in (before, after):
+            touched.update(
+                (w.namespace, w.service) for w in reg.workloads.values() if w.node in nodes_changed
+            )
+    return touched
 
 
 def changes_since(

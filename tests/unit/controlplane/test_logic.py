@@ -460,3 +460,39 @@ def test_rotation_refuses_an_overlap_shorter_than_a_certificate_lifetime() -> No
         ca.rotate(minimum - timedelta(seconds=1), minimum=minimum)
     rotated = ca.rotate(minimum, minimum=minimum)
     assert len(rotated.trusted()) == 2  # old and new root, both in the bundle
+
+
+def test_diff_of_touched_services_equals_the_full_diff() -> None:
+    """diff() rebuilds only the services a change can alter; for a run of every
+    kind of change it must give what comparing every service document gives."""
+    import random
+
+    def full(before: R.Registry, after: R.Registry) -> list[tuple[str, str]]:
+        sold, snew = R.service_docs(before), R.service_docs(after)
+        return [
+            ("put" if snew.get(k) else "delete", "/".join(k))
+            for k in sorted(set(sold) | set(snew))
+            if sold.get(k) != snew.get(k)
+        ]
+
+    rng = random.Random(7)
+    reg = _reg()
+    for step in range(300):
+        before = reg
+        op = rng.choice(["put", "put", "delete", "node", "grant", "policy"])
+        node = rng.choice(["node1", "node2"])
+        name = f"w{rng.randrange(12)}"
+        if op == "put":
+            svc = rng.choice(["web", "api", "db"])
+            reg = R.put_workload(reg, _wl(node, name, svc, port=8000 + rng.randrange(3)))
+        elif op == "delete" and (node, name) in reg.workloads:
+            reg = R.delete_workload(reg, node, name)
+        elif op == "node":
+            ip = f"198.18.0.{rng.randrange(11, 20)}"
+            reg = R.put_node(reg, R.NodeRecord(node, rng.choice(["z1", "z2"]), ip))
+        elif op == "grant":
+            reg = R.set_token_grant(reg, node, rng.choice([["default/*"], ["default/web"], []]))
+        else:
+            reg, _ = R.apply_resources(reg, [POLICY])
+        got = [(c.op, c.key) for c in R.diff(before, reg, step) if c.kind == "service"]
+        assert got == full(before, reg), (step, op)
