@@ -146,9 +146,10 @@ def add(
         result = _poke_agent(e.state_dir, name)
     except Refused as refusal:
         # Nothing half-done stays behind: the node's registry is as it was.
+        had = any(w.name == name for w in previous)  # an update: the old one stays
         try:
             save_workloads(e.files.workloads, previous)
-            _poke_agent(e.state_dir, name, gone=True)
+            _poke_agent(e.state_dir, None if had else name, gone=True)
         except (EnrollmentError, Refused):
             pass
         fail(f"workload {name} ({ident}) not added: the control plane refused it: {refusal}")
