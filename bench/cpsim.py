@@ -40,6 +40,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from meshnode.bench import procs as proc_stats
 from meshnode.core.errors import MeshnodeError
 
 __all__ = [
@@ -177,24 +178,11 @@ class _ControlPlane:
         return ApiClient(self.url, b"", unix_socket=str(self.data / api.ADMIN_SOCKET_FILE))
 
     def rss_peak_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return math.nan
+        peak = proc_stats.status_mb(self.proc.pid, "VmHWM")
+        return math.nan if peak is None else peak
 
     def cpu_seconds(self) -> float:
-        return _cpu_seconds(self.proc.pid)
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return math.nan
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return proc_stats.cpu_seconds([self.proc.pid])
 
 
 def _free_port() -> int:
@@ -440,7 +428,7 @@ class _Workers:
                 p.kill()
 
     def cpu_seconds(self) -> float:
-        return sum(_cpu_seconds(p.pid) for p in self.procs if p.pid)
+        return proc_stats.cpu_seconds(p.pid for p in self.procs if p.pid)
 
 
 # --- the run --------------------------------------------------------------------------
