@@ -323,7 +323,7 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
                 status, doc, size = await _request(
                     node.session,
                     "GET",
-                    f"{url}/v1/node/config?since={node.revision}&wait={WATCH_WAIT}",
+                    f"{url}/v1/node/config?since={node.revision}&wait={WATCH_WAIT}&endpoints=1",
                     timeout=WATCH_WAIT + 30,
                 )
             except (aiohttp.ClientError, TimeoutError, OSError):

@@ -1,29 +1,44 @@
-"""What the control plane knows, as values, and the node slices cut from it.
+"""What the control plane knows, as an indexed in-memory model, and the changes
+that take every node's slice from one revision to the next.
 
 Pure: no I/O, no clocks. A :class:`Registry` holds nodes, workloads, services (with
-their VIPs) and policy resources. Mutations are functions ``Registry -> Registry``;
-:func:`diff` turns a before/after pair into change-log entries, so every way of
-changing the registry produces the same, correct log. :func:`node_slice` and
-:func:`changes_since` answer a node's ``GET /v1/node/config`` (docs/protocol.md).
+their VIPs), policy resources, identity grants and revocations, and keeps indexes
+(workloads by node and by service, nodes by zone, grants by node and by zone, the
+free VIPs, every service's endpoints as nodes see them). So a write costs what it
+changes, not the size of the mesh: nothing here scans the whole registry except a
+load and a grant change naming a whole zone.
+
+Every change runs in :meth:`Registry.run`, which records the first value of each row
+it touches and, at the end, derives the change-log entries from what really
+changed (so every way of changing the registry produces the same, correct log) and
+the rows the store must write. A replica, or the API's read-side copy, follows the
+log with :meth:`Registry.follow`: it applies the logged rows and derives the same
+endpoints, so both sides agree without reading the whole store.
 
 Keys in the change log (what a node receives in ``changes[].key``):
 
 - workload: ``<name>`` (workload names are unique per node; only the owning node
   sees the change),
-- service: ``<namespace>/<name>``,
+- service: ``<namespace>/<name>`` (a whole service document: sent when a service
+  appears or goes, or its VIP or port changes),
+- endpoint: ``<namespace>/<service>/<node>/<workload>`` (one endpoint of a service
+  added, changed or removed; the node updates that one entry),
 - resource: ``<kind>/<namespace>/<name>``.
 
-Two internal kinds never reach a node as changes: ``node`` (this node's own record
-changed) and ``ca`` (the trust bundle changed); both make :func:`changes_since`
-answer "send a full slice" for the nodes concerned.
+Internal kinds never reach a node as changes: ``node`` (this node's own record
+changed; that node gets a full slice), ``grant`` (the control plane's identity
+grants; they reach nodes only as endpoint changes), ``revoked`` and ``ca`` (both make
+every node take a full slice).
 """
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from meshnode.core import constants
 from meshnode.core import contracts as wire
@@ -36,37 +51,32 @@ from . import grants as grant_rules
 __all__ = [
     "VIP_NETWORK",
     "Change",
+    "GrantIndex",
     "NodeRecord",
     "Registry",
     "RegistryError",
     "RevokedRecord",
+    "RowChanges",
     "ServiceRecord",
     "WorkloadRecord",
     "allocate_vip",
-    "apply_resources",
-    "changes_since",
-    "delete_node",
-    "delete_resource",
-    "delete_workload",
-    "diff",
-    "node_slice",
-    "put_node",
-    "put_workload",
-    "register_workload",
-    "set_token_grant",
-    "granted",
-    "grants_of",
-    "service_docs",
-    "service_documents",
-    "slice_for",
+    "resource_key",
+    "workload_from_request",
 ]
 
+T = TypeVar("T")
 VIP_NETWORK = ipaddress.IPv4Network(constants.VIP_NETWORK)
 CA_BACKDATE = 60.0  # seconds; ca.CLOCK_SKEW (tests/unit/controlplane checks they agree)
 # How many workloads one node may register; a node cannot fill every node's
 # destination map by registering without end (`controlplane run` can change it).
 DEFAULT_MAX_WORKLOADS_PER_NODE = 256
 GRANT_KIND = IdentityGrant.kind
+# Change kinds a node receives; the others are the control plane's own.
+NODE_KINDS = frozenset({"workload", "service", "endpoint", "resource"})
+
+ServiceKey = tuple[str, str]  # (namespace, name)
+WorkloadKey = tuple[str, str]  # (node, name)
+ResourceKey = tuple[str, str, str]  # (kind, namespace, name)
 
 
 class RegistryError(MeshnodeError, ValueError):
@@ -117,6 +127,10 @@ class WorkloadRecord:
     def to_dict(self) -> dict[str, Any]:
         return {"node": self.node, **self.slice_dict()}
 
+    @property
+    def service_key(self) -> ServiceKey | None:
+        return (self.namespace, self.service) if self.service else None
+
 
 @dataclass(frozen=True, slots=True)
 class ServiceRecord:
@@ -124,17 +138,6 @@ class ServiceRecord:
     name: str
     vip: str
     port: int  # the service port: the port of the workload that created the service
-
-
-@dataclass(frozen=True, slots=True)
-class Registry:
-    nodes: Mapping[str, NodeRecord] = field(default_factory=dict)
-    workloads: Mapping[tuple[str, str], WorkloadRecord] = field(default_factory=dict)
-    services: Mapping[tuple[str, str], ServiceRecord] = field(default_factory=dict)
-    # (kind, namespace, name) -> resource document (resources.py JSON form)
-    resources: Mapping[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
-    # deleted node -> its revocation, kept while a certificate issued before it may live
-    revoked: Mapping[str, RevokedRecord] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,13 +152,14 @@ class RevokedRecord:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """One change-log entry. `nodes` None = every node's slice is affected."""
+    """One change-log entry. `nodes` None = every node's slice is affected;
+    ``()`` = no node's (the control plane's own rows)."""
 
     revision: int
     op: str  # "put" | "delete"
-    kind: str  # "workload" | "service" | "resource" | "node" | "ca" | "revoked"
+    kind: str  # NODE_KINDS | "node" | "grant" | "revoked" | "ca"
     key: str
-    value: dict[str, Any] | None
+    value: Any
     nodes: tuple[str, ...] | None
 
     def concerns(self, node: str) -> bool:
@@ -163,11 +167,22 @@ class Change:
 
     def wire(self) -> dict[str, Any]:
         """The entry in a node's ``changes`` (meshnode.core.contracts.SliceChange);
-        `value` was made by that contract's ``to_json`` (see :func:`diff`)."""
+        `value` was made by that contract's ``to_json``."""
         out: dict[str, Any] = {"op": self.op, "kind": self.kind, "key": self.key}
         if self.op == "put":
             out["value"] = self.value
         return out
+
+
+@dataclass(slots=True)
+class RowChanges:
+    """The rows one :meth:`Registry.run` changed: key -> new value (None: deleted)."""
+
+    nodes: dict[str, NodeRecord | None] = field(default_factory=dict)
+    workloads: dict[WorkloadKey, WorkloadRecord | None] = field(default_factory=dict)
+    services: dict[ServiceKey, ServiceRecord | None] = field(default_factory=dict)
+    resources: dict[ResourceKey, dict[str, Any] | None] = field(default_factory=dict)
+    revoked: dict[str, RevokedRecord | None] = field(default_factory=dict)
 
 
 # --- validation ---------------------------------------------------------------------
@@ -210,324 +225,644 @@ def workload_from_request(node: str, body: Mapping[str, Any]) -> WorkloadRecord:
     return WorkloadRecord(node, name, namespace, service, account, port, version)
 
 
-# --- VIPs ---------------------------------------------------------------------------
-
-
-def allocate_vip(used: Iterable[str]) -> str:
-    """The lowest free address of 240.0.0.0/4, skipping the network address."""
-    taken = {int(ipaddress.IPv4Address(v)) for v in used}
-    first = int(VIP_NETWORK.network_address) + 1
-    last = int(VIP_NETWORK.broadcast_address) - 1
-    candidate = first
-    for value in sorted(t for t in taken if t >= first):
-        if value > candidate:
-            break
-        if value == candidate:
-            candidate += 1
-    if candidate > last:
-        raise RegistryError("no free VIP left in 240.0.0.0/4", status=507)
-    return str(ipaddress.IPv4Address(candidate))
-
-
-# --- mutations ----------------------------------------------------------------------
-
-
-def put_node(reg: Registry, node: NodeRecord) -> Registry:
-    check_label(node.name, "node name")
-    if node.zone:
-        check_label(node.zone, "zone")
-    check_ip(node.ip, "ip")
-    return replace(reg, nodes={**reg.nodes, node.name: node})
-
-
-def delete_node(
-    reg: Registry, name: str, now: float | None = None, cert_ttl: float = 0.0
-) -> Registry:
-    """Forget a node and its workloads (services left empty go with them). With
-    `now`, its certificates issued until now are revoked mesh-wide for `cert_ttl`
-    (every node closes tunnels resting on one), and expired revocations go."""
-    if name not in reg.nodes:
-        raise RegistryError(f"node {name!r} is not registered", status=404)
-    nodes = {k: v for k, v in reg.nodes.items() if k != name}
-    workloads = {k: v for k, v in reg.workloads.items() if v.node != name}
-    revoked = dict(reg.revoked)
-    if now is not None:
-        revoked = {k: r for k, r in revoked.items() if r.until >= now}
-        # The CA backdates notBefore by its clock skew: a certificate issued at t
-        # has notBefore t - skew, so "issued before now" is "notBefore < now - skew".
-        revoked[name] = RevokedRecord(name, now - CA_BACKDATE, now + cert_ttl + CA_BACKDATE)
-    return _prune_services(replace(reg, nodes=nodes, workloads=workloads, revoked=revoked))
-
-
-def put_workload(reg: Registry, wl: WorkloadRecord) -> Registry:
-    """Register or update a workload; a new (namespace, service) gets the lowest free VIP."""
-    if wl.node not in reg.nodes:
-        raise RegistryError(f"node {wl.node!r} is not registered", status=404)
-    workloads = {**reg.workloads, (wl.node, wl.name): wl}
-    services = dict(reg.services)
-    if wl.service and (wl.namespace, wl.service) not in services:
-        vip = allocate_vip(s.vip for s in services.values())
-        services[(wl.namespace, wl.service)] = ServiceRecord(wl.namespace, wl.service, vip, wl.port)
-    return _prune_services(replace(reg, workloads=workloads, services=services))
-
-
-def delete_workload(reg: Registry, node: str, name: str) -> Registry:
-    if (node, name) not in reg.workloads:
-        raise RegistryError(f"no workload {name!r} is registered on node {node!r}", status=404)
-    workloads = {k: v for k, v in reg.workloads.items() if k != (node, name)}
-    return _prune_services(replace(reg, workloads=workloads))
-
-
-def register_workload(
-    reg: Registry, wl: WorkloadRecord, limit: int = DEFAULT_MAX_WORKLOADS_PER_NODE
-) -> Registry:
-    """:func:`put_workload` for a node's own request: refused (403) unless the node is
-    granted the workload's identity, and (429) past the per-node workload limit."""
-    node = reg.nodes.get(wl.node)
-    if node is None:
-        raise RegistryError(f"node {wl.node!r} is not registered", status=404)
-    decision = granted(reg, grants_of(reg), wl.node, wl.namespace, wl.service_account)
-    if not decision.allowed:
-        raise RegistryError(f"workload {wl.name}: {decision.message}", status=403)
-    others = sum(1 for w in reg.workloads.values() if w.node == wl.node and w.name != wl.name)
-    if others >= limit:
-        raise RegistryError(
-            f"workload {wl.name}: node {wl.node} already has {others} workloads, the limit "
-            "per node; remove one (meshnode workload rm) or raise the limit "
-            "(meshnode controlplane run --max-workloads-per-node)",
-            status=429,
-        )
-    return put_workload(reg, wl)
-
-
-def set_token_grant(reg: Registry, node: str, identities: Sequence[str]) -> Registry:
-    """The grant a node's join token gives it (``token-<node>``): replaced at each
-    enrollment, removed when the token named no identity."""
-    grant = grant_rules.token_grant(node, identities)
-    key = (GRANT_KIND, DEFAULT_NAMESPACE, f"{grant_rules.TOKEN_GRANT_PREFIX}{node}")
-    resources = {k: v for k, v in reg.resources.items() if k != key}
-    if grant is not None:
-        resources[key] = grant.to_dict()
-    return replace(reg, resources=resources)
-
-
-def grants_of(reg: Registry) -> tuple[IdentityGrant, ...]:
-    """Every identity grant in the registry (``IdentityGrant`` resources)."""
-    return tuple(
-        IdentityGrant.from_dict(doc) for key, doc in reg.resources.items() if key[0] == GRANT_KIND
-    )
-
-
-def granted(
-    reg: Registry, grants: Sequence[IdentityGrant], node: str, namespace: str, account: str
-) -> grant_rules.Decision:
-    """May `node` host ``<namespace>/<account>``, by `grants` (see grants.py)?"""
-    record = reg.nodes.get(node)
-    zone = record.zone if record is not None else ""
-    return grant_rules.decide(grants, node, zone, namespace, account)
-
-
-def _prune_services(reg: Registry) -> Registry:
-    """A service exists while a workload names it; then its VIP is free again."""
-    wanted = {(w.namespace, w.service) for w in reg.workloads.values() if w.service}
-    return replace(reg, services={k: v for k, v in reg.services.items() if k in wanted})
-
-
-def apply_resources(reg: Registry, docs: Sequence[dict[str, Any]]) -> tuple[Registry, list[str]]:
-    """Put validated resource documents; results like ``AuthorizationPolicy/x created``."""
-    resources = dict(reg.resources)
-    results = []
-    for doc in docs:
-        key = resource_key(doc)
-        old = resources.get(key)
-        verb = "created" if old is None else ("unchanged" if old == doc else "configured")
-        resources[key] = doc
-        results.append(f"{key[0]}/{key[2]} {verb}")
-    return replace(reg, resources=resources), results
-
-
-def delete_resource(reg: Registry, kind: str, namespace: str, name: str) -> Registry:
-    key = (kind, namespace, name)
-    if key not in reg.resources:
-        raise RegistryError(f"{kind} {namespace}/{name} not found", status=404)
-    return replace(reg, resources={k: v for k, v in reg.resources.items() if k != key})
-
-
-def resource_key(doc: Mapping[str, Any]) -> tuple[str, str, str]:
+def resource_key(doc: Mapping[str, Any]) -> ResourceKey:
     meta = doc.get("metadata", {})
     return (str(doc["kind"]), str(meta.get("namespace", "default")), str(meta["name"]))
 
 
-# --- what nodes see -----------------------------------------------------------------
+# --- VIPs ---------------------------------------------------------------------------
+
+_VIP_FIRST = int(VIP_NETWORK.network_address) + 1
+_VIP_LAST = int(VIP_NETWORK.broadcast_address) - 1
 
 
-def service_docs(
-    reg: Registry, keys: Iterable[tuple[str, str]] | None = None
-) -> dict[tuple[str, str], ServiceDoc]:
-    """The service documents nodes receive (meshnode.core.contracts), by key; with
-    `keys`, only those services (the ones a change touched, see :func:`diff`)."""
-    out = {}
-    grants = grants_of(reg)
-    wanted = sorted(reg.services) if keys is None else sorted(set(keys) & set(reg.services))
-    by_service: dict[tuple[str, str], list[WorkloadRecord]] = {k: [] for k in wanted}
-    for wl in reg.workloads.values():  # one pass, not one per service
-        members = by_service.get((wl.namespace, wl.service))
-        if members is not None:
-            members.append(wl)
-    for key in wanted:
-        svc = reg.services[key]
-        endpoints = []
-        for wl in sorted(by_service[key], key=lambda w: (w.node, w.name)):
-            node = reg.nodes.get(wl.node)
-            if node is None:
-                continue
-            # Only a granted registration is an endpoint: a revoked grant takes the
-            # workload out of every node's view at once.
-            if not granted(reg, grants, wl.node, wl.namespace, wl.service_account).allowed:
-                continue
-            endpoints.append(
-                wire.EndpointDoc(
-                    workload=wl.name,
-                    namespace=wl.namespace,
-                    service_account=wl.service_account,
-                    node=node.name,
-                    node_ip=node.ip,
-                    address=node.ip,
-                    zone=node.zone,
-                    port=wl.port,
-                    service_port=svc.port,
-                    version=wl.version,
-                )
+def allocate_vip(used: Iterable[str]) -> str:
+    """The lowest free address of 240.0.0.0/4, skipping the network address."""
+    pool = _VipPool()
+    for vip in used:
+        pool.take(int(ipaddress.IPv4Address(vip)))
+    return str(ipaddress.IPv4Address(pool.lowest_free()))
+
+
+class _VipPool:
+    """The VIPs in use, and the lowest free one in O(log n): every free address
+    below `fresh` sits in `free` (a heap, with stale entries skipped lazily)."""
+
+    def __init__(self) -> None:
+        self.used: set[int] = set()
+        self.free: list[int] = []
+        self.fresh = _VIP_FIRST
+
+    def take(self, vip: int) -> None:
+        self.used.add(vip)
+        while self.fresh <= vip:  # addresses skipped over become free ones
+            if self.fresh not in self.used:
+                heapq.heappush(self.free, self.fresh)
+            self.fresh += 1
+
+    def release(self, vip: int) -> None:
+        self.used.discard(vip)
+        if vip < self.fresh:
+            heapq.heappush(self.free, vip)
+
+    def lowest_free(self) -> int:
+        while self.free and self.free[0] in self.used:
+            heapq.heappop(self.free)
+        candidate = self.free[0] if self.free else self.fresh
+        if candidate > _VIP_LAST:
+            raise RegistryError("no free VIP left in 240.0.0.0/4", status=507)
+        return candidate
+
+
+# --- grants -------------------------------------------------------------------------
+
+
+class GrantIndex:
+    """Identity grants by name, and which of them name each node and each zone, so
+    a decision reads only the grants that can cover the node."""
+
+    def __init__(self) -> None:
+        self.grants: dict[str, IdentityGrant] = {}
+        self._by_node: dict[str, set[str]] = {}
+        self._by_zone: dict[str, set[str]] = {}
+
+    def put(self, grant: IdentityGrant | None, name: str) -> None:
+        old = self.grants.pop(name, None)
+        if old is not None:
+            for node in old.nodes:
+                self._by_node[node].discard(name)
+            for zone in old.zones:
+                self._by_zone[zone].discard(name)
+        if grant is not None:
+            self.grants[name] = grant
+            for node in grant.nodes:
+                self._by_node.setdefault(node, set()).add(name)
+            for zone in grant.zones:
+                self._by_zone.setdefault(zone, set()).add(name)
+
+    def decide(self, node: str, zone: str, namespace: str, account: str) -> grant_rules.Decision:
+        names = set(self._by_node.get(node, ()))
+        if zone:
+            names |= self._by_zone.get(zone, set())
+        return grant_rules.decide((self.grants[n] for n in names), node, zone, namespace, account)
+
+
+# --- the model ----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Txn:
+    """What one run touched: each row's value before it, and the endpoints to
+    derive again."""
+
+    revision: int
+    nodes: dict[str, NodeRecord | None] = field(default_factory=dict)
+    workloads: dict[WorkloadKey, WorkloadRecord | None] = field(default_factory=dict)
+    services: dict[ServiceKey, ServiceRecord | None] = field(default_factory=dict)
+    resources: dict[ResourceKey, dict[str, Any] | None] = field(default_factory=dict)
+    revoked: dict[str, RevokedRecord | None] = field(default_factory=dict)
+    endpoints: set[tuple[ServiceKey, WorkloadKey]] = field(default_factory=set)
+    endpoint_nodes: set[str] = field(default_factory=set)  # every workload on them
+    endpoint_zones: set[str] = field(default_factory=set)  # every workload in them
+
+    def touched(self) -> bool:
+        return bool(self.nodes or self.workloads or self.services or self.resources or self.revoked)
+
+
+class Registry:
+    """The control plane's registry: rows plus indexes, changed only inside
+    :meth:`run` (or :meth:`follow`)."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+        self.nodes: dict[str, NodeRecord] = {}
+        self.workloads: dict[WorkloadKey, WorkloadRecord] = {}
+        self.services: dict[ServiceKey, ServiceRecord] = {}
+        # (kind, namespace, name) -> resource document (resources.py JSON form)
+        self.resources: dict[ResourceKey, dict[str, Any]] = {}
+        # deleted node -> its revocation, kept while a certificate issued before it may live
+        self.revoked: dict[str, RevokedRecord] = {}
+        self.grants = GrantIndex()
+        self.last_rows = RowChanges()  # the rows the last run changed (the store writes them)
+        self._by_node: dict[str, dict[str, WorkloadRecord]] = {}
+        self._by_zone: dict[str, set[str]] = {}
+        self._members: dict[ServiceKey, set[WorkloadKey]] = {}
+        self._endpoints: dict[ServiceKey, dict[WorkloadKey, wire.EndpointDoc]] = {}
+        self._vips = _VipPool()
+        self._txn: _Txn | None = None
+        self._broken = False
+        # Encodings, made once and shared by every node's answer until they change.
+        self._service_json: dict[ServiceKey, bytes] = {}
+        self._services_blob: bytes | None = None
+        self._resources_blob: bytes | None = None
+
+    # -- runs ------------------------------------------------------------------------
+
+    @property
+    def broken(self) -> bool:
+        """A run failed half-way: the model no longer matches the store; load it again."""
+        return self._broken
+
+    def run(self, revision: int, fn: Callable[[Registry], T]) -> tuple[list[Change], T]:
+        """Apply `fn` (which calls the mutation methods) as revision `revision`; the
+        change-log entries and (in `last_rows`) the rows it changed. If `fn` raises
+        after it changed anything, the registry is :attr:`broken`."""
+        self._begin(revision)
+        try:
+            result = fn(self)
+            changes = self._commit()
+        except BaseException:
+            assert self._txn is not None
+            if self._txn.touched():
+                self._broken = True
+            raise
+        finally:
+            self._txn = None
+        self.revision = revision
+        return changes, result
+
+    def follow(self, changes: Sequence[Change], revision: int) -> None:
+        """Apply logged changes made by another registry (the store's writer, or
+        another replica) up to `revision`: set the rows they carry, derive the rest."""
+
+        def apply(reg: Registry) -> None:
+            for c in changes:
+                reg._follow_one(c)
+
+        self.run(revision, apply)
+
+    def _follow_one(self, c: Change) -> None:
+        put = c.op == "put"
+        if c.kind == "node":
+            self._set_node(c.key, NodeRecord(**c.value) if put else None)
+        elif c.kind == "workload":
+            assert c.nodes is not None and len(c.nodes) == 1
+            node = c.nodes[0]
+            self._set_workload((node, c.key), WorkloadRecord(node=node, **c.value) if put else None)
+        elif c.kind == "service":
+            ns, name = c.key.split("/", 1)
+            record = None
+            if put:
+                record = ServiceRecord(ns, name, c.value["vip"], int(c.value["ports"][0]["port"]))
+            self._set_service((ns, name), record)
+        elif c.kind in ("resource", "grant"):
+            kind, ns, name = c.key.split("/", 2)
+            self._set_resource((kind, ns, name), c.value if put else None)
+        elif c.kind == "revoked":
+            new = {
+                r["node"]: RevokedRecord(r["node"], r["issued_before"], r["until"]) for r in c.value
+            }
+            for name in set(self.revoked) | set(new):
+                self._set_revoked(name, new.get(name))
+        # "endpoint" entries are derived again here; "ca" is not in the registry.
+
+    @classmethod
+    def load(
+        cls,
+        revision: int,
+        nodes: Iterable[NodeRecord],
+        workloads: Iterable[WorkloadRecord],
+        services: Iterable[ServiceRecord],
+        resources: Iterable[dict[str, Any]],
+        revoked: Iterable[RevokedRecord],
+    ) -> Registry:
+        """A registry from stored rows."""
+        reg = cls()
+
+        def fill(r: Registry) -> None:
+            for n in nodes:
+                r._set_node(n.name, n)
+            for s in services:
+                r._set_service((s.namespace, s.name), s)
+            for w in workloads:
+                r._set_workload((w.node, w.name), w)
+            for doc in resources:
+                r._set_resource(resource_key(doc), doc)
+            for rv in revoked:
+                r._set_revoked(rv.node, rv)
+
+        reg.run(revision, fill)
+        reg.last_rows = RowChanges()
+        return reg
+
+    def _begin(self, revision: int) -> None:
+        if self._broken:
+            raise RegistryError("the registry must be loaded again after a failed change", 500)
+        if self._txn is not None:
+            raise RegistryError("a change is already in progress", 500)
+        self._txn = _Txn(revision)
+
+    def _t(self) -> _Txn:
+        if self._txn is None:
+            raise RegistryError("registry changes run inside Registry.run", 500)
+        return self._txn
+
+    # -- primitive row setters: keep every index, remember the first value -------------
+
+    def _set_node(self, name: str, rec: NodeRecord | None) -> None:
+        t = self._t()
+        old = self.nodes.get(name)
+        t.nodes.setdefault(name, old)
+        if old is not None and old.zone:
+            self._by_zone[old.zone].discard(name)
+        if rec is None:
+            self.nodes.pop(name, None)
+        else:
+            self.nodes[name] = rec
+            if rec.zone:
+                self._by_zone.setdefault(rec.zone, set()).add(name)
+        t.endpoint_nodes.add(name)
+
+    def _set_workload(self, key: WorkloadKey, rec: WorkloadRecord | None) -> None:
+        t = self._t()
+        old = self.workloads.get(key)
+        t.workloads.setdefault(key, old)
+        if old is not None:
+            self._by_node[old.node].pop(old.name, None)
+            if old.service_key is not None:
+                self._members[old.service_key].discard(key)
+                t.endpoints.add((old.service_key, key))
+        if rec is None:
+            self.workloads.pop(key, None)
+        else:
+            self.workloads[key] = rec
+            self._by_node.setdefault(rec.node, {})[rec.name] = rec
+            if rec.service_key is not None:
+                self._members.setdefault(rec.service_key, set()).add(key)
+                t.endpoints.add((rec.service_key, key))
+
+    def _set_service(self, key: ServiceKey, rec: ServiceRecord | None) -> None:
+        t = self._t()
+        old = self.services.get(key)
+        t.services.setdefault(key, old)
+        if old is not None:
+            self._vips.release(int(ipaddress.IPv4Address(old.vip)))
+        if rec is None:
+            self.services.pop(key, None)
+        else:
+            self.services[key] = rec
+            self._vips.take(int(ipaddress.IPv4Address(rec.vip)))
+
+    def _set_resource(self, key: ResourceKey, doc: dict[str, Any] | None) -> None:
+        t = self._t()
+        old = self.resources.get(key)
+        t.resources.setdefault(key, old)
+        if doc is None:
+            self.resources.pop(key, None)
+        else:
+            self.resources[key] = doc
+        if key[0] == GRANT_KIND:
+            for g in (old, doc):  # whatever the grant named, before or after, is touched
+                if g is not None:
+                    grant = IdentityGrant.from_dict(g)
+                    t.endpoint_nodes.update(grant.nodes)
+                    t.endpoint_zones.update(grant.zones)
+            self.grants.put(IdentityGrant.from_dict(doc) if doc is not None else None, key[2])
+
+    def _set_revoked(self, name: str, rec: RevokedRecord | None) -> None:
+        t = self._t()
+        t.revoked.setdefault(name, self.revoked.get(name))
+        if rec is None:
+            self.revoked.pop(name, None)
+        else:
+            self.revoked[name] = rec
+
+    # -- mutations (each checks before it changes anything) ------------------------------
+
+    def put_node(self, node: NodeRecord) -> None:
+        check_label(node.name, "node name")
+        if node.zone:
+            check_label(node.zone, "zone")
+        check_ip(node.ip, "ip")
+        self._set_node(node.name, node)
+
+    def delete_node(self, name: str, now: float | None = None, cert_ttl: float = 0.0) -> None:
+        """Forget a node and its workloads (services left empty go with them). With
+        `now`, its certificates issued until now are revoked mesh-wide for `cert_ttl`
+        (every node closes tunnels resting on one), and expired revocations go."""
+        if name not in self.nodes:
+            raise RegistryError(f"node {name!r} is not registered", status=404)
+        for wl in list(self._by_node.get(name, {}).values()):
+            self._remove_workload(wl)
+        self._set_node(name, None)
+        if now is not None:
+            for old in [r for r in self.revoked.values() if r.until < now]:
+                self._set_revoked(old.node, None)
+            # The CA backdates notBefore by its clock skew: a certificate issued at t
+            # has notBefore t - skew, so "issued before now" is "notBefore < now - skew".
+            self._set_revoked(
+                name, RevokedRecord(name, now - CA_BACKDATE, now + cert_ttl + CA_BACKDATE)
             )
-        out[key] = ServiceDoc(
+
+    def put_workload(self, wl: WorkloadRecord) -> None:
+        """Register or update a workload; a new (namespace, service) gets the lowest free VIP."""
+        if wl.node not in self.nodes:
+            raise RegistryError(f"node {wl.node!r} is not registered", status=404)
+        key = wl.service_key
+        vip = None
+        if key is not None and key not in self.services:
+            vip = str(ipaddress.IPv4Address(self._vips.lowest_free()))  # may raise: first
+        old = self.workloads.get((wl.node, wl.name))
+        self._set_workload((wl.node, wl.name), wl)
+        if key is not None and vip is not None:
+            self._set_service(key, ServiceRecord(wl.namespace, wl.service, vip, wl.port))
+        if old is not None:
+            self._prune(old.service_key)
+
+    def delete_workload(self, node: str, name: str) -> None:
+        wl = self.workloads.get((node, name))
+        if wl is None:
+            raise RegistryError(f"no workload {name!r} is registered on node {node!r}", status=404)
+        self._remove_workload(wl)
+
+    def _remove_workload(self, wl: WorkloadRecord) -> None:
+        self._set_workload((wl.node, wl.name), None)
+        self._prune(wl.service_key)
+
+    def _prune(self, key: ServiceKey | None) -> None:
+        """A service exists while a workload names it; then its VIP is free again."""
+        if key is not None and key in self.services and not self._members.get(key):
+            self._set_service(key, None)
+
+    def register_workload(
+        self, wl: WorkloadRecord, limit: int = DEFAULT_MAX_WORKLOADS_PER_NODE
+    ) -> None:
+        """:meth:`put_workload` for a node's own request: refused (403) unless the node
+        is granted the workload's identity, and (429) past the per-node workload limit."""
+        if wl.node not in self.nodes:
+            raise RegistryError(f"node {wl.node!r} is not registered", status=404)
+        decision = self.granted(wl.node, wl.namespace, wl.service_account)
+        if not decision.allowed:
+            raise RegistryError(f"workload {wl.name}: {decision.message}", status=403)
+        mine = self._by_node.get(wl.node, {})
+        others = len(mine) - (1 if wl.name in mine else 0)
+        if others >= limit:
+            raise RegistryError(
+                f"workload {wl.name}: node {wl.node} already has {others} workloads, the limit "
+                "per node; remove one (meshnode workload rm) or raise the limit "
+                "(meshnode controlplane run --max-workloads-per-node)",
+                status=429,
+            )
+        self.put_workload(wl)
+
+    def set_token_grant(self, node: str, identities: Sequence[str]) -> None:
+        """The grant a node's join token gives it (``token-<node>``): replaced at each
+        enrollment, removed when the token named no identity."""
+        grant = grant_rules.token_grant(node, identities)
+        key = (GRANT_KIND, DEFAULT_NAMESPACE, f"{grant_rules.TOKEN_GRANT_PREFIX}{node}")
+        doc = grant.to_dict() if grant is not None else None
+        if self.resources.get(key) != doc:
+            self._set_resource(key, doc)
+
+    def apply_resources(self, docs: Sequence[dict[str, Any]]) -> list[str]:
+        """Put validated resource documents; results like ``AuthorizationPolicy/x created``."""
+        results = []
+        for doc in docs:
+            key = resource_key(doc)
+            old = self.resources.get(key)
+            verb = "created" if old is None else ("unchanged" if old == doc else "configured")
+            if old != doc:
+                self._set_resource(key, doc)
+            results.append(f"{key[0]}/{key[2]} {verb}")
+        return results
+
+    def delete_resource(self, kind: str, namespace: str, name: str) -> None:
+        key = (kind, namespace, name)
+        if key not in self.resources:
+            raise RegistryError(f"{kind} {namespace}/{name} not found", status=404)
+        self._set_resource(key, None)
+
+    # -- questions ---------------------------------------------------------------------
+
+    def granted(self, node: str, namespace: str, account: str) -> grant_rules.Decision:
+        """May `node` host ``<namespace>/<account>``, by the grants (see grants.py)?"""
+        record = self.nodes.get(node)
+        zone = record.zone if record is not None else ""
+        return self.grants.decide(node, zone, namespace, account)
+
+    def hosts(self, node: str, namespace: str, account: str) -> bool:
+        """Does `node` host a workload with identity ``<namespace>/<account>``?"""
+        return any(
+            w.namespace == namespace and w.service_account == account
+            for w in self._by_node.get(node, {}).values()
+        )
+
+    def workloads_of(self, node: str) -> list[WorkloadRecord]:
+        return [w for _, w in sorted(self._by_node.get(node, {}).items())]
+
+    def service_doc(self, key: ServiceKey) -> ServiceDoc:
+        svc = self.services[key]
+        endpoints = self._endpoints.get(key, {})
+        return ServiceDoc(
             name=svc.name,
             namespace=svc.namespace,
             vip=svc.vip,
             ports=(wire.ServicePort(svc.port, svc.port),),
-            endpoints=tuple(endpoints),
+            endpoints=tuple(endpoints[k] for k in sorted(endpoints)),
         )
-    return out
 
+    def service_docs(self) -> dict[ServiceKey, ServiceDoc]:
+        """Every service document nodes receive, by key."""
+        return {key: self.service_doc(key) for key in sorted(self.services)}
 
-def service_documents(reg: Registry) -> dict[tuple[str, str], dict[str, Any]]:
-    """:func:`service_docs` in their JSON form (the admin API lists them)."""
-    return {key: doc.to_json() for key, doc in service_docs(reg).items()}
+    def service_json(self, key: ServiceKey) -> bytes:
+        """The service's document as compact JSON, encoded once until it changes."""
+        out = self._service_json.get(key)
+        if out is None:
+            out = self._service_json[key] = _dumps(self.service_doc(key).to_json())
+        return out
 
+    def rows(self) -> tuple[Any, ...]:
+        """The stored rows, comparable (tests compare two registries by them)."""
+        return (
+            dict(self.nodes),
+            dict(self.workloads),
+            dict(self.services),
+            dict(self.resources),
+            dict(self.revoked),
+        )
 
-def slice_for(
-    reg: Registry, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
-) -> NodeSlice:
-    """The full slice for `node` (which must be registered)."""
-    return NodeSlice(
-        revision=revision,
-        node=reg.nodes[node].doc(),
-        trust_domain=trust_domain,
-        workloads=tuple(w.doc() for (n, _), w in sorted(reg.workloads.items()) if n == node),
-        services=tuple(service_docs(reg).values()),
-        resources=tuple(
-            resource_from_dict(doc)
-            for key, doc in sorted(reg.resources.items())
-            if key[0] != GRANT_KIND  # grants are for the control plane, not for nodes
-        ),
-        trust_bundle=trust_bundle,
-        revoked=tuple(
-            wire.Revocation(r.node, r.issued_before) for _, r in sorted(reg.revoked.items())
-        ),
-    )
+    # -- what nodes see ----------------------------------------------------------------
 
+    def slice_for(
+        self, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
+    ) -> NodeSlice:
+        """The full slice for `node` (which must be registered), as a contract value."""
+        return NodeSlice(
+            revision=revision,
+            node=self.nodes[node].doc(),
+            trust_domain=trust_domain,
+            workloads=tuple(w.doc() for w in self.workloads_of(node)),
+            services=tuple(self.service_docs().values()),
+            resources=tuple(resource_from_dict(doc) for _, doc in self._node_resources()),
+            trust_bundle=trust_bundle,
+            revoked=self._revocations(),
+        )
 
-def node_slice(
-    reg: Registry, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
-) -> dict[str, Any]:
-    """:func:`slice_for` as the JSON answer of ``GET /v1/node/config``."""
-    return slice_for(reg, node, revision, trust_domain, trust_bundle).to_json()
-
-
-def diff(before: Registry, after: Registry, revision: int) -> list[Change]:
-    """The change-log entries that take every node's slice from `before` to `after`."""
-    changes: list[Change] = []
-
-    def add(
-        op: str, kind: str, key: str, value: dict[str, Any] | None, nodes: tuple[str, ...] | None
-    ) -> None:
-        changes.append(Change(revision, op, kind, key, value, nodes))
-
-    for name in sorted(set(before.nodes) | set(after.nodes)):
-        old, new = before.nodes.get(name), after.nodes.get(name)
-        if old != new:
-            add("put" if new else "delete", "node", name, new.to_dict() if new else None, (name,))
-    for wkey in sorted(set(before.workloads) | set(after.workloads)):
-        wold, wnew = before.workloads.get(wkey), after.workloads.get(wkey)
-        if wold != wnew:
-            value = wnew.slice_dict() if wnew else None
-            add("put" if wnew else "delete", "workload", wkey[1], value, (wkey[0],))
-    touched = _touched_services(before, after)
-    sold, snew = service_docs(before, touched), service_docs(after, touched)
-    for skey in sorted(set(sold) | set(snew)):
-        sdoc = snew.get(skey)
-        if sold.get(skey) != sdoc:
-            add(
-                "put" if sdoc else "delete",
-                "service",
-                "/".join(skey),
-                sdoc.to_json() if sdoc else None,
-                None,
+    def slice_json(
+        self, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
+    ) -> bytes:
+        """:meth:`slice_for`'s JSON, built from the shared encodings: what
+        ``GET /v1/node/config`` sends. Equal to ``slice_for(...).to_json()``."""
+        if self._services_blob is None:
+            self._services_blob = b",".join(self.service_json(k) for k in sorted(self.services))
+        if self._resources_blob is None:
+            self._resources_blob = b",".join(_dumps(doc) for _, doc in self._node_resources())
+        head: dict[str, Any] = {
+            "revision": revision,
+            "full": True,
+            "node": self.nodes[node].to_dict(),
+            "trust_domain": trust_domain,
+            "workloads": [w.slice_dict() for w in self.workloads_of(node)],
+        }
+        if trust_bundle is not None:
+            head["trust_bundle"] = trust_bundle
+        revoked = self._revocations()
+        if revoked:
+            head["revoked"] = [r.to_json() for r in revoked]
+        return b"".join(
+            (
+                _dumps(head)[:-1],
+                b',"services":[',
+                self._services_blob,
+                b'],"resources":[',
+                self._resources_blob,
+                b"]}",
             )
-    for rkey in sorted(set(before.resources) | set(after.resources)):
-        rold, rnew = before.resources.get(rkey), after.resources.get(rkey)
-        if rold != rnew and rkey[0] != GRANT_KIND:
-            add("put" if rnew else "delete", "resource", "/".join(rkey), rnew, None)
-    if before.revoked != after.revoked:  # rare: every node gets a full slice
-        add("put", "revoked", "*", None, None)
-    return changes
+        )
 
+    def _node_resources(self) -> list[tuple[ResourceKey, dict[str, Any]]]:
+        # Grants are for the control plane, not for nodes.
+        return [(k, d) for k, d in sorted(self.resources.items()) if k[0] != GRANT_KIND]
 
-def _touched_services(before: Registry, after: Registry) -> set[tuple[str, str]] | None:
-    """The services whose documents a change from `before` to `after` can alter
-    (None: every one, when the grants changed). A service document is made of its
-    own record, its workloads, their nodes, and the grants."""
-    if any(
-        key[0] == GRANT_KIND and before.resources.get(key) != after.resources.get(key)
-        for key in set(before.resources) | set(after.resources)
-    ):
-        return None
-    touched: set[tuple[str, str]] = set()
-    for key in set(before.services) | set(after.services):
-        if before.services.get(key) != after.services.get(key):
-            touched.add(key)
-    nodes_changed = {
-        name
-        for name in set(before.nodes) | set(after.nodes)
-        if before.nodes.get(name) != after.nodes.get(name)
-    }
-    if before.workloads is not after.workloads:
-        for wkey in set(before.workloads) | set(after.workloads):
-            old, new = before.workloads.get(wkey), after.workloads.get(wkey)
-            if old != new:
-                touched.update((w.namespace, w.service) for w in (old, new) if w is not None)
-    if nodes_changed:
-        for reg in (before, after):
-            touched.update(
-                (w.namespace, w.service) for w in reg.workloads.values() if w.node in nodes_changed
-            )
-    return touched
+    def _revocations(self) -> tuple[wire.Revocation, ...]:
+        return tuple(
+            wire.Revocation(r.node, r.issued_before) for _, r in sorted(self.revoked.items())
+        )
 
+    # -- deriving the changes ----------------------------------------------------------
 
-def changes_since(
-    log: Sequence[Change], floor: int, since: int, node: str, revision: int
-) -> list[dict[str, Any]] | None:
-    """`node`'s slice changes after revision `since`, oldest first, one per key (the
-    last wins), or None when a full slice must be sent instead: `since` is older than
-    the log keeps (`floor` = the newest revision no longer in `log`), newer than the
-    current `revision`, or the node's own record or the trust bundle changed."""
-    if since < floor or since > revision:
-        return None
-    latest: dict[tuple[str, str], Change] = {}
-    for change in log:
-        if change.revision <= since or not change.concerns(node):
-            continue
-        if change.kind in ("ca", "revoked") or (change.kind == "node" and change.key == node):
+    def _endpoint(self, skey: ServiceKey, wkey: WorkloadKey) -> wire.EndpointDoc | None:
+        """What nodes see of workload `wkey` in service `skey` now (None: nothing)."""
+        wl = self.workloads.get(wkey)
+        svc = self.services.get(skey)
+        if wl is None or svc is None or wl.service_key != skey:
             return None
-        latest.pop((change.kind, change.key), None)
-        latest[(change.kind, change.key)] = change  # re-insert: order by last change
-    return [c.wire() for c in latest.values() if c.kind in ("workload", "service", "resource")]
+        node = self.nodes.get(wl.node)
+        if node is None:
+            return None
+        # Only a granted registration is an endpoint: a revoked grant takes the
+        # workload out of every node's view at once.
+        if not self.grants.decide(node.name, node.zone, wl.namespace, wl.service_account).allowed:
+            return None
+        return wire.EndpointDoc(
+            workload=wl.name,
+            namespace=wl.namespace,
+            service_account=wl.service_account,
+            node=node.name,
+            node_ip=node.ip,
+            address=node.ip,
+            zone=node.zone,
+            port=wl.port,
+            service_port=svc.port,
+            version=wl.version,
+        )
+
+    def _commit(self) -> list[Change]:
+        t = self._t()
+        rev = t.revision
+        changes: list[Change] = []
+        rows = RowChanges()
+
+        def add(op: str, kind: str, key: str, value: Any, nodes: tuple[str, ...] | None) -> None:
+            changes.append(Change(rev, op, kind, key, value, nodes))
+
+        for name, old in sorted(t.nodes.items()):
+            new = self.nodes.get(name)
+            if old != new:
+                rows.nodes[name] = new
+                value = new.to_dict() if new else None
+                add("put" if new else "delete", "node", name, value, (name,))
+        for wkey, wold in sorted(t.workloads.items()):
+            wnew = self.workloads.get(wkey)
+            if wold != wnew:
+                rows.workloads[wkey] = wnew
+                value = wnew.slice_dict() if wnew else None
+                add("put" if wnew else "delete", "workload", wkey[1], value, (wkey[0],))
+
+        # Services that appeared, went or changed their record: whole documents.
+        whole: set[ServiceKey] = set()
+        for skey, sold in sorted(t.services.items()):
+            snew = self.services.get(skey)
+            if sold == snew:
+                continue
+            rows.services[skey] = snew
+            whole.add(skey)
+            self._invalidate(skey)
+            if snew is None:
+                self._endpoints.pop(skey, None)
+                add("delete", "service", "/".join(skey), None, None)
+                continue
+            members = self._members.get(skey, set())
+            eps = {w: ep for w in members if (ep := self._endpoint(skey, w)) is not None}
+            self._endpoints[skey] = eps
+            add("put", "service", "/".join(skey), self.service_doc(skey).to_json(), None)
+
+        # Single endpoints: of the workloads touched, on the nodes touched (address,
+        # zone, grants) and in the zones whose grants changed.
+        touched = set(t.endpoints)
+        for zone in t.endpoint_zones:
+            t.endpoint_nodes.update(self._by_zone.get(zone, ()))
+        for name in t.endpoint_nodes:
+            for wl in self._by_node.get(name, {}).values():
+                if wl.service_key is not None:
+                    touched.add((wl.service_key, (wl.node, wl.name)))
+        for skey, wkey in sorted(touched):
+            if skey in whole or skey not in self.services:
+                continue
+            eps = self._endpoints.setdefault(skey, {})
+            old_ep, new_ep = eps.get(wkey), self._endpoint(skey, wkey)
+            if old_ep == new_ep:
+                continue
+            self._invalidate(skey)
+            key = f"{skey[0]}/{skey[1]}/{wkey[0]}/{wkey[1]}"
+            if new_ep is None:
+                del eps[wkey]
+                add("delete", "endpoint", key, None, None)
+            else:
+                eps[wkey] = new_ep
+                add("put", "endpoint", key, new_ep.to_json(), None)
+
+        for rkey, rold in sorted(t.resources.items()):
+            rnew = self.resources.get(rkey)
+            if rold == rnew:
+                continue
+            rows.resources[rkey] = rnew
+            kind = "grant" if rkey[0] == GRANT_KIND else "resource"
+            if kind == "resource":
+                self._resources_blob = None
+            # A grant concerns no node: they see its effect as endpoint changes.
+            nodes = () if kind == "grant" else None
+            add("put" if rnew else "delete", kind, "/".join(rkey), rnew, nodes)
+        revoked_changed = False
+        for name, vold in t.revoked.items():
+            vnew = self.revoked.get(name)
+            if vold != vnew:
+                rows.revoked[name] = vnew
+                revoked_changed = True
+        if revoked_changed:  # rare: every node gets a full slice
+            revocations = [
+                {"node": r.node, "issued_before": r.issued_before, "until": r.until}
+                for _, r in sorted(self.revoked.items())
+            ]
+            add("put", "revoked", "*", revocations, None)
+        self.last_rows = rows
+        return changes
+
+    def _invalidate(self, skey: ServiceKey) -> None:
+        self._service_json.pop(skey, None)
+        self._services_blob = None
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()

@@ -1,11 +1,13 @@
 """Durable control-plane state: one interface, SQLite (embedded) or PostgreSQL (HA).
 
 Every mutation is one transaction that locks the ``meta`` row (``SELECT ... FOR
-UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), loads the registry, applies a
-pure function from :mod:`registry`, writes the rows that differ, appends the
-:func:`registry.diff` to the ``changes`` table and bumps the global revision. So two
-control planes on one PostgreSQL serialize their writes, and a UNIQUE constraint on
-``services.vip`` backs up the VIP allocation.
+UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on SQLite), brings the store's in-memory
+:class:`~registry.Registry` up to the stored revision (from the change log, when
+another replica wrote since), runs the change on it, writes the rows it changed and
+its change-log entries, and bumps the global revision. So a write costs what it
+changes, two control planes on one PostgreSQL serialize their writes, and a UNIQUE
+constraint on ``services.vip`` backs up the VIP allocation. A write that fails
+after the registry changed makes the next one load the registry again.
 
 Other replicas learn about commits from ``NOTIFY meshnode_revision`` (sent inside
 the transaction, delivered on commit); :meth:`Store.wait_for_change` blocks on it
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -36,11 +39,9 @@ from meshnode.controlplane.registry import (
     NodeRecord,
     Registry,
     RevokedRecord,
+    RowChanges,
     ServiceRecord,
     WorkloadRecord,
-    diff,
-    put_node,
-    set_token_grant,
 )
 from meshnode.controlplane.tokens import TokenRecord, enrollment_address, verify_token
 from meshnode.core.errors import MeshnodeError
@@ -56,6 +57,8 @@ __all__ = [
     "StoreError",
     "open_store",
 ]
+
+log = logging.getLogger("meshnode.controlplane")
 
 T = TypeVar("T")
 KEEP_REVISIONS = 1000  # the change log keeps this many revisions; older nodes get a full slice
@@ -169,11 +172,12 @@ class CARow:
 
 @dataclass(frozen=True, slots=True)
 class StateRead:
-    """One consistent read: the registry at `revision` and the log after `after`."""
+    """One consistent read at `revision`: the change log after a revision, the CA
+    rows, and (for a full read) the whole registry."""
 
     revision: int
     floor: int
-    registry: Registry
+    registry: Registry | None
     changes: list[Change]
     ca: list[CARow]
 
@@ -384,6 +388,8 @@ class Store:
     def __init__(self, backend: _Backend) -> None:
         self._b = backend
         self.is_postgres = isinstance(backend, _PostgresBackend)
+        # The writer's registry, at the revision it last wrote or read (None: load it).
+        self._writer: Registry | None = None
 
     def initialize(self) -> None:
         with self._b.transaction(write=True) as tx:
@@ -419,21 +425,25 @@ class Store:
         with self._b.transaction(write=False) as tx:
             return int(tx.rows("SELECT revision FROM meta WHERE id = 1")[0][0])
 
-    def read_state(self, after: int | None = None) -> StateRead:
-        """Registry, CA rows and the changes with revision > `after` (None: all kept)."""
+    def read_state(self) -> StateRead:
+        """The whole registry, the change log it keeps, and the CA rows."""
         with self._b.transaction(write=False) as tx:
-            revision, floor = tx.rows("SELECT revision, log_floor FROM meta WHERE id = 1")[0]
-            start = floor if after is None else max(after, floor)
-            return StateRead(
-                int(revision),
-                int(floor),
-                _load_registry(tx),
-                _load_changes(tx, start),
-                _load_ca(tx),
-            )
+            revision, floor = _meta(tx)
+            registry = _load_registry(tx, revision)
+            return StateRead(revision, floor, registry, _load_changes(tx, floor), _load_ca(tx))
+
+    def read_changes(self, after: int) -> StateRead:
+        """The change log after revision `after` (from the floor, if it keeps no more),
+        and the CA rows; no registry."""
+        with self._b.transaction(write=False) as tx:
+            revision, floor = _meta(tx)
+            changes = _load_changes(tx, max(after, floor))
+            return StateRead(revision, floor, None, changes, _load_ca(tx))
 
     def registry(self) -> Registry:
-        return self.read_state(after=2**62).registry
+        registry = self.read_state().registry
+        assert registry is not None
+        return registry
 
     def get_token(self, token_id: str) -> TokenRecord | None:
         with self._b.transaction(write=False) as tx:
@@ -451,45 +461,60 @@ class Store:
 
     def mutate(
         self,
-        fn: Callable[[_Tx, Registry, int], tuple[Registry, T]],
+        fn: Callable[[_Tx, Registry, int], T],
         extra: Sequence[tuple[str, str, str]] = (),
     ) -> tuple[int, T]:
-        """Run `fn(tx, registry, new_revision) -> (new registry, result)` in one write
-        transaction; persist the difference, log it plus `extra` (op, kind, key)
-        entries for every node, bump the revision. Exceptions roll everything back."""
-        with self._b.transaction(write=True) as tx:
-            row = tx.rows("SELECT revision, log_floor FROM meta WHERE id = 1" + self._b.lock_suffix)
-            revision, floor = int(row[0][0]), int(row[0][1])
-            new = revision + 1
-            before = _load_registry(tx)
-            after, result = fn(tx, before, new)
-            changes = diff(before, after, new)
-            changes += [Change(new, op, kind, key, None, None) for op, kind, key in extra]
-            _write_registry(tx, before, after, new)
-            for seq, c in enumerate(changes):
-                tx.rows(
-                    "INSERT INTO changes (revision, seq, op, kind, key, value, nodes) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        new,
-                        seq,
-                        c.op,
-                        c.kind,
-                        c.key,
-                        None if c.value is None else json.dumps(c.value, sort_keys=True),
-                        None if c.nodes is None else json.dumps(list(c.nodes)),
-                    ),
+        """Run `fn(tx, registry, new_revision) -> result` in one write transaction; `fn`
+        changes the registry with its methods. Persist the rows that changed, log the
+        changes plus `extra` (op, kind, key) entries for every node, bump the
+        revision. Exceptions roll everything back."""
+        committed = False
+        new = -1
+        try:
+            with self._b.transaction(write=True) as tx:
+                row = tx.rows(
+                    "SELECT revision, log_floor FROM meta WHERE id = 1" + self._b.lock_suffix
                 )
-            new_floor = max(floor, new - KEEP_REVISIONS)
-            if new_floor > floor:
-                tx.rows("DELETE FROM changes WHERE revision <= ?", (new_floor,))
-            tx.rows("UPDATE meta SET revision = ?, log_floor = ? WHERE id = 1", (new, new_floor))
-            self._b.notify(tx, new)
+                revision, floor = int(row[0][0]), int(row[0][1])
+                new = revision + 1
+                reg = self._writer_at(tx, revision, floor)
+                changes, result = reg.run(new, lambda r: fn(tx, r, new))
+                changes += [Change(new, op, kind, key, None, None) for op, kind, key in extra]
+                _write_rows(tx, reg.last_rows, new)
+                tx_insert_changes(tx, changes)
+                new_floor = max(floor, new - KEEP_REVISIONS)
+                if new_floor > floor:
+                    tx.rows("DELETE FROM changes WHERE revision <= ?", (new_floor,))
+                tx.rows(
+                    "UPDATE meta SET revision = ?, log_floor = ? WHERE id = 1", (new, new_floor)
+                )
+                self._b.notify(tx, new)
+            committed = True
+        finally:
+            writer = self._writer
+            ahead = writer is not None and (writer.broken or 0 < new <= writer.revision)
+            if not committed and ahead:
+                self._writer = None  # ahead of (or apart from) the store: load it again
         self._b.committed(new)
         return new, result
 
+    def _writer_at(self, tx: _Tx, revision: int, floor: int) -> Registry:
+        """The writer's registry at the stored `revision`: as it is, caught up from the
+        change log (another replica wrote), or loaded (first write, or too far behind)."""
+        reg = self._writer
+        if reg is not None and reg.revision == revision:
+            return reg
+        if reg is not None and not reg.broken and floor <= reg.revision < revision:
+            try:
+                reg.follow(_load_changes(tx, reg.revision), revision)
+                return reg
+            except Exception as exc:  # noqa: BLE001 - any mismatch: load it whole
+                log.warning("registry: cannot follow the change log (%s); loading it again", exc)
+        reg = self._writer = _load_registry(tx, revision)
+        return reg
+
     def create_token(self, record: TokenRecord) -> int:
-        def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, None]:
+        def fn(tx: _Tx, reg: Registry, rev: int) -> None:
             tx.rows(
                 "INSERT INTO tokens (id, secret_sha256, node, zone, created_at, expires_at, "
                 "identities, address) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -504,7 +529,6 @@ class Store:
                     record.address,
                 ),
             )
-            return reg, None
 
         return self.mutate(fn)[0]
 
@@ -526,7 +550,7 @@ class Store:
         else `peer`, the address the enrollment came from), with the token's identities
         as its grant; or raise TokenError changing nothing."""
 
-        def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, NodeRecord]:
+        def fn(tx: _Tx, reg: Registry, rev: int) -> NodeRecord:
             lock = self._b.lock_suffix
             record = _load_token(tx, token.id, lock)
             node_zone = verify_token(record, token, name, zone, now)
@@ -536,8 +560,9 @@ class Store:
                 "UPDATE tokens SET used_at = ?, used_by = ? WHERE id = ?", (now, name, token.id)
             )
             node = NodeRecord(name, node_zone, address)
-            reg = put_node(reg, node)
-            return set_token_grant(reg, name, record.identities), node
+            reg.put_node(node)
+            reg.set_token_grant(name, record.identities)
+            return node
 
         return self.mutate(fn)
 
@@ -556,20 +581,20 @@ class Store:
         if rows:
             return rotating_ca(rows)
 
-        def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, RotatingCA]:
+        def fn(tx: _Tx, reg: Registry, rev: int) -> RotatingCA:
             existing = _load_ca(tx)
             if existing:
-                return reg, rotating_ca(existing)
+                return rotating_ca(existing)
             ca = create()
             _insert_ca(tx, ca, rev, None)
-            return reg, RotatingCA([(ca, None)])
+            return RotatingCA([(ca, None)])
 
         return self.mutate(fn, extra=[("put", "ca", "bundle")])[1]
 
     def rotate_ca(self, rotate: Callable[[RotatingCA], RotatingCA]) -> RotatingCA:
         """Replace the CA set by `rotate(current)`: update retirement times, add new ones."""
 
-        def fn(tx: _Tx, reg: Registry, rev: int) -> tuple[Registry, RotatingCA]:
+        def fn(tx: _Tx, reg: Registry, rev: int) -> RotatingCA:
             current = rotating_ca(_load_ca(tx))
             new = rotate(current)
             pins = set()
@@ -584,7 +609,7 @@ class Store:
             for (pin,) in tx.rows("SELECT pin FROM ca"):
                 if pin not in pins:
                     tx.rows("DELETE FROM ca WHERE pin = ?", (pin,))
-            return reg, new
+            return new
 
         return self.mutate(fn, extra=[("put", "ca", "bundle")])[1]
 
@@ -660,29 +685,32 @@ def _load_token(tx: _Tx, token_id: str, lock: str = "") -> TokenRecord | None:
     )
 
 
-def _load_registry(tx: _Tx) -> Registry:
-    nodes = {
-        r[0]: NodeRecord(r[0], r[1], r[2]) for r in tx.rows("SELECT name, zone, ip FROM nodes")
-    }
-    workloads = {
-        (r[0], r[1]): WorkloadRecord(r[0], r[1], r[2], r[3], r[4], int(r[5]), r[6])
-        for r in tx.rows(
-            "SELECT node, name, namespace, service, service_account, port, version FROM workloads"
-        )
-    }
-    services = {
-        (r[0], r[1]): ServiceRecord(r[0], r[1], r[2], int(r[3]))
-        for r in tx.rows("SELECT namespace, name, vip, port FROM services")
-    }
-    resources = {
-        (r[0], r[1], r[2]): json.loads(r[3])
-        for r in tx.rows("SELECT kind, namespace, name, body FROM resources")
-    }
-    revoked = {
-        r[0]: RevokedRecord(r[0], float(r[1]), float(r[2]))
-        for r in tx.rows("SELECT node, issued_before, until FROM revoked_nodes")
-    }
-    return Registry(nodes, workloads, services, resources, revoked)
+def _meta(tx: _Tx) -> tuple[int, int]:
+    revision, floor = tx.rows("SELECT revision, log_floor FROM meta WHERE id = 1")[0]
+    return int(revision), int(floor)
+
+
+def _load_registry(tx: _Tx, revision: int) -> Registry:
+    return Registry.load(
+        revision,
+        (NodeRecord(r[0], r[1], r[2]) for r in tx.rows("SELECT name, zone, ip FROM nodes")),
+        (
+            WorkloadRecord(r[0], r[1], r[2], r[3], r[4], int(r[5]), r[6])
+            for r in tx.rows(
+                "SELECT node, name, namespace, service, service_account, port, version "
+                "FROM workloads"
+            )
+        ),
+        (
+            ServiceRecord(r[0], r[1], r[2], int(r[3]))
+            for r in tx.rows("SELECT namespace, name, vip, port FROM services")
+        ),
+        (json.loads(r[0]) for r in tx.rows("SELECT body FROM resources")),
+        (
+            RevokedRecord(r[0], float(r[1]), float(r[2]))
+            for r in tx.rows("SELECT node, issued_before, until FROM revoked_nodes")
+        ),
+    )
 
 
 def _load_changes(tx: _Tx, after: int) -> list[Change]:
@@ -704,20 +732,42 @@ def _load_changes(tx: _Tx, after: int) -> list[Change]:
     ]
 
 
-def _write_registry(tx: _Tx, before: Registry, after: Registry, rev: int) -> None:
-    # Deletes first, so a VIP freed here may be taken again in the same transaction.
-    for key in before.services.keys() - after.services.keys():
-        tx.rows("DELETE FROM services WHERE namespace = ? AND name = ?", key)
-    for wkey in before.workloads.keys() - after.workloads.keys():
-        tx.rows("DELETE FROM workloads WHERE node = ? AND name = ?", wkey)
-    for name in before.nodes.keys() - after.nodes.keys():
-        tx.rows("DELETE FROM nodes WHERE name = ?", (name,))
-    for rkey in before.resources.keys() - after.resources.keys():
-        tx.rows("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?", rkey)
-    for name in before.revoked.keys() - after.revoked.keys():
-        tx.rows("DELETE FROM revoked_nodes WHERE node = ?", (name,))
-    for name, rv in after.revoked.items():
-        if before.revoked.get(name) != rv:
+def tx_insert_changes(tx: _Tx, changes: Sequence[Change]) -> None:
+    for seq, c in enumerate(changes):
+        tx.rows(
+            "INSERT INTO changes (revision, seq, op, kind, key, value, nodes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                c.revision,
+                seq,
+                c.op,
+                c.kind,
+                c.key,
+                None if c.value is None else json.dumps(c.value, sort_keys=True),
+                None if c.nodes is None else json.dumps(list(c.nodes)),
+            ),
+        )
+
+
+def _write_rows(tx: _Tx, rows: RowChanges, rev: int) -> None:
+    """Write the rows one change made: deletes first, so a VIP freed here may be
+    taken again in the same transaction."""
+    for key, svc in rows.services.items():
+        if svc is None:
+            tx.rows("DELETE FROM services WHERE namespace = ? AND name = ?", key)
+    for wkey, wl in rows.workloads.items():
+        if wl is None:
+            tx.rows("DELETE FROM workloads WHERE node = ? AND name = ?", wkey)
+    for name, node in rows.nodes.items():
+        if node is None:
+            tx.rows("DELETE FROM nodes WHERE name = ?", (name,))
+    for rkey, doc in rows.resources.items():
+        if doc is None:
+            tx.rows("DELETE FROM resources WHERE kind = ? AND namespace = ? AND name = ?", rkey)
+    for name, rv in rows.revoked.items():
+        if rv is None:
+            tx.rows("DELETE FROM revoked_nodes WHERE node = ?", (name,))
+        else:
             tx.rows(
                 "INSERT INTO revoked_nodes (node, issued_before, until, revision) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (node) DO UPDATE SET "
@@ -725,26 +775,25 @@ def _write_registry(tx: _Tx, before: Registry, after: Registry, rev: int) -> Non
                 "revision = excluded.revision",
                 (rv.node, rv.issued_before, rv.until, rev),
             )
-
-    for name, n in after.nodes.items():
-        if before.nodes.get(name) != n:
+    for node in rows.nodes.values():
+        if node is not None:
             tx.rows(
                 "INSERT INTO nodes (name, zone, ip, revision) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET zone = excluded.zone, ip = excluded.ip, "
                 "revision = excluded.revision",
-                (n.name, n.zone, n.ip, rev),
+                (node.name, node.zone, node.ip, rev),
             )
-    for skey, s in after.services.items():
-        if before.services.get(skey) != s:
+    for svc in rows.services.values():
+        if svc is not None:
             tx.rows(
                 "INSERT INTO services (namespace, name, vip, port, revision) "
                 "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (namespace, name) DO UPDATE SET vip = excluded.vip, "
                 "port = excluded.port, revision = excluded.revision",
-                (s.namespace, s.name, s.vip, s.port, rev),
+                (svc.namespace, svc.name, svc.vip, svc.port, rev),
             )
-    for wkey, w in after.workloads.items():
-        if before.workloads.get(wkey) != w:
+    for w in rows.workloads.values():
+        if w is not None:
             tx.rows(
                 "INSERT INTO workloads (node, name, namespace, service, service_account, port, "
                 "version, revision) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
@@ -753,8 +802,8 @@ def _write_registry(tx: _Tx, before: Registry, after: Registry, rev: int) -> Non
                 "port = excluded.port, version = excluded.version, revision = excluded.revision",
                 (w.node, w.name, w.namespace, w.service, w.service_account, w.port, w.version, rev),
             )
-    for rkey, doc in after.resources.items():
-        if before.resources.get(rkey) != doc:
+    for rkey, doc in rows.resources.items():
+        if doc is not None:
             tx.rows(
                 "INSERT INTO resources (kind, namespace, name, body, revision) "
                 "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, namespace, name) DO UPDATE SET "

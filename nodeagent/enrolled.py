@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import subprocess
 import threading
 import time
@@ -226,7 +227,9 @@ class CpClient:
 
     def config(self, since: int, wait: float) -> dict[str, Any]:
         doc: dict[str, Any] = self.request(
-            "GET", f"{api.NODE_CONFIG}?since={since}&wait={int(wait)}", timeout=wait + 10
+            "GET",
+            f"{api.NODE_CONFIG}?since={since}&wait={int(wait)}&endpoints=1",
+            timeout=wait + 10,
         )
         return doc
 
@@ -328,8 +331,8 @@ class SliceStore:
 
 class CpWatcher(threading.Thread):
     """Long-polls the node's slice; calls on_change after each change is saved.
-    Backs off (1 s doubling to 30 s) while the control plane is away, and says
-    so once, not on every try."""
+    Backs off (1 s doubling to 30 s, jittered) while the control plane is away, and
+    says so once, not on every try."""
 
     def __init__(self, client: CpClient, store: SliceStore, on_change: Callable[[], None]):
         super().__init__(name="cp-watch", daemon=True)
@@ -358,7 +361,9 @@ class CpWatcher(threading.Thread):
                 self.reachable, self.last_error = False, str(exc)
                 if isinstance(exc, (ValueError, KeyError)):
                     self.store.ask_full()
-                self.stop.wait(backoff)
+                # Jittered: after a control-plane restart the fleet does not come
+                # back in one wave (half the back-off, plus up to the other half).
+                self.stop.wait(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, 30.0)
                 continue
             if self.reachable is not True:

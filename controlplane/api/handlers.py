@@ -101,14 +101,14 @@ class Handlers:
             raise ApiError(400, f"workload: {exc}") from None
         limit = self.config.max_workloads_per_node
         revision, _ = await asyncio.to_thread(
-            self.store.mutate, lambda tx, r, rev: (reg.register_workload(r, wl, limit), None)
+            self.store.mutate, lambda tx, r, rev: r.register_workload(wl, limit)
         )
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "workload": wl.slice_dict()})
 
     async def delete_node_workload(self, req: Request, node: str, name: str) -> Response:
         revision, _ = await asyncio.to_thread(
-            self.store.mutate, lambda tx, r, rev: (reg.delete_workload(r, node, name), None)
+            self.store.mutate, lambda tx, r, rev: r.delete_workload(node, name)
         )
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "deleted": name})
@@ -123,14 +123,10 @@ class Handlers:
         except IdentityError as exc:
             raise ApiError(400, f"namespace/service_account: {exc}") from None
         registry = self.cache.registry
-        decision = reg.granted(registry, reg.grants_of(registry), node, str(ns), str(sa))
+        decision = registry.granted(node, str(ns), str(sa))
         if not decision.allowed:  # a grant, not the node's own registration, decides
             raise ApiError(403, f"certificate for {identity.uri}: {decision.message}")
-        hosted = any(
-            w.node == node and w.namespace == ns and w.service_account == sa
-            for w in registry.workloads.values()
-        )
-        if not hosted:
+        if not registry.hosts(node, str(ns), str(sa)):
             raise ApiError(
                 403,
                 f"node {node} hosts no workload with identity {identity.uri}; register the "
@@ -216,7 +212,7 @@ class Handlers:
         if not docs:
             raise ApiError(400, f"{source}: no resources in the input")
         revision, results = await asyncio.to_thread(
-            self.store.mutate, lambda tx, r, rev: reg.apply_resources(r, docs)
+            self.store.mutate, lambda tx, r, rev: r.apply_resources(docs)
         )
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "results": results})
@@ -240,7 +236,7 @@ class Handlers:
     ) -> Response:
         revision, _ = await asyncio.to_thread(
             self.store.mutate,
-            lambda tx, r, rev: (reg.delete_resource(r, kind, namespace, name), None),
+            lambda tx, r, rev: r.delete_resource(kind, namespace, name),
         )
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "deleted": f"{kind}/{namespace}/{name}"})
@@ -249,7 +245,7 @@ class Handlers:
         await self.cache.refresh()
         r = self.cache.registry
         items = [
-            {**n.to_dict(), "workloads": sum(1 for w in r.workloads.values() if w.node == n.name)}
+            {**n.to_dict(), "workloads": len(r.workloads_of(n.name))}
             for _, n in sorted(r.nodes.items())
         ]
         return json_response(200, {"revision": self.cache.revision, "items": items})
@@ -257,14 +253,14 @@ class Handlers:
     async def delete_admin_node(self, req: Request, name: str) -> Response:
         now, ttl = time.time(), self.config.cert_ttl.total_seconds()
         revision, _ = await asyncio.to_thread(
-            self.store.mutate, lambda tx, r, rev: (reg.delete_node(r, name, now, ttl), None)
+            self.store.mutate, lambda tx, r, rev: r.delete_node(name, now, ttl)
         )
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "deleted": name})
 
     async def get_admin_services(self, req: Request) -> Response:
         await self.cache.refresh()
-        items = list(reg.service_documents(self.cache.registry).values())
+        items = [doc.to_json() for doc in self.cache.registry.service_docs().values()]
         return json_response(200, {"revision": self.cache.revision, "items": items})
 
     async def get_admin_workloads(self, req: Request) -> Response:
@@ -274,7 +270,7 @@ class Handlers:
 
     async def delete_admin_workload(self, req: Request, node: str, name: str) -> Response:
         revision, _ = await asyncio.to_thread(
-            self.store.mutate, lambda tx, r, rev: (reg.delete_workload(r, node, name), None)
+            self.store.mutate, lambda tx, r, rev: r.delete_workload(node, name)
         )
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "deleted": f"{node}/{name}"})

@@ -1,37 +1,48 @@
-"""What this replica knows of the store: registry, change-log tail and CA set.
+"""What this replica knows of the store: a read-side registry, the change feed and
+the CA set.
 
-:class:`StateCache` is refreshed whenever the store signals a commit (ours, or
-another replica's via NOTIFY) and at least every second. Long-poll watchers sleep
-on its condition, so one commit costs one read of the database however many nodes
-watch.
+:class:`StateCache` catches up whenever the store signals a commit (ours, or
+another replica's via NOTIFY) and at least every second. It reads only the change
+log after its revision and applies it to its own :class:`~..registry.Registry`
+(which derives the same endpoints the writer did), so a commit costs what it
+changed, however large the mesh. It reads the whole registry only at start and
+when it fell behind what the log keeps. Long-poll watchers sleep on its condition,
+so one commit costs one read of the database however many nodes watch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from meshnode.controlplane.ca import RotatingCA
-from meshnode.controlplane.registry import Change, Registry
-from meshnode.controlplane.store import KEEP_REVISIONS, CARow, Store, rotating_ca
+from meshnode.controlplane.feed import Feed
+from meshnode.controlplane.registry import Registry
+from meshnode.controlplane.store import KEEP_REVISIONS, CARow, StateRead, Store, rotating_ca
 
 __all__ = ["StateCache"]
 
+log = logging.getLogger("meshnode.controlplane")
+
 
 class StateCache:
-    """The registry at `revision`, the change log after `floor`, and the CA set."""
+    """The registry at `revision`, the change feed after its floor, and the CA set."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
         self.revision = -1
-        self.floor = 0
         self.registry = Registry()
-        self.log: list[Change] = []
+        self.feed = Feed()
         self.ca: RotatingCA | None = None
         self._ca_rows: list[CARow] = []
         self._lock = asyncio.Lock()
         self.changed = asyncio.Condition()
         self.on_ca_change: Callable[[], None] = lambda: None
+
+    @property
+    def floor(self) -> int:
+        return self.feed.floor
 
     async def refresh(self) -> None:
         """Catch up with the store (cheap when nothing changed: one SELECT)."""
@@ -39,18 +50,25 @@ class StateCache:
             current = await asyncio.to_thread(self._store.revision)
             if current == self.revision:
                 return
-            after = None if self.revision < 0 else self.revision
-            state = await asyncio.to_thread(self._store.read_state, after)
-            if after is None or state.floor > self.revision:
-                self.log = state.changes
-                self.floor = state.floor
-            else:
-                self.log.extend(state.changes)
-            cut = state.revision - KEEP_REVISIONS
-            if cut > self.floor:
-                self.log = [c for c in self.log if c.revision > cut]
-                self.floor = cut
-            self.registry = state.registry
+            state: StateRead | None = None
+            if self.revision >= 0 and not self.registry.broken:
+                state = await asyncio.to_thread(self._store.read_changes, self.revision)
+                if state.floor > self.revision:
+                    state = None  # the log no longer reaches back to us
+                else:
+                    try:
+                        self.registry.follow(state.changes, state.revision)
+                    except Exception as exc:  # noqa: BLE001 - load it whole instead
+                        log.warning("state: cannot follow the change log (%s); loading it", exc)
+                        state = None
+                    else:
+                        self.feed.extend(state.changes, state.revision)
+            if state is None:
+                state = await asyncio.to_thread(self._store.read_state)
+                assert state.registry is not None
+                self.registry = state.registry
+                self.feed.reset(state.floor, state.revision, state.changes)
+            self.feed.trim(max(state.floor, state.revision - KEEP_REVISIONS))
             self.revision = state.revision
             if state.ca and state.ca != self._ca_rows:
                 self._ca_rows = state.ca

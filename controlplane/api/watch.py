@@ -1,8 +1,9 @@
 """The node config watch: a long poll on the state cache (docs/protocol.md).
 
-``GET /v1/node/config?since=R&wait=S`` answers at once with the changes after R
-(or the full slice), or sleeps on the cache's condition until a commit, shutdown,
-or S seconds (at most MAX_WAIT).
+``GET /v1/node/config?since=R&wait=S&endpoints=1`` answers at once with the
+changes after R (or the full slice), or sleeps on the cache's condition until a
+commit, shutdown, or S seconds (at most MAX_WAIT). Answers are compact JSON joined
+from encodings the feed and the registry made once for every node (feed.py).
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import Any
+from collections.abc import Callable
 
-from meshnode.controlplane import registry as reg
+from meshnode.controlplane.registry import Registry
 from meshnode.core import api
 from meshnode.core.errors import ApiError
 
 from .handlers import Handlers
-from .messages import Request, Response, json_response
+from .messages import Request, Response
 
 __all__ = ["MAX_WAIT", "Watch"]
 
@@ -37,29 +38,27 @@ class Watch(Handlers):
             raise ApiError(
                 400, "since must be an integer revision and wait a number of seconds"
             ) from None
+        endpoints = req.arg("endpoints") == "1"
         deadline = time.monotonic() + max(wait, 0.0)
         cache = self.cache
         while True:
-            if node not in cache.registry.nodes:
+            registry = cache.registry
+            if node not in registry.nodes:
                 raise ApiError(403, f"node {node} was removed from the registry; enroll again")
             changes = (
                 None
                 if since is None
-                else reg.changes_since(cache.log, cache.floor, since, node, cache.revision)
+                else cache.feed.answer(node, since, endpoints, _service_json(registry))
             )
             if changes is None:
-                return json_response(200, self._full_slice(node))
+                return Response(200, self._full_slice(node))
             if changes:
-                return json_response(
-                    200, {"revision": cache.revision, "full": False, "changes": changes}
-                )
+                return Response(200, _delta(cache.revision, changes))
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping:
                 if since == cache.revision or wait > 0:
-                    return json_response(200, {"revision": cache.revision, "unchanged": True})
-                return json_response(
-                    200, {"revision": cache.revision, "full": False, "changes": []}
-                )
+                    return Response(200, b'{"revision":%d,"unchanged":true}' % cache.revision)
+                return Response(200, _delta(cache.revision, []))
             await self._wait_change(cache.revision, remaining)
 
     async def _wait_change(self, seen: int, timeout: float) -> None:
@@ -72,12 +71,22 @@ class Watch(Handlers):
                     timeout,
                 )
 
-    def _full_slice(self, node: str) -> dict[str, Any]:
+    def _full_slice(self, node: str) -> bytes:
         c = self.cache
-        return reg.node_slice(
-            c.registry,
-            node,
-            c.revision,
-            self.config.trust_domain,
-            self._ca().trust_bundle_pem().decode(),
+        return c.registry.slice_json(
+            node, c.revision, self.config.trust_domain, self._ca().trust_bundle_pem().decode()
         )
+
+
+def _delta(revision: int, changes: list[bytes]) -> bytes:
+    return b'{"revision":%d,"full":false,"changes":[%b]}' % (revision, b",".join(changes))
+
+
+def _service_json(registry: Registry) -> Callable[[str], bytes | None]:
+    """The current document of service ``<ns>/<name>`` (None: it is gone)."""
+
+    def current(key: str) -> bytes | None:
+        ns, name = key.split("/", 1)
+        return registry.service_json((ns, name)) if (ns, name) in registry.services else None
+
+    return current

@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeAlias
 
-from meshnode.core.contracts.documents import NodeDoc, Revocation, ServiceDoc, WorkloadDoc
+from meshnode.core.contracts.documents import (
+    EndpointDoc,
+    NodeDoc,
+    Revocation,
+    ServiceDoc,
+    WorkloadDoc,
+)
 from meshnode.core.contracts.validate import (
     ContractError,
     Fields,
@@ -15,12 +21,21 @@ from meshnode.core.contracts.validate import (
 )
 from meshnode.core.resources import Resource
 
-ChangeKind: TypeAlias = Literal["workload", "service", "resource"]
+ChangeKind: TypeAlias = Literal["workload", "service", "endpoint", "resource"]
+ChangeValue: TypeAlias = WorkloadDoc | ServiceDoc | EndpointDoc | Resource
 
 
-def _value_key(value: WorkloadDoc | ServiceDoc | Resource) -> str:
+def endpoint_key(service: str, endpoint: EndpointDoc) -> str:
+    """The key of an endpoint change: ``<namespace>/<service>/<node>/<workload>``
+    (`service` is ``<namespace>/<name>``)."""
+    return f"{service}/{endpoint.node}/{endpoint.workload}"
+
+
+def _value_key(value: ChangeValue, key: str) -> str:
     if isinstance(value, WorkloadDoc | ServiceDoc):
         return value.key
+    if isinstance(value, EndpointDoc):  # the service is named only by the key
+        return endpoint_key("/".join(key.split("/")[:2]), value)
     return resource_key(value)
 
 
@@ -88,13 +103,21 @@ class NodeSlice:
 
     def apply(self, delta: SliceDelta) -> NodeSlice:
         """This slice with `delta`'s changes folded in (a put replaces the item
-        with the same key, or adds it; a delete of an absent key is a no-op)."""
+        with the same key, or adds it; a delete of an absent key is a no-op; so is an
+        endpoint change of a service the slice does not have)."""
         items: dict[str, dict[str, Any]] = {
             "workload": {w.key: w for w in self.workloads},
             "service": {s.key: s for s in self.services},
             "resource": {resource_key(r): r for r in self.resources},
         }
+        services = items["service"]
         for change in delta.changes:
+            if change.kind == "endpoint":
+                service, node, workload = change.key.rsplit("/", 2)
+                svc = services.get(service)
+                if svc is not None:
+                    services[service] = _with_endpoint(svc, node, workload, change.value)
+                continue
             coll = items[change.kind]
             coll.pop(change.key, None)
             if change.value is not None:
@@ -106,6 +129,16 @@ class NodeSlice:
             services=tuple(items["service"].values()),
             resources=tuple(items["resource"].values()),
         )
+
+
+def _with_endpoint(svc: ServiceDoc, node: str, workload: str, value: object) -> ServiceDoc:
+    """`svc` with endpoint (node, workload) replaced by `value` (None: removed), in
+    the control plane's order (by node, then workload)."""
+    kept = {(e.node, e.workload): e for e in svc.endpoints}
+    kept.pop((node, workload), None)
+    if isinstance(value, EndpointDoc):
+        kept[(node, workload)] = value
+    return replace(svc, endpoints=tuple(kept[k] for k in sorted(kept)))
 
 
 def _revision(f: Fields) -> int:
@@ -122,7 +155,7 @@ class SliceChange:
     op: Literal["put", "delete"]
     kind: ChangeKind
     key: str
-    value: WorkloadDoc | ServiceDoc | Resource | None = None
+    value: ChangeValue | None = None
 
     def __post_init__(self) -> None:
         if (self.op == "put") != (self.value is not None):
@@ -136,7 +169,9 @@ class SliceChange:
         if self.value is not None:
             value = self.value
             out["value"] = (
-                value.to_json() if isinstance(value, WorkloadDoc | ServiceDoc) else value.to_dict()
+                value.to_json()
+                if isinstance(value, WorkloadDoc | ServiceDoc | EndpointDoc)
+                else value.to_dict()
             )
         return out
 
@@ -146,23 +181,36 @@ class SliceChange:
         op, kind, key = f.string("op"), f.string("kind"), f.string("key")
         if op not in ("put", "delete"):
             raise ContractError(f"{f.at('op')}: {op!r} is not put or delete")
-        if kind not in ("workload", "service", "resource"):
-            raise ContractError(f"{f.at('kind')}: {kind!r} is not workload, service or resource")
+        if kind not in ("workload", "service", "endpoint", "resource"):
+            raise ContractError(
+                f"{f.at('kind')}: {kind!r} is not workload, service, endpoint or resource"
+            )
+        if kind == "endpoint" and len(key.split("/")) != 4:
+            raise ContractError(
+                f"{f.at('key')}: {key!r} is not <namespace>/<service>/<node>/<workload>"
+            )
         if op == "delete":
             if "value" in f.obj:
                 raise ContractError(f"{f.at('value')}: a delete carries no value")
             return cls(op, kind, key)
         raw, vpath = f.raw("value"), f.at("value")
-        value: WorkloadDoc | ServiceDoc | Resource
+        value: ChangeValue
         if kind == "workload":
             value = WorkloadDoc.from_json(raw, vpath)
         elif kind == "service":
             value = ServiceDoc.from_json(raw, vpath)
+        elif kind == "endpoint":
+            value = EndpointDoc.from_json(raw, vpath)
+            if key.split("/")[0] != value.namespace:
+                raise ContractError(
+                    f"{f.at('key')}: {key!r} names another namespace than the endpoint's "
+                    f"({value.namespace!r})"
+                )
         else:
             value = parse_resource(raw, vpath)
-        if _value_key(value) != key:
+        if _value_key(value, key) != key:
             raise ContractError(
-                f"{f.at('key')}: {key!r} is not the key of the value ({_value_key(value)!r})"
+                f"{f.at('key')}: {key!r} is not the key of the value ({_value_key(value, key)!r})"
             )
         return cls(op, kind, key, value)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import ssl
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -11,7 +13,9 @@ from cryptography.hazmat.primitives import serialization
 
 from meshnode.controlplane import registry as R
 from meshnode.controlplane.ca import CAError, CertificateAuthority, RotatingCA
+from meshnode.controlplane.feed import Feed
 from meshnode.controlplane.tokens import make_token, verify_token
+from meshnode.core.contracts import NodeSlice, SliceDelta
 from meshnode.core.identity import (
     IdentityError,
     SpiffeId,
@@ -121,12 +125,23 @@ def test_allocate_vip_lowest_free(used: list[str], expected: str) -> None:
     assert R.allocate_vip(used) == expected
 
 
+def _step(reg: R.Registry, fn: Callable[[R.Registry], object]) -> list[R.Change]:
+    """One revision of `fn`'s changes; its change-log entries."""
+    return reg.run(reg.revision + 1, fn)[0]
+
+
 def _reg() -> R.Registry:
     reg = R.Registry()
-    reg = R.put_node(reg, R.NodeRecord("node1", "z1", "198.18.0.11"))
-    reg = R.put_node(reg, R.NodeRecord("node2", "z2", "198.18.0.12"))
-    # Both nodes may host every identity of namespace default (their tokens' grants).
-    return R.set_token_grant(R.set_token_grant(reg, "node1", ["default/*"]), "node2", ["default/*"])
+
+    def fill(r: R.Registry) -> None:
+        r.put_node(R.NodeRecord("node1", "z1", "198.18.0.11"))
+        r.put_node(R.NodeRecord("node2", "z2", "198.18.0.12"))
+        # Both nodes may host every identity of namespace default (their tokens' grants).
+        r.set_token_grant("node1", ["default/*"])
+        r.set_token_grant("node2", ["default/*"])
+
+    _step(reg, fill)
+    return reg
 
 
 def _wl(
@@ -136,27 +151,60 @@ def _wl(
 
 
 def test_vip_stable_per_service_and_not_reused_while_it_exists() -> None:
-    reg = R.put_workload(_reg(), _wl("node1", "web", "web"))
-    reg = R.put_workload(reg, _wl("node2", "api", "api"))
-    reg = R.put_workload(reg, _wl("node2", "api-2", "api", version="v2"))
+    reg = _reg()
+    _step(reg, lambda r: r.put_workload(_wl("node1", "web", "web")))
+    _step(reg, lambda r: r.put_workload(_wl("node2", "api", "api")))
+    _step(reg, lambda r: r.put_workload(_wl("node2", "api-2", "api", version="v2")))
     vips = {k: s.vip for k, s in reg.services.items()}
     assert vips == {("default", "web"): "240.0.0.1", ("default", "api"): "240.0.0.2"}
     # Removing one of two endpoints keeps the service and its VIP.
-    reg = R.delete_workload(reg, "node2", "api")
+    _step(reg, lambda r: r.delete_workload("node2", "api"))
     assert reg.services[("default", "api")].vip == "240.0.0.2"
-    reg = R.put_workload(reg, _wl("node1", "db", "db"))
+    _step(reg, lambda r: r.put_workload(_wl("node1", "db", "db")))
     assert reg.services[("default", "db")].vip == "240.0.0.3"
     # The last endpoint gone: the service and its VIP go; the VIP is free again.
-    reg = R.delete_workload(reg, "node1", "web")
+    _step(reg, lambda r: r.delete_workload("node1", "web"))
     assert ("default", "web") not in reg.services
-    reg = R.put_workload(reg, _wl("node1", "cache", "cache"))
+    _step(reg, lambda r: r.put_workload(_wl("node1", "cache", "cache")))
     assert reg.services[("default", "cache")].vip == "240.0.0.1"
+    # A registry loaded from these rows allocates the same way (the gaps are free).
+    loaded = R.Registry.load(
+        reg.revision,
+        reg.nodes.values(),
+        reg.workloads.values(),
+        reg.services.values(),
+        reg.resources.values(),
+        (),
+    )
+    _step(loaded, lambda r: r.delete_workload("node1", "db"))
+    _step(loaded, lambda r: r.put_workload(_wl("node1", "x", "x")))
+    _step(loaded, lambda r: r.put_workload(_wl("node1", "y", "y")))
+    assert loaded.services[("default", "x")].vip == "240.0.0.3"
+    assert loaded.services[("default", "y")].vip == "240.0.0.4"
 
 
-def test_workload_on_unknown_node_refused() -> None:
+def test_workload_on_unknown_node_refused_and_nothing_changes() -> None:
+    reg = R.Registry()
     with pytest.raises(R.RegistryError) as exc:
-        R.put_workload(R.Registry(), _wl("ghost", "web", "web"))
+        _step(reg, lambda r: r.put_workload(_wl("ghost", "web", "web")))
     assert exc.value.status == 404
+    assert not reg.broken and reg.revision == 0
+    _step(reg, lambda r: r.put_node(R.NodeRecord("node1", "", "198.18.0.11")))
+    assert reg.revision == 1
+
+
+def test_a_run_that_fails_half_way_leaves_the_registry_to_be_loaded_again() -> None:
+    reg = _reg()
+
+    def half(r: R.Registry) -> None:
+        r.put_workload(_wl("node1", "web", "web"))
+        r.delete_workload("node1", "nope")
+
+    with pytest.raises(R.RegistryError):
+        _step(reg, half)
+    assert reg.broken
+    with pytest.raises(R.RegistryError, match="loaded again"):
+        _step(reg, lambda r: r.put_workload(_wl("node1", "web", "web")))
 
 
 @pytest.mark.parametrize(
@@ -186,11 +234,14 @@ POLICY = {
 
 
 def test_node_slice_shape_matches_the_ztunnel_schema() -> None:
-    reg = R.put_workload(_reg(), _wl("node1", "web", "web"))
-    reg = R.put_workload(reg, _wl("node2", "api", "api", port=9090, version="v1"))
-    reg, results = R.apply_resources(reg, [POLICY])
+    reg = _reg()
+    _step(reg, lambda r: r.put_workload(_wl("node1", "web", "web")))
+    _step(reg, lambda r: r.put_workload(_wl("node2", "api", "api", port=9090, version="v1")))
+    results = reg.run(reg.revision + 1, lambda r: r.apply_resources([POLICY]))[1]
     assert results == ["AuthorizationPolicy/deny created"]
-    s = R.node_slice(reg, "node1", 7, "cluster.local")
+    s = reg.slice_for("node1", 7, "cluster.local").to_json()
+    # The shared-encoding form is the same document.
+    assert json.loads(reg.slice_json("node1", 7, "cluster.local")) == s
     assert s["revision"] == 7 and s["full"] is True
     assert s["node"] == {"name": "node1", "zone": "z1", "ip": "198.18.0.11"}
     assert [w["name"] for w in s["workloads"]] == ["web"]  # only this node's
@@ -233,45 +284,74 @@ def test_node_slice_shape_matches_the_ztunnel_schema() -> None:
     assert state.find_service_by_vip("240.0.0.2") is not None
 
 
+def _feed(reg: R.Registry, steps: list[Callable[[R.Registry], object]]) -> Feed:
+    feed = Feed(floor=0, revision=reg.revision)
+    for fn in steps:
+        feed.extend(_step(reg, fn), reg.revision)
+    return feed
+
+
+def _answer(feed: Feed, node: str, since: int, endpoints: bool = True) -> list[dict] | None:
+    out = feed.answer(node, since, endpoints)
+    return None if out is None else [json.loads(b) for b in out]
+
+
 def test_changes_since_only_the_nodes_slice() -> None:
-    log: list[R.Change] = []
     reg = _reg()
-    log += R.diff(R.Registry(), reg, 1)
-    steps = [
-        lambda r: R.put_workload(r, _wl("node1", "web", "web")),  # rev 2
-        lambda r: R.put_workload(r, _wl("node2", "api", "api")),  # rev 3
-        lambda r: R.apply_resources(r, [POLICY])[0],  # rev 4
-    ]
-    for rev, step in enumerate(steps, 2):
-        new = step(reg)
-        log += R.diff(reg, new, rev)
-        reg = new
+    start = reg.slice_json("node1", 1, "td")
+    feed = _feed(
+        reg,
+        [
+            lambda r: r.put_workload(_wl("node1", "web", "web")),  # rev 2
+            lambda r: r.put_workload(_wl("node2", "api", "api")),  # rev 3
+            lambda r: r.put_workload(_wl("node2", "api-2", "api")),  # rev 4: one endpoint
+            lambda r: r.apply_resources([POLICY]),  # rev 5
+        ],
+    )
     # node1 since 1: its own workload, both services, the policy; not node2's workload.
-    ch = R.changes_since(log, 0, 1, "node1", 4)
+    ch = _answer(feed, "node1", 1)
     assert ch is not None
     assert [(c["kind"], c["key"]) for c in ch] == [
         ("workload", "web"),
         ("service", "default/web"),
         ("service", "default/api"),
+        ("endpoint", "default/api/node2/api-2"),
         ("resource", "AuthorizationPolicy/default/deny"),
     ]
-    ch2 = R.changes_since(log, 0, 2, "node2", 4)
+    ch2 = _answer(feed, "node2", 2)
     assert ch2 is not None
     assert ("workload", "web") not in [(c["kind"], c["key"]) for c in ch2]
     assert ("workload", "api") in [(c["kind"], c["key"]) for c in ch2]
-    assert R.changes_since(log, 0, 4, "node1", 4) == []
-    # Applied to node1's slice at rev 1, the changes give its slice at rev 4.
-    assert _apply(R.node_slice(_reg(), "node1", 1, "td"), ch) == _strip(
-        R.node_slice(reg, "node1", 4, "td")
+    assert _answer(feed, "node1", 5) == []
+    # Applied to node1's slice at rev 1, the changes give its slice at rev 5.
+    delta = SliceDelta.from_json({"revision": 5, "full": False, "changes": ch})
+    applied = NodeSlice.from_json(json.loads(start)).apply(delta)
+    want = reg.slice_for("node1", 5, "td")
+    assert tuple(sorted(applied.services, key=lambda x: x.key)) == want.services
+    assert applied.workloads == want.workloads and applied.resources == want.resources
+    # A node of an older release gets the whole service instead of the endpoint.
+    old = feed.answer(
+        "node1",
+        3,
+        endpoints=False,
+        service_json=lambda k: reg.service_json(tuple(k.split("/"))),  # type: ignore[arg-type]
     )
+    assert old is not None
+    kinds = [(c["kind"], c["key"]) for c in map(json.loads, old)]
+    assert kinds == [("service", "default/api"), ("resource", "AuthorizationPolicy/default/deny")]
+    assert json.loads(old[0])["value"] == reg.service_doc(("default", "api")).to_json()
 
 
 def test_changes_since_collapses_keys_and_handles_deletes() -> None:
-    reg = R.put_workload(_reg(), _wl("node1", "web", "web"))
-    log = R.diff(_reg(), reg, 2)
-    log += R.diff(reg, R.delete_workload(reg, "node1", "web"), 3)
-    ch = R.changes_since(log, 0, 1, "node1", 3)
-    assert ch == [
+    reg = _reg()
+    feed = _feed(
+        reg,
+        [
+            lambda r: r.put_workload(_wl("node1", "web", "web")),
+            lambda r: r.delete_workload("node1", "web"),
+        ],
+    )
+    assert _answer(feed, "node1", 1) == [
         {"op": "delete", "kind": "workload", "key": "web"},
         {"op": "delete", "kind": "service", "key": "default/web"},
     ]
@@ -279,39 +359,17 @@ def test_changes_since_collapses_keys_and_handles_deletes() -> None:
 
 def test_changes_since_asks_for_full_when_log_is_too_short_or_node_changed() -> None:
     reg = _reg()
-    moved = R.put_node(reg, R.NodeRecord("node1", "z1", "198.18.0.99"))
-    log = R.diff(reg, moved, 5)
-    assert R.changes_since(log, 4, 3, "node1", 5) is None  # older than the log keeps
-    assert R.changes_since(log, 4, 4, "node1", 5) is None  # node1's own record changed
-    assert R.changes_since(log, 4, 4, "node2", 5) == []
-    assert R.changes_since(log, 4, 9, "node2", 5) is None  # from the future: full
-    ca = [R.Change(6, "put", "ca", "bundle", None, None)]
-    assert R.changes_since(ca, 4, 5, "node2", 6) is None
-
-
-def _strip(s: dict) -> dict:
-    return {k: s[k] for k in ("workloads", "services", "resources")}
-
-
-def _apply(slice_: dict, changes: list[dict]) -> dict:
-    """What a node does with changes (by kind and key), as a test oracle."""
-    out = _strip(slice_)
-    keyfn = {
-        "workloads": lambda v: v["name"],
-        "services": lambda v: f"{v['namespace']}/{v['name']}",
-        "resources": lambda v: "/".join(
-            [v["kind"], v["metadata"].get("namespace", "default"), v["metadata"]["name"]]
-        ),
-    }
-    for c in changes:
-        field = c["kind"] + "s"
-        items = {keyfn[field](v): v for v in out[field]}
-        if c["op"] == "delete":
-            items.pop(c["key"], None)
-        else:
-            items[c["key"]] = c["value"]
-        out[field] = [items[k] for k in sorted(items)]
-    return {k: sorted(v, key=keyfn[k]) for k, v in out.items()}
+    feed = Feed(floor=4, revision=4)
+    reg.revision = 4
+    feed.extend(_step(reg, lambda r: r.put_node(R.NodeRecord("node1", "z1", "198.18.0.99"))), 5)
+    assert feed.answer("node1", 3) is None  # older than the log keeps
+    assert feed.answer("node1", 4) is None  # node1's own record changed
+    assert feed.answer("node2", 4) == []
+    assert feed.answer("node2", 9) is None  # from the future: full
+    feed.extend([R.Change(6, "put", "ca", "bundle", None, None)], 6)
+    assert feed.answer("node2", 5) is None
+    feed.trim(5)
+    assert feed.answer("node2", 4) is None and feed.floor == 5
 
 
 # --- CA: node and control-plane certificates, rotation ---------------------------------
@@ -460,39 +518,3 @@ def test_rotation_refuses_an_overlap_shorter_than_a_certificate_lifetime() -> No
         ca.rotate(minimum - timedelta(seconds=1), minimum=minimum)
     rotated = ca.rotate(minimum, minimum=minimum)
     assert len(rotated.trusted()) == 2  # old and new root, both in the bundle
-
-
-def test_diff_of_touched_services_equals_the_full_diff() -> None:
-    """diff() rebuilds only the services a change can alter; for a run of every
-    kind of change it must give what comparing every service document gives."""
-    import random
-
-    def full(before: R.Registry, after: R.Registry) -> list[tuple[str, str]]:
-        sold, snew = R.service_docs(before), R.service_docs(after)
-        return [
-            ("put" if snew.get(k) else "delete", "/".join(k))
-            for k in sorted(set(sold) | set(snew))
-            if sold.get(k) != snew.get(k)
-        ]
-
-    rng = random.Random(7)
-    reg = _reg()
-    for step in range(300):
-        before = reg
-        op = rng.choice(["put", "put", "delete", "node", "grant", "policy"])
-        node = rng.choice(["node1", "node2"])
-        name = f"w{rng.randrange(12)}"
-        if op == "put":
-            svc = rng.choice(["web", "api", "db"])
-            reg = R.put_workload(reg, _wl(node, name, svc, port=8000 + rng.randrange(3)))
-        elif op == "delete" and (node, name) in reg.workloads:
-            reg = R.delete_workload(reg, node, name)
-        elif op == "node":
-            ip = f"198.18.0.{rng.randrange(11, 20)}"
-            reg = R.put_node(reg, R.NodeRecord(node, rng.choice(["z1", "z2"]), ip))
-        elif op == "grant":
-            reg = R.set_token_grant(reg, node, rng.choice([["default/*"], ["default/web"], []]))
-        else:
-            reg, _ = R.apply_resources(reg, [POLICY])
-        got = [(c.op, c.key) for c in R.diff(before, reg, step) if c.kind == "service"]
-        assert got == full(before, reg), (step, op)

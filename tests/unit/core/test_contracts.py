@@ -435,33 +435,47 @@ def test_snapshot_message_version_wins_over_the_state_version() -> None:
 # --- both ends: registry -> agent ------------------------------------------------------
 
 
-def _registry() -> R.Registry:
-    reg = R.Registry()
-    reg = R.put_node(reg, R.NodeRecord("node1", "z1", "198.18.0.11"))
-    return R.put_node(reg, R.NodeRecord("node2", "z2", "198.18.0.12"))
-
-
 def test_registry_slices_parse_and_deltas_rebuild_the_full_slice() -> None:
-    reg0 = _registry()
-    reg1 = R.put_workload(reg0, R.WorkloadRecord("node1", "web", "default", "web", "web", 8080))
-    reg2 = R.put_workload(
-        reg1, R.WorkloadRecord("node2", "api", "default", "api", "api", 9090, "v2")
-    )
-    reg3, _ = R.apply_resources(reg2, [POLICY])
-    reg4 = R.delete_workload(reg3, "node1", "web")
-    log = R.diff(reg0, reg1, 2) + R.diff(reg1, reg2, 3) + R.diff(reg2, reg3, 4)
-    log += R.diff(reg3, reg4, 5)
-    start = parse_slice_answer(json.loads(json.dumps(R.node_slice(reg1, "node1", 2, "td"))))
+    from meshnode.controlplane.feed import Feed
+
+    reg = R.Registry()
+
+    def step(fn: Callable[[R.Registry], object]) -> list[R.Change]:
+        return reg.run(reg.revision + 1, fn)[0]
+
+    def nodes(r: R.Registry) -> None:
+        r.put_node(R.NodeRecord("node1", "z1", "198.18.0.11"))
+        r.put_node(R.NodeRecord("node2", "z2", "198.18.0.12"))
+        r.set_token_grant("node1", ["default/*"])
+        r.set_token_grant("node2", ["default/*"])
+
+    step(nodes)
+    step(lambda r: r.put_workload(R.WorkloadRecord("node1", "web", "default", "web", "web", 8080)))
+    start = parse_slice_answer(json.loads(reg.slice_json("node1", 2, "td")))
     assert isinstance(start, NodeSlice)
-    changes = R.changes_since(log, 0, 2, "node1", 5)
+    feed = Feed(floor=2, revision=2)
+    api = R.WorkloadRecord("node2", "api", "default", "api", "api", 9090, "v2")
+    feed.extend(step(lambda r: r.put_workload(api)), 3)
+    feed.extend(
+        step(
+            lambda r: r.put_workload(
+                R.WorkloadRecord("node1", "api-1", "default", "api", "api", 9090, "v1")
+            )
+        ),
+        4,
+    )
+    feed.extend(step(lambda r: r.apply_resources([POLICY])), 5)
+    feed.extend(step(lambda r: r.delete_workload("node1", "web")), 6)
+    changes = feed.answer("node1", 2)
     assert changes is not None
+    assert b'"kind":"endpoint"' in b"".join(changes)
     delta = parse_slice_answer(
-        json.loads(json.dumps({"revision": 5, "full": False, "changes": changes}))
+        json.loads(b'{"revision":6,"full":false,"changes":[%b]}' % b",".join(changes))
     )
     assert isinstance(delta, SliceDelta)
-    full = NodeSlice.from_json(R.node_slice(reg4, "node1", 5, "td"))
+    full = NodeSlice.from_json(json.loads(reg.slice_json("node1", 6, "td")))
     applied = start.apply(delta)
-    assert applied.revision == 5 and applied.workloads == () == full.workloads
+    assert applied.revision == 6 and applied.workloads == full.workloads
     assert sorted(applied.services, key=lambda s: s.key) == sorted(
         full.services, key=lambda s: s.key
     )
