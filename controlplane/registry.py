@@ -702,8 +702,16 @@ class Registry:
     def slice_json(
         self, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
     ) -> bytes:
-        """:meth:`slice_for`'s JSON, built from the shared encodings: what
-        ``GET /v1/node/config`` sends. Equal to ``slice_for(...).to_json()``."""
+        """:meth:`slice_for`'s JSON: what ``GET /v1/node/config`` sends. Equal to
+        ``slice_for(...).to_json()``."""
+        return b"".join(self.slice_parts(node, revision, trust_domain, trust_bundle))
+
+    def slice_parts(
+        self, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
+    ) -> tuple[bytes, ...]:
+        """:meth:`slice_json` in pieces, the large ones (every service, the policies)
+        the same objects for every node until they change: a full sync is written
+        from them, never copied per node."""
         if self._services_blob is None:
             self._services_blob = b",".join(self.service_json(k) for k in sorted(self.services))
         if self._resources_blob is None:
@@ -720,15 +728,12 @@ class Registry:
         revoked = self._revocations()
         if revoked:
             head["revoked"] = [r.to_json() for r in revoked]
-        return b"".join(
-            (
-                _dumps(head)[:-1],
-                b',"services":[',
-                self._services_blob,
-                b'],"resources":[',
-                self._resources_blob,
-                b"]}",
-            )
+        return (
+            _dumps(head)[:-1] + b',"services":[',
+            self._services_blob,
+            b'],"resources":[',
+            self._resources_blob,
+            b"]}",
         )
 
     def _node_resources(self) -> list[tuple[ResourceKey, dict[str, Any]]]:

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.payload import Payload
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -119,9 +121,46 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 
 def _to_web(response: Response) -> web.Response:
+    if response.chunks:
+        body = ChunksPayload(response.chunks, response.slots, content_type=response.content_type)
+        return web.Response(status=response.status, body=body)
     return web.Response(
         status=response.status, body=response.body, content_type=response.content_type
     )
+
+
+class ChunksPayload(Payload):
+    """A body written from shared pieces in slices, waiting for the socket to drain
+    between them, so a large answer holds a bounded buffer per connection; with
+    `slots`, only so many such bodies are written at once (the rest queue, first
+    come first served)."""
+
+    STEP = 256 * 1024
+
+    def __init__(
+        self, chunks: tuple[bytes, ...], slots: asyncio.Semaphore | None, **kwargs: Any
+    ) -> None:
+        super().__init__(chunks, **kwargs)
+        self._chunks = chunks
+        self._slots = slots
+        self._size = sum(len(c) for c in chunks)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._chunks).decode(encoding, errors)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        if self._slots is None:
+            await self._write(writer)
+            return
+        async with self._slots:
+            await self._write(writer)
+
+    async def _write(self, writer: AbstractStreamWriter) -> None:
+        for chunk in self._chunks:
+            view = memoryview(chunk)
+            for start in range(0, len(view), self.STEP):
+                await writer.write(view[start : start + self.STEP])
+                await writer.drain()
 
 
 @web.middleware

@@ -39,6 +39,8 @@ class ControlPlaneConfig:
     # requests on a kept-alive connection).
     handshake_timeout: float = 10.0
     header_timeout: float = 15.0
+    # Full slices written at once (watch.py); the others wait their turn.
+    max_full_syncs: int = 32
     # Workloads one node may register (registry.register_workload).
     max_workloads_per_node: int = DEFAULT_MAX_WORKLOADS_PER_NODE
 
@@ -73,9 +75,15 @@ class Request:
 
 @dataclass(slots=True)
 class Response:
+    """An answer. With `chunks`, the body is their concatenation, written piece by
+    piece without a copy (a full slice shares its large pieces with every node);
+    `slots` then paces such answers (at most so many written at once)."""
+
     status: int
     body: bytes
     content_type: str = "application/json"
+    chunks: tuple[bytes, ...] = ()
+    slots: Any = None  # an asyncio.Semaphore
 
 
 def json_response(status: int, body: Any) -> Response:

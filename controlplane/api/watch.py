@@ -29,6 +29,7 @@ class Watch(Handlers):
     """The long-poll handler, mixed into :class:`~.app.ControlPlane`."""
 
     _stopping: bool
+    _full_slots: asyncio.Semaphore | None = None
 
     async def get_node_config(self, req: Request, node: str) -> Response:
         try:
@@ -51,7 +52,7 @@ class Watch(Handlers):
                 else cache.feed.answer(node, since, endpoints, _service_json(registry))
             )
             if changes is None:
-                return Response(200, self._full_slice(node))
+                return self._full_slice(node)
             if changes:
                 return Response(200, _delta(cache.revision, changes))
             remaining = deadline - time.monotonic()
@@ -71,11 +72,17 @@ class Watch(Handlers):
                     timeout,
                 )
 
-    def _full_slice(self, node: str) -> bytes:
+    def _full_slice(self, node: str) -> Response:
+        """The node's full slice, written from the registry's shared pieces; at most
+        `max_full_syncs` are written at once (after a restart, the fleet's full
+        syncs go out paced, first come first served)."""
         c = self.cache
-        return c.registry.slice_json(
+        parts = c.registry.slice_parts(
             node, c.revision, self.config.trust_domain, self._ca().trust_bundle_pem().decode()
         )
+        if self._full_slots is None:
+            self._full_slots = asyncio.Semaphore(self.config.max_full_syncs)
+        return Response(200, b"", chunks=parts, slots=self._full_slots)
 
 
 def _delta(revision: int, changes: list[bytes]) -> bytes:

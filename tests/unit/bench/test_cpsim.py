@@ -40,7 +40,7 @@ def test_propagation_and_render() -> None:
         "registered": 2, "register_seconds": 1.0, "register_rate": 2.0,
         "register_rate_per_tenth": [2.0], "register_last_vs_first": math.nan,
         "sync_seconds": 0.5, "sync_bytes_per_node": 2e6, "policy": p, "endpoint": p,
-        "cp_rss_mb": 50.0, "cp_cpu_seconds": 1.0, "loadgen_cpu_seconds": 2.0,
+        "restart": p, "cp_rss_mb": 50.0, "cp_cpu_seconds": 1.0, "loadgen_cpu_seconds": 2.0,
     }  # fmt: skip
     text = cpsim.render(result)
     assert "| 2 | 10/s | 2 in 1.0 s (2/s) | 0.5 s, 2.00 MB/node |" in text
@@ -51,5 +51,6 @@ def test_a_small_real_run_is_complete() -> None:
     result = cpsim.run_simulation(cpsim.SimOptions(nodes=5, workloads=3, procs=2))
     assert result["registered"] == 15
     assert result["policy"]["reached"] == 5 and result["endpoint"]["reached"] == 5
+    assert result["restart"]["reached"] == 5  # every watcher back after a restart
     assert result["sync_bytes_per_node"] > 0 and result["endpoint"]["bytes_per_node"] > 0
     assert result["cp_rss_mb"] > 0 and "| 5 |" in cpsim.render(result)
