@@ -66,6 +66,14 @@ def controlplane() -> None:
     help="Connections open at once in total (each node holds one for its watch).",
 )
 @click.option(
+    "--max-full-syncs",
+    default=32,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Full slices written at once; more wait their turn (a fleet reconnecting "
+    "after a restart is served paced, first come first served).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -81,6 +89,7 @@ def run(
     max_workloads_per_node: int,
     max_connections_per_peer: int,
     max_connections: int,
+    max_full_syncs: int,
     log_level: str,
 ) -> None:
     """Serve the control-plane API over TLS 1.3 until SIGTERM."""
@@ -116,6 +125,7 @@ def run(
         max_workloads_per_node=max_workloads_per_node,
         max_connections_per_peer=max_connections_per_peer,
         max_connections=max_connections,
+        max_full_syncs=max_full_syncs,
     )
     try:
         import uvloop

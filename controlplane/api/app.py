@@ -123,7 +123,9 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 def _to_web(response: Response) -> web.Response:
     if response.chunks:
         body = ChunksPayload(response.chunks, response.slots, content_type=response.content_type)
-        return web.Response(status=response.status, body=body)
+        web_response = web.Response(status=response.status, body=body)
+        web_response.force_close()
+        return web_response
     return web.Response(
         status=response.status, body=response.body, content_type=response.content_type
     )
