@@ -71,6 +71,15 @@ class SimOptions:
     procs: int = 0  # 0: one per core
     db: str | None = None  # None: SQLite in the temporary data dir
     phase_timeout: float = 600.0
+    # Node i's workloads live in namespace sim<i mod namespaces>; with node_view
+    # "namespace" each node is sent only its namespace's services.
+    namespaces: int = 1
+    node_view: str = "mesh"
+
+
+def namespace_of(index: int, namespaces: int) -> str:
+    """The namespace of simulated node `index`'s workloads."""
+    return NAMESPACE if namespaces <= 1 else f"{NAMESPACE}{index % namespaces}"
 
 
 # --- pure ----------------------------------------------------------------------------
@@ -114,7 +123,8 @@ def render(result: dict[str, Any]) -> str:
     r = result
     lines = [
         f"control plane at scale: {r['nodes']} nodes x {r['workloads']} workloads, "
-        f"{r['store']}, {r['procs']} load-generator processes",
+        f"{r['store']}, {r['procs']} load-generator processes, "
+        f"{r.get('namespaces', 1)} namespace(s), node view {r.get('node_view', 'mesh')}",
         "",
         "| nodes | enroll | registering | full sync of all watchers | policy change "
         "p50/p99/max | one endpoint change p50/p99/max | CP RSS | CP CPU |",
@@ -130,7 +140,8 @@ def render(result: dict[str, Any]) -> str:
         + f"  (last tenth / first: {r['register_last_vs_first']:.2f})",
         f"policy change: {r['policy']['bytes_per_node']:.0f} B per node; "
         f"reached {r['policy']['reached']}/{r['nodes']} watchers",
-        f"endpoint change: reached {r['endpoint']['reached']}/{r['nodes']} watchers",
+        f"endpoint change: reached {r['endpoint']['reached']} watchers"
+        + (" (of its namespace)" if r.get("node_view") == "namespace" else ""),
         f"after a control-plane restart: every watcher caught up in {_ms(r['restart'])} "
         f"(p50/p99/max from the restart), {r['restart']['bytes_per_node']:.0f} B per node; "
         f"reached {r['restart']['reached']}/{r['nodes']}",
@@ -205,6 +216,7 @@ def _start_controlplane(opts: SimOptions, data: Path, port: int = 0) -> _Control
         "--listen", f"127.0.0.1:{port}", "--data-dir", str(data),
         "--max-connections-per-peer", cap, "--max-connections", cap,
         "--max-workloads-per-node", str(opts.workloads + 1), "--log-level", "warning",
+        "--node-view", opts.node_view,
     ]  # fmt: skip
     if opts.db:
         cmd += ["--db", opts.db]
@@ -238,6 +250,7 @@ class _Node:
     token: str
     address: str
     dir: Path
+    namespace: str = NAMESPACE
     session: Any = None
     revision: int = 0
     seen: dict[int, tuple[float, int]] = field(default_factory=dict)  # revision -> (t, bytes)
@@ -291,7 +304,12 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
 
     async def register(node: _Node, i: int, version: str = "") -> tuple[float, int]:
         async with limit:
-            body = {"name": f"w{i}", "namespace": NAMESPACE, "service": f"svc{i}", "port": 8000 + i}
+            body = {
+                "name": f"w{i}",
+                "namespace": node.namespace,
+                "service": f"svc{i}",
+                "port": 8000 + i,
+            }
             if version:
                 body["version"] = version
             status, doc, _ = await _request(node.session, "POST", f"{url}/v1/node/workloads", body)
@@ -301,10 +319,10 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
 
     async def certificate(node: _Node) -> None:
         async with limit:
-            ident = SpiffeId("cluster.local", NAMESPACE, "svc0")
+            ident = SpiffeId("cluster.local", node.namespace, "svc0")
             body = {
                 "csr": make_csr(generate_private_key(), ident).decode(),
-                "namespace": NAMESPACE,
+                "namespace": node.namespace,
                 "service_account": "svc0",
             }
             status, doc, _ = await _request(
@@ -338,14 +356,17 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 1.0
-            if status != 200 or doc.get("unchanged"):
+            if status == 200 and doc.get("unchanged"):  # nothing for it: watch from there
+                node.revision = max(node.revision, int(doc["revision"]))
+                continue
+            if status != 200:
                 continue
             node.revision = int(doc["revision"])
             node.seen[node.revision] = (time.time(), size)
 
-    def seen_since(revision: int) -> list[tuple[float, int]]:
+    def seen_since(revision: int, concerned: list[_Node]) -> list[tuple[float, int]]:
         out = []
-        for node in nodes:
+        for node in concerned:
             hits = [v for r, v in node.seen.items() if r >= revision]
             if hits:
                 out.append(min(hits))
@@ -364,11 +385,12 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
             synced = await asyncio.gather(*(full_sync(n) for n in nodes))
             watchers.extend(asyncio.ensure_future(watch(n)) for n in nodes)
             return synced
-        if cmd == "seen":  # (revision, deadline): wait until every watcher saw it
-            revision, deadline = arg
-            while time.time() < deadline and len(seen_since(revision)) < len(nodes):
+        if cmd == "seen":  # (revision, deadline, namespace): every watcher (of it) saw it
+            revision, deadline, namespace = arg
+            concerned = [n for n in nodes if namespace is None or n.namespace == namespace]
+            while time.time() < deadline and len(seen_since(revision, concerned)) < len(concerned):
                 await asyncio.sleep(0.05)
-            return seen_since(revision)
+            return seen_since(revision, concerned)
         if cmd == "change-endpoint":
             return (await register(nodes[0], 0, version="v2"))[1]
         raise SimError(f"unknown command {cmd}")
@@ -463,11 +485,14 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
     try:
         cp = _start_controlplane(opts, data)
         admin = cp.admin()
+        identities = ", ".join(
+            sorted({f"{namespace_of(i, opts.namespaces)}/*" for i in range(opts.nodes)})
+        )
         admin.call(
             "POST",
             "/v1/admin/resources",
             f"kind: IdentityGrant\nmetadata: {{name: sim}}\n"
-            f"spec: {{zones: [{ZONE}], identities: [{NAMESPACE}/*]}}\n".encode(),
+            f"spec: {{zones: [{ZONE}], identities: [{identities}]}}\n".encode(),
             content_type="application/yaml",
         )
         nodes = []
@@ -477,7 +502,8 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
             token = admin.call(
                 "POST", "/v1/admin/tokens", {"node": name, "zone": ZONE, "address": address}
             )["token"]
-            nodes.append(_Node(name, token, address, tmp / "nodes" / name))
+            namespace = namespace_of(i, opts.namespaces)
+            nodes.append(_Node(name, token, address, tmp / "nodes" / name, namespace))
         bundle = (data / "trust-bundle.pem").read_bytes()
         ctx = multiprocessing.get_context("spawn")
         plist, conns = [], []
@@ -522,15 +548,22 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
             content_type="application/yaml",
         )["revision"]
         seen = [
-            x for part in workers.call("seen", (rev, time.time() + 60), timeout=90) for x in part
+            x
+            for part in workers.call("seen", (rev, time.time() + 60, None), timeout=90)
+            for x in part
         ]
         policy = propagation(applied, seen)
         log(f"policy change reached {policy['reached']} watchers")
 
+        # With namespace views, only the nodes of the changed workload's namespace
+        # are sent the change (the others are not waited for).
+        changed_ns = namespace_of(0, opts.namespaces) if opts.node_view == "namespace" else None
         applied = time.time()
         rev2 = workers.call("change-endpoint", None, timeout=60, only=0)[0]
         seen = [
-            x for part in workers.call("seen", (rev2, time.time() + 60), timeout=90) for x in part
+            x
+            for part in workers.call("seen", (rev2, time.time() + 60, changed_ns), timeout=90)
+            for x in part
         ]
         endpoint = propagation(applied, seen)
         log(f"endpoint change reached {endpoint['reached']} watchers")
@@ -553,7 +586,9 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
             content_type="application/yaml",
         )["revision"]
         seen = [
-            x for part in workers.call("seen", (rev3, time.time() + 120), timeout=150) for x in part
+            x
+            for part in workers.call("seen", (rev3, time.time() + 120, None), timeout=150)
+            for x in part
         ]
         restart = propagation(restarted, seen)
         log(f"after a restart, {restart['reached']} watchers caught up")
@@ -574,6 +609,8 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
             "policy": policy,
             "endpoint": endpoint,
             "restart": restart,
+            "namespaces": opts.namespaces,
+            "node_view": opts.node_view,
             "cp_rss_mb": max(rss, cp.rss_peak_mb()),
             "cp_cpu_seconds": cpu + cp.cpu_seconds(),
             "loadgen_cpu_seconds": workers.cpu_seconds(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -108,6 +109,20 @@ def _parse_paths(value: str | None) -> list[str]:
     help="Load-generator processes [default: one per core].",
 )
 @click.option("--db", default=None, help="postgresql://... (default: SQLite).")
+@click.option(
+    "--namespaces",
+    type=click.IntRange(1, 1000),
+    default=1,
+    show_default=True,
+    help="With --controlplane: spread the nodes' workloads over this many namespaces.",
+)
+@click.option(
+    "--node-view",
+    type=click.Choice(["mesh", "namespace"]),
+    default="mesh",
+    show_default=True,
+    help="With --controlplane: the control plane's --node-view.",
+)
 def bench(
     quick: bool,
     duration: float,
@@ -123,6 +138,8 @@ def bench(
     workloads: int,
     procs: int,
     db: str | None,
+    namespaces: int,
+    node_view: str,
 ) -> None:
     """Benchmark meshnode against direct, HAProxy/stunnel mTLS pairs and a central LB.
 
@@ -136,7 +153,8 @@ def bench(
     from meshnode.lab.lab import LabError
 
     if controlplane:
-        _controlplane(nodes, workloads, procs, db, out_dir)
+        opts = cpsim_options(nodes, workloads, procs, db, namespaces, node_view)
+        _controlplane(opts, out_dir)
         return
     if os.geteuid() != 0:
         fail("meshnode bench builds a lab of network namespaces and cgroups: run it as root")
@@ -220,11 +238,25 @@ def _soak(soak_for: str, out_dir: Path, ztunnel_workers: int) -> None:
     click.echo(f"wrote {out_dir / 'soak.json'}")
 
 
-def _controlplane(nodes: int, workloads: int, procs: int, db: str | None, out_dir: Path) -> None:
+def cpsim_options(
+    nodes: int, workloads: int, procs: int, db: str | None, namespaces: int, node_view: str
+) -> Any:
+    import meshnode.bench.cpsim as cpsim
+
+    return cpsim.SimOptions(
+        nodes=nodes,
+        workloads=workloads,
+        procs=procs,
+        db=db,
+        namespaces=namespaces,
+        node_view=node_view,
+    )
+
+
+def _controlplane(opts: Any, out_dir: Path) -> None:
     import meshnode.bench.cpsim as cpsim
     from meshnode.core.errors import MeshnodeError
 
-    opts = cpsim.SimOptions(nodes=nodes, workloads=workloads, procs=procs, db=db)
     try:
         result = cpsim.run_simulation(opts, log=click.echo)
     except KeyboardInterrupt:

@@ -66,6 +66,20 @@ def controlplane() -> None:
     help="Connections open at once in total (each node holds one for its watch).",
 )
 @click.option(
+    "--node-view",
+    default="mesh",
+    show_default=True,
+    type=click.Choice(["mesh", "namespace"]),
+    help="What each node is sent: every service (mesh), or only the services of its "
+    "workloads' namespaces and of --shared-namespaces (namespace: smaller slices, but "
+    "a workload reaches another namespace's service only if that one is shared).",
+)
+@click.option(
+    "--shared-namespaces",
+    default="",
+    help="NS[,NS]: namespaces every node sees with --node-view namespace.",
+)
+@click.option(
     "--max-full-syncs",
     default=32,
     show_default=True,
@@ -89,6 +103,8 @@ def run(
     max_workloads_per_node: int,
     max_connections_per_peer: int,
     max_connections: int,
+    node_view: str,
+    shared_namespaces: str,
     max_full_syncs: int,
     log_level: str,
 ) -> None:
@@ -101,15 +117,19 @@ def run(
     )
     from meshnode.controlplane.api import run as serve
     from meshnode.controlplane.ca import CAError
+    from meshnode.controlplane.registry import RegistryError, check_label
     from meshnode.controlplane.store import StoreError, open_store
     from meshnode.core.identity import IdentityError, validate_trust_domain
 
     setup_logging(log_level)
+    shared = tuple(n.strip() for n in shared_namespaces.split(",") if n.strip())
     try:
         ttl = parse_duration(cert_ttl)
         split_listen(listen)
+        for namespace in shared:
+            check_label(namespace, "--shared-namespaces")
         validate_trust_domain(trust_domain)
-    except (ValueError, IdentityError) as exc:
+    except (ValueError, IdentityError, RegistryError) as exc:
         fail(str(exc))
     ips = [a.strip() for a in advertise.split(",") if a.strip()]
     try:
@@ -126,6 +146,8 @@ def run(
         max_connections_per_peer=max_connections_per_peer,
         max_connections=max_connections,
         max_full_syncs=max_full_syncs,
+        node_view=node_view,
+        shared_namespaces=shared,
     )
     try:
         import uvloop

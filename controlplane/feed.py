@@ -27,6 +27,8 @@ __all__ = ["Feed"]
 
 # Kinds that make every node (or the named one) take a full slice instead.
 _FULL_KINDS = frozenset({"ca", "revoked"})
+# Shared answers kept for one revision (one per since, kind of node and view).
+MAX_CACHED_ANSWERS = 4096
 # Revisions between two sweeps of the per-node lists (a sweep visits every node).
 SWEEP_EVERY = 256
 
@@ -62,7 +64,7 @@ class Feed:
         self._per_node: dict[str, list[_Entry]] = {}  # entries that name a node
         self._seq = 0
         self._swept = floor  # the per-node lists hold nothing older than this
-        self._shared: dict[tuple[int, bool], _Shared] = {}
+        self._shared: dict[tuple[int, bool, frozenset[str] | None], _Shared] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,6 +112,8 @@ class Feed:
         since: int,
         endpoints: bool = True,
         service_json: Callable[[str], bytes | None] | None = None,
+        view: frozenset[str] | None = None,
+        view_changed: int = 0,
     ) -> list[bytes] | None:
         """`node`'s slice changes after revision `since`, encoded, one per key (the
         last wins), oldest first; or None when a full slice must be sent instead:
@@ -117,10 +121,14 @@ class Feed:
         node's own record, the revocations or the trust bundle changed.
 
         Without `endpoints` (a node of an older release), endpoint changes become the
-        service's whole current document, from `service_json(<ns>/<name>)`."""
+        service's whole current document, from `service_json(<ns>/<name>)`. With a
+        `view` (namespaces), only services and endpoints of those; a view that
+        changed (at revision `view_changed`) after `since` needs a full slice."""
         if since < self.floor or since > self.revision:
             return None
-        shared = self._shared_since(since, endpoints, service_json)
+        if view is not None and view_changed > since:
+            return None
+        shared = self._shared_since(since, endpoints, service_json, view)
         if shared.full:
             return None
         mine: dict[str, _Entry] = {}
@@ -138,11 +146,17 @@ class Feed:
         return [e.wire() for e in merged]
 
     def _shared_since(
-        self, since: int, endpoints: bool, service_json: Callable[[str], bytes | None] | None
+        self,
+        since: int,
+        endpoints: bool,
+        service_json: Callable[[str], bytes | None] | None,
+        view: frozenset[str] | None,
     ) -> _Shared:
-        cached = self._shared.get((since, endpoints))
+        cached = self._shared.get((since, endpoints, view))
         if cached is not None:
             return cached
+        if len(self._shared) >= MAX_CACHED_ANSWERS:
+            self._shared.clear()
         start = bisect.bisect_right(self._revisions, since)
         last: dict[str, _Entry | None] = {}
         full = False
@@ -155,6 +169,9 @@ class Feed:
                 break
             if c.kind not in NODE_KINDS:
                 continue
+            scoped = view is not None and c.kind in ("service", "endpoint")
+            if scoped and c.key.split("/", 1)[0] not in view:  # type: ignore[operator]
+                continue
             if c.kind == "endpoint" and not endpoints:
                 service = "/".join(c.key.split("/", 2)[:2])
                 key = f"service\0{service}"
@@ -165,7 +182,7 @@ class Feed:
             last.pop(key, None)
             last[key] = entry  # re-insert: order by last change
         shared = _Shared(full, [] if full else [e for e in last.values() if e is not None])
-        self._shared[(since, endpoints)] = shared
+        self._shared[(since, endpoints, view)] = shared
         return shared
 
 

@@ -71,6 +71,8 @@ CA_BACKDATE = 60.0  # seconds; ca.CLOCK_SKEW (tests/unit/controlplane checks the
 # destination map by registering without end (`controlplane run` can change it).
 DEFAULT_MAX_WORKLOADS_PER_NODE = 256
 GRANT_KIND = IdentityGrant.kind
+# Distinct node views whose encodings are kept at once (most nodes share a few).
+MAX_CACHED_VIEWS = 64
 # Change kinds a node receives; the others are the control plane's own.
 NODE_KINDS = frozenset({"workload", "service", "endpoint", "resource"})
 
@@ -324,6 +326,7 @@ class _Txn:
     endpoints: set[tuple[ServiceKey, WorkloadKey]] = field(default_factory=set)
     endpoint_nodes: set[str] = field(default_factory=set)  # every workload on them
     endpoint_zones: set[str] = field(default_factory=set)  # every workload in them
+    views: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> namespaces
 
     def touched(self) -> bool:
         return bool(self.nodes or self.workloads or self.services or self.resources or self.revoked)
@@ -345,6 +348,10 @@ class Registry:
         self.grants = GrantIndex()
         self.last_rows = RowChanges()  # the rows the last run changed (the store writes them)
         self._by_node: dict[str, dict[str, WorkloadRecord]] = {}
+        # node -> namespace -> how many of its workloads are in it (its view, below)
+        self._namespaces: dict[str, dict[str, int]] = {}
+        # node -> the revision its set of namespaces last changed
+        self.view_changed: dict[str, int] = {}
         self._by_zone: dict[str, set[str]] = {}
         self._members: dict[ServiceKey, set[WorkloadKey]] = {}
         self._endpoints: dict[ServiceKey, dict[WorkloadKey, wire.EndpointDoc]] = {}
@@ -354,6 +361,7 @@ class Registry:
         # Encodings, made once and shared by every node's answer until they change.
         self._service_json: dict[ServiceKey, bytes] = {}
         self._services_blob: bytes | None = None
+        self._scoped_blobs: dict[frozenset[str], bytes] = {}
         self._resources_blob: bytes | None = None
 
     # -- runs ------------------------------------------------------------------------
@@ -479,6 +487,7 @@ class Registry:
         t.workloads.setdefault(key, old)
         if old is not None:
             self._by_node[old.node].pop(old.name, None)
+            self._count_namespace(old.node, old.namespace, -1)
             if old.service_key is not None:
                 self._members[old.service_key].discard(key)
                 t.endpoints.add((old.service_key, key))
@@ -487,9 +496,19 @@ class Registry:
         else:
             self.workloads[key] = rec
             self._by_node.setdefault(rec.node, {})[rec.name] = rec
+            self._count_namespace(rec.node, rec.namespace, +1)
             if rec.service_key is not None:
                 self._members.setdefault(rec.service_key, set()).add(key)
                 t.endpoints.add((rec.service_key, key))
+
+    def _count_namespace(self, node: str, namespace: str, delta: int) -> None:
+        counts = self._namespaces.setdefault(node, {})
+        self._t().views.setdefault(node, frozenset(counts))
+        count = counts.get(namespace, 0) + delta
+        if count > 0:
+            counts[namespace] = count
+        else:
+            counts.pop(namespace, None)
 
     def _set_service(self, key: ServiceKey, rec: ServiceRecord | None) -> None:
         t = self._t()
@@ -647,6 +666,12 @@ class Registry:
             for w in self._by_node.get(node, {}).values()
         )
 
+    def view(self, node: str, shared: Iterable[str] = ()) -> frozenset[str]:
+        """The namespaces whose services `node` sees when nodes see only their own
+        namespaces (``controlplane run --node-view namespace``): those of its
+        workloads, and the `shared` ones every node sees."""
+        return frozenset(self._namespaces.get(node, {})) | frozenset(shared)
+
     def workloads_of(self, node: str) -> list[WorkloadRecord]:
         return [w for _, w in sorted(self._by_node.get(node, {}).items())]
 
@@ -685,35 +710,52 @@ class Registry:
     # -- what nodes see ----------------------------------------------------------------
 
     def slice_for(
-        self, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
+        self,
+        node: str,
+        revision: int,
+        trust_domain: str,
+        trust_bundle: str | None = None,
+        view: frozenset[str] | None = None,
     ) -> NodeSlice:
-        """The full slice for `node` (which must be registered), as a contract value."""
+        """The full slice for `node` (which must be registered), as a contract value;
+        with `view`, only the services of those namespaces."""
         return NodeSlice(
             revision=revision,
             node=self.nodes[node].doc(),
             trust_domain=trust_domain,
             workloads=tuple(w.doc() for w in self.workloads_of(node)),
-            services=tuple(self.service_docs().values()),
+            services=tuple(
+                doc for key, doc in self.service_docs().items() if view is None or key[0] in view
+            ),
             resources=tuple(resource_from_dict(doc) for _, doc in self._node_resources()),
             trust_bundle=trust_bundle,
             revoked=self._revocations(),
         )
 
     def slice_json(
-        self, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
+        self,
+        node: str,
+        revision: int,
+        trust_domain: str,
+        trust_bundle: str | None = None,
+        view: frozenset[str] | None = None,
     ) -> bytes:
         """:meth:`slice_for`'s JSON: what ``GET /v1/node/config`` sends. Equal to
         ``slice_for(...).to_json()``."""
-        return b"".join(self.slice_parts(node, revision, trust_domain, trust_bundle))
+        return b"".join(self.slice_parts(node, revision, trust_domain, trust_bundle, view))
 
     def slice_parts(
-        self, node: str, revision: int, trust_domain: str, trust_bundle: str | None = None
+        self,
+        node: str,
+        revision: int,
+        trust_domain: str,
+        trust_bundle: str | None = None,
+        view: frozenset[str] | None = None,
     ) -> tuple[bytes, ...]:
-        """:meth:`slice_json` in pieces, the large ones (every service, the policies)
-        the same objects for every node until they change: a full sync is written
-        from them, never copied per node."""
-        if self._services_blob is None:
-            self._services_blob = b",".join(self.service_json(k) for k in sorted(self.services))
+        """:meth:`slice_json` in pieces, the large ones (the services, the policies)
+        the same objects for every node (with the same `view`) until they change: a
+        full sync is written from them, never copied per node."""
+        services = self._services(view)
         if self._resources_blob is None:
             self._resources_blob = b",".join(_dumps(doc) for _, doc in self._node_resources())
         head: dict[str, Any] = {
@@ -730,11 +772,27 @@ class Registry:
             head["revoked"] = [r.to_json() for r in revoked]
         return (
             _dumps(head)[:-1] + b',"services":[',
-            self._services_blob,
+            services,
             b'],"resources":[',
             self._resources_blob,
             b"]}",
         )
+
+    def _services(self, view: frozenset[str] | None) -> bytes:
+        """Every service's document (of the `view`'s namespaces), joined, made once
+        per change and view."""
+        if view is None:
+            if self._services_blob is None:
+                self._services_blob = b",".join(self.service_json(k) for k in sorted(self.services))
+            return self._services_blob
+        blob = self._scoped_blobs.get(view)
+        if blob is None:
+            if len(self._scoped_blobs) >= MAX_CACHED_VIEWS:
+                self._scoped_blobs.clear()
+            blob = self._scoped_blobs[view] = b",".join(
+                self.service_json(k) for k in sorted(self.services) if k[0] in view
+            )
+        return blob
 
     def _node_resources(self) -> list[tuple[ResourceKey, dict[str, Any]]]:
         # Grants are for the control plane, not for nodes.
@@ -861,12 +919,16 @@ class Registry:
                 for _, r in sorted(self.revoked.items())
             ]
             add("put", "revoked", "*", revocations, None)
+        for name, before in t.views.items():
+            if frozenset(self._namespaces.get(name, {})) != before:
+                self.view_changed[name] = rev
         self.last_rows = rows
         return changes
 
     def _invalidate(self, skey: ServiceKey) -> None:
         self._service_json.pop(skey, None)
         self._services_blob = None
+        self._scoped_blobs.clear()
 
 
 def _dumps(value: Any) -> bytes:

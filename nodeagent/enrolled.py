@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -316,6 +316,10 @@ class SliceStore:
         (a ValueError) when the answer does not follow the slice contract."""
         parsed = parse_slice_answer(answer)
         if isinstance(parsed, SliceUnchanged):
+            # Nothing for this node up to that revision (other nodes' changes, or
+            # outside its view): watch from there, or it falls off the change log.
+            if self.slice is not None and parsed.revision > self.slice.revision:
+                self.slice = replace(self.slice, revision=parsed.revision)
             return False
         if isinstance(parsed, NodeSlice):
             self.slice, self.full_wanted = parsed, False

@@ -39,6 +39,10 @@ class ControlPlaneConfig:
     # requests on a kept-alive connection).
     handshake_timeout: float = 10.0
     header_timeout: float = 15.0
+    # What a node sees: "mesh" (every service, the default) or "namespace" (the
+    # services of its workloads' namespaces and of `shared_namespaces`).
+    node_view: str = "mesh"
+    shared_namespaces: tuple[str, ...] = ()
     # Full slices written at once (watch.py); the others wait their turn.
     max_full_syncs: int = 32
     # Workloads one node may register (registry.register_workload).

@@ -46,10 +46,18 @@ class Watch(Handlers):
             registry = cache.registry
             if node not in registry.nodes:
                 raise ApiError(403, f"node {node} was removed from the registry; enroll again")
+            view = self._view(registry, node)
             changes = (
                 None
                 if since is None
-                else cache.feed.answer(node, since, endpoints, _service_json(registry))
+                else cache.feed.answer(
+                    node,
+                    since,
+                    endpoints,
+                    _service_json(registry),
+                    view,
+                    registry.view_changed.get(node, 0),
+                )
             )
             if changes is None:
                 return self._full_slice(node)
@@ -72,13 +80,23 @@ class Watch(Handlers):
                     timeout,
                 )
 
+    def _view(self, registry: Registry, node: str) -> frozenset[str] | None:
+        """The namespaces `node` sees (``--node-view namespace``), or None: all."""
+        if self.config.node_view != "namespace":
+            return None
+        return registry.view(node, self.config.shared_namespaces)
+
     def _full_slice(self, node: str) -> Response:
         """The node's full slice, written from the registry's shared pieces; at most
         `max_full_syncs` are written at once (after a restart, the fleet's full
         syncs go out paced, first come first served)."""
         c = self.cache
         parts = c.registry.slice_parts(
-            node, c.revision, self.config.trust_domain, self._ca().trust_bundle_pem().decode()
+            node,
+            c.revision,
+            self.config.trust_domain,
+            self._ca().trust_bundle_pem().decode(),
+            self._view(c.registry, node),
         )
         if self._full_slots is None:
             self._full_slots = asyncio.Semaphore(self.config.max_full_syncs)

@@ -183,3 +183,69 @@ def test_feed_answers_are_shared_between_nodes() -> None:
     assert a is not None and b is not None and a == b and a[0] is b[0]  # the same bytes
     mine = feed.answer("node1", reg.revision - 1)
     assert mine is not None and len(mine) == 2  # its own workload, and the service
+
+
+def test_namespace_views_follow_their_nodes_workloads() -> None:
+    """--node-view namespace: a node holds only its namespaces' services (and the
+    shared ones); applying the feed's answers for its view keeps it equal to the
+    full slice of that view, as workloads come, go and change namespace."""
+    rng = random.Random(1616)
+    shared = frozenset({"infra"})
+    reg = R.Registry()
+
+    def boot(r: R.Registry) -> None:
+        for n in NODES:
+            r.put_node(R.NodeRecord(n, "z1", "198.18.0.10"))
+            r.set_token_grant(n, ["default/*", "other/*", "infra/*"])
+
+    _step(reg, boot)
+    feed = Feed(floor=reg.revision, revision=reg.revision)
+
+    def view(node: str) -> frozenset[str]:
+        return reg.view(node, shared)
+
+    held = {
+        n: NodeSlice.from_json(json.loads(reg.slice_json(n, reg.revision, "td", None, view(n))))
+        for n in NODES
+    }
+    fulls = 0
+    for step in range(300):
+        node = rng.choice(NODES)
+        name = f"w{rng.randrange(6)}"
+        ns = rng.choice(["default", "other", "infra"])
+        if rng.random() < 0.3 and (node, name) in reg.workloads:
+            wl = reg.workloads[(node, name)]
+            changes = _step(reg, lambda r, w=wl: r.delete_workload(w.node, w.name))
+        else:
+            wl = _wl(node, name, rng.choice(["web", "api"]), ns=ns)
+            changes = _step(reg, lambda r, w=wl: r.put_workload(w))
+        feed.extend(changes, reg.revision)
+        rev = reg.revision
+        for n in NODES:
+            v = view(n)
+            answer = feed.answer(
+                n, held[n].revision, view=v, view_changed=reg.view_changed.get(n, 0)
+            )
+            if answer is None:
+                fulls += 1
+                held[n] = NodeSlice.from_json(json.loads(reg.slice_json(n, rev, "td", None, v)))
+            else:
+                doc = {"revision": rev, "full": False, "changes": [json.loads(b) for b in answer]}
+                held[n] = held[n].apply(SliceDelta.from_json(doc))
+            want = reg.slice_for(n, rev, "td", view=v)
+            assert sorted(held[n].services, key=lambda s: s.key) == list(want.services), (step, n)
+            assert all(s.namespace in v for s in held[n].services)
+    # A view changes only when a namespace comes or goes, not with every change.
+    assert 0 < fulls < 300
+
+
+def test_an_update_in_place_does_not_change_a_view() -> None:
+    reg = R.Registry()
+    _step(reg, lambda r: r.put_node(R.NodeRecord("n1", "", "10.0.0.1")))
+    _step(reg, lambda r: r.put_workload(_wl("n1", "web", "web")))
+    changed = reg.view_changed["n1"]
+    _step(reg, lambda r: r.put_workload(_wl("n1", "web", "web", port=9090)))
+    assert reg.view_changed["n1"] == changed
+    _step(reg, lambda r: r.put_workload(_wl("n1", "web", "web", ns="other")))
+    assert reg.view_changed["n1"] == reg.revision
+    assert reg.view("n1", ["infra"]) == {"other", "infra"}
