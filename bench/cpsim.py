@@ -199,6 +199,19 @@ class _ControlPlane:
     def cpu_seconds(self) -> float:
         return proc_stats.cpu_seconds([self.proc.pid])
 
+    def settle(self, limit: float = 120.0) -> float:
+        """Wait until the control plane is idle (under 10% of a core over half a
+        second), at most `limit` seconds; the seconds waited."""
+        start = time.monotonic()
+        last = self.cpu_seconds()
+        while time.monotonic() - start < limit:
+            time.sleep(0.5)
+            now = self.cpu_seconds()
+            if now - last < 0.05:
+                break
+            last = now
+        return time.monotonic() - start
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -251,7 +264,8 @@ class _Node:
     address: str
     dir: Path
     namespace: str = NAMESPACE
-    session: Any = None
+    session: Any = None  # the watch's kept-alive connection (as the agent keeps it)
+    requests: Any = None  # other calls, each on a fresh connection (as the agent makes them)
     revision: int = 0
     seen: dict[int, tuple[float, int]] = field(default_factory=dict)  # revision -> (t, bytes)
 
@@ -299,7 +313,10 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
             ctx = tls_context(
                 bundle, cert_file=str(node.dir / "cert.pem"), key_file=str(node.dir / "key.pem")
             )
-            node.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=2))
+            node.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=1))
+            node.requests = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=ctx, force_close=True)
+            )
             return time.time()
 
     async def register(node: _Node, i: int, version: str = "") -> tuple[float, int]:
@@ -312,7 +329,7 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
             }
             if version:
                 body["version"] = version
-            status, doc, _ = await _request(node.session, "POST", f"{url}/v1/node/workloads", body)
+            status, doc, _ = await _request(node.requests, "POST", f"{url}/v1/node/workloads", body)
             if status != 200:
                 raise SimError(f"registering {node.name}/w{i}: HTTP {status} {doc.get('error')}")
             return time.time(), int(doc["revision"])
@@ -326,7 +343,7 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
                 "service_account": "svc0",
             }
             status, doc, _ = await _request(
-                node.session, "POST", f"{url}/v1/node/certificates", body
+                node.requests, "POST", f"{url}/v1/node/certificates", body
             )
             if status != 200:
                 raise SimError(f"certificate for {node.name}: HTTP {status} {doc.get('error')}")
@@ -412,8 +429,9 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
             t.cancel()
         await asyncio.gather(*watchers, return_exceptions=True)
         for n in nodes:
-            if n.session is not None:
-                await n.session.close()
+            for session in (n.session, n.requests):
+                if session is not None:
+                    await session.close()
         await anon.close()
 
 
@@ -537,7 +555,10 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
         sync_seconds = max(s for s, _ in synced) - start
         sync_bytes = sum(b for _, b in synced) / len(synced)
         log(f"full sync of {len(synced)} watchers in {sync_seconds:.1f} s")
-        time.sleep(1.0)  # every watcher parked in its long poll
+        # Every watcher parked in its long poll: a full slice closes its connection,
+        # so the fleet reconnects (a TLS handshake each) before it is quiet.
+        settled = cp.settle()
+        log(f"control plane idle {settled:.1f} s after the full sync")
 
         applied = time.time()
         rev = admin.call(
@@ -554,6 +575,7 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
         ]
         policy = propagation(applied, seen)
         log(f"policy change reached {policy['reached']} watchers")
+        cp.settle()
 
         # With namespace views, only the nodes of the changed workload's namespace
         # are sent the change (the others are not waited for).

@@ -198,14 +198,29 @@ async def request_async(
         connector = aiohttp.UnixConnector(path=unix_socket, force_close=True)
     else:
         connector = aiohttp.TCPConnector(ssl=ctx if ctx is not None else True, force_close=True)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as session:
+        return await _send(session, base, method, path, payload, hdrs, want_peer, unix_socket)
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    base: str,
+    method: str,
+    path: str,
+    payload: bytes | None,
+    hdrs: dict[str, str],
+    want_peer: bool = False,
+    unix_socket: str | None = None,
+    timeout: float | None = None,
+) -> Answer:
     peer: list[x509.Certificate] = []
+    kw: dict[str, Any] = {}
+    if timeout is not None:
+        kw["timeout"] = aiohttp.ClientTimeout(total=timeout)
     try:
-        async with (
-            aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as session,
-            session.request(method, base + path, data=payload, headers=hdrs) as resp,
-        ):
+        async with session.request(method, base + path, data=payload, headers=hdrs, **kw) as resp:
             if want_peer and resp.connection is not None and resp.connection.transport:
                 peer = _peer_certificates(resp.connection.transport.get_extra_info("ssl_object"))
             raw = await resp.read()
@@ -219,6 +234,66 @@ async def request_async(
     except ValueError:
         data = {"error": raw[:200].decode(errors="replace")}
     return Answer(status, data, peer)
+
+
+class KeptConnection:
+    """One kept-alive HTTPS connection, for a caller that asks again and again from
+    one thread (the agent's watch: one TLS handshake per connection, not one per
+    long poll; at 10,000 nodes that is the difference between a handshake per node
+    and hundreds per second). A new URL or TLS context (a renewed certificate)
+    starts a new connection; a kept one the server closed is retried once, fresh."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._key: tuple[str, int] | None = None
+
+    def request(
+        self,
+        url: str,
+        method: str,
+        path: str,
+        ctx: ssl.SSLContext,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Answer:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self._request(url, method, path, ctx, timeout))
+
+    async def _request(
+        self, url: str, method: str, path: str, ctx: ssl.SSLContext, timeout: float
+    ) -> Answer:
+        key = (url, id(ctx))
+        if key != self._key:
+            await self._drop()
+            self._key = key
+        hdrs = {"Accept": "application/json"}
+        for attempt in (1, 2):
+            fresh = self._session is None
+            if self._session is None:
+                connector = aiohttp.TCPConnector(ssl=ctx, limit=1, keepalive_timeout=60)
+                self._session = aiohttp.ClientSession(connector=connector)
+            try:
+                return await _send(
+                    self._session, _base(url), method, path, None, hdrs, timeout=timeout
+                )
+            except ClientError:
+                await self._drop()
+                if fresh or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _drop(self) -> None:
+        if self._session is not None:
+            with contextlib.suppress(Exception):
+                await self._session.close()
+            self._session = None
+
+    def close(self) -> None:
+        if self._loop is not None:
+            self._loop.run_until_complete(self._drop())
+            self._loop.close()
+            self._loop = None
 
 
 def _peer_certificates(sslobj: ssl.SSLObject | None) -> list[x509.Certificate]:
@@ -367,6 +442,7 @@ class NodeClient:
         self.timeout = timeout
         self._ctx: ssl.SSLContext | None = None
         self._ctx_key: tuple[float, float] = (0.0, 0.0)
+        self._kept = KeptConnection()
 
     def _context(self) -> ssl.SSLContext:
         """Rebuilt when the certificate or the bundle changes on disk (renewal)."""
@@ -383,14 +459,25 @@ class NodeClient:
         return self._ctx
 
     def request(
-        self, method: str, path: str, body: Any = None, timeout: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float | None = None,
+        keep: bool = False,
     ) -> Any:
-        """The decoded JSON of a 2xx answer; ClientError otherwise."""
+        """The decoded JSON of a 2xx answer; ClientError otherwise. With `keep` (a
+        body-less call from one thread, again and again), on a kept-alive connection."""
         errors = []
         ctx = self._context()
         for url in list(self.order):
             try:
-                answer = request(url, method, path, ctx, body=body, timeout=timeout or self.timeout)
+                if keep:
+                    answer = self._kept.request(url, method, path, ctx, timeout or self.timeout)
+                else:
+                    answer = request(
+                        url, method, path, ctx, body=body, timeout=timeout or self.timeout
+                    )
             except ClientError as exc:
                 errors.append(str(exc))
                 continue
@@ -404,3 +491,7 @@ class NodeClient:
                 raise ClientError(answer.status, answer.error)
             return answer.data
         raise ClientError(0, "no control plane reachable: " + "; ".join(errors))
+
+    def close(self) -> None:
+        """Close the kept connection (from the thread that used it)."""
+        self._kept.close()

@@ -214,14 +214,23 @@ class CpClient:
         self.last_bundle: bytes | None = None
 
     def request(
-        self, method: str, path: str, body: Any = None, timeout: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float | None = None,
+        keep: bool = False,
     ) -> Any:
         try:
-            return self._client.request(method, path, body, timeout or self.timeout)
+            return self._client.request(method, path, body, timeout or self.timeout, keep)
         except ClientError as exc:
             raise ControlPlaneError(exc.message, exc.status) from None
         except OSError as exc:  # the certificate or bundle file
             raise ControlPlaneError(f"cannot read the node's TLS files: {exc}") from None
+
+    def close(self) -> None:
+        """Close the watch's kept connection (from the watch thread)."""
+        self._client.close()
 
     # -- the calls ------------------------------------------------------------------------
 
@@ -230,6 +239,7 @@ class CpClient:
             "GET",
             f"{api.NODE_CONFIG}?since={since}&wait={int(wait)}&endpoints=1",
             timeout=wait + 10,
+            keep=True,  # only the watch thread calls this
         )
         return doc
 
@@ -349,6 +359,12 @@ class CpWatcher(threading.Thread):
         self.last_contact = 0.0
 
     def run(self) -> None:
+        try:
+            self._watch()
+        finally:
+            self.client.close()
+
+    def _watch(self) -> None:
         backoff = 1.0
         while not self.stop.is_set():
             try:

@@ -1,0 +1,128 @@
+"""The node watch on the wire (issue 16): a real control plane and the node client.
+
+- the agent's watch keeps one TLS connection across long polls (not a handshake
+  per poll), and a full slice closes it (its large buffers go with it);
+- answers are compact and shared; one endpoint is one small change;
+- a node of an older release (no ``endpoints=1``) gets the whole service instead;
+- ``--node-view namespace`` sends a node only its namespaces' services.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshnode.controlplane.store import open_store
+from meshnode.core.contracts import NodeSlice, SliceDelta
+from meshnode.core.cpclient import NodeClient
+from meshnode.core.identity import controlplane_uri
+from tests.support.controlplane import EnrolledNode, ThreadedControlPlane, enroll
+
+GRANT = """\
+kind: IdentityGrant
+metadata: {name: all}
+spec: {zones: [z1], identities: ["default/*", "other/*"]}
+"""
+
+
+def _start(tmp_path: Path, **config: Any) -> ThreadedControlPlane:
+    store = open_store(f"sqlite://{tmp_path}/cp.db")
+    server = ThreadedControlPlane(store, tmp_path / "data", **config).start()
+    server.admin().request(
+        "POST", "/v1/admin/resources", GRANT.encode(), content_type="application/yaml"
+    )
+    return server
+
+
+@pytest.fixture
+def cp(tmp_path: Path) -> Iterator[ThreadedControlPlane]:
+    server = _start(tmp_path)
+    yield server
+    server.stop()
+
+
+def _node(cp: ThreadedControlPlane, tmp_path: Path, name: str) -> EnrolledNode:
+    _, doc = cp.admin().request("POST", "/v1/admin/tokens", {"node": name, "zone": "z1"})
+    status, data, node = enroll(cp.url, cp.bundle(), doc["token"], name, tmp_path / name)
+    assert status == 200 and node is not None, data
+    return node
+
+
+def _client(cp: ThreadedControlPlane, node: EnrolledNode) -> NodeClient:
+    bundle = node.dir / "bundle.pem"
+    bundle.write_bytes(node.bundle)
+    return NodeClient(
+        [cp.url], bundle, node.cert_path, node.key_path, controlplane_uri("cluster.local")
+    )
+
+
+def _register(client: NodeClient, name: str, ns: str = "default", service: str = "api") -> None:
+    body = {"name": name, "namespace": ns, "service": service, "port": 8080}
+    client.request("POST", "/v1/node/workloads", body)
+
+
+def test_the_watch_keeps_its_connection_and_gets_endpoint_changes(
+    cp: ThreadedControlPlane, tmp_path: Path
+) -> None:
+    n1, n2 = _node(cp, tmp_path, "node1"), _node(cp, tmp_path, "node2")
+    c1, c2 = _client(cp, n1), _client(cp, n2)
+    _register(c2, "api-1")
+    full = c1.request("GET", "/v1/node/config", keep=True)
+    held = NodeSlice.from_json(full)
+    # A full slice closes its connection; the next poll opens the one that stays.
+    c1.request("GET", f"/v1/node/config?since={held.revision}&endpoints=1", keep=True)
+    admitted = []
+    limits = cp.cp.limits
+    real_admit = limits.admit
+
+    def counting(peer: str) -> str:
+        admitted.append(peer)
+        return real_admit(peer)
+
+    limits.admit = counting  # type: ignore[method-assign]
+    for i in range(2, 5):
+        _register(c2, f"api-{i}")  # fresh connections: counted too
+        before = len(admitted)
+        doc = c1.request("GET", f"/v1/node/config?since={held.revision}&endpoints=1", keep=True)
+        assert len(admitted) == before, "the watch opened a new connection"
+        assert [(c["kind"], c["key"]) for c in doc["changes"]] == [
+            ("endpoint", f"default/api/node2/api-{i}")
+        ]
+        assert len(json.dumps(doc)) < 1024
+        held = held.apply(SliceDelta.from_json(doc))
+    assert [e.workload for e in held.services[0].endpoints] == [f"api-{i}" for i in range(1, 5)]
+    # An agent of an older release: the whole current service document instead.
+    old = c1.request("GET", f"/v1/node/config?since={held.revision - 1}")
+    assert [c["kind"] for c in old["changes"]] == ["service"]
+    assert len(old["changes"][0]["value"]["endpoints"]) == 4
+    c1.close()
+
+
+def test_namespace_view_sends_only_the_nodes_namespaces(tmp_path: Path) -> None:
+    cp = _start(tmp_path, node_view="namespace", shared_namespaces=("infra",))
+    try:
+        n1, n2 = _node(cp, tmp_path, "node1"), _node(cp, tmp_path, "node2")
+        c1, c2 = _client(cp, n1), _client(cp, n2)
+        _register(c1, "web", ns="default", service="web")
+        _register(c2, "api", ns="default")
+        _register(c2, "db", ns="other", service="db")
+        full = c1.request("GET", "/v1/node/config")
+        assert [s["name"] for s in full["services"]] == ["api", "web"]  # not other/db
+        rev = full["revision"]
+        _register(c2, "db-2", ns="other", service="db")
+        doc = c1.request("GET", f"/v1/node/config?since={rev}&endpoints=1")
+        assert doc.get("changes", []) == [] or doc.get("unchanged")
+        # node2 sees both of its namespaces.
+        both = c2.request("GET", "/v1/node/config")
+        assert sorted(s["namespace"] for s in both["services"]) == ["default", "default", "other"]
+        # node1 gains a workload in `other`: its view grew, so it gets a full slice.
+        _register(c1, "db-3", ns="other", service="db")
+        grown = c1.request("GET", f"/v1/node/config?since={rev}&endpoints=1")
+        assert grown["full"] is True
+        assert sorted(s["name"] for s in grown["services"]) == ["api", "db", "web"]
+    finally:
+        cp.stop()
