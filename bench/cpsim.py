@@ -420,9 +420,13 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
             if cmd == "stop":
                 break
             try:
-                conn.send(("ok", await handle(cmd, arg)))
+                reply: tuple[str, Any] = ("ok", await handle(cmd, arg))
             except Exception as exc:  # one line back to the main process
-                conn.send(("error", f"{type(exc).__name__}: {exc}"))
+                reply = ("error", f"{type(exc).__name__}: {exc}")
+            # The event loop made the pipe non-blocking for its reader; a large reply
+            # (a time per workload) must not fail with EAGAIN half-way.
+            os.set_blocking(conn.fileno(), True)
+            conn.send(reply)
     finally:
         loop.remove_reader(conn.fileno())
         for t in watchers:
@@ -461,7 +465,12 @@ class _Workers:
         for i in targets:
             if not self.conns[i].poll(timeout):
                 raise SimError(f"worker {i} did not finish {cmd!r} within {timeout:.0f} s")
-            status, value = self.conns[i].recv()
+            try:
+                status, value = self.conns[i].recv()
+            except (OSError, EOFError) as exc:
+                raise SimError(
+                    f"worker {i} died during {cmd!r} ({exc}); see its error above"
+                ) from None
             if status != "ok":
                 raise SimError(f"worker {i}, {cmd}: {value}")
             out.append(value)

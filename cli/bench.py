@@ -250,6 +250,9 @@ def cpsim_options(
         db=db,
         namespaces=namespaces,
         node_view=node_view,
+        # A phase (registering every workload) must not time out on a large run:
+        # 600 s, or 20 ms per workload, whichever is longer.
+        phase_timeout=max(600.0, 0.02 * nodes * workloads),
     )
 
 

@@ -481,7 +481,7 @@ class Store:
                 changes, result = reg.run(new, lambda r: fn(tx, r, new))
                 changes += [Change(new, op, kind, key, None, None) for op, kind, key in extra]
                 _write_rows(tx, reg.last_rows, new)
-                tx_insert_changes(tx, changes)
+                _insert_changes(tx, changes)
                 new_floor = max(floor, new - KEEP_REVISIONS)
                 if new_floor > floor:
                     tx.rows("DELETE FROM changes WHERE revision <= ?", (new_floor,))
@@ -732,7 +732,7 @@ def _load_changes(tx: _Tx, after: int) -> list[Change]:
     ]
 
 
-def tx_insert_changes(tx: _Tx, changes: Sequence[Change]) -> None:
+def _insert_changes(tx: _Tx, changes: Sequence[Change]) -> None:
     for seq, c in enumerate(changes):
         tx.rows(
             "INSERT INTO changes (revision, seq, op, kind, key, value, nodes) "

@@ -122,7 +122,9 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 def _to_web(response: Response) -> web.Response:
     if response.chunks:
-        body = ChunksPayload(response.chunks, response.slots, content_type=response.content_type)
+        body = ChunksPayload(
+            response.chunks, response.slots, response.owner, content_type=response.content_type
+        )
         web_response = web.Response(status=response.status, body=body)
         web_response.force_close()
         return web_response
@@ -138,31 +140,47 @@ class ChunksPayload(Payload):
     come first served)."""
 
     STEP = 256 * 1024
+    # A reader that takes longer than this for one step is cut off: a node that
+    # stops reading cannot hold a slot (and the others' full syncs) for ever.
+    STEP_TIMEOUT = 30.0
 
     def __init__(
-        self, chunks: tuple[bytes, ...], slots: asyncio.Semaphore | None, **kwargs: Any
+        self,
+        chunks: tuple[bytes, ...],
+        slots: asyncio.Semaphore | None,
+        owner: tuple[set[str], str] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(chunks, **kwargs)
         self._chunks = chunks
         self._slots = slots
+        self._owner = owner  # (who is being written to now, who this is for)
         self._size = sum(len(c) for c in chunks)
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return b"".join(self._chunks).decode(encoding, errors)
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        if self._slots is None:
-            await self._write(writer)
-            return
-        async with self._slots:
-            await self._write(writer)
+        busy, who = self._owner if self._owner is not None else (set(), "")
+        if who and who in busy:  # one at a time for each: nobody takes every slot
+            raise ConnectionResetError(f"a full slice for {who} is already being written")
+        busy.add(who)
+        try:
+            if self._slots is None:
+                await self._write(writer)
+                return
+            async with self._slots:
+                await self._write(writer)
+        finally:
+            busy.discard(who)
 
     async def _write(self, writer: AbstractStreamWriter) -> None:
         for chunk in self._chunks:
             view = memoryview(chunk)
             for start in range(0, len(view), self.STEP):
-                await writer.write(view[start : start + self.STEP])
-                await writer.drain()
+                async with asyncio.timeout(self.STEP_TIMEOUT):
+                    await writer.write(view[start : start + self.STEP])
+                    await writer.drain()
 
 
 @web.middleware

@@ -88,6 +88,9 @@ class Response:
     content_type: str = "application/json"
     chunks: tuple[bytes, ...] = ()
     slots: Any = None  # an asyncio.Semaphore
+    # (names being written to, this one's name): at most one such answer at a time
+    # for each name (a node cannot hold every slot with answers it does not read)
+    owner: tuple[set[str], str] | None = None
 
 
 def json_response(status: int, body: Any) -> Response:

@@ -30,6 +30,7 @@ class Watch(Handlers):
 
     _stopping: bool
     _full_slots: asyncio.Semaphore | None = None
+    _full_syncing: set[str] | None = None  # nodes whose full slice is being written now
 
     async def get_node_config(self, req: Request, node: str) -> Response:
         try:
@@ -90,6 +91,8 @@ class Watch(Handlers):
         """The node's full slice, written from the registry's shared pieces; at most
         `max_full_syncs` are written at once (after a restart, the fleet's full
         syncs go out paced, first come first served)."""
+        if self._full_syncing is None:
+            self._full_syncing = set()
         c = self.cache
         parts = c.registry.slice_parts(
             node,
@@ -100,7 +103,9 @@ class Watch(Handlers):
         )
         if self._full_slots is None:
             self._full_slots = asyncio.Semaphore(self.config.max_full_syncs)
-        return Response(200, b"", chunks=parts, slots=self._full_slots)
+        return Response(
+            200, b"", chunks=parts, slots=self._full_slots, owner=(self._full_syncing, node)
+        )
 
 
 def _delta(revision: int, changes: list[bytes]) -> bytes:

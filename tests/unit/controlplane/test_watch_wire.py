@@ -126,3 +126,56 @@ def test_namespace_view_sends_only_the_nodes_namespaces(tmp_path: Path) -> None:
         assert sorted(s["name"] for s in grown["services"]) == ["api", "db", "web"]
     finally:
         cp.stop()
+
+
+def test_a_node_that_stops_reading_full_slices_cannot_starve_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: a compromised node asks for its full slice on many connections and
+    never reads, to hold every writing slot (--max-full-syncs) so no other node can
+    sync. Each node gets one full slice written at a time, and a reader that stalls
+    a step is cut off, so an honest node's full sync still goes through."""
+    import socket
+    import ssl
+    import time
+
+    from meshnode.controlplane.api import app as app_mod
+    from meshnode.controlplane.registry import WorkloadRecord
+
+    monkeypatch.setattr(app_mod.ChunksPayload, "STEP_TIMEOUT", 2.0)
+    store = open_store(f"sqlite://{tmp_path}/cp.db")
+    server = ThreadedControlPlane(store, tmp_path / "data", max_full_syncs=1).start()
+    try:
+        server.admin().request(
+            "POST", "/v1/admin/resources", GRANT.encode(), content_type="application/yaml"
+        )
+        evil, honest = _node(server, tmp_path, "evil"), _node(server, tmp_path, "honest")
+
+        def fill(tx: Any, reg: Any, rev: int) -> None:  # a large mesh: a ~8 MB slice
+            for i in range(30000):
+                reg.put_workload(
+                    WorkloadRecord("honest", f"w{i}", "default", f"s{i % 10}", "sa", 80)
+                )
+
+        store.mutate(fill)
+        ctx = ssl.create_default_context(cadata=evil.bundle.decode())
+        ctx.check_hostname = False
+        ctx.load_cert_chain(evil.cert_path, evil.key_path)
+        stalled = []
+        for _ in range(6):
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            raw.connect(("127.0.0.1", server.cp.port))
+            conn = ctx.wrap_socket(raw)
+            conn.sendall(b"GET /v1/node/config HTTP/1.1\r\nHost: cp\r\n\r\n")
+            stalled.append(conn)  # and never read
+        time.sleep(0.5)
+        started = time.monotonic()
+        doc = _client(server, honest).request("GET", "/v1/node/config", timeout=8)
+        assert len(doc["services"]) == 10
+        assert time.monotonic() - started < 8
+        for conn in stalled:
+            conn.close()
+    finally:
+        server.stop()
+        store.close()
