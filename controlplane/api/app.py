@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -22,7 +23,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 
 from meshnode.controlplane.ca import CertificateAuthority, RotatingCA
 from meshnode.controlplane.registry import RegistryError
@@ -38,6 +39,7 @@ from meshnode.controlplane.store import Store, StoreError
 from meshnode.core import api
 from meshnode.core.errors import ApiError
 from meshnode.core.fsutil import write_file_atomic
+from meshnode.core.identity import node_name_from_certificate
 from meshnode.core.pki import generate_private_key, root_pin
 from meshnode.core.token import TokenError
 
@@ -206,6 +208,7 @@ class ControlPlane(Watch):
         self._runner: web.AppRunner | None = None
         self._local_runner: web.AppRunner | None = None
         self._gate: Gate | None = None
+        self._verified_ca: _VerifiedCA | None = None
         self.limits = ConnectionLimits(config.max_connections_per_peer, config.max_connections)
         self._ssl: ssl.SSLContext | None = None
         self._current_ssl: ssl.SSLContext | None = None
@@ -278,10 +281,13 @@ class ControlPlane(Watch):
         """Check the route's declared auth; the node's name for node routes."""
         if auth is Auth.NODE:
             ca = self._ca()
-            if req.peer_cert is not None:
-                await self.cache.refresh()
+            cert = req.peer_cert
+            if cert is not None:
+                claimed = node_name_from_certificate(cert, self.config.trust_domain)
+                if claimed is not None and claimed not in self.cache.registry.nodes:
+                    await self.cache.refresh()  # enrolled a moment ago, maybe elsewhere
             name = node_of_certificate(
-                req.peer_cert, self.config.trust_domain, ca, self.cache.registry.nodes
+                cert, self.config.trust_domain, self._verified(ca), self.cache.registry.nodes
             )
             req.identity = f"node/{name}"
             return (name,)
@@ -364,8 +370,7 @@ class ControlPlane(Watch):
         """Stop accepting, answer waiting long polls, give requests in flight
         ``config.shutdown_grace`` seconds, then close every connection."""
         self._stopping = True
-        async with self.cache.changed:
-            self.cache.changed.notify_all()
+        self.cache.changed.notify_all()
         if self._gate is not None:
             await self._gate.close()  # accept no more
         if self._runner is not None:
@@ -499,6 +504,14 @@ class ControlPlane(Watch):
         if self._current_ssl is not None:
             sock.context = self._current_ssl
 
+    def _verified(self, ca: RotatingCA) -> _VerifiedCA:
+        """`ca`, remembering which certificates it verified (a signature check once
+        per certificate and CA set, not once per long poll; the validity dates are
+        still checked each time)."""
+        if self._verified_ca is None or self._verified_ca.ca is not ca:
+            self._verified_ca = _VerifiedCA(ca)
+        return self._verified_ca
+
     def _ca_changed(self) -> None:
         if self._ssl is not None:
             self._current_ssl = self._make_ssl()
@@ -519,11 +532,39 @@ def _peer_uid(request: web.BaseRequest) -> int | None:
 
 
 def _peer_certificate(request: web.BaseRequest) -> x509.Certificate | None:
-    """The client certificate the TLS layer verified against the bundle, if any."""
+    """The client certificate the TLS layer verified against the bundle, if any
+    (parsed once per certificate: a watch asks again on the same connection)."""
     transport = request.transport
     sslobj = transport.get_extra_info("ssl_object") if transport is not None else None
     der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
-    return x509.load_der_x509_certificate(der) if der else None
+    return _parsed(der) if der else None
+
+
+@functools.lru_cache(maxsize=32768)
+def _parsed(der: bytes) -> x509.Certificate:
+    return x509.load_der_x509_certificate(der)
+
+
+class _VerifiedCA:
+    """:meth:`RotatingCA.verify_leaf` with its signature checks remembered."""
+
+    MAX = 32768
+
+    def __init__(self, ca: RotatingCA) -> None:
+        self.ca = ca
+        self._ok: dict[bytes, bool] = {}
+
+    def verify_leaf(self, leaf: x509.Certificate) -> bool:
+        now = datetime.now(UTC)
+        if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
+            return False
+        key = leaf.fingerprint(hashes.SHA256())
+        ok = self._ok.get(key)
+        if ok is None:
+            if len(self._ok) >= self.MAX:
+                self._ok.clear()
+            ok = self._ok[key] = self.ca.verify_leaf(leaf)
+        return ok
 
 
 # --- entry point --------------------------------------------------------------------

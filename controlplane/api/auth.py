@@ -11,10 +11,10 @@ import enum
 import hashlib
 import hmac
 from collections.abc import Container, Sequence
+from typing import Protocol
 
 from cryptography import x509
 
-from meshnode.controlplane.ca import RotatingCA
 from meshnode.core.errors import ApiError
 from meshnode.core.identity import node_name_from_certificate
 
@@ -59,8 +59,12 @@ def local_admin_allowed(peer_uid: int | None, own_uid: int) -> bool:
     return peer_uid is not None and peer_uid in (0, own_uid)
 
 
+class LeafVerifier(Protocol):
+    def verify_leaf(self, leaf: x509.Certificate) -> bool: ...
+
+
 def node_of_certificate(
-    cert: x509.Certificate | None, trust_domain: str, ca: RotatingCA, nodes: Container[str]
+    cert: x509.Certificate | None, trust_domain: str, ca: LeafVerifier, nodes: Container[str]
 ) -> str:
     """The registered node a verified client certificate belongs to, or ApiError."""
     if cert is None:

@@ -119,7 +119,7 @@ class Gate:
         sock = socket.create_server(
             (host or ("::" if family == socket.AF_INET6 else "0.0.0.0"), port),
             family=family,
-            backlog=1024,
+            backlog=4096,  # a fleet reconnecting at once (capped by somaxconn)
             reuse_port=False,
         )
         sock.setblocking(False)

@@ -9,7 +9,6 @@ from encodings the feed and the registry made once for every node (feed.py).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -74,12 +73,8 @@ class Watch(Handlers):
     async def _wait_change(self, seen: int, timeout: float) -> None:
         """Sleep until the cached revision moves past `seen`, shutdown, or `timeout`."""
         cache = self.cache
-        async with cache.changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    cache.changed.wait_for(lambda: cache.revision != seen or self._stopping),
-                    timeout,
-                )
+        if cache.revision == seen and not self._stopping:
+            await cache.changed.wait(timeout)
 
     def _view(self, registry: Registry, node: str) -> frozenset[str] | None:
         """The namespaces `node` sees (``--node-view namespace``), or None: all."""
