@@ -199,6 +199,24 @@ class _ControlPlane:
     def cpu_seconds(self) -> float:
         return proc_stats.cpu_seconds([self.proc.pid])
 
+    def sockets(self) -> int:
+        """Sockets the control plane holds open (its listeners and connections)."""
+        count = 0
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{self.proc.pid}/fd"):
+                with contextlib.suppress(OSError):
+                    count += os.readlink(fd.path).startswith("socket:")
+        return count
+
+    def wait_parked(self, watchers: int, limit: float = 300.0) -> float:
+        """Wait until the control plane holds a connection per watcher, then until
+        it is idle; the seconds waited (at most about `limit`)."""
+        start = time.monotonic()
+        while self.sockets() < watchers and time.monotonic() - start < limit:
+            time.sleep(0.5)
+        self.settle()
+        return time.monotonic() - start
+
     def settle(self, limit: float = 120.0) -> float:
         """Wait until the control plane is idle (under 10% of a core over half a
         second), at most `limit` seconds; the seconds waited."""
@@ -566,8 +584,8 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
         log(f"full sync of {len(synced)} watchers in {sync_seconds:.1f} s")
         # Every watcher parked in its long poll: a full slice closes its connection,
         # so the fleet reconnects (a TLS handshake each) before it is quiet.
-        settled = cp.settle()
-        log(f"control plane idle {settled:.1f} s after the full sync")
+        settled = cp.wait_parked(opts.nodes)
+        log(f"every watcher parked and the control plane idle {settled:.1f} s after the sync")
 
         applied = time.time()
         rev = admin.call(
