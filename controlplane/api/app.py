@@ -263,7 +263,11 @@ class ControlPlane(Watch):
                 response = json_response(
                     500, {"error": "internal error; see the control plane log"}
                 )
-            log.info(
+            # A watch answered is routine (ten thousand nodes: ten thousand lines a
+            # change); everything else, and every failure, is logged at info.
+            routine = response.status == 200 and route.handler == "get_node_config"
+            log.log(
+                logging.DEBUG if routine else logging.INFO,
                 "%s %s peer=%s status=%d %.1fms",
                 req.method,
                 req.path,
@@ -546,24 +550,29 @@ def _parsed(der: bytes) -> x509.Certificate:
 
 
 class _VerifiedCA:
-    """:meth:`RotatingCA.verify_leaf` with its signature checks remembered."""
+    """:meth:`RotatingCA.verify_leaf` with its signature checks remembered for a
+    minute (a root retires by the clock, not only when the CA set changes)."""
 
     MAX = 32768
+    RECHECK = 60.0
 
     def __init__(self, ca: RotatingCA) -> None:
         self.ca = ca
-        self._ok: dict[bytes, bool] = {}
+        self._ok: dict[bytes, tuple[bool, float]] = {}
 
     def verify_leaf(self, leaf: x509.Certificate) -> bool:
         now = datetime.now(UTC)
         if not leaf.not_valid_before_utc <= now < leaf.not_valid_after_utc:
             return False
         key = leaf.fingerprint(hashes.SHA256())
-        ok = self._ok.get(key)
-        if ok is None:
-            if len(self._ok) >= self.MAX:
-                self._ok.clear()
-            ok = self._ok[key] = self.ca.verify_leaf(leaf)
+        mono = time.monotonic()
+        hit = self._ok.get(key)
+        if hit is not None and mono - hit[1] < self.RECHECK:
+            return hit[0]
+        if len(self._ok) >= self.MAX:
+            self._ok.clear()
+        ok = self.ca.verify_leaf(leaf)
+        self._ok[key] = (ok, mono)
         return ok
 
 

@@ -179,3 +179,26 @@ def test_a_node_that_stops_reading_full_slices_cannot_starve_the_others(
     finally:
         server.stop()
         store.close()
+
+
+def test_a_remembered_certificate_check_is_redone_after_a_minute(
+    cp: ThreadedControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A root retires by the clock, not only when the CA set changes: a signature
+    check remembered for a watch is redone after RECHECK seconds."""
+    from cryptography import x509
+
+    from meshnode.controlplane.api.app import _VerifiedCA
+
+    node = _node(cp, tmp_path, "node1")
+    leaf = x509.load_pem_x509_certificates(node.cert_path.read_bytes())[0]
+    answers = [True, False]
+
+    class Flipping:
+        def verify_leaf(self, cert: x509.Certificate) -> bool:
+            return answers.pop(0)
+
+    verified = _VerifiedCA(Flipping())  # type: ignore[arg-type]
+    assert verified.verify_leaf(leaf) and verified.verify_leaf(leaf)  # remembered
+    monkeypatch.setattr(_VerifiedCA, "RECHECK", 0.0)
+    assert not verified.verify_leaf(leaf)  # checked again: the root retired
