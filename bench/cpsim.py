@@ -514,6 +514,18 @@ def _flat(parts: list[Any]) -> list[Any]:
     return [x for part in parts for x in part]
 
 
+def _apply_policy(admin: Any, name: str) -> int:
+    """Apply a policy every node is sent (it matches nothing); the new revision."""
+    doc = (
+        f"kind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: sim}}\n"
+        "spec:\n  action: DENY\n  rules: [{from: {namespaces: [nowhere]}}]\n"
+    )
+    answer = admin.call(
+        "POST", "/v1/admin/resources", doc.encode(), content_type="application/yaml"
+    )
+    return int(answer["revision"])
+
+
 def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Everything, the control plane and temporary files removed at the end."""
     if opts.nodes < 1 or opts.workloads < 1:
@@ -588,18 +600,8 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
         log(f"every watcher parked and the control plane idle {settled:.1f} s after the sync")
 
         applied = time.time()
-        rev = admin.call(
-            "POST",
-            "/v1/admin/resources",
-            b"kind: AuthorizationPolicy\nmetadata: {name: sim-policy, namespace: sim}\n"
-            b"spec:\n  action: DENY\n  rules: [{from: {namespaces: [nowhere]}}]\n",
-            content_type="application/yaml",
-        )["revision"]
-        seen = [
-            x
-            for part in workers.call("seen", (rev, time.time() + 60, None), timeout=90)
-            for x in part
-        ]
+        rev = _apply_policy(admin, "sim-policy")
+        seen = _flat(workers.call("seen", (rev, time.time() + 60, None), timeout=90))
         policy = propagation(applied, seen)
         log(f"policy change reached {policy['reached']} watchers")
         cp.settle()
@@ -609,11 +611,7 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
         changed_ns = namespace_of(0, opts.namespaces) if opts.node_view == "namespace" else None
         applied = time.time()
         rev2 = workers.call("change-endpoint", None, timeout=60, only=0)[0]
-        seen = [
-            x
-            for part in workers.call("seen", (rev2, time.time() + 60, changed_ns), timeout=90)
-            for x in part
-        ]
+        seen = _flat(workers.call("seen", (rev2, time.time() + 60, changed_ns), timeout=90))
         endpoint = propagation(applied, seen)
         log(f"endpoint change reached {endpoint['reached']} watchers")
         rss, cpu = cp.rss_peak_mb(), cp.cpu_seconds()
@@ -627,18 +625,8 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
         cp.proc.wait(30)
         cp = _start_controlplane(opts, data, port=cp.port)
         admin = cp.admin()
-        rev3 = admin.call(
-            "POST",
-            "/v1/admin/resources",
-            b"kind: AuthorizationPolicy\nmetadata: {name: sim-restart, namespace: sim}\n"
-            b"spec:\n  action: DENY\n  rules: [{from: {namespaces: [nowhere]}}]\n",
-            content_type="application/yaml",
-        )["revision"]
-        seen = [
-            x
-            for part in workers.call("seen", (rev3, time.time() + 120, None), timeout=150)
-            for x in part
-        ]
+        rev3 = _apply_policy(admin, "sim-restart")
+        seen = _flat(workers.call("seen", (rev3, time.time() + 120, None), timeout=150))
         restart = propagation(restarted, seen)
         log(f"after a restart, {restart['reached']} watchers caught up")
 

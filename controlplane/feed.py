@@ -57,6 +57,9 @@ class Feed:
     """The change log after `floor`, up to `revision`."""
 
     def __init__(self, floor: int = 0, revision: int = 0) -> None:
+        self._start(floor, revision)
+
+    def _start(self, floor: int, revision: int) -> None:
         self.floor = floor
         self.revision = revision
         self._entries: list[_Entry] = []
@@ -71,7 +74,7 @@ class Feed:
 
     def reset(self, floor: int, revision: int, changes: Sequence[Change]) -> None:
         """Start again from a fresh read of the log."""
-        self.__init__(floor, floor)  # type: ignore[misc]
+        self._start(floor, floor)
         self.extend(changes, revision)
 
     def extend(self, changes: Sequence[Change], revision: int) -> None:

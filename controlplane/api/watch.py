@@ -54,7 +54,7 @@ class Watch(Handlers):
                     node,
                     since,
                     endpoints,
-                    _service_json(registry),
+                    None if endpoints else _service_json(registry),
                     view,
                     registry.view_changed.get(node, 0),
                 )
