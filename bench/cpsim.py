@@ -5,7 +5,7 @@ loopback. Each simulated node is real where the control plane can tell: a join
 token made through the admin API, its own P-256 key and CSR, enrollment over TLS
 with the pinned bundle, its node certificate as client certificate for every
 later call, W registered workloads (granted by one IdentityGrant for the zone),
-one workload certificate, and a long-poll watcher (`GET /v1/node/config`) that
+one workload certificate, and a watcher (`GET /v1/node/config`, streamed) that
 keeps the slice up to date as an agent does. The nodes run in several worker
 processes (one asyncio loop each), so that the load generator is not the
 bottleneck; the report says when it was.
@@ -57,7 +57,7 @@ __all__ = [
 ZONE = "sim"
 NAMESPACE = "sim"
 CONCURRENCY = 32  # requests in flight per worker process during the bulk phases
-WATCH_WAIT = 30  # seconds a watcher's long poll waits
+WATCH_WAIT = 30  # seconds between the control plane's heartbeats on a watch stream
 
 
 class SimError(MeshnodeError):
@@ -375,29 +375,42 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
             return time.time(), size
 
     async def watch(node: _Node) -> None:
+        """The agent's watch (nodeagent/enrolled.py): a stream on the kept
+        connection, each answer a line, asked again from the revision it holds
+        when the stream ends or breaks."""
+        from meshnode.core.contracts import AnswerLines
+
         backoff = 1.0
         while True:
+            path = f"/v1/node/config?since={node.revision}&wait={WATCH_WAIT}&endpoints=1&stream=1"
+            timeout = aiohttp.ClientTimeout(total=None, sock_read=WATCH_WAIT + 15)
             try:
-                status, doc, size = await _request(
-                    node.session,
-                    "GET",
-                    f"{url}/v1/node/config?since={node.revision}&wait={WATCH_WAIT}&endpoints=1",
-                    timeout=WATCH_WAIT + 30,
-                )
+                async with node.session.get(url + path, timeout=timeout) as resp:
+                    if resp.status != 200:
+                        await resp.read()
+                        raise aiohttp.ClientError(f"HTTP {resp.status}")
+                    lines = AnswerLines()
+                    async for data in resp.content.iter_any():
+                        for line in lines.feed(data):
+                            take(node, line)
+                    for line in lines.end():
+                        take(node, line)
             except (aiohttp.ClientError, TimeoutError, OSError):
-                # The agent's back-off (nodeagent/enrolled.py): 1 s doubling to 30 s,
-                # jittered, so a restarted control plane is not hit in one wave.
+                # The agent's back-off: 1 s doubling to 30 s, jittered, so a
+                # restarted control plane is not hit in one wave.
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, 30.0)
                 continue
             backoff = 1.0
-            if status == 200 and doc.get("unchanged"):  # nothing for it: watch from there
-                node.revision = max(node.revision, int(doc["revision"]))
-                continue
-            if status != 200:
-                continue
-            node.revision = int(doc["revision"])
-            node.seen[node.revision] = (time.time(), size)
+
+    def take(node: _Node, line: bytes) -> None:
+        doc = json.loads(line)
+        revision = int(doc["revision"])
+        if doc.get("unchanged"):  # nothing for it: watch from there
+            node.revision = max(node.revision, revision)
+            return
+        node.revision = revision
+        node.seen[revision] = (time.time(), len(line))
 
     def seen_since(revision: int, concerned: list[_Node]) -> list[tuple[float, int]]:
         out = []
@@ -594,7 +607,7 @@ def run_simulation(opts: SimOptions, log: Callable[[str], None] = print) -> dict
         sync_seconds = max(s for s, _ in synced) - start
         sync_bytes = sum(b for _, b in synced) / len(synced)
         log(f"full sync of {len(synced)} watchers in {sync_seconds:.1f} s")
-        # Every watcher parked in its long poll: a full slice closes its connection,
+        # Every watcher parked in its stream: a full slice closes its connection,
         # so the fleet reconnects (a TLS handshake each) before it is quiet.
         settled = cp.wait_parked(opts.nodes)
         log(f"every watcher parked and the control plane idle {settled:.1f} s after the sync")

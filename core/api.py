@@ -24,6 +24,7 @@ __all__ = [
     "NODE_CERTIFICATES",
     "NODE_CONFIG",
     "NODE_CONFIG_MAX_WAIT",
+    "NODE_CONFIG_STREAM_TYPE",
     "NODE_RENEW",
     "NODE_WORKLOAD",
     "NODE_WORKLOADS",
@@ -36,6 +37,8 @@ ENROLL = "/v1/enroll"
 
 NODE_CONFIG = "/v1/node/config"
 NODE_CONFIG_MAX_WAIT = 60.0  # seconds a long poll of NODE_CONFIG may wait at most
+# A streamed watch (``stream=1``): one answer per line, as the changes come.
+NODE_CONFIG_STREAM_TYPE = "application/x-ndjson"
 NODE_WORKLOADS = "/v1/node/workloads"
 NODE_WORKLOAD = "/v1/node/workloads/{name}"
 NODE_CERTIFICATES = "/v1/node/certificates"

@@ -229,11 +229,15 @@ async def _send(
         if unix_socket:
             raise ClientError(0, _describe_unix(unix_socket, exc)) from None
         raise ClientError(0, _describe(base, exc)) from None
+    return Answer(status, _decoded(raw), peer)
+
+
+def _decoded(raw: bytes) -> Any:
+    """A body's JSON, or {"error": its start} when it is not JSON."""
     try:
-        data = json.loads(raw) if raw else {}
+        return json.loads(raw) if raw else {}
     except ValueError:
-        data = {"error": raw[:200].decode(errors="replace")}
-    return Answer(status, data, peer)
+        return {"error": raw[:200].decode(errors="replace")}
 
 
 class KeptConnection:
@@ -282,6 +286,67 @@ class KeptConnection:
                 if fresh or attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+    def stream(
+        self,
+        url: str,
+        path: str,
+        ctx: ssl.SSLContext,
+        on_line: Callable[[bytes], bool],
+        idle: float,
+    ) -> Answer:
+        """GET `path` and hand each line of the answer to `on_line` as it comes,
+        until the answer ends or `on_line` returns False; Answer(200, None) then.
+        An answer that is not 200 is returned whole. No byte for `idle` seconds, or
+        a connection lost half-way, is ClientError(0, ...). A stream cut short
+        leaves nothing behind: the next call starts on a new connection."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self._stream(url, path, ctx, on_line, idle))
+
+    async def _stream(
+        self,
+        url: str,
+        path: str,
+        ctx: ssl.SSLContext,
+        on_line: Callable[[bytes], bool],
+        idle: float,
+    ) -> Answer:
+        from meshnode.core.contracts import AnswerLines
+
+        key = (url, id(ctx))
+        if key != self._key:
+            await self._drop()
+            self._key = key
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=ctx, limit=1, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(connector=connector)
+        base = _base(url)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=DEFAULT_TIMEOUT, sock_read=idle)
+        finished = False
+        try:
+            async with self._session.get(
+                base + path, headers={"Accept": "application/json"}, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    raw = await resp.read()
+                    finished = True
+                    return Answer(resp.status, _decoded(raw))
+                lines = AnswerLines()
+                async for data in resp.content.iter_any():
+                    for line in lines.feed(data):
+                        if not on_line(line):
+                            return Answer(200, None)
+                for line in lines.end():
+                    if not on_line(line):
+                        return Answer(200, None)
+                finished = True
+                return Answer(200, None)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise ClientError(0, _describe(base, exc)) from None
+        finally:
+            if not finished:  # cut short: the connection is mid-answer
+                await self._drop()
 
     async def _drop(self) -> None:
         if self._session is not None:
@@ -490,6 +555,39 @@ class NodeClient:
             if answer.status >= 300:
                 raise ClientError(answer.status, answer.error)
             return answer.data
+        raise ClientError(0, "no control plane reachable: " + "; ".join(errors))
+
+    def stream(self, path: str, on_line: Callable[[bytes], bool], idle: float) -> None:
+        """A streamed GET on the kept connection: each line of the answer goes to
+        `on_line` (until it returns False). Replicas are tried in order like
+        :meth:`request`; a 4xx answer raises ClientError with its message; so does
+        a stream lost half-way (status 0), after the lines that came."""
+        errors = []
+        ctx = self._context()
+        delivered = 0
+
+        def counted(line: bytes) -> bool:
+            nonlocal delivered
+            delivered += 1
+            return on_line(line)
+
+        for url in list(self.order):
+            try:
+                answer = self._kept.stream(url, path, ctx, counted, idle)
+            except ClientError as exc:
+                if delivered:  # lines were taken: the caller asks again from there
+                    raise
+                errors.append(str(exc))
+                continue
+            if answer.status >= 500:
+                errors.append(f"{url}: {answer.status} {answer.error}")
+                continue
+            if self.order[0] != url:
+                self.order.remove(url)
+                self.order.insert(0, url)
+            if answer.status >= 300:
+                raise ClientError(answer.status, answer.error)
+            return
         raise ClientError(0, "no control plane reachable: " + "; ".join(errors))
 
     def close(self) -> None:

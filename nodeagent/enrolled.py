@@ -234,14 +234,31 @@ class CpClient:
 
     # -- the calls ------------------------------------------------------------------------
 
-    def config(self, since: int, wait: float) -> dict[str, Any]:
-        doc: dict[str, Any] = self.request(
-            "GET",
-            f"{api.NODE_CONFIG}?since={since}&wait={int(wait)}&endpoints=1",
-            timeout=wait + 10,
-            keep=True,  # only the watch thread calls this
-        )
-        return doc
+    def watch(self, since: int, beat: float, on_answer: Callable[[Any], bool]) -> None:
+        """Stream the node's slice from `since` (docs/protocol.md): each answer, as
+        decoded JSON, goes to `on_answer` until it returns False or the stream ends.
+        The control plane says ``unchanged`` at least every `beat` seconds; silence
+        for `beat` + 15 s is a lost connection (ControlPlaneError)."""
+
+        def line(raw: bytes) -> bool:
+            try:
+                doc = json.loads(raw)
+            except ValueError as exc:
+                raise ContractError(
+                    f"the control plane sent a line that is not JSON: {exc}"
+                ) from None
+            return on_answer(doc)
+
+        try:
+            self._client.stream(
+                f"{api.NODE_CONFIG}?since={since}&wait={int(beat)}&endpoints=1&stream=1",
+                line,
+                idle=beat + 15,
+            )
+        except ClientError as exc:
+            raise ControlPlaneError(exc.message, exc.status) from None
+        except OSError as exc:  # the certificate or bundle file
+            raise ControlPlaneError(f"cannot read the node's TLS files: {exc}") from None
 
     def register_workload(self, w: WorkloadSpec) -> None:
         self.request(
@@ -343,8 +360,12 @@ class SliceStore:
         return True
 
 
+# Seconds between the control plane's heartbeats on the watch stream.
+WATCH_BEAT = 30.0
+
+
 class CpWatcher(threading.Thread):
-    """Long-polls the node's slice; calls on_change after each change is saved.
+    """Streams the node's slice; calls on_change after each change is saved.
     Backs off (1 s doubling to 30 s, jittered) while the control plane is away, and
     says so once, not on every try."""
 
@@ -357,6 +378,7 @@ class CpWatcher(threading.Thread):
         self.reachable: bool | None = None
         self.last_error = ""
         self.last_contact = 0.0
+        self._answers = 0  # in the current stream
 
     def run(self) -> None:
         try:
@@ -367,9 +389,9 @@ class CpWatcher(threading.Thread):
     def _watch(self) -> None:
         backoff = 1.0
         while not self.stop.is_set():
+            self._answers = 0
             try:
-                answer = self.client.config(self.store.revision, wait=30)
-                changed = self.store.apply(answer)
+                self.client.watch(self.store.revision, WATCH_BEAT, self._answer)
             except (ControlPlaneError, ValueError, KeyError) as exc:
                 if self.reachable is not False:
                     log.warning(
@@ -386,13 +408,29 @@ class CpWatcher(threading.Thread):
                 self.stop.wait(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, 30.0)
                 continue
-            if self.reachable is not True:
-                log.info("control plane reachable; config revision %d", self.store.revision)
-            self.reachable, self.last_error, backoff = True, "", 1.0
-            self.last_contact = time.time()
-            if changed:
-                self.store.save()
-                self.on_change()
+            # The stream ended as it should (the control plane wants the node to
+            # ask again: a full slice is due, or it is stopping), or an older control
+            # plane answered one long poll: ask again at once -- unless nothing came
+            # at all, which is not normal and must not become a busy loop.
+            if self._answers:
+                backoff = 1.0
+            else:
+                self.stop.wait(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, 30.0)
+
+    def _answer(self, answer: Any) -> bool:
+        """One answer of the stream: fold it in, save and apply it if it changed
+        anything. False (end the stream) once the watcher is stopping."""
+        changed = self.store.apply(answer)
+        self._answers += 1
+        if self.reachable is not True:
+            log.info("control plane reachable; config revision %d", self.store.revision)
+        self.reachable, self.last_error = True, ""
+        self.last_contact = time.time()
+        if changed:
+            self.store.save()
+            self.on_change()
+        return not self.stop.is_set()
 
 
 def node_config_from(

@@ -22,7 +22,7 @@ import stat
 import struct
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,11 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
 
 
 def _to_web(response: Response) -> web.Response:
+    if response.lines is not None:
+        return web.Response(
+            status=response.status,
+            body=LinesPayload(response.lines, content_type=response.content_type),
+        )
     if response.chunks:
         body = ChunksPayload(
             response.chunks, response.slots, response.owner, content_type=response.content_type
@@ -183,6 +188,30 @@ class ChunksPayload(Payload):
                 async with asyncio.timeout(self.STEP_TIMEOUT):
                     await writer.write(view[start : start + self.STEP])
                     await writer.drain()
+
+
+class LinesPayload(Payload):
+    """A body of unknown length (chunked), written line by line as `lines` yields
+    them (a streamed watch). A reader that leaves a line unread for STEP_TIMEOUT
+    is cut off: its buffer stays bounded, and it reconnects when it wakes."""
+
+    STEP_TIMEOUT = ChunksPayload.STEP_TIMEOUT
+
+    def __init__(self, lines: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(b"", **kwargs)
+        self._lines = lines
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return ""  # not known in advance
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        try:
+            async for line in self._lines:
+                async with asyncio.timeout(self.STEP_TIMEOUT):
+                    await writer.write(line)
+                    await writer.drain()
+        finally:
+            await self._lines.aclose()  # type: ignore[attr-defined]
 
 
 @web.middleware

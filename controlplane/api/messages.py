@@ -7,6 +7,7 @@ is read only then), and return a :class:`Response`; neither knows about aiohttp.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -81,7 +82,8 @@ class Request:
 class Response:
     """An answer. With `chunks`, the body is their concatenation, written piece by
     piece without a copy (a full slice shares its large pieces with every node);
-    `slots` then paces such answers (at most so many written at once)."""
+    `slots` then paces such answers (at most so many written at once). With
+    `lines`, the body is written line by line as the iterator yields them."""
 
     status: int
     body: bytes
@@ -91,6 +93,8 @@ class Response:
     # (names being written to, this one's name): at most one such answer at a time
     # for each name (a node cannot hold every slot with answers it does not read)
     owner: tuple[set[str], str] | None = None
+    # A body that comes in lines, as they are made (a streamed watch); chunked.
+    lines: AsyncIterator[bytes] | None = None
 
 
 def json_response(status: int, body: Any) -> Response:

@@ -1,21 +1,30 @@
-"""The node config watch: a long poll on the state cache (docs/protocol.md).
+"""The node config watch: a long poll, or a stream, on the state cache
+(docs/protocol.md).
 
 ``GET /v1/node/config?since=R&wait=S&endpoints=1`` answers at once with the
-changes after R (or the full slice), or sleeps on the cache's condition until a
-commit, shutdown, or S seconds (at most MAX_WAIT). Answers are compact JSON joined
-from encodings the feed and the registry made once for every node (feed.py).
+changes after R (or the full slice), or sleeps on the cache's wakeup until a
+commit, shutdown, or S seconds (at most MAX_WAIT). With ``stream=1`` the answer
+does not end: each change goes out as one more line, and a line saying
+``unchanged`` at least every S seconds (a heartbeat), so a change costs the
+control plane one write per node instead of an answer and a new request. Answers
+are compact JSON joined from encodings the feed and the registry made once for
+every node (feed.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+from cryptography import x509
+
+from meshnode.controlplane.ca import RotatingCA
 from meshnode.controlplane.registry import Registry
 from meshnode.core import api
 from meshnode.core.errors import ApiError
 
+from .auth import LeafVerifier, node_of_certificate
 from .handlers import Handlers
 from .messages import Request, Response
 
@@ -28,6 +37,7 @@ class Watch(Handlers):
     """The long-poll handler, mixed into :class:`~.app.ControlPlane`."""
 
     _stopping: bool
+    _verified: Callable[[RotatingCA], LeafVerifier]  # the app's remembered checks
     _full_slots: asyncio.Semaphore | None = None
     _full_syncing: set[str] | None = None  # nodes whose full slice is being written now
 
@@ -40,6 +50,7 @@ class Watch(Handlers):
                 400, "since must be an integer revision and wait a number of seconds"
             ) from None
         endpoints = req.arg("endpoints") == "1"
+        stream = req.arg("stream") == "1"
         deadline = time.monotonic() + max(wait, 0.0)
         cache = self.cache
         while True:
@@ -60,15 +71,67 @@ class Watch(Handlers):
                 )
             )
             if changes is None:
-                return self._full_slice(node)
+                return self._full_slice(node)  # the node then streams from its revision
+            if stream and since is not None:
+                beat = min(max(wait, 1.0), MAX_WAIT) if req.arg("wait") else MAX_WAIT / 2
+                lines = self._stream(node, req.peer_cert, since, endpoints, beat)
+                return Response(200, b"", content_type=api.NODE_CONFIG_STREAM_TYPE, lines=lines)
             if changes:
                 return Response(200, _delta(cache.revision, changes))
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self._stopping:
                 if since == cache.revision or wait > 0:
-                    return Response(200, b'{"revision":%d,"unchanged":true}' % cache.revision)
+                    return Response(200, _unchanged(cache.revision))
                 return Response(200, _delta(cache.revision, []))
             await self._wait_change(cache.revision, remaining)
+
+    async def _stream(
+        self, node: str, cert: x509.Certificate | None, since: int, endpoints: bool, beat: float
+    ) -> AsyncIterator[bytes]:
+        """The lines of a streamed watch: the changes after `since` at once (or
+        ``unchanged``), then each change as it is committed, and ``unchanged`` after
+        `beat` seconds of silence. It ends -- and the node asks again, to be told
+        why or sent a full slice -- when the node needs a full slice, is deleted,
+        or its certificate no longer passes (expired, or its CA retired), and on
+        shutdown."""
+        cache = self.cache
+        ca, checked = cache.ca, time.monotonic()
+        said = -beat  # when the last line went out
+        while not self._stopping:
+            registry = cache.registry
+            now = time.monotonic()
+            if node not in registry.nodes:
+                return
+            if cache.ca is not ca or now - checked >= beat:  # the node auth, again
+                ca, checked = cache.ca, now
+                try:
+                    node_of_certificate(
+                        cert, self.config.trust_domain, self._verified(self._ca()), registry.nodes
+                    )
+                except ApiError:
+                    return
+            revision = cache.revision
+            changes = cache.feed.answer(
+                node,
+                since,
+                endpoints,
+                None if endpoints else _service_json(registry),
+                self._view(registry, node),
+                registry.view_changed.get(node, 0),
+            )
+            if changes is None:
+                return
+            if changes:
+                since, said = revision, now
+                yield _delta(revision, changes) + b"\n"
+                continue
+            # Nothing for this node up to `revision`: go on from there, so every
+            # node asks the feed the same question; the heartbeat tells the node.
+            since = revision
+            if now - said >= beat:
+                said = now
+                yield _unchanged(revision) + b"\n"
+            await self._wait_change(revision, max(said + beat - time.monotonic(), 0.01))
 
     async def _wait_change(self, seen: int, timeout: float) -> None:
         """Sleep until the cached revision moves past `seen`, shutdown, or `timeout`."""
@@ -105,6 +168,10 @@ class Watch(Handlers):
 
 def _delta(revision: int, changes: list[bytes]) -> bytes:
     return b'{"revision":%d,"full":false,"changes":[%b]}' % (revision, b",".join(changes))
+
+
+def _unchanged(revision: int) -> bytes:
+    return b'{"revision":%d,"unchanged":true}' % revision
 
 
 def _service_json(registry: Registry) -> Callable[[str], bytes | None]:

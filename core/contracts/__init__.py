@@ -58,6 +58,7 @@ from meshnode.core.contracts.documents import (
     WorkloadDoc,
 )
 from meshnode.core.contracts.slice import (
+    AnswerLines,
     NodeSlice,
     SliceAnswer,
     SliceChange,
@@ -82,6 +83,7 @@ from meshnode.core.contracts.validate import (
 )
 
 __all__ = [
+    "AnswerLines",
     "Ack",
     "AddMessage",
     "CONTROL_PROTOCOL_VERSION",

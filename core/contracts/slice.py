@@ -264,3 +264,32 @@ def parse_slice_answer(obj: object, path: str = "slice") -> SliceAnswer:
     if isinstance(obj, dict) and obj.get("full") is False:
         return SliceDelta.from_json(obj, path)
     return NodeSlice.from_json(obj, path)
+
+
+MAX_ANSWER = 256 * 1024 * 1024  # bytes of one answer a node takes (a full slice of a large mesh)
+
+
+class AnswerLines:
+    """The framing of a streamed watch (``stream=1``): one compact JSON answer per
+    line (compact JSON holds no newline). Bytes in as they come, whole lines out.
+    A control plane without streams answers once, with no newline: :meth:`end`
+    gives that last line. A line longer than `limit` is a ContractError, so a
+    server that never ends a line cannot fill the node's memory."""
+
+    def __init__(self, limit: int = MAX_ANSWER) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        lines: list[bytearray] = []
+        if b"\n" in data:
+            *lines, rest = self._buf.split(b"\n")
+            self._buf = rest
+        if len(self._buf) > self._limit:
+            raise ContractError(f"watch answer longer than {self._limit} bytes; refusing the rest")
+        return [bytes(line) for line in lines if line.strip()]
+
+    def end(self) -> list[bytes]:
+        rest, self._buf = bytes(self._buf), bytearray()
+        return [rest] if rest.strip() else []

@@ -202,3 +202,142 @@ def test_a_remembered_certificate_check_is_redone_after_a_minute(
     assert verified.verify_leaf(leaf) and verified.verify_leaf(leaf)  # remembered
     monkeypatch.setattr(_VerifiedCA, "RECHECK", 0.0)
     assert not verified.verify_leaf(leaf)  # checked again: the root retired
+
+
+def _stream(
+    client: NodeClient, since: int, until: Any, beat: int = 1, limit: float = 20.0
+) -> list[dict[str, Any]]:
+    """Stream from `since`, collecting answers until `until(answers)` is true, the
+    stream ends, or `limit` seconds (heartbeats every `beat` s keep it checking)."""
+    import time
+
+    answers: list[dict[str, Any]] = []
+    deadline = time.monotonic() + limit
+
+    def on_line(raw: bytes) -> bool:
+        answers.append(json.loads(raw))
+        return not until(answers) and time.monotonic() < deadline
+
+    client.stream(
+        f"/v1/node/config?since={since}&wait={beat}&endpoints=1&stream=1", on_line, idle=beat + 5
+    )
+    return answers
+
+
+def test_a_streamed_watch_sends_each_change_as_a_line_on_one_connection(
+    cp: ThreadedControlPlane, tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    n1, n2 = _node(cp, tmp_path, "node1"), _node(cp, tmp_path, "node2")
+    c1, c2 = _client(cp, n1), _client(cp, n2)
+    _register(c2, "api-1")
+    held = NodeSlice.from_json(c1.request("GET", "/v1/node/config"))
+    admitted: list[str] = []
+    real_admit = cp.cp.limits.admit
+    cp.cp.limits.admit = lambda peer: admitted.append(peer) or real_admit(peer)  # type: ignore[method-assign]
+
+    def writer() -> None:
+        time.sleep(1.5)  # after a heartbeat or two
+        for i in range(2, 5):
+            _register(c2, f"api-{i}")
+            time.sleep(0.2)
+
+    threading.Thread(target=writer, daemon=True).start()
+    started = time.monotonic()
+    answers = _stream(
+        c1,
+        held.revision,
+        lambda a: sum(len(x.get("changes", [])) for x in a) >= 3,
+    )
+    changes = [c for a in answers for c in a.get("changes", [])]
+    assert [(c["kind"], c["key"]) for c in changes] == [
+        ("endpoint", f"default/api/node2/api-{i}") for i in range(2, 5)
+    ]
+    # It opened with "unchanged" at once and kept beating while nothing happened.
+    assert answers[0] == {"revision": held.revision, "unchanged": True}
+    assert sum(1 for a in answers if a.get("unchanged")) >= 2
+    assert time.monotonic() - started < 15
+    # One connection for the stream, plus one for each registration (fresh ones).
+    assert len(admitted) == 1 + 3
+    for a in answers:
+        if not a.get("unchanged"):
+            held = held.apply(SliceDelta.from_json(a))
+    assert [e.workload for e in held.services[0].endpoints] == [f"api-{i}" for i in range(1, 5)]
+    c1.close()
+
+
+def test_a_deleted_nodes_stream_ends_and_it_is_refused(
+    cp: ThreadedControlPlane, tmp_path: Path
+) -> None:
+    """Attack: a node the operator deleted (stolen, decommissioned) holds its watch
+    stream open to go on learning the mesh's services and policies. The stream
+    ends at the delete, and asking again is refused."""
+    import threading
+    import time
+
+    from meshnode.core.cpclient import ClientError
+
+    n1 = _node(cp, tmp_path, "node1")
+    c1 = _client(cp, n1)
+    rev = c1.request("GET", "/v1/node/config")["revision"]
+
+    def delete() -> None:
+        time.sleep(1.0)
+        status, _ = cp.admin().request("DELETE", "/v1/admin/nodes/node1")
+        assert status == 200
+
+    threading.Thread(target=delete, daemon=True).start()
+    started = time.monotonic()
+    answers = _stream(c1, rev, lambda a: False, beat=30)
+    assert time.monotonic() - started < 10, "the stream outlived the node's deletion"
+    assert all(a.get("unchanged") for a in answers)  # nothing of the delete's revision
+    with pytest.raises(ClientError) as refused:
+        _stream(c1, rev, lambda a: False)
+    assert refused.value.status == 403
+    c1.close()
+
+
+def test_a_stream_ends_cleanly_when_the_control_plane_stops(tmp_path: Path) -> None:
+    import threading
+    import time
+
+    server = _start(tmp_path)
+    c1 = _client(server, _node(server, tmp_path, "node1"))
+    rev = c1.request("GET", "/v1/node/config")["revision"]
+    threading.Timer(1.0, server.stop).start()
+    started = time.monotonic()
+    answers = _stream(c1, rev, lambda a: False, beat=30)
+    assert time.monotonic() - started < 10
+    assert answers and answers[0]["unchanged"]
+    c1.close()
+
+
+def test_a_stream_ends_when_the_nodes_certificate_stops_passing(
+    cp: ThreadedControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack: a node holds its stream open past its certificate's expiry (or the
+    retirement of the root that signed it), where a new request would be refused.
+    The stream checks the certificate again every heartbeat and ends."""
+    import time
+
+    from meshnode.controlplane.api.app import _VerifiedCA
+
+    c1 = _client(cp, _node(cp, tmp_path, "node1"))
+    rev = c1.request("GET", "/v1/node/config")["revision"]
+    real = _VerifiedCA.verify_leaf
+    passing = {"ok": True}
+    monkeypatch.setattr(
+        _VerifiedCA, "verify_leaf", lambda self, leaf: passing["ok"] and real(self, leaf)
+    )
+
+    def expire(answers: list[dict[str, Any]]) -> bool:
+        passing["ok"] = False  # from the first line on, the certificate "expired"
+        return False
+
+    started = time.monotonic()
+    answers = _stream(c1, rev, expire, beat=1)
+    assert time.monotonic() - started < 5, "the stream outlived the node's certificate"
+    assert len(answers) <= 3
+    c1.close()

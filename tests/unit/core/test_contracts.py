@@ -581,3 +581,29 @@ def test_link_and_server_speak_the_same_contract(tmp_path: Path) -> None:
     assert [v for v, _ in applied] == [7, 8]
     assert Snapshot.from_json(applied[0][1]) == SNAPSHOT
     assert applied[1][1]["workloads"] == []
+
+
+def test_answer_lines_frame_a_streamed_watch() -> None:
+    from meshnode.core.contracts import AnswerLines
+
+    lines = AnswerLines(limit=64)
+    assert lines.feed(b'{"revision":1,') == []
+    assert lines.feed(b'"unchanged":true}\n{"rev') == [b'{"revision":1,"unchanged":true}']
+    assert lines.feed(b'ision":2}\n\n{"a":1}\n') == [b'{"revision":2}', b'{"a":1}']
+    assert lines.end() == []
+    # An older control plane answers one long poll, without a newline.
+    assert lines.feed(b'{"revision":3,"full":true}') == []
+    assert lines.end() == [b'{"revision":3,"full":true}']
+
+
+def test_answer_lines_refuse_a_line_that_never_ends() -> None:
+    """Attack: a server (or a man in the middle past TLS, or a bug) sends bytes
+    without a newline for ever, to fill the node's memory."""
+    from meshnode.core.contracts import AnswerLines, ContractError
+
+    lines = AnswerLines(limit=64)
+    lines.feed(b"x" * 60)
+    with pytest.raises(ContractError, match="longer than 64 bytes"):
+        lines.feed(b"y" * 10)
+    with pytest.raises(ContractError):
+        AnswerLines(limit=64).feed(b"ok\n" + b"z" * 65)
