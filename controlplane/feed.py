@@ -51,6 +51,7 @@ class _Shared:
 
     full: bool  # a change in range sends every node a full slice
     entries: list[_Entry]  # the last change per key, oldest first
+    wires: list[bytes] | None = None  # their encodings, made for the first node asking
 
 
 class Feed:
@@ -143,8 +144,10 @@ class Feed:
                 return None
             if c.kind in NODE_KINDS:
                 mine.setdefault(f"{c.kind}\0{c.key}", entry)
-        if not mine:
-            return [e.wire() for e in shared.entries]
+        if not mine:  # the common case: the list every such node is given (do not change it)
+            if shared.wires is None:
+                shared.wires = [e.wire() for e in shared.entries]
+            return shared.wires
         merged = sorted([*shared.entries, *mine.values()], key=lambda e: e.seq)
         return [e.wire() for e in merged]
 

@@ -666,6 +666,18 @@ class Registry:
             for w in self._by_node.get(node, {}).values()
         )
 
+    def views_changed_in(self, changes: Iterable[Change]) -> None:
+        """After a load: when each node's view may have changed, as far as the
+        logged `changes` tell (a load knows the views, not when they changed). A
+        node's view changes only with its workloads, so the revision of its last
+        logged workload change is a safe stand-in: a node that asks from before it
+        gets a full slice, the others go on with changes."""
+        self.view_changed = {}
+        for c in changes:
+            if c.kind == "workload":
+                for node in c.nodes or ():
+                    self.view_changed[node] = max(self.view_changed.get(node, 0), c.revision)
+
     def view(self, node: str, shared: Iterable[str] = ()) -> frozenset[str]:
         """The namespaces whose services `node` sees when nodes see only their own
         namespaces (``controlplane run --node-view namespace``): those of its

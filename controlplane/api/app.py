@@ -205,11 +205,16 @@ class LinesPayload(Payload):
         return ""  # not known in advance
 
     async def write(self, writer: AbstractStreamWriter) -> None:
+        transport = getattr(writer, "transport", None)
         try:
             async for line in self._lines:
-                async with asyncio.timeout(self.STEP_TIMEOUT):
+                if transport is None or transport.get_write_buffer_size() or len(line) > 65536:
+                    # the reader is behind, or the line is large: it gets STEP_TIMEOUT
+                    async with asyncio.timeout(self.STEP_TIMEOUT):
+                        await writer.write(line)
+                        await writer.drain()
+                else:  # the common case: the kernel takes it now
                     await writer.write(line)
-                    await writer.drain()
         finally:
             await self._lines.aclose()  # type: ignore[attr-defined]
 

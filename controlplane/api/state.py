@@ -90,6 +90,7 @@ class StateCache:
                 state = await asyncio.to_thread(self._store.read_state)
                 assert state.registry is not None
                 self.registry = state.registry
+                self.registry.views_changed_in(state.changes)
                 self.feed.reset(state.floor, state.revision, state.changes)
             self.feed.trim(max(state.floor, state.revision - KEEP_REVISIONS))
             self.revision = state.revision

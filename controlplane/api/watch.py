@@ -40,6 +40,8 @@ class Watch(Handlers):
     _verified: Callable[[RotatingCA], LeafVerifier]  # the app's remembered checks
     _full_slots: asyncio.Semaphore | None = None
     _full_syncing: set[str] | None = None  # nodes whose full slice is being written now
+    _lines_at = -1  # the revision of the lines below
+    _lines: dict[int, tuple[list[bytes], bytes]] = {}  # noqa: RUF012 - replaced, not changed
 
     async def get_node_config(self, req: Request, node: str) -> Response:
         try:
@@ -73,6 +75,8 @@ class Watch(Handlers):
             if changes is None:
                 return self._full_slice(node)  # the node then streams from its revision
             if stream and since is not None:
+                if self._stopping:
+                    raise ApiError(503, "the control plane is shutting down; ask again shortly")
                 beat = min(max(wait, 1.0), MAX_WAIT) if req.arg("wait") else MAX_WAIT / 2
                 lines = self._stream(node, req.peer_cert, since, endpoints, beat)
                 return Response(200, b"", content_type=api.NODE_CONFIG_STREAM_TYPE, lines=lines)
@@ -97,11 +101,16 @@ class Watch(Handlers):
         cache = self.cache
         ca, checked = cache.ca, time.monotonic()
         said = -beat  # when the last line went out
+        seen_view: tuple[Registry, int] | None = None
+        view: frozenset[str] | None = None
         while not self._stopping:
             registry = cache.registry
             now = time.monotonic()
             if node not in registry.nodes:
                 return
+            if seen_view != (registry, registry.view_changed.get(node, 0)):
+                seen_view = (registry, registry.view_changed.get(node, 0))
+                view = self._view(registry, node)
             if cache.ca is not ca or now - checked >= beat:  # the node auth, again
                 ca, checked = cache.ca, now
                 try:
@@ -116,14 +125,14 @@ class Watch(Handlers):
                 since,
                 endpoints,
                 None if endpoints else _service_json(registry),
-                self._view(registry, node),
-                registry.view_changed.get(node, 0),
+                view,
+                seen_view[1],
             )
             if changes is None:
                 return
             if changes:
                 since, said = revision, now
-                yield _delta(revision, changes) + b"\n"
+                yield self._line(revision, changes)
                 continue
             # Nothing for this node up to `revision`: go on from there, so every
             # node asks the feed the same question; the heartbeat tells the node.
@@ -132,6 +141,18 @@ class Watch(Handlers):
                 said = now
                 yield _unchanged(revision) + b"\n"
             await self._wait_change(revision, max(said + beat - time.monotonic(), 0.01))
+
+    def _line(self, revision: int, changes: list[bytes]) -> bytes:
+        """The line of `changes` at `revision`, made once for every node given the
+        same list (the feed's shared answer): one encoding for a fan-out."""
+        if self._lines_at != revision:
+            self._lines_at, self._lines = revision, {}
+        made = self._lines.get(id(changes))
+        if made is None or made[0] is not changes:
+            made = (changes, _delta(revision, changes) + b"\n")
+            if len(self._lines) < 1024:  # the lists are kept alive here: ids stay theirs
+                self._lines[id(changes)] = made
+        return made[1]
 
     async def _wait_change(self, seen: int, timeout: float) -> None:
         """Sleep until the cached revision moves past `seen`, shutdown, or `timeout`."""

@@ -341,3 +341,31 @@ def test_a_stream_ends_when_the_nodes_certificate_stops_passing(
     assert time.monotonic() - started < 5, "the stream outlived the node's certificate"
     assert len(answers) <= 3
     c1.close()
+
+
+def test_after_a_restart_a_namespace_view_node_catches_up_with_changes(tmp_path: Path) -> None:
+    """A restarted control plane knows each node's view but not when it changed.
+    It must not send every node a full slice for that (10,000 of them at once
+    after a restart); only a node whose workloads changed after its revision."""
+    cp = _start(tmp_path, node_view="namespace")
+    try:
+        n1, n2 = _node(cp, tmp_path, "node1"), _node(cp, tmp_path, "node2")
+        c1, c2 = _client(cp, n1), _client(cp, n2)
+        _register(c1, "web", service="web")
+        _register(c2, "api")
+        rev1 = c1.request("GET", "/v1/node/config")["revision"]
+        _register(c2, "db", ns="other", service="db")  # node2's view grows after rev1
+    finally:
+        cp.stop()
+    cp = ThreadedControlPlane(open_store(f"sqlite://{tmp_path}/cp.db"), tmp_path / "data").start()
+    try:
+        cp.cp.config.node_view = "namespace"
+        c1, c2 = _client(cp, n1), _client(cp, n2)  # its new port
+        _register(c2, "api-2")
+        doc = c1.request("GET", f"/v1/node/config?since={rev1}&endpoints=1")
+        assert doc["full"] is False
+        assert [c["key"] for c in doc["changes"]] == ["default/api/node2/api-2"]
+        # node2's view changed after rev1, before the restart: only the log says so.
+        assert c2.request("GET", f"/v1/node/config?since={rev1}&endpoints=1")["full"] is True
+    finally:
+        cp.stop()
