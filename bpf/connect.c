@@ -1,5 +1,6 @@
 /* cgroup/connect4 and cgroup/connect6: send a mesh workload's TCP connects to
- * mesh destinations to the node proxy, remembering where they were going.
+ * mesh destinations to the node proxy, remembering where they were going; and,
+ * with DNS capture on, its UDP and TCP connects to port 53 to the DNS proxy.
  *
  * Every helper returns 0 when it redirected the socket and a negative errno when
  * it did not. "Not ours" (-ENOENT, -EPROTONOSUPPORT, -EAFNOSUPPORT) lets the
@@ -9,37 +10,6 @@
  * closed.
  */
 #include "meshnode.h"
-
-/* The workload id of the calling task's cgroup, or of its nearest ancestor that is
- * a member (a workload's sub-cgroups are the workload too: a unit with
- * Delegate=yes, a container inside a unit, a process moved into a child group);
- * -ENOENT if neither it nor any ancestor is a member. The exact cgroup is looked
- * up first, so the common case costs one lookup. */
-static __always_inline int mn_lookup_workload(__u32 *workload_id)
-{
-    __u64 cgroup_id = bpf_get_current_cgroup_id();
-    struct mn_workload *wl = mn_workloads.lookup(&cgroup_id);
-    int found = -ENOENT;
-
-    if (wl) {
-        *workload_id = wl->workload_id;
-        return 0;
-    }
-    /* Level 0 is the root; deeper levels overwrite, so the nearest member wins. */
-#pragma unroll
-    for (int level = 1; level < MN_MAX_CGROUP_DEPTH; level++) {
-        __u64 id = bpf_get_current_ancestor_cgroup_id(level);
-
-        if (id == 0 || id == cgroup_id)
-            break; /* past our own depth */
-        wl = mn_workloads.lookup(&id);
-        if (wl) {
-            *workload_id = wl->workload_id;
-            found = 0;
-        }
-    }
-    return found;
-}
 
 /* 0 if ip4:port (network order) is a mesh destination, exactly or by wildcard. */
 static __always_inline int mn_lookup_destination(__u32 ip4, __u16 port)
@@ -82,6 +52,15 @@ static __always_inline int mn_redirect4(struct bpf_sock_addr *ctx)
 {
     int err;
 
+    /* DNS first (UDP connect()ed by glibc's resolver, or TCP): to the DNS proxy. */
+    err = mn_dns_redirect(ctx, ctx->user_ip4, ctx->user_port);
+    if (err == 0) {
+        ctx->user_ip4 = bpf_htonl(MN_DNS_IP4);
+        ctx->user_port = bpf_htons(MN_DNS_PORT);
+        return 0;
+    }
+    if (err != -ENOENT)
+        return err;
     if (ctx->protocol != IPPROTO_TCP)
         return -EPROTONOSUPPORT;
     /* user_port: network order in the low 16 bits of a u32. */
@@ -98,11 +77,19 @@ static __always_inline int mn_redirect6(struct bpf_sock_addr *ctx)
 {
     int err;
 
-    if (ctx->protocol != IPPROTO_TCP)
-        return -EPROTONOSUPPORT;
     if (ctx->user_ip6[0] != 0 || ctx->user_ip6[1] != 0 ||
         ctx->user_ip6[2] != bpf_htonl(0x0000ffff))
         return -EAFNOSUPPORT;
+    err = mn_dns_redirect(ctx, ctx->user_ip6[3], ctx->user_port);
+    if (err == 0) {
+        ctx->user_ip6[3] = bpf_htonl(MN_DNS_IP4);
+        ctx->user_port = bpf_htons(MN_DNS_PORT);
+        return 0;
+    }
+    if (err != -ENOENT)
+        return err;
+    if (ctx->protocol != IPPROTO_TCP)
+        return -EPROTONOSUPPORT;
     err = mn_record_orig_dst(ctx, ctx->user_ip6[3], (__u16)ctx->user_port);
     if (err)
         return err;

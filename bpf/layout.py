@@ -195,4 +195,4 @@ class Settings(CStruct):
     """struct mn_settings: mn_settings[0], the switches."""
 
     C_NAME = "mn_settings"
-    _fields_ = [("guard_bind", ct.c_uint32), ("pad", ct.c_uint32)]
+    _fields_ = [("guard_bind", ct.c_uint32), ("capture_dns", ct.c_uint32)]

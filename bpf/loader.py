@@ -28,6 +28,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from meshnode.core.constants import DNS_PROXY_PORT
+
 from . import syscall
 from .cgroups import cgroup2_mount
 from .errors import BpfError, MapFullError
@@ -49,7 +51,8 @@ from .layout import (
 __all__ = ["BpfError", "MeshBpf"]
 
 _BPF_DIR = Path(__file__).resolve().parent
-_SOURCES = ("connect.c", "sockops.c", "ingress.c", "bind.c")  # one file per attach point
+# members.c first: the helpers the others share; then one file per attach point.
+_SOURCES = ("members.c", "connect.c", "dns.c", "sockops.c", "ingress.c", "bind.c")
 _BPFFS_DEFAULT = Path("/sys/fs/bpf")
 
 # bpf_prog_type values
@@ -73,9 +76,13 @@ _PROGRAMS = (
     _Program("mn_ingress", _PROG_CGROUP_SKB, syscall.BPF_CGROUP_INET_INGRESS, "ingress"),
     _Program("mn_bind4", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_INET4_BIND, "bind4"),
     _Program("mn_bind6", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_INET6_BIND, "bind6"),
+    _Program("mn_sendmsg4", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_UDP4_SENDMSG, "sendmsg4"),
+    _Program("mn_sendmsg6", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_UDP6_SENDMSG, "sendmsg6"),
+    _Program("mn_recvmsg4", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_UDP4_RECVMSG, "recvmsg4"),
+    _Program("mn_recvmsg6", _PROG_CGROUP_SOCK_ADDR, syscall.BPF_CGROUP_UDP6_RECVMSG, "recvmsg6"),
 )
 # Maps only the agent writes (not pinned): map name in meshnode.h.
-_PRIVATE_MAPS = ("mn_proxy_cgroups", "mn_guarded_ports", "mn_settings")
+_PRIVATE_MAPS = ("mn_proxy_cgroups", "mn_guarded_ports", "mn_settings", "mn_dns_asked")
 _ATTACH_LABELS = {p.attach_type: p.label for p in _PROGRAMS}
 
 # Maps pinned by attach(): pin name -> map name in meshnode.h.
@@ -153,7 +160,14 @@ class MeshBpf:
     """meshnode's cgroup programs (connect4, connect6, sockops, ingress, bind4,
     bind6) and their maps."""
 
-    def __init__(self, pin_dir: Path, proxy_ip: str = "127.0.0.1", proxy_port: int = 15001) -> None:
+    def __init__(
+        self,
+        pin_dir: Path,
+        proxy_ip: str = "127.0.0.1",
+        proxy_port: int = 15001,
+        dns_ip: str = "127.0.0.1",
+        dns_port: int = DNS_PROXY_PORT,
+    ) -> None:
         try:
             ip = ipaddress.ip_address(proxy_ip)
         except ValueError as exc:
@@ -162,9 +176,18 @@ class MeshBpf:
             raise BpfError(f"proxy address {proxy_ip} must be IPv4 (connect6 uses ::ffff:{ip})")
         if not 0 < proxy_port < 65536:
             raise BpfError(f"proxy port {proxy_port} is out of range 1-65535")
+        try:
+            dns = ipaddress.IPv4Address(dns_ip)
+        except ValueError as exc:
+            raise BpfError(f"DNS proxy address {dns_ip!r} is not an IPv4 address") from exc
+        if not 0 < dns_port < 65536 or dns_port == 53:
+            raise BpfError(f"DNS proxy port {dns_port} must be in 1-65535 and not 53")
         self.pin_dir = Path(pin_dir)
         self.proxy_ip = str(ip)
         self.proxy_port = proxy_port
+        self.dns_ip = str(dns)
+        self.dns_port = dns_port
+        self._settings = Settings(guard_bind=0, capture_dns=0)
         self._bpf: Any = None  # bcc.BPF once loaded
         self._prog_fds: dict[str, int] = {}  # program name -> fd (owned by bcc)
         self._map_fds: dict[str, int] = {}  # map name -> fd (owned by bcc)
@@ -198,6 +221,8 @@ class MeshBpf:
             f"-I{_BPF_DIR}",
             f"-DMN_PROXY_IP4={int(ipaddress.IPv4Address(self.proxy_ip)):#010x}u",
             f"-DMN_PROXY_PORT={self.proxy_port}",
+            f"-DMN_DNS_IP4={int(ipaddress.IPv4Address(self.dns_ip)):#010x}u",
+            f"-DMN_DNS_PORT={self.dns_port}",
         ]
         try:
             bpf = BPF(text=text.encode(), cflags=cflags)
@@ -456,18 +481,25 @@ class MeshBpf:
                     syscall.map_delete(port_fd, key)
             for port_be in wanted_be:
                 syscall.map_update(port_fd, ct.c_uint16(port_be), ct.c_uint32(1))
-            syscall.map_update(
-                self._map_fd("mn_settings"), ct.c_uint32(0), Settings(guard_bind=1, pad=0)
-            )
         except OSError as exc:
             raise BpfError(f"cannot update the proxy guard maps: {exc.strerror}") from exc
+        self._set(guard_bind=1)
 
     def unguard(self) -> None:
         """Switches the bind guard off again (tests; a lab being torn down)."""
+        self._set(guard_bind=0)
+
+    def capture_dns(self, on: bool = True) -> None:
+        """Mesh workloads' DNS (UDP and TCP to port 53) goes to the DNS proxy at
+        dns_ip:dns_port while on; other processes' DNS is never touched. Guard the
+        DNS proxy's port with guard_proxy() too, so nothing else can take it."""
+        self._set(capture_dns=1 if on else 0)
+
+    def _set(self, **switches: int) -> None:
+        for name, value in switches.items():
+            setattr(self._settings, name, value)
         try:
-            syscall.map_update(
-                self._map_fd("mn_settings"), ct.c_uint32(0), Settings(guard_bind=0, pad=0)
-            )
+            syscall.map_update(self._map_fd("mn_settings"), ct.c_uint32(0), self._settings)
         except OSError as exc:
             raise BpfError(f"cannot update the settings map: {exc.strerror}") from exc
 

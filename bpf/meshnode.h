@@ -1,7 +1,10 @@
 /* meshnode eBPF: the shared structs, every map, and the pin names.
  *
  * Programs: mn_connect4/mn_connect6 (connect.c) and mn_sockops (sockops.c) send
- * workloads' outbound connections to the node proxy; mn_ingress (ingress.c)
+ * workloads' outbound connections to the node proxy; mn_sendmsg4/6,
+ * mn_recvmsg4/6 (dns.c) and connect.c send their DNS queries to the node's mesh
+ * DNS proxy and make its replies seem to come from the resolver that was asked;
+ * mn_ingress (ingress.c)
  * enforces STRICT mode on their inbound ones; mn_bind4/mn_bind6 (bind.c) keep
  * every process but the node proxy off the delivery address and the proxy's
  * ports, so nothing local can pose as the proxy.
@@ -45,6 +48,7 @@
 #define MN_MAX_STRICT       16384
 #define MN_MAX_PROXY_CGROUPS 16
 #define MN_MAX_GUARDED_PORTS 64
+#define MN_MAX_DNS_SOCKETS  65536
 
 /* Key of mn_dests: a mesh destination. port == 0 means any port of that address. */
 struct mn_dest_key {
@@ -99,10 +103,18 @@ struct mn_proxy_info {
 
 /* Value of mn_settings[0]. */
 struct mn_settings {
-    __u32 guard_bind; /* 1: only mn_proxy_cgroups may bind the delivery address or
-                       * a port in mn_guarded_ports (set once the agent knows the
-                       * proxy's cgroup) */
-    __u32 pad;
+    __u32 guard_bind;  /* 1: only mn_proxy_cgroups may bind the delivery address or
+                        * a port in mn_guarded_ports (set once the agent knows the
+                        * proxy's cgroup) */
+    __u32 capture_dns; /* 1: mesh workloads' DNS (UDP and TCP to port 53) goes to
+                        * the DNS proxy (MN_DNS_IP4:MN_DNS_PORT) */
+};
+
+/* The resolver a redirected DNS socket asked; value of mn_dns_asked. */
+struct mn_dns_orig {
+    __u32 ip4;  /* network order */
+    __u16 port; /* network order */
+    __u16 pad;  /* always 0 */
 };
 
 /* Key of mn_orig_dst: the connection as the proxy sees it after accept(). */
@@ -121,6 +133,11 @@ struct mn_tuple_key {
 #if !defined(MN_PROXY_IP4) || !defined(MN_PROXY_PORT)
 #error "compile with -DMN_PROXY_IP4=... -DMN_PROXY_PORT=... (meshnode.bpf.loader does)"
 #endif
+/* Where captured DNS goes (-DMN_DNS_IP4=<host-order u32> -DMN_DNS_PORT=<port>). */
+#if !defined(MN_DNS_IP4) || !defined(MN_DNS_PORT)
+#error "compile with -DMN_DNS_IP4=... -DMN_DNS_PORT=... (meshnode.bpf.loader does)"
+#endif
+#define MN_DNS_SERVICE_PORT 53
 
 /* bcc 0.26 declares bpf_get_socket_cookie() as returning u32, which truncates the
  * 64-bit cookie; call the helper through a correct prototype. */
@@ -165,8 +182,15 @@ BPF_TABLE("hash", __u64, struct mn_proxy_info, mn_proxy_cgroups, MN_MAX_PROXY_CG
  * Written by: the node agent (MeshBpf.guard_proxy). Read by: mn_bind4, mn_bind6. */
 BPF_TABLE("hash", __u16, __u32, mn_guarded_ports, MN_MAX_GUARDED_PORTS);
 
-/* Switches. Written by: the node agent. Read by: mn_bind4, mn_bind6. */
+/* Switches. Written by: the node agent. Read by: mn_bind4, mn_bind6, and the
+ * DNS capture (members.c). */
 BPF_TABLE("array", __u32, struct mn_settings, mn_settings, 1);
+
+/* The resolver each redirected DNS socket asked, by socket cookie, so a reply
+ * from the DNS proxy can be shown as coming from it.
+ * Written by: mn_connect4/6 (UDP and TCP to port 53), mn_sendmsg4/6.
+ * Read by: mn_recvmsg4/6. LRU: a socket that went away is evicted. */
+BPF_TABLE("lru_hash", __u64, struct mn_dns_orig, mn_dns_asked, MN_MAX_DNS_SOCKETS);
 
 #endif /* !MESHNODE_USERSPACE */
 

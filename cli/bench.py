@@ -100,6 +100,13 @@ def _parse_paths(value: str | None) -> list[str]:
     help="Instead: simulate --nodes nodes (real TLS, enrollment, workloads, watchers) "
     "against one control plane and report its scale (docs/benchmarks.md).",
 )
+@click.option(
+    "--dns",
+    "dns_bench",
+    is_flag=True,
+    help="Instead: the mesh DNS proxy against dnsmasq with dnsperf, on loopback "
+    "(answers/s and latency; docs/benchmarks.md).",
+)
 @click.option("--nodes", type=click.IntRange(1, 100000), default=100, show_default=True)
 @click.option("--workloads", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option(
@@ -134,6 +141,7 @@ def bench(
     profile_dir: Path | None,
     soak_for: str | None,
     controlplane: bool,
+    dns_bench: bool,
     nodes: int,
     workloads: int,
     procs: int,
@@ -155,6 +163,9 @@ def bench(
     if controlplane:
         opts = cpsim_options(nodes, workloads, procs, db, namespaces, node_view)
         _controlplane(opts, out_dir)
+        return
+    if dns_bench:
+        _dns(2.0 if quick else duration, out_dir)
         return
     if os.geteuid() != 0:
         fail("meshnode bench builds a lab of network namespaces and cgroups: run it as root")
@@ -205,6 +216,20 @@ def bench(
     click.echo(report.render_report(doc["summary"], tgts, doc["memory"]))
     click.echo("")
     click.echo(f"wrote {out_dir / 'results.json'} and {len(pngs)} PNGs in {out_dir}")
+
+
+def _dns(duration: float, out_dir: Path) -> None:
+    from meshnode.bench.dnsbench import DnsBenchError, DnsBenchOptions, render, run_dns_bench
+
+    try:
+        result = run_dns_bench(DnsBenchOptions(duration=duration), log=click.echo)
+    except DnsBenchError as exc:
+        fail(f"DNS bench failed: {exc}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "dns.json").write_text(json.dumps(result, indent=1))
+    click.echo("")
+    click.echo(render(result))
+    click.echo(f"\nwrote {out_dir / 'dns.json'}")
 
 
 def _soak(soak_for: str, out_dir: Path, ztunnel_workers: int) -> None:

@@ -44,16 +44,24 @@ def lab() -> None:
     help="ztunnel worker processes per node.",
 )
 @click.option(
+    "--dns-upstream",
+    "dns_upstreams",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="Where the nodes' mesh DNS forwards other names (repeatable); default: the "
+    "host's resolvers.",
+)
+@click.option(
     "--demo",
     is_flag=True,
     help="Also start a demo server and client and show "
     "traffic flowing with the identities it carried.",
 )
-def up(nodes: int, workers: int, demo: bool) -> None:
+def up(nodes: int, workers: int, dns_upstreams: tuple[str, ...], demo: bool) -> None:
     """Create the nodes and start an agent (and its ztunnel) on each."""
     lab_ = _lab()
     try:
-        lab_.up(nodes, log=click.echo, workers=workers)
+        lab_.up(nodes, log=click.echo, workers=workers, dns_upstreams=dns_upstreams)
         if demo:
             from meshnode.lab.demo import run_demo
 

@@ -19,6 +19,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("meshnode.cli.config", "config"),
     "workload": ("meshnode.cli.workload", "workload"),
     "status": ("meshnode.cli.status", "status"),
+    "dns": ("meshnode.cli.dns", "dns"),
     "enroll": ("meshnode.cli.enroll", "enroll"),
     "controlplane": ("meshnode.cli.controlplane", "controlplane"),
     "token": ("meshnode.cli.admin", "token"),

@@ -92,6 +92,7 @@ def status(config_dir: Path, output: str) -> None:
         "ztunnel_config_version": agent.get("pushed_version"),
         "bpf_programs": mine,
         "bind_guard": agent.get("bind_guard") or {"on": False, "problem": "agent not running"},
+        "dns": _dns_state(e.dns_capture, snap.get("dns_domain", "mesh")),
         "workloads": [
             {
                 "name": w["name"],
@@ -136,6 +137,11 @@ def status(config_dir: Path, output: str) -> None:
         f" (pid {a['pid']}), config version {a['config_version']}"
     )
     click.echo(f"ztunnel       {doc['ztunnel']}, config version {doc['ztunnel_config_version']}")
+    d = doc["dns"]
+    click.echo(
+        f"mesh dns      {d['server']} {d['state']}, names *.{d['domain']}, "
+        f"workloads' DNS {'captured' if d['capture'] else 'NOT captured (dns_capture off)'}"
+    )
     click.echo(
         f"bpf           at {e.cgroup_parent}: "
         + (
@@ -167,3 +173,25 @@ def status(config_dir: Path, output: str) -> None:
         click.echo(f"  {s['name']}.{s['namespace']:<14} {s['vip']:<15} {s['endpoints']} endpoints")
     for p in doc["problems"]:
         click.echo(f"problem: {p}")
+
+
+def _dns_state(capture: bool, domain: str) -> dict[str, Any]:
+    """Whether the DNS proxy answers: one query for the mesh domain itself (an
+    NXDOMAIN from it is an answer)."""
+    import dns.exception
+    import dns.message
+    import dns.query
+
+    from meshnode.core.constants import DNS_PROXY_PORT
+
+    state = "answering"
+    try:
+        dns.query.udp(dns.message.make_query(f"{domain}.", "A"), "127.0.0.1", 1.0, DNS_PROXY_PORT)
+    except (OSError, dns.exception.DNSException) as exc:
+        state = f"NOT ANSWERING ({exc or type(exc).__name__})"
+    return {
+        "server": f"127.0.0.1:{DNS_PROXY_PORT}",
+        "state": state,
+        "domain": domain,
+        "capture": capture,
+    }

@@ -35,6 +35,21 @@ def ztunnel() -> None:
     help="Prometheus metrics (/metrics); loopback only.",
 )
 @click.option(
+    "--dns",
+    default="127.0.0.1:15053",
+    show_default=True,
+    help="The mesh DNS proxy (UDP and TCP), where the agent sends mesh workloads' "
+    "DNS; loopback only; 'off' to run without it.",
+)
+@click.option(
+    "--dns-upstream",
+    "dns_upstreams",
+    multiple=True,
+    metavar="HOST[:PORT]",
+    help="Where the mesh DNS forwards other names (repeatable); default: the "
+    "node's resolvers (/etc/resolv.conf, or systemd-resolved's upstreams).",
+)
+@click.option(
     "--workers",
     default=0,
     show_default=True,
@@ -68,6 +83,8 @@ def run(
     admin: str,
     readiness: str,
     metrics: str,
+    dns: str,
+    dns_upstreams: tuple[str, ...],
     workers: int,
     admin_socket: str | None,
     peer_socket: str | None,
@@ -89,6 +106,8 @@ def run(
             admin=parse_hostport(admin),
             readiness=parse_hostport(readiness),
             metrics=parse_hostport(metrics),
+            dns=None if dns == "off" else parse_hostport(dns),
+            dns_upstreams=tuple(_upstream(u) for u in dns_upstreams),
             connect_timeout=connect_timeout,
             drain_timeout=drain_timeout,
             workers=workers or min(os.cpu_count() or 1, 8),
@@ -106,3 +125,18 @@ def run(
         )
     logging.shutdown()
     sys.exit(0)
+
+
+def _upstream(value: str) -> tuple[str, int]:
+    """``IP`` (port 53), ``IP:PORT`` or ``[IPv6]:PORT``."""
+    import ipaddress
+
+    from meshnode.ztunnel.config import ConfigError, parse_hostport
+
+    plain = value.count(":") != 1 and not value.startswith("[")  # an IP, no port
+    host, port = (value, 53) if plain else parse_hostport(value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"--dns-upstream {value!r}: give an IP address, not a name") from None
+    return host, port

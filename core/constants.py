@@ -8,6 +8,7 @@ HBONE_PORT = 15008  # HBONE: HTTP/2 CONNECT over mutual TLS, from other nodes
 ADMIN_PORT = 15000  # config dump, /peer (127.0.0.1)
 METRICS_PORT = 15020  # Prometheus (127.0.0.1)
 READY_PORT = 15021  # readiness (127.0.0.1)
+DNS_PROXY_PORT = 15053  # mesh DNS, UDP and TCP (127.0.0.1); workloads' port 53 is sent here
 
 # ztunnel delivers plaintext to local workloads from this address (Istio's choice);
 # STRICT lets only it through.

@@ -27,7 +27,8 @@ Kinds (semantics of AuthorizationPolicy are Istio's, enforced by ztunnel/authz.p
 - ``PeerAuthentication``: ``mode`` STRICT|PERMISSIVE, optional ``selector``.
 - ``TrafficSplit``: ``service`` and ``weights`` {version: int >= 0}, one weight > 0.
 - ``MeshConfig``: mesh-wide, named ``default``; ``authorization.default_action``
-  (ALLOW|DENY, default ALLOW) applies where no ALLOW policy does.
+  (ALLOW|DENY, default ALLOW) applies where no ALLOW policy does; ``dns.domain``
+  (default ``mesh``) is the domain of mesh DNS names (docs/dns.md).
 """
 
 from __future__ import annotations
@@ -606,6 +607,9 @@ class TrafficSplit:
         )
 
 
+DEFAULT_DNS_DOMAIN = "mesh"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MeshConfig:
     """Mesh-wide settings; exactly one, named ``default`` (no namespace)."""
@@ -615,8 +619,11 @@ class MeshConfig:
     name: str = MESH_CONFIG_NAME
     namespace: str = DEFAULT_NAMESPACE
     default_action: str = ALLOW  # spec.authorization.default_action
+    dns_domain: str = DEFAULT_DNS_DOMAIN  # spec.dns.domain
 
     def __post_init__(self) -> None:
+        for i, label in enumerate(self.dns_domain.split(".") if self.dns_domain else [""]):
+            _check_label(label, f"spec.dns.domain (label {i + 1})")
         if self.name != MESH_CONFIG_NAME:
             raise ResourceError(
                 f'MeshConfig must be named "{MESH_CONFIG_NAME}" (one per mesh), '
@@ -635,20 +642,31 @@ class MeshConfig:
         return (self.kind, self.namespace, self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        spec = {"authorization": {"default_action": self.default_action}}
+        spec: dict[str, Any] = {"authorization": {"default_action": self.default_action}}
+        if self.dns_domain != DEFAULT_DNS_DOMAIN:
+            spec["dns"] = {"domain": self.dns_domain}
         return _document(self.kind, self.name, None, spec)
 
     @classmethod
     def from_dict(cls, data: object) -> MeshConfig:
         name, namespace, raw = _document_parts(cls.kind, data)
         with _at("spec"):
-            spec = _fields(raw, ("authorization",))
+            spec = _fields(raw, ("authorization", "dns"))
             default_action: Any = ALLOW
+            domain: Any = DEFAULT_DNS_DOMAIN
             if "authorization" in spec:
                 with _at("authorization"):
                     authz = _fields(spec["authorization"], ("default_action",), ("default_action",))
                 default_action = authz["default_action"]
-        return cls(name=name, namespace=namespace, default_action=default_action)
+            if "dns" in spec:
+                with _at("dns"):
+                    dns = _fields(spec["dns"], ("domain",), ("domain",))
+                domain = dns["domain"]
+                if not isinstance(domain, str):
+                    raise ResourceError(
+                        f"expected a domain name, found {_describe(domain)}", "spec.dns.domain"
+                    )
+        return cls(name=name, namespace=namespace, default_action=default_action, dns_domain=domain)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""Writes seed inputs for the fuzz targets into fuzz/corpus/{server,client}:
+"""Writes seed inputs for the fuzz targets into fuzz/corpus/{server,client,dns}:
 programs (see harness.Source) of ordinary HBONE traffic from a real peer --
 CONNECT, data, half-close, resets, PING, SETTINGS, GOAWAY, header blocks in
 CONTINUATION frames -- interleaved with the shell's calls. The fuzzer mutates
@@ -99,8 +99,36 @@ def client_seeds() -> list[bytes]:
     return seeds
 
 
+def dns_seeds() -> list[bytes]:
+    """Queries dnspython makes (mesh names, others, EDNS, types), and a few broken
+    ones: truncated, a compression-pointer loop, a name over 255 bytes."""
+    import dns.edns
+    import dns.message
+
+    seeds = []
+    for name, rdtype in (
+        ("api.default.mesh", "A"),
+        ("API.mesh.", "AAAA"),
+        ("nothing.default.mesh", "A"),
+        ("mesh", "SOA"),
+        ("example.com", "A"),
+    ):
+        seeds.append(dns.message.make_query(name, rdtype).to_wire())
+        seeds.append(dns.message.make_query(name, rdtype, use_edns=0, payload=1232).to_wire())
+    seeds.append(dns.message.make_query("api.mesh", "A", use_edns=1).to_wire())
+    q = seeds[0]
+    seeds.append(q[:15])  # truncated in the question
+    seeds.append(q[:12] + b"\xc0\x0c\x00\x01\x00\x01")  # a pointer to itself
+    seeds.append(q[:12] + b"\x3f" + b"a" * 63 + b"\x3f" + b"b" * 63 * 4 + b"\x00\x00\x01\x00\x01")
+    return seeds
+
+
 def main() -> None:
-    for name, seeds in (("server", server_seeds()), ("client", client_seeds())):
+    for name, seeds in (
+        ("server", server_seeds()),
+        ("client", client_seeds()),
+        ("dns", dns_seeds()),
+    ):
         out = HERE / "corpus" / name
         out.mkdir(parents=True, exist_ok=True)
         for seed in seeds:

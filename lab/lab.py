@@ -87,6 +87,9 @@ class LabState:
     workloads: dict[str, WorkloadRec] = field(default_factory=dict)
     ztunnel_workers: int = 1
     cp_pid: int | None = None
+    # Where the nodes' mesh DNS forwards other names (HOST:PORT); empty: the
+    # resolvers of the host's /etc/resolv.conf.
+    dns_upstreams: list[str] = field(default_factory=list)
 
 
 def lab_name() -> str:
@@ -136,6 +139,7 @@ class Lab:
             workloads={k: WorkloadRec(**v) for k, v in doc["workloads"].items()},
             ztunnel_workers=doc.get("ztunnel_workers", 1),
             cp_pid=doc.get("cp_pid"),
+            dns_upstreams=list(doc.get("dns_upstreams", [])),
         )
 
     def save(self, st: LabState) -> None:
@@ -176,7 +180,13 @@ class Lab:
 
     # -- up -----------------------------------------------------------------------------
 
-    def up(self, nodes: int, log: Any = print, workers: int = 1) -> LabState:
+    def up(
+        self,
+        nodes: int,
+        log: Any = print,
+        workers: int = 1,
+        dns_upstreams: tuple[str, ...] = (),
+    ) -> LabState:
         """A control plane, then `nodes` nodes enrolled with it, each with its agent
         and ztunnel. `workers`: ztunnel worker processes per node (the lab's nodes
         share this machine's cores, so one each by default)."""
@@ -186,7 +196,12 @@ class Lab:
         if self.exists() or host.netns_exists(self.fabric):
             raise LabError(f"lab {self.name!r} is already up (or half up); run `meshnode lab down`")
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        st = LabState(name=self.name, version=1, ztunnel_workers=workers)
+        st = LabState(
+            name=self.name,
+            version=1,
+            ztunnel_workers=workers,
+            dns_upstreams=list(dns_upstreams),
+        )
         self.save(st)  # from here on, `lab down` can clean up whatever follows
         host.netns_add(self.fabric)
         host.make_bridge(self.fabric)
@@ -225,6 +240,29 @@ class Lab:
                 f"ztunnel pid {rec.ztunnel_pid}"
             )
         return st
+
+    def stop_controlplane(self) -> None:
+        """Stop the control plane (SIGTERM, then SIGKILL after 10 s); the nodes go
+        on from what they hold."""
+        st = self.load()
+        pid = st.cp_pid
+        if pid and _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        st.cp_pid = None
+        self.save(st)
+
+    def start_controlplane(self) -> None:
+        """Start the control plane again (same data dir, same address)."""
+        st = self.load()
+        if st.cp_pid and _alive(st.cp_pid):
+            return
+        st.cp_pid = self._start_controlplane(self.cgroup_root() / "controlplane")
+        self.save(st)
 
     def _start_controlplane(self, cgroup: Path) -> int:
         """`meshnode controlplane run` on the fabric's bridge, until it answers."""
@@ -328,6 +366,7 @@ class Lab:
                 str(st.ztunnel_workers),
                 "--peer-socket",
                 str(state / "peer.sock"),
+                *(arg for up in st.dns_upstreams for arg in ("--dns-upstream", up)),
             ],
             log_path=state / "ztunnel.log",
         )

@@ -27,6 +27,7 @@ from meshnode.core import sdnotify
 from meshnode.core.constants import (
     ADMIN_PORT,
     DELIVERY_ADDRESS,
+    DNS_PROXY_PORT,
     HBONE_PORT,
     METRICS_PORT,
     OUTBOUND_PORT,
@@ -48,7 +49,9 @@ from meshnode.nodeagent.ztunnel_link import ZtunnelLink
 log = logging.getLogger("meshnode.nodeagent")
 
 # The proxy's listeners: only the proxy's cgroup may bind them (and 127.0.0.6).
-PROXY_PORTS = frozenset({OUTBOUND_PORT, HBONE_PORT, ADMIN_PORT, METRICS_PORT, READY_PORT})
+PROXY_PORTS = frozenset(
+    {OUTBOUND_PORT, HBONE_PORT, ADMIN_PORT, METRICS_PORT, READY_PORT, DNS_PROXY_PORT}
+)
 RENEW_CHECK_EVERY = 30.0  # at the latest; earlier when a certificate's half-life comes
 
 
@@ -492,6 +495,13 @@ class Agent:
         detach = True
         try:
             self.guard_proxy()
+            self.bpf.capture_dns(self.cfg.dns_capture)
+            log.info(
+                "mesh workloads' DNS %s",
+                f"goes to the mesh DNS proxy on 127.0.0.1:{DNS_PROXY_PORT}"
+                if self.cfg.dns_capture
+                else "is not captured (dns_capture off)",
+            )
             self.apply(self.cfg)
             self.source.start(self._wake)
             self.write_status()

@@ -52,3 +52,6 @@ class NodeConfig:
     # The proxy's cgroup relative to the cgroup2 mount (see bind guard in agent.py);
     # None: the agent's own cgroup.
     proxy_cgroup: str | None = None
+    # Mesh workloads' DNS (UDP and TCP to port 53) goes to the node proxy's mesh
+    # DNS proxy (127.0.0.1:15053; docs/dns.md).
+    dns_capture: bool = True

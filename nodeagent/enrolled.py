@@ -59,6 +59,8 @@ class Enrollment:
     # Where the agent pins its BPF programs and maps (one per node on a host that
     # runs several, like the lab).
     bpf_pin_dir: str = BPF_PIN_DIR
+    # Mesh workloads' DNS goes to the node proxy's mesh DNS (docs/dns.md).
+    dns_capture: bool = True
 
     @property
     def files(self) -> NodeLayout:
@@ -90,6 +92,7 @@ def load_enrollment(config_dir: Path) -> Enrollment:
             config_dir=config_dir,
             proxy_cgroup=str(doc.get("proxy_cgroup") or PROXY_SLICE_CGROUP),
             bpf_pin_dir=str(doc.get("bpf_pin_dir") or BPF_PIN_DIR),
+            dns_capture=doc.get("dns_capture", True) is not False,
         )
     except (KeyError, TypeError) as exc:
         raise EnrollmentError(
@@ -476,6 +479,7 @@ def node_config_from(
         trust_domain=e.trust_domain,
         cgroup_parent=e.cgroup_parent,
         proxy_cgroup=e.proxy_cgroup,
+        dns_capture=e.dns_capture,
         state_dir=e.state_dir,
         bpf_pin_dir=bpf_pin_dir,
         workloads=local,

@@ -8,6 +8,7 @@ from typing import Any
 
 from meshnode.core.contracts import NodeDoc, Revocation, ServiceDoc, Snapshot, SnapshotWorkload
 from meshnode.core.resources import (
+    DEFAULT_DNS_DOMAIN,
     AuthorizationPolicy,
     MeshConfig,
     PeerAuthentication,
@@ -116,6 +117,7 @@ def build_snapshot(
         revoked=tuple(
             Revocation.from_json(r, f"node config revoked[{i}]") for i, r in enumerate(cfg.revoked)
         ),
+        dns_domain=mesh[0].dns_domain if mesh else DEFAULT_DNS_DOMAIN,
     )
 
 

@@ -21,7 +21,7 @@ fi
 pkgs=(python3 python3-venv python3-dev python3-bpfcc bpftool iproute2 procps psmisc
       curl ca-certificates)
 if [ "$want_test" = 1 ]; then
-    pkgs+=(tcpdump socat haproxy stunnel4 nginx iperf3 wrk postgresql debootstrap systemd-container)
+    pkgs+=(tcpdump socat haproxy stunnel4 nginx iperf3 wrk postgresql debootstrap systemd-container dnsperf)
 fi
 # Kernel headers: bcc compiles our programs at run time against them.
 kver=$(uname -r)

@@ -11,6 +11,7 @@ from typing import Any
 from meshnode.core.constants import (
     ADMIN_PORT,
     DELIVERY_ADDRESS,
+    DNS_PROXY_PORT,
     HBONE_PORT,
     METRICS_PORT,
     OUTBOUND_PORT,
@@ -33,6 +34,10 @@ class ZtunnelConfig:
     admin: tuple[str, int] = ("127.0.0.1", ADMIN_PORT)
     readiness: tuple[str, int] = ("127.0.0.1", READINESS_PORT)
     metrics: tuple[str, int] = ("127.0.0.1", METRICS_PORT)
+    # The mesh DNS proxy (UDP and TCP; docs/dns.md); None: none.
+    dns: tuple[str, int] | None = ("127.0.0.1", DNS_PROXY_PORT)
+    # Where it forwards other names; empty: the node's resolvers (dns.read_upstreams).
+    dns_upstreams: tuple[tuple[str, int], ...] = ()
     # Source address of connections delivered to local workloads: STRICT mode
     # lets only this address reach a workload's mesh ports (as Istio uses it).
     inbound_source: str = DELIVERY_ADDRESS
@@ -49,7 +54,9 @@ class ZtunnelConfig:
     peer_socket: str | None = None  # workloads ask who a connection is from (peer.py)
 
     def validate(self) -> ZtunnelConfig:
-        for name in ("admin", "readiness", "metrics"):
+        for name in ("admin", "readiness", "metrics", "dns"):
+            if getattr(self, name) is None:
+                continue
             host, _ = getattr(self, name)
             if not ipaddress.ip_address(host).is_loopback:
                 raise ConfigError(f"{name} endpoint must listen on loopback, not {host}")

@@ -24,6 +24,14 @@ from meshnode.ztunnel.authz import Authorizer
 from meshnode.ztunnel.balancer import EndpointPicker
 from meshnode.ztunnel.config import ZtunnelConfig
 from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
+from meshnode.ztunnel.dns import (
+    DnsAnswerer,
+    DnsMetrics,
+    DnsProxy,
+    MeshNames,
+    RateLimiter,
+    read_upstreams,
+)
 from meshnode.ztunnel.metrics import ProxyMetrics
 from meshnode.ztunnel.outbound import OutboundConnection
 from meshnode.ztunnel.peer import PATH as PEER_PATH
@@ -131,6 +139,10 @@ class ProxyInputs:
     # workload can ask "who is this connection from" on the peer socket (peer.py)
     peers: PeerIndex = field(default_factory=PeerIndex)
     _services_by_identity: dict[SpiffeId, frozenset[str]] = field(default_factory=dict)
+    # Mesh DNS (dns.py): the names of the current state, answered from memory.
+    dns_answerer: DnsAnswerer = field(
+        default_factory=lambda: DnsAnswerer(MeshNames.build("mesh", ()))
+    )
 
     def original_destination(
         self, src_ip: str, src_port: int, dst_ip: str, dst_port: int
@@ -194,6 +206,12 @@ class ProxyInputs:
                 if svc.namespace == ep.identity.namespace:
                     by_identity.setdefault(ep.identity, set()).add(f"{svc.namespace}/{svc.name}")
         self._services_by_identity = {k: frozenset(v) for k, v in by_identity.items()}
+        self.dns_answerer = DnsAnswerer(
+            MeshNames.build(
+                state.dns_domain,
+                ((s.name, s.namespace, s.vip) for s in state.services_by_vip.values()),
+            )
+        )
         self.picker.forget_missing(state.services_by_vip.values())
         self.pool.refuse = self._refuse_revoked if state.revoked else None
         self.recheck_policy()
@@ -302,6 +320,7 @@ class Proxy:
         self._servers: list[asyncio.AbstractServer] = []
         self._admin: AdminServer | None = None
         self._peer: PeerServer | None = None
+        self._dns: DnsProxy | None = None
         self._stopping: asyncio.Event | None = None
         self.ready = False
 
@@ -350,6 +369,22 @@ class Proxy:
                 backlog=1024,
             )
         )
+        if cfg.dns is not None:
+            # The node's resolvers as it sees them now, the proxy's own address
+            # left out (a query sent back to us would loop).
+            upstreams = list(cfg.dns_upstreams) or read_upstreams(exclude=[cfg.dns])
+            self._dns = DnsProxy(
+                lambda: pi.dns_answerer,
+                lambda: upstreams,
+                DnsMetrics(pi.metrics.registry),
+                RateLimiter(),
+            )
+            await self._dns.start(*cfg.dns)
+            log.info(
+                "mesh DNS on %s:%d (UDP, TCP); other names forwarded to %s",
+                *cfg.dns,
+                ", ".join(f"{h}:{p}" for h, p in upstreams) or "no resolver (SERVFAIL)",
+            )
         self._admin = AdminServer(self._admin_route)
         if cfg.admin_socket:
             # A worker of several: the supervisor serves admin for all of them.
@@ -427,6 +462,9 @@ class Proxy:
             await self._admin.close()
         if self._peer is not None:
             await self._peer.close()
+        if self._dns is not None:
+            self._dns.close()
+            await self._dns.wait_closed()
         access_log.flush()
         log.info("ztunnel stopped")
 

@@ -94,6 +94,7 @@ class ProxyState:
     policies: tuple[AuthorizationPolicy, ...] = ()
     authz_default: str = "ALLOW"  # decision when no ALLOW policy applies
     revoked: tuple[Revocation, ...] = ()  # deleted nodes: their certificates are refused
+    dns_domain: str = "mesh"  # mesh DNS names: <service>.<namespace>.<dns_domain>
     workloads_by_id: dict[int, Workload] = field(default_factory=dict)
     local_by_addr: dict[tuple[str, int], Workload] = field(default_factory=dict)
     services_by_vip: dict[str, Service] = field(default_factory=dict)
@@ -181,6 +182,7 @@ def index_snapshot(snap: Snapshot) -> ProxyState:
         policies=snap.policies,
         authz_default=snap.authorization_default,
         revoked=snap.revoked,
+        dns_domain=snap.dns_domain,
     )
     for i, w in enumerate(snap.workloads):
         if w.node != snap.node.name:

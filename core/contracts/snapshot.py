@@ -14,9 +14,14 @@ from meshnode.core.contracts.validate import (
     parse_resource,
 )
 from meshnode.core.identity import SpiffeId
-from meshnode.core.resources import AuthorizationPolicy
+from meshnode.core.resources import (
+    DEFAULT_DNS_DOMAIN,
+    AuthorizationPolicy,
+    MeshConfig,
+    ResourceError,
+)
 
-SNAPSHOT_SCHEMA = 2  # 2: revoked
+SNAPSHOT_SCHEMA = 3  # 2: revoked; 3: dns_domain
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +105,7 @@ class Snapshot:
     policies: tuple[AuthorizationPolicy, ...] = ()
     authorization_default: Literal["ALLOW", "DENY"] = "ALLOW"
     revoked: tuple[Revocation, ...] = ()  # deleted nodes (documents.Revocation)
+    dns_domain: str = DEFAULT_DNS_DOMAIN  # mesh DNS names: <service>.<namespace>.<domain>
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +120,7 @@ class Snapshot:
             "policies": [p.to_dict() for p in self.policies],
             "authorization_default": self.authorization_default,
             "revoked": [r.to_json() for r in self.revoked],
+            "dns_domain": self.dns_domain,
         }
 
     @classmethod
@@ -133,6 +140,7 @@ class Snapshot:
                 "policies",
                 "authorization_default",
                 "revoked",
+                "dns_domain",
             ),
         )
         schema = f.obj.get("schema")
@@ -169,4 +177,14 @@ class Snapshot:
             policies=tuple(policies),
             authorization_default=default,
             revoked=tuple(Revocation.from_json(r, p) for r, p in f.items("revoked", [])),
+            dns_domain=_dns_domain(f.raw("dns_domain", DEFAULT_DNS_DOMAIN), f.at("dns_domain")),
         )
+
+
+def _dns_domain(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise ContractError(f"{path}: expected a domain name, found {type(value).__name__}")
+    try:
+        return MeshConfig(dns_domain=value).dns_domain
+    except ResourceError as exc:
+        raise ContractError(f"{path}: {exc}") from None

@@ -21,6 +21,22 @@ from meshnode.bpf.errors import BpfError
 
 CLONE_NEWNET = 0x40000000
 
+# Every program the agent attaches at its cgroup, as (name, attach type), sorted:
+# written out here, not taken from the loader, so a program added or lost fails.
+MESH_PROGRAMS = [
+    ("mn_bind4", "bind4"),
+    ("mn_bind6", "bind6"),
+    ("mn_connect4", "connect4"),
+    ("mn_connect6", "connect6"),
+    ("mn_ingress", "ingress"),
+    ("mn_recvmsg4", "recvmsg4"),
+    ("mn_recvmsg6", "recvmsg6"),
+    ("mn_sendmsg4", "sendmsg4"),
+    ("mn_sendmsg6", "sendmsg6"),
+    ("mn_sockops", "sock_ops"),
+]
+MESH_PROGRAM_NAMES = [name for name, _ in MESH_PROGRAMS]
+
 
 def ebpf_missing(tools: Sequence[str] = ("ip", "nsenter"), ipv6: bool = False) -> str | None:
     """Why these tests cannot run here (printed as the skip reason), or None."""

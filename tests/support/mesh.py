@@ -142,7 +142,7 @@ def build_mesh(
         snap.write_text(
             json.dumps(
                 {
-                    "schema": 2,
+                    "schema": 3,
                     "version": 1,
                     "node": {"name": name, "ip": ip},
                     "trust_domain": TD,

@@ -17,7 +17,13 @@ from meshnode.bpf import syscall
 from meshnode.bpf.cgroups import cgroup2_mount
 from meshnode.bpf.layout import PIN_ORIG_DST, PIN_STRICT
 from meshnode.bpf.loader import MeshBpf
-from tests.support.bpf import ebpf_missing, prog_gone, unique
+from tests.support.bpf import (
+    MESH_PROGRAM_NAMES,
+    MESH_PROGRAMS,
+    ebpf_missing,
+    prog_gone,
+    unique,
+)
 
 pytestmark = pytest.mark.root
 
@@ -85,15 +91,7 @@ def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: P
     try:
         crashed_agent(cgroup, pin_dir)
         # Attachments outlive the process that made them; so do its pins.
-        assert names(cgroup) == [
-            "mn_bind4",
-            "mn_bind6",
-            "mn_connect4",
-            "mn_connect6",
-            "mn_ingress",
-            "mn_sockops",
-            "other_connect4",
-        ]
+        assert names(cgroup) == [*MESH_PROGRAM_NAMES, "other_connect4"]
         assert (pin_dir / PIN_ORIG_DST).exists()
         assert (pin_dir / PIN_STRICT).exists()
         stale_ids = {
@@ -103,27 +101,12 @@ def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: P
         with MeshBpf(pin_dir) as mesh:
             mesh.load()
             mesh.attach(cgroup)  # replaces the stale pins
-            assert len(names(cgroup)) == 13
+            assert len(names(cgroup)) == 2 * len(MESH_PROGRAMS) + 1
             detached = mesh.detach_stale(cgroup)
             assert {p["id"] for p in detached} == stale_ids
-            assert sorted((p["name"], p["attach_type"]) for p in detached) == [
-                ("mn_bind4", "bind4"),
-                ("mn_bind6", "bind6"),
-                ("mn_connect4", "connect4"),
-                ("mn_connect6", "connect6"),
-                ("mn_ingress", "ingress"),
-                ("mn_sockops", "sock_ops"),
-            ]
+            assert sorted((p["name"], p["attach_type"]) for p in detached) == MESH_PROGRAMS
             # Ours (this run) and the foreign program are still there.
-            assert names(cgroup) == [
-                "mn_bind4",
-                "mn_bind6",
-                "mn_connect4",
-                "mn_connect6",
-                "mn_ingress",
-                "mn_sockops",
-                "other_connect4",
-            ]
+            assert names(cgroup) == [*MESH_PROGRAM_NAMES, "other_connect4"]
             assert mesh.detach_stale(cgroup) == []
         assert all(prog_gone(i) for i in stale_ids)
         assert names(cgroup) == ["other_connect4"]
@@ -131,7 +114,7 @@ def test_detach_stale_removes_only_a_dead_runs_programs(cgroup: Path, pin_dir: P
 
         # Without load() (no bcc needed), at agent start-up before anything else.
         crashed_agent(cgroup, pin_dir)
-        assert len(MeshBpf(pin_dir).detach_stale(cgroup)) == 6
+        assert len(MeshBpf(pin_dir).detach_stale(cgroup)) == len(MESH_PROGRAMS)
         assert names(cgroup) == ["other_connect4"]
     finally:
         for prog in MeshBpf.attached_programs(cgroup):  # whatever a failure left

@@ -32,6 +32,8 @@ from meshnode.bpf.layout import (
 from meshnode.bpf.loader import MeshBpf
 from meshnode.bpf.pinned import OrigDst, OrigDstTable, open_pinned
 from tests.support.bpf import (
+    MESH_PROGRAM_NAMES,
+    MESH_PROGRAMS,
     bpftool_cgroup_names,
     ebpf_missing,
     in_netns,
@@ -198,24 +200,10 @@ def test_attach_pins_maps_and_lists_programs(env: Env) -> None:
     for pin in (PIN_ORIG_DST, PIN_WORKLOADS, PIN_DESTINATIONS, PIN_STRICT):
         os.close(open_pinned(env.pin_dir / pin))
     attached = MeshBpf.attached_programs(env.parent)
-    assert sorted((p["name"], p["attach_type"]) for p in attached) == [
-        ("mn_bind4", "bind4"),
-        ("mn_bind6", "bind6"),
-        ("mn_connect4", "connect4"),
-        ("mn_connect6", "connect6"),
-        ("mn_ingress", "ingress"),
-        ("mn_sockops", "sock_ops"),
-    ]
+    assert sorted((p["name"], p["attach_type"]) for p in attached) == MESH_PROGRAMS
     names = bpftool_cgroup_names(env.parent)
     if names:  # bpftool installed: it agrees
-        assert sorted(names) == [
-            "mn_bind4",
-            "mn_bind6",
-            "mn_connect4",
-            "mn_connect6",
-            "mn_ingress",
-            "mn_sockops",
-        ]
+        assert sorted(names) == MESH_PROGRAM_NAMES
 
 
 def test_member_connect4_lands_at_proxy_with_orig_dst(env: Env) -> None:
@@ -538,7 +526,7 @@ def test_close_leaves_nothing_behind(tmp_path: Path) -> None:
             mesh.load()
             mesh.attach(parent)
             ids = [p["id"] for p in MeshBpf.attached_programs(parent)]
-            assert len(ids) == 6
+            assert len(ids) == len(MESH_PROGRAMS)
             assert (pin_dir / PIN_ORIG_DST).exists()
         assert MeshBpf.attached_programs(parent) == []
         assert not pin_dir.exists()

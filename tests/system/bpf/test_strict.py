@@ -33,6 +33,8 @@ from meshnode.bpf.layout import PIN_STRICT, PROXY_INBOUND_SOURCE, StrictKey
 from meshnode.bpf.loader import MeshBpf
 from meshnode.bpf.pinned import open_pinned
 from tests.support.bpf import (
+    MESH_PROGRAM_NAMES,
+    MESH_PROGRAMS,
     bpftool_cgroup_names,
     ebpf_missing,
     in_netns,
@@ -259,24 +261,10 @@ def answered(answer: str | None, server: str, port: int, peer: str) -> bool:
 
 def test_ingress_is_attached_and_strict_map_pinned(env: Env) -> None:
     attached = sorted((p["name"], p["attach_type"]) for p in MeshBpf.attached_programs(env.parent))
-    assert attached == [
-        ("mn_bind4", "bind4"),
-        ("mn_bind6", "bind6"),
-        ("mn_connect4", "connect4"),
-        ("mn_connect6", "connect6"),
-        ("mn_ingress", "ingress"),
-        ("mn_sockops", "sock_ops"),
-    ]
+    assert attached == MESH_PROGRAMS
     names = bpftool_cgroup_names(env.parent)
     if names:  # bpftool installed: it agrees
-        assert sorted(names) == [
-            "mn_bind4",
-            "mn_bind6",
-            "mn_connect4",
-            "mn_connect6",
-            "mn_ingress",
-            "mn_sockops",
-        ]
+        assert sorted(names) == MESH_PROGRAM_NAMES
     assert strict_entries(env) == set()
 
 

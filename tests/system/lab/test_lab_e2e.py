@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import TOOLS
+from tests.support.bpf import MESH_PROGRAM_NAMES
 from tests.support.skips import requires_lab
 
 pytestmark = [pytest.mark.root, requires_lab]
@@ -52,6 +53,57 @@ def lab_exec(
     return meshnode("lab", "exec", node, *wl, "--", *cmd, check=check)
 
 
+# A resolver the test runs inside the lab (on the fabric, beside the control plane):
+# the nodes' mesh DNS forwards every other name to it.
+UPSTREAM = ("198.18.0.1", 10053)
+EXTERNAL = ("ext.meshnode-test.example.", "192.0.2.7")
+
+
+class Upstream:
+    """A tiny authoritative server for EXTERNAL (dnspython builds every answer),
+    UDP, bound inside the fabric's network namespace."""
+
+    def __init__(self, netns: str) -> None:
+        import socket
+        import threading
+
+        from tests.support.bpf import in_netns
+
+        with in_netns(netns):
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.sock.bind(UPSTREAM)
+        self.sock.settimeout(0.2)
+        self.asked = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rrset
+
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+                query = dns.message.from_wire(data)
+            except Exception:  # noqa: BLE001 - a timeout, or bytes that are not DNS
+                continue
+            self.asked += 1
+            reply = dns.message.make_response(query)
+            q = query.question[0]
+            if q.name.to_text().lower() == EXTERNAL[0] and q.rdtype == 1:
+                reply.answer.append(dns.rrset.from_text(EXTERNAL[0], 60, "IN", "A", EXTERNAL[1]))
+            elif q.name.to_text().lower() != EXTERNAL[0]:
+                reply.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(reply.to_wire(), peer)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     from meshnode.lab.lab import Lab
@@ -61,8 +113,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     big = www / "big.bin"
     big.write_bytes(os.urandom(50 * 1024 * 1024))
     (www / "marker.txt").write_bytes(MARKER * 100)
+    upstream: Upstream | None = None
     try:
-        meshnode("lab", "up", "--nodes", "2")
+        meshnode("lab", "up", "--nodes", "2", "--dns-upstream", f"{UPSTREAM[0]}:{UPSTREAM[1]}")
+        upstream = Upstream(Lab(LAB).fabric)
         demo = [PY, "-m", "meshnode.lab.demo"]
         peer_sock = str(Lab(LAB).node_dir("node2") / "state" / "peer.sock")
         meshnode(
@@ -118,8 +172,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             "idle",
         )
         status = json.loads(meshnode("lab", "status", "-o", "json").stdout)
-        yield {"status": status, "big": big, "lab": Lab(LAB), "www": www}
+        yield {"status": status, "big": big, "lab": Lab(LAB), "www": www, "upstream": upstream}
     finally:
+        if upstream is not None:
+            upstream.close()
         meshnode("lab", "down", check=False)
 
 
@@ -133,14 +189,7 @@ def test_status_shows_nodes_services_and_bpf_programs(lab: dict) -> None:
     for node in st["nodes"]:
         assert node["ready"] and node["agent_alive"]
         names = sorted(p["name"] for p in node["bpf_programs"])
-        assert names == [
-            "mn_bind4",
-            "mn_bind6",
-            "mn_connect4",
-            "mn_connect6",
-            "mn_ingress",
-            "mn_sockops",
-        ]
+        assert names == MESH_PROGRAM_NAMES
     for s in st["services"]:
         assert s["vip"].startswith("240.")
     assert {w["name"] for w in st["workloads"]} == {"api", "files", "client"}
@@ -390,6 +439,136 @@ def test_hbone_listener_checks_client_certificates(lab: dict, tmp_path: Path, ca
         assert out == "ACCEPTED"
     else:
         assert out.startswith("REFUSED"), out
+
+
+# -- mesh DNS (docs/dns.md) -----------------------------------------------------------
+
+
+def getent(node: str, name: str, workload: str | None = "client") -> list[str]:
+    """`getent hosts NAME` as the workload runs it (unmodified: its glibc, the node's
+    resolv.conf); the addresses, [] when it does not resolve."""
+    proc = lab_exec(node, "getent", "hosts", name, workload=workload, check=False)
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def dns_queries(node: str) -> float:
+    """The node's mesh DNS proxy's meshnode_dns_queries_total, summed."""
+    from meshnode.ztunnel.metrics import parse_exposition
+
+    text = lab_exec(node, "curl", "-s", "--max-time", "5", "http://127.0.0.1:15020/metrics").stdout
+    return sum(s.value for s in parse_exposition(text) if s.name == "meshnode_dns_queries_total")
+
+
+def test_mesh_names_resolve_in_an_unmodified_workload_and_calls_by_name_are_meshed(
+    lab: dict,
+) -> None:
+    assert getent("node1", "api.default.mesh") == [vip(lab, "api")]
+    assert getent("node1", "API.mesh") == [vip(lab, "api")]  # default namespace, any case
+    assert getent("node1", "nothing.default.mesh") == []
+    out = lab_exec(
+        "node1", "curl", "-s", "--max-time", "10", "http://api.default.mesh:8080/",
+        workload="client",
+    ).stdout  # fmt: skip
+    assert "hello spiffe://cluster.local/ns/default/sa/client, this is api" in out
+
+
+def test_other_names_are_forwarded_to_the_nodes_resolver(lab: dict) -> None:
+    asked = lab["upstream"].asked
+    assert getent("node1", EXTERNAL[0].rstrip(".")) == [EXTERNAL[1]]
+    assert lab["upstream"].asked > asked
+
+
+def test_a_non_workload_process_never_reaches_the_mesh_dns(lab: dict) -> None:
+    before = dns_queries("node1")
+    # From the node's system cgroup: the host's resolver is asked, which knows no
+    # mesh names (and, in the lab's network namespace, is not even reachable).
+    assert getent("node1", "api.default.mesh", workload=None) == []
+    assert dns_queries("node1") == before
+    assert getent("node1", "api.default.mesh") == [vip(lab, "api")]
+    assert dns_queries("node1") > before  # the counter does move for a workload
+
+
+POLLER = """
+import socket, sys, time
+name, want = sys.argv[1], sys.argv[2] == "present"
+deadline = time.time() + 60
+while time.time() < deadline:
+    try:
+        socket.getaddrinfo(name, 80, socket.AF_INET)
+        ok = True
+    except socket.gaierror:
+        ok = False
+    if ok == want:
+        print(time.time(), flush=True)
+        sys.exit(0)
+    time.sleep(0.02)
+sys.exit(1)
+"""
+
+
+def _watch_name(name: str, want: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [PY, "-m", "meshnode.cli.main", "lab", "exec", "node1", "--workload", "client",
+         "--", PY, "-c", POLLER, name, want],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _when_registered(lab: dict, name: str, present: bool, limit: float = 60) -> float:
+    """When the control plane first lists (or no longer lists) workload `name`."""
+    admin = lab["lab"].admin()
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        names = {w["name"] for w in admin.call("GET", "/v1/admin/workloads")["items"]}
+        if (name in names) == present:
+            return time.time()
+        time.sleep(0.02)
+    raise AssertionError(f"workload {name} never {'appeared' if present else 'went'}")
+
+
+def test_a_new_service_resolves_and_a_deleted_one_stops_within_2_seconds(lab: dict) -> None:
+    import threading
+
+    name = "fresh.default.mesh"
+    watcher = _watch_name(name, "present")
+    time.sleep(1.0)  # the poller is running (and not resolving) before the service exists
+    seen: dict[str, float] = {}
+    t = threading.Thread(target=lambda: seen.update(at=_when_registered(lab, "fresh", True)))
+    t.start()
+    meshnode("lab", "workload", "add", "node2", "fresh", "--service", "fresh", "--port", "8085",
+             "--", PY, "-m", "http.server", "8085")  # fmt: skip
+    t.join(70)
+    out, err = watcher.communicate(timeout=70)
+    assert watcher.returncode == 0, err
+    resolved = float(out.split()[0])
+    assert resolved - seen["at"] < 2.0, f"resolved {resolved - seen['at']:.2f} s after registration"
+
+    watcher = _watch_name(name, "absent")
+    time.sleep(1.0)
+    t = threading.Thread(target=lambda: seen.update(gone=_when_registered(lab, "fresh", False)))
+    t.start()
+    meshnode("lab", "workload", "rm", "fresh")
+    t.join(70)
+    out, err = watcher.communicate(timeout=70)
+    assert watcher.returncode == 0, err
+    gone = float(out.split()[0])
+    assert gone - seen["gone"] < 2.0, f"still resolved {gone - seen['gone']:.2f} s after delete"
+
+
+def test_names_resolve_and_calls_by_name_work_while_the_control_plane_is_down(
+    lab: dict,
+) -> None:
+    lab_obj = lab["lab"]
+    lab_obj.stop_controlplane()
+    try:
+        assert getent("node1", "api.default.mesh") == [vip(lab, "api")]
+        out = lab_exec(
+            "node1", "curl", "-s", "--max-time", "10", "http://api.default.mesh:8080/",
+            workload="client",
+        ).stdout  # fmt: skip
+        assert "this is api" in out
+    finally:
+        lab_obj.start_controlplane()
 
 
 def test_lab_down_leaves_nothing(lab: dict) -> None:

@@ -444,3 +444,18 @@ def test_direct_construction_is_validated_too(build: object, path: str) -> None:
     with pytest.raises(ResourceError) as info:
         build()
     assert info.value.path == path
+
+
+def test_meshconfig_dns_domain_round_trips_and_is_checked() -> None:
+    doc = {
+        "kind": "MeshConfig",
+        "metadata": {"name": "default"},
+        "spec": {"dns": {"domain": "mesh.internal"}},
+    }
+    mesh = MeshConfig.from_dict(doc)
+    assert mesh.dns_domain == "mesh.internal"
+    assert MeshConfig.from_dict(mesh.to_dict()) == mesh
+    assert "dns" not in MeshConfig().to_dict()["spec"]  # the default is not written out
+    for bad in ("Mesh", "a..b", "", "-x", 7):
+        with pytest.raises(ResourceError, match="spec.dns.domain"):
+            MeshConfig.from_dict({**doc, "spec": {"dns": {"domain": bad}}})

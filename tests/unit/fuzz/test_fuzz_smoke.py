@@ -17,9 +17,9 @@ from tests.support import REPO
 FUZZ = REPO / "fuzz"
 
 
-def _load_harness() -> ModuleType:
+def _load_harness(name: str = "harness") -> ModuleType:
     """fuzz/harness.py is a script folder's module, not part of the package."""
-    spec = importlib.util.spec_from_file_location("fuzz_harness", FUZZ / "harness.py")
+    spec = importlib.util.spec_from_file_location(f"fuzz_{name}", FUZZ / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -27,8 +27,10 @@ def _load_harness() -> ModuleType:
 
 
 harness = _load_harness()
+dns_harness = _load_harness("dns_harness")
 
 SIDES = {"server": False, "client": True}
+TARGETS = {"server": "fuzz_hbone_server.py", "client": "fuzz_hbone_client.py", "dns": "fuzz_dns.py"}
 
 
 @pytest.mark.parametrize("side", list(SIDES))
@@ -39,7 +41,35 @@ def test_corpus_replays_cleanly(side: str) -> None:
         harness.one_input(path.read_bytes(), client_side=SIDES[side])
 
 
-@pytest.mark.parametrize("side", list(SIDES))
+def test_dns_corpus_replays_cleanly() -> None:
+    inputs = sorted((FUZZ / "corpus" / "dns").iterdir())
+    assert inputs, "no seeds: run python fuzz/make_corpus.py"
+    for path in inputs:
+        dns_harness.one_input(path.read_bytes())
+
+
+def test_the_dns_harness_finds_what_it_looks_for() -> None:
+    """The harness can fail: an answerer that gives a reply another ID is caught."""
+    from meshnode.ztunnel.dns import Reply
+
+    seed = next(iter(sorted((FUZZ / "corpus" / "dns").iterdir()))).read_bytes()
+    real = dns_harness.ANSWERER.handle
+
+    def wrong_id(data: bytes, tcp: bool = False) -> object:
+        decision = real(data, tcp)
+        if isinstance(decision, Reply):
+            return Reply(b"\xff\xff" + decision.wire[2:], decision.rcode, decision.qtype)
+        return decision
+
+    dns_harness.ANSWERER.handle = wrong_id
+    try:
+        with pytest.raises(AssertionError, match="another ID"):
+            dns_harness.one_input(b"\x12\x34" + seed[2:])
+    finally:
+        del dns_harness.ANSWERER.handle
+
+
+@pytest.mark.parametrize("side", list(TARGETS))
 def test_fuzz_target_smoke_run(side: str, tmp_path: Path) -> None:
     try:
         import atheris  # noqa: F401
@@ -54,7 +84,7 @@ def test_fuzz_target_smoke_run(side: str, tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
-            str(FUZZ / f"fuzz_hbone_{side}.py"),
+            str(FUZZ / TARGETS[side]),
             str(corpus),
             "-max_total_time=4",
             "-rss_limit_mb=1024",

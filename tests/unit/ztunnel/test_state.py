@@ -24,7 +24,7 @@ from meshnode.ztunnel.state import (
 
 def good_snapshot() -> dict[str, Any]:
     return {
-        "schema": 2,
+        "schema": 3,
         "version": 7,
         "node": {"name": "node1", "ip": "198.18.0.11", "zone": "z1"},
         "trust_domain": "cluster.local",
@@ -87,8 +87,8 @@ def good_snapshot() -> dict[str, Any]:
     }
 
 
-def test_schema_constant_is_2() -> None:
-    assert SCHEMA == 2
+def test_schema_constant_is_3() -> None:
+    assert SCHEMA == 3
 
 
 def test_accepts_a_good_snapshot() -> None:
@@ -199,9 +199,9 @@ def _duplicate_local_id(doc: dict[str, Any]) -> None:
 
 
 REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
-    ("schema 1", _set(("schema",), 1), "schema 1 is not 2"),
-    ("schema missing", _delete(("schema",)), "schema None is not 2"),
-    ("schema as string", _set(("schema",), "2"), "schema '2' is not 2"),
+    ("schema 1", _set(("schema",), 1), "schema 1 is not 3"),
+    ("schema missing", _delete(("schema",)), "schema None is not 3"),
+    ("schema as string", _set(("schema",), "3"), "schema '3' is not 3"),
     ("node missing", _delete(("node",)), "snapshot: missing field 'node'"),
     ("node not an object", _set(("node",), "node1"), "snapshot.node: expected dict"),
     ("node name missing", _delete(("node", "name")), "node: missing field 'name'"),
