@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from meshnode.bench import procs as proc_stats
+from meshnode.core import api
 from meshnode.core.errors import MeshnodeError
 
 __all__ = [
@@ -187,7 +188,6 @@ class _ControlPlane:
         return f"https://127.0.0.1:{self.port}"
 
     def admin(self) -> Any:
-        from meshnode.core import api
         from meshnode.core.cpclient import ApiClient
 
         return ApiClient(self.url, b"", unix_socket=str(self.data / api.ADMIN_SOCKET_FILE))
@@ -380,7 +380,7 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
         when the stream ends or breaks."""
         from meshnode.core.contracts import AnswerLines
 
-        backoff = 1.0
+        backoff = api.WATCH_BACKOFF_FIRST
         while True:
             path = f"/v1/node/config?since={node.revision}&wait={WATCH_WAIT}&endpoints=1&stream=1"
             timeout = aiohttp.ClientTimeout(total=None, sock_read=WATCH_WAIT + 15)
@@ -396,12 +396,12 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
                     for line in lines.end():
                         take(node, line)
             except (aiohttp.ClientError, TimeoutError, OSError):
-                # The agent's back-off: 1 s doubling to 30 s, jittered, so a
+                # The agent's back-off: 1 s doubling to 15 s, jittered, so a
                 # restarted control plane is not hit in one wave.
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, api.WATCH_BACKOFF_MAX)
                 continue
-            backoff = 1.0
+            backoff = api.WATCH_BACKOFF_FIRST
 
     def take(node: _Node, line: bytes) -> None:
         doc = json.loads(line)

@@ -25,6 +25,8 @@ __all__ = [
     "NODE_CONFIG",
     "NODE_CONFIG_MAX_WAIT",
     "NODE_CONFIG_STREAM_TYPE",
+    "WATCH_BACKOFF_FIRST",
+    "WATCH_BACKOFF_MAX",
     "NODE_RENEW",
     "NODE_WORKLOAD",
     "NODE_WORKLOADS",
@@ -39,6 +41,12 @@ NODE_CONFIG = "/v1/node/config"
 NODE_CONFIG_MAX_WAIT = 60.0  # seconds a long poll of NODE_CONFIG may wait at most
 # A streamed watch (``stream=1``): one answer per line, as the changes come.
 NODE_CONFIG_STREAM_TYPE = "application/x-ndjson"
+# A node's watch backs off from WATCH_BACKOFF_FIRST seconds, doubling up to
+# WATCH_BACKOFF_MAX, each sleep jittered to half to all of the step, while the
+# control plane is away. The cap bounds how long after a control-plane restart
+# a node waits before it asks again (docs/protocol.md).
+WATCH_BACKOFF_FIRST = 1.0
+WATCH_BACKOFF_MAX = 15.0
 NODE_WORKLOADS = "/v1/node/workloads"
 NODE_WORKLOAD = "/v1/node/workloads/{name}"
 NODE_CERTIFICATES = "/v1/node/certificates"

@@ -369,7 +369,7 @@ WATCH_BEAT = 30.0
 
 class CpWatcher(threading.Thread):
     """Streams the node's slice; calls on_change after each change is saved.
-    Backs off (1 s doubling to 30 s, jittered) while the control plane is away, and
+    Backs off (1 s doubling to 15 s, jittered; core/api.py) while the control plane is away, and
     says so once, not on every try."""
 
     def __init__(self, client: CpClient, store: SliceStore, on_change: Callable[[], None]):
@@ -390,7 +390,7 @@ class CpWatcher(threading.Thread):
             self.client.close()
 
     def _watch(self) -> None:
-        backoff = 1.0
+        backoff = api.WATCH_BACKOFF_FIRST
         while not self.stop.is_set():
             self._answers = 0
             try:
@@ -409,17 +409,17 @@ class CpWatcher(threading.Thread):
                 # Jittered: after a control-plane restart the fleet does not come
                 # back in one wave (half the back-off, plus up to the other half).
                 self.stop.wait(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, api.WATCH_BACKOFF_MAX)
                 continue
             # The stream ended as it should (the control plane wants the node to
             # ask again: a full slice is due, or it is stopping), or an older control
             # plane answered one long poll: ask again at once -- unless nothing came
             # at all, which is not normal and must not become a busy loop.
             if self._answers:
-                backoff = 1.0
+                backoff = api.WATCH_BACKOFF_FIRST
             else:
                 self.stop.wait(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, api.WATCH_BACKOFF_MAX)
 
     def _answer(self, answer: Any) -> bool:
         """One answer of the stream: fold it in, save and apply it if it changed

@@ -470,6 +470,13 @@ def test_mesh_names_resolve_in_an_unmodified_workload_and_calls_by_name_are_mesh
         workload="client",
     ).stdout  # fmt: skip
     assert "hello spiffe://cluster.local/ns/default/sa/client, this is api" in out
+    # The operator's view: `meshnode dns lookup` asks the node's proxy directly.
+    looked = lab_exec(
+        "node1", PY, "-m", "meshnode.cli.main", "dns", "lookup", "api.default.mesh", "-o", "json"
+    )
+    got = json.loads(looked.stdout)
+    assert got["rcode"] == "NOERROR" and got["authoritative"]
+    assert got["answers"] == [f"api.default.mesh. 5 A {vip(lab, 'api')}"]
 
 
 def test_other_names_are_forwarded_to_the_nodes_resolver(lab: dict) -> None:

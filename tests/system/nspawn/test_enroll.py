@@ -155,16 +155,12 @@ def test_enroll_force_starts_units(setup: tuple[Cluster, Node, list[str]]) -> No
         assert state == "active", f"{unit}: {state}\n{journal}"
     assert node.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode == 0
     from meshnode.bpf.loader import MeshBpf
+    from tests.support.bpf import MESH_PROGRAMS
 
     attached = MeshBpf.attached_programs(node.root_cgroup)  # the node's root, seen from the host
-    assert sorted(p["attach_type"] for p in attached) == [
-        "bind4",
-        "bind6",
-        "connect4",
-        "connect6",
-        "ingress",
-        "sock_ops",
-    ], journal
+    assert sorted(p["attach_type"] for p in attached) == sorted(t for _, t in MESH_PROGRAMS), (
+        journal
+    )
 
 
 def test_cleanup(setup: tuple[Cluster, Node, list[str]]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.bpf import MESH_PROGRAMS
 from tests.support.nspawn import REPO, Cluster, Node, NspawnError, ensure_rootfs, missing
 
 pytestmark = [pytest.mark.root]
@@ -136,7 +137,7 @@ def test_bcc_attaches_at_the_node_cgroup_root(n1: Node) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     res = _probe_result(proc.stdout)
     assert res["root"] == "/sys/fs/cgroup"
-    assert sorted(res["progs"]) == ["bind4", "bind6", "connect4", "connect6", "ingress", "sock_ops"]
+    assert sorted(res["progs"]) == sorted(t for _, t in MESH_PROGRAMS)
     assert res["pins"] == ["mn_dests", "mn_orig_dst", "mn_strict", "mn_workloads"]
     assert res["after"] == []
     # The node's cgroup root is its own subtree on the host, not the host's root.
@@ -252,14 +253,7 @@ def test_agent_unit_hardening_allows_bpf(n2: Node) -> None:
     assert proc.returncode == 0, proc.stderr + journal
     try:
         res = _probe_result(n2.run(["cat", "/var/lib/meshnode/probe.json"]).stdout)
-        assert sorted(res["progs"]) == [
-            "bind4",
-            "bind6",
-            "connect4",
-            "connect6",
-            "ingress",
-            "sock_ops",
-        ]
+        assert sorted(res["progs"]) == sorted(t for _, t in MESH_PROGRAMS)
         assert res["ino"] == n2.root_cgroup.stat().st_ino
         assert n2.run(["mountpoint", "-q", "/sys/fs/bpf"]).returncode == 0
         pins = n2.run(["ls", "/sys/fs/bpf/meshnode"]).stdout.split()

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import TOOLS
+from tests.support.bpf import MESH_PROGRAM_NAMES
 from tests.support.nspawn import REPO, Cluster, Node, NspawnError, ensure_rootfs, missing
 
 pytestmark = [pytest.mark.root]
@@ -281,14 +282,7 @@ def test_status_shows_the_node(mesh: Mesh) -> None:
     assert st["node"]["name"] == "n1"
     assert st["control_plane_reachable"] is True
     assert st["agent"]["running"] and st["ztunnel"].startswith("ready")
-    assert sorted(p["name"] for p in st["bpf_programs"]) == [
-        "mn_bind4",
-        "mn_bind6",
-        "mn_connect4",
-        "mn_connect6",
-        "mn_ingress",
-        "mn_sockops",
-    ]
+    assert sorted(p["name"] for p in st["bpf_programs"]) == MESH_PROGRAM_NAMES
     assert st["bind_guard"]["on"], st["bind_guard"]
     assert [w["name"] for w in st["workloads"]] == ["web"]
     assert st["workloads"][0]["certificate"].startswith("expires")
