@@ -267,20 +267,12 @@ class KeptConnection:
     async def _request(
         self, url: str, method: str, path: str, ctx: ssl.SSLContext, timeout: float
     ) -> Answer:
-        key = (url, id(ctx))
-        if key != self._key:
-            await self._drop()
-            self._key = key
         hdrs = {"Accept": "application/json"}
         for attempt in (1, 2):
-            fresh = self._session is None
-            if self._session is None:
-                connector = aiohttp.TCPConnector(ssl=ctx, limit=1, keepalive_timeout=60)
-                self._session = aiohttp.ClientSession(connector=connector)
+            fresh = self._session is None or (url, id(ctx)) != self._key
+            session = await self._session_for(url, ctx)
             try:
-                return await _send(
-                    self._session, _base(url), method, path, None, hdrs, timeout=timeout
-                )
+                return await _send(session, _base(url), method, path, None, hdrs, timeout=timeout)
             except ClientError:
                 await self._drop()
                 if fresh or attempt == 2:
@@ -314,18 +306,12 @@ class KeptConnection:
     ) -> Answer:
         from meshnode.core.contracts import AnswerLines
 
-        key = (url, id(ctx))
-        if key != self._key:
-            await self._drop()
-            self._key = key
-        if self._session is None:
-            connector = aiohttp.TCPConnector(ssl=ctx, limit=1, keepalive_timeout=60)
-            self._session = aiohttp.ClientSession(connector=connector)
+        session = await self._session_for(url, ctx)
         base = _base(url)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=DEFAULT_TIMEOUT, sock_read=idle)
         finished = False
         try:
-            async with self._session.get(
+            async with session.get(
                 base + path, headers={"Accept": "application/json"}, timeout=timeout
             ) as resp:
                 if resp.status != 200:
@@ -347,6 +333,17 @@ class KeptConnection:
         finally:
             if not finished:  # cut short: the connection is mid-answer
                 await self._drop()
+
+    async def _session_for(self, url: str, ctx: ssl.SSLContext) -> aiohttp.ClientSession:
+        """The kept session for `url` and `ctx` (a new one when either changed)."""
+        key = (url, id(ctx))
+        if key != self._key:
+            await self._drop()
+            self._key = key
+        if self._session is None:
+            connector = aiohttp.TCPConnector(ssl=ctx, limit=1, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
 
     async def _drop(self) -> None:
         if self._session is not None:
@@ -533,37 +530,20 @@ class NodeClient:
     ) -> Any:
         """The decoded JSON of a 2xx answer; ClientError otherwise. With `keep` (a
         body-less call from one thread, again and again), on a kept-alive connection."""
-        errors = []
-        ctx = self._context()
-        for url in list(self.order):
-            try:
-                if keep:
-                    answer = self._kept.request(url, method, path, ctx, timeout or self.timeout)
-                else:
-                    answer = request(
-                        url, method, path, ctx, body=body, timeout=timeout or self.timeout
-                    )
-            except ClientError as exc:
-                errors.append(str(exc))
-                continue
-            if answer.status >= 500:
-                errors.append(f"{url}: {answer.status} {answer.error}")
-                continue
-            if self.order[0] != url:
-                self.order.remove(url)
-                self.order.insert(0, url)
-            if answer.status >= 300:
-                raise ClientError(answer.status, answer.error)
-            return answer.data
-        raise ClientError(0, "no control plane reachable: " + "; ".join(errors))
+        wait = timeout or self.timeout
+
+        def ask(url: str, ctx: ssl.SSLContext) -> Answer:
+            if keep:
+                return self._kept.request(url, method, path, ctx, wait)
+            return request(url, method, path, ctx, body=body, timeout=wait)
+
+        return self._first_answer(ask)
 
     def stream(self, path: str, on_line: Callable[[bytes], bool], idle: float) -> None:
         """A streamed GET on the kept connection: each line of the answer goes to
         `on_line` (until it returns False). Replicas are tried in order like
         :meth:`request`; a 4xx answer raises ClientError with its message; so does
         a stream lost half-way (status 0), after the lines that came."""
-        errors = []
-        ctx = self._context()
         delivered = 0
 
         def counted(line: bytes) -> bool:
@@ -571,11 +551,26 @@ class NodeClient:
             delivered += 1
             return on_line(line)
 
+        self._first_answer(
+            lambda url, ctx: self._kept.stream(url, path, ctx, counted, idle),
+            final=lambda: delivered > 0,  # lines were taken: the caller asks again from there
+        )
+
+    def _first_answer(
+        self,
+        ask: Callable[[str, ssl.SSLContext], Answer],
+        final: Callable[[], bool] = lambda: False,
+    ) -> Any:
+        """`ask` each replica in order (the last good one first) until one answers
+        below 500: its data for a 2xx, ClientError for a 3xx/4xx. A failure with no
+        answer moves on to the next replica, unless `final()` says otherwise."""
+        errors = []
+        ctx = self._context()
         for url in list(self.order):
             try:
-                answer = self._kept.stream(url, path, ctx, counted, idle)
+                answer = ask(url, ctx)
             except ClientError as exc:
-                if delivered:  # lines were taken: the caller asks again from there
+                if final():
                     raise
                 errors.append(str(exc))
                 continue
@@ -587,7 +582,7 @@ class NodeClient:
                 self.order.insert(0, url)
             if answer.status >= 300:
                 raise ClientError(answer.status, answer.error)
-            return
+            return answer.data
         raise ClientError(0, "no control plane reachable: " + "; ".join(errors))
 
     def close(self) -> None:

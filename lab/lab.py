@@ -245,14 +245,8 @@ class Lab:
         """Stop the control plane (SIGTERM, then SIGKILL after 10 s); the nodes go
         on from what they hold."""
         st = self.load()
-        pid = st.cp_pid
-        if pid and _alive(pid):
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        if st.cp_pid and not _ended(st.cp_pid, signal.SIGTERM):
+            _ended(st.cp_pid, signal.SIGKILL)
         st.cp_pid = None
         self.save(st)
 
@@ -380,12 +374,8 @@ class Lab:
         rec = st.nodes.get(node)
         if rec is None:
             raise LabError(f"no node {node!r}; nodes are: {', '.join(st.nodes)}")
-        old = rec.ztunnel_pid
-        if old and _alive(old):
-            os.kill(old, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while _alive(old) and time.monotonic() < deadline:
-                time.sleep(0.02)
+        if rec.ztunnel_pid:
+            _ended(rec.ztunnel_pid, signal.SIGKILL)
         host.cgroup_kill_all(self.node_cgroup(rec, "system/ztunnel"), grace=0.5)  # workers
         self._start_ztunnel(st, rec)
         self.save(st)
@@ -754,6 +744,18 @@ def service_key(name: str, namespace: str) -> str:
     """How LabState.services names a service: ``api`` in namespace default,
     ``<namespace>/<name>`` elsewhere."""
     return name if namespace == "default" else f"{namespace}/{name}"
+
+
+def _ended(pid: int, sig: int, wait: float = 10.0) -> bool:
+    """Send `sig` to `pid` (if it lives) and wait up to `wait` s for it to go;
+    True once it is gone."""
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
