@@ -369,3 +369,66 @@ def test_after_a_restart_a_namespace_view_node_catches_up_with_changes(tmp_path:
         assert c2.request("GET", f"/v1/node/config?since={rev1}&endpoints=1")["full"] is True
     finally:
         cp.stop()
+
+
+def _watcher(cp: ThreadedControlPlane, node: EnrolledNode, tmp_path: Path) -> Any:
+    """The agent's own watcher (nodeagent/enrolled.py) for `node`, on its files."""
+    import shutil
+
+    from meshnode.nodeagent.enrolled import CpClient, CpWatcher, Enrollment, SliceStore
+
+    conf = tmp_path / f"{node.name}-etc"
+    conf.mkdir()
+    shutil.copy(node.cert_path, conf / "node.pem")
+    shutil.copy(node.key_path, conf / "node-key.pem")
+    (conf / "bundle.pem").write_bytes(node.bundle)
+    e = Enrollment(node.name, "z1", "", "cluster.local", (cp.url,), "/", tmp_path, conf)
+    changes: list[int] = []
+    store = SliceStore(tmp_path / f"{node.name}-slice.json")
+    watcher = CpWatcher(CpClient(e), store, lambda: changes.append(store.revision))
+    watcher.changes = changes  # type: ignore[attr-defined]
+    return watcher
+
+
+def test_the_agents_watcher_streams_changes_and_backs_off_when_refused(
+    cp: ThreadedControlPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's CpWatcher end to end: a full slice, then each change as a line
+    of its stream, saved and handed on; a node deleted under it is refused (403),
+    and the watcher says so and backs off instead of asking in a loop."""
+    import time
+
+    import meshnode.nodeagent.enrolled as enrolled
+
+    monkeypatch.setattr(enrolled, "WATCH_BEAT", 1.0)
+    n1, n2 = _node(cp, tmp_path, "node1"), _node(cp, tmp_path, "node2")
+    watcher = _watcher(cp, n1, tmp_path)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not watcher.changes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watcher.changes, "no full slice"
+        _register(_client(cp, n2), "api-1")
+        while time.monotonic() < deadline:
+            slice_ = watcher.store.slice
+            if slice_ is not None and slice_.services and slice_.services[0].endpoints:
+                break
+            time.sleep(0.05)
+        assert [e.workload for e in watcher.store.slice.services[0].endpoints] == ["api-1"]
+        assert json.loads((tmp_path / "node1-slice.json").read_text())["revision"] > 0
+        assert watcher.reachable is True
+        admitted: list[str] = []
+        real_admit = cp.cp.limits.admit
+        cp.cp.limits.admit = lambda peer: admitted.append(peer) or real_admit(peer)  # type: ignore[method-assign]
+        cp.admin().request("DELETE", "/v1/admin/nodes/node1")
+        while watcher.reachable is not False and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        assert watcher.reachable is False and "not registered" in watcher.last_error
+        asked = len(admitted)
+        time.sleep(2.0)
+        assert len(admitted) - asked <= 2, "the refused watcher asked again in a loop"
+    finally:
+        watcher.stop.set()
+        watcher.join(15)
+    assert not watcher.is_alive()
