@@ -284,6 +284,13 @@ def test_status_shows_the_node(mesh: Mesh) -> None:
     assert st["agent"]["running"] and st["ztunnel"].startswith("ready")
     assert sorted(p["name"] for p in st["bpf_programs"]) == MESH_PROGRAM_NAMES
     assert st["bind_guard"]["on"], st["bind_guard"]
+    # The units' ztunnel runs the mesh DNS, and the agent captures workloads' DNS.
+    assert st["dns"] == {
+        "server": "127.0.0.1:15053",
+        "state": "answering",
+        "domain": "mesh",
+        "capture": True,
+    }, st["dns"]
     assert [w["name"] for w in st["workloads"]] == ["web"]
     assert st["workloads"][0]["certificate"].startswith("expires")
     assert {s["name"] for s in st["services"]} >= {"api", "echo", "web"}
@@ -323,14 +330,20 @@ def test_a_local_process_cannot_pose_as_the_proxy(mesh: Mesh) -> None:
     """Issue 10, attack 2: on the server's node, a local process (a transient
     unit, outside ztunnel's slice) binds the delivery address to reach a
     workload as if delivered by the proxy, or takes a proxy port on another
-    address. The agent's bind guard refuses both with EPERM."""
+    address -- among them the mesh DNS port, joining ztunnel's SO_REUSEPORT group
+    to answer a share of the workloads' DNS itself. The agent's bind guard refuses
+    them all with EPERM."""
     n2 = mesh.n2
     ip = status(n2)["node"]["ip"]
     probe = (
         "import socket, sys\n"
-        "for fam, addr in ((socket.AF_INET, ('127.0.0.6', 0)),"
-        " (socket.AF_INET, ('127.0.0.1', 15001)), (socket.AF_INET6, ('::1', 15001))):\n"
-        "    s = socket.socket(fam)\n"
+        "U, T = socket.SOCK_DGRAM, socket.SOCK_STREAM\n"
+        "for fam, kind, addr in ((socket.AF_INET, T, ('127.0.0.6', 0)),"
+        " (socket.AF_INET, T, ('127.0.0.1', 15001)), (socket.AF_INET6, T, ('::1', 15001)),"
+        " (socket.AF_INET, U, ('127.0.0.1', 15053)), (socket.AF_INET, U, ('0.0.0.0', 15053)),"
+        " (socket.AF_INET, T, ('127.0.0.1', 15053))):\n"
+        "    s = socket.socket(fam, kind)\n"
+        "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)\n"
         "    try:\n"
         "        s.bind(addr); print('bound', addr)\n"
         "    except OSError as e:\n"
@@ -340,6 +353,7 @@ def test_a_local_process_cannot_pose_as_the_proxy(mesh: Mesh) -> None:
     print("\n" + r.stdout + r.stderr)
     lines = r.stdout.splitlines()
     assert any(ln.startswith("refused ('127.0.0.6'") for ln in lines), lines
+    assert sum(ln.startswith("refused") and "15053" in ln for ln in lines) == 3, lines
     # 127.0.0.1:15001 is ztunnel's own listener: EADDRINUSE or EPERM, never bound.
     assert not any(ln.startswith("bound") for ln in lines), lines
     curl = n2.run(
