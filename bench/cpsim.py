@@ -27,7 +27,6 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import shutil
 import signal
 import socket
@@ -398,8 +397,8 @@ async def _worker(conn: Connection, url: str, bundle: bytes, nodes: list[_Node],
             except (aiohttp.ClientError, TimeoutError, OSError):
                 # The agent's back-off: 1 s doubling to 15 s, jittered, so a
                 # restarted control plane is not hit in one wave.
-                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, api.WATCH_BACKOFF_MAX)
+                pause, backoff = api.backoff_step(backoff)
+                await asyncio.sleep(pause)
                 continue
             backoff = api.WATCH_BACKOFF_FIRST
 

@@ -72,7 +72,10 @@ static __always_inline int mn_redirect4(struct bpf_sock_addr *ctx)
     return 0;
 }
 
-/* IPv6 sockets: only IPv4-mapped destinations (::ffff:a.b.c.d) are in the mesh. */
+/* IPv6 sockets: only IPv4-mapped destinations (::ffff:a.b.c.d) are in the mesh.
+ * The same steps as mn_redirect4, on user_ip6[3]: a connect6 program may not touch
+ * user_ip4 (the verifier checks ctx fields against the attach type), so the two
+ * families keep their own rewrites. */
 static __always_inline int mn_redirect6(struct bpf_sock_addr *ctx)
 {
     int err;

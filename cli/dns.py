@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -24,7 +25,7 @@ def ask(
     server: str = DEFAULT_SERVER,
     tcp: bool = False,
     timeout: float = 2.0,
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """One query to the DNS proxy: {"rcode", "answers", "flags"}; OSError-like
     failures raise click exceptions through `fail`."""
     import dns.exception
@@ -76,7 +77,7 @@ def lookup(name: str, rdtype: str, server: str, tcp: bool, output: str) -> None:
         return
     source = "mesh (authoritative)" if got["authoritative"] else "forwarded"
     click.echo(f"{name} {rdtype}: {got['rcode']}, {source}")
-    for line in got["answers"]:  # type: ignore[attr-defined]
+    for line in got["answers"]:
         click.echo(f"  {line}")
     if got["rcode"] != "NOERROR":
         sys.exit(1)

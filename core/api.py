@@ -7,6 +7,7 @@ fill them with :func:`path`, which quotes each value as one path segment.
 
 from __future__ import annotations
 
+import random
 from urllib.parse import quote
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "NODE_CONFIG_STREAM_TYPE",
     "WATCH_BACKOFF_FIRST",
     "WATCH_BACKOFF_MAX",
+    "backoff_step",
     "NODE_RENEW",
     "NODE_WORKLOAD",
     "NODE_WORKLOADS",
@@ -47,6 +49,15 @@ NODE_CONFIG_STREAM_TYPE = "application/x-ndjson"
 # a node waits before it asks again (docs/protocol.md).
 WATCH_BACKOFF_FIRST = 1.0
 WATCH_BACKOFF_MAX = 15.0
+
+
+def backoff_step(step: float) -> tuple[float, float]:
+    """(seconds to sleep now, the next step): half to all of `step`, at random, so
+    a fleet that lost its control plane together does not come back together; the
+    step doubles up to WATCH_BACKOFF_MAX."""
+    return step * random.uniform(0.5, 1.0), min(step * 2, WATCH_BACKOFF_MAX)
+
+
 NODE_WORKLOADS = "/v1/node/workloads"
 NODE_WORKLOAD = "/v1/node/workloads/{name}"
 NODE_CERTIFICATES = "/v1/node/certificates"

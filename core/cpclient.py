@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -260,9 +260,7 @@ class KeptConnection:
         ctx: ssl.SSLContext,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Answer:
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(self._request(url, method, path, ctx, timeout))
+        return self._run(self._request(url, method, path, ctx, timeout))
 
     async def _request(
         self, url: str, method: str, path: str, ctx: ssl.SSLContext, timeout: float
@@ -292,9 +290,14 @@ class KeptConnection:
         An answer that is not 200 is returned whole. No byte for `idle` seconds, or
         a connection lost half-way, is ClientError(0, ...). A stream cut short
         leaves nothing behind: the next call starts on a new connection."""
+        return self._run(self._stream(url, path, ctx, on_line, idle))
+
+    def _run(self, call: Coroutine[Any, Any, Answer]) -> Answer:
+        """Run `call` on this connection's own event loop (kept between calls, as
+        the session on it is)."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(self._stream(url, path, ctx, on_line, idle))
+        return self._loop.run_until_complete(call)
 
     async def _stream(
         self,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import subprocess
 import threading
 import time
@@ -407,9 +406,9 @@ class CpWatcher(threading.Thread):
                 if isinstance(exc, (ValueError, KeyError)):
                     self.store.ask_full()
                 # Jittered: after a control-plane restart the fleet does not come
-                # back in one wave (half the back-off, plus up to the other half).
-                self.stop.wait(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, api.WATCH_BACKOFF_MAX)
+                # back in one wave.
+                pause, backoff = api.backoff_step(backoff)
+                self.stop.wait(pause)
                 continue
             # The stream ended as it should (the control plane wants the node to
             # ask again: a full slice is due, or it is stopping), or an older control
@@ -418,8 +417,8 @@ class CpWatcher(threading.Thread):
             if self._answers:
                 backoff = api.WATCH_BACKOFF_FIRST
             else:
-                self.stop.wait(backoff * random.uniform(0.5, 1.0))
-                backoff = min(backoff * 2, api.WATCH_BACKOFF_MAX)
+                pause, backoff = api.backoff_step(backoff)
+                self.stop.wait(pause)
 
     def _answer(self, answer: Any) -> bool:
         """One answer of the stream: fold it in, save and apply it if it changed

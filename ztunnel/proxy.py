@@ -206,12 +206,13 @@ class ProxyInputs:
                 if svc.namespace == ep.identity.namespace:
                     by_identity.setdefault(ep.identity, set()).add(f"{svc.namespace}/{svc.name}")
         self._services_by_identity = {k: frozenset(v) for k, v in by_identity.items()}
-        self.dns_answerer = DnsAnswerer(
-            MeshNames.build(
-                state.dns_domain,
-                ((s.name, s.namespace, s.vip) for s in state.services_by_vip.values()),
+        if self.config.dns is not None:  # no mesh DNS here: no names to keep
+            self.dns_answerer = DnsAnswerer(
+                MeshNames.build(
+                    state.dns_domain,
+                    ((s.name, s.namespace, s.vip) for s in state.services_by_vip.values()),
+                )
             )
-        )
         self.picker.forget_missing(state.services_by_vip.values())
         self.pool.refuse = self._refuse_revoked if state.revoked else None
         self.recheck_policy()
