@@ -12,10 +12,10 @@ trusted: loopback TCP without a token is refused.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,6 +25,7 @@ import click
 import yaml
 
 from meshnode.cli.common import fail
+from meshnode.cli.output import document, emit, item_list, output_option
 from meshnode.core import api
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -251,6 +252,10 @@ def apply(
         click.echo(line)
 
 
+# The control plane's mesh view: kind in `get`'s JSON (a list is `<kind>List`).
+_MESH_KINDS = {"nodes": "Node", "workloads": "Workload", "services": "Service"}
+
+
 def _kind(kind: str) -> str:
     resolved = _KIND_ALIASES.get(kind.lower())
     if resolved is None:
@@ -265,13 +270,7 @@ def _kind(kind: str) -> str:
 @click.argument("kind")
 @click.argument("name", required=False)
 @click.option("-n", "--namespace", default=None, help="Only this namespace.")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "yaml", "json"]),
-    default="table",
-    show_default=True,
-)
+@output_option()
 @_connection_options
 def get(
     kind: str,
@@ -287,8 +286,8 @@ def get(
     """List nodes, workloads, services or resources of KIND (optionally one NAME)."""
     api_kind = _kind(kind)
     client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
-    if api_kind in ("nodes", "workloads", "services"):
-        items = _call(
+    if api_kind in _MESH_KINDS:
+        data = _call(
             client,
             "GET",
             {
@@ -296,10 +295,10 @@ def get(
                 "workloads": api.ADMIN_WORKLOADS,
                 "services": api.ADMIN_SERVICES,
             }[api_kind],
-        )["items"]
+        )
         items = [
             i
-            for i in items
+            for i in data["items"]
             if (name is None or i.get("name") == name)
             and (namespace is None or i.get("namespace", namespace) == namespace)
         ]
@@ -309,21 +308,59 @@ def get(
             query["namespace"] = namespace
         if name:
             query["name"] = name
-        items = _call(client, "GET", api.ADMIN_RESOURCES + "?" + urlencode(query))["items"]
+        data = _call(client, "GET", api.ADMIN_RESOURCES + "?" + urlencode(query))
+        items = data["items"]
     if name is not None and not items:
         fail(f"{kind} {name!r} not found")
-    if output == "json":
-        click.echo(json.dumps(items if name is None else items[0], indent=2))
+    if api_kind in _MESH_KINDS:
+        single = _MESH_KINDS[api_kind]
+        doc: Any = (
+            item_list(f"{single}List", items, revision=data.get("revision"))
+            if name is None
+            else document(single, items[0])
+        )
     elif output == "yaml":
+        # Policy resources as `meshnode apply -f` takes them back: one document each.
         click.echo(yaml.safe_dump_all(items, sort_keys=False, explicit_start=True), nl=False)
+        return
     else:
-        click.echo(_table(api_kind, items))
+        # One resource: the document itself (apply refuses fields it does not know,
+        # so it carries no apiVersion); several: a list of them.
+        doc = (
+            item_list(f"{api_kind}List", items, revision=data.get("revision"))
+            if name is None
+            else items[0]
+        )
+    emit(doc, output, lambda: _table(api_kind, items))
+
+
+def _ago(when: float | None, now: float) -> str:
+    """A node's last report: ``12s ago``, ``3m ago``; none reached this control
+    plane replica since it started: ``no report yet``."""
+    if when is None:
+        return "no report yet"
+    seconds = max(0, int(now - when))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
 
 
 def _table(kind: str, items: list[dict[str, Any]]) -> str:
     if kind == "nodes":
-        rows = [["NAME", "ZONE", "IP", "WORKLOADS"]] + [
-            [i["name"], i["zone"] or "-", i["ip"], str(i.get("workloads", 0))] for i in items
+        now = time.time()
+        rows = [["NAME", "ZONE", "IP", "WORKLOADS", "REVISION", "LAST REPORT", "STALE"]] + [
+            [
+                i["name"],
+                i["zone"] or "-",
+                i["ip"],
+                str(i.get("workloads", 0)),
+                "-" if i.get("config_revision") is None else str(i["config_revision"]),
+                _ago(i.get("last_report"), now),
+                "STALE" if i.get("stale") else "-",
+            ]
+            for i in items
         ]
     elif kind == "workloads":
         rows = [["NODE", "NAMESPACE", "NAME", "SERVICE", "PORT", "VERSION"]] + [

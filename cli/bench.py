@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from meshnode.cli.common import fail
+from meshnode.cli.output import Progress, progress_option, progress_printer
 
 
 def _parse_paths(value: str | None) -> list[str]:
@@ -130,6 +132,7 @@ def _parse_paths(value: str | None) -> list[str]:
     show_default=True,
     help="With --controlplane: the control plane's --node-view.",
 )
+@progress_option
 def bench(
     quick: bool,
     duration: float,
@@ -148,6 +151,7 @@ def bench(
     db: str | None,
     namespaces: int,
     node_view: str,
+    progress: bool | None,
 ) -> None:
     """Benchmark meshnode against direct, HAProxy/stunnel mTLS pairs and a central LB.
 
@@ -155,7 +159,7 @@ def bench(
     and one PNG per metric to --out, and removes the lab even on failure or Ctrl-C.
     """
     from meshnode.bench import plots, report
-    from meshnode.bench.runner import Bench, BenchError, Options, missing_tools
+    from meshnode.bench.runner import BenchError, Options, missing_tools
     from meshnode.bpf.errors import BpfError
     from meshnode.lab.host import HostError
     from meshnode.lab.lab import LabError
@@ -199,7 +203,8 @@ def bench(
         f"measurement x {repeat}; memory sub-benchmark: {'yes' if run_memory else 'no'}"
     )
     try:
-        doc = Bench(opts, log=click.echo).run()  # Ctrl-C / SIGTERM: KeyboardInterrupt
+        # Ctrl-C / SIGTERM: KeyboardInterrupt
+        doc = _progress_bench(opts, progress_printer(progress)).run()
     except KeyboardInterrupt:
         fail("interrupted; the lab was taken down", code=130)
     except (BenchError, LabError, HostError, BpfError) as exc:
@@ -216,6 +221,40 @@ def bench(
     click.echo(report.render_report(doc["summary"], tgts, doc["memory"]))
     click.echo("")
     click.echo(f"wrote {out_dir / 'results.json'} and {len(pngs)} PNGs in {out_dir}")
+
+
+def _progress_bench(opts: Any, out: Callable[[str], None] | None) -> Any:
+    """A Bench that also counts its steps (lab up, paths checked, each path and
+    repetition, the memory sub-benchmark, lab down) on `out`."""
+    from meshnode.bench.runner import Bench, PathSpec
+
+    total = 2 + opts.repeat * len(opts.paths) + (1 if opts.memory else 0) + 1
+    steps = Progress(total, out)
+
+    class ProgressBench(Bench):
+        def setup(self) -> None:
+            super().setup()
+            steps.step(f"lab {self.lab_name} up, servers started")
+
+        def check_paths(self, specs: list[PathSpec]) -> None:
+            super().check_paths(specs)
+            steps.step(f"{len(specs)} path(s) answer")
+
+        def measure_path(self, s: PathSpec) -> dict[str, float | None]:
+            row: dict[str, float | None] = super().measure_path(s)
+            steps.step(f"{s.name}: measured")
+            return row
+
+        def memory(self) -> dict[str, Any]:
+            doc: dict[str, Any] = super().memory()
+            steps.step("memory sub-benchmark done")
+            return doc
+
+        def teardown(self, keep_logs: bool = False) -> None:
+            super().teardown(keep_logs)
+            steps.step(f"lab {self.lab_name} down")
+
+    return ProgressBench(opts, log=click.echo)
 
 
 def _dns(duration: float, out_dir: Path) -> None:

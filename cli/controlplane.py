@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from meshnode.cli.common import fail, setup_logging
+from meshnode.core.constants import CONTROLPLANE_METRICS_PORT
 
 DEFAULT_DATA_DIR = "/var/lib/meshnode-cp"
 
@@ -88,6 +89,16 @@ def controlplane() -> None:
     "after a restart is served paced, first come first served).",
 )
 @click.option(
+    "--metrics-listen",
+    default="",
+    is_flag=False,
+    flag_value=f"127.0.0.1:{CONTROLPLANE_METRICS_PORT}",
+    metavar="[IP:PORT]",
+    help="Serve Prometheus metrics (GET /metrics) in plain HTTP, without auth, on "
+    f"IP:PORT; alone: 127.0.0.1:{CONTROLPLANE_METRICS_PORT}. Off by default. Use "
+    "loopback or a monitoring network (docs/observability.md).",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -106,6 +117,7 @@ def run(
     node_view: str,
     shared_namespaces: str,
     max_full_syncs: int,
+    metrics_listen: str,
     log_level: str,
 ) -> None:
     """Serve the control-plane API over TLS 1.3 until SIGTERM."""
@@ -117,6 +129,7 @@ def run(
     )
     from meshnode.controlplane.api import run as serve
     from meshnode.controlplane.ca import CAError
+    from meshnode.controlplane.metrics import parse_metrics_listen
     from meshnode.controlplane.registry import RegistryError, check_label
     from meshnode.controlplane.store import StoreError, open_store
     from meshnode.core.identity import IdentityError, validate_trust_domain
@@ -126,6 +139,8 @@ def run(
     try:
         ttl = parse_duration(cert_ttl)
         split_listen(listen)
+        if metrics_listen:
+            parse_metrics_listen(metrics_listen)
         for namespace in shared:
             check_label(namespace, "--shared-namespaces")
         validate_trust_domain(trust_domain)
@@ -148,6 +163,7 @@ def run(
         max_full_syncs=max_full_syncs,
         node_view=node_view,
         shared_namespaces=shared,
+        metrics_listen=metrics_listen,
     )
     try:
         import uvloop

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from meshnode.cli.common import fail
+from meshnode.cli.output import Progress, progress_option, progress_printer
 
 
 @click.command()
@@ -72,6 +73,7 @@ from meshnode.cli.common import fail
     "--unit-dir", type=click.Path(path_type=Path), default=Path("/etc/systemd/system"), hidden=True
 )
 @click.option("--timeout", type=float, default=10.0, hidden=True)
+@progress_option
 def enroll(
     cp_url: str,
     token: str,
@@ -87,6 +89,7 @@ def enroll(
     no_start: bool,
     unit_dir: Path,
     timeout: float,
+    progress: bool | None,
 ) -> None:
     """Enroll this node with the control plane at --cp using a join token."""
     from meshnode.bpf.cgroups import cgroup2_mount
@@ -133,6 +136,8 @@ def enroll(
                 "another directory"
             )
 
+    # Steps: enrolled, written; then installed, started (unless --no-start).
+    steps = Progress(2 if no_start else 4, progress_printer(progress))
     try:
         result = en.enroll(url, join, node_name, zone, ip, timeout=timeout)
     except MeshnodeError as exc:
@@ -142,6 +147,7 @@ def enroll(
             f"enrollment failed unexpectedly ({type(exc).__name__}: {exc}); nothing was "
             "written; please report this"
         )
+    steps.step(f"{node_name}: enrolled with {url}")
     try:
         local = {"proxy_cgroup": proxy_cgroup.strip("/"), "bpf_pin_dir": bpf_pin_dir}
         doc = en.write_enrollment(layout, result, cgroup_parent, zone, ip, local)
@@ -150,6 +156,7 @@ def enroll(
             f"enrolled, but writing {exc.filename or config_dir} failed: {exc.strerror}; "
             "fix it and enroll again with a new token and --force"
         )
+    steps.step(f"{node_name}: credentials and configuration written to {config_dir}")
     click.echo(
         f"enrolled {doc['name']} (zone {doc['zone'] or '-'}, ip {doc['ip'] or '-'}) "
         f"in trust domain {doc['trust_domain']} with {url}; config in {config_dir}"
@@ -178,6 +185,7 @@ def enroll(
         paths = units.install_units(unit_dir, rendered)
     except (ValueError, OSError) as exc:
         fail(f"enrolled (config in {config_dir}), but installing the units failed: {exc}")
+    steps.step(f"{node_name}: units installed in {unit_dir}")
     try:
         units.start_units(restart=force)
     except (units.UnitError, OSError) as exc:
@@ -185,4 +193,5 @@ def enroll(
             f"enrolled and installed {', '.join(str(p) for p in paths)}, but starting them "
             f"failed: {exc}; see `journalctl -u {units.AGENT_UNIT} -u {units.ZTUNNEL_UNIT}`"
         )
+    steps.step(f"{node_name}: {' and '.join(units.UNIT_NAMES)} started")
     click.echo(f"started {' and '.join(units.UNIT_NAMES)} (`systemctl status {units.AGENT_UNIT}`)")

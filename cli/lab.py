@@ -10,6 +10,7 @@ import click
 if TYPE_CHECKING:
     from meshnode.lab.lab import Lab
 from meshnode.cli.common import fail
+from meshnode.cli.output import progress_option, progress_printer
 
 
 def _lab() -> Lab:
@@ -57,11 +58,20 @@ def lab() -> None:
     help="Also start a demo server and client and show "
     "traffic flowing with the identities it carried.",
 )
-def up(nodes: int, workers: int, dns_upstreams: tuple[str, ...], demo: bool) -> None:
+@progress_option
+def up(
+    nodes: int, workers: int, dns_upstreams: tuple[str, ...], demo: bool, progress: bool | None
+) -> None:
     """Create the nodes and start an agent (and its ztunnel) on each."""
     lab_ = _lab()
     try:
-        lab_.up(nodes, log=click.echo, workers=workers, dns_upstreams=dns_upstreams)
+        lab_.up(
+            nodes,
+            log=click.echo,
+            workers=workers,
+            dns_upstreams=dns_upstreams,
+            progress=progress_printer(progress),
+        )
         if demo:
             from meshnode.lab.demo import run_demo
 

@@ -10,6 +10,9 @@ import click
 
 from meshnode import __version__
 
+# The variable click's completion scripts set when they ask meshnode for candidates.
+COMPLETE_VAR = "_MESHNODE_COMPLETE"
+
 # name -> (module, attribute): each area exports one click command or group.
 _COMMANDS: dict[str, tuple[str, str]] = {
     "lab": ("meshnode.cli.lab", "lab"),
@@ -46,6 +49,26 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="meshnode")
 def cli() -> None:
     """meshnode: a node-level service mesh for VMs, hosts and containers."""
+
+
+@cli.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL.
+
+    \b
+    bash: eval "$(meshnode completion bash)"   (e.g. in ~/.bashrc)
+    zsh:  eval "$(meshnode completion zsh)"    (e.g. in ~/.zshrc)
+    fish: meshnode completion fish > ~/.config/fish/completions/meshnode.fish
+    """
+    from click.shell_completion import get_completion_class
+
+    comp_cls = get_completion_class(shell)
+    if comp_cls is None:  # click knows the three; a future click might not
+        click.echo(f"error: click has no completion for {shell}", err=True)
+        sys.exit(1)
+    # What `_MESHNODE_COMPLETE=<shell>_source meshnode` prints.
+    click.echo(comp_cls(cli, {}, "meshnode", COMPLETE_VAR).source(), nl=False)
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import click
 
 from meshnode.cli.common import fail
+from meshnode.cli.output import document, emit, output_option
 
 
 def _expiry(path: Path) -> str:
@@ -49,7 +51,7 @@ def _ready(url: str) -> str:
     default=Path("/etc/meshnode"),
     show_default=True,
 )
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@output_option()
 def status(config_dir: Path, output: str) -> None:
     """Show this node's state."""
     from meshnode.bpf.loader import MeshBpf
@@ -91,7 +93,7 @@ def status(config_dir: Path, output: str) -> None:
         "ztunnel": _ready("http://127.0.0.1:15021/healthz/ready"),
         "ztunnel_config_version": agent.get("pushed_version"),
         "bpf_programs": mine,
-        "bind_guard": agent.get("bind_guard") or {"on": False, "problem": "agent not running"},
+        "bind_guard": _bind_guard(agent),
         "dns": _dns_state(e.dns_capture, snap.get("dns_domain", "mesh")),
         "workloads": [
             {
@@ -115,9 +117,21 @@ def status(config_dir: Path, output: str) -> None:
         ],
         "problems": agent.get("problems", []),
     }
-    if output == "json":
-        click.echo(json.dumps(doc, indent=2))
-        return
+    emit(document("NodeStatus", doc), output, lambda: "\n".join(_text(doc, e.cgroup_parent)))
+
+
+def _bind_guard(agent: dict[str, Any]) -> dict[str, Any]:
+    guard = agent.get("bind_guard") or {}
+    return {
+        "on": bool(guard.get("on")),
+        "cgroup_id": guard.get("cgroup_id"),
+        "problem": guard.get("problem") if guard else "agent not running",
+    }
+
+
+def _text(doc: dict[str, Any], cgroup_parent: str) -> Iterator[str]:
+    """The status for people, one line per item."""
+    n = doc["node"]
     cp = doc["control_plane_reachable"]
     cp_text = "reachable" if cp else "UNREACHABLE" if cp is False else "unknown"
     if cp is False:
@@ -127,35 +141,35 @@ def status(config_dir: Path, output: str) -> None:
         )
     elif cp:
         cp_text += f", revision {doc['control_plane_revision']}"
-    click.echo(f"node          {e.name} (zone {e.zone or '-'}, {e.ip or '-'})")
-    click.echo(f"enrolled with {', '.join(e.control_planes)}")
-    click.echo(f"control plane {cp_text}")
-    click.echo(f"node cert     {doc['node_certificate']}")
+    yield f"node          {n['name']} (zone {n['zone'] or '-'}, {n['ip'] or '-'})"
+    yield f"enrolled with {', '.join(doc['control_planes'])}"
+    yield f"control plane {cp_text}"
+    yield f"node cert     {doc['node_certificate']}"
     a = doc["agent"]
-    click.echo(
+    yield (
         f"agent         {'running' if a['running'] else 'NOT RUNNING'}"
         f" (pid {a['pid']}), config version {a['config_version']}"
     )
-    click.echo(f"ztunnel       {doc['ztunnel']}, config version {doc['ztunnel_config_version']}")
+    yield f"ztunnel       {doc['ztunnel']}, config version {doc['ztunnel_config_version']}"
     d = doc["dns"]
-    click.echo(
+    yield (
         f"mesh dns      {d['server']} {d['state']}, names *.{d['domain']}, "
         f"workloads' DNS {'captured' if d['capture'] else 'NOT captured (dns_capture off)'}"
     )
-    click.echo(
-        f"bpf           at {e.cgroup_parent}: "
+    yield (
+        f"bpf           at {cgroup_parent}: "
         + (
             ", ".join(
                 f"{p.get('name')}#{p.get('id')}"
                 if "error" not in p
                 else f"cannot list ({p['error']})"
-                for p in mine
+                for p in doc["bpf_programs"]
             )
             or "NONE ATTACHED"
         )
     )
     guard = doc["bind_guard"]
-    click.echo(
+    yield (
         "bind guard    "
         + (
             "on: only the proxy's cgroup binds 127.0.0.6 and its ports"
@@ -163,16 +177,16 @@ def status(config_dir: Path, output: str) -> None:
             else f"OFF ({guard.get('problem')})"
         )
     )
-    click.echo("workloads")
+    yield "workloads"
     for w in doc["workloads"]:
-        click.echo(f"  {w['name']:<16} :{w['port']:<6} {w['identity']}  cert {w['certificate']}")
+        yield f"  {w['name']:<16} :{w['port']:<6} {w['identity']}  cert {w['certificate']}"
     if not doc["workloads"]:
-        click.echo("  (none; add one with `meshnode workload add`)")
-    click.echo("services")
+        yield "  (none; add one with `meshnode workload add`)"
+    yield "services"
     for s in doc["services"]:
-        click.echo(f"  {s['name']}.{s['namespace']:<14} {s['vip']:<15} {s['endpoints']} endpoints")
+        yield f"  {s['name']}.{s['namespace']:<14} {s['vip']:<15} {s['endpoints']} endpoints"
     for p in doc["problems"]:
-        click.echo(f"problem: {p}")
+        yield f"problem: {p}"
 
 
 def _dns_state(capture: bool, domain: str) -> dict[str, Any]:

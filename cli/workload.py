@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from meshnode.cli.common import fail
+from meshnode.cli.output import columns, emit, item_list, output_option
 
 if TYPE_CHECKING:
     from meshnode.nodeagent.enrolled import Enrollment
@@ -180,7 +181,7 @@ def rm(name: str, config_dir: Path) -> None:
 @click.option(
     "--config-dir", type=click.Path(path_type=Path), default=DEFAULT_CONFIG_DIR, show_default=True
 )
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text")
+@output_option()
 def ls(config_dir: Path, output: str) -> None:
     """The workloads of this node."""
     from meshnode.nodeagent.enrolled import EnrollmentError, load_workloads
@@ -191,21 +192,38 @@ def ls(config_dir: Path, output: str) -> None:
     except EnrollmentError as exc:
         fail(str(exc))
     applied = set(_agent_status(e.state_dir).get("workloads", []))
-    if output == "json":
-        click.echo(
-            json.dumps([dict(w.to_dict(), meshed=w.name in applied) for w in workloads], indent=2)
-        )
-        return
-    click.echo(f"{'NAME':<16} {'SERVICE':<16} {'PORT':<6} {'WHAT':<32} MESHED")
-    for w in workloads:
-        what = (
-            f"unit {w.systemd_unit}"
-            if w.systemd_unit
-            else f"cgroup {w.cgroup}"
-            if w.cgroup
-            else f"pid {w.pid}"
-        )
-        click.echo(
-            f"{w.name:<16} {w.service:<16} {w.port:<6} {what:<32} "
-            f"{'yes' if w.name in applied else 'not yet'}"
-        )
+    items: list[dict[str, Any]] = [
+        {
+            "name": w.name,
+            "namespace": w.namespace,
+            "service": w.service,
+            "port": w.port,
+            "version": w.version,
+            "systemd_unit": w.systemd_unit,
+            "cgroup": w.cgroup,
+            "pid": w.pid or None,
+            "meshed": w.name in applied,
+        }
+        for w in workloads
+    ]
+    emit(
+        item_list("LocalWorkloadList", items, node=e.name),
+        output,
+        lambda: columns(
+            [["NAME", "SERVICE", "PORT", "WHAT", "MESHED"]]
+            + [
+                [
+                    i["name"],
+                    i["service"],
+                    str(i["port"]),
+                    f"unit {i['systemd_unit']}"
+                    if i["systemd_unit"]
+                    else f"cgroup {i['cgroup']}"
+                    if i["cgroup"]
+                    else f"pid {i['pid']}",
+                    "yes" if i["meshed"] else "not yet",
+                ]
+                for i in items
+            ]
+        ),
+    )

@@ -32,7 +32,8 @@ def ztunnel() -> None:
     "--metrics",
     default="127.0.0.1:15020",
     show_default=True,
-    help="Prometheus metrics (/metrics); loopback only.",
+    help="Prometheus metrics: this address serves /metrics and nothing else; "
+    "0.0.0.0:15020 lets a Prometheus on the network scrape it (docs/observability.md).",
 )
 @click.option(
     "--dns",

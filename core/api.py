@@ -30,6 +30,7 @@ __all__ = [
     "WATCH_BACKOFF_MAX",
     "backoff_step",
     "NODE_RENEW",
+    "NODE_REPORT",
     "NODE_WORKLOAD",
     "NODE_WORKLOADS",
     "TRUST_BUNDLE",
@@ -62,6 +63,8 @@ NODE_WORKLOADS = "/v1/node/workloads"
 NODE_WORKLOAD = "/v1/node/workloads/{name}"
 NODE_CERTIFICATES = "/v1/node/certificates"
 NODE_RENEW = "/v1/node/renew"
+# A node's periodic health report (core/contracts/report.py).
+NODE_REPORT = "/v1/node/report"
 
 ADMIN_TOKENS = "/v1/admin/tokens"
 ADMIN_RESOURCES = "/v1/admin/resources"

@@ -17,6 +17,7 @@ OUTBOUND_ADDRESS = "127.0.0.1"
 
 # the control plane
 CONTROLPLANE_PORT = 15012
+CONTROLPLANE_METRICS_PORT = 15091  # its Prometheus listener, plain HTTP (off by default)
 
 # service VIPs come from this range, as Kuma's do
 VIP_NETWORK = "240.0.0.0/4"

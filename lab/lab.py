@@ -28,10 +28,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meshnode.core.constants import CONTROLPLANE_METRICS_PORT, METRICS_PORT
 from meshnode.core.errors import MeshnodeError
 from meshnode.lab import host
+from meshnode.nodeagent.report import REPORT_INTERVAL_ENV
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from meshnode.core.cpclient import ApiClient
 
 SUBNET = ipaddress.ip_network("198.18.0.0/24")  # RFC 2544 benchmarking range, lab-only
@@ -40,6 +44,9 @@ CP_PORT = 15012
 TRUST_DOMAIN = "cluster.local"
 BPFFS = Path("/sys/fs/bpf")
 _MESHNODE = [sys.executable, "-m", "meshnode.cli.main"]
+# Seconds between the nodes' health reports to the control plane (the agent's
+# MESHNODE_REPORT_INTERVAL; one set in the environment wins).
+LAB_REPORT_INTERVAL = 2.0
 
 
 class LabError(MeshnodeError):
@@ -186,10 +193,21 @@ class Lab:
         log: Any = print,
         workers: int = 1,
         dns_upstreams: tuple[str, ...] = (),
+        progress: Callable[[str], None] | None = None,
     ) -> LabState:
         """A control plane, then `nodes` nodes enrolled with it, each with its agent
         and ztunnel. `workers`: ztunnel worker processes per node (the lab's nodes
-        share this machine's cores, so one each by default)."""
+        share this machine's cores, so one each by default). `progress` gets one
+        line per step done: ``[3/8] node1: enrolled (1.2 s)``."""
+        done, total, last = 0, 3 * nodes + 2, time.monotonic()
+
+        def step(what: str) -> None:
+            nonlocal done, last
+            done, now = done + 1, time.monotonic()
+            if progress is not None:
+                progress(f"[{done}/{total}] {what} ({now - last:.1f} s)")
+            last = now
+
         host.require_root()
         if not 1 <= nodes <= 50:
             raise LabError("--nodes must be between 1 and 50")
@@ -210,6 +228,7 @@ class Lab:
         host.cgroup_make(cg_root)
         st.cp_pid = self._start_controlplane(cg_root / "controlplane")
         self.save(st)
+        step(f"control plane: answering at {self.cp_url}")
         for i in range(1, nodes + 1):
             name = f"node{i}"
             ip = str(SUBNET.network_address + 10 + i)
@@ -227,12 +246,16 @@ class Lab:
             self.node_dir(name).mkdir(parents=True, exist_ok=True)
             st.nodes[name] = rec
             self.save(st)
+            step(f"{name}: namespace {rec.netns} at {ip}")
         for rec in st.nodes.values():
             self._enroll(rec)
+            step(f"{rec.name}: enrolled")
         for rec in st.nodes.values():
             self._start_node(st, rec)
             self.save(st)
+            step(f"{rec.name}: agent and ztunnel started")
         self._wait_synced(st, self._revision(), timeout=90)
+        step(f"all {nodes} nodes at the control plane's revision")
         for rec in st.nodes.values():
             log(
                 f"node {rec.name}: {rec.ip} ({rec.zone}), enrolled as "
@@ -276,6 +299,10 @@ class Lab:
                 CP_IP,
                 "--data-dir",
                 str(self.cp_dir),
+                # Prometheus metrics on the fabric, where a scraper in the lab's
+                # network (a node, or the fabric's namespace) reaches them.
+                "--metrics-listen",
+                f"{CP_IP}:{CONTROLPLANE_METRICS_PORT}",
             ],
             log_path=log_path,
         )
@@ -342,6 +369,8 @@ class Lab:
             self.node_cgroup(rec, "system/agent"),
             [*_MESHNODE, "agent", "run", "--enrolled", str(self.node_dir(rec.name) / "etc")],
             log_path=self.node_dir(rec.name) / "agent.log",
+            # Health reports every few seconds, not every 30: a test sees them soon.
+            env={REPORT_INTERVAL_ENV: str(LAB_REPORT_INTERVAL), **os.environ},
         )
         rec.agent_pid = agent.pid
 
@@ -360,6 +389,10 @@ class Lab:
                 str(st.ztunnel_workers),
                 "--peer-socket",
                 str(state / "peer.sock"),
+                # /metrics on the node's lab address too (and on its loopback), for
+                # a Prometheus on the lab's network (docs/observability.md).
+                "--metrics",
+                f"0.0.0.0:{METRICS_PORT}",
                 *(arg for up in st.dns_upstreams for arg in ("--dns-upstream", up)),
             ],
             log_path=state / "ztunnel.log",

@@ -33,10 +33,18 @@ from meshnode.core.constants import (
     OUTBOUND_PORT,
     READY_PORT,
 )
+from meshnode.core.contracts.report import EndpointHealth, NodeReport, TrafficEdge
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.fsutil import write_file_atomic
 from meshnode.nodeagent.certs import CaClient, CertFiles, CertManager
 from meshnode.nodeagent.config import NodeConfig, NodeConfigError
+from meshnode.nodeagent.report import (
+    REPORT_INTERVAL_ENV,
+    Reporter,
+    build_report,
+    cert_not_after,
+    report_interval,
+)
 from meshnode.nodeagent.snapshot import (
     assign_workload_ids,
     capture_destinations,
@@ -44,7 +52,7 @@ from meshnode.nodeagent.snapshot import (
     strict_ports,
     ztunnel_snapshot,
 )
-from meshnode.nodeagent.ztunnel_link import ZtunnelLink
+from meshnode.nodeagent.ztunnel_link import ZtunnelAdmin, ZtunnelLink
 
 log = logging.getLogger("meshnode.nodeagent")
 
@@ -251,6 +259,8 @@ class Agent:
         self._wake = threading.Event()
         self._reload = False
         self._stop = False
+        self.reporter: Reporter | None = None
+        self.ztunnel_admin = ZtunnelAdmin()
 
     # -- paths -----------------------------------------------------------------
 
@@ -546,6 +556,8 @@ class Agent:
             detach = False  # a stop or restart: traffic keeps flowing meanwhile
         finally:
             sdnotify.notify("STOPPING=1")
+            if self.reporter is not None:
+                self.reporter.stop.set()
             self.source.stop()
             self.write_status(ready=False)
             if detach:
@@ -556,6 +568,54 @@ class Agent:
                     "node agent stopped; BPF programs and ztunnel left running, so "
                     "traffic keeps flowing"
                 )
+
+    # -- the health report to the control plane (report.py) ---------------------------------
+
+    def _start_reporter(self) -> None:
+        """An enrolled node reports to its control plane every report_interval()
+        seconds, on a client of its own (the watch keeps its connection)."""
+        if not isinstance(self.source, EnrolledSource):
+            return
+        interval = report_interval()
+        if interval <= 0:
+            log.info("no health reports to the control plane (%s=0)", REPORT_INTERVAL_ENV)
+            return
+        from meshnode.nodeagent.enrolled import CpClient
+
+        self.reporter = Reporter(CpClient(self.source.e), self.gather_report, interval)
+        self.reporter.start()
+
+    def gather_report(self) -> NodeReport:
+        """What this node says about itself now (the ztunnel part empty while
+        ztunnel is away: it then reports not ready)."""
+        from meshnode.bpf.loader import MeshBpf
+
+        assert isinstance(self.source, EnrolledSource)
+        src = self.source
+        ztunnel_ready = self.ztunnel_admin.ready()
+        endpoints: list[EndpointHealth] = []
+        edges: list[TrafficEdge] = []
+        try:
+            endpoints, edges = self.ztunnel_admin.report()
+        except (OSError, ValueError) as exc:
+            log.debug("no endpoint health from ztunnel for the report: %s", exc)
+            ztunnel_ready = False
+        try:
+            programs = [p["name"] for p in MeshBpf.attached_programs(Path(self.cfg.cgroup_parent))]
+        except Exception as exc:  # noqa: BLE001 - the report shows what it can
+            log.debug("cannot list the attached BPF programs for the report: %s", exc)
+            programs = []
+        current = src.slice.slice
+        return build_report(
+            node=src.e.name,
+            agent_ready=not self._stop,
+            ztunnel_ready=ztunnel_ready,
+            config_revision=current.revision if current is not None else 0,
+            cert_not_after=cert_not_after(src.e.files.cert),
+            bpf_programs=programs,
+            endpoints=endpoints,
+            edges=edges,
+        )
 
     def _reload_config(self) -> None:
         try:

@@ -22,6 +22,10 @@ pkgs=(python3 python3-venv python3-dev python3-bpfcc bpftool iproute2 procps psm
       curl ca-certificates)
 if [ "$want_test" = 1 ]; then
     pkgs+=(tcpdump socat haproxy stunnel4 nginx iperf3 wrk postgresql debootstrap systemd-container dnsperf)
+    # the console's browser test, the metrics test's real Prometheus
+    pkgs+=(chromium chromium-driver prometheus)
+    # scripts/build-deb.sh checks the package against Debian's own python3 modules
+    pkgs+=(python3-click python3-yaml python3-pyroute2 python3-scapy python3-jinja2)
 fi
 # Kernel headers: bcc compiles our programs at run time against them.
 kver=$(uname -r)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -34,6 +35,7 @@ class AdminServer:
     def __init__(self, route: Handler) -> None:
         self._route = route
         self._runner: web.ServerRunner | None = None
+        self._narrow: list[AdminServer] = []  # listeners that answer one path
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         status, ctype, body = await self._route(request.method, request.path_qs)
@@ -54,7 +56,16 @@ class AdminServer:
             await self._runner.setup()
         return self._runner
 
-    async def listen_tcp(self, addresses: Iterable[tuple[str, int]]) -> None:
+    async def listen_tcp(
+        self, addresses: Iterable[tuple[str, int]], only: str | None = None
+    ) -> None:
+        """With `only`, these addresses answer that path alone (404 to the rest):
+        the metrics listener, which may face the network, never serves the admin."""
+        if only is not None:
+            narrow = AdminServer(_only(self._route, only))
+            self._narrow.append(narrow)
+            await narrow.listen_tcp(addresses)
+            return
         runner = await self._setup()
         for host, port in addresses:
             await web.TCPSite(runner, host, port, reuse_address=True).start()
@@ -63,9 +74,20 @@ class AdminServer:
         await web.UnixSite(await self._setup(), path).start()
 
     async def close(self) -> None:
+        for narrow in self._narrow:
+            await narrow.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _only(route: Handler, path: str) -> Handler:
+    async def only(method: str, target: str) -> Response:
+        if urlsplit(target).path != path:
+            return json_response(404, {"error": f"only {path} is served here"})
+        return await route(method, target)
+
+    return only
 
 
 async def get_unix(path: str, target: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -488,3 +488,12 @@ class EndpointPicker:
                 }
             )
         return out
+
+    def health(self, now: float) -> dict[Key, tuple[bool, float]]:
+        """(address, port) -> (ejected now, peak-EWMA in ms, 0 if never used), for
+        every endpoint this balancer has stats of (the node's health report)."""
+        self._readmit_due(now)
+        return {
+            key: (st.ejected_until is not None, 0.0 if st.ewma is None else st.ewma * 1000.0)
+            for key, st in self._stats.items()
+        }

@@ -54,7 +54,9 @@ class ZtunnelConfig:
     peer_socket: str | None = None  # workloads ask who a connection is from (peer.py)
 
     def validate(self) -> ZtunnelConfig:
-        for name in ("admin", "readiness", "metrics", "dns"):
+        # Metrics may face the network (Prometheus scrapes each node): that
+        # listener serves /metrics alone (admin.py). The others are loopback only.
+        for name in ("admin", "readiness", "dns"):
             if getattr(self, name) is None:
                 continue
             host, _ = getattr(self, name)

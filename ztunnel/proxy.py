@@ -16,6 +16,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from meshnode.core import sdnotify
+from meshnode.core.contracts.report import (
+    ZTUNNEL_REPORT_PATH,
+    EndpointHealth,
+    TrafficEdge,
+    endpoint_address,
+)
 from meshnode.core.identity import SpiffeId
 from meshnode.ztunnel import inbound
 from meshnode.ztunnel.accesslog import FLUSH_EVERY, access_log
@@ -394,7 +400,8 @@ class Proxy:
             await self._admin.listen_unix(cfg.admin_socket)
             os.chmod(cfg.admin_socket, 0o600)
         else:
-            await self._admin.listen_tcp({cfg.admin, cfg.readiness, cfg.metrics})
+            await self._admin.listen_tcp({cfg.admin, cfg.readiness})
+            await self._admin.listen_tcp({cfg.metrics}, only="/metrics")
             self._peer = PeerServer(
                 lambda pid: workload_of_pid_in(self.pi.state.bpf_pin_dir, pid), self._peer_lookup
             )
@@ -496,6 +503,8 @@ class Proxy:
                     "active_connections": len(self.pi.active),
                 },
             )
+        if url.path == ZTUNNEL_REPORT_PATH:
+            return json_response(200, health_report(self.pi, time.monotonic()))
         if url.path == PEER_PATH and self.config.admin_socket:
             # A worker, asked by its supervisor over the root-only admin socket
             # after the supervisor checked who is asking (peer.py).
@@ -504,7 +513,7 @@ class Proxy:
             404,
             {
                 "error": f"unknown path {url.path}",
-                "paths": ["/config_dump", "/healthz/ready", "/metrics"],
+                "paths": ["/config_dump", "/healthz/ready", "/metrics", ZTUNNEL_REPORT_PATH],
             },
         )
 
@@ -519,6 +528,33 @@ class Proxy:
             return json_response(400, {"error": str(exc)})
         status, body = self.pi.peers.answer(key, workload)
         return json_response(status, body)
+
+
+def health_report(pi: ProxyInputs, now: float) -> dict[str, Any]:
+    """``{"endpoints": [EndpointHealth...], "edges": [TrafficEdge...]}``: each
+    endpoint of each service as this node's balancer sees it (those it has stats
+    of), and the connections this node's workloads made, by identity pair."""
+    health = pi.picker.health(now)
+    endpoints = []
+    for svc in pi.state.services_by_vip.values():
+        for ep in svc.endpoints:
+            seen = health.get((ep.address, ep.port))
+            if seen is None:
+                continue
+            endpoints.append(
+                EndpointHealth(
+                    service=f"{svc.namespace}/{svc.name}",
+                    address=endpoint_address(ep.address, ep.port),
+                    node=ep.node,
+                    ejected=seen[0],
+                    ewma_ms=round(seen[1], 3),
+                ).to_dict()
+            )
+    edges = [
+        TrafficEdge(src, dst, mtls, opened, sent, received).to_dict()
+        for (src, dst, mtls), (opened, sent, received) in sorted(pi.metrics.edges().items())
+    ]
+    return {"endpoints": endpoints, "edges": edges}
 
 
 async def _flush_access_log() -> None:

@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from meshnode.core import sdnotify
+from meshnode.core.contracts.report import ZTUNNEL_REPORT_PATH
 from meshnode.ztunnel.admin import AdminServer, Response, get_unix, json_response
 from meshnode.ztunnel.config import ZtunnelConfig
 from meshnode.ztunnel.control import ControlError, ControlServer, ControlState, write_snapshot
@@ -121,7 +122,8 @@ class Supervisor:
             w.start()
         cfg = self.config
         admin = AdminServer(self._route)
-        await admin.listen_tcp({cfg.admin, cfg.readiness, cfg.metrics})
+        await admin.listen_tcp({cfg.admin, cfg.readiness})
+        await admin.listen_tcp({cfg.metrics}, only="/metrics")
         peer = PeerServer(self._workload_of_pid, self._peer_lookup)
         await peer.listen(cfg.peer_path)
         control = ControlServer(
@@ -273,6 +275,11 @@ class Supervisor:
             merged["workers"] = len(dumps)
             merged["config"] = dict(dumps[0]["config"], workers=self.config.workers)
             return json_response(200, merged)
+        if path == ZTUNNEL_REPORT_PATH:  # the node's health report: every worker's view, merged
+            docs = [json.loads(a[1]) for a in answers if a is not None and a[0] == 200]
+            if len(docs) < len(self.workers):
+                return json_response(503, {"error": "not every ztunnel worker answered"})
+            return json_response(200, merge_reports(docs))
         for a in answers:  # the rest: the first worker that knows
             if a is not None and a[0] == 200:
                 return 200, "application/json", a[1]
@@ -280,6 +287,26 @@ class Supervisor:
         if first is None:
             return json_response(503, {"error": "no worker answered"})
         return first[0], "application/json", first[1]
+
+
+def merge_reports(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' ``/report`` answers as one: an endpoint is ejected if any
+    worker ejected it (the slowest EWMA wins); edges' counters add up."""
+    endpoints: dict[tuple[str, str], dict[str, Any]] = {}
+    edges: dict[tuple[str, str, bool], dict[str, Any]] = {}
+    for doc in docs:
+        for e in doc.get("endpoints", []):
+            seen = endpoints.setdefault((e["service"], e["address"]), dict(e))
+            seen["ejected"] = seen["ejected"] or e["ejected"]
+            seen["ewma_ms"] = max(seen["ewma_ms"], e["ewma_ms"])
+        for e in doc.get("edges", []):
+            key = (e["source"], e["destination"], e["mtls"])
+            if key not in edges:
+                edges[key] = dict(e)
+                continue
+            for k in ("connections", "bytes_sent", "bytes_received"):
+                edges[key][k] += e[k]
+    return {"endpoints": list(endpoints.values()), "edges": list(edges.values())}
 
 
 def merge_metrics(texts: list[str]) -> str:

@@ -34,7 +34,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
 from meshnode.controlplane.ca import CertificateAuthority, RotatingCA
+from meshnode.controlplane.console import Console
+from meshnode.controlplane.metrics import parse_metrics_listen
 from meshnode.controlplane.registry import RegistryError
+from meshnode.controlplane.reports import ReportBook
 from meshnode.controlplane.store import Store, StoreError
 from meshnode.core import api
 from meshnode.core.errors import ApiError
@@ -136,7 +139,10 @@ def _to_web(response: Response) -> web.Response:
         web_response.force_close()
         return web_response
     return web.Response(
-        status=response.status, body=response.body, content_type=response.content_type
+        status=response.status,
+        body=response.body,
+        content_type=response.content_type,
+        headers=response.headers or None,
     )
 
 
@@ -239,6 +245,7 @@ class ControlPlane(Watch):
         self.config = config
         self.cache = StateCache(store)
         self.cache.on_ca_change = self._ca_changed
+        self.reports = ReportBook()  # the nodes' latest health reports, in memory
         self._runner: web.AppRunner | None = None
         self._local_runner: web.AppRunner | None = None
         self._gate: Gate | None = None
@@ -263,6 +270,14 @@ class ControlPlane(Watch):
             if local and route.auth not in (Auth.ADMIN, Auth.PUBLIC):
                 continue
             app.router.add_route(route.method, route.path, self._endpoint(route, local))
+        if not local:  # the read-only web console, under /ui/ (docs/console.md)
+            Console(
+                lambda: self.admin_token,
+                self.cache,
+                self.config.trust_domain,
+                lambda: self.reports,
+                cert_ttl=self.config.cert_ttl.total_seconds(),
+            ).mount(app)
         return app
 
     def _endpoint(self, route: Route, local: bool = False) -> Endpoint:
@@ -308,6 +323,9 @@ class ControlPlane(Watch):
                 req.identity,
                 response.status,
                 (time.monotonic() - started) * 1000,
+            )
+            self.metrics.observe_request(
+                route.method, route.path, response.status, time.monotonic() - started
             )
             return _to_web(response)
 
@@ -395,6 +413,12 @@ class ControlPlane(Watch):
         self._gate = Gate(self.limits, server_factory, self._ssl, cfg.handshake_timeout)
         self.port = self._gate.listen(host, port)
         await self._start_admin_socket()
+        if cfg.metrics_listen:  # plain HTTP, no auth (controlplane/metrics.py)
+            cache = self.cache
+            await self.metrics.serve(
+                *parse_metrics_listen(cfg.metrics_listen),
+                lambda: self.metrics.observe_state(cache.revision, cache.registry),
+            )
         self._spawn(self._watch_loop())
         log.info(
             "control plane serving on %s:%d (trust domain %s, revision %d)",
@@ -417,6 +441,7 @@ class ControlPlane(Watch):
             await self._local_runner.cleanup()
             with contextlib.suppress(OSError):
                 self.config.admin_socket_path.unlink()
+        await self.metrics.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

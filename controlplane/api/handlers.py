@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
+import math
 import time
 from datetime import timedelta
 
@@ -17,9 +19,11 @@ from meshnode.controlplane import registry as reg
 from meshnode.controlplane.ca import CAError, RotatingCA, minimum_rotation_overlap
 from meshnode.controlplane.grants import token_grant
 from meshnode.controlplane.registry import RegistryError
+from meshnode.controlplane.reports import ReportBook
 from meshnode.controlplane.store import Store
 from meshnode.controlplane.tokens import DEFAULT_TOKEN_TTL, make_token
 from meshnode.core import api
+from meshnode.core.contracts.report import NodeReport
 from meshnode.core.errors import ApiError
 from meshnode.core.identity import IdentityError, SpiffeId
 from meshnode.core.pki import root_pin
@@ -38,6 +42,7 @@ class Handlers:
     store: Store
     config: ControlPlaneConfig
     cache: StateCache
+    reports: ReportBook
 
     def _ca(self) -> RotatingCA:
         if self.cache.ca is None:
@@ -157,6 +162,40 @@ class Handlers:
             200, {"certificate": chain.decode(), "trust_bundle": ca.trust_bundle_pem().decode()}
         )
 
+    async def post_node_report(self, req: Request, node: str) -> Response:
+        """A node's health report (docs/protocol.md, "Node reports"): kept in
+        memory, the latest per node; one accepted per node per second."""
+        now = time.time()
+        wait = self.reports.retry_after(node, now)
+        if wait > 0:
+            seconds = max(1, math.ceil(wait))
+            response = json_response(
+                429,
+                {
+                    "error": f"node {node} reported less than "
+                    f"{self.reports.min_interval:g}s ago; send the next report in {seconds}s",
+                    "retry_after": seconds,
+                },
+            )
+            response.headers["Retry-After"] = str(seconds)
+            return response
+        try:
+            doc = json.loads(req.body)
+        except (ValueError, RecursionError) as exc:
+            raise ApiError(400, f"the report is not valid JSON: {exc}") from None
+        try:
+            report = NodeReport.from_dict(doc)
+        except ValueError as exc:
+            raise ApiError(400, f"the report does not follow its schema: {exc}") from None
+        if report.node != node:
+            raise ApiError(
+                403,
+                f"node {node} may report only for itself, not for {report.node!r} (the "
+                "report's node must be the name in the client certificate)",
+            )
+        self.reports.put(node, report, now)
+        return json_response(200, {"node": node, "received_at": now})
+
     # -- admin API ------------------------------------------------------------------------
 
     async def post_admin_token(self, req: Request) -> Response:
@@ -244,17 +283,50 @@ class Handlers:
     async def get_admin_nodes(self, req: Request) -> Response:
         await self.cache.refresh()
         r = self.cache.registry
+        now = time.time()
+        self.reports.keep_only(set(r.nodes))  # deleted through another replica
+        full = req.arg("report") in ("1", "true")  # each node's whole last report too
         items = [
-            {**n.to_dict(), "workloads": len(r.workloads_of(n.name))}
+            {
+                **n.to_dict(),
+                "workloads": len(r.workloads_of(n.name)),
+                **self._health(n.name, now, full),
+            }
             for _, n in sorted(r.nodes.items())
         ]
         return json_response(200, {"revision": self.cache.revision, "items": items})
+
+    def _health(self, node: str, now: float, full: bool) -> dict[str, object]:
+        """What the admin node list shows of a node's last report (nulls before one
+        reached this replica); with `full`, the report itself and the connection
+        rates since the one before."""
+        got = self.reports.get(node)
+        rep = got.report if got is not None else None
+        out: dict[str, object] = {
+            "last_report": got.at if got is not None else None,
+            "stale": self.reports.stale(node, now),
+            "cert_not_after": rep.cert_not_after if rep is not None else None,
+            "agent_version": rep.agent_version if rep is not None else None,
+            "config_revision": rep.config_revision if rep is not None else None,
+            "ztunnel_ready": rep.ztunnel_ready if rep is not None else None,
+            "ejected_endpoints": (
+                sum(1 for e in rep.endpoints if e.ejected) if rep is not None else None
+            ),
+        }
+        if full:
+            out["report"] = rep.to_dict() if rep is not None else None
+            out["rates"] = [
+                {"source": s, "destination": d, "connections_per_s": round(v, 3)}
+                for (s, d), v in sorted(got.rates.items() if got is not None else ())
+            ]
+        return out
 
     async def delete_admin_node(self, req: Request, name: str) -> Response:
         now, ttl = time.time(), self.config.cert_ttl.total_seconds()
         revision, _ = await asyncio.to_thread(
             self.store.mutate, lambda tx, r, rev: r.delete_node(name, now, ttl)
         )
+        self.reports.forget(name)
         await self.cache.refresh()
         return json_response(200, {"revision": revision, "deleted": name})
 

@@ -48,6 +48,9 @@ class ControlPlaneConfig:
     max_full_syncs: int = 32
     # Workloads one node may register (registry.register_workload).
     max_workloads_per_node: int = DEFAULT_MAX_WORKLOADS_PER_NODE
+    # HOST:PORT of the plain-HTTP Prometheus listener (controlplane/metrics.py);
+    # empty: none. It has no auth: bind it to loopback or a monitoring network.
+    metrics_listen: str = ""
 
     @property
     def admin_socket_path(self) -> Path:
@@ -95,6 +98,8 @@ class Response:
     owner: tuple[set[str], str] | None = None
     # A body that comes in lines, as they are made (a streamed watch); chunked.
     lines: AsyncIterator[bytes] | None = None
+    # Extra response headers (e.g. Retry-After on a 429).
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def json_response(status: int, body: Any) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meshnode.core import api
+from meshnode.core.contracts.report import MAX_REPORT_BYTES
 
 from .auth import Auth
 
@@ -35,6 +36,7 @@ ROUTES: tuple[Route, ...] = (
     Route("DELETE", api.NODE_WORKLOAD, "delete_node_workload", Auth.NODE),
     Route("POST", api.NODE_CERTIFICATES, "post_node_certificate", Auth.NODE, SMALL_BODY),
     Route("POST", api.NODE_RENEW, "post_node_renew", Auth.NODE, SMALL_BODY),
+    Route("POST", api.NODE_REPORT, "post_node_report", Auth.NODE, MAX_REPORT_BYTES),
     Route("POST", api.ADMIN_TOKENS, "post_admin_token", Auth.ADMIN, SMALL_BODY),
     Route("POST", api.ADMIN_RESOURCES, "post_admin_resources", Auth.ADMIN, MAX_BODY),
     Route("GET", api.ADMIN_RESOURCES, "get_admin_resources", Auth.ADMIN),

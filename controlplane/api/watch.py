@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from cryptography import x509
 
 from meshnode.controlplane.ca import RotatingCA
+from meshnode.controlplane.metrics import ControlPlaneMetrics
 from meshnode.controlplane.registry import Registry
 from meshnode.core import api
 from meshnode.core.errors import ApiError
@@ -42,6 +43,14 @@ class Watch(Handlers):
     _full_syncing: set[str] | None = None  # nodes whose full slice is being written now
     _lines_at = -1  # the revision of the lines below
     _lines: dict[int, tuple[list[bytes], bytes]] = {}  # noqa: RUF012 - replaced, not changed
+    _metrics: ControlPlaneMetrics | None = None
+
+    @property
+    def metrics(self) -> ControlPlaneMetrics:
+        """The control plane's metrics (controlplane/metrics.py), made on first use."""
+        if self._metrics is None:
+            self._metrics = ControlPlaneMetrics()
+        return self._metrics
 
     async def get_node_config(self, req: Request, node: str) -> Response:
         try:
@@ -87,7 +96,8 @@ class Watch(Handlers):
                 if since == cache.revision or wait > 0:
                     return Response(200, _unchanged(cache.revision))
                 return Response(200, _delta(cache.revision, []))
-            await self._wait_change(cache.revision, remaining)
+            with self.metrics.watching("long_poll"):
+                await self._wait_change(cache.revision, remaining)
 
     async def _stream(
         self, node: str, cert: x509.Certificate | None, since: int, endpoints: bool, beat: float
@@ -98,49 +108,53 @@ class Watch(Handlers):
         why or sent a full slice -- when the node needs a full slice, is deleted,
         or its certificate no longer passes (expired, or its CA retired), and on
         shutdown."""
-        cache = self.cache
-        ca, checked = cache.ca, time.monotonic()
-        said = -beat  # when the last line went out
-        seen_view: tuple[Registry, int] | None = None
-        view: frozenset[str] | None = None
-        while not self._stopping:
-            registry = cache.registry
-            now = time.monotonic()
-            if node not in registry.nodes:
-                return
-            if seen_view != (registry, registry.view_changed.get(node, 0)):
-                seen_view = (registry, registry.view_changed.get(node, 0))
-                view = self._view(registry, node)
-            if cache.ca is not ca or now - checked >= beat:  # the node auth, again
-                ca, checked = cache.ca, now
-                try:
-                    node_of_certificate(
-                        cert, self.config.trust_domain, self._verified(self._ca()), registry.nodes
-                    )
-                except ApiError:
+        with self.metrics.watching("stream"):
+            cache = self.cache
+            ca, checked = cache.ca, time.monotonic()
+            said = -beat  # when the last line went out
+            seen_view: tuple[Registry, int] | None = None
+            view: frozenset[str] | None = None
+            while not self._stopping:
+                registry = cache.registry
+                now = time.monotonic()
+                if node not in registry.nodes:
                     return
-            revision = cache.revision
-            changes = cache.feed.answer(
-                node,
-                since,
-                endpoints,
-                None if endpoints else _service_json(registry),
-                view,
-                seen_view[1],
-            )
-            if changes is None:
-                return
-            if changes:
-                since, said = revision, now
-                yield self._line(revision, changes)
-                continue
-            # Nothing for this node up to `revision`: go on from there, so every
-            # node asks the feed the same question; the heartbeat tells the node.
-            since = revision
-            if now - said >= beat:
-                said = now
-                yield _unchanged(revision) + b"\n"
-            await self._wait_change(revision, max(said + beat - time.monotonic(), 0.01))
+                if seen_view != (registry, registry.view_changed.get(node, 0)):
+                    seen_view = (registry, registry.view_changed.get(node, 0))
+                    view = self._view(registry, node)
+                if cache.ca is not ca or now - checked >= beat:  # the node auth, again
+                    ca, checked = cache.ca, now
+                    try:
+                        node_of_certificate(
+                            cert,
+                            self.config.trust_domain,
+                            self._verified(self._ca()),
+                            registry.nodes,
+                        )
+                    except ApiError:
+                        return
+                revision = cache.revision
+                changes = cache.feed.answer(
+                    node,
+                    since,
+                    endpoints,
+                    None if endpoints else _service_json(registry),
+                    view,
+                    seen_view[1],
+                )
+                if changes is None:
+                    return
+                if changes:
+                    since, said = revision, now
+                    yield self._line(revision, changes)
+                    continue
+                # Nothing for this node up to `revision`: go on from there, so every
+                # node asks the feed the same question; the heartbeat tells the node.
+                since = revision
+                if now - said >= beat:
+                    said = now
+                    yield _unchanged(revision) + b"\n"
+                await self._wait_change(revision, max(said + beat - time.monotonic(), 0.01))
 
     def _line(self, revision: int, changes: list[bytes]) -> bytes:
         """The line of `changes` at `revision`, made once for every node given the

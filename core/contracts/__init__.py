@@ -15,7 +15,11 @@ both go through these classes, so the two ends cannot drift:
 - the control messages on ztunnel's Unix socket (agent <-> ztunnel), version
   ``CONTROL_PROTOCOL_VERSION``: :class:`SnapshotMessage`, :class:`AddMessage`,
   :class:`DeleteMessage` (:func:`parse_control_message`) and :class:`Ack` /
-  :class:`Nack` (:func:`parse_control_reply`).
+  :class:`Nack` (:func:`parse_control_reply`);
+- a node's health report (agent -> control plane, ``POST /v1/node/report``),
+  schema ``REPORT_SCHEMA``: :class:`NodeReport` with :class:`EndpointHealth`
+  and :class:`TrafficEdge` (also what ztunnel's ``/report`` admin path serves),
+  bounded by :func:`fit`.
 
 Validation rules, the same for every contract:
 
@@ -30,7 +34,7 @@ Validation rules, the same for every contract:
 - an optional field may be absent or ``null``; both mean its default.
 
 Modules: ``validate`` (the validators), ``documents`` (node, workload, service),
-``slice``, ``snapshot``, ``control``; import from this package.
+``slice``, ``snapshot``, ``control``, ``report``; import from this package.
 
 docs/protocol.md shows an example of each and points here.
 """
@@ -56,6 +60,13 @@ from meshnode.core.contracts.documents import (
     ServiceDoc,
     ServicePort,
     WorkloadDoc,
+)
+from meshnode.core.contracts.report import (
+    MAX_REPORT_BYTES,
+    REPORT_SCHEMA,
+    EndpointHealth,
+    NodeReport,
+    TrafficEdge,
 )
 from meshnode.core.contracts.slice import (
     AnswerLines,
@@ -92,8 +103,12 @@ __all__ = [
     "ControlReply",
     "DeleteMessage",
     "EndpointDoc",
+    "EndpointHealth",
+    "MAX_REPORT_BYTES",
     "Nack",
     "NodeDoc",
+    "NodeReport",
+    "REPORT_SCHEMA",
     "NodeSlice",
     "Revocation",
     "SNAPSHOT_SCHEMA",
@@ -106,6 +121,7 @@ __all__ = [
     "Snapshot",
     "SnapshotMessage",
     "SnapshotWorkload",
+    "TrafficEdge",
     "WorkloadDoc",
     "check_identity",
     "check_ip",

@@ -119,7 +119,7 @@ def test_get_nodes_workloads_services(cp: ThreadedControlPlane, tmp_path: Path) 
     code, out, _ = _run(cp, "get", "nodes")
     assert "node1" in out and "198.18.0.11" in out
     code, out, _ = _run(cp, "get", "svc", "-o", "json")
-    assert json.loads(out)[0]["vip"] == "240.0.0.1"
+    assert json.loads(out)["items"][0]["vip"] == "240.0.0.1"
     code, out, _ = _run(cp, "get", "workloads")
     assert "web" in out
     code, out, err = _run(cp, "delete", "workload", "web")
@@ -127,7 +127,7 @@ def test_get_nodes_workloads_services(cp: ThreadedControlPlane, tmp_path: Path) 
     code, out, err = _run(cp, "delete", "workload", "web", "--node", "node1")
     assert code == 0, err
     code, out, _ = _run(cp, "get", "services", "-o", "json")
-    assert json.loads(out) == []
+    assert json.loads(out)["items"] == []
 
 
 def test_cli_without_trust_bundle_says_what_to_do(tmp_path: Path) -> None:

@@ -65,3 +65,28 @@ def test_tcp_serves_every_address_and_keeps_the_content_type() -> None:
             await server.close()
 
     asyncio.run(main())
+
+
+def test_the_metrics_listener_serves_metrics_alone() -> None:
+    """It may face the network (--metrics 0.0.0.0:15020): never the admin paths."""
+
+    async def main() -> None:
+        admin, metrics = _free_port(), _free_port()
+        server = AdminServer(_route)
+        await server.listen_tcp({("127.0.0.1", admin)})
+        await server.listen_tcp({("127.0.0.1", metrics)}, only="/metrics")
+        try:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{metrics}/metrics") as resp:
+                    assert resp.status == 200 and await resp.text() == "x_total 1\n"
+                for target in ("/peer?addr=10.0.0.1:443", "/config_dump"):
+                    async with session.get(f"http://127.0.0.1:{metrics}{target}") as resp:
+                        assert resp.status == 404
+                async with session.get(f"http://127.0.0.1:{admin}/peer?addr=1.2.3.4:5") as resp:
+                    assert resp.status == 200
+        finally:
+            await server.close()
+        with socket.socket() as s:  # closed with the server
+            assert s.connect_ex(("127.0.0.1", metrics)) != 0
+
+    asyncio.run(main())
