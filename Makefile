@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 
-.PHONY: help install check lint format types unit system test
+.PHONY: help install check lint format types unit system test deb
 
 help:
 	@echo "make install   system packages and .venv (root; scripts/setup.sh --test)"
@@ -13,6 +13,7 @@ help:
 	@echo "make system    BPF, netns lab, nspawn nodes, PostgreSQL tests (root)"
 	@echo "make test      check + system: what CI runs"
 	@echo "make format    apply ruff format"
+	@echo "make deb       dist/meshnode_<version>_<arch>.deb (scripts/build-deb.sh)"
 
 install:
 	bash scripts/setup.sh --test
@@ -37,3 +38,6 @@ system:
 	$(PYTEST) tests/system
 
 test: check system
+
+deb:
+	bash scripts/build-deb.sh

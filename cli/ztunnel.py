@@ -72,6 +72,14 @@ def ztunnel() -> None:
 @click.option("--connect-timeout", default=5.0, show_default=True, type=float)
 @click.option("--drain-timeout", default=10.0, show_default=True, type=float)
 @click.option(
+    "--retire-timeout",
+    default=600.0,
+    show_default=True,
+    type=float,
+    help="On an upgrade (SIGUSR2, `systemctl reload meshnode-ztunnel`): how long the "
+    "old workers serve their open connections while new workers take new ones.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -91,6 +99,7 @@ def run(
     peer_socket: str | None,
     connect_timeout: float,
     drain_timeout: float,
+    retire_timeout: float,
     log_level: str,
 ) -> None:
     """Run the node proxy."""
@@ -111,7 +120,10 @@ def run(
             dns_upstreams=tuple(_upstream(u) for u in dns_upstreams),
             connect_timeout=connect_timeout,
             drain_timeout=drain_timeout,
+            retire_timeout=retire_timeout,
             workers=workers or min(os.cpu_count() or 1, 8),
+            # --workers 0 (the unit's): always a supervisor, which can upgrade in place.
+            supervised=workers == 0,
             admin_socket=admin_socket,
             peer_socket=peer_socket,
         ).validate()

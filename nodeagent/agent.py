@@ -78,6 +78,25 @@ class ConfigSource(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
+TCP_MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def _migrate_queued_connections() -> None:
+    """When a ztunnel worker closes its listener (an upgrade retires it, or it
+    stops), connections queued on it and not accepted yet move to another worker
+    of the same SO_REUSEPORT group instead of being reset (Linux 5.14+)."""
+    try:
+        if TCP_MIGRATE_REQ.read_text().strip() != "1":
+            TCP_MIGRATE_REQ.write_text("1")
+            log.info("net.ipv4.tcp_migrate_req=1: a closing proxy listener hands its queue on")
+    except OSError as exc:
+        log.warning(
+            "cannot set net.ipv4.tcp_migrate_req (%s): connections queued on a ztunnel "
+            "worker that closes its listener, as in an upgrade, are reset",
+            exc.strerror or exc,
+        )
+
+
 class EnrolledSource:
     """An enrolled node: the control plane's slice + the local workloads."""
 
@@ -493,28 +512,32 @@ class Agent:
         self.cfg.state_dir.mkdir(parents=True, exist_ok=True)
         self.bpf = MeshBpf(Path(self.cfg.bpf_pin_dir))
         self.bpf.load()
-        # New programs first, then the ones a previous agent left: never a moment
-        # in which a workload's connect goes uncaptured.
+        _migrate_queued_connections()
+        # New programs first, with their maps filled, then the ones a previous agent
+        # left: never a moment in which a workload's connect goes uncaptured (a
+        # restart, an upgrade). Meanwhile both run; the old ones redirect first and
+        # ours leave an already redirected connection alone.
         self.bpf.attach(Path(self.cfg.cgroup_parent))
-        stale = self.bpf.detach_stale(Path(self.cfg.cgroup_parent))
-        log.info(
-            "BPF programs attached at %s%s",
-            self.cfg.cgroup_parent,
-            f" (replaced {len(stale)} left by a previous agent)" if stale else "",
-        )
         detach = True
         try:
             self.guard_proxy()
             self.bpf.capture_dns(self.cfg.dns_capture)
+            self.apply(self.cfg)
+            stale = self.bpf.detach_stale(Path(self.cfg.cgroup_parent))
+            log.info(
+                "BPF programs attached at %s%s",
+                self.cfg.cgroup_parent,
+                f" (replaced {len(stale)} left by a previous agent)" if stale else "",
+            )
             log.info(
                 "mesh workloads' DNS %s",
                 f"goes to the mesh DNS proxy on 127.0.0.1:{DNS_PROXY_PORT}"
                 if self.cfg.dns_capture
                 else "is not captured (dns_capture off)",
             )
-            self.apply(self.cfg)
             self.source.start(self._wake)
             self.write_status()
+            self._start_reporter()
             sdnotify.notify("READY=1", f"STATUS=config version {self.cfg.version}")
             log.info("node %s ready (config version %d)", self.cfg.name, self.cfg.version)
             last_status = last_cgroups = last_problems = time.monotonic()

@@ -29,12 +29,15 @@ from meshnode.nodeagent.config import PROXY_SLICE
 __all__ = [
     "AGENT_UNIT",
     "BPFFS_UNIT",
+    "CONTROLPLANE_UNIT",
+    "PACKAGED_UNIT_DIR",
     "UNIT_NAMES",
     "UnitError",
     "ZTUNNEL_UNIT",
     "UnitPaths",
     "meshnode_executable",
     "install_units",
+    "render_package_units",
     "render_units",
     "start_units",
     "systemd_missing",
@@ -43,7 +46,10 @@ __all__ = [
 ZTUNNEL_UNIT = "meshnode-ztunnel.service"
 AGENT_UNIT = "meshnode-agent.service"
 BPFFS_UNIT = "meshnode-bpffs.service"
+CONTROLPLANE_UNIT = "meshnode-controlplane.service"
 UNIT_NAMES = (ZTUNNEL_UNIT, AGENT_UNIT)  # the services enable/start
+# Where the Debian package puts its units (scripts/build-deb.sh).
+PACKAGED_UNIT_DIR = Path("/lib/systemd/system")
 
 
 # bpffs at /sys/fs/bpf in the node's own mount namespace, by a oneshot unit both
@@ -53,7 +59,8 @@ UNIT_NAMES = (ZTUNNEL_UNIT, AGENT_UNIT)  # the services enable/start
 # ExecStartPre=+ (it runs in the unit's namespace too) nor a sys-fs-bpf.mount unit
 # (systemd refuses mount units for API file systems) can do it.
 _BPFFS_TEMPLATE = """\
-# Installed by `meshnode enroll`; enrolling again (--force) rewrites it.
+# Rendered by meshnode (nodeagent/units.py): shipped by the package, or written by
+# `meshnode enroll` when meshnode runs from elsewhere; `enroll --force` rewrites it.
 [Unit]
 Description=meshnode: bpffs at /sys/fs/bpf (where systemd did not mount it)
 DefaultDependencies=no
@@ -66,7 +73,8 @@ ExecStart=/bin/sh -c 'mountpoint -q /sys/fs/bpf || mount -t bpf -o mode=700 bpf 
 """
 
 _ZTUNNEL_TEMPLATE = """\
-# Installed by `meshnode enroll`; enrolling again (--force) rewrites it.
+# Rendered by meshnode (nodeagent/units.py): shipped by the package, or written by
+# `meshnode enroll` when meshnode runs from elsewhere; `enroll --force` rewrites it.
 [Unit]
 Description=meshnode node proxy (ztunnel)
 After=network-online.target meshnode-bpffs.service
@@ -78,6 +86,10 @@ Type=notify
 NotifyAccess=main
 ExecStart={meshnode} ztunnel run --snapshot {snapshot} --workers 0 \\
     --peer-socket /run/meshnode/peer.sock
+# An upgrade in place (the package's postinst): the supervisor re-executes the
+# installed code under the same PID; new workers take new connections while the
+# old ones finish theirs (--retire-timeout).
+ExecReload=/bin/kill -USR2 $MAINPID
 # Its own slice: the agent's bind guard lets only this cgroup bind 127.0.0.6 and
 # the proxy's ports, and a slice keeps its cgroup (and id) across restarts.
 Slice={proxy_slice}
@@ -112,7 +124,8 @@ WantedBy=multi-user.target
 """
 
 _AGENT_TEMPLATE = """\
-# Installed by `meshnode enroll`; enrolling again (--force) rewrites it.
+# Rendered by meshnode (nodeagent/units.py): shipped by the package, or written by
+# `meshnode enroll` when meshnode runs from elsewhere; `enroll --force` rewrites it.
 [Unit]
 Description=meshnode node agent
 # Not After= ztunnel: on a fresh node ztunnel reports READY only once the agent has
@@ -147,6 +160,47 @@ RestrictSUIDSGID=yes
 LockPersonality=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 CapabilityBoundingSet=CAP_BPF CAP_SYS_ADMIN CAP_NET_ADMIN CAP_PERFMON
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# Shipped by the package only, disabled: `systemctl enable --now` it on the control
+# plane's host. Its flags (--listen, --advertise, --db, ...) come from
+# /etc/default/meshnode-controlplane; `meshnode controlplane run --help` lists them.
+_CONTROLPLANE_TEMPLATE = """\
+# Rendered by meshnode (nodeagent/units.py), shipped by the package. Flags: put
+# MESHNODE_CP_ARGS="--advertise ADDR ..." in /etc/default/meshnode-controlplane.
+[Unit]
+Description=meshnode control plane
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=exec
+EnvironmentFile=-/etc/default/meshnode-controlplane
+ExecStart={meshnode} controlplane run --data-dir /var/lib/meshnode-cp $MESHNODE_CP_ARGS
+Restart=on-failure
+RestartSec=2
+StateDirectory=meshnode-cp
+StateDirectoryMode=0700
+LimitNOFILE=1048576
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+CapabilityBoundingSet=CAP_NET_BIND_SERVICE
 
 [Install]
 WantedBy=multi-user.target
@@ -238,6 +292,15 @@ def render_units(paths: UnitPaths) -> dict[str, str]:
     }
 
 
+def render_package_units(meshnode: Path) -> dict[str, str]:
+    """What the Debian package ships: the node's units for the default directories
+    (the ones `meshnode enroll` would write for them, byte for byte), and the
+    control plane's."""
+    units = render_units(UnitPaths(meshnode, Path("/etc/meshnode"), Path("/var/lib/meshnode")))
+    units[CONTROLPLANE_UNIT] = _CONTROLPLANE_TEMPLATE.format(meshnode=_check_path(meshnode))
+    return units
+
+
 # --- installing and starting ----------------------------------------------------------
 
 
@@ -254,12 +317,26 @@ def systemd_missing() -> str | None:
     return None
 
 
-def install_units(unit_dir: Path, units: dict[str, str]) -> list[Path]:
-    """Write the unit files (0644, atomically). Returns their paths."""
+def install_units(
+    unit_dir: Path, units: dict[str, str], packaged_dir: Path = PACKAGED_UNIT_DIR
+) -> list[Path]:
+    """Write the unit files (0644, atomically). Returns the paths in effect. A unit
+    the installed package already ships with the same text is left to the package
+    (and a copy an earlier enroll wrote is removed), so that removing the package
+    removes it."""
     unit_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in units.items():
         path = unit_dir / name
+        packaged = packaged_dir / name
+        try:
+            same = packaged.read_text() == text
+        except OSError:
+            same = False
+        if same:
+            path.unlink(missing_ok=True)
+            written.append(packaged)
+            continue
         write_file_atomic(path, text.encode(), 0o644)
         written.append(path)
     return written

@@ -13,7 +13,11 @@ set -euo pipefail
 dir=${1:-/var/cache/meshnode/rootfs}
 suite=bookworm
 variant=minbase
+# What a Debian 12 node has before meshnode: the meshnode package's Depends are here
+# (packaging/deb/control.in and scripts/build-deb.sh's from_debian), because the
+# package tests install it with `apt install ./meshnode_*.deb` in a node with no network.
 packages=systemd,systemd-sysv,dbus,iproute2,python3,python3-bpfcc,curl,ca-certificates,procps
+packages+=,bpftool,python3-click,python3-yaml,python3-pyroute2,python3-scapy,python3-jinja2
 marker=.meshnode-rootfs-ok
 
 log() { printf '[build-rootfs] %s\n' "$*"; }
@@ -82,7 +86,7 @@ fi
 rm -f "$work/var/lib/dbus/machine-id"
 # A node's hostname comes from systemd-nspawn -M.
 rm -f "$work/etc/hostname"
-# Keep the image small; apt is never run inside a node.
+# Keep the image small. apt installs only local .deb files in a node (no lists).
 rm -rf "$work"/var/cache/apt/archives/*.deb "$work"/var/lib/apt/lists/*
 # Mount points for the binds tests/support/nspawn.py makes (the repository's own path is
 # created by systemd-nspawn at boot, in the node's overlay).

@@ -26,6 +26,7 @@ packages=(
     systemd systemd-sysv dbus udev kmod initramfs-tools
     linux-image-amd64 linux-headers-amd64
     python3 python3-venv python3-dev python3-bpfcc bpftool
+    python3-click python3-yaml python3-pyroute2 python3-scapy python3-jinja2
     iproute2 procps psmisc curl ca-certificates
     openssh-server sudo rsync tcpdump less
 )

@@ -6,7 +6,7 @@
 # 2. starts libvirtd if it is not running (systemctl, or by hand inside a network
 #    namespace of its own when there is no systemd: the lab's bridges, NAT rules and
 #    dnsmasq stay there and vanish with it);
-# 3. builds or reuses the box (vagrant/build-box.sh) and the wheelhouse (pip wheel);
+# 3. builds or reuses the box (vagrant/build-box.sh) and builds the Debian package;
 # 4. `vagrant up`: cp + node1 + node2, enrolled, demo workloads running;
 # 5. checks: `meshnode status` on each node (control plane reachable, BPF programs),
 #    demo-web's log shows the greeting for spiffe://cluster.local/ns/default/sa/web,
@@ -84,32 +84,14 @@ if [ -z "${MESHNODE_VAGRANT_INNER:-}" ]; then
     vagrant plugin list 2>/dev/null | grep -q vagrant-libvirt \
         || die "vagrant does not see the vagrant-libvirt plugin (Debian package vagrant-libvirt)"
 
-    # The box and the wheelhouse need the registries too: build them here.
+    # The box and the package need the registries too: build them here.
     phase "box (build or reuse)"
     "$here/build-box.sh"
 
-    phase "wheelhouse (pip wheel on the host)"
-    wheels="$here/.cache/wheelhouse"
-    req="$here/.cache/requirements.txt"
-    mkdir -p "$wheels"
-    python3 - "$repo/pyproject.toml" >"$req.new" <<'EOF'
-import sys, tomllib
-d = tomllib.load(open(sys.argv[1], "rb"))
-print("\n".join(d["project"]["dependencies"] + d["build-system"]["requires"] + ["pip"]))
-EOF
-    if [ -f "$req" ] && cmp -s "$req" "$req.new" && compgen -G "$wheels/*.whl" >/dev/null; then
-        rm -f "$req.new"
-        log "wheelhouse up to date ($(ls "$wheels" | wc -l) wheels)"
-    else
-        pip=$repo/.venv/bin/pip
-        [ -x "$pip" ] || pip="python3 -m pip"
-        rm -f "$wheels"/*.whl
-        $pip wheel -q --disable-pip-version-check -w "$wheels" -r "$req.new" \
-            2>"$here/.cache/pip-wheel.log" \
-            || { tail -20 "$here/.cache/pip-wheel.log"; die "pip wheel failed: cannot build the wheelhouse from PyPI"; }
-        mv "$req.new" "$req"
-        log "wheelhouse: $(ls "$wheels" | wc -l) wheels in $wheels"
-    fi
+    phase "the Debian package (scripts/build-deb.sh on the host)"
+    rm -rf "$here/.cache/deb"
+    bash "$repo/scripts/build-deb.sh" --out "$here/.cache/deb" \
+        || die "scripts/build-deb.sh failed: the VMs install that package"
     phase_end
     elapsed_before=$SECONDS
 
@@ -235,7 +217,7 @@ for i in $(seq 1 "$MESHNODE_NODES"); do nodes+=("node$i"); done
 api_node=node2; [ "$MESHNODE_NODES" -ge 2 ] || api_node=node1
 
 check_status() {  # check_status NODE: control plane reachable, agent, ztunnel, BPF programs
-    on "$1" /opt/meshnode/.venv/bin/meshnode status -o json | python3 -c '
+    on "$1" /usr/bin/meshnode status -o json | python3 -c '
 import json, sys
 s = json.load(sys.stdin)
 progs = sorted(p["name"] for p in s.get("bpf_programs", []))
@@ -246,9 +228,9 @@ sys.exit(0 if ok else 1)'
 }
 for n in "${nodes[@]}"; do
     wait_for 180 "$n: control plane reachable, agent and ztunnel up, BPF programs attached" \
-        check_status "$n" || { on "$n" /opt/meshnode/.venv/bin/meshnode status || true
+        check_status "$n" || { on "$n" /usr/bin/meshnode status || true
                                die "$n: meshnode status is not healthy"; }
-    on "$n" /opt/meshnode/.venv/bin/meshnode status | sed "s/^/    $n | /"
+    on "$n" /usr/bin/meshnode status | sed "s/^/    $n | /"
 done
 
 greeting='hello spiffe://cluster.local/ns/default/sa/web'
@@ -301,16 +283,16 @@ rebooted() {
 wait_for 600 "node1 rebooted (new boot id) and reachable over ssh" rebooted \
     || die "node1 did not come back within 600 s"
 has_web() {
-    on node1 /opt/meshnode/.venv/bin/meshnode status -o json | python3 -c '
+    on node1 /usr/bin/meshnode status -o json | python3 -c '
 import json, sys
 sys.exit(0 if "web" in [w["name"] for w in json.load(sys.stdin).get("workloads", [])] else 1)'
 }
 wait_for 300 "node1 after reboot: status healthy" check_status node1 \
-    || { on node1 /opt/meshnode/.venv/bin/meshnode status || true; die "node1 not healthy after reboot"; }
+    || { on node1 /usr/bin/meshnode status || true; die "node1 not healthy after reboot"; }
 wait_for 120 "node1 after reboot: workload web meshed again" has_web \
-    || { on node1 /opt/meshnode/.venv/bin/meshnode status || true
+    || { on node1 /usr/bin/meshnode status || true
          die "node1 came back without its workload web (agent and demo-web start order?)"; }
-on node1 /opt/meshnode/.venv/bin/meshnode status | sed 's/^/    node1 | /'
+on node1 /usr/bin/meshnode status | sed 's/^/    node1 | /'
 wait_for 240 "node1 demo-web greets through the mesh again (this boot)" web_greets -b \
     || { on node1 journalctl -b -u demo-web -o cat --no-pager -n 20 || true
          die "demo-web on node1 is not meshed after the reboot"; }

@@ -44,6 +44,12 @@ class ZtunnelConfig:
     connect_timeout: float = 5.0  # TCP + TLS to the peer node, and to the workload
     stream_timeout: float = 10.0  # CONNECT sent -> 200 received
     drain_timeout: float = 10.0  # on SIGTERM: time given to open connections
+    # On an upgrade (SIGUSR2 to the supervisor, `systemctl reload meshnode-ztunnel`):
+    # time the old workers give their open connections while new ones take new
+    # connections. Longer-lived connections are closed at its end.
+    retire_timeout: float = 600.0
+    # Run the supervisor even with one worker, so that an upgrade can hand over.
+    supervised: bool = False
     idle_timeout: float = 300.0  # pooled HBONE connection with no streams
     max_streams: int = 100  # streams per pooled HBONE connection
     connect_attempts: int = 3  # endpoints tried per connection before giving up
@@ -62,7 +68,13 @@ class ZtunnelConfig:
             host, _ = getattr(self, name)
             if not ipaddress.ip_address(host).is_loopback:
                 raise ConfigError(f"{name} endpoint must listen on loopback, not {host}")
-        for name in ("connect_timeout", "stream_timeout", "drain_timeout", "idle_timeout"):
+        for name in (
+            "connect_timeout",
+            "stream_timeout",
+            "drain_timeout",
+            "idle_timeout",
+            "retire_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if not 1 <= self.connect_attempts <= 10:

@@ -23,7 +23,7 @@ from meshnode.core.contracts.report import (
     endpoint_address,
 )
 from meshnode.core.identity import SpiffeId
-from meshnode.ztunnel import inbound
+from meshnode.ztunnel import hbone, inbound
 from meshnode.ztunnel.accesslog import FLUSH_EVERY, access_log
 from meshnode.ztunnel.admin import AdminServer, Response, json_response
 from meshnode.ztunnel.authz import Authorizer
@@ -329,6 +329,7 @@ class Proxy:
         self._peer: PeerServer | None = None
         self._dns: DnsProxy | None = None
         self._stopping: asyncio.Event | None = None
+        self._retiring = False
         self.ready = False
 
     def reload(self) -> None:
@@ -419,8 +420,10 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGTERM, self._terminate)
+        loop.add_signal_handler(signal.SIGINT, self._terminate)
+        if self.config.admin_socket:  # a worker: the supervisor retires it on an upgrade
+            loop.add_signal_handler(signal.SIGUSR2, self._retire)
         await self.start()
         control = None
         if not self.config.admin_socket:  # a lone ztunnel: the agent talks to us directly
@@ -439,7 +442,19 @@ class Proxy:
         if control is not None:
             control.close()
         sweeper.cancel()
-        await self.drain()
+        await self.drain(retire=self._retiring)
+
+    def _terminate(self) -> None:
+        self._retiring = False
+        if self._stopping is not None:
+            self._stopping.set()
+
+    def _retire(self) -> None:
+        """An upgrade: newer workers listen beside us. Stop taking connections, let
+        the open ones finish (up to retire_timeout), then exit."""
+        self._retiring = True
+        if self._stopping is not None:
+            self._stopping.set()
 
     async def _apply_doc(self, version: int, doc: dict[str, Any]) -> None:
         write_snapshot(str(self.config.snapshot), doc)
@@ -447,18 +462,37 @@ class Proxy:
         if self.pi.state.version != version:
             raise ControlError(f"version {version} was written but not loaded; see the log")
 
-    async def drain(self) -> None:
+    async def drain(self, retire: bool = False) -> None:
         """Stop accepting, give open connections drain_timeout to finish, then
-        close what is left (RST to the clients, GOAWAY to peers)."""
+        close what is left (RST to the clients, GOAWAY to peers). retire: an
+        upgrade; peers get a graceful GOAWAY at once (their open streams go on, new
+        ones go to a new connection, so to a new worker) and open connections get
+        retire_timeout."""
         self.ready = False
         for server in self._servers[:2]:
             server.close()
+        timeout = self.config.retire_timeout if retire else self.config.drain_timeout
+        if retire:
+            for session in list(self.pi.inbound_sessions):
+                session.conn.close(hbone.NO_ERROR, "ztunnel upgrading")
+                session.flush()
         n = len(self.pi.active)
-        if n:
-            log.info("draining %d open connections (up to %.0fs)", n, self.config.drain_timeout)
-        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout
-        while self.pi.active and asyncio.get_running_loop().time() < deadline:
+        if n or retire:
+            log.info(
+                "%s: %d open connections finish here (up to %.0fs)",
+                "retiring for an upgrade; new connections go to the new workers"
+                if retire
+                else "draining",
+                n,
+                timeout,
+            )
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        while self.pi.active and loop.time() < start + timeout:
             await asyncio.sleep(0.1)
+            if retire and not self._retiring:  # a SIGTERM while retiring: drain_timeout
+                timeout = min(timeout, loop.time() - start + self.config.drain_timeout)
+                retire = False
         for conn in list(self.pi.active):
             conn.on_reset("ztunnel shutting down")
         self.pi.pool.close_all()
@@ -602,7 +636,7 @@ def run_ztunnel(config: ZtunnelConfig) -> None:
     import uvloop
 
     uvloop.run(wait_for_first_snapshot(config))
-    if config.workers > 1 and not config.admin_socket:
+    if (config.workers > 1 or config.supervised) and not config.admin_socket:
         from meshnode.ztunnel.supervisor import Supervisor
 
         uvloop.run(Supervisor(config).run())

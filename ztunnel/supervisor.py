@@ -72,6 +72,8 @@ class Worker:
             str(c.connect_timeout),
             "--drain-timeout",
             str(c.drain_timeout),
+            "--retire-timeout",
+            str(c.retire_timeout),
             "--dns",
             _hostport(c.dns) if c.dns else "off",
             *(arg for up in c.dns_upstreams for arg in ("--dns-upstream", _hostport(up))),
@@ -102,15 +104,41 @@ def _read_doc(path: Path) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+# An upgrade re-executes the supervisor in place (same PID, so systemd sees no
+# restart). The new image learns from these which workers it inherited (still its
+# children) and which generation it is, so its own workers' sockets do not collide.
+RETIRE_ENV = "MESHNODE_ZTUNNEL_RETIRE"
+GENERATION_ENV = "MESHNODE_ZTUNNEL_GENERATION"
+
+
+def inherited(environ: dict[str, str]) -> tuple[int, list[int]]:
+    """(generation, worker pids to retire) from the environment an upgrade left."""
+    try:
+        generation = int(environ.get(GENERATION_ENV, "0"))
+        pids = [int(p) for p in environ.get(RETIRE_ENV, "").split(",") if p]
+    except ValueError:
+        return 0, []
+    return max(generation, 0), [p for p in pids if p > 1]
+
+
+def worker_socket(run_dir: Path, generation: int, index: int) -> str:
+    suffix = f"-g{generation}" if generation else ""
+    return str(run_dir / f"ztunnel-worker-{index}{suffix}.sock")
+
+
 class Supervisor:
     def __init__(self, config: ZtunnelConfig) -> None:
         self.config = config
-        run_dir = Path(config.snapshot).parent
+        self._run_dir = Path(config.snapshot).parent
+        self.generation, self._retiring = inherited(dict(os.environ))
+        os.environ.pop(RETIRE_ENV, None)
+        os.environ.pop(GENERATION_ENV, None)
         self.workers = [
-            Worker(i, config, str(run_dir / f"ztunnel-worker-{i}.sock"))
+            Worker(i, config, worker_socket(self._run_dir, self.generation, i))
             for i in range(config.workers)
         ]
         self._stopping: asyncio.Event | None = None
+        self._upgrade = False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -118,6 +146,7 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         loop.add_signal_handler(signal.SIGTERM, self._stopping.set)
         loop.add_signal_handler(signal.SIGINT, self._stopping.set)
+        loop.add_signal_handler(signal.SIGUSR2, self._request_upgrade)
         for w in self.workers:
             w.start()
         cfg = self.config
@@ -141,11 +170,45 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), 0.5)
             self._supervise()
-        sdnotify.notify("STOPPING=1")
         control.close()
         await admin.close()
         await peer.close()
+        if self._upgrade:
+            try:
+                self._reexec()  # does not return
+            except OSError as exc:
+                log.error(
+                    "upgrade failed: cannot re-execute %s (%s); stopping, so that systemd "
+                    "restarts ztunnel from the installed code",
+                    sys.executable,
+                    exc.strerror or exc,
+                )
+                await self._stop_workers()
+                raise SystemExit(1) from None
+        sdnotify.notify("STOPPING=1")
         await self._stop_workers()
+
+    def _request_upgrade(self) -> None:
+        log.info("upgrade asked (SIGUSR2): re-executing the supervisor from the installed code")
+        self._upgrade = True
+        if self._stopping is not None:
+            self._stopping.set()
+
+    def _reexec(self) -> None:
+        """Replace this process's image with the installed meshnode (same PID, same
+        command line). Our workers go on serving meanwhile; the new image starts
+        new workers, and retires these once the new ones are ready."""
+        # Workers still retiring from an earlier upgrade go along: the new image
+        # reaps them too (a second SIGUSR2 to a retiring worker changes nothing).
+        pids = [w.proc.pid for w in self.workers if w.proc is not None and w.alive()]
+        pids += self._retiring
+        env = dict(
+            os.environ,
+            **{RETIRE_ENV: ",".join(map(str, pids)), GENERATION_ENV: str(self.generation + 1)},
+        )
+        logging.shutdown()
+        argv = list(sys.orig_argv)
+        os.execve(sys.executable, argv, env)
 
     def _workload_of_pid(self, pid: int) -> int | None:
         doc = _read_doc(self.config.snapshot) or {}
@@ -184,8 +247,40 @@ class Supervisor:
         while not self._stopping or not self._stopping.is_set():
             if all(v is not None for v in await self._versions()):
                 sdnotify.notify("READY=1", f"STATUS={len(self.workers)} workers serving")
+                self._retire_inherited()
                 return
             await asyncio.sleep(0.1)
+
+    def _retire_inherited(self) -> None:
+        """Our workers serve: the workers of the image before the upgrade stop
+        taking connections and finish the ones they have."""
+        for pid in self._retiring:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR2)
+        if self._retiring:
+            log.info(
+                "upgrade: %d new workers serving; %d old workers retire (pids %s)",
+                len(self.workers),
+                len(self._retiring),
+                ", ".join(map(str, self._retiring)),
+            )
+
+    def _reap_retiring(self) -> None:
+        for pid in list(self._retiring):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done:
+                self._retiring.remove(pid)
+                log.info(
+                    "retired worker %d exited (status %d)", pid, os.waitstatus_to_exitcode(status)
+                )
+        if not self._retiring:
+            for old in self._run_dir.glob("ztunnel-worker-*.sock"):
+                if str(old) not in {w.socket for w in self.workers}:
+                    with contextlib.suppress(OSError):
+                        old.unlink()
 
     async def _apply_doc(self, version: int, doc: dict[str, Any]) -> None:
         write_snapshot(str(self.config.snapshot), doc)
@@ -205,6 +300,8 @@ class Supervisor:
                 w.proc.send_signal(sig)
 
     def _supervise(self) -> None:
+        if self._retiring:
+            self._reap_retiring()
         now = time.monotonic()
         for w in self.workers:
             if w.alive() or now < w.next_start:
@@ -223,6 +320,9 @@ class Supervisor:
 
     async def _stop_workers(self) -> None:
         self._forward(signal.SIGTERM)
+        for pid in self._retiring:  # still finishing an upgrade: they stop too
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.drain_timeout + 5
         for w in self.workers:
             while w.alive() and time.monotonic() < deadline:

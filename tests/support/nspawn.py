@@ -314,8 +314,16 @@ class Cluster:
     def netns(self, node: str) -> str:
         return f"{NETNS_PREFIX}{self.tag}-{node}"
 
-    def boot(self, name: str, extra_args: Sequence[str] = (), timeout: float = 30) -> Node:
-        """Start a node and return once its init runs (wait_for_system() for the rest)."""
+    def boot(
+        self,
+        name: str,
+        extra_args: Sequence[str] = (),
+        timeout: float = 30,
+        checkout: bool = True,
+    ) -> Node:
+        """Start a node and return once its init runs (wait_for_system() for the rest).
+        checkout=False: the repository is not bound in (a node that installs the
+        package and nothing else)."""
         if name in self.nodes:
             raise NspawnError(f"node {name} exists already")
         netns = self.netns(name)
@@ -339,7 +347,7 @@ class Cluster:
             f"--network-namespace-path=/run/netns/{netns}",
             f"--capability={NSPAWN_CAPABILITIES}",
             f"--system-call-filter={NSPAWN_SYSCALLS}",
-            f"--bind-ro={REPO}",
+            *([f"--bind-ro={REPO}"] if checkout else []),
             "--bind-ro=/lib/modules",
             "--bind-ro=/usr/src",
             *extra_args,

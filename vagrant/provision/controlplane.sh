@@ -1,23 +1,11 @@
 #!/usr/bin/env bash
-# Vagrant provisioner (cp): the control plane as a systemd unit, advertised on the
+# Vagrant provisioner (cp): the control plane as the package's systemd unit, advertised on the
 # private network address given as $1.
 set -euo pipefail
 
 ip=${1:?usage: controlplane.sh ADVERTISE_IP}
-meshnode=/opt/meshnode/.venv/bin/meshnode
-cat >/etc/systemd/system/meshnode-controlplane.service <<UNIT
-[Unit]
-Description=meshnode control plane
-After=network.target
-
-[Service]
-ExecStart=$meshnode controlplane run --listen 0.0.0.0:15012 --advertise $ip --data-dir /var/lib/meshnode-cp
-Restart=on-failure
-RestartSec=2
-
-[Install]
-WantedBy=multi-user.target
-UNIT
+# The package's unit, with this lab's flags.
+echo "MESHNODE_CP_ARGS=\"--listen 0.0.0.0:15012 --advertise $ip\"" >/etc/default/meshnode-controlplane
 systemctl daemon-reload
 systemctl enable --now meshnode-controlplane.service
 for _ in $(seq 1 180); do

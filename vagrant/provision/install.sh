@@ -1,24 +1,18 @@
 #!/usr/bin/env bash
-# Vagrant provisioner (every VM): install meshnode from the rsynced checkout with
-# the repository's scripts/setup.sh. With vagrant/.cache/wheelhouse present (test.sh
-# builds it on the host with `pip wheel`), pip runs offline (--no-index
-# --find-links); the box already has the system packages, so apt is not needed
-# either. Without the wheelhouse (a public box on a host with internet), setup.sh
-# fetches what it needs from Debian and PyPI.
+# Vagrant provisioner (every VM): install the meshnode Debian package that
+# vagrant/test.sh built on the host (scripts/build-deb.sh --out vagrant/.cache/deb)
+# and rsynced here with the checkout. Offline: the box carries the package's Depends
+# (vagrant/build-box.sh), so apt fetches nothing.
 set -euo pipefail
 
 src=${MESHNODE_SRC:-/opt/meshnode}
 log() { printf '[provision %s] %s\n' "$(hostname)" "$*"; }
-[ -x "$src/scripts/setup.sh" ] || { echo "no meshnode checkout at $src (rsync synced folder)" >&2; exit 1; }
 
-wheels="$src/vagrant/.cache/wheelhouse"
-if compgen -G "$wheels/*.whl" >/dev/null; then
-    log "installing meshnode offline (wheelhouse: $wheels)"
-    export PIP_NO_INDEX=1 PIP_FIND_LINKS="$wheels" PIP_DISABLE_PIP_VERSION_CHECK=1
-else
-    log "no wheelhouse: installing meshnode from the package registries"
-fi
+debs=("$src"/vagrant/.cache/deb/meshnode_*.deb)
+[ -f "${debs[0]}" ] || { echo "no meshnode package in $src/vagrant/.cache/deb: run scripts/build-deb.sh --out vagrant/.cache/deb on the host (vagrant/test.sh does)" >&2; exit 1; }
+[ ${#debs[@]} -eq 1 ] || { echo "more than one package in $src/vagrant/.cache/deb: ${debs[*]}" >&2; exit 1; }
 start=$SECONDS
-"$src/scripts/setup.sh"
-ln -sfn "$src/.venv/bin/meshnode" /usr/local/bin/meshnode
-log "meshnode installed in $((SECONDS - start)) s: $("$src/.venv/bin/meshnode" --help >/dev/null && echo ok)"
+log "apt install ${debs[0]##*/}"
+DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o Dpkg::Use-Pty=0 "${debs[0]}" \
+    | sed -n 's/^meshnode: /  /p'
+log "meshnode $(dpkg-query -W -f='${Version}' meshnode) installed in $((SECONDS - start)) s"

@@ -3,7 +3,7 @@
 # status`), bounded by --max-time; logs the answer (or the failure) to the journal.
 set -uo pipefail
 
-meshnode=/opt/meshnode/.venv/bin/meshnode
+meshnode=/usr/bin/meshnode
 vip=""
 while true; do
     if [ -z "$vip" ]; then

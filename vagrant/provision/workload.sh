@@ -6,8 +6,8 @@
 set -euo pipefail
 
 src=/opt/meshnode
-py=$src/.venv/bin/python
-meshnode=$src/.venv/bin/meshnode
+py="/usr/bin/env PYTHONPATH=/usr/lib/meshnode/python /usr/bin/python3"  # the package's demo
+meshnode=/usr/bin/meshnode
 role=${1:?usage: workload.sh api|web}
 
 case "$role" in

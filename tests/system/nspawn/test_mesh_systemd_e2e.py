@@ -1,6 +1,7 @@
 """The whole thing on nodes with a real systemd (systemd-nspawn, tests/support/nspawn.py):
-a control plane, two nodes enrolled with `meshnode enroll` (agent and ztunnel as
-systemd units), demo workloads as systemd units registered with `meshnode
+a control plane, two nodes that install the Debian package (scripts/build-deb.sh) and
+enroll with `meshnode enroll` (agent and ztunnel as the package's systemd units), demo
+workloads as systemd units registered with `meshnode
 workload add --systemd-unit`, and then:
 
 - traffic flows between the nodes' workloads, with mTLS identities;
@@ -17,7 +18,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +27,20 @@ import pytest
 from tests.support import TOOLS
 from tests.support.bpf import MESH_PROGRAM_NAMES
 from tests.support.nspawn import REPO, Cluster, Node, NspawnError, ensure_rootfs, missing
+from tests.system.nspawn.meshkit import (
+    NODE_MESHNODE,
+    admin,
+    in_unit,
+    journal,
+    node_status,
+    start_cp,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root]
 
-MESHNODE = str(REPO / ".venv" / "bin" / "meshnode")
-PY = str(REPO / ".venv" / "bin" / "python")
+MESHNODE = NODE_MESHNODE  # the package's, in the nodes
+PY = str(REPO / ".venv" / "bin" / "python")  # the workloads' (demo servers, test tools)
 SUBNET = "198.18.3.0/24"
 PORT = 15012
 CERT_TTL = "120s"  # short enough to rotate in a test, long enough to outlive the outage test
@@ -51,105 +60,19 @@ class Mesh:
         return f"https://{self.cluster.gateway}:{PORT}"
 
     def start_cp(self, listen: str | None = None) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [
-                *self.ns,
-                MESHNODE,
-                "controlplane",
-                "run",
-                "--listen",
-                listen or f"0.0.0.0:{PORT}",
-                "--data-dir",
-                str(self.data),
-                "--advertise",
-                self.cluster.gateway,
-                "--cert-ttl",
-                CERT_TTL,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.data / "cp.log", "ab"),  # noqa: SIM115
+        host, port = (listen or f"0.0.0.0:{PORT}").rsplit(":", 1)
+        return start_cp(
+            self.ns, self.data, self.cluster.gateway, int(port), ("--cert-ttl", CERT_TTL), host
         )
-        port = int((listen or f":{PORT}").rsplit(":", 1)[1])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError("control plane exited:\n" + (self.data / "cp.log").read_text())
-            probe = subprocess.run(
-                [
-                    *self.ns,
-                    "curl",
-                    "-sk",
-                    "--max-time",
-                    "1",
-                    f"https://127.0.0.1:{port}/v1/trust-bundle",
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if probe.returncode == 0 and "trust_bundle" in probe.stdout:
-                return proc
-            time.sleep(0.1)
-        raise AssertionError("control plane did not come up")
 
     def admin(self, *args: str, input: str | None = None) -> str:
-        proc = subprocess.run(
-            [*self.ns, MESHNODE, *args, "--data-dir", str(self.data)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            input=input,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout
-
-
-def journal(node: Node) -> str:
-    return node.run(
-        [
-            "journalctl",
-            "--no-pager",
-            "-o",
-            "short-monotonic",
-            "-n",
-            "80",
-            "-u",
-            "meshnode-agent",
-            "-u",
-            "meshnode-ztunnel",
-        ]
-    ).stdout
-
-
-def in_unit(
-    node: Node, unit: str, cmd: list[str], timeout: float = 60, background: bool = False
-) -> subprocess.CompletedProcess[str] | subprocess.Popen[str]:
-    """Run cmd inside the cgroup of a systemd unit of the node (so its
-    connections are that workload's)."""
-    script = f'echo $$ > /sys/fs/cgroup/system.slice/{unit}/cgroup.procs && exec "$@"'
-    argv = [*node.nsenter(), "sh", "-c", script, "sh", *cmd]
-    if background:
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for(what: str, check, timeout: float = 60, every: float = 0.5):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def status(node: Node) -> dict:  # type: ignore[type-arg]
-    out = node.run([MESHNODE, "status", "-o", "json"]).stdout
-    return json.loads(out) if out.strip().startswith("{") else {}
+        return admin(self.ns, self.data, *args, input=input)
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+def mesh(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Mesh]:
     why = missing()
     if why is not None:
         print(f"systemd mesh test skipped: {why}")
@@ -158,17 +81,25 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         rootfs = ensure_rootfs()
     except (NspawnError, OSError) as exc:
         pytest.skip(f"the nspawn rootfs cannot be built: {exc}")
+    deb: Path = request.getfixturevalue("meshnode_deb")
     data = tmp_path_factory.mktemp("cp")
     c = Cluster(SUBNET, rootfs)
     m = None
     try:
         ns = ["nsenter", f"--net=/run/netns/{c.host_side()}", "--"]
-        m = Mesh(c, c.boot("n1"), c.boot("n2"), data, ns, None)
+        bind = [f"--bind-ro={deb.parent}:/srv/pkg"]
+        m = Mesh(c, c.boot("n1", bind), c.boot("n2", bind), data, ns, None)
         m.cp = m.start_cp()
         # Each token grants the identities its node will host (day 0, no other step).
         grants = {"n1": ["default/web"], "n2": ["default/api", "default/echo"]}
         for node in (m.n1, m.n2):
             node.wait_for_system()
+            r = node.run(
+                ["apt-get", "install", "-y", f"/srv/pkg/{deb.name}"],
+                timeout=300,
+                env={"DEBIAN_FRONTEND": "noninteractive"},
+            )
+            assert r.returncode == 0, r.stdout + r.stderr
             flags = [f for ident in grants[node.name] for f in ("--identity", ident)]
             out = m.admin(
                 "token",
@@ -248,7 +179,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 
 def vip_of(m: Mesh, service: str) -> str:
     def find() -> str | None:
-        svcs = status(m.n1).get("services", [])
+        svcs = node_status(m.n1).get("services", [])
         return next((s["vip"] for s in svcs if s["name"] == service), None)
 
     return str(wait_for(f"service {service} on n1", find, timeout=30))
@@ -276,7 +207,7 @@ def test_enrolled_nodes_carry_traffic_with_identities(mesh: Mesh) -> None:
 
 
 def test_status_shows_the_node(mesh: Mesh) -> None:
-    st = status(mesh.n1)
+    st = node_status(mesh.n1)
     text = mesh.n1.run([MESHNODE, "status"]).stdout
     print("\n" + text)
     assert st["node"]["name"] == "n1"
@@ -310,7 +241,7 @@ def test_a_node_cannot_host_an_identity_it_was_not_granted(mesh: Mesh) -> None:
     assert proc.returncode != 0
     assert "not granted identity prod/payments" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
-    services = json.loads(mesh.admin("get", "services", "-o", "json"))
+    services = json.loads(mesh.admin("get", "services", "-o", "json"))["items"]
     assert not [s for s in services if s["name"] == "payments"]
     grant = "kind: IdentityGrant\nmetadata: {name: n1-payments}\n"
     grant += "spec: {nodes: [n1], identities: [prod/payments]}\n"
@@ -318,7 +249,7 @@ def test_a_node_cannot_host_an_identity_it_was_not_granted(mesh: Mesh) -> None:
     try:
         proc = mesh.n1.run(argv, timeout=60)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        services = json.loads(mesh.admin("get", "services", "-o", "json"))
+        services = json.loads(mesh.admin("get", "services", "-o", "json"))["items"]
         pay = [s for s in services if s["name"] == "payments"]
         assert [e["node"] for e in pay[0]["endpoints"]] == ["n1"]
     finally:
@@ -334,7 +265,7 @@ def test_a_local_process_cannot_pose_as_the_proxy(mesh: Mesh) -> None:
     to answer a share of the workloads' DNS itself. The agent's bind guard refuses
     them all with EPERM."""
     n2 = mesh.n2
-    ip = status(n2)["node"]["ip"]
+    ip = node_status(n2)["node"]["ip"]
     probe = (
         "import socket, sys\n"
         "U, T = socket.SOCK_DGRAM, socket.SOCK_STREAM\n"
@@ -401,13 +332,13 @@ def test_control_plane_outage(mesh: Mesh) -> None:
     mesh.cp.wait(10)
     wait_for(
         "n1 to notice the control plane is gone",
-        lambda: status(mesh.n1).get("control_plane_reachable") is False,
+        lambda: node_status(mesh.n1).get("control_plane_reachable") is False,
         60,
     )
     assert "this is api" in curl_api(mesh).stdout  # new connections still work
     # An agent restarted while the control plane is down comes back from its snapshot.
     mesh.n1.run(["systemctl", "restart", "meshnode-agent"], check=True)
-    wait_for("the restarted agent", lambda: status(mesh.n1)["agent"]["running"], 30)
+    wait_for("the restarted agent", lambda: node_status(mesh.n1)["agent"]["running"], 30)
     assert "this is api" in curl_api(mesh).stdout
     # A policy changed meanwhile: another control-plane process on the same
     # database, reachable only from the host side, takes the change.

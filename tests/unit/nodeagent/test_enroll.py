@@ -336,11 +336,38 @@ def test_install_units(tmp_path: Path) -> None:
     rendered = units.render_units(
         units.UnitPaths(Path("/x/meshnode"), Path("/etc/meshnode"), Path("/var/lib/meshnode"))
     )
-    written = units.install_units(tmp_path / "units", rendered)
+    written = units.install_units(tmp_path / "units", rendered, tmp_path / "packaged")
     assert sorted(p.name for p in written) == sorted(rendered)
     for p in written:
         assert p.read_text() == rendered[p.name]
         assert p.stat().st_mode & 0o777 == 0o644
+
+
+def test_units_the_package_ships_are_left_to_it(tmp_path: Path) -> None:
+    """On a node that installed the .deb, enroll writes no copy into /etc/systemd/system
+    (and removes one an earlier enroll left), so `apt remove` leaves no unit behind;
+    a unit that differs from the packaged one is still written."""
+    exe = Path("/usr/bin/meshnode")
+    shipped = units.render_package_units(exe)
+    assert units.CONTROLPLANE_UNIT in shipped
+    packaged, etc = tmp_path / "lib", tmp_path / "etc"
+    packaged.mkdir()
+    for name, text in shipped.items():
+        (packaged / name).write_text(text)
+    etc.mkdir()
+    (etc / units.AGENT_UNIT).write_text("left by an earlier enroll")
+    same = units.render_units(
+        units.UnitPaths(exe, Path("/etc/meshnode"), Path("/var/lib/meshnode"))
+    )
+    written = units.install_units(etc, same, packaged)
+    assert all(p.parent == packaged for p in written)
+    assert list(etc.iterdir()) == []
+    other = units.render_units(units.UnitPaths(exe, Path("/etc/other"), Path("/var/lib/other")))
+    written = units.install_units(etc, other, packaged)
+    differ = sorted(n for n in other if other[n] != shipped[n])
+    assert units.AGENT_UNIT in differ and units.ZTUNNEL_UNIT in differ
+    assert sorted(p.name for p in etc.iterdir()) == differ
+    assert sorted(p.name for p in written if p.parent == etc) == differ
 
 
 # --- the command against a real control plane ------------------------------------------------
