@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import shutil
 import signal
@@ -36,6 +35,7 @@ from typing import Any
 import pytest
 
 from tests.support import TOOLS
+from tests.support.labcli import LabCli
 from tests.support.skips import requires_lab
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -82,26 +82,8 @@ spec:
 """
 
 
-def meshnode(
-    *args: str, check: bool = True, input: str | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [PY, "-m", "meshnode.cli.main", *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=input,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"meshnode {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
-
-
-def status() -> dict[str, Any]:
-    return dict(json.loads(meshnode("lab", "status", "-o", "json").stdout))
+LABCLI = LabCli(LAB)
+meshnode, status = LABCLI.run, LABCLI.status
 
 
 class Relay:

@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.labcli import LabCli
 from tests.support.skips import requires_lab
 
 PROMETHEUS = Path("/usr/bin/prometheus")
@@ -47,7 +48,6 @@ pytestmark = [
 ]
 
 LAB = os.environ.get("MESHNODE_TEST_LAB_PROM", "mnprom")
-ENV = {**os.environ, "MESHNODE_LAB": LAB}
 PY = sys.executable
 DEMO = [PY, "-m", "meshnode.lab.demo"]
 WEB = "spiffe://cluster.local/ns/default/sa/web"
@@ -55,19 +55,7 @@ API = "spiffe://cluster.local/ns/default/sa/api"
 CALLS = 5
 
 
-def meshnode(*args: str, check: bool = True, timeout: float = 180) -> str:
-    proc = subprocess.run(
-        [PY, "-m", "meshnode.cli.main", *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"meshnode {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc.stdout
+meshnode = LabCli(LAB).out
 
 
 class Prometheus:

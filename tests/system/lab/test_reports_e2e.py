@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.support import TOOLS
+from tests.support.labcli import LabCli
 from tests.support.skips import requires_lab
 
 pytestmark = [pytest.mark.root, requires_lab]
@@ -33,41 +34,8 @@ CLIENT = "spiffe://cluster.local/ns/default/sa/client"
 API = "spiffe://cluster.local/ns/default/sa/api"
 
 
-def meshnode(*args: str, check: bool = True, timeout: float = 180) -> str:
-    proc = subprocess.run(
-        [PY, "-m", "meshnode.cli.main", *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"meshnode {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc.stdout
-
-
-def add(node: str, name: str, service: str, port: int, *cmd: str, service_port: int = 0) -> None:
-    extra = ["--service-port", str(service_port)] if service_port else []
-    meshnode(
-        "lab",
-        "workload",
-        "add",
-        node,
-        name,
-        "--service",
-        service,
-        "--port",
-        str(port),
-        *extra,
-        "--",
-        *(cmd or (*DEMO, "server", "--port", str(port), "--name", name)),
-    )
-
-
-def status() -> dict[str, Any]:
-    return dict(json.loads(meshnode("lab", "status", "-o", "json")))
+LABCLI = LabCli(LAB)
+meshnode, add, status = LABCLI.out, LABCLI.add, LABCLI.status
 
 
 def nodes() -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import TOOLS
+from tests.support.labcli import LabCli
 from tests.support.skips import requires_lab
 
 pytestmark = [pytest.mark.root, requires_lab]
@@ -29,50 +30,8 @@ PY = sys.executable
 DEMO = [PY, "-m", "meshnode.lab.demo"]
 
 
-def meshnode(
-    *args: str, check: bool = True, input: str | None = None, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [PY, "-m", "meshnode.cli.main", *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=input,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"meshnode {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
-
-
-def add(
-    node: str,
-    name: str,
-    service: str,
-    port: int,
-    *cmd: str,
-    version: str = "",
-    service_port: int | None = None,
-) -> None:
-    extra = ["--version", version] if version else []
-    if service_port:
-        extra += ["--service-port", str(service_port)]
-    meshnode(
-        "lab",
-        "workload",
-        "add",
-        node,
-        name,
-        "--service",
-        service,
-        "--port",
-        str(port),
-        *extra,
-        "--",
-        *(cmd or (*DEMO, "server", "--port", str(port), "--name", name)),
-    )
+LABCLI = LabCli(LAB)
+meshnode, add = LABCLI.run, LABCLI.add
 
 
 def vip(service: str) -> str:

@@ -10,12 +10,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.support.nspawn import REPO, Node
+import pytest
+
+from tests.support.nspawn import REPO, Node, NspawnError, ensure_rootfs, missing
 
 # The host's meshnode (the checkout's .venv): it runs the control plane and the admin
 # CLI. Nodes run their own: the package's /usr/bin/meshnode.
 HOST_MESHNODE = str(REPO / ".venv" / "bin" / "meshnode")
 NODE_MESHNODE = "/usr/bin/meshnode"
+
+
+def rootfs_or_skip(what: str) -> Path:
+    """The nodes' root filesystem, built if needed; or skip, saying why, where
+    nspawn nodes cannot run."""
+    why = missing()
+    if why is not None:
+        print(f"{what} skipped: {why}")
+        pytest.skip(why)
+    try:
+        return ensure_rootfs()
+    except (NspawnError, OSError) as exc:
+        pytest.skip(f"the nspawn rootfs cannot be built: {exc}")
+
+
+def apt(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    """apt-get -y in the node (no network there: only local .deb files install)."""
+    return node.run(
+        ["apt-get", "-y", "-o", "Dpkg::Use-Pty=0", *args],
+        timeout=300,
+        env={"DEBIAN_FRONTEND": "noninteractive"},
+    )
 
 
 def host_ns(fabric: str) -> list[str]:

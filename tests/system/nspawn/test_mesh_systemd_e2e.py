@@ -26,13 +26,15 @@ import pytest
 
 from tests.support import TOOLS
 from tests.support.bpf import MESH_PROGRAM_NAMES
-from tests.support.nspawn import REPO, Cluster, Node, NspawnError, ensure_rootfs, missing
+from tests.support.nspawn import REPO, Cluster, Node
 from tests.system.nspawn.meshkit import (
     NODE_MESHNODE,
     admin,
+    apt,
     in_unit,
     journal,
     node_status,
+    rootfs_or_skip,
     start_cp,
     wait_for,
 )
@@ -73,14 +75,7 @@ class Mesh:
 def mesh(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Mesh]:
-    why = missing()
-    if why is not None:
-        print(f"systemd mesh test skipped: {why}")
-        pytest.skip(why)
-    try:
-        rootfs = ensure_rootfs()
-    except (NspawnError, OSError) as exc:
-        pytest.skip(f"the nspawn rootfs cannot be built: {exc}")
+    rootfs = rootfs_or_skip("systemd mesh test")
     deb: Path = request.getfixturevalue("meshnode_deb")
     data = tmp_path_factory.mktemp("cp")
     c = Cluster(SUBNET, rootfs)
@@ -94,11 +89,7 @@ def mesh(
         grants = {"n1": ["default/web"], "n2": ["default/api", "default/echo"]}
         for node in (m.n1, m.n2):
             node.wait_for_system()
-            r = node.run(
-                ["apt-get", "install", "-y", f"/srv/pkg/{deb.name}"],
-                timeout=300,
-                env={"DEBIAN_FRONTEND": "noninteractive"},
-            )
+            r = apt(node, "install", f"/srv/pkg/{deb.name}")
             assert r.returncode == 0, r.stdout + r.stderr
             flags = [f for ident in grants[node.name] for f in ("--identity", ident)]
             out = m.admin(

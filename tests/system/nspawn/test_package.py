@@ -19,14 +19,16 @@ import pytest
 
 from tests.support import REPO, TOOLS
 from tests.support.bpf import MESH_PROGRAM_NAMES
-from tests.support.nspawn import Cluster, Node, NspawnError, ensure_rootfs, missing
+from tests.support.nspawn import Cluster, Node
 from tests.system.nspawn.conftest import build_deb
 from tests.system.nspawn.meshkit import (
     NODE_MESHNODE,
+    apt,
     host_ns,
     in_unit,
     join_token,
     journal,
+    rootfs_or_skip,
     start_cp,
     vip,
     wait_for,
@@ -59,30 +61,11 @@ class Site:
         return f"https://{self.cluster.gateway}:{PORT}"
 
 
-def apt(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
-    return node.run(
-        ["apt-get", "-y", "-o", "Dpkg::Use-Pty=0", *args],
-        timeout=300,
-        env={"DEBIAN_FRONTEND": "noninteractive"},
-    )
-
-
-def sh(node: Node, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return node.run(["sh", "-c", script], timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def site(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Site]:
-    why = missing()
-    if why is not None:
-        print(f"package test skipped: {why}")
-        pytest.skip(why)
-    try:
-        rootfs = ensure_rootfs()
-    except (NspawnError, OSError) as exc:
-        pytest.skip(f"the nspawn rootfs cannot be built: {exc}")
+    rootfs = rootfs_or_skip("package test")
     deb: Path = request.getfixturevalue("meshnode_deb")
     pkgdir = tmp_path_factory.mktemp("pkg")
     shutil.copy(deb, pkgdir)
@@ -205,7 +188,9 @@ def _pids(node: Node, unit: str) -> set[int]:
     return {int(p) for p in procs}
 
 
-def test_upgrade_keeps_the_mesh_running(site: Site, tmp_path: Path) -> None:
+def test_upgrade_keeps_the_mesh_running(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     n1, n2 = site.client, site.server
     if "n2" not in site.installed or not _pids(n2, "meshnode-ztunnel.service"):
         pytest.skip("the mesh did not come up (see the tests before)")
@@ -256,10 +241,11 @@ def test_upgrade_keeps_the_mesh_running(site: Site, tmp_path: Path) -> None:
     summary = json.loads(out.strip().splitlines()[-1])
     results = codes.strip().splitlines()
     failed = [c for c in results if not c.startswith("200 ")]
-    print(
-        f"upgrade {old} -> {new} under load: long-lived connection {summary}; "
-        f"new connections {len(results)}, failed {len(failed)} {failed[:5]}"
-    )
+    with capsys.disabled():  # the figure belongs in CI's output, passed or not
+        print(
+            f"\nupgrade {old} -> {new} under load: long-lived connection {summary}; "
+            f"new connections {len(results)}, failed {len(failed)} {failed[:5]}"
+        )
     for node in (n1, n2):
         ztunnel, agent = (
             _pids(node, "meshnode-ztunnel.service"),

@@ -1,0 +1,73 @@
+"""The `meshnode` command against one named lab, as the lab tests drive it: each
+call is a fresh process with MESHNODE_LAB set, failing loudly with its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+PY = sys.executable
+DEMO = (PY, "-m", "meshnode.lab.demo")  # the demo workloads (server, echo-server, idle)
+
+
+class LabCli:
+    def __init__(self, lab: str) -> None:
+        self.lab = lab
+        self.env = {**os.environ, "MESHNODE_LAB": lab}
+
+    def run(
+        self, *args: str, check: bool = True, input: str | None = None, timeout: float = 180
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [PY, "-m", "meshnode.cli.main", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"meshnode {' '.join(args)} failed ({proc.returncode}):\n"
+                f"{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def out(self, *args: str, check: bool = True, timeout: float = 180) -> str:
+        """run(), its stdout."""
+        return self.run(*args, check=check, timeout=timeout).stdout
+
+    def add(
+        self,
+        node: str,
+        name: str,
+        service: str,
+        port: int,
+        *cmd: str,
+        version: str = "",
+        service_port: int | None = None,
+    ) -> None:
+        """`lab workload add`: cmd, or by default the demo HTTP server on `port`."""
+        extra = ["--version", version] if version else []
+        if service_port:
+            extra += ["--service-port", str(service_port)]
+        self.run(
+            "lab",
+            "workload",
+            "add",
+            node,
+            name,
+            "--service",
+            service,
+            "--port",
+            str(port),
+            *extra,
+            "--",
+            *(cmd or (*DEMO, "server", "--port", str(port), "--name", name)),
+        )
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.out("lab", "status", "-o", "json")))
