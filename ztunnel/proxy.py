@@ -75,8 +75,10 @@ class OrigDstSource:
     def __init__(self) -> None:
         self._table: Any = None
         self._pin_dir: str | None = None
+        self._problem = ""  # the last failure to open the map, said once
 
     def reopen(self, pin_dir: str | None) -> None:
+        from meshnode.bpf.errors import BpfError
         from meshnode.bpf.pinned import OrigDstTable
 
         if self._table is not None:
@@ -88,13 +90,22 @@ class OrigDstSource:
             return
         try:
             self._table = OrigDstTable.open(Path(pin_dir))
-        except OSError as exc:
-            log.error(
-                "cannot open the BPF original-destination map in %s: %s; outbound "
-                "connections will be refused until the agent pins it",
-                pin_dir,
-                exc,
-            )
+        except (OSError, BpfError) as exc:
+            # At boot ztunnel may start before the agent has pinned its maps (bcc
+            # compiles for a while): serve, and look again at the next connection.
+            # Said once, not at every connection meanwhile.
+            problem = f"{pin_dir}: {exc}"
+            if problem != self._problem:
+                self._problem = problem
+                log.error(
+                    "cannot open the BPF original-destination map in %s; outbound "
+                    "connections are refused until the agent pins it",
+                    problem,
+                )
+            return
+        if self._problem:
+            log.info("BPF original-destination map open again in %s", pin_dir)
+            self._problem = ""
 
     def pop(self, src_ip: str, src_port: int, dst_ip: str, dst_port: int) -> OriginalDst | None:
         if self._table is None and self._pin_dir is not None:

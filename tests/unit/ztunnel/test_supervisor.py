@@ -1,9 +1,12 @@
-"""The supervisor's pure parts: what an in-place upgrade hands to the new image,
-worker socket names per generation, and merging the workers' reports."""
+"""The supervisor's pure parts (what an upgrade hands to the new image, worker socket
+names per generation, merging the workers' reports) and a worker at boot."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from meshnode.ztunnel.supervisor import (
     GENERATION_ENV,
@@ -66,3 +69,21 @@ def test_reports_merge_ejections_and_add_up_edges() -> None:
     assert merged["edges"] == [_edge(8)]
     # The inputs are left as they were.
     assert one["endpoints"] == [_endpoint("10.0.0.2:80", False, 1.0)]
+
+
+def test_a_proxy_started_before_the_agent_pinned_its_maps_serves_and_says_so_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At boot ztunnel can start before the agent has compiled and pinned its BPF maps:
+    a worker must come up (and be retried by nothing but the next connection), never
+    crash on the missing pin or log it at every connection."""
+    from meshnode.ztunnel.proxy import OrigDstSource
+
+    source = OrigDstSource()
+    with caplog.at_level(logging.ERROR, logger="meshnode.ztunnel"):
+        source.reopen(str(tmp_path / "not-pinned-yet"))
+        for port in range(5):
+            assert source.pop("127.0.0.1", 40000 + port, "240.0.0.1", 80) is None
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "original-destination map" in errors[0].getMessage()
