@@ -8,14 +8,7 @@ import click
 
 from meshnode.cli.common import fail, setup_logging
 
-
-@click.group()
-def agent() -> None:
-    """The node agent."""
-
-
-@agent.command("run")
-@click.option(
+_enrolled = click.option(
     "--enrolled",
     "config_dir",
     type=click.Path(path_type=Path),
@@ -23,6 +16,15 @@ def agent() -> None:
     show_default=True,
     help="The node's config directory (what `meshnode enroll` wrote).",
 )
+
+
+@click.group()
+def agent() -> None:
+    """The node agent."""
+
+
+@agent.command("run")
+@_enrolled
 @click.option(
     "--log-level",
     default="info",
@@ -45,14 +47,7 @@ def run(config_dir: Path, log_level: str) -> None:
 
 
 @agent.command("detach")
-@click.option(
-    "--enrolled",
-    "config_dir",
-    type=click.Path(path_type=Path),
-    default=Path("/etc/meshnode"),
-    show_default=True,
-    help="The node's config directory (what `meshnode enroll` wrote).",
-)
+@_enrolled
 def detach(config_dir: Path) -> None:
     """Detach the mesh's BPF programs from this node's cgroup tree and remove its
     pinned maps: workloads' traffic is no longer captured. A stopped agent leaves

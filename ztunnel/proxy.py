@@ -453,7 +453,7 @@ class Proxy:
         if control is not None:
             control.close()
         sweeper.cancel()
-        await self.drain(retire=self._retiring)
+        await self.drain()
 
     def _terminate(self) -> None:
         self._retiring = False
@@ -473,13 +473,14 @@ class Proxy:
         if self.pi.state.version != version:
             raise ControlError(f"version {version} was written but not loaded; see the log")
 
-    async def drain(self, retire: bool = False) -> None:
+    async def drain(self) -> None:
         """Stop accepting, give open connections drain_timeout to finish, then
-        close what is left (RST to the clients, GOAWAY to peers). retire: an
-        upgrade; peers get a graceful GOAWAY at once (their open streams go on, new
+        close what is left (RST to the clients, GOAWAY to peers). When retiring (an
+        upgrade), peers get a graceful GOAWAY at once (their open streams go on, new
         ones go to a new connection, so to a new worker) and open connections get
-        retire_timeout."""
+        retire_timeout, cut to drain_timeout by a SIGTERM meanwhile."""
         self.ready = False
+        retire = self._retiring
         for server in self._servers[:2]:
             server.close()
         timeout = self.config.retire_timeout if retire else self.config.drain_timeout

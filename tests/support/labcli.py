@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 PY = sys.executable
@@ -35,6 +36,12 @@ class LabCli:
                 f"{proc.stdout}\n{proc.stderr}"
             )
         return proc
+
+    def spawn(self, args: Sequence[str], **popen: Any) -> subprocess.Popen[str]:
+        """The command in the background (text mode); popen: stdout, stderr, ..."""
+        return subprocess.Popen(
+            [PY, "-m", "meshnode.cli.main", *args], env=self.env, text=True, **popen
+        )
 
     def out(self, *args: str, check: bool = True, timeout: float = 180) -> str:
         """run(), its stdout."""

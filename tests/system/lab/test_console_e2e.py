@@ -63,7 +63,6 @@ pytestmark = [
 ]
 
 LAB = os.environ.get("MESHNODE_TEST_LAB_UI", "mnui")
-ENV = {**os.environ, "MESHNODE_LAB": LAB}
 PY = sys.executable
 DEMO = [PY, "-m", "meshnode.lab.demo"]
 SHOTS = (
@@ -287,17 +286,15 @@ def endpoint_state(driver: Any, url: str, address: str) -> str:
 
 def load(vip: str, seconds: float) -> subprocess.Popen[str]:
     """The client on node1 opens connections to the echo service for `seconds`."""
-    return subprocess.Popen(
+    return LABCLI.spawn(
         [
-            PY, "-m", "meshnode.cli.main", "lab", "exec", "node1", "--workload", "client",
+            "lab", "exec", "node1", "--workload", "client",
             "--", PY, str(TOOLS / "loadclient.py"), vip, "7001",
             "--count", str(int(seconds * 20)), "--interval", "0.05",
             "--max-seconds", str(seconds), "--timeout", "2",
         ],
-        env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        text=True,
     )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ import pytest
 from meshnode.lab.lab import CP_PORT
 from tests.support import TOOLS
 from tests.support.bpf import MESH_PROGRAM_NAMES
+from tests.support.labcli import LabCli
 from tests.support.skips import requires_lab
 
 pytestmark = [pytest.mark.root, requires_lab]
@@ -30,21 +31,7 @@ PY = sys.executable
 MARKER = b"MESHNODE-PLAINTEXT-MARKER-7f3a9c"
 
 
-def meshnode(
-    *args: str, check: bool = True, timeout: float = 180
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [PY, "-m", "meshnode.cli.main", *args],
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"meshnode {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
+meshnode = LabCli(LAB).run
 
 
 def lab_exec(

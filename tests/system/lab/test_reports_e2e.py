@@ -27,7 +27,6 @@ from tests.support.skips import requires_lab
 pytestmark = [pytest.mark.root, requires_lab]
 
 LAB = os.environ.get("MESHNODE_TEST_LAB_REPORTS", "mnrep")
-ENV = {**os.environ, "MESHNODE_LAB": LAB}
 PY = sys.executable
 DEMO = [PY, "-m", "meshnode.lab.demo"]
 CLIENT = "spiffe://cluster.local/ns/default/sa/client"
@@ -65,11 +64,8 @@ def load(
 ) -> subprocess.Popen[str]:
     """node1's client opening `count` connections to `vip`:`port` (its output
     dropped when `quiet`: nobody reads a pipe while it runs)."""
-    return subprocess.Popen(
+    return LABCLI.spawn(
         [
-            PY,
-            "-m",
-            "meshnode.cli.main",
             "lab",
             "exec",
             "node1",
@@ -89,10 +85,8 @@ def load(
             "--timeout",
             "3",
         ],
-        env=ENV,
         stdout=subprocess.DEVNULL if quiet else subprocess.PIPE,
         stderr=subprocess.DEVNULL if quiet else subprocess.PIPE,
-        text=True,
     )
 
 

@@ -25,7 +25,6 @@ from tests.support.skips import requires_lab
 pytestmark = [pytest.mark.root, requires_lab]
 
 LAB = os.environ.get("MESHNODE_TEST_LAB_LB", "mnlb")
-ENV = {**os.environ, "MESHNODE_LAB": LAB}
 PY = sys.executable
 DEMO = [PY, "-m", "meshnode.lab.demo"]
 
@@ -123,11 +122,8 @@ def test_endpoint_failure_costs_at_most_a_handful_then_readmits(lab: None) -> No
     ip = vip("echo")
     lab_obj = Lab(LAB)
     st = lab_obj.load()
-    client = subprocess.Popen(
+    client = LABCLI.spawn(
         [
-            PY,
-            "-m",
-            "meshnode.cli.main",
             "lab",
             "exec",
             "node1",
@@ -147,9 +143,7 @@ def test_endpoint_failure_costs_at_most_a_handful_then_readmits(lab: None) -> No
             "--timeout",
             "3",
         ],
-        env=ENV,
         stdout=subprocess.PIPE,
-        text=True,
     )
     time.sleep(3)
     os.kill(_workload_pid("echo-a"), signal.SIGKILL)  # the local endpoint dies
