@@ -543,10 +543,20 @@ class FakeUpstream:
                 if out is not None:
                     self.transport.sendto(out, addr)
 
-        self.udp, _ = await loop.create_datagram_endpoint(Proto, local_addr=(LOOPBACK, 0))
-        port = self.udp.get_extra_info("sockname")[1]
-        self.tcp = await asyncio.start_server(self._serve_tcp, LOOPBACK, port)
-        self.address = (LOOPBACK, port)
+        # UDP picks a free port; the same port over TCP may be taken (another
+        # process's outgoing connection), so try a few.
+        for attempt in range(10):
+            self.udp, _ = await loop.create_datagram_endpoint(Proto, local_addr=(LOOPBACK, 0))
+            port = self.udp.get_extra_info("sockname")[1]
+            try:
+                self.tcp = await asyncio.start_server(self._serve_tcp, LOOPBACK, port)
+            except OSError:
+                self.udp.close()
+                if attempt == 9:
+                    raise
+                continue
+            self.address = (LOOPBACK, port)
+            return
 
     async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(Exception):

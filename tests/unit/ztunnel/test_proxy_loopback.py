@@ -37,9 +37,16 @@ async def _mesh(tmp: Path, handler: Callable[..., Awaitable[None]], port: int) -
 
 
 async def _client(nodes: Any, node: str, local_port: int, wid: int, dst=("240.0.0.1", 80)):  # type: ignore[no-untyped-def]
+    """Connect to ``node``'s outbound port as workload ``wid`` going to ``dst``.
+    ``local_port`` only names the call site: the kernel picks a free one (a
+    fixed port can collide with another connection's ephemeral port)."""
     ip = N1 if node == "node1" else N2
-    nodes[node].orig.records[("127.0.0.1", local_port)] = OriginalDst(dst[0], dst[1], wid)
-    return await asyncio.open_connection(ip, 15001, local_addr=("127.0.0.1", local_port))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    nodes[node].orig.records[sock.getsockname()] = OriginalDst(dst[0], dst[1], wid)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (ip, 15001))
+    return await asyncio.open_connection(sock=sock)
 
 
 async def _stop(server: Any, nodes: Any) -> None:
@@ -177,12 +184,11 @@ def test_aborted_slow_downloads_do_not_stall_the_pooled_connection(tmp_path: Pat
         server, nodes = await _mesh(tmp, serve, 18205)
         pool = nodes["node1"].proxy.pi.pool
         aborted = hbone.CONNECTION_WINDOW // hbone.STREAM_WINDOW + 4
-        for i in range(aborted):
-            port = 41300 + i
-            nodes["node1"].orig.records[("127.0.0.1", port)] = OriginalDst("240.0.0.1", 80, 1)
+        for _ in range(aborted):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 << 10)
-            sock.bind(("127.0.0.1", port))
+            sock.bind(("127.0.0.1", 0))
+            nodes["node1"].orig.records[sock.getsockname()] = OriginalDst("240.0.0.1", 80, 1)
             sock.setblocking(False)
             await loop.sock_connect(sock, (N1, 15001))
             await loop.sock_sendall(sock, b"b")
