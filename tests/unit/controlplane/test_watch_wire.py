@@ -158,6 +158,12 @@ def test_a_node_that_stops_reading_full_slices_cannot_starve_the_others(
                 )
 
         store.mutate(fill)
+        # The replica follows the store's change log on its own schedule: wait
+        # until it serves the filled mesh, so the attack below is what is timed.
+        deadline = time.monotonic() + 30
+        while len(server.admin().call("GET", "/v1/admin/services")["items"]) < 10:
+            assert time.monotonic() < deadline, "the replica never caught up with the store"
+            time.sleep(0.1)
         ctx = ssl.create_default_context(cadata=evil.bundle.decode())
         ctx.check_hostname = False
         ctx.load_cert_chain(evil.cert_path, evil.key_path)
