@@ -93,6 +93,9 @@ ExecReload=/bin/kill -USR2 $MAINPID
 # Its own slice: the agent's bind guard lets only this cgroup bind 127.0.0.6 and
 # the proxy's ports, and a slice keeps its cgroup (and id) across restarts.
 Slice={proxy_slice}
+# On a fresh node READY waits for the agent's first snapshot, which comes after
+# bcc compiled the programs (the agent's own start timeout): as long.
+TimeoutStartSec=300
 # The state directory is 0700; workloads of any user reach the peer socket here
 # (it answers each only about its own connections, see ztunnel/peer.py).
 RuntimeDirectory=meshnode
@@ -141,8 +144,9 @@ NotifyAccess=main
 ExecStart={meshnode} agent run --enrolled {config_dir}
 Restart=on-failure
 RestartSec=2
-# bcc compiles the programs at start: give it time on a slow node.
-TimeoutStartSec=180
+# bcc compiles the programs at start: give it time on a slow node (a software-
+# emulated VM under load took over 90 s).
+TimeoutStartSec=300
 LimitNOFILE=65536
 LimitMEMLOCK=infinity
 NoNewPrivileges=yes
