@@ -25,6 +25,7 @@ from meshnode.core.errors import MeshnodeError
 __all__ = [
     "IdentityError",
     "SpiffeId",
+    "ZoneSni",
     "check_node_name",
     "controlplane_uri",
     "node_name_from_certificate",
@@ -173,6 +174,100 @@ def spiffe_id_from_certificate(cert: x509.Certificate | bytes) -> SpiffeId:
             f"certificate must carry exactly one URI SAN, found {len(uris)}: {uris!r}"
         )
     return SpiffeId.parse(uris[0])
+
+
+# --- zone ingress -------------------------------------------------------------------
+
+ZONE_SNI_MARKER = "mz"
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneSni:
+    """The SNI of a connection that crosses zones through a zone ingress:
+
+        <service>.<namespace>.<port>.<zone>.mz.<trust-domain>
+
+    It names the service, its namespace, the service port and the zone that
+    serves it, and stays a valid DNS name (every part is a DNS label, the port
+    is its decimal digits). The ingress routes on it without decrypting; the
+    destination node proxy reads it to pick a local endpoint of the service and
+    the certificate to present. Five labels before the trust domain, the fifth
+    ``mz``, so it never parses as a workload SNI (``<sa>.<ns>.<td>``: two).
+    Documented in docs/protocol.md. Pure."""
+
+    service: str
+    namespace: str
+    port: int
+    zone: str
+    trust_domain: str
+
+    def __post_init__(self) -> None:
+        _check_label(self.service, "service name")
+        _check_label(self.namespace, "namespace")
+        _check_label(self.zone, "zone")
+        validate_trust_domain(self.trust_domain)
+        if isinstance(self.port, bool) or not isinstance(self.port, int):
+            raise IdentityError(f"port {self.port!r} is not an integer")
+        if not 1 <= self.port <= 65535:
+            raise IdentityError(f"port {self.port} is outside 1-65535")
+        if len(self.name) > _MAX_DNS_NAME:
+            raise IdentityError(
+                f"zone SNI {self.name[:60]!r}... is longer than {_MAX_DNS_NAME} characters: "
+                "use shorter service, namespace or zone names"
+            )
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.service}.{self.namespace}.{self.port}.{self.zone}."
+            f"{ZONE_SNI_MARKER}.{self.trust_domain}"
+        )
+
+    @property
+    def authority(self) -> str:
+        """The HBONE CONNECT :authority of a tunnel through the ingress."""
+        return f"{self.name}:{self.port}"
+
+    @staticmethod
+    def shaped(name: str) -> bool:
+        """Whether `name` has the shape of a zone SNI in some trust domain (for
+        checks that do not know the trust domain, e.g. HBONE's :authority)."""
+        labels = name.split(".")
+        return (
+            len(name) <= _MAX_DNS_NAME
+            and len(labels) >= 6
+            and labels[4] == ZONE_SNI_MARKER
+            and labels[2].isdigit()
+            and all(_LABEL.fullmatch(label) for label in labels)
+        )
+
+    @classmethod
+    def parse(cls, name: str, trust_domain: str) -> ZoneSni:
+        """Invert `name`; IdentityError (saying which part is wrong) for anything
+        else. Case-insensitive, like every DNS name."""
+        validate_trust_domain(trust_domain)
+        if not isinstance(name, str) or len(name) > _MAX_DNS_NAME:
+            raise IdentityError(f"zone SNI {str(name)[:60]!r} is not a DNS name")
+        suffix = f".{ZONE_SNI_MARKER}.{trust_domain}"
+        lowered = name.lower()
+        if not lowered.endswith(suffix):
+            raise IdentityError(
+                f"SNI {name!r} is not a zone SNI of trust domain {trust_domain!r} "
+                f"(expected <service>.<namespace>.<port>.<zone>{suffix})"
+            )
+        labels = lowered[: -len(suffix)].split(".")
+        if len(labels) != 4:
+            raise IdentityError(
+                f"SNI {name!r} must be <service>.<namespace>.<port>.<zone>{suffix}, "
+                f"found {len(labels)} label(s) before {suffix!r}"
+            )
+        service, namespace, port, zone = labels
+        if not port.isdigit() or len(port) > 5 or (len(port) > 1 and port[0] == "0"):
+            raise IdentityError(f"SNI {name!r}: port {port!r} is not a port number")
+        try:
+            return cls(service, namespace, int(port), zone, trust_domain)
+        except IdentityError as exc:
+            raise IdentityError(f"SNI {name!r}: {exc}") from None
 
 
 # --- nodes and the control plane ----------------------------------------------------

@@ -44,6 +44,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from meshnode.core.identity import ZoneSni
 from meshnode.ztunnel import h2compat
 
 log = logging.getLogger("meshnode.ztunnel.hbone")
@@ -913,7 +914,9 @@ def error_name(code: int) -> str:
 
 
 def _valid_authority(authority: str) -> bool:
-    """``ip:port`` (IPv6 in brackets), the only form HBONE uses."""
+    """``ip:port`` (IPv6 in brackets), or ``<dns name>:port`` for a tunnel that
+    came from another zone through an ingress (a zone SNI, core/identity.py;
+    the inbound side parses it further)."""
     host, sep, port = authority.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()):
         return False
@@ -927,7 +930,11 @@ def _valid_authority(authority: str) -> bool:
     try:
         return ipaddress.ip_address(host).version == 4
     except ValueError:
-        return False
+        return ZoneSni.shaped(host)
+
+
+def format_authority(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def split_authority(authority: str) -> tuple[str, int]:

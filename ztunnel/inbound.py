@@ -9,11 +9,12 @@ Per-connection limits (streams, resets, header sizes, keepalive, idleness) are
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from typing import TYPE_CHECKING
 
-from meshnode.core.identity import SpiffeId
+from meshnode.core.identity import ZONE_SNI_MARKER, IdentityError, SpiffeId, ZoneSni
 from meshnode.ztunnel import hbone
 from meshnode.ztunnel.accesslog import log_connection
 from meshnode.ztunnel.authz import AuthzRequest
@@ -78,6 +79,47 @@ def connection_limit(pi: ProxyInputs, peer: SpiffeId, address: str | None) -> st
     return None
 
 
+_ZONE_SNI_INFIX = f".{ZONE_SNI_MARKER}."
+
+
+def zone_endpoint(pi: ProxyInputs, host: str, port: int, served: SpiffeId | None) -> Workload | str:
+    """The local workload a tunnel from another zone is for: its :authority is
+    ``<zone SNI>:<service port>`` (it came through our zone's ingress and does
+    not know our addresses). One of this node's endpoints of that service on
+    that port, with the identity this TLS connection presented; else why not."""
+    state = pi.state
+    try:
+        sni = ZoneSni.parse(host, state.trust_domain)
+    except IdentityError as exc:
+        return str(exc)
+    if sni.port != port:
+        return f"authority port {port} is not the port {sni.port} its zone SNI names"
+    if sni.zone != state.node.zone:
+        return f"{host} is for zone {sni.zone!r}; node {state.node.name} is in {state.node.zone!r}"
+    service = state.services_by_name.get((sni.namespace, sni.service))
+    if service is None:
+        return f"no service {sni.namespace}/{sni.service} here"
+    target = service.target_port(port)
+    workloads = [
+        w
+        for e in service.endpoints
+        if not e.remote
+        and e.node == state.node.name
+        and (e.service_port == port if e.service_port else e.port == target)
+        and (w := state.find_local_by_addr(e.address, e.port)) is not None
+        and w.identity == served
+    ]
+    if not workloads:
+        return (
+            f"no endpoint of {sni.namespace}/{sni.service} port {port} with identity "
+            f"{served} on node {state.node.name}"
+        )
+    return workloads[_zone_rr.__next__() % len(workloads)]
+
+
+_zone_rr = itertools.count()
+
+
 def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
     assert session.transport is not None
     ssl_object = session.transport.get_extra_info("ssl_object")
@@ -117,7 +159,16 @@ def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
 
 def _on_request(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequested) -> None:
     ip, port = hbone.split_authority(ev.authority)
-    workload = pi.state.find_local_by_addr(ip, port)
+    workload: Workload | None
+    if ip.endswith(_ZONE_SNI_INFIX + pi.state.trust_domain):
+        found = zone_endpoint(pi, ip, port, session.local_identity)
+        if isinstance(found, str):
+            _refuse(pi, session, ev, 404, found)
+            return
+        workload = found
+        ip, port = workload.address, workload.port
+    else:
+        workload = pi.state.find_local_by_addr(ip, port)
     if workload is None:
         _refuse(pi, session, ev, 404, f"no workload of node {pi.state.node.name} at {ev.authority}")
         return
@@ -136,7 +187,7 @@ def _on_request(pi: ProxyInputs, session: HboneSession, ev: hbone.TunnelRequeste
         policy, reason = denied
         _refuse(pi, session, ev, 403, reason, policy=policy, src_workload=workload)
         return
-    handler = InboundConnection(pi, session.peer, workload, ev.authority)
+    handler = InboundConnection(pi, session.peer, workload, hbone.format_authority(ip, port))
     handler.bind(session, ev.stream_id)
     asyncio.get_running_loop().create_task(handler.connect(session, ip, port))
 

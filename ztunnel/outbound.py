@@ -140,7 +140,7 @@ class OutboundConnection(PlainSide):
             await self._attempt_local(route)
             return
         pi = self.pi
-        key = PoolKey(route.source.identity, route.next_hop, route.expected_identity)
+        key = PoolKey(route.source.identity, route.next_hop, route.expected_identity, route.sni)
         try:
             session = await pi.pool.session_for(key)
         except ConnectError as exc:

@@ -31,6 +31,11 @@ class PoolKey:
     source: SpiffeId
     peer: tuple[str, int]
     expected: SpiffeId
+    sni: str = ""  # "" = the expected identity's SNI; a zone SNI through an ingress
+
+    @property
+    def server_name(self) -> str:
+        return self.sni or self.expected.sni
 
 
 class HbonePool:
@@ -131,7 +136,7 @@ class HbonePool:
                     host,
                     port,
                     ssl=ctx,
-                    server_hostname=key.expected.sni,
+                    server_hostname=key.server_name,
                     ssl_handshake_timeout=self.connect_timeout,
                 ),
                 self.connect_timeout,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.identity import SpiffeId
+from meshnode.ztunnel.hbone import format_authority
 from meshnode.ztunnel.state import HBONE_PORT, Endpoint, ProxyState, Service, Workload
 
 
@@ -27,6 +28,7 @@ class Route:
     next_hop: tuple[str, int]  # the destination node's HBONE listener
     expected_identity: SpiffeId
     same_node: bool
+    sni: str = ""  # TLS SNI when it is not the expected identity's (a zone SNI)
 
 
 Chooser = Callable[[Service, Sequence[Endpoint]], Endpoint]
@@ -68,6 +70,17 @@ def build_route(
         if found is None:
             raise RouteError(f"{dst_ip}:{dst_port} is neither a service VIP nor a mesh workload")
         endpoint = found
+    if endpoint.remote:  # another zone: through its ingress, the tunnel names the service
+        return Route(
+            source=source,
+            service=service,
+            endpoint=endpoint,
+            authority=f"{endpoint.sni}:{endpoint.port}",
+            next_hop=(endpoint.node_ip, endpoint.hop_port),
+            expected_identity=endpoint.identity,
+            same_node=False,
+            sni=endpoint.sni,
+        )
     return Route(
         source=source,
         service=service,
@@ -77,7 +90,3 @@ def build_route(
         expected_identity=endpoint.identity,
         same_node=endpoint.node == state.node.name,
     )
-
-
-def format_authority(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"

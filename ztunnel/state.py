@@ -15,7 +15,7 @@ from meshnode.core.constants import HBONE_PORT
 from meshnode.core.contracts import SNAPSHOT_SCHEMA as SCHEMA
 from meshnode.core.contracts import ContractError, Revocation, ServicePort, Snapshot
 from meshnode.core.contracts import NodeDoc as NodeInfo
-from meshnode.core.identity import SpiffeId
+from meshnode.core.identity import SpiffeId, ZoneSni
 from meshnode.core.resources import AuthorizationPolicy
 
 __all__ = [
@@ -59,6 +59,15 @@ class Endpoint:
     # The service port this endpoint serves; 0 = the one whose target_port is `port`.
     # Lets endpoints of one service listen on different ports (two on one VM).
     service_port: int = 0
+    # Another zone's endpoints, reached through its ingress (node_ip:hop_port)
+    # with this zone SNI (core/identity.ZoneSni); "" for endpoints of this zone.
+    # `address` is then the SNI too: it keys the balancer's stats per remote zone.
+    sni: str = ""
+    hop_port: int = HBONE_PORT
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.sni)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +227,25 @@ def index_snapshot(snap: Snapshot) -> ProxyState:
             )
             endpoints.append(ep)
             state.endpoints_by_addr[(ep.address, ep.port)] = ep
+        for r in s.remote:
+            if r.zone == snap.node.zone:
+                continue  # this zone's endpoints are listed as such, never via an ingress
+            sni = ZoneSni(s.name, s.namespace, r.port, r.zone, td).name
+            endpoints.append(
+                Endpoint(
+                    workload=f"zone/{r.zone}",
+                    identity=r.identity(td),
+                    node=f"ingress/{r.zone}",
+                    node_ip=r.ingress_ip,
+                    address=sni,
+                    port=r.port,
+                    zone=r.zone,
+                    version=r.version,
+                    service_port=r.port,
+                    sni=sni,
+                    hop_port=r.ingress_port,
+                )
+            )
         svc = Service(
             name=s.name,
             namespace=s.namespace,

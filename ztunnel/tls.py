@@ -6,7 +6,9 @@ pick the certificate to present by destination address, as Istio's ztunnel
 does with per-pod IPs. The client names the identity it expects in SNI
 (``<sa>.<ns>.<trust-domain>``) and the server switches to that workload's
 certificate; the client still verifies the URI SAN it receives, so SNI is only
-a hint and never trusted on its own.
+a hint and never trusted on its own. A tunnel from another zone names a service
+instead (a zone SNI, ``core/identity.ZoneSni``): the server presents the
+identity of a local endpoint of that service.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from pathlib import Path
 from cryptography import x509
 
 from meshnode.core.errors import MeshnodeError
-from meshnode.core.identity import IdentityError, SpiffeId, spiffe_id_from_certificate
+from meshnode.core.identity import (
+    IdentityError,
+    SpiffeId,
+    ZoneSni,
+    spiffe_id_from_certificate,
+)
 from meshnode.ztunnel.recheck import root_fingerprints, roots_removed
 from meshnode.ztunnel.state import ProxyState
 
@@ -69,6 +76,8 @@ class TlsContexts:
         self._identity_by_server_ctx: dict[int, SpiffeId] = {}
         self._listener: ssl.SSLContext | None = None
         self._roots: frozenset[bytes] = frozenset()
+        self._zone_ids: dict[tuple[str, str, int], SpiffeId] = {}
+        self._zone = ""
 
     def update(self, state: ProxyState) -> bool:
         """Rebuild from the state. True if the new trust bundle dropped a root
@@ -113,6 +122,8 @@ class TlsContexts:
             fresh[identity] = _IdentityContexts(fp, server, client, expiry)
         self._by_identity = fresh
         self._identity_by_server_ctx = {id(c.server): i for i, c in fresh.items()}
+        self._zone_ids = zone_identities(state)
+        self._zone = state.node.zone
         if self._listener is None:
             self._listener = _base_context(ssl.Purpose.CLIENT_AUTH, state.trust_bundle)
             self._listener.sni_callback = self._on_sni
@@ -143,6 +154,17 @@ class TlsContexts:
             return None
         return self._identity_by_server_ctx.get(id(ssl_object.context))
 
+    def _zone_identity(self, server_name: str) -> SpiffeId | None:
+        """The identity to present for a zone SNI (a tunnel from another zone,
+        through our ingress) naming a service with an endpoint here."""
+        try:
+            sni = ZoneSni.parse(server_name, self._trust_domain)
+        except IdentityError:
+            return None
+        if sni.zone != self._zone:
+            return None
+        return self._zone_ids.get((sni.namespace, sni.service, sni.port))
+
     def _on_sni(
         self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
     ) -> int | None:
@@ -150,9 +172,9 @@ class TlsContexts:
             log.warning("inbound TLS handshake without SNI refused: cannot tell which workload")
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         try:
-            identity = SpiffeId.from_sni(server_name, self._trust_domain)
+            identity: SpiffeId | None = SpiffeId.from_sni(server_name, self._trust_domain)
         except IdentityError:
-            identity = None
+            identity = self._zone_identity(server_name)
         ctxs = self._by_identity.get(identity) if identity else None
         if ctxs is None:
             log.warning(
@@ -161,6 +183,28 @@ class TlsContexts:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sslobj.context = ctxs.server
         return None
+
+
+def zone_identities(state: ProxyState) -> dict[tuple[str, str, int], SpiffeId]:
+    """(namespace, service, service port) -> the identity this node serves for a
+    zone SNI naming them: that of a local endpoint of the service on that port
+    (the first by name when several identities serve it). Pure."""
+    out: dict[tuple[str, str, int], list[SpiffeId]] = {}
+    for svc in state.services_by_name.values():
+        for e in svc.endpoints:
+            if e.remote or e.node != state.node.name:
+                continue
+            w = state.find_local_by_addr(e.address, e.port)
+            if w is None or not w.cert_path:
+                continue
+            ports = (
+                [e.service_port]
+                if e.service_port
+                else [p.port for p in svc.ports if p.target_port == e.port]
+            )
+            for port in ports:
+                out.setdefault((svc.namespace, svc.name, port), []).append(w.identity)
+    return {k: min(v, key=lambda i: i.uri) for k, v in out.items()}
 
 
 def peer_identity(ssl_object: ssl.SSLObject | None) -> SpiffeId:

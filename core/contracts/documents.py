@@ -179,6 +179,58 @@ class EndpointDoc:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteZoneDoc:
+    """A service's endpoints in another zone, as this node may reach them: only
+    through that zone's ingress, never by their node addresses (which the
+    node is not told). One entry per zone, identity and version; ``port`` is
+    the service port (what the zone SNI names), ``endpoints`` how many live
+    there (a weight). Tunnels carry :class:`meshnode.core.identity.ZoneSni`."""
+
+    zone: str
+    ingress_ip: str
+    ingress_port: int
+    namespace: str  # the identity the endpoints prove: spiffe://<td>/ns/<namespace>/sa/<sa>
+    service_account: str
+    port: int
+    version: str = ""
+    endpoints: int = 1
+
+    FIELDS = (
+        "zone",
+        "ingress_ip",
+        "ingress_port",
+        "namespace",
+        "service_account",
+        "port",
+        "version",
+        "endpoints",
+    )
+
+    def identity(self, trust_domain: str) -> SpiffeId:
+        return SpiffeId(trust_domain, self.namespace, self.service_account)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    @classmethod
+    def from_json(cls, obj: object, path: str = "remote") -> RemoteZoneDoc:
+        f = Fields(obj, path, cls.FIELDS)
+        count = f.integer("endpoints", 1)
+        if count < 1:
+            raise ContractError(f"{f.at('endpoints')}: {count} is not a count of endpoints >= 1")
+        return cls(
+            zone=f.label("zone"),
+            ingress_ip=f.ip("ingress_ip"),
+            ingress_port=f.port("ingress_port"),
+            namespace=f.label("namespace"),
+            service_account=f.label("service_account"),
+            port=f.port("port"),
+            version=check_version_label(f.raw("version", ""), f.at("version")),
+            endpoints=count,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceDoc:
     """A service: its VIP, ports and endpoints (and a traffic split, in snapshots)."""
 
@@ -189,6 +241,8 @@ class ServiceDoc:
     endpoints: tuple[EndpointDoc, ...]
     # Traffic split: (version, weight) pairs; empty = no split, all endpoints.
     split: tuple[tuple[str, int], ...] = ()
+    # Endpoints in other zones, behind their ingress (multi-zone; docs/multizone.md).
+    remote: tuple[RemoteZoneDoc, ...] = ()
 
     @property
     def key(self) -> str:
@@ -204,11 +258,13 @@ class ServiceDoc:
         }
         if self.split:
             out["split"] = dict(self.split)
+        if self.remote:
+            out["remote"] = [r.to_json() for r in self.remote]
         return out
 
     @classmethod
     def from_json(cls, obj: object, path: str = "service") -> ServiceDoc:
-        f = Fields(obj, path, ("name", "namespace", "vip", "ports", "endpoints", "split"))
+        f = Fields(obj, path, ("name", "namespace", "vip", "ports", "endpoints", "split", "remote"))
         split_doc = f.typed("split", dict, {})
         split = []
         for version, weight in split_doc.items():
@@ -225,4 +281,5 @@ class ServiceDoc:
             ports=tuple(ServicePort.from_json(p, pp) for p, pp in f.items("ports")),
             endpoints=tuple(EndpointDoc.from_json(e, ep) for e, ep in f.items("endpoints")),
             split=tuple(split),
+            remote=tuple(RemoteZoneDoc.from_json(r, rp) for r, rp in f.items("remote", [])),
         )

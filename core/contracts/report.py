@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from meshnode.core.contracts.validate import ContractError, Fields, check_ip, check_port
-from meshnode.core.identity import IdentityError, SpiffeId
+from meshnode.core.identity import IdentityError, SpiffeId, ZoneSni
 
 __all__ = [
     "MAX_BPF_PROGRAMS",
@@ -52,7 +52,8 @@ _MAX_COUNT = 2**63 - 1
 
 
 def endpoint_address(ip: str, port: int) -> str:
-    """``10.0.0.1:80``, ``[fd00::1]:80``: how a report writes an endpoint."""
+    """``10.0.0.1:80``, ``[fd00::1]:80``: how a report writes an endpoint (another
+    zone's endpoints: ``<zone SNI>:<service port>``)."""
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
@@ -62,6 +63,8 @@ def _address(value: object, path: str) -> str:
     host, _, port = value.rpartition(":")
     if not port.isdigit():
         raise ContractError(f"{path}: {value!r} has no port after the last ':'")
+    if ZoneSni.shaped(host):  # another zone's endpoints, as one behind its ingress
+        return f"{host}:{check_port(int(port), path)}"
     ip = check_ip(host[1:-1] if host.startswith("[") and host.endswith("]") else host, path)
     return endpoint_address(ip, check_port(int(port), path))
 

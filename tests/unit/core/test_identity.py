@@ -218,3 +218,50 @@ def test_spiffe_id_from_certificate_rejects(
 def test_spiffe_id_from_certificate_rejects_garbage_der() -> None:
     with pytest.raises(IdentityError, match="not a DER-encoded X.509 certificate"):
         spiffe_id_from_certificate(b"\x30\x03\x02\x01\x00")
+
+
+# --- the zone SNI -------------------------------------------------------------------
+
+
+def test_zone_sni_round_trip_and_shape() -> None:
+    from meshnode.core.identity import ZoneSni
+
+    z = ZoneSni("api", "default", 8080, "zone-b", "cluster.local")
+    assert z.name == "api.default.8080.zone-b.mz.cluster.local"
+    assert z.authority == "api.default.8080.zone-b.mz.cluster.local:8080"
+    assert ZoneSni.parse(z.name.upper(), "cluster.local") == z
+    assert ZoneSni.shaped(z.name)
+    # Never a workload SNI, and a workload SNI is never a zone SNI.
+    with pytest.raises(IdentityError):
+        SpiffeId.from_sni(z.name, "cluster.local")
+    assert not ZoneSni.shaped(SpiffeId("cluster.local", "default", "api").sni)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "api.default.08080.zone-b.mz.cluster.local",  # leading zero
+        "api.default.0.zone-b.mz.cluster.local",  # port 0
+        "api.default.65536.zone-b.mz.cluster.local",
+        "api.default.http.zone-b.mz.cluster.local",
+        "default.8080.zone-b.mz.cluster.local",  # a label short
+        "x.api.default.8080.zone-b.mz.cluster.local",  # a label too many
+        "api.default.8080.zone-b.mz.other.local",  # another trust domain
+        "api.default.8080.zone_b.mz.cluster.local",
+        "api..8080.zone-b.mz.cluster.local",
+        "a" * 64 + ".default.8080.zone-b.mz.cluster.local",
+    ],
+)
+def test_zone_sni_refuses_what_is_not_one(name: str) -> None:
+    from meshnode.core.identity import ZoneSni
+
+    with pytest.raises(IdentityError):
+        ZoneSni.parse(name, "cluster.local")
+
+
+def test_zone_sni_must_stay_a_dns_name() -> None:
+    from meshnode.core.identity import ZoneSni
+
+    long_label = "z" * 63
+    with pytest.raises(IdentityError, match="longer than 253"):
+        ZoneSni(long_label, long_label, 80, long_label, long_label + ".example.org")
