@@ -51,6 +51,15 @@ def ztunnel() -> None:
     "node's resolvers (/etc/resolv.conf, or systemd-resolved's upstreams).",
 )
 @click.option(
+    "--ingress-listen",
+    "ingress_listen",
+    default=None,
+    metavar="HOST:PORT",
+    help="Run the zone ingress (multi-zone, docs/multizone.md) on this address: other "
+    "zones' mesh TLS, forwarded by its SNI, never decrypted, to the node of this zone "
+    "that serves it. It faces other zones, so any address is allowed; off by default.",
+)
+@click.option(
     "--workers",
     default=0,
     show_default=True,
@@ -94,6 +103,7 @@ def run(
     metrics: str,
     dns: str,
     dns_upstreams: tuple[str, ...],
+    ingress_listen: str | None,
     workers: int,
     admin_socket: str | None,
     peer_socket: str | None,
@@ -118,6 +128,7 @@ def run(
             metrics=parse_hostport(metrics),
             dns=None if dns == "off" else parse_hostport(dns),
             dns_upstreams=tuple(_upstream(u) for u in dns_upstreams),
+            ingress=None if ingress_listen is None else parse_hostport(ingress_listen, "0.0.0.0"),
             connect_timeout=connect_timeout,
             drain_timeout=drain_timeout,
             retire_timeout=retire_timeout,

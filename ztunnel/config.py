@@ -38,6 +38,10 @@ class ZtunnelConfig:
     dns: tuple[str, int] | None = ("127.0.0.1", DNS_PROXY_PORT)
     # Where it forwards other names; empty: the node's resolvers (dns.read_upstreams).
     dns_upstreams: tuple[tuple[str, int], ...] = ()
+    # The zone ingress (multi-zone, ztunnel/ingress.py): other zones' mesh TLS,
+    # forwarded by SNI to this zone's nodes. None: off. It faces other zones, so
+    # it may listen on any address.
+    ingress: tuple[str, int] | None = None
     # Source address of connections delivered to local workloads: STRICT mode
     # lets only this address reach a workload's mesh ports (as Istio uses it).
     inbound_source: str = DELIVERY_ADDRESS
@@ -68,6 +72,7 @@ class ZtunnelConfig:
             host, _ = getattr(self, name)
             if not ipaddress.ip_address(host).is_loopback:
                 raise ConfigError(f"{name} endpoint must listen on loopback, not {host}")
+        self._check_ingress_port()
         for name in (
             "connect_timeout",
             "stream_timeout",
@@ -84,6 +89,24 @@ class ZtunnelConfig:
         if not 1 <= self.max_streams <= 1000:
             raise ConfigError("max_streams must be within 1..1000")
         return self
+
+    def _check_ingress_port(self) -> None:
+        """The ingress must not share a port with another listener on an
+        overlapping address: with SO_REUSEPORT both would bind, and the kernel
+        would spread connections over the two."""
+        if self.ingress is None or self.ingress[1] == 0:
+            return
+        host, port = self.ingress
+        for name in ("outbound", "inbound", "admin", "readiness", "metrics", "dns"):
+            other = getattr(self, name)
+            if other is None or other[1] != port:
+                continue
+            a, b = ipaddress.ip_address(host), ipaddress.ip_address(other[0])
+            if a == b or a.is_unspecified or b.is_unspecified:
+                raise ConfigError(
+                    f"ingress {host}:{port} shares port {port} with the {name} listener "
+                    f"({other[0]}:{other[1]}): give the zone ingress a port of its own"
+                )
 
     @property
     def control_path(self) -> str:

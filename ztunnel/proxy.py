@@ -38,6 +38,7 @@ from meshnode.ztunnel.dns import (
     RateLimiter,
     read_upstreams,
 )
+from meshnode.ztunnel.ingress import IngressMetrics, ZoneIngress
 from meshnode.ztunnel.metrics import ProxyMetrics
 from meshnode.ztunnel.outbound import OutboundConnection
 from meshnode.ztunnel.peer import PATH as PEER_PATH
@@ -339,6 +340,7 @@ class Proxy:
         self._admin: AdminServer | None = None
         self._peer: PeerServer | None = None
         self._dns: DnsProxy | None = None
+        self.ingress: ZoneIngress | None = None
         self._stopping: asyncio.Event | None = None
         self._retiring = False
         self.ready = False
@@ -388,6 +390,21 @@ class Proxy:
                 backlog=1024,
             )
         )
+        if cfg.ingress is not None:
+            # Reads self.pi.state per connection: each snapshot applies to the next one.
+            self.ingress = ZoneIngress(
+                lambda: self.pi.state,
+                IngressMetrics(pi.metrics.registry),
+                connect_timeout=cfg.connect_timeout,
+                connect_attempts=cfg.connect_attempts,
+            )
+            await self.ingress.start(*cfg.ingress)
+            if not pi.state.node.zone:
+                log.warning(
+                    "zone ingress on %s:%d refuses every connection: node %s has no zone",
+                    *self.ingress.address,
+                    pi.state.node.name,
+                )
         if cfg.dns is not None:
             # The node's resolvers as it sees them now, the proxy's own address
             # left out (a query sent back to us would loop).
@@ -483,12 +500,14 @@ class Proxy:
         retire = self._retiring
         for server in self._servers[:2]:
             server.close()
+        if self.ingress is not None:
+            self.ingress.close()
         timeout = self.config.retire_timeout if retire else self.config.drain_timeout
         if retire:
             for session in list(self.pi.inbound_sessions):
                 session.conn.close(hbone.NO_ERROR, "ztunnel upgrading")
                 session.flush()
-        n = len(self.pi.active)
+        n = len(self.pi.active) + self._ingress_active()
         if n or retire:
             log.info(
                 "%s: %d open connections finish here (up to %.0fs)",
@@ -500,13 +519,15 @@ class Proxy:
             )
         loop = asyncio.get_running_loop()
         start = loop.time()
-        while self.pi.active and loop.time() < start + timeout:
+        while (self.pi.active or self._ingress_active()) and loop.time() < start + timeout:
             await asyncio.sleep(0.1)
             if retire and not self._retiring:  # a SIGTERM while retiring: drain_timeout
                 timeout = min(timeout, loop.time() - start + self.config.drain_timeout)
                 retire = False
         for conn in list(self.pi.active):
             conn.on_reset("ztunnel shutting down")
+        if self.ingress is not None:
+            await self.ingress.drain(0)
         self.pi.pool.close_all()
         for session in list(self.pi.inbound_sessions):
             session.close("shutting down")
@@ -521,6 +542,9 @@ class Proxy:
             await self._dns.wait_closed()
         access_log.flush()
         log.info("ztunnel stopped")
+
+    def _ingress_active(self) -> int:
+        return self.ingress.active if self.ingress is not None else 0
 
     # -- admin (localhost only) ---------------------------------------------------
 

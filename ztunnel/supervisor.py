@@ -77,6 +77,7 @@ class Worker:
             "--dns",
             _hostport(c.dns) if c.dns else "off",
             *(arg for up in c.dns_upstreams for arg in ("--dns-upstream", _hostport(up))),
+            *(("--ingress-listen", _hostport(c.ingress)) if c.ingress else ()),
             "--workers",
             "1",
             "--admin-socket",
