@@ -84,8 +84,11 @@ Requires=meshnode-bpffs.service
 [Service]
 Type=notify
 NotifyAccess=main
+# This node's own options, e.g. the zone ingress of a multi-zone mesh
+# (docs/multizone.md): MESHNODE_ZTUNNEL_OPTS="--ingress-listen 0.0.0.0:15443"
+EnvironmentFile=-/etc/default/meshnode-ztunnel
 ExecStart={meshnode} ztunnel run --snapshot {snapshot} --workers 0 \\
-    --peer-socket /run/meshnode/peer.sock
+    --peer-socket /run/meshnode/peer.sock $MESHNODE_ZTUNNEL_OPTS
 # An upgrade in place (the package's postinst): the supervisor re-executes the
 # installed code under the same PID; new workers take new connections while the
 # old ones finish theirs (--retire-timeout).

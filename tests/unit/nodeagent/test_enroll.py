@@ -270,8 +270,9 @@ def test_units_render() -> None:
     assert (
         "ExecStart=/opt/mn/.venv/bin/meshnode ztunnel run --snapshot "
         "/var/lib/meshnode/ztunnel-snapshot.json --workers 0 \\\n"
-        "    --peer-socket /run/meshnode/peer.sock\n"
+        "    --peer-socket /run/meshnode/peer.sock $MESHNODE_ZTUNNEL_OPTS\n"
     ) in zt
+    assert "EnvironmentFile=-/etc/default/meshnode-ztunnel\n" in zt
     assert "Slice=meshnode-proxy.slice\n" in zt
     assert "After=network-online.target meshnode-bpffs.service meshnode-proxy.slice\n" in agent
     assert "RuntimeDirectory=meshnode\nRuntimeDirectoryMode=0755\n" in zt
