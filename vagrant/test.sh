@@ -89,6 +89,12 @@ if [ -z "${MESHNODE_VAGRANT_INNER:-}" ]; then
     "$here/build-box.sh"
 
     phase "the Debian package (scripts/build-deb.sh on the host)"
+    if [ ! -x "$repo/.venv/bin/python" ]; then
+        # A fresh checkout: build-deb.sh vendors from the project's venv.
+        log "no .venv yet: scripts/setup.sh --test"
+        bash "$repo/scripts/setup.sh" --test >"$state/setup.log" 2>&1 \
+            || die "scripts/setup.sh --test failed (log: $state/setup.log)"
+    fi
     rm -rf "$here/.cache/deb"
     bash "$repo/scripts/build-deb.sh" --out "$here/.cache/deb" \
         || die "scripts/build-deb.sh failed: the VMs install that package"
