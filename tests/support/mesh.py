@@ -4,9 +4,13 @@ lookup is replaced: tests hand the proxy the record the kernel would have."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from meshnode.controlplane.ca import CertificateAuthority
 from meshnode.core.fsutil import write_file_atomic
@@ -169,3 +173,69 @@ def build_mesh(
         proxy.pi.orig_dst = orig  # type: ignore[assignment]
         nodes[name] = Node(name, ip, proxy, orig, snap)
     return nodes
+
+
+async def connect_as(
+    node: Node, workload_id: int, dst: tuple[str, int] = ("240.0.0.1", 80)
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to `node`'s outbound port as its workload `workload_id`, to
+    `dst`, with the record the kernel would have left. The kernel picks the
+    client port (a fixed one can collide with another connection's)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    node.orig.records[sock.getsockname()] = OriginalDst(dst[0], dst[1], workload_id)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (node.ip, 15001))
+    return await asyncio.open_connection(sock=sock)
+
+
+def split_zones(
+    nodes: dict[str, Node],
+    ingress: tuple[str, int],
+    *,
+    local_api_port: int | None = None,
+    policies: Sequence[dict[str, Any]] = (),
+) -> None:
+    """Put node1 in zone-a and node2 in zone-b, and reload them: node1 then knows
+    api (node2's) only as a remote zone entry behind zone-b's `ingress`. With
+    `local_api_port`, node1 also has a zone-a endpoint of api, on itself at that
+    port (for failover). `policies` go to node2."""
+    for name, zone in (("node1", "zone-a"), ("node2", "zone-b")):
+        node = nodes[name]
+        doc = json.loads(node.snapshot.read_text())
+        doc["node"]["zone"] = zone
+        doc["version"] += 1
+        for svc in doc["services"]:
+            for e in svc["endpoints"]:
+                e["zone"] = "zone-b"
+            if name == "node1":
+                svc["endpoints"] = []
+                svc["remote"] = [
+                    {
+                        "zone": "zone-b",
+                        "ingress_ip": ingress[0],
+                        "ingress_port": ingress[1],
+                        "namespace": "default",
+                        "service_account": "api",
+                        "port": 80,
+                        "endpoints": 1,
+                    }
+                ]
+                if local_api_port is not None:
+                    svc["endpoints"].append(
+                        {
+                            "workload": "api-a",
+                            "namespace": "default",
+                            "service_account": "api",
+                            "node": "node1",
+                            "node_ip": node.ip,
+                            "address": node.ip,
+                            "port": local_api_port,
+                            "service_port": 80,
+                            "zone": "zone-a",
+                        }
+                    )
+        if name == "node2" and policies:
+            doc["policies"] = list(policies)
+        node.snapshot.write_text(json.dumps(doc))
+        node.proxy.reload()

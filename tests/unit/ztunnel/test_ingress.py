@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -970,8 +969,7 @@ def test_a_zone_a_node_calls_through_a_zone_b_ztunnels_ingress(tmp_path: Path) -
     """Two real node proxies: node1 (zone-a) knows api only as a remote entry
     behind zone-b's ingress, which node2's ztunnel runs (--ingress-listen); the
     ingress forwards to node2's own HBONE port, where api runs."""
-    from meshnode.ztunnel.proxy import OriginalDst
-    from tests.support.mesh import build_mesh
+    from tests.support.mesh import build_mesh, connect_as, split_zones
 
     a, b = "127.0.0.44", "127.0.0.45"
 
@@ -992,34 +990,8 @@ def test_a_zone_a_node_calls_through_a_zone_b_ztunnels_ingress(tmp_path: Path) -
             await n.proxy.start()
         assert gateway.ingress is not None
         ingress_port = gateway.ingress.address[1]
-        for name, zone in (("node1", "zone-a"), ("node2", "zone-b")):
-            doc = json.loads(nodes[name].snapshot.read_text())
-            doc["node"]["zone"] = zone
-            for svc in doc["services"]:
-                for e in svc["endpoints"]:
-                    e["zone"] = "zone-b"
-                if name == "node1":
-                    svc["endpoints"] = []
-                    svc["remote"] = [
-                        {
-                            "zone": "zone-b",
-                            "ingress_ip": b,
-                            "ingress_port": ingress_port,
-                            "namespace": "default",
-                            "service_account": "api",
-                            "port": 80,
-                            "endpoints": 1,
-                        }
-                    ]
-            doc["version"] = 2
-            nodes[name].snapshot.write_text(json.dumps(doc))
-            nodes[name].proxy.reload()
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        nodes["node1"].orig.records[sock.getsockname()] = OriginalDst("240.0.0.1", 80, 1)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (a, 15001))
-        r, w = await asyncio.open_connection(sock=sock)
+        split_zones(nodes, (b, ingress_port))
+        r, w = await connect_as(nodes["node1"], 1)
         w.write(b"across zones")
         assert await asyncio.wait_for(r.readexactly(12), 10) == b"across zones"
         w.close()

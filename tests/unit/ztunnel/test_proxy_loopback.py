@@ -19,7 +19,7 @@ import pytest
 import uvloop
 
 from meshnode.ztunnel.proxy import OriginalDst
-from tests.support.mesh import build_mesh
+from tests.support.mesh import build_mesh, connect_as
 
 N1, N2 = "127.0.0.2", "127.0.0.3"
 
@@ -36,17 +36,8 @@ async def _mesh(tmp: Path, handler: Callable[..., Awaitable[None]], port: int) -
     return server, nodes
 
 
-async def _client(nodes: Any, node: str, local_port: int, wid: int, dst=("240.0.0.1", 80)):  # type: ignore[no-untyped-def]
-    """Connect to ``node``'s outbound port as workload ``wid`` going to ``dst``.
-    ``local_port`` only names the call site: the kernel picks a free one (a
-    fixed port can collide with another connection's ephemeral port)."""
-    ip = N1 if node == "node1" else N2
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    nodes[node].orig.records[sock.getsockname()] = OriginalDst(dst[0], dst[1], wid)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (ip, 15001))
-    return await asyncio.open_connection(sock=sock)
+async def _client(nodes: Any, node: str, _site: int, wid: int, dst=("240.0.0.1", 80)):  # type: ignore[no-untyped-def]
+    return await connect_as(nodes[node], wid, dst)
 
 
 async def _stop(server: Any, nodes: Any) -> None:

@@ -9,7 +9,6 @@ tunnel."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import ssl
@@ -24,10 +23,9 @@ import uvloop
 from meshnode.core.identity import SpiffeId, ZoneSni
 from meshnode.ztunnel.hbone import split_authority
 from meshnode.ztunnel.inbound import zone_endpoint
-from meshnode.ztunnel.proxy import OriginalDst
 from meshnode.ztunnel.state import parse_snapshot
 from meshnode.ztunnel.tls import zone_identities
-from tests.support.mesh import TD, build_mesh
+from tests.support.mesh import TD, build_mesh, connect_as, split_zones
 
 N1, N2 = "127.0.0.2", "127.0.0.3"
 API_SNI = ZoneSni("api", "default", 80, "zone-b", TD)
@@ -50,56 +48,13 @@ def _remote(port: int = 80, zone: str = "zone-b", ingress: str = N2) -> dict[str
     }
 
 
-def _zoned(nodes: Any, *, local_api_port: int | None = None, policy: Any = None) -> None:
-    """node1 -> zone-a, node2 -> zone-b. node1 sees api's zone-b endpoints only
-    as a remote entry; with `local_api_port` it also has a zone-a endpoint (on
-    node1 itself, port local_api_port)."""
-    for name, zone in (("node1", "zone-a"), ("node2", "zone-b")):
-        node = nodes[name]
-        doc = json.loads(node.snapshot.read_text())
-        doc["node"]["zone"] = zone
-        for svc in doc["services"]:
-            for e in svc["endpoints"]:
-                e["zone"] = "zone-b"
-            if name == "node1":
-                svc["endpoints"] = []
-                svc["remote"] = [_remote()]
-                if local_api_port is not None:
-                    svc["endpoints"].append(
-                        {
-                            "workload": "api-a",
-                            "namespace": "default",
-                            "service_account": "api",
-                            "node": "node1",
-                            "node_ip": N1,
-                            "address": N1,
-                            "port": local_api_port,
-                            "service_port": 80,
-                            "zone": "zone-a",
-                        }
-                    )
-        if policy is not None and name == "node2":
-            doc["policies"] = [policy]
-        node.snapshot.write_text(json.dumps(doc))
-        node.proxy.reload()
-
-
 async def _start(tmp: Path, handler: Any, port: int, **kw: Any) -> Any:
     server = await asyncio.start_server(handler, N2, port)
     nodes = build_mesh(tmp, port, base_port=26100 + (port % 50) * 40)
-    _zoned(nodes, **kw)
+    split_zones(nodes, (N2, 15008), **kw)
     for n in nodes.values():
         await n.proxy.start()
     return server, nodes
-
-
-async def _client(nodes: Any) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    nodes["node1"].orig.records[sock.getsockname()] = OriginalDst("240.0.0.1", 80, 1)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (N1, 15001))
-    return await asyncio.open_connection(sock=sock)
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -127,7 +82,7 @@ def _opened(pi: Any, reporter: str) -> dict[str, float]:
 def test_a_call_crosses_zones_by_service_with_the_callers_proven_identity(tmp_path: Path) -> None:
     async def main(tmp: Path) -> None:
         server, nodes = await _start(tmp, _echo, 18251)
-        r, w = await _client(nodes)
+        r, w = await connect_as(nodes["node1"], 1)
         w.write(b"hello zone-b")
         assert await asyncio.wait_for(r.readexactly(12), 10) == b"hello zone-b"
         w.close()
@@ -153,7 +108,7 @@ def test_local_zone_first_then_failover_to_the_remote_zone(tmp_path: Path) -> No
         server, nodes = await _start(tmp, _echo, 18252, local_api_port=dead_port)
         picker = nodes["node1"].proxy.pi.picker
         for i in range(5):
-            r, w = await _client(nodes)
+            r, w = await connect_as(nodes["node1"], 1)
             w.write(b"x%d" % i)
             assert await asyncio.wait_for(r.readexactly(2), 10) == b"x%d" % i
             w.close()
@@ -173,8 +128,8 @@ def test_the_destination_still_enforces_authorization(tmp_path: Path) -> None:
     }
 
     async def main(tmp: Path) -> None:
-        server, nodes = await _start(tmp, _echo, 18253, policy=deny)
-        r, w = await _client(nodes)
+        server, nodes = await _start(tmp, _echo, 18253, policies=[deny])
+        r, w = await connect_as(nodes["node1"], 1)
         w.write(b"x")
         with pytest.raises(ConnectionResetError):  # refused: the client gets a reset
             await asyncio.wait_for(r.read(), 10)
