@@ -98,7 +98,7 @@ ExecReload=/bin/kill -USR2 $MAINPID
 Slice={proxy_slice}
 # On a fresh node READY waits for the agent's first snapshot, which comes after
 # bcc compiled the programs (the agent's own start timeout): as long.
-TimeoutStartSec=300
+TimeoutStartSec=600
 # The state directory is 0700; workloads of any user reach the peer socket here
 # (it answers each only about its own connections, see ztunnel/peer.py).
 RuntimeDirectory=meshnode
@@ -147,9 +147,9 @@ NotifyAccess=main
 ExecStart={meshnode} agent run --enrolled {config_dir}
 Restart=on-failure
 RestartSec=2
-# bcc compiles the programs at start: give it time on a slow node (a software-
-# emulated VM under load took over 90 s).
-TimeoutStartSec=300
+# bcc compiles the programs at start: give it time on a slow node (on a software-
+# emulated VM under load it took over five minutes).
+TimeoutStartSec=600
 LimitNOFILE=65536
 LimitMEMLOCK=infinity
 NoNewPrivileges=yes
@@ -349,8 +349,22 @@ def install_units(
     return written
 
 
+# Longer than the units' own start timeouts (TimeoutStartSec), so that systemd
+# reports a start that takes too long before we give up on waiting for it.
+SYSTEMCTL_TIMEOUT = 660.0
+
+
 def _systemctl(*args: str) -> None:
-    proc = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=300)
+    try:
+        proc = subprocess.run(
+            ["systemctl", *args], capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT
+        )
+    except subprocess.TimeoutExpired:
+        raise UnitError(
+            f"`systemctl {' '.join(args)}` did not finish within {SYSTEMCTL_TIMEOUT:.0f}s; "
+            "the units may still be starting (the agent compiles its BPF programs at "
+            "start): see `systemctl status meshnode-agent meshnode-ztunnel`"
+        ) from None
     if proc.returncode != 0:
         out = proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}"
         raise UnitError(f"`systemctl {' '.join(args)}` failed: {out}")

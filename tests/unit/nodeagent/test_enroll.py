@@ -511,3 +511,26 @@ def test_units_for_an_installation_under_tmp_keep_tmp_visible() -> None:
     assert "\nPrivateTmp=no\n" in rendered[units.AGENT_UNIT]
     assert "\nPrivateTmp=no\n" in rendered[units.ZTUNNEL_UNIT]
     assert "\nProtectHome=yes\n" in rendered[units.AGENT_UNIT]
+
+
+def test_a_start_that_outlasts_systemctl_is_an_error_not_a_traceback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+
+    def slow(cmd: list[str], **kw: object) -> None:
+        raise subprocess.TimeoutExpired(cmd, float(kw["timeout"]))  # type: ignore[arg-type]
+
+    monkeypatch.setattr(units.subprocess, "run", slow)
+    with pytest.raises(units.UnitError, match="did not finish within 660s.*systemctl status"):
+        units.start_units()
+    rendered = units.render_units(
+        units.UnitPaths(Path("/usr/bin/meshnode"), Path("/etc/meshnode"), Path("/var/lib/mn"))
+    )
+    starts = [
+        int(line.split("=", 1)[1])
+        for text in rendered.values()
+        for line in text.splitlines()
+        if line.startswith("TimeoutStartSec=")
+    ]
+    assert starts and max(starts) < units.SYSTEMCTL_TIMEOUT  # systemd reports first
