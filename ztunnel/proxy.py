@@ -55,7 +55,7 @@ from meshnode.ztunnel.recheck import denied_now, revoked_by
 from meshnode.ztunnel.routing import Route
 from meshnode.ztunnel.session import HboneSession, PlainSide
 from meshnode.ztunnel.state import ProxyState, StateError, Workload, load_snapshot_file
-from meshnode.ztunnel.tls import TlsContexts
+from meshnode.ztunnel.tls import TlsContexts, quiet_undecodable_server_names
 
 log = logging.getLogger("meshnode.ztunnel")
 
@@ -368,6 +368,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         pi = self.pi
         cfg = self.config
+        quiet_undecodable_server_names()  # our TLS ports face the network
         self._servers.append(
             await loop.create_server(
                 lambda: OutboundConnection(pi),

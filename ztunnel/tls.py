@@ -16,8 +16,11 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -205,6 +208,35 @@ def zone_identities(state: ProxyState) -> dict[tuple[str, str, int], SpiffeId]:
             for port in ports:
                 out.setdefault((svc.namespace, svc.name, port), []).append(w.identity)
     return {k: min(v, key=lambda i: i.uri) for k, v in out.items()}
+
+
+def quiet_undecodable_server_names() -> None:
+    """A ClientHello whose server name is not ASCII fails the handshake inside
+    CPython's SNI callback glue, which hands the UnicodeDecodeError to
+    ``sys.unraisablehook``: a traceback on stderr per connection, that anyone who
+    reaches a TLS port of ours could make. Log one line instead (at most once a
+    second), and leave every other unraisable exception to the hook before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_meshnode_sni", False):
+        return
+    last = [0.0]
+
+    def hook(unraisable: Any) -> None:
+        exc, obj = unraisable.exc_value, unraisable.object
+        if isinstance(exc, UnicodeDecodeError) and isinstance(obj, bytes):
+            now = time.monotonic()
+            if now - last[0] >= 1.0:
+                last[0] = now
+                log.warning(
+                    "TLS handshake refused: the server name (SNI) %r is not ASCII "
+                    "(logged at most once a second)",
+                    obj[:80],
+                )
+            return
+        previous(unraisable)
+
+    hook._meshnode_sni = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def peer_identity(ssl_object: ssl.SSLObject | None) -> SpiffeId:

@@ -9,6 +9,7 @@ tunnel."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -287,3 +288,55 @@ def test_a_report_names_a_remote_zone_by_its_sni() -> None:
 
     doc = EndpointHealth("default/api", API_SNI.authority, "ingress/zone-b", True, 1.5).to_dict()
     assert EndpointHealth.from_dict(doc).address == API_SNI.authority
+
+
+def test_a_non_ascii_server_name_is_one_log_line_not_a_traceback(tmp_path: Path) -> None:
+    """Attack: anyone who reaches node2's HBONE port sends ClientHellos whose SNI
+    is not ASCII. CPython's SNI glue hands that decode error to
+    sys.unraisablehook (a traceback on stderr per connection); ztunnel refuses
+    the handshake and logs one line instead."""
+    import sys
+
+    stray: list[Any] = []
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    tls_log = logging.getLogger("meshnode.ztunnel.tls")
+    tls_log.addHandler(handler)
+    tls_log.setLevel(logging.INFO)
+    saved = sys.unraisablehook
+    sys.unraisablehook = stray.append
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    out = ssl.MemoryBIO()
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="nope.default.cluster.local")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = out.read().replace(b"nope.default", b"nope.d\xfffault")
+
+    async def main(tmp: Path) -> None:
+        server, nodes = await _start(tmp, _echo, 18255)
+        for _ in range(3):
+            r, w = await asyncio.open_connection(N2, 15008)
+            w.write(hello)
+            await asyncio.wait_for(r.read(), 5)  # an alert, then the close
+            w.close()
+        r, w = await connect_as(nodes["node1"], 1)  # and the node still serves
+        w.write(b"ok")
+        assert await asyncio.wait_for(r.readexactly(2), 10) == b"ok"
+        w.close()
+        await _stop(server, nodes)
+
+    try:
+        run(main, tmp_path)
+    finally:
+        sys.unraisablehook = saved
+        tls_log.removeHandler(handler)
+        tls_log.setLevel(logging.NOTSET)
+    assert stray == []
+    assert [m for m in seen if "is not ASCII" in m] == [
+        "TLS handshake refused: the server name (SNI) b'nope.d\\xfffault.cluster.local' is not "
+        "ASCII (logged at most once a second)"
+    ]
