@@ -1,4 +1,4 @@
-"""Writes seed inputs for the fuzz targets into fuzz/corpus/{server,client,dns}:
+"""Writes seed inputs for the fuzz targets into fuzz/corpus/{server,client,dns,ingress}:
 programs (see harness.Source) of ordinary HBONE traffic from a real peer --
 CONNECT, data, half-close, resets, PING, SETTINGS, GOAWAY, header blocks in
 CONTINUATION frames -- interleaved with the shell's calls. The fuzzer mutates
@@ -9,6 +9,7 @@ from there.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 from pathlib import Path
@@ -123,11 +124,41 @@ def dns_seeds() -> list[bytes]:
     return seeds
 
 
+def ingress_seeds() -> list[bytes]:
+    """Real ClientHellos (the first byte is the harness's read size): zone SNIs
+    the state serves and does not, a workload SNI, no SNI; and plain HTTP."""
+    import ssl
+
+    def hello(name: str | None) -> bytes:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=name)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            obj.do_handshake()
+        return out.read()
+
+    seeds = []
+    for name in (
+        "api.default.80.zone-b.mz.cluster.local",
+        "api.default.80.zone-a.mz.cluster.local",
+        "nope.default.80.zone-b.mz.cluster.local",
+        "api.default.81.zone-b.mz.cluster.local",
+        "api.default.cluster.local",
+        None,
+    ):
+        for first in (0, 5, 200):
+            seeds.append(bytes([first]) + hello(name))
+    seeds.append(b"\xc8GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    return seeds
+
+
 def main() -> None:
     for name, seeds in (
         ("server", server_seeds()),
         ("client", client_seeds()),
         ("dns", dns_seeds()),
+        ("ingress", ingress_seeds()),
     ):
         out = HERE / "corpus" / name
         out.mkdir(parents=True, exist_ok=True)
