@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from meshnode.core.constants import HBONE_PORT
 from meshnode.core.identity import IdentityError, ZoneSni
+from meshnode.core.logbudget import LogBudget
 from meshnode.ztunnel.metrics import Counter, Gauge, Registry
 from meshnode.ztunnel.session import reset_connection
 from meshnode.ztunnel.state import ProxyState
@@ -287,26 +288,6 @@ class RoundRobin:
         self._next[key] = start + 1
         n = min(attempts, len(targets))
         return [targets[(start + i) % len(targets)] for i in range(n)]
-
-
-class LogBudget:
-    """Rate-limits log lines per key (a refusal reason): ``burst`` lines at once,
-    then ``per_second``. ``take`` returns None to stay quiet, else how many lines
-    of that key were left out since the last one. Pure (time is passed in)."""
-
-    def __init__(self, per_second: float = 1.0, burst: float = 10.0) -> None:
-        self.per_second = per_second
-        self.burst = burst
-        self._buckets: dict[str, tuple[float, float, int]] = {}  # tokens, last, skipped
-
-    def take(self, key: str, now: float) -> int | None:
-        tokens, last, skipped = self._buckets.get(key, (self.burst, now, 0))
-        tokens = min(self.burst, tokens + max(0.0, now - last) * self.per_second)
-        if tokens < 1.0:
-            self._buckets[key] = (tokens, now, skipped + 1)
-            return None
-        self._buckets[key] = (tokens - 1.0, now, 0)
-        return skipped
 
 
 # --- metrics -----------------------------------------------------------------------

@@ -31,6 +31,7 @@ from meshnode.core.identity import (
     ZoneSni,
     spiffe_id_from_certificate,
 )
+from meshnode.core.logbudget import LogBudget
 from meshnode.ztunnel.recheck import root_fingerprints, roots_removed
 from meshnode.ztunnel.state import ProxyState
 
@@ -172,7 +173,7 @@ class TlsContexts:
         self, sslobj: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext
     ) -> int | None:
         if not server_name:
-            log.warning("inbound TLS handshake without SNI refused: cannot tell which workload")
+            _refused("no_sni", "no server name (SNI): cannot tell which workload")
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         try:
             identity: SpiffeId | None = SpiffeId.from_sni(server_name, self._trust_domain)
@@ -180,9 +181,7 @@ class TlsContexts:
             identity = self._zone_identity(server_name)
         ctxs = self._by_identity.get(identity) if identity else None
         if ctxs is None:
-            log.warning(
-                "inbound TLS handshake for %r refused: no such workload on this node", server_name
-            )
+            _refused("unknown_name", "no workload or service %r on this node", server_name[:255])
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
         sslobj.context = ctxs.server
         return None
@@ -210,6 +209,19 @@ def zone_identities(state: ProxyState) -> dict[tuple[str, str, int], SpiffeId]:
     return {k: min(v, key=lambda i: i.uri) for k, v in out.items()}
 
 
+# What a TLS client can make us log before it authenticated: a few lines, then
+# one a second per reason, each saying how many were left out.
+_REFUSALS = LogBudget(per_second=1.0, burst=10.0)
+
+
+def _refused(reason: str, what: str, *args: object) -> None:
+    skipped = _REFUSALS.take(reason, time.monotonic())
+    if skipped is None:
+        return
+    suffix = f" ({skipped} more like it not logged)" if skipped else ""
+    log.warning("inbound TLS handshake refused: " + what + suffix, *args)
+
+
 def quiet_undecodable_server_names() -> None:
     """A ClientHello whose server name is not ASCII fails the handshake inside
     CPython's SNI callback glue, which hands the UnicodeDecodeError to
@@ -219,19 +231,11 @@ def quiet_undecodable_server_names() -> None:
     previous = sys.unraisablehook
     if getattr(previous, "_meshnode_sni", False):
         return
-    last = [0.0]
 
     def hook(unraisable: Any) -> None:
         exc, obj = unraisable.exc_value, unraisable.object
         if isinstance(exc, UnicodeDecodeError) and isinstance(obj, bytes):
-            now = time.monotonic()
-            if now - last[0] >= 1.0:
-                last[0] = now
-                log.warning(
-                    "TLS handshake refused: the server name (SNI) %r is not ASCII "
-                    "(logged at most once a second)",
-                    obj[:80],
-                )
+            _refused("not_ascii", "the server name (SNI) %r is not ASCII", obj[:80])
             return
         previous(unraisable)
 
