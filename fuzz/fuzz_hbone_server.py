@@ -6,6 +6,7 @@ arbitrary steps after a real handshake. See fuzz/README.md.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -30,6 +31,9 @@ def test_one_input(data: bytes) -> None:
 
 
 def main() -> None:
+    # The fuzzer is a hostile peer by design: what it makes us refuse is logged.
+    # Quiet in the fuzzing process only (not where the harness is imported).
+    logging.disable(logging.CRITICAL)
     atheris.Setup(sys.argv, test_one_input)
     atheris.Fuzz()
 

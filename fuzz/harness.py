@@ -17,13 +17,9 @@ pausing output). After every step:
 
 from __future__ import annotations
 
-import logging
 import struct
 
 from meshnode.ztunnel import h2compat, hbone
-
-# The fuzzer is a hostile peer by design: the connection logs what it refuses.
-logging.disable(logging.CRITICAL)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_OPS = 64
