@@ -80,6 +80,7 @@ def connection_limit(pi: ProxyInputs, peer: SpiffeId, address: str | None) -> st
 
 
 _ZONE_SNI_INFIX = f".{ZONE_SNI_MARKER}."
+_zone_rr = itertools.count()  # spreads zone tunnels over a node's endpoints of a service
 
 
 def zone_endpoint(pi: ProxyInputs, host: str, port: int, served: SpiffeId | None) -> Workload | str:
@@ -114,10 +115,7 @@ def zone_endpoint(pi: ProxyInputs, host: str, port: int, served: SpiffeId | None
             f"no endpoint of {sni.namespace}/{sni.service} port {port} with identity "
             f"{served} on node {state.node.name}"
         )
-    return workloads[_zone_rr.__next__() % len(workloads)]
-
-
-_zone_rr = itertools.count()
+    return workloads[next(_zone_rr) % len(workloads)]
 
 
 def _verify_peer(pi: ProxyInputs, session: HboneSession) -> bool:
