@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from meshnode.controlplane.ca import CertificateAuthority
 from meshnode.core.fsutil import write_file_atomic
@@ -239,3 +242,16 @@ def split_zones(
             doc["policies"] = list(policies)
         node.snapshot.write_text(json.dumps(doc))
         node.proxy.reload()
+
+
+def client_hello(server_name: str | None) -> bytes:
+    """The first flight of a real TLS client (Python's ssl, OpenSSL)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    data = out.read()
+    assert data[0] == 0x16 and data[5] == 0x01  # one handshake record: a ClientHello
+    return data

@@ -48,6 +48,7 @@ from meshnode.ztunnel.ingress import (
 )
 from meshnode.ztunnel.metrics import Registry, parse_exposition
 from meshnode.ztunnel.state import ProxyState, parse_snapshot
+from tests.support.mesh import client_hello
 
 TD = "cluster.local"
 ING = "127.0.0.40"
@@ -57,19 +58,6 @@ LOG = "meshnode.ztunnel.ingress"
 
 
 # --- ClientHellos ------------------------------------------------------------------
-
-
-def client_hello(server_name: str | None) -> bytes:
-    """The first flight of a real TLS client (Python's ssl, OpenSSL)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out := ssl.MemoryBIO(), server_hostname=server_name)
-    with pytest.raises(ssl.SSLWantReadError):
-        obj.do_handshake()
-    data = out.read()
-    assert data[0] == 0x16 and data[5] == 0x01  # one handshake record: a ClientHello
-    return data
 
 
 def _records(hello: bytes) -> bytes:

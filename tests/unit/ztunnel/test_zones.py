@@ -9,7 +9,6 @@ tunnel."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
@@ -28,7 +27,7 @@ from meshnode.ztunnel.hbone import split_authority
 from meshnode.ztunnel.inbound import zone_endpoint
 from meshnode.ztunnel.state import parse_snapshot
 from meshnode.ztunnel.tls import zone_identities
-from tests.support.mesh import TD, build_mesh, connect_as, split_zones
+from tests.support.mesh import TD, build_mesh, client_hello, connect_as, split_zones
 
 N1, N2 = "127.0.0.2", "127.0.0.3"
 API_SNI = ZoneSni("api", "default", 80, "zone-b", TD)
@@ -316,14 +315,7 @@ def test_a_non_ascii_server_name_is_one_log_line_not_a_traceback(
     saved = sys.unraisablehook
     sys.unraisablehook = stray.append
 
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    out = ssl.MemoryBIO()
-    obj = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname="nope.default.cluster.local")
-    with contextlib.suppress(ssl.SSLWantReadError):
-        obj.do_handshake()
-    hello = out.read().replace(b"nope.default", b"nope.d\xfffault")
+    hello = client_hello("nope.default.cluster.local").replace(b"nope.default", b"nope.d\xfffault")
 
     async def main(tmp: Path) -> None:
         server, nodes = await _start(tmp, _echo, 18255)
