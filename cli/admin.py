@@ -44,6 +44,8 @@ _KIND_ALIASES = {
     "service": "services",
     "services": "services",
     "svc": "services",
+    "zone": "zones",
+    "zones": "zones",
     "authorizationpolicy": "AuthorizationPolicy",
     "authorizationpolicies": "AuthorizationPolicy",
     "peerauthentication": "PeerAuthentication",
@@ -156,7 +158,14 @@ def token() -> None:
 
 
 @token.command("create")
-@click.option("--node", required=True, help="The node name the token may enroll.")
+@click.option("--node", default="", help="The node name the token may enroll.")
+@click.option(
+    "--zone-controlplane",
+    default="",
+    metavar="ZONE",
+    help="Instead of a node: a token that enrolls zone ZONE's control plane with this "
+    "global control plane (docs/multizone.md).",
+)
 @click.option("--zone", default="", help="Pin the node to this zone.")
 @click.option("--ttl", default="1h", show_default=True, help="Validity (30m, 1h, 2d).")
 @click.option(
@@ -175,6 +184,7 @@ def token() -> None:
 @_connection_options
 def token_create(
     node: str,
+    zone_controlplane: str,
     zone: str,
     ttl: str,
     identities: tuple[str, ...],
@@ -185,14 +195,38 @@ def token_create(
     data_dir: Path,
     admin_token_file: Path | None,
 ) -> None:
-    """Create a single-use join token for NODE and print the enroll command."""
+    """Create a single-use join token for a node (or a zone's control plane) and
+    print the command that uses it."""
     from meshnode.controlplane.api import parse_duration
 
+    if bool(node) == bool(zone_controlplane):
+        fail("give either --node NAME or --zone-controlplane ZONE")
     try:
         seconds = parse_duration(ttl)
     except ValueError as exc:
         fail(f"--ttl: {exc}")
     client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
+    if zone_controlplane:
+        if zone or identities or address:
+            fail("--zone, --identity and --address are for node tokens")
+        data = _call(
+            client,
+            "POST",
+            api.ADMIN_TOKENS,
+            {"zone_controlplane": zone_controlplane, "ttl_seconds": seconds},
+        )
+        click.echo(data["token"])
+        click.echo(
+            f"# single use, expires in {ttl}; start zone {zone_controlplane}'s control plane "
+            "with it once:",
+            err=True,
+        )
+        click.echo(
+            f"meshnode controlplane run --mode zone --zone {zone_controlplane} --global "
+            f"{cp_url} --global-token {data['token']}",
+            err=True,
+        )
+        return
     body: dict[str, Any] = {"node": node, "ttl_seconds": seconds}
     if zone:
         body["zone"] = zone
@@ -260,7 +294,7 @@ def _kind(kind: str) -> str:
     resolved = _KIND_ALIASES.get(kind.lower())
     if resolved is None:
         fail(
-            f"unknown kind {kind!r}; use one of: nodes, workloads, services, "
+            f"unknown kind {kind!r}; use one of: nodes, workloads, services, zones, "
             "AuthorizationPolicy, PeerAuthentication, TrafficSplit, MeshConfig, IdentityGrant"
         )
     return resolved
@@ -286,6 +320,17 @@ def get(
     """List nodes, workloads, services or resources of KIND (optionally one NAME)."""
     api_kind = _kind(kind)
     client = _client(cp_url, ca_file, pin, data_dir, admin_token_file)
+    if api_kind == "zones":
+        data = _call(client, "GET", api.ADMIN_ZONES)
+        zones = [i for i in data["items"] if name is None or i.get("zone") == name]
+        if name is not None and not zones:
+            fail(f"zone {name!r} not known here")
+        emit(
+            {"kind": "ZoneList", **data, "items": zones},
+            output,
+            lambda: _zones_table(data, zones),
+        )
+        return
     if api_kind in _MESH_KINDS:
         data = _call(
             client,
@@ -334,17 +379,63 @@ def get(
     emit(doc, output, lambda: _table(api_kind, items))
 
 
-def _ago(when: float | None, now: float) -> str:
+def _ago(when: float | None, now: float, never: str = "no report yet") -> str:
     """A node's last report: ``12s ago``, ``3m ago``; none reached this control
-    plane replica since it started: ``no report yet``."""
+    plane replica since it started: ``no report yet`` (or `never`)."""
     if when is None:
-        return "no report yet"
+        return never
     seconds = max(0, int(now - when))
     if seconds < 120:
         return f"{seconds}s ago"
     if seconds < 7200:
         return f"{seconds // 60}m ago"
     return f"{seconds // 3600}h ago"
+
+
+def _zones_table(data: dict[str, Any], items: list[dict[str, Any]]) -> str:
+    """`get zones`: at the global, every enrolled zone and its last sync; at a zone,
+    how its sync with the global stands, then the other zones it knows."""
+    now = time.time()
+    if data.get("mode") == "global":
+        rows = [["ZONE", "INGRESS", "SERVICES", "GENERATION", "LAST SYNC", "REFUSED"]] + [
+            [
+                i["zone"],
+                i.get("ingress") or "-",
+                str(i.get("services", 0)),
+                "-" if i.get("generation") is None else str(i["generation"]),
+                _ago(i.get("last_sync"), now, never="never"),
+                str(len(i.get("refused") or [])),
+            ]
+            for i in items
+        ]
+        head = f"global control plane, revision {data.get('revision')}"
+    else:
+        if data.get("mode") != "zone":
+            return "this control plane is not part of a multi-zone mesh (--mode single)"
+        sync, status = data.get("sync") or {}, data.get("status") or {}
+        state = "connected" if status.get("connected") else "NOT CONNECTED"
+        head = (
+            f"zone {data.get('zone')}: global {sync.get('global', '-')} {state}; took its "
+            f"revision {sync.get('revision', '-')} "
+            f"{_ago(sync.get('synced_at'), now, never='never')}; "
+            f"published generation {status.get('published_generation', '-')}"
+        )
+        if status.get("last_error"):
+            head += f"\nlast error: {status['last_error']}"
+        for line in status.get("refused") or []:
+            head += f"\nleft out by the global: {line}"
+        rows = [["OTHER ZONE", "INGRESS", "SERVICES", "GENERATION"]] + [
+            [i["zone"], i.get("ingress") or "-", str(i.get("services", 0)), str(i["generation"])]
+            for i in items
+        ]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return (
+        head
+        + "\n"
+        + "\n".join(
+            "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows
+        )
+    )
 
 
 def _table(kind: str, items: list[dict[str, Any]]) -> str:
@@ -375,13 +466,14 @@ def _table(kind: str, items: list[dict[str, Any]]) -> str:
             for i in items
         ]
     elif kind == "services":
-        rows = [["NAMESPACE", "NAME", "VIP", "PORT", "ENDPOINTS"]] + [
+        rows = [["NAMESPACE", "NAME", "VIP", "PORT", "ENDPOINTS", "OTHER ZONES"]] + [
             [
                 i["namespace"],
                 i["name"],
                 i["vip"],
                 str(i["ports"][0]["port"]),
                 str(len(i["endpoints"])),
+                ",".join(r["zone"] for r in i.get("remote", [])) or "-",
             ]
             for i in items
         ]

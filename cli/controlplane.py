@@ -99,6 +99,37 @@ def controlplane() -> None:
     "loopback or a monitoring network (docs/observability.md).",
 )
 @click.option(
+    "--mode",
+    default="single",
+    show_default=True,
+    type=click.Choice(["single", "global", "zone"]),
+    help="Multi-zone (docs/multizone.md): single (one control plane for the mesh), "
+    "global (zones enroll with it; policies are applied here) or zone (one zone's, "
+    "with --zone and --global).",
+)
+@click.option("--zone", default="", help="--mode zone: this zone's name.")
+@click.option(
+    "--global",
+    "global_url",
+    default="",
+    help="--mode zone: https://HOST:PORT of the global control plane.",
+)
+@click.option(
+    "--global-token",
+    default="",
+    envvar="MESHNODE_GLOBAL_TOKEN",
+    help="--mode zone, first start: the zone's join token (`meshnode token create "
+    "--zone-controlplane ZONE` at the global). Or env MESHNODE_GLOBAL_TOKEN.",
+)
+@click.option(
+    "--zone-ingress",
+    default="",
+    metavar="IP:PORT",
+    help="--mode zone: where other zones reach this zone's ingress (a node running "
+    "`ztunnel run --ingress-listen`). Without it, the zone's services are not "
+    "published to other zones.",
+)
+@click.option(
     "--log-level",
     default="info",
     show_default=True,
@@ -118,6 +149,11 @@ def run(
     shared_namespaces: str,
     max_full_syncs: int,
     metrics_listen: str,
+    mode: str,
+    zone: str,
+    global_url: str,
+    global_token: str,
+    zone_ingress: str,
     log_level: str,
 ) -> None:
     """Serve the control-plane API over TLS 1.3 until SIGTERM."""
@@ -132,6 +168,7 @@ def run(
     from meshnode.controlplane.metrics import parse_metrics_listen
     from meshnode.controlplane.registry import RegistryError, check_label
     from meshnode.controlplane.store import StoreError, open_store
+    from meshnode.controlplane.zonesync import ZoneSyncError, parse_ingress
     from meshnode.core.identity import IdentityError, validate_trust_domain
 
     setup_logging(log_level)
@@ -144,7 +181,12 @@ def run(
         for namespace in shared:
             check_label(namespace, "--shared-namespaces")
         validate_trust_domain(trust_domain)
-    except (ValueError, IdentityError, RegistryError) as exc:
+        _check_mode(mode, zone, global_url, zone_ingress, global_token)
+        if zone:
+            check_label(zone, "--zone")
+        if zone_ingress:
+            parse_ingress(zone_ingress)
+    except (ValueError, IdentityError, RegistryError, ZoneSyncError) as exc:
         fail(str(exc))
     ips = [a.strip() for a in advertise.split(",") if a.strip()]
     try:
@@ -164,6 +206,11 @@ def run(
         node_view=node_view,
         shared_namespaces=shared,
         metrics_listen=metrics_listen,
+        mode=mode,
+        zone=zone,
+        global_url=global_url,
+        global_token=global_token,
+        zone_ingress=zone_ingress,
     )
     try:
         import uvloop
@@ -173,5 +220,26 @@ def run(
         pass
     try:
         asyncio.run(serve(store, config, listen))
-    except (StoreError, CAError, OSError) as exc:
+    except (StoreError, CAError, OSError, ZoneSyncError) as exc:
         fail(f"control plane stopped: {exc}")
+
+
+def _check_mode(mode: str, zone: str, global_url: str, ingress: str, token: str) -> None:
+    """The multi-zone options fit the mode (ValueError saying what to change)."""
+    if mode == "zone":
+        missing = [o for o, v in (("--zone", zone), ("--global", global_url)) if not v]
+        if missing:
+            raise ValueError(f"--mode zone needs {' and '.join(missing)}")
+        return
+    given = [
+        o
+        for o, v in (
+            ("--zone", zone),
+            ("--global", global_url),
+            ("--global-token", token),
+            ("--zone-ingress", ingress),
+        )
+        if v
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)} only apply with --mode zone (this is --mode {mode})")

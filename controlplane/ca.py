@@ -1,9 +1,18 @@
 """The mesh certificate authority: a root, one intermediate, and workload X.509-SVIDs.
 
-ECDSA P-256 throughout. The root signs only the intermediate (path length 0); the
-intermediate signs workload certificates. Nodes generate their keys locally and send
-a CSR (the key never leaves the node); the module-level helpers below are that node
-side. Time is a parameter (`now`) so tests and the future rotation logic can drive it.
+ECDSA P-256 throughout. The root signs only intermediates (path length 0); an
+intermediate signs workload, node and control-plane certificates. Nodes generate
+their keys locally and send a CSR (the key never leaves the node); the module-level
+helpers below are that node side. Time is a parameter (`now`) so tests and the
+future rotation logic can drive it.
+
+Multi-zone (docs/multizone.md): one trust domain, one root. The global control
+plane holds the root key and its own intermediate; it issues each zone control
+plane an intermediate of its own (`issue_zone_intermediate`). A zone control plane
+holds the root certificate but not its key (`CertificateAuthority.for_zone`), so
+it keeps issuing for its nodes while the global is down, and every node of every
+zone trusts the same root bundle. A zone intermediate carries a name constraint:
+it can only certify URIs in the trust domain.
 """
 
 from __future__ import annotations
@@ -29,12 +38,14 @@ from meshnode.core.identity import (
     controlplane_uri,
     node_uri,
     validate_trust_domain,
+    zone_controlplane_uri,
 )
 from meshnode.core.pki import (
     CURVE,
     HASH,
     PkiError,
     generate_private_key,
+    is_self_signed_ca,
     private_key_pem,
     subject_name,
     write_private_key,
@@ -70,18 +81,32 @@ class CAError(PkiError):
 
 
 class CertificateAuthority:
-    """A root and an intermediate for one trust domain; issues workload SVIDs."""
+    """A root and an intermediate for one trust domain; issues workload SVIDs.
+
+    With `root_key` None it is a zone CA: it holds the root certificate (for the
+    trust bundle and chain checks) but not its key, and issues with its own
+    intermediate exactly as a CA with the root key does. What needs the root key
+    (issuing zone intermediates, rotation) is the global control plane's job.
+    """
 
     def __init__(
         self,
         root_cert: x509.Certificate,
-        root_key: ec.EllipticCurvePrivateKey,
+        root_key: ec.EllipticCurvePrivateKey | None,
         intermediate_cert: x509.Certificate,
         intermediate_key: ec.EllipticCurvePrivateKey,
     ) -> None:
         """Assemble a CA from existing material; checks that the pieces belong together."""
         self._trust_domain = _trust_domain_of(root_cert)
-        _check_key_pair(root_cert, root_key, "root")
+        if root_key is not None:
+            _check_key_pair(root_cert, root_key, "root")
+        elif not is_self_signed_ca(root_cert):
+            # Without its key nothing else proves this is the root: peers would trust
+            # whatever it is as the mesh root.
+            raise CAError(
+                f"root certificate {root_cert.subject.rfc4514_string()!r} is not a "
+                "self-signed CA certificate: a zone CA needs the global control plane's root"
+            )
         _check_key_pair(intermediate_cert, intermediate_key, "intermediate")
         try:
             intermediate_cert.verify_directly_issued_by(root_cert)
@@ -124,43 +149,52 @@ class CertificateAuthority:
         intermediate_key = generate_private_key()
         # An issued certificate must not outlive its issuer; verifiers reject that.
         not_after = min(now + intermediate_ttl, root_cert.not_valid_after_utc)
-        intermediate_cert = (
-            _builder(
-                subject_name(trust_domain, "meshnode intermediate CA"),
-                root_name,
-                intermediate_key.public_key(),
-                now,
-                not_after,
-            )
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_ca_key_usage(), critical=True)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(intermediate_key.public_key()),
-                critical=False,
-            )
-            .add_extension(_authority_key_id(root_cert), critical=False)
-            .sign(root_key, _HASH())
+        intermediate_cert = _sign_intermediate(
+            root_cert,
+            root_key,
+            subject_name(trust_domain, "meshnode intermediate CA"),
+            intermediate_key.public_key(),
+            now,
+            not_after,
         )
         return cls(root_cert, root_key, intermediate_cert, intermediate_key)
 
     @classmethod
+    def for_zone(
+        cls,
+        root_cert: x509.Certificate,
+        intermediate_cert: x509.Certificate,
+        intermediate_key: ec.EllipticCurvePrivateKey,
+    ) -> CertificateAuthority:
+        """A zone CA: the global root's certificate (never its key) and the zone's own
+        intermediate, issued by that root (`issue_zone_intermediate`), with its key."""
+        return cls(root_cert, None, intermediate_cert, intermediate_key)
+
+    @classmethod
     def load(cls, directory: Path) -> CertificateAuthority:
-        """Read a CA written by `save`. Refuses key files readable by group or others."""
+        """Read a CA written by `save`. Refuses key files readable by group or others.
+
+        A missing root-key.pem means a zone CA (which `save` writes without one); the
+        certificates and the intermediate key are always required."""
         directory = Path(directory)
         root_cert = _read_certificate(directory / ROOT_CERT_FILE)
         intermediate_cert = _read_certificate(directory / INTERMEDIATE_CERT_FILE)
-        root_key = _read_private_key(directory / ROOT_KEY_FILE)
+        root_key = _read_optional_private_key(directory / ROOT_KEY_FILE)
         intermediate_key = _read_private_key(directory / INTERMEDIATE_KEY_FILE)
         return cls(root_cert, root_key, intermediate_cert, intermediate_key)
 
     def save(self, directory: Path) -> None:
-        """Write the four PEM files to `directory` (created 0700); keys 0600, atomically."""
+        """Write the PEM files to `directory` (created 0700); keys 0600, atomically.
+
+        A zone CA has no root-key.pem to write, and writes none (an older one left
+        in `directory` is not removed: do not reuse a global CA's directory)."""
         directory = Path(directory)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         pem = serialization.Encoding.PEM
         # Keys first: a reader that sees new certificates also finds their keys.
-        write_private_key(directory / ROOT_KEY_FILE, self._root_key)
+        if self._root_key is not None:
+            write_private_key(directory / ROOT_KEY_FILE, self._root_key)
         write_private_key(directory / INTERMEDIATE_KEY_FILE, self._intermediate_key)
         write_file_atomic(directory / ROOT_CERT_FILE, self._root_cert.public_bytes(pem), 0o644)
         write_file_atomic(
@@ -178,6 +212,11 @@ class CertificateAuthority:
     @property
     def intermediate_certificate(self) -> x509.Certificate:
         return self._intermediate_cert
+
+    @property
+    def holds_root_key(self) -> bool:
+        """False for a zone CA: it cannot issue intermediates nor rotate."""
+        return self._root_key is not None
 
     def trust_bundle_pem(self) -> bytes:
         """The roots a peer should trust (one today; two during a future root rotation)."""
@@ -255,12 +294,76 @@ class CertificateAuthority:
             names.append(x509.IPAddress(addr))
         return self._issue_leaf(key.public_key(), names, ttl, now)
 
+    def issue_zone_intermediate(
+        self,
+        csr_pem: bytes,
+        zone: str,
+        ttl: timedelta = DEFAULT_INTERMEDIATE_TTL,
+        *,
+        now: datetime | None = None,
+    ) -> bytes:
+        """A zone control plane's own intermediate CA certificate, signed by the root;
+        returns its PEM (the certificate only: the zone has the root already).
+
+        Only the CSR's public key is used (after its self-signature is checked); the
+        subject is ``O=<td>, CN=meshnode zone <zone> intermediate CA``. Path length 0,
+        and a critical name constraint permitting only URIs whose host is the trust
+        domain: with it, verifiers (OpenSSL) refuse whatever the zone would certify
+        for another trust domain. notBefore is backdated by the clock skew, but not
+        before the root's; notAfter is capped at the root's.
+        """
+        if self._root_key is None:
+            raise CAError(
+                "this control plane does not hold the root key; zone intermediates are "
+                "issued by the global control plane"
+            )
+        _zone_controlplane_uri(self._trust_domain, zone)  # `zone` is a DNS label
+        if ttl <= timedelta(0):
+            raise CAError(f"certificate TTL must be positive, got {ttl}")
+        public_key = _csr_public_key(csr_pem)
+        now = _utc(now)
+        root_expiry = self._root_cert.not_valid_after_utc
+        if now >= root_expiry:
+            raise CAError(f"root CA certificate expired at {root_expiry.isoformat()}")
+        constraints = x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier(self._trust_domain)],
+            excluded_subtrees=None,
+        )
+        cert = _sign_intermediate(
+            self._root_cert,
+            self._root_key,
+            subject_name(self._trust_domain, f"meshnode zone {zone} intermediate CA"),
+            public_key,
+            max(now - CLOCK_SKEW, self._root_cert.not_valid_before_utc),
+            min(now + ttl, root_expiry),
+            constraints,
+        )
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue_zone_controlplane_certificate(
+        self,
+        csr_pem: bytes,
+        zone: str,
+        ttl: timedelta = DEFAULT_WORKLOAD_TTL,
+        *,
+        now: datetime | None = None,
+    ) -> bytes:
+        """The client certificate a zone control plane authenticates to the global
+        with: exactly one URI SAN ``spiffe://<td>/zone/<zone>/controlplane``, client
+        and server auth, signed by this CA's intermediate; PEM of leaf + intermediate.
+        Only the CSR's public key is used."""
+        uri = _zone_controlplane_uri(self._trust_domain, zone)
+        return self._issue_leaf(
+            _csr_public_key(csr_pem), [x509.UniformResourceIdentifier(uri)], ttl, now
+        )
+
     def to_pem(self) -> dict[str, bytes]:
-        """The four PEM blobs (keys unencrypted: keep them where only the CP reads)."""
+        """The four PEM blobs (keys unencrypted: keep them where only the CP reads).
+        A zone CA's ``root_key`` is empty (b""): it has none."""
         pem = serialization.Encoding.PEM
         return {
             "root_cert": self._root_cert.public_bytes(pem),
-            "root_key": private_key_pem(self._root_key),
+            "root_key": b"" if self._root_key is None else private_key_pem(self._root_key),
             "intermediate_cert": self._intermediate_cert.public_bytes(pem),
             "intermediate_key": private_key_pem(self._intermediate_key),
         }
@@ -269,14 +372,19 @@ class CertificateAuthority:
     def from_pem(
         cls, root_cert: bytes, root_key: bytes, intermediate_cert: bytes, intermediate_key: bytes
     ) -> CertificateAuthority:
+        """Inverse of `to_pem`: an empty (or all-whitespace) `root_key` is a zone CA."""
         try:
             rc = x509.load_pem_x509_certificate(root_cert)
             ic = x509.load_pem_x509_certificate(intermediate_cert)
-            rk = serialization.load_pem_private_key(root_key, password=None)
+            rk = (
+                serialization.load_pem_private_key(root_key, password=None)
+                if root_key.strip()
+                else None
+            )
             ik = serialization.load_pem_private_key(intermediate_key, password=None)
         except (ValueError, TypeError) as exc:
             raise CAError(f"stored CA material is not valid PEM: {exc}") from None
-        if not isinstance(rk, ec.EllipticCurvePrivateKey) or not isinstance(
+        if not isinstance(rk, ec.EllipticCurvePrivateKey | None) or not isinstance(
             ik, ec.EllipticCurvePrivateKey
         ):
             raise CAError("stored CA keys must be ECDSA P-256")
@@ -372,7 +480,13 @@ class RotatingCA:
         now: datetime | None = None,
     ) -> RotatingCA:
         """A new set whose new root signs from now on; older roots retire after
-        `overlap`, which must be at least `minimum` (see `minimum_rotation_overlap`)."""
+        `overlap`, which must be at least `minimum` (see `minimum_rotation_overlap`).
+        Only where the root key is: a zone control plane's set refuses."""
+        if not self.active.holds_root_key:
+            raise CAError(
+                "this is a zone control plane: its CA is rotated by the global control "
+                "plane (meshnode controlplane rotate-ca there)"
+            )
         if overlap < timedelta(0):
             raise CAError(f"overlap must not be negative, got {overlap}")
         if overlap < minimum:
@@ -432,6 +546,14 @@ def _check_node_name(name: str) -> None:
         raise CAError(str(exc)) from None
 
 
+def _zone_controlplane_uri(trust_domain: str, zone: str) -> str:
+    """``spiffe://<td>/zone/<zone>/controlplane``, or CAError unless `zone` is a DNS label."""
+    try:
+        return zone_controlplane_uri(trust_domain, zone)
+    except IdentityError as exc:
+        raise CAError(f"cannot issue for zone {zone!r}: {exc}") from None
+
+
 def _utc(now: datetime | None) -> datetime:
     if now is None:
         return datetime.now(UTC)
@@ -456,6 +578,30 @@ def _builder(
         .not_valid_before(not_before)
         .not_valid_after(not_after)
     )
+
+
+def _sign_intermediate(
+    root_cert: x509.Certificate,
+    root_key: ec.EllipticCurvePrivateKey,
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    not_before: datetime,
+    not_after: datetime,
+    name_constraints: x509.NameConstraints | None = None,
+) -> x509.Certificate:
+    """An intermediate CA certificate for `public_key`, signed by the root: path
+    length 0 (it signs only leaves), CA key usage, SKI and the root's AKI."""
+    builder = (
+        _builder(subject, root_cert.subject, public_key, not_before, not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_ca_key_usage(), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(_authority_key_id(root_cert), critical=False)
+    )
+    if name_constraints is not None:
+        # RFC 5280 4.2.1.10: conforming CAs mark name constraints critical.
+        builder = builder.add_extension(name_constraints, critical=True)
+    return builder.sign(root_key, _HASH())
 
 
 def _ca_key_usage() -> x509.KeyUsage:
@@ -541,6 +687,14 @@ def _read_certificate(path: Path) -> x509.Certificate:
         raise CAError(f"cannot read CA certificate {path}: {exc.strerror}") from None
     except ValueError as exc:
         raise CAError(f"{path} is not a PEM certificate: {exc}") from None
+
+
+def _read_optional_private_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+    """As `_read_private_key`, but None when there is no file at `path` (a dangling
+    link is not "no file": it fails to read)."""
+    if not os.path.lexists(path):
+        return None
+    return _read_private_key(path)
 
 
 def _read_private_key(path: Path) -> ec.EllipticCurvePrivateKey:

@@ -27,8 +27,19 @@ Keys in the change log (what a node receives in ``changes[].key``):
 
 Internal kinds never reach a node as changes: ``node`` (this node's own record
 changed; that node gets a full slice), ``grant`` (the control plane's identity
-grants; they reach nodes only as endpoint changes), ``revoked`` and ``ca`` (both make
-every node take a full slice).
+grants; they reach nodes only as endpoint changes), ``zone`` (multi-zone state kept
+as internal resources, below; a zone's remote entries reach nodes as service
+changes), ``revoked`` and ``ca`` (both make every node take a full slice).
+
+Multi-zone (docs/multizone.md) keeps its state as resources of internal kinds, so
+the change log, the store and every replica carry it like any other row:
+
+- ``Zone`` (at the global control plane): one per enrolled zone, with the last
+  :class:`~meshnode.core.contracts.zone.ZoneState` it published;
+- ``RemoteZone`` (at a zone control plane): another zone's state, as the global
+  sent it. Its services become remote entries of this zone's service documents
+  (a service only another zone runs gets a VIP here too);
+- ``ZoneSync`` (at a zone control plane): where its sync with the global stands.
 """
 
 from __future__ import annotations
@@ -43,6 +54,8 @@ from typing import Any, TypeVar
 from meshnode.core import constants
 from meshnode.core import contracts as wire
 from meshnode.core.contracts import ContractError, NodeDoc, NodeSlice, ServiceDoc, WorkloadDoc
+from meshnode.core.contracts.documents import RemoteZoneDoc
+from meshnode.core.contracts.zone import ZoneService, ZoneState
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.resources import DEFAULT_NAMESPACE, IdentityGrant, resource_from_dict
 
@@ -52,6 +65,8 @@ __all__ = [
     "VIP_NETWORK",
     "Change",
     "GrantIndex",
+    "INTERNAL_KINDS",
+    "REMOTE_ZONE_KIND",
     "NodeRecord",
     "Registry",
     "RegistryError",
@@ -62,6 +77,9 @@ __all__ = [
     "allocate_vip",
     "resource_key",
     "workload_from_request",
+    "ZONE_KIND",
+    "ZONE_SYNC_KIND",
+    "internal_doc",
 ]
 
 T = TypeVar("T")
@@ -71,6 +89,11 @@ CA_BACKDATE = 60.0  # seconds; ca.CLOCK_SKEW (tests/unit/controlplane checks the
 # destination map by registering without end (`controlplane run` can change it).
 DEFAULT_MAX_WORKLOADS_PER_NODE = 256
 GRANT_KIND = IdentityGrant.kind
+# Multi-zone state, as resources no node and no `meshnode get` sees (module docstring).
+ZONE_KIND = "Zone"
+REMOTE_ZONE_KIND = "RemoteZone"
+ZONE_SYNC_KIND = "ZoneSync"
+INTERNAL_KINDS = frozenset({ZONE_KIND, REMOTE_ZONE_KIND, ZONE_SYNC_KIND})
 # Distinct node views whose encodings are kept at once (most nodes share a few).
 MAX_CACHED_VIEWS = 64
 # Change kinds a node receives; the others are the control plane's own.
@@ -327,6 +350,7 @@ class _Txn:
     endpoint_nodes: set[str] = field(default_factory=set)  # every workload on them
     endpoint_zones: set[str] = field(default_factory=set)  # every workload in them
     views: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> namespaces
+    remote: set[ServiceKey] = field(default_factory=set)  # services whose remote entries changed
 
     def touched(self) -> bool:
         return bool(self.nodes or self.workloads or self.services or self.resources or self.revoked)
@@ -355,6 +379,8 @@ class Registry:
         self._by_zone: dict[str, set[str]] = {}
         self._members: dict[ServiceKey, set[WorkloadKey]] = {}
         self._endpoints: dict[ServiceKey, dict[WorkloadKey, wire.EndpointDoc]] = {}
+        # service -> zone -> its remote entry (from RemoteZone resources)
+        self._remote: dict[ServiceKey, dict[str, RemoteZoneDoc]] = {}
         self._vips = _VipPool()
         self._txn: _Txn | None = None
         self._broken = False
@@ -413,7 +439,7 @@ class Registry:
             if put:
                 record = ServiceRecord(ns, name, c.value["vip"], int(c.value["ports"][0]["port"]))
             self._set_service((ns, name), record)
-        elif c.kind in ("resource", "grant"):
+        elif c.kind in ("resource", "grant", "zone"):
             kind, ns, name = c.key.split("/", 2)
             self._set_resource((kind, ns, name), c.value if put else None)
         elif c.kind == "revoked":
@@ -537,6 +563,16 @@ class Registry:
                     t.endpoint_nodes.update(grant.nodes)
                     t.endpoint_zones.update(grant.zones)
             self.grants.put(IdentityGrant.from_dict(doc) if doc is not None else None, key[2])
+        elif key[0] == REMOTE_ZONE_KIND:
+            zone = key[2]
+            for skey in _remote_entries(old):
+                self._remote[skey].pop(zone, None)
+                if not self._remote[skey]:
+                    del self._remote[skey]
+                t.remote.add(skey)
+            for skey, entry in _remote_entries(doc).items():
+                self._remote.setdefault(skey, {})[zone] = entry
+                t.remote.add(skey)
 
     def _set_revoked(self, name: str, rec: RevokedRecord | None) -> None:
         t = self._t()
@@ -599,9 +635,143 @@ class Registry:
         self._prune(wl.service_key)
 
     def _prune(self, key: ServiceKey | None) -> None:
-        """A service exists while a workload names it; then its VIP is free again."""
-        if key is not None and key in self.services and not self._members.get(key):
+        """A service exists while a workload names it or another zone runs it; then
+        its VIP is free again."""
+        if (
+            key is not None
+            and key in self.services
+            and not self._members.get(key)
+            and not self._remote.get(key)
+        ):
             self._set_service(key, None)
+
+    # -- multi-zone ------------------------------------------------------------------------
+
+    def set_remote_zones(self, states: Sequence[ZoneState], synced: dict[str, Any]) -> None:
+        """A zone control plane takes the other zones' states from the global: each
+        becomes a ``RemoteZone`` row (gone ones are deleted), a service only they
+        run gets a VIP here, one no zone runs any more goes. `synced` is the
+        ``ZoneSync`` row's new spec."""
+        wanted = {s.zone: internal_doc(REMOTE_ZONE_KIND, s.zone, s.to_json()) for s in states}
+        current = {k[2] for k in self.resources if k[0] == REMOTE_ZONE_KIND}
+        before = {k for zone in current for k in _remote_entries(self._remote_doc(zone))}
+        for zone in sorted(current - set(wanted)):
+            self._set_resource((REMOTE_ZONE_KIND, DEFAULT_NAMESPACE, zone), None)
+        for zone, doc in sorted(wanted.items()):
+            key = (REMOTE_ZONE_KIND, DEFAULT_NAMESPACE, zone)
+            if self.resources.get(key) != doc:
+                self._set_resource(key, doc)
+        for skey in sorted(self._remote):
+            if skey not in self.services:
+                entry = min(self._remote[skey].values(), key=lambda e: e.zone)
+                vip = str(ipaddress.IPv4Address(self._vips.lowest_free()))
+                self._set_service(skey, ServiceRecord(skey[0], skey[1], vip, entry.port))
+        for skey in sorted(before - set(self._remote)):
+            self._prune(skey)
+        self.put_internal(ZONE_SYNC_KIND, "global", synced)
+
+    def apply_global(
+        self, docs: Sequence[dict[str, Any]], zones: Sequence[ZoneState], synced: dict[str, Any]
+    ) -> None:
+        """(Zone) Take the global control plane's configuration: its resources
+        replace this zone's (except the grants of this zone's own join tokens, which
+        name its nodes), and the other `zones` become remote entries."""
+        wanted = {resource_key(doc): doc for doc in docs}
+        for key in sorted(self.resources):
+            local = key[0] == GRANT_KIND and key[2].startswith(grant_rules.TOKEN_GRANT_PREFIX)
+            if key[0] not in INTERNAL_KINDS and not local and key not in wanted:
+                self._set_resource(key, None)
+        for key, doc in sorted(wanted.items()):
+            if key[0] in INTERNAL_KINDS:
+                raise RegistryError(f"the global sent an internal row {'/'.join(key)}")
+            if self.resources.get(key) != doc:
+                self._set_resource(key, doc)
+        self.set_remote_zones(zones, synced)
+
+    def put_internal(self, kind: str, name: str, spec: dict[str, Any] | None) -> None:
+        """Set (None: delete) the internal row `kind`/`name`, when it differs."""
+        key = (kind, DEFAULT_NAMESPACE, name)
+        doc = internal_doc(kind, name, spec) if spec is not None else None
+        if self.resources.get(key) != doc:
+            self._set_resource(key, doc)
+
+    def internal(self, kind: str) -> dict[str, dict[str, Any]]:
+        """The internal rows of `kind`: name -> spec."""
+        return {k[2]: d["spec"] for k, d in sorted(self.resources.items()) if k[0] == kind}
+
+    def _remote_doc(self, zone: str) -> dict[str, Any] | None:
+        return self.resources.get((REMOTE_ZONE_KIND, DEFAULT_NAMESPACE, zone))
+
+    def enroll_zone(self, zone: str, now: float, intermediate: str, keep: int = 2) -> None:
+        """(Global) Zone `zone` enrolled with the `intermediate` CA (PEM) issued to
+        it: from now on its control plane is known by a certificate that
+        intermediate signed, and may publish its state. Enrolling again (a new zone
+        control plane) keeps the state published and the `keep` - 1 intermediates
+        before."""
+        check_label(zone, "zone")
+        spec = dict(self.internal(ZONE_KIND).get(zone) or {"state": None})
+        spec["enrolled_at"] = now
+        spec["intermediates"] = [*spec.get("intermediates", []), intermediate][-keep:]
+        self.put_internal(ZONE_KIND, zone, spec)
+
+    def put_zone_state(self, state: ZoneState, now: float) -> int:
+        """(Global) Keep what zone `state.zone` published, unless the state kept is
+        of a newer generation; the generation kept. What other zones get of it is
+        decided when they read it (:meth:`zone_states`), so a grant change applies
+        to what was published before it."""
+        spec = self.internal(ZONE_KIND).get(state.zone)
+        if spec is None:
+            raise RegistryError(f"zone {state.zone!r} is not enrolled", status=403)
+        kept = spec.get("state") or None
+        if kept is not None and kept["generation"] > state.generation:
+            return int(kept["generation"])
+        self.put_internal(
+            ZONE_KIND, state.zone, {**spec, "state": state.to_json(), "received_at": now}
+        )
+        return state.generation
+
+    def zone_states(self) -> dict[str, tuple[ZoneState, list[str]]]:
+        """(Global) By zone: the state it last published, with only the services
+        whose identity an IdentityGrant gives the zone (a zone cannot publish
+        endpoints of a namespace or service account it was not granted), and what
+        was left out and why. A zone that published nothing yet is left out."""
+        out = {}
+        for zone, spec in self.internal(ZONE_KIND).items():
+            if not spec.get("state"):
+                continue
+            state = ZoneState.from_json(spec["state"], f"Zone/{zone}")
+            services, refused = [], []
+            for s in state.services:
+                if self.grants.decide("", zone, s.namespace, s.service_account).allowed:
+                    services.append(s)
+                else:
+                    refused.append(
+                        f"{s.namespace}/{s.name}: zone {zone} is not granted identity "
+                        f"{s.namespace}/{s.service_account}; at the global control plane, "
+                        f"`meshnode apply` an IdentityGrant with zones: [{zone}] and that "
+                        "identity"
+                    )
+            allowed = ZoneState(
+                zone, state.generation, state.ingress_ip, state.ingress_port, tuple(services)
+            )
+            out[zone] = (allowed, refused)
+        return out
+
+    def zone_services(self) -> tuple[ZoneService, ...]:
+        """What this zone publishes to the others: each service with endpoints here,
+        under the one identity its endpoints prove across zones (the least by name,
+        as the destination node proxy picks it: ztunnel/tls.py zone_identities) and
+        how many endpoints have it."""
+        out = []
+        for skey in sorted(self._endpoints):
+            eps = self._endpoints[skey]
+            svc = self.services.get(skey)
+            if not eps or svc is None:
+                continue
+            account = min(e.service_account for e in eps.values())
+            count = sum(1 for e in eps.values() if e.service_account == account)
+            out.append(ZoneService(skey[0], skey[1], svc.port, account, count))
+        return tuple(out)
 
     def register_workload(
         self, wl: WorkloadRecord, limit: int = DEFAULT_MAX_WORKLOADS_PER_NODE
@@ -647,7 +817,7 @@ class Registry:
 
     def delete_resource(self, kind: str, namespace: str, name: str) -> None:
         key = (kind, namespace, name)
-        if key not in self.resources:
+        if key not in self.resources or kind in INTERNAL_KINDS:
             raise RegistryError(f"{kind} {namespace}/{name} not found", status=404)
         self._set_resource(key, None)
 
@@ -696,6 +866,7 @@ class Registry:
             vip=svc.vip,
             ports=(wire.ServicePort(svc.port, svc.port),),
             endpoints=tuple(endpoints[k] for k in sorted(endpoints)),
+            remote=tuple(entry for _, entry in sorted(self._remote.get(key, {}).items())),
         )
 
     def service_docs(self) -> dict[ServiceKey, ServiceDoc]:
@@ -808,7 +979,11 @@ class Registry:
 
     def _node_resources(self) -> list[tuple[ResourceKey, dict[str, Any]]]:
         # Grants are for the control plane, not for nodes.
-        return [(k, d) for k, d in sorted(self.resources.items()) if k[0] != GRANT_KIND]
+        return [
+            (k, d)
+            for k, d in sorted(self.resources.items())
+            if k[0] != GRANT_KIND and k[0] not in INTERNAL_KINDS
+        ]
 
     def _revocations(self) -> tuple[wire.Revocation, ...]:
         return tuple(
@@ -866,12 +1041,14 @@ class Registry:
                 add("put" if wnew else "delete", "workload", wkey[1], value, (wkey[0],))
 
         # Services that appeared, went or changed their record: whole documents.
+        # (A change of another zone's entries sends the whole document too.)
         whole: set[ServiceKey] = set()
-        for skey, sold in sorted(t.services.items()):
+        for skey in sorted(set(t.services) | t.remote):
             snew = self.services.get(skey)
-            if sold == snew:
+            if skey in t.services and t.services[skey] != snew:
+                rows.services[skey] = snew
+            elif snew is None or skey not in t.remote:
                 continue
-            rows.services[skey] = snew
             whole.add(skey)
             self._invalidate(skey)
             if snew is None:
@@ -914,10 +1091,12 @@ class Registry:
                 continue
             rows.resources[rkey] = rnew
             kind = "grant" if rkey[0] == GRANT_KIND else "resource"
+            if rkey[0] in INTERNAL_KINDS:
+                kind = "zone"
             if kind == "resource":
                 self._resources_blob = None
             # A grant concerns no node: they see its effect as endpoint changes.
-            nodes = () if kind == "grant" else None
+            nodes = () if kind in ("grant", "zone") else None
             add("put" if rnew else "delete", kind, "/".join(rkey), rnew, nodes)
         revoked_changed = False
         for name, vold in t.revoked.items():
@@ -941,6 +1120,18 @@ class Registry:
         self._service_json.pop(skey, None)
         self._services_blob = None
         self._scoped_blobs.clear()
+
+
+def internal_doc(kind: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """An internal row in the shape of a resource document (so the store keeps it)."""
+    return {"kind": kind, "metadata": {"name": name}, "spec": spec}
+
+
+def _remote_entries(doc: Mapping[str, Any] | None) -> dict[ServiceKey, RemoteZoneDoc]:
+    if doc is None:
+        return {}
+    path = f"RemoteZone/{doc['metadata']['name']}"
+    return ZoneState.from_json(doc["spec"], path).remote_entries()
 
 
 def _dumps(value: Any) -> bytes:

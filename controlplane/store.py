@@ -43,7 +43,12 @@ from meshnode.controlplane.registry import (
     ServiceRecord,
     WorkloadRecord,
 )
-from meshnode.controlplane.tokens import TokenRecord, enrollment_address, verify_token
+from meshnode.controlplane.tokens import (
+    ZONE_TOKEN_NODE,
+    TokenRecord,
+    enrollment_address,
+    verify_token,
+)
 from meshnode.core.errors import MeshnodeError
 from meshnode.core.pki import root_pin
 from meshnode.core.token import JoinToken
@@ -563,6 +568,32 @@ class Store:
             reg.put_node(node)
             reg.set_token_grant(name, record.identities)
             return node
+
+        return self.mutate(fn)
+
+    def check_zone_token(self, token: JoinToken, zone: str, now: float) -> str:
+        """(Global) The zone `token` would enroll a zone control plane for (read
+        only, before anything is signed); TokenError otherwise."""
+        with self._b.transaction(write=False) as tx:
+            record = _load_token(tx, token.id)
+        return verify_token(record, token, ZONE_TOKEN_NODE, zone, now)
+
+    def enroll_zone(
+        self, token: JoinToken, zone: str, now: float, intermediate: str, keep: int
+    ) -> tuple[int, str]:
+        """(Global) Consume `token` and enroll the zone it names with the
+        `intermediate` CA certificate issued to it (keeping its last `keep`); or
+        raise TokenError changing nothing. (revision, zone)."""
+
+        def fn(tx: _Tx, reg: Registry, rev: int) -> str:
+            record = _load_token(tx, token.id, self._b.lock_suffix)
+            granted = verify_token(record, token, ZONE_TOKEN_NODE, zone, now)
+            tx.rows(
+                "UPDATE tokens SET used_at = ?, used_by = ? WHERE id = ?",
+                (now, f"zone {granted}", token.id),
+            )
+            reg.enroll_zone(granted, now, intermediate, keep)
+            return granted
 
         return self.mutate(fn)
 

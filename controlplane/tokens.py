@@ -24,9 +24,13 @@ __all__ = [
     "make_token",
     "secret_hash",
     "verify_token",
+    "ZONE_TOKEN_NODE",
 ]
 
 DEFAULT_TOKEN_TTL = 3600.0
+# The `node` of a token that enrolls a zone control plane with the global one (not
+# a node name: a node can never enroll with it, nor a zone with a node's token).
+ZONE_TOKEN_NODE = "@zone"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,12 @@ def verify_token(
     """Raise TokenError unless `token` (matching `record`) lets node `name` enroll now.
     Returns the zone the node gets (the token's, or the requested one when the token
     names none)."""
+    hint = (
+        f"meshnode token create --zone-controlplane {zone or '<zone>'} (at the global "
+        "control plane)"
+        if name == ZONE_TOKEN_NODE
+        else f"meshnode token create --node {name}"
+    )
     # Compare the secret before telling used/expired apart, so a guesser learns nothing.
     expected = record.secret_sha256 if record is not None else "0" * 64
     ok = hmac.compare_digest(secret_hash(token.secret), expected)
@@ -98,19 +108,28 @@ def verify_token(
         raise TokenError(
             401,
             f"unknown token {token.id}: it was never issued here or its secret is wrong; "
-            f"create one with: meshnode token create --node {name}",
+            f"create one with: {hint}",
         )
     if record.used_at is not None:
         raise TokenError(
             401,
-            f"token {token.id} was already used (by node {record.used_by or '?'}); tokens are "
-            f"single-use: meshnode token create --node {name}",
+            f"token {token.id} was already used (by {record.used_by or '?'}); tokens are "
+            f"single-use: {hint}",
         )
     if now >= record.expires_at:
         raise TokenError(
             401,
             f"token {token.id} expired {now - record.expires_at:.0f}s ago; "
-            f"create a new one: meshnode token create --node {name}",
+            f"create a new one: {hint}",
+        )
+    if record.node != name and ZONE_TOKEN_NODE in (name, record.node):
+        raise TokenError(
+            403,
+            f"token {token.id} is for "
+            + ("a zone control plane" if record.node == ZONE_TOKEN_NODE else "a node")
+            + ", not for "
+            + ("a zone control plane" if name == ZONE_TOKEN_NODE else f"node {name}")
+            + f"; create the right one: {hint}",
         )
     if record.node != name:
         raise TokenError(

@@ -34,6 +34,10 @@ __all__ = [
     "NODE_WORKLOAD",
     "NODE_WORKLOADS",
     "TRUST_BUNDLE",
+    "ADMIN_ZONES",
+    "ZONE_CONFIG",
+    "ZONE_ENROLL",
+    "ZONE_STATE",
     "path",
 ]
 
@@ -75,6 +79,12 @@ ADMIN_SERVICES = "/v1/admin/services"
 ADMIN_WORKLOADS = "/v1/admin/workloads"
 ADMIN_WORKLOAD = "/v1/admin/workloads/{node}/{name}"
 ADMIN_CA_ROTATE = "/v1/admin/ca/rotate"
+ADMIN_ZONES = "/v1/admin/zones"
+
+# A zone control plane and the global one (docs/multizone.md).
+ZONE_ENROLL = "/v1/zone/enroll"
+ZONE_STATE = "/v1/zone/state"
+ZONE_CONFIG = "/v1/zone/config"
 
 
 def path(template: str, **values: str) -> str:

@@ -6,6 +6,8 @@ Pure functions and values, no I/O. The only accepted SPIFFE ID shape is
 
 Nodes and the control plane have SPIFFE IDs of their own, which never parse as
 a workload's: ``spiffe://<td>/node/<name>`` and ``spiffe://<td>/controlplane``.
+A zone control plane authenticates to the global control plane as
+``spiffe://<td>/zone/<zone>/controlplane``, which is neither a workload's nor a node's.
 
 Namespace and service account must be DNS labels and the trust domain a DNS name,
 because the node proxy encodes an identity into TLS SNI as
@@ -33,6 +35,8 @@ __all__ = [
     "single_uri_san",
     "spiffe_id_from_certificate",
     "validate_trust_domain",
+    "zone_controlplane_uri",
+    "zone_of_controlplane_certificate",
 ]
 
 SCHEME_PREFIX = "spiffe://"
@@ -306,6 +310,44 @@ def node_name_from_certificate(cert: x509.Certificate, trust_domain: str) -> str
         return None
     name = uris[0][len(prefix) :]
     return name if _LABEL.fullmatch(name) else None
+
+
+def zone_controlplane_uri(trust_domain: str, zone: str) -> str:
+    """The SPIFFE ID of a zone control plane's client certificate, with which it
+    authenticates to the global control plane: ``spiffe://<td>/zone/<zone>/controlplane``.
+    IdentityError unless `zone` is a DNS label."""
+    if not isinstance(zone, str):
+        raise IdentityError(f"zone must be a string, not {type(zone).__name__}")
+    _check_label(zone, "zone")
+    return f"{SCHEME_PREFIX}{trust_domain}/zone/{zone}/controlplane"
+
+
+def zone_of_controlplane_certificate(cert: x509.Certificate, trust_domain: str) -> str | None:
+    """The zone of a zone control plane's certificate of `trust_domain` (exactly one
+    URI SAN ``spiffe://<td>/zone/<zone>/controlplane`` with `zone` a DNS label), or
+    None for anything else."""
+    uri = _only_uri_san(cert)
+    prefix = f"{SCHEME_PREFIX}{trust_domain}/zone/"
+    suffix = "/controlplane"
+    if (
+        uri is None
+        or len(uri) <= len(prefix) + len(suffix)
+        or not uri.startswith(prefix)
+        or not uri.endswith(suffix)
+    ):
+        return None
+    zone = uri[len(prefix) : -len(suffix)]
+    return zone if _LABEL.fullmatch(zone) else None
+
+
+def _only_uri_san(cert: x509.Certificate) -> str | None:
+    """The URI SAN of `cert` when it carries exactly one, else None."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (x509.ExtensionNotFound, ValueError, x509.DuplicateExtension):
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uris[0] if len(uris) == 1 else None
 
 
 def single_uri_san(der: bytes | None) -> str:

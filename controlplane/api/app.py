@@ -36,13 +36,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from meshnode.controlplane.ca import CertificateAuthority, RotatingCA
 from meshnode.controlplane.console import Console
 from meshnode.controlplane.metrics import parse_metrics_listen
-from meshnode.controlplane.registry import RegistryError
+from meshnode.controlplane.registry import ZONE_KIND, RegistryError
 from meshnode.controlplane.reports import ReportBook
 from meshnode.controlplane.store import Store, StoreError
+from meshnode.controlplane.zonesync import ZoneSync, enroll_zone, parse_ingress
 from meshnode.core import api
 from meshnode.core.errors import ApiError
 from meshnode.core.fsutil import write_file_atomic
-from meshnode.core.identity import node_name_from_certificate
+from meshnode.core.identity import node_name_from_certificate, zone_of_controlplane_certificate
 from meshnode.core.pki import generate_private_key, root_pin
 from meshnode.core.token import TokenError
 
@@ -52,6 +53,7 @@ from .messages import ControlPlaneConfig, Request, Response, json_response
 from .routes import MAX_BODY, ROUTES, Route
 from .state import StateCache
 from .watch import Watch
+from .zones import Zones, zone_of_certificate
 
 __all__ = [
     "ADMIN_SOCKET_FILE",
@@ -239,7 +241,7 @@ async def _json_errors(request: web.Request, handler: Endpoint) -> web.StreamRes
         return _to_web(json_response(404, {"error": f"no such endpoint {request.path}{hint}"}))
 
 
-class ControlPlane(Watch):
+class ControlPlane(Watch, Zones):
     def __init__(self, store: Store, config: ControlPlaneConfig) -> None:
         self.store = store
         self.config = config
@@ -260,6 +262,7 @@ class ControlPlane(Watch):
         self._stopping = False
         self.admin_token: str = ""
         self.port = 0
+        self.zone_sync: ZoneSync | None = None  # mode "zone": the sync with the global
 
     # -- the application -------------------------------------------------------------
 
@@ -314,7 +317,10 @@ class ControlPlane(Watch):
                 )
             # A watch answered is routine (ten thousand nodes: ten thousand lines a
             # change); everything else, and every failure, is logged at info.
-            routine = response.status == 200 and route.handler == "get_node_config"
+            routine = response.status == 200 and route.handler in (
+                "get_node_config",
+                "get_zone_config",
+            )
             log.log(
                 logging.DEBUG if routine else logging.INFO,
                 "%s %s peer=%s status=%d %.1fms",
@@ -347,6 +353,18 @@ class ControlPlane(Watch):
             )
             req.identity = f"node/{name}"
             return (name,)
+        if auth is Auth.ZONE:
+            self._global_only()
+            ca = self._ca()
+            zones = self.cache.registry.internal(ZONE_KIND)
+            cert = req.peer_cert
+            claimed = zone_of_controlplane_certificate(cert, ca.trust_domain) if cert else None
+            if claimed is not None and claimed not in zones:
+                await self.cache.refresh()  # enrolled a moment ago, maybe elsewhere
+                zones = self.cache.registry.internal(ZONE_KIND)
+            zone = zone_of_certificate(req.peer_cert, self.config.trust_domain, ca, zones)
+            req.identity = f"zone/{zone}"
+            return (zone,)
         if auth is Auth.ADMIN and local:
             uid = _peer_uid(request)
             if not local_admin_allowed(uid, os.getuid()):
@@ -379,9 +397,18 @@ class ControlPlane(Watch):
     async def start(self, host: str, port: int) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if cfg.mode == "zone":  # the zone's CA comes from the global (zonesync.py)
+            await enroll_zone(
+                self.store, cfg.zone, cfg.global_url, cfg.global_token, cfg.trust_domain
+            )
         ca = await asyncio.to_thread(
             self.store.ensure_ca, lambda: CertificateAuthority.create(cfg.trust_domain)
         )
+        if cfg.mode == "zone" and ca.active.holds_root_key:
+            raise StoreError(
+                f"the database holds a CA of its own, not one issued by a global control "
+                f"plane: a zone control plane needs a database of its own (zone {cfg.zone})"
+            )
         if ca.trust_domain != cfg.trust_domain:
             raise StoreError(
                 f"the database holds a CA for trust domain {ca.trust_domain!r}, not "
@@ -420,6 +447,12 @@ class ControlPlane(Watch):
                 lambda: self.metrics.observe_state(cache.revision, cache.registry),
             )
         self._spawn(self._watch_loop())
+        if cfg.mode == "zone":
+            ingress = parse_ingress(cfg.zone_ingress) if cfg.zone_ingress else None
+            self.zone_sync = ZoneSync(
+                self.store, self.cache, cfg.zone, cfg.global_url, ingress, lambda: self._stopping
+            )
+            self._spawn(self.zone_sync.run())
         log.info(
             "control plane serving on %s:%d (trust domain %s, revision %d)",
             host,

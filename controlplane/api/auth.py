@@ -27,6 +27,7 @@ class Auth(enum.Enum):
     PUBLIC = "public"  # anyone (the trust bundle)
     TOKEN = "token"  # a one-time join token in the body, checked by the store (enroll)
     NODE = "node"  # the client certificate of a registered node
+    ZONE = "zone"  # the client certificate of an enrolled zone's control plane (global only)
     ADMIN = "admin"  # root on the admin Unix socket, or 'Authorization: Bearer <admin token>'
 
 

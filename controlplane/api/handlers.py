@@ -21,7 +21,7 @@ from meshnode.controlplane.grants import token_grant
 from meshnode.controlplane.registry import RegistryError
 from meshnode.controlplane.reports import ReportBook
 from meshnode.controlplane.store import Store
-from meshnode.controlplane.tokens import DEFAULT_TOKEN_TTL, make_token
+from meshnode.controlplane.tokens import DEFAULT_TOKEN_TTL, ZONE_TOKEN_NODE, make_token
 from meshnode.core import api
 from meshnode.core.contracts.report import NodeReport
 from meshnode.core.errors import ApiError
@@ -66,6 +66,7 @@ class Handlers:
             zone = body.get("zone", "") or ""
             if zone:
                 reg.check_label(zone, "zone")
+            zone = self._own_zone(zone)
             claimed = reg.check_ip(body["ip"], "ip") if body.get("ip") else ""
         except RegistryError as exc:
             raise ApiError(400, str(exc)) from None
@@ -198,8 +199,38 @@ class Handlers:
 
     # -- admin API ------------------------------------------------------------------------
 
+    def _own_zone(self, zone: str) -> str:
+        """A zone control plane's nodes are in its zone, and no other."""
+        if self.config.mode != "zone":
+            return zone
+        if zone and zone != self.config.zone:
+            raise ApiError(
+                400,
+                f"this is zone {self.config.zone}'s control plane: its nodes are in zone "
+                f"{self.config.zone}, not {zone}; enroll with that zone's control plane",
+            )
+        return self.config.zone
+
+    def _not_in_zone(self, what: str) -> None:
+        """Policies, grants and the root are the global control plane's (multi-zone)."""
+        if self.config.mode == "zone":
+            raise ApiError(
+                409,
+                f"this is zone {self.config.zone}'s control plane: {what} at the global "
+                f"control plane ({self.config.global_url}); it reaches every zone from there",
+            )
+
     async def post_admin_token(self, req: Request) -> Response:
         body = req.json()
+        if body.get("zone_controlplane") is not None:
+            return await self._zone_token(body)
+        if self.config.mode == "global":
+            raise ApiError(
+                400,
+                "this is the global control plane: nodes enroll with their zone's control "
+                "plane (make the token there); here, make zone control plane tokens: "
+                "meshnode token create --zone-controlplane <zone>",
+            )
         try:
             node = reg.check_label(body.get("node"), "node")
             zone = body.get("zone", "") or ""
@@ -207,6 +238,7 @@ class Handlers:
                 reg.check_label(zone, "zone")
         except RegistryError as exc:
             raise ApiError(400, str(exc)) from None
+        zone = self._own_zone(zone)
         ttl = body.get("ttl_seconds", DEFAULT_TOKEN_TTL)
         if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
             raise ApiError(400, f"ttl_seconds: {ttl!r} must be a positive number")
@@ -238,7 +270,32 @@ class Handlers:
             },
         )
 
+    async def _zone_token(self, body: dict[str, object]) -> Response:
+        """A token that enrolls zone `zone_controlplane`'s control plane (global)."""
+        if self.config.mode != "global":
+            raise ApiError(
+                400,
+                "zone control plane tokens are made at the global control plane "
+                "(`meshnode controlplane run --mode global`)",
+            )
+        try:
+            zone = reg.check_label(body.get("zone_controlplane"), "zone_controlplane")
+        except RegistryError as exc:
+            raise ApiError(400, str(exc)) from None
+        ttl = body.get("ttl_seconds", DEFAULT_TOKEN_TTL)
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or ttl <= 0:
+            raise ApiError(400, f"ttl_seconds: {ttl!r} must be a positive number")
+        pin = root_pin(
+            self._ca().serving().root_certificate.public_bytes(serialization.Encoding.DER)
+        )
+        token, record = make_token(ZONE_TOKEN_NODE, zone, float(ttl), pin, time.time())
+        await asyncio.to_thread(self.store.create_token, record)
+        return json_response(
+            200, {"token": token, "expires_at": record.expires_at, "zone_controlplane": zone}
+        )
+
     async def post_admin_resources(self, req: Request) -> Response:
+        self._not_in_zone("apply policies and grants")
         try:
             text = req.body.decode("utf-8")
         except UnicodeDecodeError:
@@ -264,7 +321,8 @@ class Handlers:
         items = [
             doc
             for (k, n, nm), doc in sorted(self.cache.registry.resources.items())
-            if (kind is None or k == kind)
+            if k not in reg.INTERNAL_KINDS
+            and (kind is None or k == kind)
             and (ns is None or n == ns)
             and (name is None or nm == name)
         ]
@@ -273,6 +331,7 @@ class Handlers:
     async def delete_admin_resource(
         self, req: Request, kind: str, namespace: str, name: str
     ) -> Response:
+        self._not_in_zone("delete policies and grants")
         revision, _ = await asyncio.to_thread(
             self.store.mutate,
             lambda tx, r, rev: r.delete_resource(kind, namespace, name),
@@ -348,6 +407,7 @@ class Handlers:
         return json_response(200, {"revision": revision, "deleted": f"{node}/{name}"})
 
     async def post_admin_rotate(self, req: Request) -> Response:
+        self._not_in_zone("rotate the root CA")
         body = req.json()
         # The shortest overlap that locks no node out (ca.minimum_rotation_overlap);
         # `force` (a compromised root) retires the old one sooner, knowingly.

@@ -51,6 +51,13 @@ class ControlPlaneConfig:
     # HOST:PORT of the plain-HTTP Prometheus listener (controlplane/metrics.py);
     # empty: none. It has no auth: bind it to loopback or a monitoring network.
     metrics_listen: str = ""
+    # Multi-zone (docs/multizone.md): "single" (one control plane, as ever),
+    # "global" (zones enroll with it) or "zone" (one zone's, synced with `global_url`).
+    mode: str = "single"
+    zone: str = ""  # mode "zone": this zone's name
+    global_url: str = ""  # mode "zone": https://HOST:PORT of the global control plane
+    global_token: str = ""  # mode "zone": the zone join token, for the first start
+    zone_ingress: str = ""  # mode "zone": HOST:PORT other zones reach this zone's ingress at
 
     @property
     def admin_socket_path(self) -> Path:

@@ -17,6 +17,7 @@ __all__ = ["MAX_BODY", "ROUTES", "SMALL_BODY", "Route"]
 
 MAX_BODY = 4 << 20  # policy YAML
 SMALL_BODY = 64 << 10  # JSON with a CSR or a few fields
+ZONE_STATE_BODY = 2 << 20  # a zone's services (core/contracts/zone.py MAX_ZONE_SERVICES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,4 +48,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", api.ADMIN_WORKLOADS, "get_admin_workloads", Auth.ADMIN),
     Route("DELETE", api.ADMIN_WORKLOAD, "delete_admin_workload", Auth.ADMIN),
     Route("POST", api.ADMIN_CA_ROTATE, "post_admin_rotate", Auth.ADMIN, SMALL_BODY),
+    Route("GET", api.ADMIN_ZONES, "get_admin_zones", Auth.ADMIN),
+    Route("POST", api.ZONE_ENROLL, "post_zone_enroll", Auth.TOKEN, SMALL_BODY),
+    Route("PUT", api.ZONE_STATE, "put_zone_state", Auth.ZONE, ZONE_STATE_BODY),
+    Route("GET", api.ZONE_CONFIG, "get_zone_config", Auth.ZONE),
 )

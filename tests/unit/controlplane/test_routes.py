@@ -55,9 +55,13 @@ def test_every_route_declares_its_auth_once() -> None:
             assert r.auth is Auth.NODE, r
         elif r.path.startswith("/v1/admin/"):
             assert r.auth is Auth.ADMIN, r
+        elif r.path == api.ZONE_ENROLL:
+            assert r.auth is Auth.TOKEN, r
+        elif r.path.startswith("/v1/zone/"):
+            assert r.auth is Auth.ZONE, r
         else:
             assert r.auth in (Auth.PUBLIC, Auth.TOKEN), r
-        assert (r.max_body > 0) == (r.method == "POST"), r
+        assert (r.max_body > 0) == (r.method in ("POST", "PUT")), r
     assert (("POST", api.ENROLL) in seen) and (("GET", api.TRUST_BUNDLE) in seen)
 
 

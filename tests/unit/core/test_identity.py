@@ -13,8 +13,13 @@ from cryptography.x509.oid import NameOID
 from meshnode.core.identity import (
     IdentityError,
     SpiffeId,
+    controlplane_uri,
+    node_name_from_certificate,
+    node_uri,
     spiffe_id_from_certificate,
     validate_trust_domain,
+    zone_controlplane_uri,
+    zone_of_controlplane_certificate,
 )
 
 LABEL_63 = "a" * 63
@@ -265,3 +270,57 @@ def test_zone_sni_must_stay_a_dns_name() -> None:
     long_label = "z" * 63
     with pytest.raises(IdentityError, match="longer than 253"):
         ZoneSni(long_label, long_label, 80, long_label, long_label + ".example.org")
+
+
+# --- zone control planes ------------------------------------------------------------
+
+
+def test_zone_controlplane_uri() -> None:
+    assert zone_controlplane_uri("cluster.local", "zone-a") == (
+        "spiffe://cluster.local/zone/zone-a/controlplane"
+    )
+    assert zone_controlplane_uri("td", LABEL_63) == f"spiffe://td/zone/{LABEL_63}/controlplane"
+
+
+@pytest.mark.parametrize(
+    ("zone", "message"),
+    [
+        ("", "zone is empty"),
+        ("Zone-A", "not a DNS label"),
+        ("zone_a", "not a DNS label"),
+        ("a.b", "not a DNS label"),
+        ("a/b", "not a DNS label"),
+        ("-a", "not a DNS label"),
+        ("a" * 64, "longer than 63"),
+        (None, "must be a string"),
+    ],
+)
+def test_zone_controlplane_uri_rejects(zone: Any, message: str) -> None:
+    with pytest.raises(IdentityError, match=message):
+        zone_controlplane_uri("cluster.local", zone)
+
+
+def test_zone_controlplane_certificate_is_read_back() -> None:
+    uri = zone_controlplane_uri("cluster.local", "zone-a")
+    cert = _certificate([URI(uri), x509.DNSName("cp.zone-a.example")])
+    assert zone_of_controlplane_certificate(cert, "cluster.local") == "zone-a"
+    assert zone_of_controlplane_certificate(cert, "example.org") is None
+
+
+def test_zone_controlplane_id_is_neither_a_workload_nor_a_node() -> None:
+    td = "cluster.local"
+    zone_cp = zone_controlplane_uri(td, "zone-a")
+    with pytest.raises(IdentityError, match="path /ns/"):
+        SpiffeId.parse(zone_cp)
+    with pytest.raises(IdentityError, match="path /ns/"):
+        spiffe_id_from_certificate(_certificate([URI(zone_cp)]))
+    assert node_name_from_certificate(_certificate([URI(zone_cp)]), td) is None
+    # ... and no other identity is a zone control plane's.
+    for other in (
+        node_uri(td, "zone-a"),
+        controlplane_uri(td),
+        SpiffeId(td, "zone", "controlplane").uri,
+        SpiffeId(td, "zone-a", "controlplane").uri,
+    ):
+        assert zone_of_controlplane_certificate(_certificate([URI(other)]), td) is None
+    assert zone_of_controlplane_certificate(_certificate(None), td) is None
