@@ -711,8 +711,17 @@ class Registry:
         check_label(zone, "zone")
         spec = dict(self.internal(ZONE_KIND).get(zone) or {"state": None})
         spec["enrolled_at"] = now
-        spec["intermediates"] = [*spec.get("intermediates", []), intermediate][-keep:]
         self.put_internal(ZONE_KIND, zone, spec)
+        self.add_zone_intermediate(zone, intermediate, keep)
+
+    def add_zone_intermediate(self, zone: str, intermediate: str, keep: int = 2) -> None:
+        """(Global) A new intermediate issued to enrolled zone `zone` (after a root
+        rotation); its last `keep` are kept, newest last."""
+        spec = self.internal(ZONE_KIND).get(zone)
+        if spec is None:
+            raise RegistryError(f"zone {zone!r} is not enrolled", status=403)
+        kept = [*spec.get("intermediates", []), intermediate][-keep:]
+        self.put_internal(ZONE_KIND, zone, {**spec, "intermediates": kept})
 
     def put_zone_state(self, state: ZoneState, now: float) -> int:
         """(Global) Keep what zone `state.zone` published, unless the state kept is

@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from meshnode.controlplane.ca import CAError, CertificateAuthority
+from meshnode.controlplane.ca import CAError, CertificateAuthority, RotatingCA
 from meshnode.controlplane.registry import ZONE_SYNC_KIND
 from meshnode.controlplane.store import Store
 from meshnode.core import api
@@ -352,8 +352,61 @@ class ZoneSync:
             self._recovered("apply")
             after = answer.revision
 
+    async def follow_roots(self, bundle_pem: str) -> None:
+        """Keep this zone's CA in step with the global's roots (a root rotation at
+        the global reaches the zone here): when the global signs with a root this
+        zone's intermediate is not under, ask for a new intermediate and sign with
+        it from now on, keeping the old one trusted; retire a root the global no
+        longer trusts. The global's overlap is the zone's."""
+        ca = self.cache.ca
+        if ca is None:
+            return
+        try:
+            roots = x509.load_pem_x509_certificates(bundle_pem.encode())
+        except ValueError as exc:
+            raise ZoneSyncError(f"the global sent an unreadable trust bundle: {exc}") from None
+        renew, retire = plan_roots(ca, roots)
+        new: CertificateAuthority | None = None
+        if renew:
+            key = generate_private_key()
+            csr = make_node_csr(key, None, f"zone-{self.zone}").decode()
+            data = await self._call("POST", api.ZONE_INTERMEDIATE, {"intermediate_csr": csr})
+            try:
+                inter = x509.load_pem_x509_certificate(str(data["intermediate"]).encode())
+                root = next(r for r in roots if _issued_by(inter, r))
+                new = CertificateAuthority.for_zone(root, inter, key)
+            except (KeyError, ValueError, StopIteration, CAError) as exc:
+                raise ZoneSyncError(
+                    f"the global sent no usable intermediate ({exc or 'not under its roots'})"
+                ) from None
+        if new is None and not retire:
+            return
+        now = datetime.now(UTC)
+
+        def rotate(current: RotatingCA) -> RotatingCA:
+            entries = [
+                (c, now if _pin(c) in retire and (r is None or r > now) else r)
+                for c, r in current.entries
+            ]
+            if new is not None:
+                entries.append((new, None))
+            return RotatingCA(entries)
+
+        await asyncio.to_thread(self.store.rotate_ca, rotate)
+        await self.cache.refresh()
+        if new is not None:
+            log.warning(
+                "zone sync: the global signs with root %s now; zone %s has a new intermediate "
+                "under it and keeps the old root trusted while the global does",
+                _pin(new)[:16],
+                self.zone,
+            )
+        for pin in sorted(retire):
+            log.warning("zone sync: root %s retired (the global no longer trusts it)", pin[:16])
+
     async def apply(self, config: ZoneConfig) -> None:
         """Write what the global sent to this zone's store, when it changed."""
+        await self.follow_roots(config.trust_bundle)
         digest = _digest(config, self.zone)
         synced = self.cache.registry.internal(ZONE_SYNC_KIND).get("global", {})
         if synced.get("digest") == digest:
@@ -364,13 +417,7 @@ class ZoneSync:
                     lambda tx, r, rev: r.put_internal(ZONE_SYNC_KIND, "global", spec),
                 )
             return
-        ca = self.cache.ca
-        if ca is not None and config.trust_bundle.strip() != ca.trust_bundle_pem().decode().strip():
-            self._problem(
-                "trust",
-                "the global's trust bundle differs from this zone's (was its root rotated?); "
-                "this zone keeps its own until it is enrolled again",
-            )
+        await self.follow_roots(config.trust_bundle)
         spec = {
             "revision": config.revision,
             "digest": digest,
@@ -389,6 +436,28 @@ class ZoneSync:
             len(docs),
             len(others),
         )
+
+
+def plan_roots(ca: RotatingCA, global_roots: list[x509.Certificate]) -> tuple[bool, set[str]]:
+    """(whether this zone needs a new intermediate, the root pins of its CA entries
+    to retire now), given the roots the global trusts (its bundle, oldest first,
+    the last the one it signs with). Pure."""
+    if not global_roots:
+        return False, set()
+    now = datetime.now(UTC)
+    wanted = {root_pin(r.public_bytes(serialization.Encoding.DER)) for r in global_roots}
+    signing = root_pin(global_roots[-1].public_bytes(serialization.Encoding.DER))
+    renew = _pin(ca.active) != signing
+    retire = {
+        _pin(c)
+        for c, r in ca.entries
+        if c is not ca.active and _pin(c) not in wanted and (r is None or r > now)
+    }
+    return renew, retire
+
+
+def _pin(ca: CertificateAuthority) -> str:
+    return root_pin(ca.root_certificate.public_bytes(serialization.Encoding.DER))
 
 
 def _digest(config: ZoneConfig, zone: str) -> str:

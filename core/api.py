@@ -37,6 +37,7 @@ __all__ = [
     "ADMIN_ZONES",
     "ZONE_CONFIG",
     "ZONE_ENROLL",
+    "ZONE_INTERMEDIATE",
     "ZONE_STATE",
     "path",
 ]
@@ -85,6 +86,7 @@ ADMIN_ZONES = "/v1/admin/zones"
 ZONE_ENROLL = "/v1/zone/enroll"
 ZONE_STATE = "/v1/zone/state"
 ZONE_CONFIG = "/v1/zone/config"
+ZONE_INTERMEDIATE = "/v1/zone/intermediate"  # a new intermediate, after a root rotation
 
 
 def path(template: str, **values: str) -> str:

@@ -9,6 +9,10 @@ ADMIN_PORT = 15000  # config dump, /peer (127.0.0.1)
 METRICS_PORT = 15020  # Prometheus (127.0.0.1)
 READY_PORT = 15021  # readiness (127.0.0.1)
 DNS_PROXY_PORT = 15053  # mesh DNS, UDP and TCP (127.0.0.1); workloads' port 53 is sent here
+# The zone ingress (multi-zone; `ztunnel run --ingress-listen`), where a node runs one.
+# Guarded on every node like the other proxy ports: a local user who bound it first
+# would keep the ingress from starting.
+INGRESS_PORT = 15443
 
 # ztunnel delivers plaintext to local workloads from this address (Istio's choice);
 # STRICT lets only it through.

@@ -29,6 +29,7 @@ from meshnode.core.constants import (
     DELIVERY_ADDRESS,
     DNS_PROXY_PORT,
     HBONE_PORT,
+    INGRESS_PORT,
     METRICS_PORT,
     OUTBOUND_PORT,
     READY_PORT,
@@ -58,7 +59,7 @@ log = logging.getLogger("meshnode.nodeagent")
 
 # The proxy's listeners: only the proxy's cgroup may bind them (and 127.0.0.6).
 PROXY_PORTS = frozenset(
-    {OUTBOUND_PORT, HBONE_PORT, ADMIN_PORT, METRICS_PORT, READY_PORT, DNS_PROXY_PORT}
+    {OUTBOUND_PORT, HBONE_PORT, ADMIN_PORT, METRICS_PORT, READY_PORT, DNS_PROXY_PORT, INGRESS_PORT}
 )
 RENEW_CHECK_EVERY = 30.0  # at the latest; earlier when a certificate's half-life comes
 

@@ -52,4 +52,5 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", api.ZONE_ENROLL, "post_zone_enroll", Auth.TOKEN, SMALL_BODY),
     Route("PUT", api.ZONE_STATE, "put_zone_state", Auth.ZONE, ZONE_STATE_BODY),
     Route("GET", api.ZONE_CONFIG, "get_zone_config", Auth.ZONE),
+    Route("POST", api.ZONE_INTERMEDIATE, "post_zone_intermediate", Auth.ZONE, SMALL_BODY),
 )

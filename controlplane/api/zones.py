@@ -165,6 +165,34 @@ class Zones(Handlers):
             },
         )
 
+    async def post_zone_intermediate(self, req: Request, zone: str) -> Response:
+        """A new intermediate for an enrolled zone, from the global's active root:
+        how a root rotation reaches the zones. The zone asks when the global's trust
+        bundle names a root its CA does not have (zonesync.py)."""
+        self._global_only()
+        csr = req.json().get("intermediate_csr")
+        if not isinstance(csr, str):
+            raise ApiError(400, "intermediate_csr: missing; send a PEM P-256 CSR")
+        ca = self._ca()
+        try:
+            intermediate = ca.active.issue_zone_intermediate(csr.encode(), zone).decode()
+        except CAError as exc:
+            raise ApiError(400, f"intermediate_csr: {exc}") from None
+        revision, _ = await asyncio.to_thread(
+            self.store.mutate,
+            lambda tx, r, rev: r.add_zone_intermediate(zone, intermediate, KEEP_INTERMEDIATES),
+        )
+        await self.cache.refresh()
+        return json_response(
+            200,
+            {
+                "zone": zone,
+                "revision": revision,
+                "trust_bundle": ca.trust_bundle_pem().decode(),
+                "intermediate": intermediate,
+            },
+        )
+
     async def put_zone_state(self, req: Request, zone: str) -> Response:
         self._global_only()
         try:

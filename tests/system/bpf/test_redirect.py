@@ -31,6 +31,8 @@ from meshnode.bpf.layout import (
 )
 from meshnode.bpf.loader import MeshBpf
 from meshnode.bpf.pinned import OrigDst, OrigDstTable, open_pinned
+from meshnode.core.constants import INGRESS_PORT
+from meshnode.nodeagent.agent import PROXY_PORTS
 from tests.support.bpf import (
     MESH_PROGRAM_NAMES,
     MESH_PROGRAMS,
@@ -388,7 +390,8 @@ def test_a_stale_record_is_refused(env: Env) -> None:
 
 def test_only_the_proxy_binds_its_address_and_ports(env: Env) -> None:
     """Attack: a local process binds the proxy's delivery address (to pass STRICT)
-    or a proxy port. With the guard on, only the proxy's cgroup may."""
+    or a proxy port (the zone ingress's among them: bound first, it would keep the
+    ingress from starting). With the guard on, only the proxy's cgroup may."""
     proxy_cg = env.parent / "proxy"
     proxy_cg.mkdir()
     code = (
@@ -409,6 +412,7 @@ def test_only_the_proxy_binds_its_address_and_ports(env: Env) -> None:
         "127.0.0.1:15008",
         "[::ffff:127.0.0.6]:0",
         "[::]:15008",
+        f"0.0.0.0:{INGRESS_PORT}",
         "127.0.0.1:0",
         "127.0.0.7:0",
     ]
@@ -425,14 +429,14 @@ def test_only_the_proxy_binds_its_address_and_ports(env: Env) -> None:
 
     try:
         # Guard off (the agent has not set it): anyone may.
-        assert bind_from(env.other) == ["ok"] * 6
-        env.mesh.guard_proxy({cgroup_id(proxy_cg)}, {15008})
+        assert bind_from(env.other) == ["ok"] * 7
+        env.mesh.guard_proxy({cgroup_id(proxy_cg)}, PROXY_PORTS)  # what the agent guards
         denied = ["Operation", "not", "permitted"]
         got = bind_from(env.other)
-        assert got[: 4 * len(denied)] == denied * 4, got
-        assert got[4 * len(denied) :] == ["ok", "ok"], got
+        assert got[: 5 * len(denied)] == denied * 5, got
+        assert got[5 * len(denied) :] == ["ok", "ok"], got
         assert bind_from(env.member)[: len(denied)] == denied  # a workload is no proxy
-        assert bind_from(proxy_cg) == ["ok"] * 6
+        assert bind_from(proxy_cg) == ["ok"] * 7
     finally:
         env.mesh.unguard()
         remove_cgroup(proxy_cg)

@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from cryptography import x509
 
 from meshnode.cli.main import cli
-from meshnode.controlplane.ca import CertificateAuthority
+from meshnode.controlplane.ca import CertificateAuthority, RotatingCA
 from meshnode.controlplane.store import open_store
 from meshnode.core import api
 from meshnode.core.cpclient import ApiClient
@@ -382,3 +382,54 @@ def test_get_zones_shows_the_sync(mesh: Mesh) -> None:
     assert out.exit_code == 0, out.output
     assert "zone zone-a: global" in out.stdout and "connected" in out.stdout
     assert "zone-b" in out.stdout and "NOT CONNECTED" not in out.stdout
+
+
+# --- a root rotation at the global reaches the zones ---------------------------------------
+
+
+def _roots(pem: bytes) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(pem)
+
+
+def test_a_root_rotation_at_the_global_reaches_every_zone_with_its_overlap(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    glob = mesh.glob
+    old_root = _roots(glob.bundle())[0]
+    # An overlap: the old root stays trusted (at the global, so in every zone).
+    rotated = glob.admin().call("POST", api.ADMIN_CA_ROTATE, {"overlap_seconds": 3720})
+    assert len(rotated["roots"]) == 2
+    for zone, cp in mesh.zones.items():
+        assert wait_until(lambda cp=cp: cp.bundle() == glob.bundle(), 20), (
+            f"{zone} did not take the global's new bundle"
+        )
+        ca = cp.cp.cache.ca
+        assert ca is not None and len(ca.entries) == 2
+        new_root = _roots(glob.bundle())[-1]
+        assert ca.active.root_certificate == new_root
+        ca.active.intermediate_certificate.verify_directly_issued_by(new_root)
+        assert old_root in [c.root_certificate for c in ca.trusted()]
+    # A node enrolled now gets a certificate under the new root; the sync goes on.
+    node1 = mesh.node("zone-a", "node1")
+    chain = x509.load_pem_x509_certificates(node1.cert_path.read_bytes())
+    chain[1].verify_directly_issued_by(_roots(glob.bundle())[-1])
+    assert apply(mesh.glob, API_GRANT)[0] == 200
+    node3 = mesh.node("zone-b", "node3", "default/api")
+    register(mesh.zones["zone-b"], node3, "api")
+    assert wait_until(lambda: service(mesh.zones["zone-a"], "api") is not None, 15)
+
+    # The overlap ends at the global (as its clock would end it, here at once): the
+    # zones retire the old root too. (`rotate --force` instead would cut the zones
+    # off like every node: they trust the global only under roots they know.)
+    def end_overlap(current: RotatingCA) -> RotatingCA:
+        now = datetime.now(UTC)
+        return RotatingCA([(c, now if r is not None else None) for c, r in current.entries])
+
+    glob.cp.store.rotate_ca(end_overlap)
+    assert wait_until(lambda: len(_roots(glob.bundle())) == 1, 20)
+    for zone, cp in mesh.zones.items():
+        assert wait_until(lambda cp=cp: cp.bundle() == glob.bundle(), 20), (
+            f"{zone} still trusts a root the global retired"
+        )
+        assert old_root not in _roots(cp.bundle())
+        assert cp.cp.zone_sync is not None and cp.cp.zone_sync.status.last_error == ""
