@@ -112,7 +112,8 @@ def controlplane() -> None:
     "--global",
     "global_url",
     default="",
-    help="--mode zone: https://HOST:PORT of the global control plane.",
+    help="--mode zone: https://HOST:PORT of the global control plane (its replicas: "
+    "URL,URL,...; tried in order, the last that answered first).",
 )
 @click.option(
     "--global-token",

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -57,6 +57,9 @@ from meshnode.core.identity import controlplane_uri
 from meshnode.core.pki import generate_private_key, make_node_csr, private_key_pem, root_pin
 from meshnode.core.token import TokenError, parse_token
 
+if TYPE_CHECKING:
+    from meshnode.controlplane.api.state import StateCache
+
 __all__ = ["ZoneSync", "ZoneSyncError", "enroll_zone", "parse_ingress"]
 
 log = logging.getLogger("meshnode.controlplane.zones")
@@ -71,6 +74,11 @@ PUSH_RECHECK = 5.0  # seconds between looks at this zone's state without a commi
 
 class ZoneSyncError(MeshnodeError):
     """The zone cannot enroll or sync; the message says what to do."""
+
+
+def global_urls(text: str) -> list[str]:
+    """``--global URL[,URL...]``: the global control plane's replicas."""
+    return [u.strip() for u in text.split(",") if u.strip()]
 
 
 def parse_ingress(text: str) -> tuple[str, int]:
@@ -108,10 +116,17 @@ async def enroll_zone(store: Store, zone: str, global_url: str, token_text: str,
         token = parse_token(token_text)
     except TokenError as exc:
         raise ZoneSyncError(f"--global-token: {exc}") from None
-    try:
-        bundle = await asyncio.to_thread(fetch_pinned_bundle, global_url, token.pin)
-    except ClientError as exc:
-        raise ZoneSyncError(f"cannot enroll zone {zone} with {global_url}: {exc}") from None
+    bundle, errors = b"", []
+    for url in global_urls(global_url):  # the first replica that proves the pinned root
+        try:
+            bundle = await asyncio.to_thread(fetch_pinned_bundle, url, token.pin)
+        except ClientError as exc:
+            errors.append(str(exc))
+            continue
+        global_url = url
+        break
+    if not bundle:
+        raise ZoneSyncError(f"cannot enroll zone {zone}: {'; '.join(errors)}")
     roots = x509.load_pem_x509_certificates(bundle)
     key = generate_private_key()
     ctx = tls_context(bundle, check_hostname=False, server_uri=controlplane_uri(td))
@@ -191,7 +206,7 @@ class ZoneSync:
     def __init__(
         self,
         store: Store,
-        cache: Any,
+        cache: StateCache,
         zone: str,
         global_url: str,
         ingress: tuple[str, int] | None,
@@ -201,6 +216,8 @@ class ZoneSync:
         self.cache = cache
         self.zone = zone
         self.global_url = global_url
+        # The global's replicas (`--global URL[,URL...]`), the last that answered first.
+        self.urls = global_urls(global_url)
         self.ingress = ingress
         self._stopping = stopping
         self.status = SyncStatus()
@@ -241,18 +258,28 @@ class ZoneSync:
         return ctx
 
     async def _call(self, method: str, path: str, body: Any = None, timeout: float = 0) -> Any:
-        try:
-            answer = await request_async(
-                self.global_url,
-                method,
-                path,
-                self._context(),
-                body=body,
-                timeout=timeout or REQUEST_TIMEOUT,
-            )
-        except ClientError as exc:
+        """Ask the global's replicas in order, the last one that answered first; one
+        that does not answer, or answers 5xx, passes the call to the next."""
+        errors = []
+        ctx = self._context()
+        for url in list(self.urls):
+            try:
+                answer = await request_async(
+                    url, method, path, ctx, body=body, timeout=timeout or REQUEST_TIMEOUT
+                )
+            except ClientError as exc:
+                errors.append(str(exc))
+                continue
+            if answer.status >= 500:
+                errors.append(f"{url}: {answer.status} {answer.error}")
+                continue
+            if self.urls[0] != url:
+                self.urls.remove(url)
+                self.urls.insert(0, url)
+            break
+        else:
             self.status.connected = False
-            raise ZoneSyncError(str(exc)) from None
+            raise ZoneSyncError("; ".join(errors))
         self.status.connected = True
         self.status.last_contact = time.time()
         if answer.status != 200:
@@ -410,12 +437,15 @@ class ZoneSync:
         digest = _digest(config, self.zone)
         synced = self.cache.registry.internal(ZONE_SYNC_KIND).get("global", {})
         if synced.get("digest") == digest:
+            # Nothing this zone keeps changed (another zone's generation, say): only
+            # which revision of the global it has seen, for `get zones` and restarts.
             if synced.get("revision") != config.revision:
                 spec = {**synced, "revision": config.revision}
                 await asyncio.to_thread(
                     self.store.mutate,
                     lambda tx, r, rev: r.put_internal(ZONE_SYNC_KIND, "global", spec),
                 )
+                await self.cache.refresh()
             return
         await self.follow_roots(config.trust_bundle)
         spec = {
