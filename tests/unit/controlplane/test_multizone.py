@@ -433,3 +433,45 @@ def test_a_root_rotation_at_the_global_reaches_every_zone_with_its_overlap(
         )
         assert old_root not in _roots(cp.bundle())
         assert cp.cp.zone_sync is not None and cp.cp.zone_sync.status.last_error == ""
+
+
+# --- operator errors: one line, what to do, no traceback ---------------------------------
+
+
+def _run_cp(tmp_path: Path, *args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "meshnode.cli.main", "controlplane", "run",
+         "--listen", f"127.0.0.1:{free_port()}", "--data-dir", str(tmp_path / "z"), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert "Traceback" not in out.stderr, out.stderr
+    return out.returncode, out.stderr
+
+
+def test_a_zone_control_plane_says_what_is_missing(mesh: Mesh, tmp_path: Path) -> None:
+    code, err = _run_cp(tmp_path, "--mode", "zone", "--zone", "zone-c")
+    assert code != 0 and "--mode zone needs --global" in err, err
+    code, err = _run_cp(tmp_path, "--zone", "zone-c")
+    assert code != 0 and "only apply with --mode zone" in err, err
+    code, err = _run_cp(tmp_path, "--mode", "zone", "--zone", "zone-c", "--global", mesh.global_url)
+    assert code != 0 and "start it once with --global-token" in err, err
+    assert "--zone-controlplane zone-c" in err
+    code, err = _run_cp(
+        tmp_path, "--mode", "zone", "--zone", "zone-c", "--global", mesh.global_url,
+        "--global-token", zone_token(mesh.glob, "zone-d"),
+    )  # fmt: skip
+    assert code != 0 and "is for zone 'zone-d', not 'zone-c'" in err, err
+    dead = f"https://127.0.0.1:{free_port()}"
+    code, err = _run_cp(
+        tmp_path, "--mode", "zone", "--zone", "zone-c", "--global", dead,
+        "--global-token", zone_token(mesh.glob, "zone-c"),
+    )  # fmt: skip
+    assert code != 0 and "cannot enroll zone zone-c" in err and "connection refused" in err, err
+    code, err = _run_cp(
+        tmp_path, "--mode", "zone", "--zone", "zone-c", "--global", mesh.global_url,
+        "--zone-ingress", "ingress.example:15443",
+    )  # fmt: skip
+    assert code != 0 and "expected IP:PORT" in err, err
