@@ -734,6 +734,8 @@ class Registry:
         kept = spec.get("state") or None
         if kept is not None and kept["generation"] > state.generation:
             return int(kept["generation"])
+        if kept is not None and {**kept, "generation": state.generation} == state.to_json():
+            return state.generation  # the same services again: nothing to write or send
         self.put_internal(
             ZONE_KIND, state.zone, {**spec, "state": state.to_json(), "received_at": now}
         )
