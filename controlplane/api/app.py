@@ -280,6 +280,9 @@ class ControlPlane(Watch, Zones):
                 self.config.trust_domain,
                 lambda: self.reports,
                 cert_ttl=self.config.cert_ttl.total_seconds(),
+                mode=self.config.mode,
+                zone=self.config.zone,
+                sync_status=lambda: self.zone_sync.status.to_json() if self.zone_sync else None,
             ).mount(app)
         return app
 

@@ -17,7 +17,14 @@ from typing import Any
 import yaml
 
 from meshnode.controlplane.grants import TOKEN_GRANT_PREFIX
-from meshnode.controlplane.registry import GRANT_KIND, Registry
+from meshnode.controlplane.registry import (
+    GRANT_KIND,
+    INTERNAL_KINDS,
+    REMOTE_ZONE_KIND,
+    ZONE_KIND,
+    ZONE_SYNC_KIND,
+    Registry,
+)
 from meshnode.controlplane.reports import Received, ReportBook
 from meshnode.core.contracts.report import endpoint_address
 from meshnode.core.resources import DEFAULT_DNS_DOMAIN, MeshConfig
@@ -31,6 +38,7 @@ __all__ = [
     "overview",
     "policies",
     "services",
+    "zones",
 ]
 
 CERT_WARNING = 24 * 3600.0  # a certificate that ends sooner than this is a problem...
@@ -67,6 +75,35 @@ def age(seconds: float) -> str:
     if s < 86400:
         return f"{sign}{s // 3600}h {s % 3600 // 60}m"
     return f"{sign}{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _ago(at: object, now: float) -> str:
+    """``42s ago`` for a unix time, ``never`` without one (a time ahead of `now`,
+    another replica's clock, counts as now)."""
+    if not isinstance(at, int | float) or isinstance(at, bool):
+        return "never"
+    return f"{age(max(now - at, 0.0))} ago"
+
+
+def _ingress(ip: object, port: object) -> str:
+    """``IP:PORT`` (``[v6]:PORT``) of a zone's ingress; empty without one."""
+    if not ip or not isinstance(port, int) or not port:
+        return ""
+    host = f"[{ip}]" if ":" in str(ip) else str(ip)
+    return f"{host}:{port}"
+
+
+def _refusals(lines: Iterable[object]) -> list[dict[str, str]]:
+    """What the global left out of a zone's state: ``<ns>/<name>: <reason>`` lines
+    (the global's words, text from the wire at a zone) as service and reason."""
+    out = []
+    for line in lines:
+        text = str(line)
+        service, sep, reason = text.partition(": ")
+        if not sep or not service or " " in service:
+            service, reason = "", text
+        out.append({"service": service, "reason": reason})
+    return out
 
 
 def _fresh(reports: ReportBook | None, now: float) -> dict[str, Received]:
@@ -209,6 +246,16 @@ def services(registry: Registry, reports: ReportBook | None, now: float) -> list
                 "dns": f"{name}.{ns}.{domain}" if domain else "",
                 "endpoints": endpoints,
                 "ejected": sum(1 for e in endpoints if e["state"] == "ejected"),
+                "remote": [
+                    {
+                        "zone": r.zone,
+                        "ingress": _ingress(r.ingress_ip, r.ingress_port),
+                        "identity": f"{r.namespace}/{r.service_account}",
+                        "port": r.port,
+                        "endpoints": r.endpoints,
+                    }
+                    for r in doc.remote
+                ],
             }
         )
     return out
@@ -253,10 +300,11 @@ def identities(registry: Registry, trust_domain: str) -> dict[str, Any]:
 
 def policies(registry: Registry) -> list[dict[str, Any]]:
     """The applied resources other than identity grants, each as YAML (escaped by
-    the template, like every value)."""
+    the template, like every value). The control plane's internal rows (multi-zone
+    state) are not applied resources: the Zones page shows them."""
     out = []
     for (kind, ns, name), doc in sorted(registry.resources.items()):
-        if kind == GRANT_KIND:
+        if kind == GRANT_KIND or kind in INTERNAL_KINDS:
             continue
         out.append(
             {
@@ -317,6 +365,71 @@ def graph(
             }
         )
     return {"vertices": [vertex[i] for i in ids], "edges": rows, "size": SVG_SIZE}
+
+
+def zones(
+    registry: Registry,
+    mode: str,
+    zone: str,
+    status: dict[str, Any] | None,
+    now: float,
+) -> dict[str, Any]:
+    """The zones page (docs/multizone.md), by the control plane's `mode`:
+
+    - ``global``: one row per enrolled zone (``Zone`` rows): its ingress, how many
+      services the global publishes of it (those granted to the zone), the
+      generation and age of the state it last published, and what was left out
+      and why;
+    - ``zone``: how this zone's sync with the global stands (the ``ZoneSync`` row,
+      and `status`, this replica's ``ZoneSync.status.to_json()``, None when it
+      has no sync running), and one row per other zone (``RemoteZone`` rows);
+    - anything else (``single``): nothing but the mode.
+    """
+    if mode == "global":
+        states = registry.zone_states()
+        rows = []
+        for name, spec in registry.internal(ZONE_KIND).items():
+            state, refused = states.get(name, (None, []))
+            rows.append(
+                {
+                    "zone": name,
+                    "ingress": _ingress(state.ingress_ip, state.ingress_port) if state else "",
+                    "published": state is not None,
+                    "services": len(state.services) if state else 0,
+                    "generation": state.generation if state else None,
+                    "enrolled": _ago(spec.get("enrolled_at"), now),
+                    "last_sync": _ago(spec.get("received_at"), now),
+                    "refused": _refusals(refused),
+                }
+            )
+        return {"mode": "global", "zone": "", "rows": rows, "sync": None}
+    if mode == "zone":
+        synced = registry.internal(ZONE_SYNC_KIND).get("global", {})
+        revision = synced.get("revision")
+        sync: dict[str, Any] = {
+            "running": status is not None,
+            "connected": bool(status.get("connected")) if status is not None else None,
+            "last_contact": _ago(status.get("last_contact"), now) if status else "never",
+            "last_error": str(status.get("last_error") or "") if status else "",
+            "published_generation": status.get("published_generation") if status else None,
+            "refused": _refusals(status.get("refused") or ()) if status else [],
+            "global": str(synced.get("global") or ""),
+            "revision": revision if isinstance(revision, int) else None,
+            "synced_at": _ago(synced.get("synced_at"), now),
+        }
+        rows = []
+        for name, spec in registry.internal(REMOTE_ZONE_KIND).items():
+            services = spec.get("services")
+            rows.append(
+                {
+                    "zone": name,
+                    "ingress": _ingress(spec.get("ingress_ip"), spec.get("ingress_port")),
+                    "services": len(services) if isinstance(services, list) else 0,
+                    "generation": spec.get("generation"),
+                }
+            )
+        return {"mode": "zone", "zone": zone, "rows": rows, "sync": sync}
+    return {"mode": "single", "zone": "", "rows": [], "sync": None}
 
 
 SVG_SIZE = 640

@@ -55,6 +55,7 @@ PAGES = (
     ("identities", "identities", "Identities"),
     ("policies", "policies", "Policies"),
     ("graph", "graph", "Graph"),
+    ("zones", "zones", "Zones"),
 )
 _TYPES = {
     ".css": "text/css",
@@ -69,7 +70,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 class Console:
     """The read-only console. `admin_token` and `reports` are asked at each use
-    (the token is read when the control plane starts; reports may come later)."""
+    (the token is read when the control plane starts; reports may come later).
+    `mode` and `zone` are the control plane's multi-zone mode ("single", "global"
+    or "zone") and, in mode zone, its zone; `sync_status` is asked at each use for
+    its zone sync's status (``ZoneSync.status.to_json()``; None without one)."""
 
     def __init__(
         self,
@@ -79,6 +83,10 @@ class Console:
         reports: Callable[[], ReportBook | None] = lambda: None,
         cert_ttl: float = views.CERT_WARNING,
         clock: Callable[[], float] = time.time,
+        *,
+        mode: str = "single",
+        zone: str = "",
+        sync_status: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self._admin_token = admin_token
         self._cache = cache
@@ -86,6 +94,9 @@ class Console:
         self._reports = reports
         self._cert_ttl = cert_ttl
         self._clock = clock
+        self._mode = mode
+        self._zone = zone
+        self._sync_status = sync_status
         self.sessions = Sessions()
         self.failed = FailedLogins()
         self._key = secrets.token_bytes(32)  # for login CSRF tokens; this process only
@@ -188,6 +199,13 @@ class Console:
         await self._cache.refresh()
         data = views.graph(self._cache.registry, self._reports(), self._clock(), self._trust_domain)
         return self._page(request, "graph", data=data)
+
+    async def zones(self, request: web.Request) -> web.StreamResponse:
+        await self._cache.refresh()
+        data = views.zones(
+            self._cache.registry, self._mode, self._zone, self._sync_status(), self._clock()
+        )
+        return self._page(request, "zones", data=data)
 
     async def static(self, request: web.Request) -> web.StreamResponse:
         found = self._static.get(request.match_info["name"])

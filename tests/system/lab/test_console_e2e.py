@@ -409,7 +409,7 @@ def test_graph_shows_the_edge_between_the_talking_services(driver: Any, url: str
     row = wait_for("graph edge client -> echo", edge, 30)
     print(f"\ngraph edge: {row}")
     assert driver.find_elements(By.CSS_SELECTOR, "#graph .edge")  # drawn in the SVG too
-    for page in ("overview", "nodes", "services", "identities", "policies", "graph"):
+    for page in ("overview", "nodes", "services", "identities", "policies", "graph", "zones"):
         open_page(driver, url, "" if page == "overview" else page)
         shot(driver, page)
 

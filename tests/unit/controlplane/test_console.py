@@ -19,12 +19,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from meshnode.controlplane.api import ControlPlane, ControlPlaneConfig
-from meshnode.controlplane.console import security, views
+from meshnode.controlplane.console import Console, security, views
 from meshnode.controlplane.console.web import SECURITY_HEADERS, SESSION_COOKIE
 from meshnode.controlplane.registry import NodeRecord, Registry, WorkloadRecord
 from meshnode.controlplane.reports import STALE_AFTER, ReportBook
 from meshnode.controlplane.store import open_store
 from meshnode.core.contracts.report import EndpointHealth, NodeReport, TrafficEdge
+from meshnode.core.contracts.zone import ZoneService, ZoneState
 from meshnode.core.resources import parse_documents, resources_to_json
 
 TD = "cluster.local"
@@ -320,7 +321,15 @@ def run(tmp_path: Path, body: Callable[[ControlPlane, Browser], Awaitable[None]]
     asyncio.run(main())
 
 
-PAGES = ["/ui/", "/ui/nodes", "/ui/services", "/ui/identities", "/ui/policies", "/ui/graph"]
+PAGES = [
+    "/ui/",
+    "/ui/nodes",
+    "/ui/services",
+    "/ui/identities",
+    "/ui/policies",
+    "/ui/graph",
+    "/ui/zones",
+]
 
 
 def test_no_session_redirects_pages_to_login(tmp_path: Path) -> None:
@@ -488,3 +497,304 @@ def test_a_policy_with_script_is_shown_escaped(tmp_path: Path) -> None:
         assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in text
 
     run(tmp_path, body)
+
+
+# --- the zones page (multi-zone, docs/multizone.md) --------------------------------------
+
+ZONE_GRANT = """
+kind: IdentityGrant
+metadata: {name: zone-a-api}
+spec: {zones: [zone-a], identities: [default/api]}
+"""
+
+
+def _global(r: Registry) -> None:
+    """A global control plane: zone-a published api (granted to it) and billing (not
+    granted); zone-b published without an ingress; zone-c enrolled, published nothing."""
+    r.apply_resources(resources_to_json(parse_documents(ZONE_GRANT)))
+    for zone in ("zone-a", "zone-b", "zone-c"):
+        r.enroll_zone(zone, NOW - 3600, "-----BEGIN CERTIFICATE-----")
+    r.put_zone_state(
+        ZoneState(
+            "zone-a",
+            7,
+            "192.0.2.10",
+            15443,
+            (
+                ZoneService("default", "api", 80, "api", 2),
+                ZoneService("default", "billing", 80, "billing", 1),
+            ),
+        ),
+        NOW - 42,
+    )
+    r.put_zone_state(ZoneState("zone-b", 3, "", 0), NOW - 600)
+
+
+ZONE_B = ZoneState(
+    "zone-b",
+    12,
+    "2001:db8::7",
+    15443,
+    (
+        ZoneService("default", "api", 8080, "api", 3),
+        ZoneService("default", "billing", 80, "billing", 1),
+    ),
+)
+ZONE_C = ZoneState(
+    "zone-c", 4, "192.0.2.30", 15443, (ZoneService("default", "api", 8080, "api", 1),)
+)
+SYNCED = {"revision": 31, "digest": "d", "synced_at": NOW - 90, "global": "https://global:15012"}
+STATUS = {
+    "connected": True,
+    "last_contact": NOW - 3,
+    "last_error": "",
+    "published_generation": 9,
+    "refused": [
+        "default/web: zone zone-a is not granted identity default/web; at the global control "
+        "plane, `meshnode apply` an IdentityGrant with zones: [zone-a] and that identity"
+    ],
+}
+
+
+def _zone(r: Registry) -> None:
+    """A zone control plane (zone-a): the fill above, and zones b and c from the global."""
+    _fill(r)
+    r.set_remote_zones([ZONE_B, ZONE_C], SYNCED)
+
+
+def built(fill: Callable[[Registry], None]) -> Registry:
+    r = Registry()
+    r.run(1, fill)
+    return r
+
+
+def test_zones_view_of_a_global_control_plane() -> None:
+    data = views.zones(built(_global), "global", "", None, NOW)
+    assert data["mode"] == "global" and data["sync"] is None
+    rows = {z["zone"]: z for z in data["rows"]}
+    assert list(rows) == ["zone-a", "zone-b", "zone-c"]
+    a = rows["zone-a"]
+    assert (a["ingress"], a["services"], a["generation"]) == ("192.0.2.10:15443", 1, 7)
+    assert a["last_sync"] == "42s ago" and a["enrolled"] == "1h 0m ago"
+    ((refused,),) = [a["refused"]]
+    assert refused["service"] == "default/billing"
+    assert refused["reason"].startswith("zone zone-a is not granted identity default/billing")
+    b = rows["zone-b"]
+    assert (b["ingress"], b["services"], b["generation"], b["refused"]) == ("", 0, 3, [])
+    assert b["published"] and b["last_sync"] == "10m ago"
+    c = rows["zone-c"]
+    assert not c["published"] and c["generation"] is None and c["last_sync"] == "never"
+    # a grant applied later publishes what the zone sent before it
+    r = built(_global)
+    more = """
+kind: IdentityGrant
+metadata: {name: bill}
+spec: {zones: [zone-a], identities: [default/billing]}
+"""
+    r.run(2, lambda r: r.apply_resources(resources_to_json(parse_documents(more))))
+    a = views.zones(r, "global", "", None, NOW)["rows"][0]
+    assert (a["services"], a["refused"]) == (2, [])
+
+
+def test_zones_view_of_a_zone_control_plane() -> None:
+    data = views.zones(built(_zone), "zone", "zone-a", STATUS, NOW)
+    assert data["mode"] == "zone" and data["zone"] == "zone-a"
+    s = data["sync"]
+    assert s["running"] and s["connected"] and s["last_contact"] == "3s ago"
+    assert (s["revision"], s["synced_at"], s["global"]) == (31, "1m ago", "https://global:15012")
+    assert s["published_generation"] == 9 and s["last_error"] == ""
+    assert [r["service"] for r in s["refused"]] == ["default/web"]
+    assert s["refused"][0]["reason"].startswith("zone zone-a is not granted identity default/web")
+    assert data["rows"] == [
+        {"zone": "zone-b", "ingress": "[2001:db8::7]:15443", "services": 2, "generation": 12},
+        {"zone": "zone-c", "ingress": "192.0.2.30:15443", "services": 1, "generation": 4},
+    ]
+    # no sync in this replica (yet), none taken from the global: said, not invented
+    bare = views.zones(built(_fill), "zone", "zone-a", None, NOW)
+    assert bare["rows"] == [] and not bare["sync"]["running"]
+    assert bare["sync"]["connected"] is None and bare["sync"]["revision"] is None
+    assert bare["sync"]["synced_at"] == "never"
+    # a broken sync says why
+    down = {**STATUS, "connected": False, "last_error": "the global answered 503"}
+    s = views.zones(built(_zone), "zone", "zone-a", down, NOW)["sync"]
+    assert s["connected"] is False and s["last_error"] == "the global answered 503"
+
+
+def test_zones_view_of_a_single_control_plane() -> None:
+    data = views.zones(registry(), "single", "", None, NOW)
+    assert data == {"mode": "single", "zone": "", "rows": [], "sync": None}
+
+
+def test_services_view_lists_the_other_zones_that_run_each_service() -> None:
+    rows = {s["key"]: s for s in views.services(built(_zone), None, NOW)}
+    api = rows["default/api"]
+    assert len(api["endpoints"]) == 2  # this zone's own, by address
+    assert api["remote"] == [
+        {
+            "zone": "zone-b",
+            "ingress": "[2001:db8::7]:15443",
+            "identity": "default/api",
+            "port": 8080,
+            "endpoints": 3,
+        },
+        {
+            "zone": "zone-c",
+            "ingress": "192.0.2.30:15443",
+            "identity": "default/api",
+            "port": 8080,
+            "endpoints": 1,
+        },
+    ]
+    billing = rows["default/billing"]  # only zone-b runs it: it has a VIP here too
+    assert billing["vip"] and billing["endpoints"] == []
+    assert [z["zone"] for z in billing["remote"]] == ["zone-b"]
+    assert rows["default/web"]["remote"] == []
+
+
+def test_policies_leave_out_the_internal_zone_rows() -> None:
+    assert [p["kind"] for p in views.policies(built(_global))] == []
+    kinds = [p["kind"] for p in views.policies(built(_zone))]
+    assert kinds == ["AuthorizationPolicy", "MeshConfig"]
+    data = views.overview(built(_zone), None, NOW, [], TD)
+    assert data["counts"]["policies"] == 2
+
+
+@asynccontextmanager
+async def zone_console(
+    tmp_path: Path,
+    mode: str,
+    fill: Callable[[Registry], None],
+    status: dict[str, Any] | None = None,
+) -> AsyncIterator[Browser]:
+    """The console of a control plane in `mode`, as app.py would mount it with its
+    mode, zone and sync status, over a store filled by `fill`."""
+    store = open_store(f"sqlite://{tmp_path}/cp.db")
+    cp = ControlPlane(store, ControlPlaneConfig(trust_domain=TD, data_dir=tmp_path / "data"))
+    await asyncio.to_thread(store.mutate, lambda tx, r, rev: fill(r))
+    app = aiohttp.web.Application()
+    Console(
+        lambda: TOKEN,
+        cp.cache,
+        TD,
+        lambda: cp.reports,
+        clock=lambda: NOW,
+        mode=mode,
+        zone="zone-a" if mode == "zone" else "",
+        sync_status=lambda: status,
+    ).mount(app)
+    client: TestClient[Any, Any] = TestClient(TestServer(app), cookie_jar=aiohttp.DummyCookieJar())
+    await client.start_server()
+    try:
+        b = Browser(client)
+        resp, _ = await b.login()
+        assert resp.status == 303
+        yield b
+    finally:
+        await client.close()
+        store.close()
+
+
+def zones_page(
+    tmp_path: Path,
+    mode: str,
+    fill: Callable[[Registry], None],
+    status: dict[str, Any] | None = None,
+    path: str = "/ui/zones",
+) -> str:
+    async def main() -> str:
+        async with zone_console(tmp_path, mode, fill, status) as b:
+            resp, text = await b.request("GET", path)
+            assert resp.status == 200, text
+            for name, value in SECURITY_HEADERS.items():
+                assert resp.headers.get(name) == value, name
+            assert 'id="nav-zones"' in text
+            return text
+
+    return asyncio.run(main())
+
+
+def cells(text: str, row_id: str) -> list[str]:
+    """The text of each cell of the table row `row_id`, tags stripped."""
+    found = re.search(rf'<tr id="{row_id}"[^>]*>(.*?)</tr>', text, re.S)
+    assert found, row_id
+    tds = re.findall(r"<td[^>]*>(.*?)</td>", found.group(1), re.S)
+    return [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", "", td)).strip() for td in tds]
+
+
+def test_zones_page_of_a_global_control_plane(tmp_path: Path) -> None:
+    text = zones_page(tmp_path, "global", _global)
+    assert 'id="zones-single"' not in text and "<b>global</b>" in text
+    a = cells(text, "zone-zone-a")
+    assert a[:6] == ["zone-a", "192.0.2.10:15443", "1", "7", "42s ago", "1h 0m ago"]
+    assert a[6].startswith("default/billing: zone zone-a is not granted identity default/billing")
+    assert "IdentityGrant with zones: [zone-a]" in a[6]
+    b = cells(text, "zone-zone-b")
+    assert b[1].startswith("none") and b[2:5] == ["0", "3", "10m ago"] and b[6] == "nothing"
+    assert cells(text, "zone-zone-c")[2:5] == [
+        "-",
+        "-",
+        "never (enrolled, has published nothing yet)",
+    ]
+
+
+def test_zones_page_of_a_zone_control_plane(tmp_path: Path) -> None:
+    text = zones_page(tmp_path, "zone", _zone, STATUS)
+    assert "zone <b>zone-a</b>" in text
+    assert cells(text, "zone-zone-b") == ["zone-b", "[2001:db8::7]:15443", "2", "12"]
+    assert cells(text, "zone-zone-c") == ["zone-c", "192.0.2.30:15443", "1", "4"]
+    assert re.search(r'id="sync-connected"><span class="badge good">connected</span>', text)
+    assert re.search(
+        r'id="sync-revision">31 <span class="muted">\(its content last changed here 1m ago', text
+    )
+    assert 'id="sync-error">none' in text
+    refused = re.search(r'<table id="refused".*?</table>', text, re.S)
+    assert refused and "<td>default/web</td>" in refused.group(0)
+
+
+def test_zones_page_of_a_zone_whose_sync_is_down(tmp_path: Path) -> None:
+    down = {**STATUS, "connected": False, "last_error": "the global answered 503", "refused": []}
+    text = zones_page(tmp_path, "zone", _fill, down)
+    assert '<span class="badge bad">not connected</span>' in text
+    assert '<span class="error">the global answered 503</span>' in text
+    assert 'id="sync-revision"><span class="warn">none yet</span>' in text
+    assert 'id="refused-none"' in text and "no other zone publishes" in text
+
+
+def test_zones_page_of_a_single_control_plane(tmp_path: Path) -> None:
+    text = zones_page(tmp_path, "single", _fill)
+    assert 'id="zones-single"' in text and "not part of a multi-zone mesh" in text
+    assert "docs/multizone.md" in text and "--mode global" in text
+    assert 'id="zones"' not in text
+
+
+def test_zones_page_escapes_what_the_global_says(tmp_path: Path) -> None:
+    """What the global sent (its refusals, its errors) is text from the wire."""
+    hostile = {
+        **STATUS,
+        "last_error": f"the global answered 500: {EVIL}",
+        "refused": [f"default/web: {EVIL}", f"{EVIL}: <img src=x onerror=alert(1)>"],
+    }
+    text = zones_page(tmp_path, "zone", _zone, hostile)
+    assert EVIL not in text and "<img" not in text and "<script>" not in text
+    escaped = "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;"
+    assert f'<span class="error">the global answered 500: {escaped}</span>' in text
+    assert f"<td>default/web</td><td>{escaped}</td>" in text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in text
+
+
+def test_services_page_shows_the_other_zones(tmp_path: Path) -> None:
+    text = zones_page(tmp_path, "zone", _zone, STATUS, path="/ui/services")
+    api = re.search(r'<section class="service" id="service-default-api">.*?</section>', text, re.S)
+    assert api
+    assert re.findall(r'<tr class="remote-zone" data-zone="([^"]+)"', api.group(0)) == [
+        "zone-b",
+        "zone-c",
+    ]
+    assert "[2001:db8::7]:15443" in api.group(0)
+    billing = re.search(
+        r'<section class="service" id="service-default-billing">.*?</section>', text, re.S
+    )
+    assert billing and "no endpoints in this zone" in billing.group(0)
+    assert 'data-zone="zone-b"' in billing.group(0)
+    web = re.search(r'<section class="service" id="service-default-web">.*?</section>', text, re.S)
+    assert web and "remote-zone" not in web.group(0)
