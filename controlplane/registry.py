@@ -564,15 +564,17 @@ class Registry:
                     t.endpoint_zones.update(grant.zones)
             self.grants.put(IdentityGrant.from_dict(doc) if doc is not None else None, key[2])
         elif key[0] == REMOTE_ZONE_KIND:
-            zone = key[2]
-            for skey in _remote_entries(old):
+            # Only the services whose entry of this zone changed are sent again: one
+            # endpoint more in a zone of 10,000 services sends one document, not all.
+            zone, before, after = key[2], _remote_entries(old), _remote_entries(doc)
+            for skey in before.keys() - after.keys():
                 self._remote[skey].pop(zone, None)
                 if not self._remote[skey]:
                     del self._remote[skey]
-                t.remote.add(skey)
-            for skey, entry in _remote_entries(doc).items():
+            for skey, entry in after.items():
                 self._remote.setdefault(skey, {})[zone] = entry
-                t.remote.add(skey)
+            changed = before.keys() | after.keys()
+            t.remote.update(k for k in changed if before.get(k) != after.get(k))
 
     def _set_revoked(self, name: str, rec: RevokedRecord | None) -> None:
         t = self._t()
@@ -677,13 +679,14 @@ class Registry:
         replace this zone's (except the grants of this zone's own join tokens, which
         name its nodes), and the other `zones` become remote entries."""
         wanted = {resource_key(doc): doc for doc in docs}
+        for key in wanted:  # checked before anything changes
+            if key[0] in INTERNAL_KINDS:
+                raise RegistryError(f"the global sent an internal row {'/'.join(key)}")
         for key in sorted(self.resources):
             local = key[0] == GRANT_KIND and key[2].startswith(grant_rules.TOKEN_GRANT_PREFIX)
             if key[0] not in INTERNAL_KINDS and not local and key not in wanted:
                 self._set_resource(key, None)
         for key, doc in sorted(wanted.items()):
-            if key[0] in INTERNAL_KINDS:
-                raise RegistryError(f"the global sent an internal row {'/'.join(key)}")
             if self.resources.get(key) != doc:
                 self._set_resource(key, doc)
         self.set_remote_zones(zones, synced)
@@ -731,13 +734,22 @@ class Registry:
         spec = self.internal(ZONE_KIND).get(state.zone)
         if spec is None:
             raise RegistryError(f"zone {state.zone!r} is not enrolled", status=403)
-        kept = spec.get("state") or None
+        # Generations compare only within one enrollment: a zone enrolled again (a new
+        # control plane, a new database) counts from 0 again.
+        kept = spec.get("state") if spec.get("state_enrolled_at") == spec["enrolled_at"] else None
         if kept is not None and kept["generation"] > state.generation:
             return int(kept["generation"])
         if kept is not None and {**kept, "generation": state.generation} == state.to_json():
             return state.generation  # the same services again: nothing to write or send
         self.put_internal(
-            ZONE_KIND, state.zone, {**spec, "state": state.to_json(), "received_at": now}
+            ZONE_KIND,
+            state.zone,
+            {
+                **spec,
+                "state": state.to_json(),
+                "state_enrolled_at": spec["enrolled_at"],
+                "received_at": now,
+            },
         )
         return state.generation
 
