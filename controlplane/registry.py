@@ -723,7 +723,7 @@ class Registry:
         spec = self.internal(ZONE_KIND).get(zone)
         if spec is None:
             raise RegistryError(f"zone {zone!r} is not enrolled", status=403)
-        kept = [*spec.get("intermediates", []), intermediate][-keep:]
+        kept = [*spec.get("intermediates", []), intermediate][-max(keep, 1) :]
         self.put_internal(ZONE_KIND, zone, {**spec, "intermediates": kept})
 
     def put_zone_state(self, state: ZoneState, now: float) -> int:
