@@ -25,7 +25,8 @@ Kinds (semantics of AuthorizationPolicy are Istio's, enforced by ztunnel/authz.p
   applies, so it denies everything it selects that no other ALLOW policy allows); a
   DENY policy with no rules denies nothing.
 - ``PeerAuthentication``: ``mode`` STRICT|PERMISSIVE, optional ``selector``.
-- ``TrafficSplit``: ``service`` and ``weights`` {version: int >= 0}, one weight > 0.
+- ``TrafficSplit``: ``service`` and either ``weights`` {version: int >= 0} or
+  ``zones`` {zone: int >= 0}, one weight > 0.
 - ``MeshConfig``: mesh-wide, named ``default``; ``authorization.default_action``
   (ALLOW|DENY, default ALLOW) applies where no ALLOW policy does; ``dns.domain``
   (default ``mesh``) is the domain of mesh DNS names (docs/dns.md).
@@ -552,58 +553,91 @@ class PeerAuthentication:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrafficSplit:
-    """Weighted split of `service`'s connections across endpoint versions."""
+    """Weighted split of `service`'s connections, across endpoint versions
+    (``weights``) or across zones (``zones``): exactly one of the two."""
 
     kind: ClassVar[str] = "TrafficSplit"
+    _BOTH: ClassVar[str] = (
+        'give "weights" (a split by version) or "zones" (a split by zone), not both: '
+        "a TrafficSplit splits its service one way"
+    )
 
     name: str
     namespace: str = DEFAULT_NAMESPACE
     service: str
-    weights: tuple[tuple[str, int], ...]  # (version, weight), in document order
+    weights: tuple[tuple[str, int], ...] = ()  # (version, weight), in document order
+    zones: tuple[tuple[str, int], ...] = ()  # (zone, weight), in document order
 
     def __post_init__(self) -> None:
         _check_metadata(self.name, self.namespace)
         _check_label(self.service, "spec.service")
-        if not self.weights:
-            raise ResourceError("must name at least one version", "spec.weights")
+        if self.weights and self.zones:
+            raise ResourceError(self._BOTH, "spec")
+        if self.zones:
+            self._check_weights(self.zones, "spec.zones", "zone")
+        else:
+            self._check_weights(self.weights, "spec.weights", "version")
+
+    @staticmethod
+    def _check_weights(pairs: tuple[tuple[str, int], ...], path: str, what: str) -> None:
+        """{label: int >= 0}, at least one entry and one weight > 0, no label twice."""
+        if not pairs:
+            raise ResourceError(f"must name at least one {what}", path)
         seen: set[str] = set()
-        for version, weight in self.weights:
-            path = f"spec.weights.{version}"
-            _check_label(version, path)
-            if version in seen:
-                raise ResourceError("version appears twice", path)
-            seen.add(version)
+        for label, weight in pairs:
+            at = f"{path}.{label}"
+            _check_label(label, at)
+            if label in seen:
+                raise ResourceError(f"{what} appears twice", at)
+            seen.add(label)
             if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
                 raise ResourceError(
-                    f"weight must be an integer >= 0, found {_describe(weight)}", path
+                    f"weight must be an integer >= 0, found {_describe(weight)}", at
                 )
-        if not any(weight > 0 for _, weight in self.weights):
-            raise ResourceError("at least one weight must be > 0", "spec.weights")
+        if not any(weight > 0 for _, weight in pairs):
+            raise ResourceError("at least one weight must be > 0", path)
 
     @property
     def key(self) -> tuple[str, str, str]:
         return (self.kind, self.namespace, self.name)
 
     def to_dict(self) -> dict[str, Any]:
-        spec = {"service": self.service, "weights": dict(self.weights)}
+        spec: dict[str, Any] = {"service": self.service}
+        if self.zones:
+            spec["zones"] = dict(self.zones)
+        else:
+            spec["weights"] = dict(self.weights)
         return _document(self.kind, self.name, self.namespace, spec)
 
     @classmethod
     def from_dict(cls, data: object) -> TrafficSplit:
         name, namespace, raw = _document_parts(cls.kind, data)
         with _at("spec"):
-            spec = _fields(raw, ("service", "weights"), ("service", "weights"))
-            weights = spec["weights"]
-            if not isinstance(weights, dict):
+            spec = _fields(raw, ("service", "weights", "zones"), ("service",))
+            given = [key for key in ("weights", "zones") if key in spec]
+            if not given:
                 raise ResourceError(
-                    f"expected a mapping of version to weight, found {_describe(weights)}",
-                    "weights",
+                    'required field is missing: "weights" (a split by version) or '
+                    '"zones" (a split by zone)'
                 )
+            if len(given) > 1:
+                raise ResourceError(cls._BOTH)
+            (key,) = given
+            value = spec[key]
+            what = "version" if key == "weights" else "zone"
+            if not isinstance(value, dict):
+                raise ResourceError(
+                    f"expected a mapping of {what} to weight, found {_describe(value)}", key
+                )
+            if not value:
+                raise ResourceError(f"must name at least one {what}", key)
+            pairs = tuple(value.items())
         return cls(
             name=name,
             namespace=namespace,
             service=spec["service"],
-            weights=tuple(weights.items()),
+            weights=pairs if key == "weights" else (),
+            zones=pairs if key == "zones" else (),
         )
 
 

@@ -58,7 +58,7 @@ def _endpoint(name: str, node: str, ip: str, zone: str, port: int = 8080) -> dic
 
 STATE = parse_snapshot(
     {
-        "schema": 3,
+        "schema": 4,
         "version": 1,
         "node": {"name": "node3", "ip": "10.2.0.3", "zone": "zone-b"},
         "trust_domain": TD,

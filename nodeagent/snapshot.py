@@ -38,14 +38,26 @@ def node_resources(cfg: NodeConfig) -> list[Resource]:
 
 
 def services_with_splits(services: list[ServiceDoc], resources: list[Resource]) -> list[ServiceDoc]:
-    """Attach each TrafficSplit's weights to its service (same namespace)."""
-    splits = {
-        (r.namespace, r.service): tuple(r.weights) for r in resources if isinstance(r, TrafficSplit)
-    }
+    """Attach each TrafficSplit to its service (same namespace): version weights as
+    the document's ``split``, zone weights as its ``zone_split``. A service no split
+    names is passed on as it came (its JSON is unchanged)."""
+    versions: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}
+    zones: dict[tuple[str, str], tuple[tuple[str, int], ...]] = {}
+    for r in resources:
+        if isinstance(r, TrafficSplit):
+            if r.zones:
+                zones[(r.namespace, r.service)] = tuple(r.zones)
+            else:
+                versions[(r.namespace, r.service)] = tuple(r.weights)
     out = []
     for svc in services:
-        weights = splits.get((svc.namespace, svc.name))
-        out.append(replace(svc, split=weights) if weights else svc)
+        key = (svc.namespace, svc.name)
+        changes: dict[str, Any] = {}
+        if key in versions:
+            changes["split"] = versions[key]
+        if key in zones:
+            changes["zone_split"] = zones[key]
+        out.append(replace(svc, **changes) if changes else svc)
     return out
 
 

@@ -4,10 +4,17 @@ One pick, in order:
 
 1. **Traffic split** -- if the service has ``split`` weights, a weighted random
    choice among the versions that still have a candidate not yet tried.
-2. **Locality with failover** -- healthy endpoints on this node, else in this zone,
+2. **Zone split** -- if the service has ``zone_split`` weights, a weighted random
+   choice among the zones that still have an available endpoint (of the version
+   chosen in step 1): healthy and not yet tried. An endpoint is its ``zone``'s, a
+   remote zone entry its zone's; a zone not named weighs 0. Then step 4 inside that
+   zone, this node's endpoints first when it is this node's zone. When no weighted
+   zone has one, step 3 as without the zone split, and a line is logged (once per
+   service).
+3. **Locality with failover** -- healthy endpoints on this node, else in this zone,
    else anywhere; if none is healthy at all, "panic" and use every untried one
    (an ejection must never turn a degraded service into an unreachable one).
-3. **Power of two choices** -- two distinct endpoints of that group at random, the
+4. **Power of two choices** -- two distinct endpoints of that group at random, the
    one with the lower cost wins; cost = peak-EWMA RTT x (in-flight + 1).
 
 The proxy reports back (``on_attempt`` / ``on_success`` / ``on_failure`` /
@@ -26,6 +33,7 @@ simulated clock and a seed.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import random
 import time
@@ -37,6 +45,8 @@ from meshnode.ztunnel.routing import RouteError
 from meshnode.ztunnel.state import Endpoint, Service
 
 __all__ = ["EJECTED", "HEALTHY", "EndpointPicker"]
+
+log = logging.getLogger("meshnode.ztunnel.balancer")
 
 HEALTHY = "healthy"
 EJECTED = "ejected"
@@ -198,6 +208,9 @@ class EndpointPicker:
         self._readmit_heap: list[tuple[float, Key]] = []  # (ejected_until, key), lazy deletion
         self.ejections_total = 0
         self.panics_total = 0  # picks made with no healthy endpoint left (all ejected)
+        # Picks of a service with a zone split that no weighted zone could serve.
+        self.zone_split_fallbacks_total = 0
+        self._zone_split_fallen_back: set[tuple[str, str]] = set()  # logged once each
         # Endpoint entries inspected by pick(): random draws, fallback scans and
         # (re)indexing. Flat per pick once a service is indexed.
         self.examined = 0
@@ -215,7 +228,8 @@ class EndpointPicker:
         exclude: Collection[Key] = (),
     ) -> Endpoint | None:
         """The endpoint for a new connection, or None when every candidate is
-        excluded (or, with a split, when no weighted version has one left)."""
+        excluded (or, with a split, when no weighted version has one left; a zone
+        split never makes it None: without a weighted zone it picks as without it)."""
         self._readmit_due(now)
         if not candidates:
             return None
@@ -228,6 +242,21 @@ class EndpointPicker:
             if version is None:
                 return None
 
+        if service.zone_split:
+            chosen = self._choose_zone(service.zone_split, idx, version, excl)
+            if chosen is not None:
+                return self._pick_in_zone(idx, version, chosen, node, zone, excl)
+            picked = self._pick_by_locality(idx, version, node, zone, excl)
+            if picked is not None:
+                self._zone_split_fallback(service, version)
+            return picked
+
+        return self._pick_by_locality(idx, version, node, zone, excl)
+
+    def _pick_by_locality(
+        self, idx: _PortIndex, version: str | None, node: str, zone: str, excl: Collection[Key]
+    ) -> Endpoint | None:
+        """Steps 3 and 4 among the endpoints of `version` (None: all)."""
         tiers: list[tuple[str, str]] = []
         if node:
             tiers.append((_NODE, node))
@@ -238,7 +267,7 @@ class EndpointPicker:
             group = idx.groups.get((version, tier, value))
             if group is None:
                 continue
-            eligible = len(group.healthy) - sum(1 for k in excl if group.is_healthy(k))
+            eligible = self._eligible(group, excl)
             if eligible > 0:
                 return self._two_choices(idx, group.healthy, eligible, excl)
 
@@ -251,6 +280,41 @@ class EndpointPicker:
             return None
         self.panics_total += 1
         return self._two_choices(idx, group.members, eligible, excl)
+
+    def _pick_in_zone(
+        self,
+        idx: _PortIndex,
+        version: str | None,
+        chosen: str,
+        node: str,
+        zone: str,
+        excl: Collection[Key],
+    ) -> Endpoint:
+        """Step 4 inside the zone a zone split chose (which has an available endpoint
+        of `version`): this node's endpoints first when it is this node's zone."""
+        if node and chosen == zone:
+            group = idx.groups.get((version, _NODE, node))
+            if group is not None:
+                eligible = self._eligible(group, excl)
+                if eligible > 0:
+                    return self._two_choices(idx, group.healthy, eligible, excl)
+        group = idx.groups[(version, _ZONE, chosen)]
+        return self._two_choices(idx, group.healthy, self._eligible(group, excl), excl)
+
+    def _zone_split_fallback(self, service: Service, version: str | None) -> None:
+        self.zone_split_fallbacks_total += 1
+        key = (service.namespace, service.name)
+        if key in self._zone_split_fallen_back:
+            return
+        self._zone_split_fallen_back.add(key)
+        log.warning(
+            "service %s: no zone its TrafficSplit weighs (%s) has an endpoint%s left that "
+            "is neither ejected nor already tried; balancing as without the zone split "
+            "(logged once per service)",
+            service.hostname,
+            ", ".join(f"{z}: {w}" for z, w in service.zone_split),
+            "" if version is None else f" of version {version}",
+        )
 
     def __call__(self, service: Service, candidates: Sequence[Endpoint]) -> Endpoint:
         ep = self.pick(service, candidates, node=self._node, zone=self._zone, now=time.monotonic())
@@ -325,6 +389,39 @@ class EndpointPicker:
             if r < 0:
                 return version
         return options[-1][0]  # float rounding at the top end
+
+    def _choose_zone(
+        self,
+        zone_split: tuple[tuple[str, int], ...],
+        idx: _PortIndex,
+        version: str | None,
+        excl: Collection[Key],
+    ) -> str | None:
+        """A zone by weight among those with an endpoint of `version` (None: any)
+        that is neither ejected nor in `excl`; None when no weighted zone has one."""
+        options: list[tuple[str, int]] = []
+        total = 0
+        for zone, weight in zone_split:
+            if weight <= 0:
+                continue
+            group = idx.groups.get((version, _ZONE, zone))
+            if group is None or self._eligible(group, excl) <= 0:
+                continue
+            options.append((zone, weight))
+            total += weight
+        if not options:
+            return None
+        r = self._rng.random() * total
+        for zone, weight in options:
+            r -= weight
+            if r < 0:
+                return zone
+        return options[-1][0]  # float rounding at the top end
+
+    @staticmethod
+    def _eligible(group: _Group, excl: Collection[Key]) -> int:
+        """How many of `group`'s healthy endpoints are not in `excl`."""
+        return len(group.healthy) - sum(1 for k in excl if group.is_healthy(k))
 
     def _two_choices(
         self, idx: _PortIndex, keys: list[Key], eligible: int, excl: Collection[Key]

@@ -79,6 +79,9 @@ class Service:
     endpoints: tuple[Endpoint, ...]
     # Traffic split: (version, weight) pairs; empty = no split, all endpoints.
     split: tuple[tuple[str, int], ...] = ()
+    # Traffic split by zone: (zone, weight) pairs; empty = no split. An endpoint
+    # belongs to its `zone` (a remote entry to its zone); a zone not named weighs 0.
+    zone_split: tuple[tuple[str, int], ...] = ()
 
     @property
     def hostname(self) -> str:
@@ -151,6 +154,7 @@ class ProxyState:
                     "vip": s.vip,
                     "ports": [{"port": p.port, "target_port": p.target_port} for p in s.ports],
                     "split": dict(s.split),
+                    "zone_split": dict(s.zone_split),
                     "endpoints": [
                         {
                             "workload": e.workload,
@@ -253,6 +257,7 @@ def index_snapshot(snap: Snapshot) -> ProxyState:
             ports=s.ports,
             endpoints=tuple(endpoints),
             split=s.split,
+            zone_split=s.zone_split,
         )
         state.services_by_vip[svc.vip] = svc
         state.services_by_name[(svc.namespace, svc.name)] = svc

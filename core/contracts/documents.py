@@ -9,6 +9,7 @@ from typing import Any
 from meshnode.core.contracts.validate import (
     ContractError,
     Fields,
+    check_label,
     check_port,
     check_version_label,
 )
@@ -232,7 +233,7 @@ class RemoteZoneDoc:
 
 @dataclass(frozen=True, slots=True)
 class ServiceDoc:
-    """A service: its VIP, ports and endpoints (and a traffic split, in snapshots)."""
+    """A service: its VIP, ports and endpoints (and traffic splits, in snapshots)."""
 
     name: str
     namespace: str
@@ -243,6 +244,9 @@ class ServiceDoc:
     split: tuple[tuple[str, int], ...] = ()
     # Endpoints in other zones, behind their ingress (multi-zone; docs/multizone.md).
     remote: tuple[RemoteZoneDoc, ...] = ()
+    # Traffic split by zone: (zone, weight) pairs; empty = no split. An endpoint is
+    # its `zone`'s, a remote entry its zone's; a zone not named weighs 0.
+    zone_split: tuple[tuple[str, int], ...] = ()
 
     @property
     def key(self) -> str:
@@ -258,28 +262,41 @@ class ServiceDoc:
         }
         if self.split:
             out["split"] = dict(self.split)
+        if self.zone_split:
+            out["zone_split"] = dict(self.zone_split)
         if self.remote:
             out["remote"] = [r.to_json() for r in self.remote]
         return out
 
     @classmethod
     def from_json(cls, obj: object, path: str = "service") -> ServiceDoc:
-        f = Fields(obj, path, ("name", "namespace", "vip", "ports", "endpoints", "split", "remote"))
-        split_doc = f.typed("split", dict, {})
-        split = []
-        for version, weight in split_doc.items():
-            check_version_label(version, f"{f.at('split')}.{version}")
-            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-                raise ContractError(f"{f.at('split')}.{version}: weight must be an integer >= 0")
-            split.append((version, weight))
-        if split and not sum(w for _, w in split):
-            raise ContractError(f"{f.at('split')}: the weights add up to 0")
+        f = Fields(
+            obj,
+            path,
+            ("name", "namespace", "vip", "ports", "endpoints", "split", "zone_split", "remote"),
+        )
         return cls(
             name=f.label("name"),
             namespace=f.label("namespace"),
             vip=f.ip("vip"),
             ports=tuple(ServicePort.from_json(p, pp) for p, pp in f.items("ports")),
             endpoints=tuple(EndpointDoc.from_json(e, ep) for e, ep in f.items("endpoints")),
-            split=tuple(split),
+            split=cls._weights(f, "split"),
             remote=tuple(RemoteZoneDoc.from_json(r, rp) for r, rp in f.items("remote", [])),
+            zone_split=cls._weights(f, "zone_split"),
         )
+
+    @staticmethod
+    def _weights(f: Fields, key: str) -> tuple[tuple[str, int], ...]:
+        """``split`` ({version: weight}) or ``zone_split`` ({zone: weight}): integers
+        >= 0 that do not all add up to 0; absent (or empty) = no split."""
+        check = check_label if key == "zone_split" else check_version_label
+        pairs = []
+        for label, weight in f.typed(key, dict, {}).items():
+            check(label, f"{f.at(key)}.{label}")
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise ContractError(f"{f.at(key)}.{label}: weight must be an integer >= 0")
+            pairs.append((label, weight))
+        if pairs and not sum(w for _, w in pairs):
+            raise ContractError(f"{f.at(key)}: the weights add up to 0")
+        return tuple(pairs)

@@ -21,7 +21,7 @@ from meshnode.core.resources import (
     ResourceError,
 )
 
-SNAPSHOT_SCHEMA = 3  # 2: revoked; 3: dns_domain
+SNAPSHOT_SCHEMA = 4  # 2: revoked; 3: dns_domain; 4: services[].zone_split
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,7 +149,7 @@ def build_mesh(
         snap.write_text(
             json.dumps(
                 {
-                    "schema": 3,
+                    "schema": 4,
                     "version": 1,
                     "node": {"name": name, "ip": ip},
                     "trust_domain": TD,

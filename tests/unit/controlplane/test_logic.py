@@ -272,7 +272,7 @@ def test_node_slice_shape_matches_the_ztunnel_schema() -> None:
 
     state = parse_snapshot(
         {
-            "schema": 3,
+            "schema": 4,
             "version": 7,
             "node": s["node"],
             "trust_domain": "cluster.local",

@@ -154,7 +154,7 @@ def test_dispatchers_pick_the_right_type() -> None:
 def test_wire_format_is_todays() -> None:
     """The JSON shape nodes of the previous version send and expect."""
     assert SnapshotMessage(7, SNAPSHOT).to_json()["v"] == CONTROL_PROTOCOL_VERSION == 1
-    assert SNAPSHOT.to_json()["schema"] == SNAPSHOT_SCHEMA == 3
+    assert SNAPSHOT.to_json()["schema"] == SNAPSHOT_SCHEMA == 4
     assert SNAPSHOT.to_json()["dns_domain"] == "mesh"
     assert ENDPOINT.to_json() == {
         "workload": "api",
@@ -240,8 +240,8 @@ SNAPSHOT_REFUSED = [
         _set(("services", 0, "endpoints", 0, "adress"), "1.2.3.4"),
         "snapshot.services[0].endpoints[0]: unknown field 'adress'",
     ),
-    ("schema", _set(("schema",), 1), "snapshot.schema: snapshot schema 1 is not 3"),
-    ("schema True", _set(("schema",), True), "snapshot schema True is not 3"),
+    ("schema", _set(("schema",), 1), "snapshot.schema: snapshot schema 1 is not 4"),
+    ("schema True", _set(("schema",), True), "snapshot schema True is not 4"),
     (
         "label",
         _set(("workloads", 0, "namespace"), "Default"),
@@ -416,7 +416,7 @@ def test_reply_refusals_name_the_field(msg: dict[str, Any], message: str) -> Non
             "message.value: missing field",
         ),
         (
-            {"v": 1, "type": "snapshot", "version": 1, "state": {"schema": 3}},
+            {"v": 1, "type": "snapshot", "version": 1, "state": {"schema": 4}},
             "message.state: missing field",
         ),
     ],

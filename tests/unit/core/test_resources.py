@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -459,3 +460,138 @@ def test_meshconfig_dns_domain_round_trips_and_is_checked() -> None:
     for bad in ("Mesh", "a..b", "", "-x", 7):
         with pytest.raises(ResourceError, match="spec.dns.domain"):
             MeshConfig.from_dict({**doc, "spec": {"dns": {"domain": bad}}})
+
+
+# --- TrafficSplit by zone --------------------------------------------------------------
+
+ZONES_YAML = """\
+kind: TrafficSplit
+metadata: {name: api-zones}
+spec:
+  service: api
+  zones: {zone-a: 80, zone-b: 20}
+"""
+
+
+def test_zone_split_parses_round_trips_and_keeps_document_order() -> None:
+    (split,) = parse_documents(ZONES_YAML)
+    assert split == TrafficSplit(
+        name="api-zones", service="api", zones=(("zone-a", 80), ("zone-b", 20))
+    )
+    assert isinstance(split, TrafficSplit) and split.weights == ()
+    assert split.to_dict() == {
+        "kind": "TrafficSplit",
+        "metadata": {"name": "api-zones", "namespace": "default"},
+        "spec": {"service": "api", "zones": {"zone-a": 80, "zone-b": 20}},
+    }
+    assert TrafficSplit.from_dict(split.to_dict()) == split
+    assert parse_documents(dump_documents([split])) == [split]
+    assert resources_from_json(json.loads(json.dumps(resources_to_json([split])))) == [split]
+    # A zone of weight 0 is kept (it says "never", as for versions), in its place.
+    (zero,) = parse_documents(ZONES_YAML.replace("zone-b: 20", "zone-b: 0, zone-c: 20"))
+    assert isinstance(zero, TrafficSplit)
+    assert zero.zones == (("zone-a", 80), ("zone-b", 0), ("zone-c", 20))
+    assert TrafficSplit.from_dict(zero.to_dict()) == zero
+
+
+def test_version_split_documents_are_written_exactly_as_before() -> None:
+    # Byte for byte what TrafficSplit wrote before it could split by zone.
+    (split,) = parse_documents(SPLIT_YAML)
+    assert json.dumps(split.to_dict()) == (
+        '{"kind": "TrafficSplit", "metadata": {"name": "reviews-canary", "namespace": '
+        '"default"}, "spec": {"service": "reviews", "weights": {"v1": 90, "v2": 10}}}'
+    )
+    assert dump_documents([split]) == (
+        "---\nkind: TrafficSplit\nmetadata:\n  name: reviews-canary\n  namespace: default\n"
+        "spec:\n  service: reviews\n  weights:\n    v1: 90\n    v2: 10\n"
+    )
+    assert isinstance(split, TrafficSplit) and split.zones == ()
+
+
+def _zones(zones: str) -> str:
+    return _doc(f"{{service: api, zones: {zones}}}", kind="TrafficSplit")
+
+
+ZONE_SPLIT_INVALID = [
+    (_zones("{zone-a: 0, zone-b: 0}"), "spec.zones", "at least one weight must be > 0"),
+    (
+        _zones("{zone-a: -1}"),
+        "spec.zones.zone-a",
+        "weight must be an integer >= 0, found an integer -1",
+    ),
+    (_zones("{zone-a: true}"), "spec.zones.zone-a", "found a boolean true"),
+    (_zones("{zone-a: '80'}"), "spec.zones.zone-a", 'found a string "80"'),
+    (_zones("{zone-a: 1.5}"), "spec.zones.zone-a", "found a number 1.5"),
+    (_zones("{Zone-A: 5}"), "spec.zones.Zone-A", '"Zone-A" is not a DNS label'),
+    (_zones("{zone_a: 5}"), "spec.zones.zone_a", '"zone_a" is not a DNS label'),
+    (_zones("{1: 5}"), "spec.zones.1", "expected a string (a DNS label), found an integer 1"),
+    (_zones("[zone-a]"), "spec.zones", "expected a mapping of zone to weight, found a list"),
+    (_zones("{}"), "spec.zones", "must name at least one zone"),
+    (_zones("null"), "spec.zones", "expected a mapping of zone to weight, found null"),
+    (
+        _doc("{service: api, weights: {v1: 1}, zones: {zone-a: 1}}", kind="TrafficSplit"),
+        "spec",
+        'give "weights" (a split by version) or "zones" (a split by zone), not both',
+    ),
+    (
+        _doc("{service: api}", kind="TrafficSplit"),
+        "spec",
+        'required field is missing: "weights" (a split by version) or "zones"',
+    ),
+    (
+        _doc("{service: api, zone: {zone-a: 1}}", kind="TrafficSplit"),
+        "spec.zone",
+        'did you mean "zones"?',
+    ),
+    (_doc("{zones: {zone-a: 1}}", kind="TrafficSplit"), "spec.service", "required field"),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "problem"), ZONE_SPLIT_INVALID)
+def test_zone_split_refusals_name_the_field(text: str, path: str, problem: str) -> None:
+    test_invalid_documents_name_the_field(text, path, problem)
+
+
+def test_zone_named_twice_is_refused() -> None:
+    with pytest.raises(ResourceError, match='duplicate key "zone-a"'):
+        parse_documents(_zones("{zone-a: 1, zone-a: 2}"), "bad.yaml")
+    with pytest.raises(ResourceError) as info:
+        TrafficSplit(name="s", service="api", zones=(("zone-a", 1), ("zone-a", 2)))
+    assert (info.value.path, info.value.problem) == ("spec.zones.zone-a", "zone appears twice")
+
+
+@pytest.mark.parametrize(
+    ("build", "path"),
+    [
+        (
+            lambda: TrafficSplit(name="s", service="api", weights=(("v1", 1),), zones=(("a", 1),)),
+            "spec",
+        ),
+        (lambda: TrafficSplit(name="s", service="api", zones=(("a", 0),)), "spec.zones"),
+        (lambda: TrafficSplit(name="s", service="api", zones=(("A", 1),)), "spec.zones.A"),
+        (lambda: TrafficSplit(name="s", service="api"), "spec.weights"),  # neither: as before
+    ],
+)
+def test_zone_split_direct_construction_is_validated(build: object, path: str) -> None:
+    test_direct_construction_is_validated_too(build, path)
+
+
+def test_a_service_is_split_one_way() -> None:
+    # One TrafficSplit per service: by version or by zone (the set's rule, unchanged).
+    text = SPLIT_YAML + "---\n" + ZONES_YAML.replace("service: api", "service: reviews")
+    with pytest.raises(ResourceError) as info:
+        parse_documents(text)
+    assert info.value.path == "spec.service"
+    assert 'service "reviews" is already split by <input>: document 1' in info.value.problem
+
+
+def test_the_traffic_split_examples_of_the_docs_parse() -> None:
+    doc = Path(__file__).resolve().parents[3] / "docs" / "policies.md"
+    section = doc.read_text().split("## TrafficSplit", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.split("```", 1)[0] for b in section.split("```yaml\n")[1:]]
+    splits = [r for b in blocks for r in parse_documents(b, "docs/policies.md")]
+    assert all(isinstance(s, TrafficSplit) for s in splits)
+    assert [(s.name, s.to_dict()["spec"].keys() - {"service"}) for s in splits] == [
+        ("reviews-canary", {"weights"}),
+        ("api-zones", {"zones"}),
+    ]

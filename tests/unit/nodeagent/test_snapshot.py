@@ -3,6 +3,7 @@ workload ids and BPF capture destinations."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from meshnode.core.identity import SpiffeId
+from meshnode.core.resources import ResourceError
 from meshnode.nodeagent.certs import CertFiles
 from meshnode.nodeagent.config import LocalWorkload, NodeConfig
 from meshnode.nodeagent.snapshot import (
@@ -286,3 +288,120 @@ def test_snapshot_with_no_workloads_parses() -> None:
 def test_snapshot_needs_an_id_for_every_workload() -> None:
     with pytest.raises(KeyError):
         ztunnel_snapshot(node_config(), {"web": 1}, {}, "/b.pem")
+
+
+# --- traffic splits in the snapshot ----------------------------------------------------
+
+
+def _split(name: str, service: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "kind": "TrafficSplit",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"service": service, **spec},
+    }
+
+
+def _split_config(resources: list[dict[str, Any]]) -> NodeConfig:
+    """node_config(), api with a v1 endpoint and a remote zone entry, and `resources`."""
+    cfg = node_config()
+    services = copy.deepcopy(SERVICES)
+    services[0]["endpoints"][0]["version"] = "v1"
+    services[0]["remote"] = [
+        {
+            "zone": "z3",
+            "ingress_ip": "203.0.113.3",
+            "ingress_port": 15443,
+            "namespace": "default",
+            "service_account": "api",
+            "port": 80,
+            "version": "v1",
+            "endpoints": 2,
+        }
+    ]
+    cfg.services = services
+    cfg.resources = resources
+    return cfg
+
+
+def _snapshot_of(cfg: NodeConfig) -> dict[str, Any]:
+    certs = {"web": CertFiles(Path("/c/web.pem"), Path("/c/web.key"))}
+    return ztunnel_snapshot(cfg, {"web": 3, "batch": 5}, certs, "/c/b.pem")
+
+
+# What the agent wrote for _split_config([a version split of api]) before zone splits
+# existed, byte for byte (then under schema 3).
+BEFORE_ZONE_SPLITS = (
+    '{"schema": 3, "version": 12, "node": {"name": "node1", "zone": "z1", '
+    '"ip": "198.18.0.11"}, "trust_domain": "cluster.local", "trust_bundle": "/c/b.pem", '
+    '"bpf_pin_dir": "/sys/fs/bpf/meshnode/node1", "workloads": [{"id": 3, "name": "web", '
+    '"namespace": "default", "service_account": "web", "node": "node1", '
+    '"address": "198.18.0.11", "port": 8080, "service": "web", "cert": "/c/web.pem", '
+    '"key": "/c/web.key"}, {"id": 5, "name": "batch", "namespace": "jobs", '
+    '"service_account": "batch-runner", "node": "node1", "address": "198.18.0.11", '
+    '"port": 7000, "service": "", "cert": null, "key": null}], '
+    '"services": [{"name": "api", "namespace": "default", "vip": "240.0.0.1", '
+    '"ports": [{"port": 80, "target_port": 8080}, {"port": 443, "target_port": 8443}], '
+    '"endpoints": [{"workload": "api", "namespace": "default", "service_account": "api", '
+    '"node": "node2", "node_ip": "198.18.0.12", "address": "198.18.0.12", "zone": "z2", '
+    '"port": 8080, "service_port": 0, "version": "v1"}, {"workload": "api", '
+    '"namespace": "default", "service_account": "api", "node": "node2", '
+    '"node_ip": "198.18.0.12", "address": "198.18.0.12", "zone": "z2", "port": 8443, '
+    '"service_port": 0, "version": ""}], "split": {"v1": 90, "v2": 10}, '
+    '"remote": [{"zone": "z3", "ingress_ip": "203.0.113.3", "ingress_port": 15443, '
+    '"namespace": "default", "service_account": "api", "port": 80, "version": "v1", '
+    '"endpoints": 2}]}, {"name": "web", "namespace": "default", "vip": "240.0.0.2", '
+    '"ports": [{"port": 80, "target_port": 8080}], "endpoints": [{"workload": "web", '
+    '"namespace": "default", "service_account": "web", "node": "node1", '
+    '"node_ip": "198.18.0.11", "address": "198.18.0.11", "zone": "z1", "port": 8080, '
+    '"service_port": 0, "version": ""}]}, {"name": "db", "namespace": "data", '
+    '"vip": "240.0.0.3", "ports": [{"port": 5432, "target_port": 5432}], '
+    '"endpoints": []}], "policies": [], "authorization_default": "ALLOW", "revoked": [], '
+    '"dns_domain": "mesh"}'
+)
+
+
+def test_without_a_zone_split_the_snapshot_is_byte_identical_to_before() -> None:
+    cfg = _split_config([_split("api-canary", "api", weights={"v1": 90, "v2": 10})])
+    text = json.dumps(_snapshot_of(cfg))
+    assert "zone_split" not in text
+    # The one difference is the schema number a new field comes with.
+    assert text == BEFORE_ZONE_SPLITS.replace('"schema": 3,', f'"schema": {SCHEMA},', 1)
+
+
+def test_a_zone_split_reaches_its_service_in_the_snapshot() -> None:
+    zones = {"z2": 80, "z3": 20, "z1": 0}
+    cfg = _split_config([_split("api-zones", "api", zones=zones)])
+    doc = _snapshot_of(cfg)
+    api, web, db = doc["services"]
+    assert api["zone_split"] == zones and list(api["zone_split"]) == ["z2", "z3", "z1"]
+    assert "split" not in api  # no version split: none written
+    assert "zone_split" not in web and "zone_split" not in db
+    # Nothing else of the service changes.
+    before = json.loads(BEFORE_ZONE_SPLITS)["services"][0]
+    del before["split"]
+    assert {k: v for k, v in api.items() if k != "zone_split"} == before
+    # ztunnel reads it back: the weights, and the remote entry in its zone.
+    state = parse_snapshot(json.loads(json.dumps(doc)))
+    svc = state.find_service_by_vip("240.0.0.1")
+    assert svc is not None
+    assert svc.zone_split == (("z2", 80), ("z3", 20), ("z1", 0))
+    assert svc.split == ()
+    assert {(e.zone, e.remote) for e in svc.endpoints} == {("z2", False), ("z3", True)}
+    web_svc = state.find_service_by_vip("240.0.0.2")
+    assert web_svc is not None and web_svc.zone_split == ()
+
+
+def test_a_zone_split_applies_to_its_namespace_only_and_unknown_services_are_ignored() -> None:
+    other_ns = _split("api-zones", "api", zones={"z2": 1})
+    other_ns["metadata"]["namespace"] = "shop"
+    cfg = _split_config([other_ns, _split("ghost-zones", "ghost", zones={"z2": 1})])
+    assert all("zone_split" not in s for s in _snapshot_of(cfg)["services"])
+
+
+def test_a_bad_zone_split_resource_is_refused_naming_it() -> None:
+    cfg = _split_config([_split("api-zones", "api", zones={"Z2": 1})])
+    with pytest.raises(ResourceError) as info:
+        _snapshot_of(cfg)
+    assert str(info.value).startswith(
+        "node config: resources[0] (TrafficSplit api-zones): spec.zones.Z2: "
+    )

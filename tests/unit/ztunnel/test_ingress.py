@@ -225,7 +225,7 @@ def make_state(
         node["zone"] = zone
     return parse_snapshot(
         {
-            "schema": 3,
+            "schema": 4,
             "version": 1,
             "node": node,
             "trust_domain": TD,

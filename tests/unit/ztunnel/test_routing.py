@@ -44,7 +44,7 @@ def _endpoint(
 
 
 SNAPSHOT: dict[str, Any] = {
-    "schema": 3,
+    "schema": 4,
     "version": 3,
     "node": {"name": "node1", "ip": "198.18.0.11", "zone": "z1"},
     "trust_domain": TD,

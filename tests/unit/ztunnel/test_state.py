@@ -24,7 +24,7 @@ from meshnode.ztunnel.state import (
 
 def good_snapshot() -> dict[str, Any]:
     return {
-        "schema": 3,
+        "schema": 4,
         "version": 7,
         "node": {"name": "node1", "ip": "198.18.0.11", "zone": "z1"},
         "trust_domain": "cluster.local",
@@ -87,8 +87,8 @@ def good_snapshot() -> dict[str, Any]:
     }
 
 
-def test_schema_constant_is_3() -> None:
-    assert SCHEMA == 3
+def test_schema_constant_is_4() -> None:
+    assert SCHEMA == 4  # 4: services[].zone_split
 
 
 def test_accepts_a_good_snapshot() -> None:
@@ -199,9 +199,10 @@ def _duplicate_local_id(doc: dict[str, Any]) -> None:
 
 
 REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
-    ("schema 1", _set(("schema",), 1), "schema 1 is not 3"),
-    ("schema missing", _delete(("schema",)), "schema None is not 3"),
-    ("schema as string", _set(("schema",), "3"), "schema '3' is not 3"),
+    ("schema 1", _set(("schema",), 1), "schema 1 is not 4"),
+    ("schema 3", _set(("schema",), 3), "schema 3 is not 4"),  # before zone_split
+    ("schema missing", _delete(("schema",)), "schema None is not 4"),
+    ("schema as string", _set(("schema",), "4"), "schema '4' is not 4"),
     ("node missing", _delete(("node",)), "snapshot: missing field 'node'"),
     ("node not an object", _set(("node",), "node1"), "snapshot.node: expected dict"),
     ("node name missing", _delete(("node", "name")), "node: missing field 'name'"),
@@ -304,6 +305,36 @@ REJECTED: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
         _set(("services", 0, "name"), 5),
         "services[0].name: 5 is not a DNS label",
     ),
+    (
+        "zone split not a mapping",
+        _set(("services", 0, "zone_split"), ["z1"]),
+        "services[0].zone_split: expected dict",
+    ),
+    (
+        "zone split zone not a label",
+        _set(("services", 0, "zone_split"), {"Zone_A": 1}),
+        "services[0].zone_split.Zone_A: 'Zone_A' is not a DNS label",
+    ),
+    (
+        "zone split weight negative",
+        _set(("services", 0, "zone_split"), {"z1": -1}),
+        "services[0].zone_split.z1: weight must be an integer >= 0",
+    ),
+    (
+        "zone split weight bool",
+        _set(("services", 0, "zone_split"), {"z1": True}),
+        "services[0].zone_split.z1: weight must be an integer >= 0",
+    ),
+    (
+        "zone split all zero",
+        _set(("services", 0, "zone_split"), {"z1": 0, "z2": 0}),
+        "services[0].zone_split: the weights add up to 0",
+    ),
+    (
+        "zone split misspelt",
+        _set(("services", 0, "zones"), {"z1": 1}),
+        "services[0]: unknown field 'zones'",
+    ),
 ]
 
 
@@ -362,3 +393,40 @@ def test_entries_that_are_not_objects_raise_state_error(
     with pytest.raises(StateError) as info:
         parse_snapshot(doc)
     assert field in str(info.value)
+
+
+# -- zone split ---------------------------------------------------------------------------
+
+
+def test_zone_split_reaches_the_service_with_remote_entries_in_their_zone() -> None:
+    doc = good_snapshot()
+    api = doc["services"][0]
+    api["zone_split"] = {"z2": 80, "zone-b": 20, "z1": 0}
+    api["remote"] = [
+        {
+            "zone": "zone-b",
+            "ingress_ip": "203.0.113.2",
+            "ingress_port": 15443,
+            "namespace": "default",
+            "service_account": "api",
+            "port": 80,
+        }
+    ]
+    state = parse_snapshot(doc)
+    svc = state.find_service_by_vip("240.0.0.1")
+    assert svc is not None
+    assert svc.zone_split == (("z2", 80), ("zone-b", 20), ("z1", 0))  # document order
+    assert svc.split == ()
+    assert [(e.zone, e.remote) for e in svc.endpoints] == [("z2", False), ("zone-b", True)]
+    assert state.dump()["services"][0]["zone_split"] == {"z2": 80, "zone-b": 20, "z1": 0}
+
+
+def test_no_zone_split_is_an_empty_one() -> None:
+    state = parse_snapshot(good_snapshot())
+    svc = state.find_service_by_vip("240.0.0.1")
+    assert svc is not None and svc.zone_split == ()
+    assert state.dump()["services"][0]["zone_split"] == {}
+    doc = good_snapshot()
+    doc["services"][0]["zone_split"] = None  # null is the default, as for any field
+    svc = parse_snapshot(doc).find_service_by_vip("240.0.0.1")
+    assert svc is not None and svc.zone_split == ()

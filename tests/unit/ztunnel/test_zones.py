@@ -198,7 +198,7 @@ def _state(tmp: Path, zone: str = "zone-b", port: int = 8080) -> Any:
     (tmp / "api.pem").write_text("x")
     return parse_snapshot(
         {
-            "schema": 3,
+            "schema": 4,
             "version": 1,
             "node": {"name": "node2", "ip": N2, "zone": zone},
             "trust_domain": TD,
