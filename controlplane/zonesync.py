@@ -227,7 +227,23 @@ class ZoneSync:
         self._logged: dict[str, str] = {}
 
     async def run(self) -> None:
-        await asyncio.gather(self._push_loop(), self._pull_loop())
+        await asyncio.gather(
+            self._guarded("publish", self._push_loop), self._guarded("watch", self._pull_loop)
+        )
+
+    async def _guarded(self, name: str, loop: Callable[[], Any]) -> None:
+        """Run `loop`; if it fails on something unforeseen, log it and start it again
+        after a back-off: the sync must not end quietly while the zone serves on."""
+        step = BACKOFF_FIRST
+        while not self._stopping():
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("zone sync (%s) failed; starting it again", name)
+                self.status.last_error = f"the {name} loop failed; see the log"
+                step = await self._sleep(step)
 
     # -- the client ---------------------------------------------------------------------
 
@@ -261,7 +277,10 @@ class ZoneSync:
         """Ask the global's replicas in order, the last one that answered first; one
         that does not answer, or answers 5xx, passes the call to the next."""
         errors = []
-        ctx = self._context()
+        try:
+            ctx = self._context()
+        except (CAError, OSError, ssl.SSLError) as exc:
+            raise ZoneSyncError(f"cannot make this zone's certificate: {exc}") from None
         for url in list(self.urls):
             try:
                 answer = await request_async(
