@@ -464,7 +464,12 @@ class RotatingCA:
         return [ca for ca, retire in self.entries if retire is None or now < retire]
 
     def trust_bundle_pem(self, now: datetime | None = None) -> bytes:
-        return _pem_chain([ca.root_certificate for ca in self.trusted(now)])
+        """The trusted roots, each once (a zone renews its intermediate under the
+        same root: two entries, one root)."""
+        roots = {
+            c.root_certificate.fingerprint(_HASH()): c.root_certificate for c in self.trusted(now)
+        }
+        return _pem_chain(list(roots.values()))
 
     def serving(self, now: datetime | None = None) -> CertificateAuthority:
         """The CA that signs the control plane's own serving certificate: the oldest

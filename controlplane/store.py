@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from cryptography.hazmat.primitives import hashes, serialization
+
 from meshnode.controlplane.ca import CertificateAuthority, RotatingCA
 from meshnode.controlplane.registry import (
     Change,
@@ -628,17 +630,20 @@ class Store:
         def fn(tx: _Tx, reg: Registry, rev: int) -> RotatingCA:
             current = rotating_ca(_load_ca(tx))
             new = rotate(current)
-            pins = set()
+            # A row is one (root, intermediate): found by its intermediate, so a zone's
+            # new intermediate under the same root is a row of its own.
+            rows = {inter: pin for pin, inter in tx.rows("SELECT pin, intermediate_cert FROM ca")}
+            keep: set[str] = set()
             for ca, retire in new.entries:
-                pin = root_pin(_der(ca))
-                pins.add(pin)
                 retire_ts = retire.timestamp() if retire is not None else None
-                if tx.rows("SELECT pin FROM ca WHERE pin = ?", (pin,)):
+                pin = rows.get(ca.to_pem()["intermediate_cert"].decode())
+                if pin is not None:
                     tx.rows("UPDATE ca SET retire_at = ? WHERE pin = ?", (retire_ts, pin))
                 else:
-                    _insert_ca(tx, ca, rev, retire_ts)
+                    pin = _insert_ca(tx, ca, rev, retire_ts, taken=set(rows.values()) | keep)
+                keep.add(pin)
             for (pin,) in tx.rows("SELECT pin FROM ca"):
-                if pin not in pins:
+                if pin not in keep:
                     tx.rows("DELETE FROM ca WHERE pin = ?", (pin,))
             return new
 
@@ -663,18 +668,28 @@ def rotating_ca(rows: Sequence[CARow]) -> RotatingCA:
 
 
 def _der(ca: CertificateAuthority) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
     return ca.root_certificate.public_bytes(serialization.Encoding.DER)
 
 
-def _insert_ca(tx: _Tx, ca: CertificateAuthority, rev: int, retire_at: float | None) -> None:
+def _insert_ca(
+    tx: _Tx,
+    ca: CertificateAuthority,
+    rev: int,
+    retire_at: float | None,
+    taken: set[str] | frozenset[str] = frozenset(),
+) -> str:
+    """Store `ca`; its key is its root's pin, or (a second intermediate under that
+    root) the pin and the intermediate's fingerprint. The key it got."""
     pem = ca.to_pem()
+    pin = root_pin(_der(ca))
+    if pin in taken:
+        inter = ca.intermediate_certificate.fingerprint(hashes.SHA256()).hex()
+        pin = f"{pin}:{inter[:16]}"
     tx.rows(
         "INSERT INTO ca (pin, revision, root_cert, root_key, intermediate_cert, "
         "intermediate_key, retire_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (
-            root_pin(_der(ca)),
+            pin,
             rev,
             pem["root_cert"].decode(),
             pem["root_key"].decode(),
@@ -683,6 +698,7 @@ def _insert_ca(tx: _Tx, ca: CertificateAuthority, rev: int, retire_at: float | N
             retire_at,
         ),
     )
+    return pin
 
 
 def _load_ca(tx: _Tx) -> list[CARow]:

@@ -70,6 +70,8 @@ REQUEST_TIMEOUT = 15.0  # on top of POLL_WAIT for a poll
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
 PUSH_RECHECK = 5.0  # seconds between looks at this zone's state without a commit
+# A zone renews its intermediate at most this often for its age (seconds).
+RENEW_AT_MOST_EVERY = 3600.0
 
 
 class ZoneSyncError(MeshnodeError):
@@ -225,6 +227,8 @@ class ZoneSync:
         self._ctx_until = 0.0
         self._ctx_ca: Any = None
         self._logged: dict[str, str] = {}
+        self._renewed_at = -RENEW_AT_MOST_EVERY  # monotonic time of the last renewal
+        self._bundle = ""  # the global's trust bundle, from its last configuration
 
     async def run(self) -> None:
         await asyncio.gather(
@@ -388,6 +392,13 @@ class ZoneSync:
             if isinstance(answer, ZoneUnchanged):
                 if answer.revision < after:  # the global's store went back: take it all
                     after = -1
+                elif self._bundle:  # the intermediate ages with no change at the global
+                    try:
+                        await self.follow_roots(self._bundle)
+                    except ZoneSyncError as exc:
+                        self._problem("renew", str(exc))
+                    else:
+                        self._recovered("renew")
                 continue
             try:
                 await self.apply(answer)
@@ -411,9 +422,13 @@ class ZoneSync:
             roots = x509.load_pem_x509_certificates(bundle_pem.encode())
         except ValueError as exc:
             raise ZoneSyncError(f"the global sent an unreadable trust bundle: {exc}") from None
-        renew, retire = plan_roots(ca, roots)
+        now = datetime.now(UTC)
+        reason, retire = plan_roots(ca, roots, now)
+        if reason == "age" and time.monotonic() - self._renewed_at < RENEW_AT_MOST_EVERY:
+            reason = ""  # e.g. a root near its end caps every new intermediate: not a loop
         new: CertificateAuthority | None = None
-        if renew:
+        if reason:
+            self._renewed_at = time.monotonic()
             key = generate_private_key()
             csr = make_node_csr(key, None, f"zone-{self.zone}").decode()
             data = await self._call("POST", api.ZONE_INTERMEDIATE, {"intermediate_csr": csr})
@@ -427,25 +442,34 @@ class ZoneSync:
                 ) from None
         if new is None and not retire:
             return
-        now = datetime.now(UTC)
 
         def rotate(current: RotatingCA) -> RotatingCA:
             entries = [
                 (c, now if _pin(c) in retire and (r is None or r > now) else r)
                 for c, r in current.entries
             ]
+            if reason == "age":  # the old intermediate serves until it ends, no longer
+                end = current.active.intermediate_certificate.not_valid_after_utc
+                entries = [(c, end if c is current.active else r) for c, r in entries]
             if new is not None:
                 entries.append((new, None))
             return RotatingCA(entries)
 
         await asyncio.to_thread(self.store.rotate_ca, rotate)
         await self.cache.refresh()
-        if new is not None:
+        if new is not None and reason == "root":
             log.warning(
                 "zone sync: the global signs with root %s now; zone %s has a new intermediate "
                 "under it and keeps the old root trusted while the global does",
                 _pin(new)[:16],
                 self.zone,
+            )
+        elif new is not None:
+            log.info(
+                "zone sync: zone %s's intermediate had a third of its life left; it has a "
+                "new one until %s",
+                self.zone,
+                new.intermediate_certificate.not_valid_after_utc.isoformat(timespec="seconds"),
             )
         for pin in sorted(retire):
             log.warning("zone sync: root %s retired (the global no longer trusts it)", pin[:16])
@@ -453,6 +477,7 @@ class ZoneSync:
     async def apply(self, config: ZoneConfig) -> None:
         """Write what the global sent to this zone's store, when it changed."""
         await self.follow_roots(config.trust_bundle)
+        self._bundle = config.trust_bundle
         digest = _digest(config, self.zone)
         synced = self.cache.registry.internal(ZONE_SYNC_KIND).get("global", {})
         if synced.get("digest") == digest:
@@ -487,22 +512,32 @@ class ZoneSync:
         )
 
 
-def plan_roots(ca: RotatingCA, global_roots: list[x509.Certificate]) -> tuple[bool, set[str]]:
-    """(whether this zone needs a new intermediate, the root pins of its CA entries
-    to retire now), given the roots the global trusts (its bundle, oldest first,
-    the last the one it signs with). Pure."""
+def plan_roots(
+    ca: RotatingCA, global_roots: list[x509.Certificate], now: datetime
+) -> tuple[str, set[str]]:
+    """(why this zone needs a new intermediate: "root" when the global signs with a
+    root the zone's intermediate is not under, "age" when the intermediate has
+    less than a third of its life left, "" when it needs none; the root pins of
+    its CA entries to retire now: those the global no longer trusts), given the
+    roots the global trusts (its bundle, oldest first, the last the one it signs
+    with). Pure."""
     if not global_roots:
-        return False, set()
-    now = datetime.now(UTC)
+        return "", set()
     wanted = {root_pin(r.public_bytes(serialization.Encoding.DER)) for r in global_roots}
     signing = root_pin(global_roots[-1].public_bytes(serialization.Encoding.DER))
-    renew = _pin(ca.active) != signing
+    inter = ca.active.intermediate_certificate
+    life = inter.not_valid_after_utc - inter.not_valid_before_utc
+    reason = ""
+    if _pin(ca.active) != signing:
+        reason = "root"
+    elif inter.not_valid_after_utc - now < life / 3:
+        reason = "age"
     retire = {
         _pin(c)
         for c, r in ca.entries
         if c is not ca.active and _pin(c) not in wanted and (r is None or r > now)
     }
-    return renew, retire
+    return reason, retire
 
 
 def _pin(ca: CertificateAuthority) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from cryptography import x509
 
+from meshnode.controlplane.ca import DEFAULT_INTERMEDIATE_TTL
 from meshnode.controlplane.registry import DEFAULT_MAX_WORKLOADS_PER_NODE
 from meshnode.core import api
 from meshnode.core.errors import ApiError
@@ -58,6 +59,9 @@ class ControlPlaneConfig:
     global_url: str = ""  # mode "zone": https://HOST:PORT of the global control plane
     global_token: str = ""  # mode "zone": the zone join token, for the first start
     zone_ingress: str = ""  # mode "zone": HOST:PORT other zones reach this zone's ingress at
+    # mode "global": the lifetime of the intermediates it issues zones (renewed by each
+    # zone when a third is left).
+    zone_intermediate_ttl: timedelta = DEFAULT_INTERMEDIATE_TTL
 
     @property
     def admin_socket_path(self) -> Path:

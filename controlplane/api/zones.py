@@ -146,7 +146,9 @@ class Zones(Handlers):
         # The token first: nobody without one makes the root sign anything.
         await asyncio.to_thread(self.store.check_zone_token, token, zone, now)
         try:
-            intermediate = ca.active.issue_zone_intermediate(csr.encode(), zone).decode()
+            intermediate = ca.active.issue_zone_intermediate(
+                csr.encode(), zone, self.config.zone_intermediate_ttl
+            ).decode()
         except CAError as exc:
             raise ApiError(400, f"intermediate_csr: {exc}") from None
 
@@ -175,7 +177,9 @@ class Zones(Handlers):
             raise ApiError(400, "intermediate_csr: missing; send a PEM P-256 CSR")
         ca = self._ca()
         try:
-            intermediate = ca.active.issue_zone_intermediate(csr.encode(), zone).decode()
+            intermediate = ca.active.issue_zone_intermediate(
+                csr.encode(), zone, self.config.zone_intermediate_ttl
+            ).decode()
         except CAError as exc:
             raise ApiError(400, f"intermediate_csr: {exc}") from None
         revision, _ = await asyncio.to_thread(

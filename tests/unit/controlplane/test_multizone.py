@@ -475,3 +475,90 @@ def test_a_zone_control_plane_says_what_is_missing(mesh: Mesh, tmp_path: Path) -
         "--zone-ingress", "ingress.example:15443",
     )  # fmt: skip
     assert code != 0 and "expected IP:PORT" in err, err
+
+
+# --- a zone renews its intermediate before it ends -----------------------------------------
+
+
+def test_plan_roots_decides_renewal_and_retirement() -> None:
+    from meshnode.controlplane.zonesync import plan_roots
+    from meshnode.core.pki import generate_private_key as key_
+
+    glob = CertificateAuthority.create("cluster.local")
+    now = datetime.now(UTC)
+    k = key_()
+    inter = x509.load_pem_x509_certificate(
+        glob.issue_zone_intermediate(make_node_csr(k, None, "z"), "zone-a", timedelta(days=30))
+    )
+    zone_ca = CertificateAuthority.for_zone(glob.root_certificate, inter, k)
+    ca = RotatingCA([(zone_ca, None)])
+    root = glob.root_certificate
+    assert plan_roots(ca, [root], now) == ("", set())
+    assert plan_roots(ca, [root], now + timedelta(days=19)) == ("", set())
+    assert plan_roots(ca, [root], now + timedelta(days=21)) == ("age", set())
+    other = CertificateAuthority.create("cluster.local").root_certificate
+    assert plan_roots(ca, [root, other], now) == ("root", set())  # the global signs with `other`
+    assert plan_roots(ca, [], now) == ("", set())
+    # A second entry under a root the global dropped is retired; the active one never.
+    k2 = key_()
+    inter2 = x509.load_pem_x509_certificate(
+        glob.issue_zone_intermediate(make_node_csr(k2, None, "z"), "zone-a")
+    )
+    newer = CertificateAuthority.for_zone(glob.root_certificate, inter2, k2)
+    old_global = CertificateAuthority.create("cluster.local")
+    k3 = key_()
+    old_inter = x509.load_pem_x509_certificate(
+        old_global.issue_zone_intermediate(make_node_csr(k3, None, "z"), "zone-a")
+    )
+    old = CertificateAuthority.for_zone(old_global.root_certificate, old_inter, k3)
+    two = RotatingCA([(old, None), (newer, None)])
+    _, retire = plan_roots(two, [root], now)
+    assert len(retire) == 1 and retire != {_pin_of(newer)}
+
+
+def _pin_of(ca: CertificateAuthority) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    from meshnode.core.pki import root_pin
+
+    return root_pin(ca.root_certificate.public_bytes(serialization.Encoding.DER))
+
+
+def test_a_zone_renews_its_intermediate_under_the_same_root(tmp_path: Path) -> None:
+    port = free_port()
+    m = Mesh(tmp_path, port, None, {})  # type: ignore[arg-type]
+    store = open_store(f"sqlite://{tmp_path}/global.db")
+    m.glob = ThreadedControlPlane(
+        store, tmp_path / "global", mode="global", zone_intermediate_ttl=timedelta(seconds=4)
+    )
+    _start_on(m.glob, port)
+    try:
+        a = m.start_zone("zone-a", zone_token(m.glob, "zone-a"))
+        ca = a.cp.cache.ca
+        assert ca is not None and len(ca.entries) == 1
+        first = ca.active.intermediate_certificate
+        time.sleep(max(0.0, (first.not_valid_after_utc - datetime.now(UTC)).total_seconds() - 1.2))
+        # A change at the global wakes the zone's watch; it sees a third of the life left.
+        apply(m.glob, policy_text("wake"))
+        assert wait_until(lambda: len(a.cp.cache.ca.entries) == 2, 10), "no renewal"  # type: ignore[union-attr]
+        ca = a.cp.cache.ca
+        assert ca is not None
+        assert ca.active.intermediate_certificate != first
+        assert ca.active.root_certificate == ca.entries[0][0].root_certificate
+        # The old one serves until it ends, no longer; one root in the bundle.
+        assert ca.entries[0][1] == first.not_valid_after_utc
+        assert len(_roots(a.bundle())) == 1
+        # The global knows the zone by its new intermediate too.
+        zones = m.glob.cp.cache.registry.internal("Zone")
+        assert len(zones["zone-a"]["intermediates"]) == 2
+    finally:
+        for cp in m.zones.values():
+            cp.stop()
+        m.glob.stop()
+
+
+def policy_text(name: str) -> str:
+    return (
+        f"kind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: default}}\n"
+        "spec: {action: ALLOW, rules: [{from: {namespaces: [default]}}]}\n"
+    )
