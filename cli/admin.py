@@ -325,11 +325,9 @@ def get(
         zones = [i for i in data["items"] if name is None or i.get("zone") == name]
         if name is not None and not zones:
             fail(f"zone {name!r} not known here")
-        emit(
-            {"kind": "ZoneList", **data, "items": zones},
-            output,
-            lambda: _zones_table(data, zones),
-        )
+        fields = {k: v for k, v in data.items() if k != "items"}
+        doc = item_list("ZoneList", zones, **fields) if name is None else document("Zone", zones[0])
+        emit(doc, output, lambda: _zones_table(data, zones))
         return
     if api_kind in _MESH_KINDS:
         data = _call(

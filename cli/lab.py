@@ -36,7 +36,17 @@ def lab() -> None:
 
 
 @lab.command("up")
-@click.option("--nodes", default=2, show_default=True, help="How many nodes.")
+@click.option(
+    "--nodes", default=2, show_default=True, help="How many nodes (with --zones: per zone)."
+)
+@click.option(
+    "--zones",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 4),
+    help="Zones (docs/multizone.md): with 2..4, a global control plane on a WAN and per "
+    "zone a network, a control plane and an ingress on the zone's last node.",
+)
 @click.option(
     "--workers",
     default=1,
@@ -60,7 +70,12 @@ def lab() -> None:
 )
 @progress_option
 def up(
-    nodes: int, workers: int, dns_upstreams: tuple[str, ...], demo: bool, progress: bool | None
+    nodes: int,
+    zones: int,
+    workers: int,
+    dns_upstreams: tuple[str, ...],
+    demo: bool,
+    progress: bool | None,
 ) -> None:
     """Create the nodes and start an agent (and its ztunnel) on each."""
     lab_ = _lab()
@@ -71,6 +86,7 @@ def up(
             workers=workers,
             dns_upstreams=dns_upstreams,
             progress=progress_printer(progress),
+            **({"zones": zones} if zones != 1 else {}),
         )
         if demo:
             from meshnode.lab.demo import run_demo
@@ -103,14 +119,37 @@ def status(output: str) -> None:
     if output == "json":
         click.echo(json.dumps(st, indent=2))
         return
-    click.echo(f"lab {st['lab']}")
+    click.echo(f"lab {st['lab']}" + (f" ({len(st['zones'])} zones)" if "zones" in st else ""))
     cp = st["controlplane"]
     click.echo(
-        f"CONTROL PLANE {cp['url']} pid {cp['pid']} "
+        ("GLOBAL CONTROL PLANE " if "zones" in st else "CONTROL PLANE ")
+        + f"{cp['url']} pid {cp['pid']} "
         + ("up" if cp["alive"] else "DOWN")
         + (f", revision {cp['revision']}" if "revision" in cp else "")
         + (f" ({cp['error']})" if "error" in cp else "")
     )
+    if "zones" in st:
+        click.echo("ZONES")
+        for z in st["zones"]:
+            took = z.get("global_revision")
+            sync = (
+                f", took global revision {took}, sync "
+                + ("connected" if z.get("connected") else "NOT CONNECTED")
+                + (f" ({z['sync_error']})" if z.get("sync_error") else "")
+                if "revision" in z
+                else ""
+            )
+            click.echo(
+                f"  {z['name']:<8} {z['url']} pid {z['pid']} "
+                + ("up" if z["alive"] else "DOWN")
+                + (f", revision {z['revision']}" if "revision" in z else "")
+                + sync
+                + (f" ({z['error']})" if "error" in z else "")
+            )
+            click.echo(
+                f"           network {z['subnet']}, router {z['router_wan_ip']} on the WAN, "
+                f"ingress {z['ingress_node']} at {z['ingress']}"
+            )
     click.echo("NODES")
     for n in st["nodes"]:
         state = "ready" if n["ready"] and n["agent_alive"] and n["ztunnel_alive"] else "NOT READY"
@@ -135,9 +174,16 @@ def status(output: str) -> None:
                 )
     click.echo("SERVICES")
     for s in st["services"]:
+        remote = [f"{r['zone']} ({r['endpoints']} via {r['ingress']})" for r in s.get("remote", [])]
         click.echo(
-            f"  {s['name']}.{s['namespace']:<12} {s['vip']}:{s['port']:<6} -> "
-            f"{', '.join(s['endpoints']) or '(no endpoints)'}"
+            (
+                f"  {s['name'] + '.' + s['namespace']:<24} {s['zone']:<8} "
+                if "zone" in s
+                else f"  {s['name']}.{s['namespace']:<12} "
+            )
+            + f"{s['vip']}:{s['port']:<6} -> "
+            + (", ".join(s["endpoints"]) or ("(no endpoints)" if not remote else "(none here)"))
+            + (f" + {', '.join(remote)}" if remote else "")
         )
     click.echo("WORKLOADS")
     for w in st["workloads"]:
@@ -202,9 +248,14 @@ def workload_add(
     from meshnode.lab.lab import service_key
 
     svc = st.services[service_key(service, namespace)]
+    at = (
+        ", ".join(f"{vip}:{svc.port} in {zone}" for zone, vip in svc.vips.items())
+        if svc.vips
+        else f"{svc.vip}:{svc.port}"
+    )
     click.echo(
         f"workload {wl.name} on {wl.node} (pid {wl.pid}) serves {service}.{namespace} "
-        f"at {svc.vip}:{svc.port} as spiffe://cluster.local/ns/{namespace}/sa/{service}"
+        f"at {at} as spiffe://cluster.local/ns/{namespace}/sa/{service}"
     )
 
 
@@ -253,6 +304,56 @@ def delete(kind: str, name: str, namespace: str) -> None:
     except _errors() as exc:
         fail(str(exc))
     click.echo(f"{kind}/{name} deleted")
+
+
+@lab.group("controlplane")
+def controlplane() -> None:
+    """Stop and start the lab's control planes (outages, for tests and demos)."""
+
+
+def _which(zone: str | None, global_: bool) -> str | None:
+    """--zone NAME or --global (a multi-zone lab); neither: a single-zone lab's."""
+    if zone and global_:
+        fail("give --zone NAME or --global, not both")
+    if global_:
+        return "global"
+    if zone is None:
+        from meshnode.lab.lab import LabError
+
+        try:
+            zones = _lab().load().zones
+        except LabError as exc:
+            fail(str(exc))
+        if zones:
+            fail(f"the lab has zones: --global, or --zone with one of {', '.join(zones)}")
+    return zone
+
+
+@controlplane.command("stop")
+@click.option("--zone", default=None, metavar="NAME", help="That zone's control plane.")
+@click.option("--global", "global_", is_flag=True, help="The global control plane.")
+@click.option("--kill", is_flag=True, help="SIGKILL at once (a crash), not SIGTERM.")
+def controlplane_stop(zone: str | None, global_: bool, kill: bool) -> None:
+    """Stop a control plane (SIGTERM, then SIGKILL): nodes go on from what they hold."""
+    which = _which(zone, global_)
+    try:
+        _lab().stop_controlplane(which, kill=kill)
+    except _errors() as exc:
+        fail(str(exc))
+    click.echo(f"{which or 'the'} control plane " + ("killed" if kill else "stopped"))
+
+
+@controlplane.command("start")
+@click.option("--zone", default=None, metavar="NAME", help="That zone's control plane.")
+@click.option("--global", "global_", is_flag=True, help="The global control plane.")
+def controlplane_start(zone: str | None, global_: bool) -> None:
+    """Start a stopped control plane again (same data, same address)."""
+    which = _which(zone, global_)
+    try:
+        _lab().start_controlplane(which)
+    except _errors() as exc:
+        fail(str(exc))
+    click.echo(f"{which or 'the'} control plane is up")
 
 
 @lab.command("exec", context_settings={"ignore_unknown_options": True})

@@ -118,16 +118,52 @@ def bridge_address(fabric: str, ip_cidr: str, bridge: str = "br0") -> None:
         ns.addr("add", index=_index(ns, bridge), address=address, prefixlen=prefix)
 
 
-def plug_node(fabric: str, node_ns: str, port_name: str, ip_cidr: str, bridge: str = "br0") -> None:
-    """veth: ``port_name`` on the fabric's bridge <-> ``eth0`` in the node."""
+def plug_node(
+    fabric: str,
+    node_ns: str,
+    port_name: str,
+    ip_cidr: str,
+    bridge: str = "br0",
+    peer: str = "eth0",
+) -> None:
+    """veth: ``port_name`` on the fabric's bridge <-> ``peer`` (``eth0``) in the node."""
     with _netlink(fabric, f"plugging {node_ns} into {bridge}") as ns:
-        ns.link("add", ifname=port_name, kind="veth", peer={"ifname": "eth0", "net_ns_fd": node_ns})
+        ns.link("add", ifname=port_name, kind="veth", peer={"ifname": peer, "net_ns_fd": node_ns})
         ns.link("set", index=_index(ns, port_name), master=_index(ns, bridge), state="up")
     address, prefix = _cidr(ip_cidr)
-    with _netlink(node_ns, f"addressing eth0 ({ip_cidr})") as ns:
-        eth0 = _index(ns, "eth0")
-        ns.addr("add", index=eth0, address=address, prefixlen=prefix)
-        ns.link("set", index=eth0, state="up")
+    with _netlink(node_ns, f"addressing {peer} ({ip_cidr})") as ns:
+        link = _index(ns, peer)
+        ns.addr("add", index=link, address=address, prefixlen=prefix)
+        ns.link("set", index=link, state="up")
+
+
+def add_route(netns: str, dst_cidr: str, gateway: str) -> None:
+    """A route in `netns`: `dst_cidr` via `gateway` (on a directly connected subnet)."""
+    with _netlink(netns, f"adding the route {dst_cidr} via {gateway}") as ns:
+        ns.route("add", dst=dst_cidr, gateway=gateway)
+
+
+def enable_forwarding(netns: str) -> None:
+    """net.ipv4.ip_forward=1 in `netns` only: the file is opened from this thread
+    after setns(), and /proc/sys/net is the namespace of the thread that opens it
+    (the host's own setting stays as it is)."""
+    from pyroute2 import netns as pr_netns
+
+    pr_netns.pushns(netns)
+    try:
+        with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
+            f.write("1")
+    except OSError as exc:
+        raise HostError(f"enabling IPv4 forwarding in network namespace {netns}: {exc}") from None
+    finally:
+        pr_netns.popns()
+
+
+def iptables(netns: str, *rule: str) -> None:
+    """``iptables RULE...`` inside `netns` (its own tables: nothing of the host's)."""
+    if shutil.which("iptables") is None:
+        raise HostError("`iptables` is missing (a multi-zone lab filters its routers); install it")
+    run([*nsenter_prefix(netns), "iptables", "-w", *rule])
 
 
 def nsenter_prefix(netns: str) -> list[str]:

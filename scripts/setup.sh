@@ -18,7 +18,7 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
-pkgs=(python3 python3-venv python3-dev python3-bpfcc bpftool iproute2 procps psmisc
+pkgs=(python3 python3-venv python3-dev python3-bpfcc bpftool iproute2 iptables procps psmisc
       curl ca-certificates)
 if [ "$want_test" = 1 ]; then
     pkgs+=(tcpdump socat haproxy stunnel4 nginx iperf3 wrk postgresql debootstrap systemd-container dnsperf)

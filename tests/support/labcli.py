@@ -78,3 +78,41 @@ class LabCli:
 
     def status(self) -> dict[str, Any]:
         return dict(json.loads(self.out("lab", "status", "-o", "json")))
+
+    def exec(
+        self,
+        node: str,
+        *cmd: str,
+        workload: str | None = None,
+        check: bool = True,
+        timeout: float = 180,
+    ) -> subprocess.CompletedProcess[str]:
+        """`lab exec NODE [--workload W] -- CMD...`."""
+        wl = ["--workload", workload] if workload else []
+        return self.run("lab", "exec", node, *wl, "--", *cmd, check=check, timeout=timeout)
+
+    def vip(
+        self, service: str, zone: str | None = None, status: dict[str, Any] | None = None
+    ) -> str:
+        """The service's VIP; in a multi-zone lab, the one of `zone` (each zone
+        allocates its own, and a node calls its zone's)."""
+        st = status if status is not None else self.status()
+        for s in st["services"]:
+            if s["name"] == service and (zone is None or s.get("zone") == zone):
+                return str(s["vip"])
+        raise AssertionError(f"no service {service}" + (f" in {zone}" if zone else ""))
+
+    def connects(self, node: str, host: str, port: int, timeout: float = 3.0) -> str:
+        """Open a plain TCP connection from NODE (its system cgroup: not meshed):
+        ``CONNECTED``, or ``FAILED <why>``."""
+        probe = (
+            "import socket, sys\n"
+            "try:\n"
+            "    socket.create_connection((sys.argv[1], int(sys.argv[2])), float(sys.argv[3]))"
+            ".close()\n"
+            "    print('CONNECTED')\n"
+            "except OSError as exc:\n"
+            "    print('FAILED', exc)\n"
+        )
+        out = self.exec(node, PY, "-c", probe, host, str(port), str(timeout)).stdout
+        return out.strip()

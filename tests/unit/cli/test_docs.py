@@ -141,6 +141,8 @@ def test_the_docs_have_tables_for_every_kind() -> None:
         "WorkloadList",
         "Service",
         "ServiceList",
+        "ZoneList",
+        "Zone",
         *POLICY_LISTS,
     }
     assert set(KINDS) == want

@@ -382,6 +382,19 @@ def test_get_zones_shows_the_sync(mesh: Mesh) -> None:
     assert out.exit_code == 0, out.output
     assert "zone zone-a: global" in out.stdout and "connected" in out.stdout
     assert "zone-b" in out.stdout and "NOT CONNECTED" not in out.stdout
+    # -o json is the documented ZoneList / Zone (docs/cli.md), at both ends.
+    from tests.unit.cli.test_docs import check
+
+    for cp, kind, extra in (
+        (mesh.glob, "ZoneList", []),
+        (a, "ZoneList", []),
+        (mesh.glob, "Zone", ["zone-b"]),
+        (a, "Zone", ["zone-b"]),
+    ):
+        where = ["--cp", cp.url, "--data-dir", str(cp.data_dir)]
+        out = runner.invoke(cli, ["get", "zones", *extra, "-o", "json", *where])
+        assert out.exit_code == 0, out.output
+        check(kind, json.loads(out.stdout))
 
 
 # --- a root rotation at the global reaches the zones ---------------------------------------
