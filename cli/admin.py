@@ -326,8 +326,12 @@ def get(
         if name is not None and not zones:
             fail(f"zone {name!r} not known here")
         fields = {k: v for k, v in data.items() if k != "items"}
-        doc = item_list("ZoneList", zones, **fields) if name is None else document("Zone", zones[0])
-        emit(doc, output, lambda: _zones_table(data, zones))
+        listed = item_list("ZoneList", zones, **fields)
+        emit(
+            listed if name is None else document("Zone", zones[0]),
+            output,
+            lambda: _zones_table(data, zones),
+        )
         return
     if api_kind in _MESH_KINDS:
         data = _call(

@@ -302,15 +302,7 @@ class Lab:
             raise LabError(f"--zones must be between 1 and {MAX_ZONES}")
         if zones > 1:
             return self._up_zones(zones, nodes, log, workers, dns_upstreams, progress)
-        done, total, last = 0, 3 * nodes + 2, time.monotonic()
-
-        def step(what: str) -> None:
-            nonlocal done, last
-            done, now = done + 1, time.monotonic()
-            if progress is not None:
-                progress(f"[{done}/{total}] {what} ({now - last:.1f} s)")
-            last = now
-
+        step = _stepper(3 * nodes + 2, progress)
         host.require_root()
         if not 1 <= nodes <= 50:
             raise LabError("--nodes must be between 1 and 50")
@@ -380,15 +372,7 @@ class Lab:
         its router namespace and its `nodes` nodes (node1.. across zones), the
         routes and filters, each zone's control plane (enrolled with a zone token
         from the global), and the nodes enrolled with their zone's control plane."""
-        done, total, last = 0, 3 * zones * nodes + zones + 3, time.monotonic()
-
-        def step(what: str) -> None:
-            nonlocal done, last
-            done, now = done + 1, time.monotonic()
-            if progress is not None:
-                progress(f"[{done}/{total}] {what} ({now - last:.1f} s)")
-            last = now
-
+        step = _stepper(3 * zones * nodes + zones + 3, progress)
         host.require_root()
         if shutil.which("iptables") is None:
             raise LabError(
@@ -1349,6 +1333,20 @@ def _slice_view(services: list[Any], resources: list[Any]) -> tuple[frozenset[st
         return json.dumps(doc, sort_keys=True)
 
     return frozenset(map(canon, services)), frozenset(map(canon, resources))
+
+
+def _stepper(total: int, progress: Callable[[str], None] | None) -> Callable[[str], None]:
+    """`step(what)`: one progress line per step done, ``[3/8] node1: enrolled (1.2 s)``."""
+    done, last = 0, time.monotonic()
+
+    def step(what: str) -> None:
+        nonlocal done, last
+        done, now = done + 1, time.monotonic()
+        if progress is not None:
+            progress(f"[{done}/{total}] {what} ({now - last:.1f} s)")
+        last = now
+
+    return step
 
 
 def service_key(name: str, namespace: str) -> str:

@@ -139,63 +139,39 @@ class Zones(Handlers):
             zone = reg.check_label(body.get("zone"), "zone")
         except RegistryError as exc:
             raise ApiError(400, str(exc)) from None
-        csr = body.get("intermediate_csr")
-        if not isinstance(csr, str):
-            raise ApiError(400, "intermediate_csr: missing; send a PEM P-256 CSR")
+        csr = _csr(body)
         now = time.time()
         # The token first: nobody without one makes the root sign anything.
         await asyncio.to_thread(self.store.check_zone_token, token, zone, now)
-        try:
-            intermediate = ca.active.issue_zone_intermediate(
-                csr.encode(), zone, self.config.zone_intermediate_ttl
-            ).decode()
-        except CAError as exc:
-            raise ApiError(400, f"intermediate_csr: {exc}") from None
-
+        intermediate = self._intermediate(ca, csr, zone)
         revision, _ = await asyncio.to_thread(
             self.store.enroll_zone, token, zone, now, intermediate, KEEP_INTERMEDIATES
         )
         await self.cache.refresh()
-        return json_response(
-            200,
-            {
-                "zone": zone,
-                "revision": revision,
-                "trust_domain": ca.trust_domain,
-                "trust_bundle": ca.trust_bundle_pem().decode(),
-                "intermediate": intermediate,
-            },
-        )
+        return _issued(zone, revision, ca, intermediate)
+
+    def _intermediate(self, ca: RotatingCA, csr: str, zone: str) -> str:
+        """Zone `zone`'s intermediate for `csr`, from the global's active root (PEM)."""
+        try:
+            return ca.active.issue_zone_intermediate(
+                csr.encode(), zone, self.config.zone_intermediate_ttl
+            ).decode()
+        except CAError as exc:
+            raise ApiError(400, f"intermediate_csr: {exc}") from None
 
     async def post_zone_intermediate(self, req: Request, zone: str) -> Response:
         """A new intermediate for an enrolled zone, from the global's active root:
         how a root rotation reaches the zones. The zone asks when the global's trust
         bundle names a root its CA does not have (zonesync.py)."""
         self._global_only()
-        csr = req.json().get("intermediate_csr")
-        if not isinstance(csr, str):
-            raise ApiError(400, "intermediate_csr: missing; send a PEM P-256 CSR")
         ca = self._ca()
-        try:
-            intermediate = ca.active.issue_zone_intermediate(
-                csr.encode(), zone, self.config.zone_intermediate_ttl
-            ).decode()
-        except CAError as exc:
-            raise ApiError(400, f"intermediate_csr: {exc}") from None
+        intermediate = self._intermediate(ca, _csr(req.json()), zone)
         revision, _ = await asyncio.to_thread(
             self.store.mutate,
             lambda tx, r, rev: r.add_zone_intermediate(zone, intermediate, KEEP_INTERMEDIATES),
         )
         await self.cache.refresh()
-        return json_response(
-            200,
-            {
-                "zone": zone,
-                "revision": revision,
-                "trust_bundle": ca.trust_bundle_pem().decode(),
-                "intermediate": intermediate,
-            },
-        )
+        return _issued(zone, revision, ca, intermediate)
 
     async def put_zone_state(self, req: Request, zone: str) -> Response:
         self._global_only()
@@ -281,6 +257,26 @@ class Zones(Handlers):
                 "items": items,
             },
         )
+
+
+def _csr(body: dict[str, object]) -> str:
+    csr = body.get("intermediate_csr")
+    if not isinstance(csr, str):
+        raise ApiError(400, "intermediate_csr: missing; send a PEM P-256 CSR")
+    return csr
+
+
+def _issued(zone: str, revision: int, ca: RotatingCA, intermediate: str) -> Response:
+    return json_response(
+        200,
+        {
+            "zone": zone,
+            "revision": revision,
+            "trust_domain": ca.trust_domain,
+            "trust_bundle": ca.trust_bundle_pem().decode(),
+            "intermediate": intermediate,
+        },
+    )
 
 
 def _ingress(state: ZoneState | None) -> str:

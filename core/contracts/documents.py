@@ -216,9 +216,6 @@ class RemoteZoneDoc:
     @classmethod
     def from_json(cls, obj: object, path: str = "remote") -> RemoteZoneDoc:
         f = Fields(obj, path, cls.FIELDS)
-        count = f.integer("endpoints", 1)
-        if count < 1:
-            raise ContractError(f"{f.at('endpoints')}: {count} is not a count of endpoints >= 1")
         return cls(
             zone=f.label("zone"),
             ingress_ip=f.ip("ingress_ip"),
@@ -227,7 +224,7 @@ class RemoteZoneDoc:
             service_account=f.label("service_account"),
             port=f.port("port"),
             version=check_version_label(f.raw("version", ""), f.at("version")),
-            endpoints=count,
+            endpoints=f.count("endpoints", 1),
         )
 
 

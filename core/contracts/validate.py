@@ -130,6 +130,13 @@ class Fields:
             return int(value)
         return check_port(value, self.at(key))
 
+    def count(self, key: str, default: Any = MISSING) -> int:
+        """A count of endpoints: an integer >= 1."""
+        value = int(self.integer(key, default))
+        if value < 1:
+            raise ContractError(f"{self.at(key)}: {value} is not a count of endpoints >= 1")
+        return value
+
     def ip(self, key: str) -> str:
         return check_ip(self.raw(key), self.at(key))
 

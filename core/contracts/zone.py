@@ -62,15 +62,12 @@ class ZoneService:
     @classmethod
     def from_json(cls, obj: object, path: str = "service") -> ZoneService:
         f = Fields(obj, path, cls.FIELDS)
-        count = f.integer("endpoints")
-        if count < 1:
-            raise ContractError(f"{f.at('endpoints')}: {count} is not a count of endpoints >= 1")
         return cls(
             namespace=f.label("namespace"),
             name=f.label("name"),
             port=f.port("port"),
             service_account=f.label("service_account"),
-            endpoints=count,
+            endpoints=f.count("endpoints"),
         )
 
 
