@@ -43,6 +43,7 @@ from meshnode.core.identity import (
 from meshnode.core.pki import (
     CURVE,
     HASH,
+    INTERMEDIATE_CN,
     PkiError,
     generate_private_key,
     is_self_signed_ca,
@@ -152,7 +153,7 @@ class CertificateAuthority:
         intermediate_cert = _sign_intermediate(
             root_cert,
             root_key,
-            subject_name(trust_domain, "meshnode intermediate CA"),
+            subject_name(trust_domain, INTERMEDIATE_CN),
             intermediate_key.public_key(),
             now,
             not_after,

@@ -121,7 +121,7 @@ async def enroll_zone(store: Store, zone: str, global_url: str, token_text: str,
     bundle, errors = b"", []
     for url in global_urls(global_url):  # the first replica that proves the pinned root
         try:
-            bundle = await asyncio.to_thread(fetch_pinned_bundle, url, token.pin)
+            bundle = await asyncio.to_thread(fetch_pinned_bundle, url, token.pin, 10.0, True)
         except ClientError as exc:
             errors.append(str(exc))
             continue
@@ -131,7 +131,9 @@ async def enroll_zone(store: Store, zone: str, global_url: str, token_text: str,
         raise ZoneSyncError(f"cannot enroll zone {zone}: {'; '.join(errors)}")
     roots = x509.load_pem_x509_certificates(bundle)
     key = generate_private_key()
-    ctx = tls_context(bundle, check_hostname=False, server_uri=controlplane_uri(td))
+    ctx = tls_context(
+        bundle, check_hostname=False, server_uri=controlplane_uri(td), global_only=True
+    )
     body = {
         "token": token_text.strip(),
         "zone": zone,
@@ -266,6 +268,7 @@ class ZoneSync:
             ca.trust_bundle_pem(),
             check_hostname=False,
             server_uri=controlplane_uri(ca.trust_domain),
+            global_only=True,  # not another zone's control plane (they serve the same URI)
         )
         # load_cert_chain reads files only; a private temp dir, removed at once.
         with tempfile.TemporaryDirectory() as tmp:

@@ -40,7 +40,12 @@ from meshnode.core import api
 from meshnode.core.constants import CONTROLPLANE_PORT
 from meshnode.core.errors import ApiError
 from meshnode.core.identity import controlplane_uri, single_uri_san
-from meshnode.core.pki import PkiError, find_pinned_root, trust_domain_of_root
+from meshnode.core.pki import (
+    PkiError,
+    find_pinned_root,
+    issued_by_control_plane_intermediate,
+    trust_domain_of_root,
+)
 
 __all__ = [
     "Answer",
@@ -84,10 +89,14 @@ def tls_context(
     key_file: str | None = None,
     check_hostname: bool = True,
     server_uri: str | None = None,
+    global_only: bool = False,
 ) -> ssl.SSLContext:
     """A TLS 1.3 client context. `bundle_pem` None verifies nothing (discovery only).
     With `server_uri` the handshake fails unless the server's leaf carries exactly
-    that URI SAN -- checked before any request byte is sent."""
+    that URI SAN -- checked before any request byte is sent. With `global_only` (a
+    zone control plane talking to the global one), also unless the leaf was signed
+    by a control plane's own intermediate, not a zone's: every zone control plane
+    serves the same URI SAN."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     if bundle_pem is None:
@@ -99,11 +108,11 @@ def tls_context(
     if cert_file:
         ctx.load_cert_chain(cert_file, key_file)
     if server_uri is not None:
-        ctx.sslobject_class = _checked_handshake(server_uri)
+        ctx.sslobject_class = _checked_handshake(server_uri, global_only)
     return ctx
 
 
-def _checked_handshake(want: str) -> type[ssl.SSLObject]:
+def _checked_handshake(want: str, global_only: bool = False) -> type[ssl.SSLObject]:
     class CheckedSSLObject(ssl.SSLObject):
         def do_handshake(self) -> None:
             super().do_handshake()
@@ -112,6 +121,13 @@ def _checked_handshake(want: str) -> type[ssl.SSLObject]:
             if uri != want:
                 raise ServerIdentityError(
                     f"server identity is {uri or 'no URI SAN'}, not {want}: refusing it"
+                )
+            if global_only and not issued_by_control_plane_intermediate(
+                x509.load_der_x509_certificate(der)  # type: ignore[arg-type]
+            ):
+                raise ServerIdentityError(
+                    "the server's certificate was signed by a zone's intermediate: it is a "
+                    "zone control plane, not the global one; refusing it"
                 )
 
     return CheckedSSLObject
@@ -458,16 +474,21 @@ def discover_root(url: str, pin: str, timeout: float = 10.0) -> x509.Certificate
     return find_pinned_root(candidates, pin, _base(url))
 
 
-def fetch_pinned_bundle(url: str, pin: str, timeout: float = 10.0) -> bytes:
+def fetch_pinned_bundle(
+    url: str, pin: str, timeout: float = 10.0, global_only: bool = False
+) -> bytes:
     """The CP's trust bundle, accepted only if one of its roots hashes to `pin` and
-    the server's certificate chains to that root (a second, verified request)."""
+    the server's certificate chains to that root (a second, verified request); with
+    `global_only`, signed by a control plane's own intermediate (tls_context)."""
     try:
         root = discover_root(url, pin, timeout)
     except PkiError as exc:
         raise ClientError(0, str(exc)) from None
     root_pem = root.public_bytes(serialization.Encoding.PEM)
     td = trust_domain_of_root(root)
-    ctx = tls_context(root_pem, server_uri=controlplane_uri(td) if td else None)
+    ctx = tls_context(
+        root_pem, server_uri=controlplane_uri(td) if td else None, global_only=global_only
+    )
     answer = request(url, "GET", api.TRUST_BUNDLE, ctx, timeout=timeout)
     bundle = answer.data.get("trust_bundle") if isinstance(answer.data, dict) else None
     if answer.status != 200 or not isinstance(bundle, str):

@@ -69,6 +69,21 @@ def subject_name(trust_domain: str, common_name: str | None = None, node: str = 
     return x509.Name(attributes)
 
 
+# The common name of a control plane's own intermediate CA (single or global mode).
+# A zone's intermediate is named "meshnode zone <zone> intermediate CA" by the root
+# that signs it, so a certificate whose issuer has this name was signed by a global
+# (or single) control plane's intermediate, never by a zone's: what a zone checks
+# the global's serving certificate by (a zone control plane serves the same URI).
+INTERMEDIATE_CN = "meshnode intermediate CA"
+
+
+def issued_by_control_plane_intermediate(cert: x509.Certificate) -> bool:
+    """Whether `cert`'s issuer is a control plane's own intermediate (not a zone's).
+    Meaningful only for a certificate whose chain was verified."""
+    names = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return len(names) == 1 and names[0].value == INTERMEDIATE_CN
+
+
 # A workload certificate names the node it was issued to (subject OU), so a
 # receiving proxy can refuse it once that node is deleted (Revocation in
 # core/contracts). Not an identity: the SPIFFE ID in the URI SAN is.

@@ -575,3 +575,31 @@ def policy_text(name: str) -> str:
         f"kind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: default}}\n"
         "spec: {action: ALLOW, rules: [{from: {namespaces: [default]}}]}\n"
     )
+
+
+def test_a_zone_control_plane_cannot_pose_as_the_global(mesh: Mesh) -> None:
+    """Every zone control plane serves `spiffe://<td>/controlplane`, under the same
+    root: a compromised one on the path between a zone and the global must not pass
+    for the global. The zones' client accepts only a certificate a control plane's
+    own intermediate signed, never a zone's."""
+    from meshnode.core.cpclient import ClientError, request, tls_context
+    from meshnode.core.identity import controlplane_uri
+
+    bundle = mesh.glob.bundle()
+    uri = controlplane_uri("cluster.local")
+    zone_b = mesh.zones["zone-b"]
+    # Without the check, zone-b's control plane passes: same root, same URI SAN.
+    plain = tls_context(bundle, check_hostname=False, server_uri=uri)
+    assert request(zone_b.url, "GET", api.TRUST_BUNDLE, plain).status == 200
+    strict = tls_context(bundle, check_hostname=False, server_uri=uri, global_only=True)
+    with pytest.raises(ClientError, match="zone control plane, not the global one"):
+        request(zone_b.url, "GET", api.TRUST_BUNDLE, strict)
+    assert request(mesh.glob.url, "GET", api.TRUST_BUNDLE, strict).status == 200
+    # Enrolling a zone with zone-b's address for the global is refused the same way.
+    from meshnode.core.cpclient import fetch_pinned_bundle
+    from meshnode.core.token import parse_token
+
+    pin = parse_token(zone_token(mesh.glob, "zone-c")).pin
+    with pytest.raises(ClientError, match="not the global one"):
+        fetch_pinned_bundle(zone_b.url, pin, global_only=True)
+    assert fetch_pinned_bundle(mesh.global_url, pin, global_only=True) == bundle
